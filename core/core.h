@@ -1,0 +1,8 @@
+// core/: errors, logging, progress display, hashing and file helpers.
+#pragma once
+
+#include "core/error.h"
+#include "core/fs.h"
+#include "core/hash.h"
+#include "core/log.h"
+#include "core/progress.h"

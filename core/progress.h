@@ -1,0 +1,31 @@
+// Progress display: a redrawn bar on a terminal, plain periodic lines otherwise
+// (so logs written to files stay readable).
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <string>
+
+namespace brigade {
+
+class Progress {
+ public:
+  // total: the step count at 100%; label: what is counted ("train", "generate").
+  Progress(std::string label, int64_t total, bool interactive);
+  // Shows `current` of total with a free-form status such as "loss 2.31 | 12.3K tok/s".
+  // On a terminal every call redraws; otherwise the caller decides when to call.
+  void update(int64_t current, const std::string& status);
+  // Ends the bar's line on a terminal.
+  void finish();
+  bool interactive() const { return interactive_; }
+
+ private:
+  std::string label_;
+  int64_t total_;
+  bool interactive_;
+  int64_t first_ = -1;
+  std::chrono::steady_clock::time_point start_;
+  bool drawn_ = false;
+};
+
+}  // namespace brigade

@@ -1,0 +1,61 @@
+// Built-in synthetic corpus: step-by-step arithmetic reasoning problems, so brigade
+// trains something meaningful with nothing downloaded.
+//
+// A document is
+//   Problem: 47*23+5
+//   <think>
+//   47*23 = 47*3 + 47*20
+//   47*3 = 141
+//   47*20 = 940
+//   141+940 = 1081
+//   1081+5 = 1086
+//   </think>
+//   \boxed{1086}
+// Multiplications are done first (with partial products when both factors have more
+// than one digit), then additions and subtractions left to right.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "data/corpus.h"
+#include "data/tokenizer.h"
+
+namespace brigade::data {
+
+struct ArithmeticOptions {
+  int64_t num_problems = 20000;  // training documents
+  int64_t eval_problems = 500;   // held-out documents (disjoint index range)
+  int min_digits = 1;            // digits per operand
+  int max_digits = 3;
+  int min_operands = 2;
+  int max_operands = 3;
+  std::string ops = "+-*";       // operators to draw from, any of "+-*"
+  uint64_t seed = 1234;
+};
+
+struct ArithmeticProblem {
+  std::string prompt;     // "Problem: 47*23+5\n"
+  std::string reasoning;  // "<think>\n...\n</think>\n"
+  std::string answer;     // "1086"
+  // prompt + reasoning + "\\boxed{" + answer + "}"
+  std::string text() const;
+};
+
+// Throws an Error naming the field when options are out of range.
+void validate(const ArithmeticOptions& options);
+
+// Problem number `index` for these options: a pure function of (options, index).
+ArithmeticProblem make_arithmetic_problem(const ArithmeticOptions& options, uint64_t index);
+
+// Train documents are indices [0, num_problems), eval documents follow them.
+// Each document is BOS + text + EOS; the mask is all ones.
+TokenCorpus make_arithmetic_corpus(const ArithmeticOptions& options, const Tokenizer& tokenizer,
+                                   bool eval);
+
+// The answer inside the last \boxed{...} of `text`, if any.
+std::optional<std::string> extract_boxed(const std::string& text);
+
+}  // namespace brigade::data

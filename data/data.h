@@ -1,0 +1,10 @@
+// data/: tokenizers, token shards, corpora, the batch sampler, synthetic tasks.
+#pragma once
+
+#include "data/arith.h"
+#include "data/corpus.h"
+#include "data/options.h"
+#include "data/prepare.h"
+#include "data/sampler.h"
+#include "data/shard.h"
+#include "data/tokenizer.h"

@@ -1,0 +1,29 @@
+// The data options (recipe section `data`).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "data/arith.h"
+
+namespace brigade::data {
+
+enum class DataSource {
+  kSynthetic,  // the built-in arithmetic reasoning corpus (nothing to download)
+  kShards,     // token shards written by `brigade data prepare`
+};
+
+struct DataOptions {
+  std::string tokenizer = "byte";
+  int64_t seq_len = 128;               // tokens per training sequence
+  DataSource source = DataSource::kSynthetic;
+  std::vector<std::string> shards;     // source: shards
+  double eval_fraction = 0.02;         // source: shards; the tail of the corpus held out for eval
+  ArithmeticOptions synthetic;         // source: synthetic
+};
+
+std::string to_string(DataSource source);
+DataSource parse_data_source(const std::string& name);
+
+}  // namespace brigade::data

@@ -1,0 +1,63 @@
+#include "data/sampler.h"
+
+#include <vector>
+
+#include <torch/torch.h>
+
+#include "core/error.h"
+#include "core/hash.h"
+
+namespace brigade::data {
+
+BatchSampler::BatchSampler(TokenCorpus corpus, SamplerOptions options)
+    : corpus_(std::move(corpus)), options_(options) {
+  BRIGADE_CHECK(options_.seq_len >= 1, "sampler: seq_len must be >= 1, got ", options_.seq_len);
+  BRIGADE_CHECK(options_.micro_batch_size >= 1, "sampler: micro_batch_size must be >= 1, got ",
+                options_.micro_batch_size);
+  BRIGADE_CHECK(options_.world_size >= 1, "sampler: world_size must be >= 1, got ",
+                options_.world_size);
+  BRIGADE_CHECK(options_.rank >= 0 && options_.rank < options_.world_size, "sampler: rank ",
+                options_.rank, " is outside [0, ", options_.world_size, ")");
+  BRIGADE_CHECK(corpus_.size() >= options_.seq_len + 1, "sampler: the corpus has ", corpus_.size(),
+                " tokens, but seq_len ", options_.seq_len, " needs at least ", options_.seq_len + 1);
+}
+
+Batch BatchSampler::batch(int64_t step, int64_t micro) const {
+  const int64_t rows = options_.micro_batch_size;
+  const int64_t T = options_.seq_len;
+  // Windows of T+1 tokens start at 0 .. size-T-1.
+  const auto starts = static_cast<uint64_t>(corpus_.size() - T);
+
+  Batch batch;
+  batch.inputs = torch::empty({rows, T}, torch::kInt64);   // [micro_batch, seq_len]
+  batch.targets = torch::empty({rows, T}, torch::kInt64);  // [micro_batch, seq_len]
+  int64_t* inputs = batch.inputs.data_ptr<int64_t>();
+  int64_t* targets = batch.targets.data_ptr<int64_t>();
+
+  std::vector<int64_t> window(static_cast<size_t>(T + 1));
+  std::vector<uint8_t> mask(static_cast<size_t>(T + 1));
+  for (int64_t row = 0; row < rows; ++row) {
+    uint64_t h = options_.seed;
+    h = hash_combine(h, static_cast<uint64_t>(step));
+    h = hash_combine(h, static_cast<uint64_t>(micro));
+    h = hash_combine(h, static_cast<uint64_t>(options_.rank));
+    h = hash_combine(h, static_cast<uint64_t>(row));
+    const auto offset = static_cast<int64_t>(h % starts);
+    corpus_.read(offset, T + 1, window.data(), mask.data());
+    int64_t* in = inputs + row * T;
+    int64_t* tg = targets + row * T;
+    for (int64_t t = 0; t < T; ++t) {
+      in[t] = window[t];
+      // The mask belongs to the token being predicted.
+      if (mask[t + 1]) {
+        tg[t] = window[t + 1];
+        ++batch.trained_tokens;
+      } else {
+        tg[t] = kIgnoreIndex;
+      }
+    }
+  }
+  return batch;
+}
+
+}  // namespace brigade::data

@@ -1,0 +1,45 @@
+// The deterministic, rank-aware batch sampler. The batch for (step, micro-batch,
+// rank) depends only on (seed, step, micro, rank): no hidden cursor, so a resumed
+// run sees exactly the batches it would have seen.
+#pragma once
+
+#include <cstdint>
+
+#include <torch/types.h>
+
+#include "data/corpus.h"
+
+namespace brigade::data {
+
+inline constexpr int64_t kIgnoreIndex = -100;  // target ids the loss skips
+
+struct SamplerOptions {
+  int64_t seq_len = 128;          // tokens per row
+  int64_t micro_batch_size = 8;   // rows per micro-batch per rank
+  uint64_t seed = 0;
+  int rank = 0;                   // this rank's index in the data-parallel group
+  int world_size = 1;
+};
+
+struct Batch {
+  torch::Tensor inputs;   // [micro_batch, seq_len] int64
+  torch::Tensor targets;  // [micro_batch, seq_len] int64; kIgnoreIndex where the mask is 0
+  int64_t trained_tokens = 0;  // targets that are not kIgnoreIndex
+};
+
+class BatchSampler {
+ public:
+  // The corpus must hold at least seq_len + 1 tokens (an Error says how many it has).
+  BatchSampler(TokenCorpus corpus, SamplerOptions options);
+  // Rows are windows of seq_len+1 tokens at offsets drawn from hash(seed, step, micro,
+  // rank, row); inputs are the first seq_len tokens, targets the last seq_len.
+  Batch batch(int64_t step, int64_t micro) const;
+  const SamplerOptions& options() const { return options_; }
+  const TokenCorpus& corpus() const { return corpus_; }
+
+ private:
+  TokenCorpus corpus_;
+  SamplerOptions options_;
+};
+
+}  // namespace brigade::data

@@ -1,0 +1,2 @@
+// distill/: the distillation pipeline. Nothing here yet (see README.md).
+#pragma once

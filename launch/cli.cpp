@@ -1,0 +1,131 @@
+#include <CLI/CLI.hpp>
+
+#include <c10/util/Exception.h>
+
+#include <cstdio>
+#include <iostream>
+
+#include "core/error.h"
+#include "core/log.h"
+#include "data/prepare.h"
+#include "data/tokenizer.h"
+#include "launch/commands.h"
+#include "recipes/recipe.h"
+
+namespace brigade::launch {
+namespace {
+
+std::string first_line(const std::string& text) {
+  auto nl = text.find('\n');
+  return nl == std::string::npos ? text : text.substr(0, nl);
+}
+
+void add_set_option(CLI::App* app, std::vector<std::string>& overrides) {
+  app->add_option("--set", overrides, "Override a recipe key: --set trainer.lr=1e-3 (repeatable)")
+      ->type_name("KEY=VALUE")
+      ->allow_extra_args(false);
+}
+
+}  // namespace
+
+int run_cli(int argc, char** argv) {
+  CLI::App app{"brigade: train and distil language models from YAML recipes"};
+  app.require_subcommand(1);
+  bool verbose = false;
+  app.add_flag("-v,--verbose", verbose, "Debug logging");
+
+  TrainArgs train;
+  auto* train_cmd = app.add_subcommand("train", "Train a model from a recipe");
+  train_cmd->add_option("recipe", train.recipe, "Recipe YAML file")->required();
+  add_set_option(train_cmd, train.overrides);
+  train_cmd->add_option("--run-dir", train.run_dir, "Run directory (default runs/<recipe name>)");
+  train_cmd->add_flag("--resume", train.resume, "Continue from the run directory's latest checkpoint");
+
+  GenerateArgs gen;
+  auto* gen_cmd = app.add_subcommand("generate", "Generate text from a checkpoint");
+  gen_cmd->add_option("--checkpoint", gen.checkpoint, "Step directory, checkpoints directory or run directory")->required();
+  gen_cmd->add_option("--prompt", gen.prompt, "Prompt text")->required();
+  gen_cmd->add_option("--max-new-tokens", gen.max_new_tokens, "Tokens to generate")->capture_default_str();
+  gen_cmd->add_option("--temperature", gen.temperature, "0 = greedy")->capture_default_str();
+  gen_cmd->add_option("--top-k", gen.top_k, "Keep the k most likely tokens (0 = off)")->capture_default_str();
+  gen_cmd->add_option("--top-p", gen.top_p, "Nucleus sampling mass (1 = off)")->capture_default_str();
+  gen_cmd->add_option("--seed", gen.seed, "Sampling seed")->capture_default_str();
+  gen_cmd->add_flag("--raw", gen.raw, "Do not stop at the end-of-sequence token");
+  add_set_option(gen_cmd, gen.overrides);
+
+  DemoArgs demo;
+  auto* demo_cmd = app.add_subcommand("demo", "Train recipes/tiny-dense.yaml and show generations (the built-in default)");
+  add_set_option(demo_cmd, demo.overrides);
+  demo_cmd->add_option("--run-dir", demo.run_dir, "Run directory (default runs/tiny-dense)");
+  demo_cmd->add_option("--samples", demo.samples, "Generations to print")->capture_default_str();
+  demo_cmd->add_option("--eval-problems", demo.eval_problems, "Held-out problems to score")->capture_default_str();
+
+  auto* recipe_cmd = app.add_subcommand("recipe", "Inspect recipes");
+  recipe_cmd->require_subcommand(1);
+  std::filesystem::path show_path;
+  std::vector<std::string> show_overrides;
+  auto* show_cmd = recipe_cmd->add_subcommand("show", "Print the effective recipe (defaults + file + --set)");
+  show_cmd->add_option("recipe", show_path, "Recipe YAML file")->required();
+  add_set_option(show_cmd, show_overrides);
+  auto* keys_cmd = recipe_cmd->add_subcommand("keys", "Print every recipe key as a Markdown table");
+  std::vector<std::string> keys_overrides;
+  add_set_option(keys_cmd, keys_overrides);
+
+  auto* data_cmd = app.add_subcommand("data", "Prepare training data");
+  data_cmd->require_subcommand(1);
+  data::PrepareOptions prep;
+  std::string prep_tokenizer = "byte";
+  std::vector<std::string> prep_overrides;
+  auto* prep_cmd = data_cmd->add_subcommand("prepare", "Tokenize text or JSONL files into token shards");
+  prep_cmd->add_option("--input", prep.inputs, "Input .txt or .jsonl files")->required();
+  prep_cmd->add_option("--out", prep.output_dir, "Output directory for shard_XXXXX.bin")->required();
+  prep_cmd->add_option("--tokenizer", prep_tokenizer, "Tokenizer name")->capture_default_str();
+  prep_cmd->add_option("--text-field", prep.text_field, "JSONL field with the document text")->capture_default_str();
+  prep_cmd->add_option("--prompt-field", prep.prompt_field, "JSONL prompt field (masked out of the loss)");
+  prep_cmd->add_option("--completion-field", prep.completion_field, "JSONL completion field (trained on)");
+  prep_cmd->add_option("--tokens-per-shard", prep.tokens_per_shard, "Tokens per shard file")->capture_default_str();
+  add_set_option(prep_cmd, prep_overrides);
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  if (verbose) set_log_level(LogLevel::kDebug);
+
+  try {
+    if (*train_cmd) return train_command(train);
+    if (*gen_cmd) return generate_command(gen);
+    if (*demo_cmd) return demo_command(demo);
+    if (*show_cmd) {
+      std::cout << recipes::dump_recipe(recipes::load_recipe(show_path, show_overrides));
+      return 0;
+    }
+    if (*keys_cmd) {
+      std::cout << recipes::schema_markdown();
+      return 0;
+    }
+    if (*prep_cmd) {
+      BRIGADE_CHECK(prep_overrides.empty(), "data prepare takes no recipe, so --set has nothing to override");
+      BRIGADE_CHECK(prep.tokens_per_shard > 0, "--tokens-per-shard must be positive");
+      auto tokenizer = data::make_tokenizer(prep_tokenizer);
+      auto report = data::prepare_shards(prep, *tokenizer);
+      std::cout << "wrote " << report.shards.size() << " shard(s), " << report.documents << " documents, "
+                << report.tokens << " tokens to " << prep.output_dir.string() << "\n";
+      return 0;
+    }
+  } catch (const Error& e) {
+    std::fflush(stdout);
+    std::fprintf(stderr, "\nbrigade: error: %s\n", first_line(e.message()).c_str());
+    return 1;
+  } catch (const c10::Error& e) {
+    std::fprintf(stderr, "\nbrigade: error: %s\n", first_line(e.what_without_backtrace()).c_str());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "\nbrigade: error: %s\n", first_line(e.what()).c_str());
+    return 1;
+  }
+  return 0;
+}
+
+}  // namespace brigade::launch

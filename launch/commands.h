@@ -1,0 +1,50 @@
+// The `brigade` subcommands. Each returns the process exit code; errors propagate
+// as brigade::Error to run_cli(), which prints one line and returns non-zero.
+#pragma once
+
+#include <filesystem>
+#include <string>
+#include <vector>
+
+namespace brigade::launch {
+
+// Entry point of the executable.
+int run_cli(int argc, char** argv);
+
+struct TrainArgs {
+  std::filesystem::path recipe;
+  std::vector<std::string> overrides;
+  std::filesystem::path run_dir;  // empty: runs/<recipe name>
+  bool resume = false;
+};
+int train_command(const TrainArgs& args);
+
+struct GenerateArgs {
+  std::filesystem::path checkpoint;
+  std::string prompt;
+  std::vector<std::string> overrides;
+  int64_t max_new_tokens = 128;
+  double temperature = 0.0;
+  int64_t top_k = 0;
+  double top_p = 1.0;
+  uint64_t seed = 0;
+  bool raw = false;  // do not stop at the end-of-sequence token
+};
+int generate_command(const GenerateArgs& args);
+
+struct DemoArgs {
+  std::vector<std::string> overrides;
+  std::filesystem::path run_dir;
+  int64_t samples = 4;       // generations printed
+  int64_t eval_problems = 50;  // held-out problems scored
+};
+int demo_command(const DemoArgs& args);
+
+// Finds a shipped recipe ("recipes/tiny-dense.yaml") from the working directory or
+// next to the executable (build/brigade -> ../recipes).
+std::filesystem::path find_shipped_recipe(const std::string& relative);
+
+// Sets intra-op threads (0 = all cores) and logs the choice.
+void configure_threads(int64_t threads);
+
+}  // namespace brigade::launch

@@ -1,0 +1,178 @@
+// train, generate and demo.
+#include <unistd.h>
+
+#include <iostream>
+#include <thread>
+
+#include <torch/torch.h>
+
+#include "core/error.h"
+#include "core/fs.h"
+#include "core/log.h"
+#include "data/arith.h"
+#include "data/tokenizer.h"
+#include "launch/commands.h"
+#include "model/generate.h"
+#include "recipes/build.h"
+#include "recipes/recipe.h"
+#include "trainer/checkpoint.h"
+
+namespace brigade::launch {
+namespace fs = std::filesystem;
+namespace {
+
+fs::path default_run_dir(const recipes::Recipe& recipe, const fs::path& requested) {
+  return requested.empty() ? fs::path("runs") / recipe.name : requested;
+}
+
+// Refuses to start a fresh run on top of an existing one: nothing already in the
+// run directory may be overwritten.
+void check_fresh_run_dir(const fs::path& run_dir) {
+  const trainer::CheckpointStore store(run_dir / "checkpoints", 1);
+  const bool has_checkpoints = !store.list().empty();
+  const bool has_metrics = fs::exists(run_dir / "metrics.jsonl") && fs::file_size(run_dir / "metrics.jsonl") > 0;
+  BRIGADE_CHECK(!has_checkpoints && !has_metrics, "run directory ", run_dir.string(),
+                " already holds a run; pass --resume to continue it, or --run-dir for a new one");
+}
+
+void log_model(const recipes::Recipe& r, model::Transformer& model) {
+  const auto count = model->parameter_count();
+  log_info("model: ", r.model.n_layers, " layers, d_model ", r.model.d_model, ", ", r.model.n_heads, " heads (",
+           r.model.kv_heads(), " kv), d_ff ", r.model.ff_size(), ", vocab ", r.model.vocab_size);
+  log_info("parameters: ", human_count(static_cast<double>(count.total)), " total (",
+           human_count(static_cast<double>(count.embedding)), " embedding), training FLOPs/token ",
+           human_count(count.train_flops_per_token(r.model, r.data.seq_len)), " at seq_len ", r.data.seq_len);
+}
+
+// Loads a checkpoint's own recipe (plus overrides) and its weights.
+struct LoadedModel {
+  recipes::Recipe recipe;
+  model::Transformer model{nullptr};
+};
+
+LoadedModel load_model(const fs::path& checkpoint, const std::vector<std::string>& overrides) {
+  const fs::path dir = trainer::resolve_checkpoint(checkpoint);
+  const auto ck = trainer::load_checkpoint(dir);
+  LoadedModel out;
+  out.recipe = recipes::parse_recipe(ck.recipe_yaml, (dir / "recipe.yaml").string(), overrides, dir);
+  out.model = model::Transformer(out.recipe.model);
+  trainer::load_weights(*out.model, ck.model, "checkpoint " + dir.string());
+  return out;
+}
+
+}  // namespace
+
+fs::path find_shipped_recipe(const std::string& relative) {
+  if (fs::exists(relative)) return relative;
+  std::error_code ec;
+  const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
+  if (!ec) {
+    for (const fs::path& root : {exe.parent_path().parent_path(), exe.parent_path()}) {
+      if (fs::exists(root / relative)) return root / relative;
+    }
+  }
+  BRIGADE_FAIL("cannot find ", relative, " in the working directory or next to the brigade executable");
+}
+
+void configure_threads(int64_t threads) {
+  const int64_t n = threads > 0 ? threads : static_cast<int64_t>(std::max(1u, std::thread::hardware_concurrency()));
+  at::set_num_threads(static_cast<int>(n));
+  log_info("compute threads: ", n);
+}
+
+int train_command(const TrainArgs& args) {
+  // Everything that can reject the input runs before the run directory is touched.
+  const recipes::Recipe recipe = recipes::load_recipe(args.recipe, args.overrides);
+  const fs::path run_dir = default_run_dir(recipe, args.run_dir);
+  std::optional<trainer::LoadedCheckpoint> checkpoint;
+  if (args.resume) {
+    const trainer::CheckpointStore store(run_dir / "checkpoints", 1);
+    if (auto latest = store.latest()) {
+      checkpoint = trainer::load_checkpoint(*latest);
+    } else {
+      check_fresh_run_dir(run_dir);
+      log_warn("--resume: no checkpoint in ", run_dir.string(), "; starting a new run");
+    }
+  } else {
+    check_fresh_run_dir(run_dir);
+  }
+
+  configure_threads(recipe.trainer.threads);
+  auto trainer = recipes::build_trainer(recipe, run_dir);
+  if (checkpoint) trainer->resume(*checkpoint);
+  log_model(recipe, trainer->model());
+
+  fs::create_directories(run_dir);
+  write_file_atomic(run_dir / "recipe.yaml", recipes::dump_recipe(recipe));
+  log_info("run directory: ", run_dir.string());
+  if (trainer->finished()) {
+    log_info("already at step ", trainer->current_step(), ": nothing to train");
+    return 0;
+  }
+  trainer->run();
+  log_info("done: step ", trainer->current_step(), ", checkpoint ",
+           trainer->checkpoints().latest().value_or("(none)").string());
+  return 0;
+}
+
+int generate_command(const GenerateArgs& args) {
+  auto loaded = load_model(args.checkpoint, args.overrides);
+  auto tokenizer = data::make_tokenizer(loaded.recipe.data.tokenizer);
+  model::SamplingOptions sampling;
+  sampling.max_new_tokens = args.max_new_tokens;
+  sampling.temperature = args.temperature;
+  sampling.top_k = args.top_k;
+  sampling.top_p = args.top_p;
+  sampling.seed = args.seed;
+  if (!args.raw) sampling.stop_ids = {tokenizer->eos_id()};
+  std::vector<int64_t> prompt{tokenizer->bos_id()};
+  for (int64_t id : tokenizer->encode(args.prompt)) prompt.push_back(id);
+  auto result = model::generate(loaded.model, prompt, sampling);
+  if (result.stopped) result.tokens.pop_back();  // the EOS itself is not text
+  std::cout << args.prompt << tokenizer->decode(result.tokens) << std::endl;
+  return 0;
+}
+
+int demo_command(const DemoArgs& args) {
+  const fs::path recipe_path = find_shipped_recipe("recipes/tiny-dense.yaml");
+  const recipes::Recipe recipe = recipes::load_recipe(recipe_path, args.overrides);
+  const fs::path run_dir = default_run_dir(recipe, args.run_dir);
+  std::cout << "brigade demo: training " << recipe_path.string() << " into " << run_dir.string()
+            << " (a finished run is reused)\n" << std::flush;
+  TrainArgs train{recipe_path, args.overrides, run_dir, /*resume=*/true};
+  if (int rc = train_command(train); rc != 0) return rc;
+
+  auto loaded = load_model(run_dir, {});
+  auto tokenizer = data::make_tokenizer(recipe.data.tokenizer);
+  model::SamplingOptions greedy;
+  greedy.max_new_tokens = recipe.model.max_seq_len / 2;
+  greedy.stop_ids = {tokenizer->eos_id()};
+  // Held-out problems: indices after the training range.
+  const auto& synth = recipe.data.synthetic;
+  int64_t correct = 0, scored = 0;
+  std::cout << "\nSample generations on held-out problems (greedy):\n";
+  for (int64_t i = 0; i < std::max(args.samples, args.eval_problems); ++i) {
+    auto problem = data::make_arithmetic_problem(synth, static_cast<uint64_t>(synth.num_problems + i));
+    std::vector<int64_t> prompt{tokenizer->bos_id()};
+    for (int64_t id : tokenizer->encode(problem.prompt)) prompt.push_back(id);
+    auto result = model::generate(loaded.model, prompt, greedy);
+    if (result.stopped) result.tokens.pop_back();
+    const std::string text = tokenizer->decode(result.tokens);
+    const auto answer = data::extract_boxed(text);
+    const bool ok = answer && *answer == problem.answer;
+    if (i < args.eval_problems) {
+      correct += ok ? 1 : 0;
+      ++scored;
+    }
+    if (i < args.samples) {
+      std::cout << "----------------------------------------\n" << problem.prompt << text << "\n"
+                << (ok ? "  [correct]" : "  [wrong: expected " + problem.answer + "]") << "\n";
+    }
+  }
+  std::cout << "----------------------------------------\n"
+            << "held-out accuracy (greedy, \\boxed{} answer): " << correct << "/" << scored << "\n"
+            << "run directory: " << run_dir.string() << " (metrics.jsonl, checkpoints/)\n";
+  return 0;
+}
+
+}  // namespace brigade::launch

@@ -1,0 +1,236 @@
+#include "model/transformer.h"
+
+#include <cmath>
+
+#include <ATen/ops/rms_norm.h>
+#include <ATen/ops/scaled_dot_product_attention.h>
+#include <torch/nn/init.h>
+
+#include "core/error.h"
+
+namespace brigade::model {
+
+int64_t TransformerOptions::ff_size() const {
+  if (d_ff > 0) return d_ff;
+  int64_t raw = (8 * d_model + 2) / 3;
+  return (raw + 63) / 64 * 64;
+}
+
+void TransformerOptions::validate() const {
+  BRIGADE_CHECK(vocab_size > 0, "model.vocab_size must be positive, got ", vocab_size);
+  BRIGADE_CHECK(d_model > 0, "model.d_model must be positive, got ", d_model);
+  BRIGADE_CHECK(n_layers > 0, "model.n_layers must be positive, got ", n_layers);
+  BRIGADE_CHECK(n_heads > 0, "model.n_heads must be positive, got ", n_heads);
+  BRIGADE_CHECK(n_kv_heads >= 0, "model.n_kv_heads must be >= 0 (0 = n_heads), got ", n_kv_heads);
+  BRIGADE_CHECK(head_dim > 0 || d_model % n_heads == 0, "model.n_heads (", n_heads,
+                ") must divide model.d_model (", d_model, ") unless model.head_dim is set");
+  BRIGADE_CHECK(n_heads % kv_heads() == 0, "model.n_kv_heads (", kv_heads(),
+                ") must divide model.n_heads (", n_heads, ")");
+  BRIGADE_CHECK(head_size() % 2 == 0, "the head dimension (", head_size(),
+                ") must be even for rotary embeddings");
+  BRIGADE_CHECK(max_seq_len > 0, "model.max_seq_len must be positive, got ", max_seq_len);
+  BRIGADE_CHECK(rope_theta > 0, "model.rope_theta must be positive, got ", rope_theta);
+  BRIGADE_CHECK(norm_eps > 0, "model.norm_eps must be positive, got ", norm_eps);
+  BRIGADE_CHECK(init_std > 0, "model.init_std must be positive, got ", init_std);
+}
+
+// ---------------------------------------------------------------------------------
+RMSNormImpl::RMSNormImpl(int64_t dim, double eps) : eps_(eps) {
+  weight = register_parameter("weight", torch::ones({dim}));
+}
+
+torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
+  // Normalise in FP32 whatever the compute dtype: the mean of squares is where BF16 loses.
+  auto y = at::rms_norm(x.to(torch::kFloat), {weight.size(0)}, weight, eps_);
+  return y.to(x.scalar_type());
+}
+
+// ---------------------------------------------------------------------------------
+namespace {
+
+// Rotary embedding in the "rotate half" convention (Llama/Qwen in transformers):
+// x * cos + rotate_half(x) * sin, with cos/sin repeated over both halves.
+torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
+  // x: [batch, heads, seq, head_dim]; cos/sin: [seq, head_dim]
+  auto half = x.size(-1) / 2;
+  auto x1 = x.narrow(-1, 0, half);
+  auto x2 = x.narrow(-1, half, half);
+  auto rotated = torch::cat({-x2, x1}, -1);
+  return x * cos + rotated * sin;
+}
+
+torch::nn::Linear make_linear(int64_t in, int64_t out, bool bias) {
+  return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(bias));
+}
+
+}  // namespace
+
+AttentionImpl::AttentionImpl(const TransformerOptions& o)
+    : n_heads_(o.n_heads), n_kv_heads_(o.kv_heads()), head_dim_(o.head_size()) {
+  q_proj = register_module("q_proj", make_linear(o.d_model, n_heads_ * head_dim_, o.qkv_bias));
+  k_proj = register_module("k_proj", make_linear(o.d_model, n_kv_heads_ * head_dim_, o.qkv_bias));
+  v_proj = register_module("v_proj", make_linear(o.d_model, n_kv_heads_ * head_dim_, o.qkv_bias));
+  o_proj = register_module("o_proj", make_linear(n_heads_ * head_dim_, o.d_model, false));
+  if (o.qk_norm) {
+    q_norm = register_module("q_norm", RMSNorm(head_dim_, o.norm_eps));
+    k_norm = register_module("k_norm", RMSNorm(head_dim_, o.norm_eps));
+  }
+}
+
+torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& cos,
+                                     const torch::Tensor& sin, KVCache* cache, int64_t layer) {
+  const int64_t batch = x.size(0), seq = x.size(1);
+  // [batch, seq, heads*hd] -> [batch, heads, seq, hd]
+  auto q = q_proj(x).view({batch, seq, n_heads_, head_dim_});
+  auto k = k_proj(x).view({batch, seq, n_kv_heads_, head_dim_});
+  auto v = v_proj(x).view({batch, seq, n_kv_heads_, head_dim_}).transpose(1, 2);
+  if (q_norm) {
+    q = q_norm(q);
+    k = k_norm(k);
+  }
+  q = apply_rope(q.transpose(1, 2), cos, sin);
+  k = apply_rope(k.transpose(1, 2), cos, sin);
+
+  torch::Tensor out;
+  if (cache == nullptr) {
+    out = at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true, std::nullopt,
+                                           /*enable_gqa=*/n_kv_heads_ != n_heads_);
+  } else {
+    const int64_t past = cache->length;
+    BRIGADE_CHECK(past + seq <= cache->capacity(), "KV cache full: ", past, " + ", seq,
+                  " positions exceed its capacity ", cache->capacity());
+    cache->keys[layer].narrow(2, past, seq).copy_(k);
+    cache->values[layer].narrow(2, past, seq).copy_(v);
+    auto keys = cache->keys[layer].narrow(2, 0, past + seq);
+    auto values = cache->values[layer].narrow(2, 0, past + seq);
+    std::optional<torch::Tensor> mask;
+    if (seq > 1) {
+      // Query i (absolute position past+i) sees keys 0..past+i.
+      auto qpos = torch::arange(past, past + seq, torch::kLong).unsqueeze(1);
+      auto kpos = torch::arange(0, past + seq, torch::kLong).unsqueeze(0);
+      mask = kpos <= qpos;
+    }
+    out = at::scaled_dot_product_attention(q, keys.to(q.scalar_type()), values.to(q.scalar_type()),
+                                           mask, 0.0, false, std::nullopt,
+                                           n_kv_heads_ != n_heads_);
+  }
+  out = out.transpose(1, 2).reshape({batch, seq, n_heads_ * head_dim_});
+  return o_proj(out);
+}
+
+// ---------------------------------------------------------------------------------
+MLPImpl::MLPImpl(const TransformerOptions& o) {
+  gate_proj = register_module("gate_proj", make_linear(o.d_model, o.ff_size(), false));
+  up_proj = register_module("up_proj", make_linear(o.d_model, o.ff_size(), false));
+  down_proj = register_module("down_proj", make_linear(o.ff_size(), o.d_model, false));
+}
+
+torch::Tensor MLPImpl::forward(const torch::Tensor& x) {
+  return down_proj(torch::silu(gate_proj(x)) * up_proj(x));
+}
+
+BlockImpl::BlockImpl(const TransformerOptions& o) {
+  input_layernorm = register_module("input_layernorm", RMSNorm(o.d_model, o.norm_eps));
+  self_attn = register_module("self_attn", Attention(o));
+  post_attention_layernorm =
+      register_module("post_attention_layernorm", RMSNorm(o.d_model, o.norm_eps));
+  mlp = register_module("mlp", MLP(o));
+}
+
+torch::Tensor BlockImpl::forward(const torch::Tensor& x, const torch::Tensor& cos,
+                                 const torch::Tensor& sin, KVCache* cache, int64_t layer) {
+  auto h = x + self_attn(input_layernorm(x), cos, sin, cache, layer);
+  return h + mlp(post_attention_layernorm(h));
+}
+
+// ---------------------------------------------------------------------------------
+TransformerImpl::TransformerImpl(TransformerOptions options) : options_(std::move(options)) {
+  options_.validate();
+  const auto& o = options_;
+  embed_tokens = register_module("embed_tokens", torch::nn::Embedding(o.vocab_size, o.d_model));
+  layers = register_module("layers", torch::nn::ModuleList());
+  for (int64_t i = 0; i < o.n_layers; ++i) layers->push_back(Block(o));
+  norm = register_module("norm", RMSNorm(o.d_model, o.norm_eps));
+  if (!o.tie_embeddings) lm_head = register_module("lm_head", make_linear(o.d_model, o.vocab_size, false));
+
+  // RoPE tables in float64 then cast, so long contexts keep their precision.
+  const int64_t hd = o.head_size();
+  auto inv_freq = 1.0 / torch::pow(o.rope_theta, torch::arange(0, hd, 2, torch::kDouble) / hd);
+  auto pos = torch::arange(0, o.max_seq_len, torch::kDouble);
+  auto angles = torch::outer(pos, inv_freq);
+  auto full = torch::cat({angles, angles}, -1);
+  rope_cos_ = register_buffer("rope_cos", full.cos().to(torch::kFloat));
+  rope_sin_ = register_buffer("rope_sin", full.sin().to(torch::kFloat));
+  init_weights();
+}
+
+void TransformerImpl::init_weights() {
+  torch::NoGradGuard no_grad;
+  const double std = options_.init_std;
+  // Residual-branch output projections are scaled down with depth (GPT-2) so the
+  // residual stream's variance does not grow with the layer count.
+  const double out_std = std / std::sqrt(2.0 * static_cast<double>(options_.n_layers));
+  embed_tokens->weight.normal_(0.0, std);
+  for (const auto& layer : *layers) {
+    auto block = layer->as<BlockImpl>();
+    for (auto* lin : {&block->self_attn->q_proj, &block->self_attn->k_proj, &block->self_attn->v_proj,
+                      &block->mlp->gate_proj, &block->mlp->up_proj}) {
+      (*lin)->weight.normal_(0.0, std);
+      if ((*lin)->bias.defined()) (*lin)->bias.zero_();
+    }
+    block->self_attn->o_proj->weight.normal_(0.0, out_std);
+    block->mlp->down_proj->weight.normal_(0.0, out_std);
+  }
+  if (lm_head) lm_head->weight.normal_(0.0, std);
+}
+
+torch::Tensor TransformerImpl::forward(const torch::Tensor& tokens, KVCache* cache) {
+  BRIGADE_CHECK(tokens.dim() == 2, "tokens must be [batch, seq], got ", tokens.sizes());
+  const int64_t seq = tokens.size(1);
+  const int64_t start = cache ? cache->length : 0;
+  BRIGADE_CHECK(start + seq <= options_.max_seq_len, "sequence of ", start + seq,
+                " positions exceeds model.max_seq_len ", options_.max_seq_len);
+  auto cos = rope_cos_.narrow(0, start, seq);
+  auto sin = rope_sin_.narrow(0, start, seq);
+  auto h = embed_tokens(tokens);
+  int64_t index = 0;
+  for (const auto& layer : *layers) {
+    h = layer->as<BlockImpl>()->forward(h, cos, sin, cache, index++);
+  }
+  if (cache) cache->length += seq;
+  h = norm(h);
+  return lm_head ? lm_head(h) : torch::nn::functional::linear(h, embed_tokens->weight);
+}
+
+KVCache TransformerImpl::make_cache(int64_t batch, int64_t capacity) const {
+  BRIGADE_CHECK(capacity <= options_.max_seq_len, "KV cache capacity ", capacity,
+                " exceeds model.max_seq_len ", options_.max_seq_len);
+  KVCache cache;
+  for (int64_t i = 0; i < options_.n_layers; ++i) {
+    auto shape = std::vector<int64_t>{batch, options_.kv_heads(), capacity, options_.head_size()};
+    cache.keys.push_back(torch::zeros(shape));
+    cache.values.push_back(torch::zeros(shape));
+  }
+  return cache;
+}
+
+ParameterCount TransformerImpl::parameter_count() const {
+  ParameterCount count;
+  for (const auto& p : parameters()) count.total += p.numel();
+  count.embedding = embed_tokens->weight.numel();
+  count.matmul = count.total - count.embedding;
+  // Norm weights and biases do no matmul work; the head always does, tied or not.
+  for (const auto& item : named_parameters()) {
+    if (item.value().dim() < 2 && item.key() != "embed_tokens.weight") count.matmul -= item.value().numel();
+  }
+  count.matmul += options_.vocab_size * options_.d_model;
+  if (lm_head) count.matmul -= lm_head->weight.numel();  // already counted in total
+  return count;
+}
+
+double ParameterCount::train_flops_per_token(const TransformerOptions& o, int64_t seq_len) const {
+  return 6.0 * static_cast<double>(matmul) +
+         12.0 * static_cast<double>(o.n_layers * seq_len * o.n_heads * o.head_size());
+}
+
+}  // namespace brigade::model

@@ -1,0 +1,133 @@
+// The decoder-only transformer: RMSNorm, RoPE, grouped-query causal attention
+// (LibTorch's scaled_dot_product_attention), SwiGLU MLP, optional tied embeddings,
+// optional QKV bias (Qwen2) and q/k norm (Qwen3).
+//
+// Parameter names follow the Hugging Face Llama/Qwen layout ("layers.3.self_attn.q_proj.weight")
+// so checkpoint import/export is a prefix mapping, not a rename table.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <torch/nn/module.h>
+#include <torch/nn/modules/container/modulelist.h>
+#include <torch/nn/modules/linear.h>
+
+namespace brigade::model {
+
+struct TransformerOptions {
+  int64_t vocab_size = 264;
+  int64_t d_model = 128;
+  int64_t n_layers = 4;
+  int64_t n_heads = 4;
+  int64_t n_kv_heads = 0;   // 0: same as n_heads (plain multi-head attention)
+  int64_t head_dim = 0;     // 0: d_model / n_heads
+  int64_t d_ff = 0;         // 0: 8/3 d_model rounded up to a multiple of 64
+  int64_t max_seq_len = 256;
+  double rope_theta = 10000.0;
+  double norm_eps = 1e-5;
+  bool tie_embeddings = true;
+  bool qkv_bias = false;    // Qwen2
+  bool qk_norm = false;     // Qwen3: RMSNorm over head_dim on q and k before RoPE
+  double init_std = 0.02;
+
+  // Derived sizes with the 0 defaults resolved.
+  int64_t kv_heads() const { return n_kv_heads > 0 ? n_kv_heads : n_heads; }
+  int64_t head_size() const { return head_dim > 0 ? head_dim : d_model / n_heads; }
+  int64_t ff_size() const;
+  // Throws an Error naming the key ("model.n_heads ...") when a cross-field rule fails.
+  void validate() const;
+};
+
+// Per-layer key/value cache for incremental decoding.
+struct KVCache {
+  std::vector<torch::Tensor> keys;    // per layer [batch, kv_heads, capacity, head_dim]
+  std::vector<torch::Tensor> values;  // per layer [batch, kv_heads, capacity, head_dim]
+  int64_t length = 0;                 // positions filled so far
+  int64_t capacity() const { return keys.empty() ? 0 : keys[0].size(2); }
+};
+
+class RMSNormImpl : public torch::nn::Module {
+ public:
+  RMSNormImpl(int64_t dim, double eps);
+  torch::Tensor forward(const torch::Tensor& x);  // [..., dim]
+  torch::Tensor weight;                           // [dim]
+
+ private:
+  double eps_;
+};
+TORCH_MODULE(RMSNorm);
+
+class AttentionImpl : public torch::nn::Module {
+ public:
+  explicit AttentionImpl(const TransformerOptions& options);
+  // x: [batch, seq, d_model]; cos/sin: [seq, head_dim] for the positions of x.
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                        KVCache* cache, int64_t layer);
+
+  torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
+  RMSNorm q_norm{nullptr}, k_norm{nullptr};
+
+ private:
+  int64_t n_heads_, n_kv_heads_, head_dim_;
+};
+TORCH_MODULE(Attention);
+
+class MLPImpl : public torch::nn::Module {
+ public:
+  explicit MLPImpl(const TransformerOptions& options);
+  torch::Tensor forward(const torch::Tensor& x);  // SwiGLU: down(silu(gate(x)) * up(x))
+  torch::nn::Linear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
+};
+TORCH_MODULE(MLP);
+
+class BlockImpl : public torch::nn::Module {
+ public:
+  explicit BlockImpl(const TransformerOptions& options);
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                        KVCache* cache, int64_t layer);
+  RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
+  Attention self_attn{nullptr};
+  MLP mlp{nullptr};
+};
+TORCH_MODULE(Block);
+
+struct ParameterCount {
+  int64_t total = 0;          // every parameter once (tied weights counted once)
+  int64_t embedding = 0;      // the token embedding table
+  int64_t matmul = 0;         // weights used in matmuls per token, the LM head included
+  // Training FLOPs per token: 6 * matmul + 12 * layers * seq_len * n_heads * head_dim
+  // (forward + backward, attention scores counted in full; the PaLM convention).
+  double train_flops_per_token(const TransformerOptions& options, int64_t seq_len) const;
+};
+
+class TransformerImpl : public torch::nn::Module {
+ public:
+  // Parameters are initialised from the current torch RNG (seed it first).
+  explicit TransformerImpl(TransformerOptions options);
+
+  // tokens: [batch, seq] int64 -> logits [batch, seq, vocab] (float32 unless autocast).
+  // With a cache, positions continue from cache->length and the cache is extended.
+  torch::Tensor forward(const torch::Tensor& tokens, KVCache* cache = nullptr);
+
+  // An empty cache for `batch` sequences of up to `capacity` positions.
+  KVCache make_cache(int64_t batch, int64_t capacity) const;
+
+  const TransformerOptions& options() const { return options_; }
+  ParameterCount parameter_count() const;
+
+  torch::nn::Embedding embed_tokens{nullptr};
+  torch::nn::ModuleList layers{nullptr};
+  RMSNorm norm{nullptr};
+  torch::nn::Linear lm_head{nullptr};  // null when embeddings are tied
+
+ private:
+  void init_weights();
+  TransformerOptions options_;
+  torch::Tensor rope_cos_;  // [max_seq_len, head_dim] (buffer, not a parameter)
+  torch::Tensor rope_sin_;
+};
+TORCH_MODULE(Transformer);
+
+}  // namespace brigade::model

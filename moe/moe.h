@@ -1,0 +1,2 @@
+// moe/: Mixture-of-Experts layers. Nothing here yet (see README.md).
+#pragma once

@@ -1,0 +1,4 @@
+// parallel/: world description, and later communicators and process groups.
+#pragma once
+
+#include "parallel/world.h"

@@ -1,0 +1,38 @@
+#include "precision/precision.h"
+
+#include <ATen/autocast_mode.h>
+
+#include "core/error.h"
+
+namespace brigade::precision {
+
+std::string to_string(ComputeDtype dtype) {
+  return dtype == ComputeDtype::kBFloat16 ? "bfloat16" : "float32";
+}
+
+ComputeDtype parse_compute_dtype(const std::string& name) {
+  if (name == "float32" || name == "fp32") return ComputeDtype::kFloat32;
+  if (name == "bfloat16" || name == "bf16") return ComputeDtype::kBFloat16;
+  BRIGADE_FAIL("unknown compute dtype '", name, "' (expected float32 or bfloat16)");
+}
+
+c10::ScalarType to_scalar_type(ComputeDtype dtype) {
+  return dtype == ComputeDtype::kBFloat16 ? c10::kBFloat16 : c10::kFloat;
+}
+
+AutocastGuard::AutocastGuard(ComputeDtype dtype) {
+  if (dtype == ComputeDtype::kFloat32) return;
+  active_ = true;
+  previous_cpu_ = at::autocast::is_autocast_enabled(at::kCPU);
+  at::autocast::set_autocast_enabled(at::kCPU, true);
+  at::autocast::set_autocast_dtype(at::kCPU, to_scalar_type(dtype));
+}
+
+AutocastGuard::~AutocastGuard() {
+  if (!active_) return;
+  at::autocast::set_autocast_enabled(at::kCPU, previous_cpu_);
+  // Autocast caches casted weights per forward; drop them so updated weights are seen.
+  at::autocast::clear_cache();
+}
+
+}  // namespace brigade::precision

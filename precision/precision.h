@@ -1,0 +1,36 @@
+// precision/: numeric formats and how compute runs. For now the compute dtype
+// (FP32 or BF16 autocast over FP32 master weights); FP8 recipes land here later.
+#pragma once
+
+#include <string>
+
+#include <c10/core/ScalarType.h>
+
+namespace brigade::precision {
+
+enum class ComputeDtype { kFloat32, kBFloat16 };
+
+struct PrecisionOptions {
+  ComputeDtype compute_dtype = ComputeDtype::kFloat32;
+};
+
+std::string to_string(ComputeDtype dtype);
+// "float32" | "bfloat16" (also "fp32", "bf16"); anything else is an Error.
+ComputeDtype parse_compute_dtype(const std::string& name);
+c10::ScalarType to_scalar_type(ComputeDtype dtype);
+
+// Enables CPU/CUDA autocast to the compute dtype for its lifetime (no-op for FP32),
+// so matmuls run in BF16 while parameters and optimizer state stay FP32.
+class AutocastGuard {
+ public:
+  explicit AutocastGuard(ComputeDtype dtype);
+  ~AutocastGuard();
+  AutocastGuard(const AutocastGuard&) = delete;
+  AutocastGuard& operator=(const AutocastGuard&) = delete;
+
+ private:
+  bool active_ = false;
+  bool previous_cpu_ = false;
+};
+
+}  // namespace brigade::precision

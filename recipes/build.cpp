@@ -1,0 +1,56 @@
+#include "recipes/build.h"
+
+#include <torch/torch.h>
+
+#include "core/error.h"
+#include "core/hash.h"
+#include "data/arith.h"
+
+namespace brigade::recipes {
+
+Corpora build_corpora(const Recipe& r, const data::Tokenizer& tokenizer) {
+  Corpora c;
+  if (r.data.source == data::DataSource::kSynthetic) {
+    c.train = data::make_arithmetic_corpus(r.data.synthetic, tokenizer, /*eval=*/false);
+    c.eval = data::make_arithmetic_corpus(r.data.synthetic, tokenizer, /*eval=*/true);
+  } else {
+    std::vector<std::filesystem::path> paths(r.data.shards.begin(), r.data.shards.end());
+    auto all = data::TokenCorpus::from_shards(paths);
+    BRIGADE_CHECK(all.vocab_bound() <= r.model.vocab_size, "data.shards hold token ids up to ",
+                  all.vocab_bound() - 1, " but model.vocab_size is ", r.model.vocab_size);
+    const auto eval_tokens = static_cast<int64_t>(static_cast<double>(all.size()) * r.data.eval_fraction);
+    BRIGADE_CHECK(eval_tokens > r.data.seq_len && all.size() - eval_tokens > r.data.seq_len,
+                  "data.shards hold ", all.size(), " tokens: too few for data.seq_len ", r.data.seq_len,
+                  " with data.eval_fraction ", r.data.eval_fraction);
+    c.train = all.slice(0, all.size() - eval_tokens);
+    c.eval = all.slice(all.size() - eval_tokens, all.size());
+  }
+  return c;
+}
+
+model::Transformer build_model(const Recipe& r) {
+  torch::manual_seed(r.trainer.seed);
+  return model::Transformer(r.model);
+}
+
+data::SamplerOptions sampler_options(const Recipe& r, bool eval) {
+  data::SamplerOptions o;
+  o.seq_len = r.data.seq_len;
+  o.micro_batch_size = r.trainer.micro_batch_size;
+  // Eval batches come from a different stream so they never mirror training batches.
+  o.seed = eval ? mix64(r.trainer.seed ^ 0x65766131ULL) : r.trainer.seed;
+  return o;
+}
+
+std::unique_ptr<trainer::Trainer> build_trainer(const Recipe& r, const std::filesystem::path& run_dir) {
+  auto tokenizer = data::make_tokenizer(r.data.tokenizer);
+  Corpora corpora = build_corpora(r, *tokenizer);
+  trainer::RunContext context{run_dir, dump_recipe(r), recipe_hash(r), model_fingerprint(r)};
+  auto t = std::make_unique<trainer::Trainer>(
+      r.trainer, r.precision, build_model(r), data::BatchSampler(std::move(corpora.train), sampler_options(r, false)),
+      data::BatchSampler(std::move(corpora.eval), sampler_options(r, true)), std::move(context));
+  t->add_default_hooks();
+  return t;
+}
+
+}  // namespace brigade::recipes

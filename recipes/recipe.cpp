@@ -1,0 +1,224 @@
+#include "recipes/recipe.h"
+
+#include <map>
+#include <set>
+#include <sstream>
+
+#include <yaml-cpp/yaml.h>
+
+#include "core/error.h"
+#include "core/fs.h"
+#include "core/hash.h"
+#include "data/arith.h"
+#include "data/tokenizer.h"
+#include "recipes/schema.h"
+
+namespace brigade::recipes {
+namespace fs = std::filesystem;
+namespace {
+
+// One leaf value of the merged recipe and where it was written.
+struct Entry {
+  YAML::Node node;
+  std::string where;
+};
+using Entries = std::map<std::string, Entry>;
+
+size_t edit_distance(const std::string& a, const std::string& b) {
+  std::vector<size_t> prev(b.size() + 1), cur(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) prev[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    cur[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j)
+      cur[j] = std::min({prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1)});
+    std::swap(prev, cur);
+  }
+  return prev[b.size()];
+}
+
+std::string suggestion(const std::string& path) {
+  std::string best;
+  size_t best_d = 4;
+  for (const auto& f : schema()) {
+    size_t d = edit_distance(path, f.path);
+    if (d < best_d) {
+      best_d = d;
+      best = f.path;
+    }
+  }
+  return best.empty() ? "" : " (did you mean '" + best + "'?)";
+}
+
+std::string location(const std::string& source, const YAML::Mark& mark) {
+  return source + ":" + std::to_string(mark.line + 1);
+}
+
+void flatten(const YAML::Node& map, const std::string& prefix, const std::string& source, Entries& out) {
+  for (const auto& item : map) {
+    const std::string where = location(source, item.first.Mark());
+    BRIGADE_CHECK(item.first.IsScalar(), where, ": keys must be plain names");
+    const std::string key = item.first.Scalar();
+    const std::string path = prefix.empty() ? key : prefix + "." + key;
+    if (prefix.empty() && key == "inherit") continue;
+    if (is_section(path)) {
+      if (item.second.IsNull()) continue;  // an empty section
+      BRIGADE_CHECK(item.second.IsMap(), where, ": ", path, ": expected a mapping of keys, got ",
+                    item.second.IsScalar() ? "'" + item.second.Scalar() + "'" : std::string("a list"));
+      flatten(item.second, path, source, out);
+      continue;
+    }
+    BRIGADE_CHECK(find_field(path) != nullptr, where, ": unknown key '", path, "'", suggestion(path));
+    out[path] = Entry{item.second, where};
+  }
+}
+
+YAML::Node parse_yaml(const std::string& text, const std::string& source) {
+  try {
+    return YAML::Load(text);
+  } catch (const YAML::ParserException& e) {
+    BRIGADE_FAIL(source, ":", e.mark.line + 1, ":", e.mark.column + 1, ": invalid YAML: ", e.msg);
+  }
+}
+
+// Loads `text` (from `source`) into `out`, its `inherit:` bases first.
+void load_layers(const std::string& text, const std::string& source, const fs::path& base_dir,
+                 std::set<std::string>& stack, Entries& out) {
+  YAML::Node root = parse_yaml(text, source);
+  if (root.IsNull()) return;  // an empty file is a recipe of defaults
+  BRIGADE_CHECK(root.IsMap(), source, ": a recipe must be a mapping of sections (model:, data:, trainer:, ...)");
+  if (auto inherit = root["inherit"]; inherit) {
+    std::vector<std::string> bases;
+    const std::string where = location(source, inherit.Mark());
+    if (inherit.IsScalar()) bases.push_back(inherit.Scalar());
+    else if (inherit.IsSequence())
+      for (const auto& b : inherit) bases.push_back(b.as<std::string>());
+    else BRIGADE_FAIL(where, ": inherit: expected a file name or a list of them");
+    for (const auto& base : bases) {
+      const fs::path path = base_dir / base;
+      BRIGADE_CHECK(fs::exists(path), where, ": inherit: file not found: ", path.string());
+      const std::string canonical = fs::canonical(path).string();
+      BRIGADE_CHECK(!stack.contains(canonical), where, ": inherit: cycle through ", path.string());
+      stack.insert(canonical);
+      load_layers(read_file(path), path.string(), path.parent_path(), stack, out);
+      stack.erase(canonical);
+    }
+  }
+  flatten(root, "", source, out);
+}
+
+void apply_override(const std::string& text, Entries& out) {
+  const std::string where = "--set " + text;
+  const auto eq = text.find('=');
+  BRIGADE_CHECK(eq != std::string::npos && eq > 0, where, ": expected key.path=value");
+  const std::string path = text.substr(0, eq);
+  BRIGADE_CHECK(find_field(path) != nullptr, where, ": unknown key '", path, "'", suggestion(path));
+  YAML::Node value;
+  try {
+    value = YAML::Load(text.substr(eq + 1));
+  } catch (const YAML::Exception& e) {
+    BRIGADE_FAIL(where, ": cannot parse the value: ", e.msg);
+  }
+  out[path] = Entry{value, where};
+}
+
+Recipe build(const Entries& entries) {
+  Recipe recipe;
+  for (const auto& [path, entry] : entries) find_field(path)->set(recipe, entry.node, entry.where);
+  validate(recipe);
+  return recipe;
+}
+
+}  // namespace
+
+Recipe parse_recipe(const std::string& yaml, const std::string& source,
+                    const std::vector<std::string>& overrides, const fs::path& base_dir) {
+  Entries entries;
+  std::set<std::string> stack;
+  load_layers(yaml, source, base_dir, stack, entries);
+  for (const auto& o : overrides) apply_override(o, entries);
+  return build(entries);
+}
+
+Recipe load_recipe(const fs::path& file, const std::vector<std::string>& overrides) {
+  BRIGADE_CHECK(fs::exists(file), "recipe not found: ", file.string());
+  BRIGADE_CHECK(fs::is_regular_file(file), "recipe is not a file: ", file.string());
+  Entries entries;
+  // The file name is the default run name; the file's own `name:` overrides it.
+  entries["name"] = Entry{YAML::Node(file.stem().string()), file.string()};
+  std::set<std::string> stack{fs::canonical(file).string()};
+  load_layers(read_file(file), file.string(), file.parent_path(), stack, entries);
+  for (const auto& o : overrides) apply_override(o, entries);
+  return build(entries);
+}
+
+void validate(const Recipe& r) {
+  BRIGADE_CHECK(!r.name.empty() && r.name.find('/') == std::string::npos && r.name != "." && r.name != "..",
+                "name must be a plain, non-empty name (it names the run directory), got '", r.name, "'");
+  r.model.validate();
+  r.trainer.validate();
+  const auto tokenizer = data::make_tokenizer(r.data.tokenizer);
+  BRIGADE_CHECK(r.model.vocab_size >= tokenizer->vocab_size(), "model.vocab_size (", r.model.vocab_size,
+                ") is smaller than the ", r.data.tokenizer, " tokenizer's vocabulary (", tokenizer->vocab_size(), ")");
+  BRIGADE_CHECK(r.data.seq_len <= r.model.max_seq_len, "data.seq_len (", r.data.seq_len,
+                ") exceeds model.max_seq_len (", r.model.max_seq_len, ")");
+  if (r.data.source == data::DataSource::kSynthetic) {
+    data::validate(r.data.synthetic);
+  } else {
+    BRIGADE_CHECK(!r.data.shards.empty(), "data.source is shards but data.shards lists no files");
+    BRIGADE_CHECK(r.data.eval_fraction > 0, "data.eval_fraction must be > 0 with data.source shards");
+  }
+}
+
+std::string dump_recipe(const Recipe& recipe) {
+  YAML::Node root(YAML::NodeType::Map);
+  for (const auto& f : schema()) {
+    // Walk/create the nested maps of the path, then set the leaf.
+    std::vector<std::string> parts;
+    std::stringstream ss(f.path);
+    for (std::string p; std::getline(ss, p, '.');) parts.push_back(p);
+    std::vector<YAML::Node> chain{root};
+    for (size_t i = 0; i + 1 < parts.size(); ++i) chain.push_back(chain.back()[parts[i]]);
+    chain.back()[parts.back()] = f.get(recipe);
+  }
+  YAML::Emitter out;
+  out << root;
+  return std::string(out.c_str()) + "\n";
+}
+
+std::string model_fingerprint(const Recipe& recipe) {
+  std::string out;
+  for (const auto& f : schema()) {
+    if (f.path.rfind("model.", 0) != 0) continue;
+    YAML::Emitter e;
+    e << f.get(recipe);
+    out += f.path + ": " + e.c_str() + "\n";
+  }
+  return out;
+}
+
+std::string recipe_hash(const Recipe& recipe) {
+  char buf[20];
+  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(fnv1a(dump_recipe(recipe))));
+  return buf;
+}
+
+std::vector<std::string> schema_keys() {
+  std::vector<std::string> keys;
+  for (const auto& f : schema()) keys.push_back(f.path);
+  return keys;
+}
+
+std::string schema_markdown() {
+  const Recipe defaults;
+  std::string out = "| key | type | default | meaning |\n|---|---|---|---|\n";
+  for (const auto& f : schema()) {
+    YAML::Emitter e;
+    e << YAML::Flow << f.get(defaults);
+    std::string def = e.c_str();
+    if (f.path == "name") def = "(file name)";
+    out += "| `" + f.path + "` | " + f.type + " | `" + def + "` | " + f.doc + " |\n";
+  }
+  return out;
+}
+
+}  // namespace brigade::recipes

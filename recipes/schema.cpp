@@ -1,0 +1,247 @@
+#include "recipes/schema.h"
+
+#include <charconv>
+#include <limits>
+
+#include "core/error.h"
+#include "data/tokenizer.h"
+
+namespace brigade::recipes {
+namespace {
+
+constexpr int64_t kMaxInt = std::numeric_limits<int64_t>::max();
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+std::string show(const YAML::Node& node) {
+  if (node.IsScalar()) return "'" + node.Scalar() + "'";
+  if (node.IsSequence()) return "a list";
+  if (node.IsMap()) return "a mapping";
+  return "nothing";
+}
+
+[[noreturn]] void type_error(const std::string& where, const std::string& path, const std::string& expected,
+                             const YAML::Node& node) {
+  BRIGADE_FAIL(where, ": ", path, ": expected ", expected, ", got ", show(node));
+}
+
+std::string format_double(double value) {
+  char buf[64];
+  auto [end, ec] = std::to_chars(buf, buf + sizeof buf, value);
+  return std::string(buf, end);
+}
+
+template <typename T, typename Ref>
+Field integer(std::string path, Ref ref, std::string doc, int64_t lo = 0, int64_t hi = kMaxInt) {
+  Field f;
+  f.path = path;
+  f.type = "int";
+  f.doc = std::move(doc);
+  f.set = [path, ref, lo, hi](Recipe& r, const YAML::Node& node, const std::string& where) {
+    int64_t value = 0;
+    if (!node.IsScalar()) type_error(where, path, "an integer", node);
+    try {
+      value = node.as<int64_t>();
+    } catch (const YAML::Exception&) {
+      type_error(where, path, "an integer", node);
+    }
+    BRIGADE_CHECK(value >= lo && value <= hi, where, ": ", path, " = ", value, " is out of range [", lo,
+                  ", ", (hi == kMaxInt ? std::string("inf") : std::to_string(hi)), "]");
+    ref(r) = static_cast<T>(value);
+  };
+  f.get = [ref](const Recipe& r) { return YAML::Node(std::to_string(ref(const_cast<Recipe&>(r)))); };
+  return f;
+}
+
+template <typename Ref>
+Field real(std::string path, Ref ref, std::string doc, double lo = 0.0, double hi = kInf) {
+  Field f;
+  f.path = path;
+  f.type = "float";
+  f.doc = std::move(doc);
+  f.set = [path, ref, lo, hi](Recipe& r, const YAML::Node& node, const std::string& where) {
+    double value = 0;
+    if (!node.IsScalar()) type_error(where, path, "a number", node);
+    try {
+      value = node.as<double>();
+    } catch (const YAML::Exception&) {
+      type_error(where, path, "a number", node);
+    }
+    BRIGADE_CHECK(value >= lo && value <= hi, where, ": ", path, " = ", node.Scalar(), " is out of range [",
+                  lo, ", ", hi, "]");
+    ref(r) = value;
+  };
+  f.get = [ref](const Recipe& r) { return YAML::Node(format_double(ref(const_cast<Recipe&>(r)))); };
+  return f;
+}
+
+template <typename Ref>
+Field boolean(std::string path, Ref ref, std::string doc) {
+  Field f;
+  f.path = path;
+  f.type = "bool";
+  f.doc = std::move(doc);
+  f.set = [path, ref](Recipe& r, const YAML::Node& node, const std::string& where) {
+    if (!node.IsScalar()) type_error(where, path, "true or false", node);
+    try {
+      ref(r) = node.as<bool>();
+    } catch (const YAML::Exception&) {
+      type_error(where, path, "true or false", node);
+    }
+  };
+  f.get = [ref](const Recipe& r) { return YAML::Node(ref(const_cast<Recipe&>(r)) ? "true" : "false"); };
+  return f;
+}
+
+template <typename Ref>
+Field text(std::string path, Ref ref, std::string doc) {
+  Field f;
+  f.path = path;
+  f.type = "string";
+  f.doc = std::move(doc);
+  f.set = [path, ref](Recipe& r, const YAML::Node& node, const std::string& where) {
+    if (!node.IsScalar()) type_error(where, path, "a string", node);
+    ref(r) = node.Scalar();
+  };
+  f.get = [ref](const Recipe& r) { return YAML::Node(ref(const_cast<Recipe&>(r))); };
+  return f;
+}
+
+// An enum stored as its C++ type, spelled as one of `choices` in YAML.
+template <typename Ref, typename Parse, typename Show>
+Field choice(std::string path, Ref ref, std::string doc, std::vector<std::string> choices, Parse parse,
+             Show to_text) {
+  Field f;
+  f.path = path;
+  f.doc = std::move(doc);
+  for (size_t i = 0; i < choices.size(); ++i) f.type += (i ? " | " : "") + choices[i];
+  f.set = [path, ref, choices, parse, type = f.type](Recipe& r, const YAML::Node& node,
+                                                      const std::string& where) {
+    if (!node.IsScalar()) type_error(where, path, "one of " + type, node);
+    const std::string value = node.Scalar();
+    BRIGADE_CHECK(std::find(choices.begin(), choices.end(), value) != choices.end(), where, ": ", path,
+                  ": '", value, "' is not one of ", type);
+    ref(r) = parse(value);
+  };
+  f.get = [ref, to_text](const Recipe& r) { return YAML::Node(to_text(ref(const_cast<Recipe&>(r)))); };
+  return f;
+}
+
+template <typename Ref>
+Field text_list(std::string path, Ref ref, std::string doc) {
+  Field f;
+  f.path = path;
+  f.type = "list of strings";
+  f.doc = std::move(doc);
+  f.set = [path, ref](Recipe& r, const YAML::Node& node, const std::string& where) {
+    std::vector<std::string> values;
+    if (node.IsScalar()) {
+      values.push_back(node.Scalar());
+    } else if (node.IsSequence()) {
+      for (const auto& item : node) {
+        if (!item.IsScalar()) type_error(where, path, "a list of strings", node);
+        values.push_back(item.Scalar());
+      }
+    } else if (!node.IsNull()) {
+      type_error(where, path, "a list of strings", node);
+    }
+    ref(r) = values;
+  };
+  f.get = [ref](const Recipe& r) {
+    YAML::Node list(YAML::NodeType::Sequence);
+    for (const auto& v : ref(const_cast<Recipe&>(r))) list.push_back(v);
+    return list;
+  };
+  return f;
+}
+
+#define REF(member) [](Recipe& r) -> auto& { return r.member; }
+
+std::vector<Field> build_schema() {
+  using data::DataSource;
+  using precision::ComputeDtype;
+  using trainer::NonFinitePolicy;
+  std::vector<Field> s;
+  s.push_back(text("name", REF(name), "Run name; the default run directory is runs/<name>. Defaults to the recipe file's name."));
+
+  s.push_back(integer<int64_t>("model.vocab_size", REF(model.vocab_size), "Embedding rows; at least the tokenizer's vocabulary (261 for the byte tokenizer).", 1));
+  s.push_back(integer<int64_t>("model.d_model", REF(model.d_model), "Hidden size.", 1));
+  s.push_back(integer<int64_t>("model.n_layers", REF(model.n_layers), "Transformer blocks.", 1));
+  s.push_back(integer<int64_t>("model.n_heads", REF(model.n_heads), "Query heads.", 1));
+  s.push_back(integer<int64_t>("model.n_kv_heads", REF(model.n_kv_heads), "Key/value heads for grouped-query attention; must divide n_heads. 0 = n_heads."));
+  s.push_back(integer<int64_t>("model.head_dim", REF(model.head_dim), "Per-head size. 0 = d_model / n_heads."));
+  s.push_back(integer<int64_t>("model.d_ff", REF(model.d_ff), "SwiGLU intermediate size. 0 = 8/3 d_model rounded up to a multiple of 64."));
+  s.push_back(integer<int64_t>("model.max_seq_len", REF(model.max_seq_len), "Longest sequence (RoPE table and KV cache size).", 1));
+  s.push_back(real("model.rope_theta", REF(model.rope_theta), "RoPE base frequency.", 1e-9));
+  s.push_back(real("model.norm_eps", REF(model.norm_eps), "RMSNorm epsilon.", 1e-12, 1.0));
+  s.push_back(boolean("model.tie_embeddings", REF(model.tie_embeddings), "Share the token embedding with the output head."));
+  s.push_back(boolean("model.qkv_bias", REF(model.qkv_bias), "Bias on the q/k/v projections (Qwen2)."));
+  s.push_back(boolean("model.qk_norm", REF(model.qk_norm), "RMSNorm on each head's q and k before RoPE (Qwen3)."));
+  s.push_back(real("model.init_std", REF(model.init_std), "Standard deviation of the normal weight init (output projections are scaled by 1/sqrt(2 n_layers)).", 1e-9, 10.0));
+
+  s.push_back(text("data.tokenizer", REF(data.tokenizer), "Tokenizer: byte (byte-level with special tokens)."));
+  s.push_back(integer<int64_t>("data.seq_len", REF(data.seq_len), "Tokens per training sequence; at most model.max_seq_len.", 1));
+  s.push_back(choice("data.source", REF(data.source), "Training corpus: the built-in arithmetic reasoning generator, or token shards.",
+                     {"synthetic", "shards"}, data::parse_data_source, [](DataSource v) { return data::to_string(v); }));
+  s.push_back(text_list("data.shards", REF(data.shards), "Token shard files from `brigade data prepare` (source: shards)."));
+  s.push_back(real("data.eval_fraction", REF(data.eval_fraction), "Tail fraction of the shard corpus held out for eval (source: shards).", 0.0, 0.5));
+  s.push_back(integer<int64_t>("data.synthetic.num_problems", REF(data.synthetic.num_problems), "Training problems generated.", 1));
+  s.push_back(integer<int64_t>("data.synthetic.eval_problems", REF(data.synthetic.eval_problems), "Held-out problems (disjoint from training)."));
+  s.push_back(integer<int>("data.synthetic.min_digits", REF(data.synthetic.min_digits), "Fewest digits per operand.", 1, 9));
+  s.push_back(integer<int>("data.synthetic.max_digits", REF(data.synthetic.max_digits), "Most digits per operand.", 1, 9));
+  s.push_back(integer<int>("data.synthetic.min_operands", REF(data.synthetic.min_operands), "Fewest operands per expression.", 2, 8));
+  s.push_back(integer<int>("data.synthetic.max_operands", REF(data.synthetic.max_operands), "Most operands per expression.", 2, 8));
+  s.push_back(text("data.synthetic.ops", REF(data.synthetic.ops), "Operators to draw from, any of \"+-*\"."));
+  s.push_back(integer<uint64_t>("data.synthetic.seed", REF(data.synthetic.seed), "Seed of the problem generator."));
+
+  s.push_back(choice("precision.compute_dtype", REF(precision.compute_dtype), "Matmul precision (autocast); master weights and optimizer state stay float32.",
+                     {"float32", "bfloat16"}, precision::parse_compute_dtype, [](ComputeDtype v) { return precision::to_string(v); }));
+
+  s.push_back(integer<int64_t>("trainer.max_steps", REF(trainer.max_steps), "Optimizer steps; also where the cosine schedule ends.", 1));
+  s.push_back(integer<int64_t>("trainer.micro_batch_size", REF(trainer.micro_batch_size), "Sequences per micro-batch per rank.", 1));
+  s.push_back(integer<int64_t>("trainer.grad_accum_steps", REF(trainer.grad_accum_steps), "Micro-batches accumulated per optimizer step.", 1));
+  s.push_back(real("trainer.lr", REF(trainer.lr), "Peak learning rate.", 1e-12, 10.0));
+  s.push_back(real("trainer.min_lr", REF(trainer.min_lr), "Learning-rate floor at the end of the cosine decay.", 0.0, 10.0));
+  s.push_back(integer<int64_t>("trainer.warmup_steps", REF(trainer.warmup_steps), "Linear warmup steps from 0 to lr."));
+  s.push_back(real("trainer.weight_decay", REF(trainer.weight_decay), "Decoupled weight decay (AdamW).", 0.0, 10.0));
+  s.push_back(real("trainer.beta1", REF(trainer.beta1), "AdamW beta1.", 0.0, 0.999999));
+  s.push_back(real("trainer.beta2", REF(trainer.beta2), "AdamW beta2.", 0.0, 0.999999999));
+  s.push_back(real("trainer.eps", REF(trainer.eps), "AdamW epsilon.", 1e-30, 1.0));
+  s.push_back(real("trainer.grad_clip", REF(trainer.grad_clip), "Clip the global gradient norm to this; 0 disables."));
+  s.push_back(boolean("trainer.decay_norms_and_biases", REF(trainer.decay_norms_and_biases), "Apply weight decay to norm weights and biases."));
+  s.push_back(boolean("trainer.decay_embeddings", REF(trainer.decay_embeddings), "Apply weight decay to the token embedding."));
+  s.push_back(integer<int64_t>("trainer.log_every", REF(trainer.log_every), "Steps between metrics.jsonl lines (and plain progress lines).", 1));
+  s.push_back(integer<int64_t>("trainer.eval_every", REF(trainer.eval_every), "Steps between evaluations; 0 = only at the end."));
+  s.push_back(integer<int64_t>("trainer.eval_batches", REF(trainer.eval_batches), "Held-out micro-batches per evaluation.", 1));
+  s.push_back(integer<int64_t>("trainer.checkpoint_every", REF(trainer.checkpoint_every), "Steps between checkpoints; 0 = only at the end."));
+  s.push_back(integer<int64_t>("trainer.keep_checkpoints", REF(trainer.keep_checkpoints), "Most recent checkpoints kept.", 1));
+  s.push_back(integer<uint64_t>("trainer.seed", REF(trainer.seed), "Seed for model init and data order."));
+  s.push_back(integer<int64_t>("trainer.threads", REF(trainer.threads), "CPU threads for compute; 0 = all cores."));
+  s.push_back(choice("trainer.on_nonfinite", REF(trainer.on_nonfinite), "On a NaN/Inf loss or gradient: abort with the step and parameter, or skip the update.",
+                     {"abort", "skip"}, trainer::parse_nonfinite_policy, [](NonFinitePolicy v) { return trainer::to_string(v); }));
+  s.push_back(integer<int64_t>("trainer.stop_after", REF(trainer.stop_after), "Stop at this step (with a checkpoint) without changing the schedule; 0 = run to max_steps."));
+  return s;
+}
+
+#undef REF
+
+}  // namespace
+
+const std::vector<Field>& schema() {
+  static const std::vector<Field> fields = build_schema();
+  return fields;
+}
+
+const Field* find_field(const std::string& path) {
+  for (const auto& f : schema())
+    if (f.path == path) return &f;
+  return nullptr;
+}
+
+bool is_section(const std::string& path) {
+  const std::string prefix = path + ".";
+  for (const auto& f : schema())
+    if (f.path.rfind(prefix, 0) == 0) return true;
+  return false;
+}
+
+}  // namespace brigade::recipes

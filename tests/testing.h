@@ -1,0 +1,48 @@
+// Helpers shared by brigade's tests.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <string>
+
+#include "core/error.h"
+
+namespace brigade::testing {
+
+// A fresh directory under the build tree's temp area, removed when the object dies.
+class TempDir {
+ public:
+  TempDir();
+  ~TempDir();
+  const std::filesystem::path& path() const { return path_; }
+  std::filesystem::path operator/(const std::string& name) const { return path_ / name; }
+
+ private:
+  std::filesystem::path path_;
+};
+
+struct CommandResult {
+  int exit_code = -1;
+  std::string output;  // stdout and stderr together
+};
+
+// Runs a shell command and captures its output.
+CommandResult run_command(const std::string& command);
+
+// Runs build/brigade with `args` (already shell-quoted where needed).
+CommandResult run_brigade(const std::string& args);
+
+}  // namespace brigade::testing
+
+// Expects `statement` to throw brigade::Error whose message contains `substring`.
+#define EXPECT_BRIGADE_ERROR(statement, substring)                                     \
+  do {                                                                                 \
+    try {                                                                              \
+      statement;                                                                       \
+      ADD_FAILURE() << "expected brigade::Error containing '" << (substring) << "'";   \
+    } catch (const ::brigade::Error& e) {                                              \
+      EXPECT_NE(std::string(e.what()).find(substring), std::string::npos)              \
+          << "error was: " << e.what();                                                \
+    }                                                                                  \
+  } while (0)

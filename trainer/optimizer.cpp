@@ -1,0 +1,78 @@
+#include "trainer/optimizer.h"
+
+#include <ATen/ops/_fused_adamw.h>
+
+#include "core/error.h"
+
+namespace brigade::trainer {
+
+AdamW::AdamW(model::NamedTensors params, std::vector<bool> decay, AdamWOptions options)
+    : params_(std::move(params)), options_(options) {
+  BRIGADE_ASSERT(decay.size() == params_.size(), "one decay flag per parameter");
+  groups_.resize(2);
+  groups_[0].weight_decay = options_.weight_decay;
+  groups_[1].weight_decay = 0.0;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const auto& p = params_[i].second;
+    exp_avg_.push_back(torch::zeros_like(p, torch::kFloat));
+    exp_avg_sq_.push_back(torch::zeros_like(p, torch::kFloat));
+    steps_.push_back(torch::zeros({}, torch::kFloat));
+    groups_[decay[i] ? 0 : 1].index.push_back(i);
+  }
+}
+
+void AdamW::zero_grad() {
+  for (auto& [name, p] : params_) {
+    if (p.grad().defined()) p.mutable_grad().zero_();
+  }
+}
+
+void AdamW::step(double lr) {
+  torch::NoGradGuard no_grad;
+  for (const auto& group : groups_) {
+    std::vector<torch::Tensor> p, g, m, v, s;
+    for (size_t i : group.index) {
+      const auto& param = params_[i].second;
+      if (!param.grad().defined()) continue;
+      p.push_back(param);
+      g.push_back(param.grad());
+      m.push_back(exp_avg_[i]);
+      v.push_back(exp_avg_sq_[i]);
+      s.push_back(steps_[i]);
+    }
+    if (p.empty()) continue;
+    // The fused kernel does the whole group in one pass per tensor (multi-threaded on CPU).
+    at::_fused_adamw_(p, g, m, v, /*max_exp_avg_sqs=*/{}, s, lr, options_.beta1, options_.beta2,
+                      group.weight_decay, options_.eps, /*amsgrad=*/false, /*maximize=*/false);
+  }
+}
+
+model::NamedTensors AdamW::state() const {
+  model::NamedTensors out;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const auto& name = params_[i].first;
+    out.emplace_back("exp_avg." + name, exp_avg_[i]);
+    out.emplace_back("exp_avg_sq." + name, exp_avg_sq_[i]);
+    out.emplace_back("step." + name, steps_[i]);
+  }
+  return out;
+}
+
+void AdamW::load_state(const std::map<std::string, torch::Tensor>& state, const std::string& source) {
+  auto take = [&](const std::string& key, torch::Tensor& into) {
+    auto it = state.find(key);
+    BRIGADE_CHECK(it != state.end(), source, ": optimizer state has no '", key, "'");
+    BRIGADE_CHECK(it->second.sizes() == into.sizes(), source, ": optimizer state '", key, "' has shape ",
+                  it->second.sizes(), " but the model needs ", into.sizes());
+    into.copy_(it->second);
+  };
+  torch::NoGradGuard no_grad;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const auto& name = params_[i].first;
+    take("exp_avg." + name, exp_avg_[i]);
+    take("exp_avg_sq." + name, exp_avg_sq_[i]);
+    take("step." + name, steps_[i]);
+  }
+}
+
+}  // namespace brigade::trainer

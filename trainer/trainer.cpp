@@ -1,0 +1,324 @@
+#include "trainer/trainer.h"
+
+#include <cmath>
+#include <sstream>
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <torch/torch.h>
+
+#include "core/error.h"
+#include "core/log.h"
+#include "core/progress.h"
+
+namespace brigade::trainer {
+namespace {
+
+model::NamedTensors named_parameters(torch::nn::Module& module) {
+  model::NamedTensors out;
+  for (const auto& item : module.named_parameters()) out.emplace_back(item.key(), item.value());
+  return out;
+}
+
+// "model.d_model: checkpoint 128, recipe 256" for the first differing line of two
+// "key: value" listings.
+std::string first_difference(const std::string& checkpoint, const std::string& recipe) {
+  std::istringstream a(checkpoint), b(recipe);
+  std::string la, lb;
+  while (true) {
+    const bool ga = static_cast<bool>(std::getline(a, la));
+    const bool gb = static_cast<bool>(std::getline(b, lb));
+    if (!ga && !gb) return "(no difference found)";
+    if (la != lb || ga != gb) {
+      const auto colon = la.find(": ");
+      if (colon == std::string::npos || lb.rfind(la.substr(0, colon + 2), 0) != 0)
+        return "checkpoint has '" + la + "', recipe has '" + lb + "'";
+      return la.substr(0, colon) + ": checkpoint " + la.substr(colon + 2) + ", recipe " + lb.substr(colon + 2);
+    }
+  }
+}
+
+}  // namespace
+
+std::vector<bool> weight_decay_mask(const model::NamedTensors& params, const TrainerOptions& options) {
+  std::vector<bool> decay;
+  for (const auto& [name, p] : params) {
+    const bool embedding = name.find("embed_tokens") != std::string::npos;
+    if (embedding) decay.push_back(options.decay_embeddings);
+    else if (p.dim() < 2) decay.push_back(options.decay_norms_and_biases);
+    else decay.push_back(true);
+  }
+  return decay;
+}
+
+Trainer::Trainer(TrainerOptions options, precision::PrecisionOptions precision, model::Transformer model,
+                 data::BatchSampler train_data, data::BatchSampler eval_data, RunContext context)
+    : options_(options),
+      precision_(precision),
+      model_(std::move(model)),
+      train_data_(std::move(train_data)),
+      eval_data_(std::move(eval_data)),
+      context_(std::move(context)),
+      optimizer_(named_parameters(*model_), weight_decay_mask(named_parameters(*model_), options),
+                 AdamWOptions{options.beta1, options.beta2, options.eps, options.weight_decay}),
+      schedule_{options.lr, options.min_lr, options.warmup_steps, options.max_steps},
+      checkpoints_(context_.run_dir / "checkpoints", options.keep_checkpoints) {
+  options_.validate();
+  state_.model_fingerprint = context_.model_fingerprint;
+  state_.recipe_hash = context_.recipe_hash;
+}
+
+void Trainer::resume(const LoadedCheckpoint& ck) {
+  const std::string source = "checkpoint " + ck.dir.string();
+  BRIGADE_CHECK(ck.state.model_fingerprint == context_.model_fingerprint, source,
+                " is from a different model shape: ",
+                first_difference(ck.state.model_fingerprint, context_.model_fingerprint));
+  load_weights(*model_, ck.model, source);
+  optimizer_.load_state(ck.optimizer.tensors, source);
+  auto rng = ck.rng.tensors.find("cpu");
+  BRIGADE_CHECK(rng != ck.rng.tensors.end(), source, ": rng.safetensors has no 'cpu' state");
+  at::Generator generator = at::detail::getDefaultCPUGenerator();  // a handle to the shared generator
+  generator.set_state(rng->second);
+  state_.step = ck.state.step;
+  state_.tokens_seen = ck.state.tokens_seen;
+  state_.skipped_steps = ck.state.skipped_steps;
+  if (ck.state.recipe_hash != context_.recipe_hash) {
+    log_warn("resuming with a recipe that differs from the checkpoint's (model shape unchanged)");
+  }
+  log_info("resumed from ", ck.dir.string(), " at step ", state_.step);
+}
+
+MetricsLog& Trainer::metrics() {
+  if (!metrics_) {
+    // Lines after the resumed step describe steps about to be redone: drop them.
+    metrics_ = std::make_unique<MetricsLog>(context_.run_dir / "metrics.jsonl", state_.step);
+  }
+  return *metrics_;
+}
+
+bool Trainer::finished() const {
+  const int64_t end = options_.stop_after > 0 ? options_.stop_after : options_.max_steps;
+  return state_.step >= end;
+}
+
+void Trainer::run() {
+  model_->train();
+  for (auto& hook : hooks_) hook->on_start(*this);
+  while (!finished()) {
+    StepResult result = step();
+    for (auto& hook : hooks_) hook->on_step(*this, result);
+  }
+  for (auto& hook : hooks_) hook->on_end(*this);
+}
+
+StepResult Trainer::step() {
+  const auto start = std::chrono::steady_clock::now();
+  StepResult result;
+  optimizer_.zero_grad();
+
+  double loss = 0.0;
+  for (int64_t micro = 0; micro < options_.grad_accum_steps; ++micro) {
+    data::Batch batch = train_data_.batch(state_.step, micro);
+    loss += forward_backward(batch) / static_cast<double>(options_.grad_accum_steps);
+    result.tokens += batch.inputs.numel();
+  }
+  const double grad_norm = clip_gradients();
+  const double lr = schedule_(state_.step);
+
+  const bool finite = std::isfinite(loss) && std::isfinite(grad_norm);
+  if (!finite) handle_nonfinite(std::isfinite(loss) ? "gradient norm" : "loss", std::isfinite(loss) ? grad_norm : loss);
+  if (finite) optimizer_.step(lr);
+
+  state_.step += 1;
+  state_.tokens_seen += result.tokens;
+  if (!finite) state_.skipped_steps += 1;
+  result.step = state_.step;
+  result.loss = loss;
+  result.lr = lr;
+  result.grad_norm = grad_norm;
+  result.skipped = !finite;
+  result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return result;
+}
+
+double Trainer::forward_backward(const data::Batch& batch) {
+  torch::Tensor loss;
+  {
+    precision::AutocastGuard autocast(precision_.compute_dtype);
+    auto logits = model_->forward(batch.inputs);  // [batch, seq, vocab]
+    loss = torch::nn::functional::cross_entropy(
+        logits.reshape({-1, logits.size(-1)}).to(torch::kFloat), batch.targets.reshape({-1}),
+        torch::nn::functional::CrossEntropyFuncOptions().ignore_index(data::kIgnoreIndex));
+  }
+  if (batch.trained_tokens == 0) return 0.0;  // every target masked: nothing to learn here
+  (loss / static_cast<double>(options_.grad_accum_steps)).backward();
+  return loss.item<double>();
+}
+
+double Trainer::clip_gradients() {
+  std::vector<torch::Tensor> grads;
+  for (const auto& [name, p] : optimizer_.params()) {
+    if (p.grad().defined()) grads.push_back(p.grad());
+  }
+  if (grads.empty()) return 0.0;
+  std::vector<torch::Tensor> norms;
+  norms.reserve(grads.size());
+  for (const auto& g : grads) norms.push_back(torch::linalg_vector_norm(g, 2, {}, false, torch::kFloat));
+  const double total = torch::linalg_vector_norm(torch::stack(norms), 2).item<double>();
+  if (options_.grad_clip > 0 && std::isfinite(total) && total > options_.grad_clip) {
+    const double scale = options_.grad_clip / (total + 1e-6);
+    torch::NoGradGuard no_grad;
+    for (auto& g : grads) g.mul_(scale);
+  }
+  return total;
+}
+
+void Trainer::handle_nonfinite(const std::string& what, double value) {
+  std::string culprit = "(none: the loss itself)";
+  for (const auto& [name, p] : optimizer_.params()) {
+    if (p.grad().defined() && !torch::isfinite(p.grad()).all().item<bool>()) {
+      culprit = name;
+      break;
+    }
+  }
+  const std::string message = detail::concat("non-finite ", what, " (", value, ") at step ", state_.step + 1,
+                                             ", first non-finite gradient in parameter ", culprit);
+  BRIGADE_CHECK(options_.on_nonfinite == NonFinitePolicy::kSkip, message,
+                "; hint: lower trainer.lr, keep trainer.grad_clip on, use float32 compute, "
+                "or set trainer.on_nonfinite=skip to skip such steps");
+  log_warn(message, "; skipping the update (trainer.on_nonfinite=skip)");
+}
+
+EvalResult Trainer::evaluate() {
+  torch::NoGradGuard no_grad;
+  const bool was_training = model_->is_training();
+  model_->eval();
+  double total = 0.0;
+  int64_t counted = 0;
+  for (int64_t i = 0; i < options_.eval_batches; ++i) {
+    // The same held-out batches every time, so evaluations are comparable.
+    data::Batch batch = eval_data_.batch(i, 0);
+    if (batch.trained_tokens == 0) continue;
+    precision::AutocastGuard autocast(precision_.compute_dtype);
+    auto logits = model_->forward(batch.inputs);
+    auto loss = torch::nn::functional::cross_entropy(
+        logits.reshape({-1, logits.size(-1)}).to(torch::kFloat), batch.targets.reshape({-1}),
+        torch::nn::functional::CrossEntropyFuncOptions().ignore_index(data::kIgnoreIndex));
+    total += loss.item<double>();
+    ++counted;
+  }
+  if (was_training) model_->train();
+  EvalResult result;
+  result.step = state_.step;
+  result.loss = counted > 0 ? total / static_cast<double>(counted) : 0.0;
+  result.perplexity = std::exp(result.loss);
+  return result;
+}
+
+std::filesystem::path Trainer::save_checkpoint() {
+  CheckpointData data;
+  data.model = named_parameters(*model_);
+  data.optimizer = optimizer_.state();
+  data.rng = {{"cpu", at::detail::getDefaultCPUGenerator().get_state()}};
+  data.state = state_;
+  data.recipe_yaml = context_.recipe_yaml;
+  return checkpoints_.save(data);
+}
+
+// ---------------------------------------------------------------------------------
+// Standard hooks.
+namespace {
+
+// metrics.jsonl lines and the progress display every trainer.log_every steps.
+class LoggingHook : public TrainerHook {
+ public:
+  void on_start(Trainer& t) override {
+    const int64_t end = t.options().stop_after > 0 ? t.options().stop_after : t.options().max_steps;
+    progress_ = std::make_unique<Progress>("train", end, stderr_is_terminal());
+    last_ = std::chrono::steady_clock::now();
+    t.metrics();  // open (and trim on resume) before the first step
+  }
+  void on_step(Trainer& t, const StepResult& r) override {
+    tokens_ += r.tokens;
+    loss_sum_ += r.loss;
+    ++steps_;
+    const bool last = t.finished();
+    if (r.step % t.options().log_every != 0 && !last) {
+      if (progress_->interactive()) progress_->update(r.step, status(r.loss, rate_));
+      return;
+    }
+    const auto now = std::chrono::steady_clock::now();
+    const double seconds = std::chrono::duration<double>(now - last_).count();
+    rate_ = seconds > 0 ? static_cast<double>(tokens_) / seconds : 0.0;
+    t.metrics().write({{"step", r.step}, {"loss", r.loss}, {"lr", r.lr}, {"grad_norm", r.grad_norm},
+                       {"tokens_per_sec", rate_}, {"tokens_seen", t.state().tokens_seen},
+                       {"skipped", r.skipped}});
+    progress_->update(r.step, status(loss_sum_ / static_cast<double>(steps_), rate_));
+    tokens_ = 0;
+    loss_sum_ = 0.0;
+    steps_ = 0;
+    last_ = now;
+  }
+  void on_end(Trainer&) override { progress_->finish(); }
+
+ private:
+  static std::string status(double loss, double rate) {
+    char buf[96];
+    std::snprintf(buf, sizeof buf, "loss %.4f | %s tok/s", loss, human_count(rate).c_str());
+    return buf;
+  }
+  std::unique_ptr<Progress> progress_;
+  std::chrono::steady_clock::time_point last_;
+  int64_t tokens_ = 0;
+  double loss_sum_ = 0.0;
+  int64_t steps_ = 0;
+  double rate_ = 0.0;
+};
+
+class EvalHook : public TrainerHook {
+ public:
+  void on_step(Trainer& t, const StepResult& r) override {
+    if (t.options().eval_every > 0 && r.step % t.options().eval_every == 0 && !t.finished()) run(t);
+  }
+  void on_end(Trainer& t) override {
+    if (last_step_ != t.current_step()) run(t);
+  }
+
+ private:
+  void run(Trainer& t) {
+    EvalResult e = t.evaluate();
+    t.metrics().write({{"step", e.step}, {"eval_loss", e.loss}, {"eval_ppl", e.perplexity}});
+    if (stderr_is_terminal()) std::fprintf(stderr, "\n");
+    log_info("eval @ step ", e.step, ": loss ", e.loss, ", perplexity ", e.perplexity);
+    last_step_ = e.step;
+  }
+  int64_t last_step_ = -1;
+};
+
+class CheckpointHook : public TrainerHook {
+ public:
+  void on_start(Trainer& t) override { last_step_ = t.current_step(); }
+  void on_step(Trainer& t, const StepResult& r) override {
+    if (t.options().checkpoint_every > 0 && r.step % t.options().checkpoint_every == 0) save(t);
+  }
+  void on_end(Trainer& t) override {
+    if (last_step_ != t.current_step() || !t.checkpoints().latest()) save(t);
+  }
+
+ private:
+  void save(Trainer& t) {
+    auto dir = t.save_checkpoint();
+    log_debug("checkpoint written: ", dir.string());
+    last_step_ = t.current_step();
+  }
+  int64_t last_step_ = -1;
+};
+
+}  // namespace
+
+void Trainer::add_default_hooks() {
+  add_hook(std::make_unique<LoggingHook>());
+  add_hook(std::make_unique<EvalHook>());
+  add_hook(std::make_unique<CheckpointHook>());
+}
+
+}  // namespace brigade::trainer

@@ -1,0 +1,110 @@
+// The training loop. Trainer::step() is one optimizer step and reads top to bottom;
+// logging, progress, evaluation and checkpointing hang off hooks (TrainerHook).
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "data/sampler.h"
+#include "model/transformer.h"
+#include "precision/precision.h"
+#include "trainer/checkpoint.h"
+#include "trainer/metrics.h"
+#include "trainer/optimizer.h"
+#include "trainer/options.h"
+#include "trainer/schedule.h"
+
+namespace brigade::trainer {
+
+// What the trainer needs to know about the run beyond its options.
+struct RunContext {
+  std::filesystem::path run_dir;
+  std::string recipe_yaml;        // effective recipe, stored with every checkpoint
+  std::string recipe_hash;
+  std::string model_fingerprint;  // must match when resuming
+};
+
+struct StepResult {
+  int64_t step = 0;          // steps completed after this one
+  double loss = 0.0;         // mean over micro-batches
+  double lr = 0.0;
+  double grad_norm = 0.0;    // before clipping
+  int64_t tokens = 0;        // input tokens processed in this step
+  double seconds = 0.0;
+  bool skipped = false;      // non-finite values, step not applied (on_nonfinite: skip)
+};
+
+struct EvalResult {
+  int64_t step = 0;
+  double loss = 0.0;
+  double perplexity = 0.0;
+};
+
+class Trainer;
+
+class TrainerHook {
+ public:
+  virtual ~TrainerHook() = default;
+  virtual void on_start(Trainer&) {}
+  virtual void on_step(Trainer&, const StepResult&) {}
+  virtual void on_end(Trainer&) {}
+};
+
+class Trainer {
+ public:
+  Trainer(TrainerOptions options, precision::PrecisionOptions precision, model::Transformer model,
+          data::BatchSampler train_data, data::BatchSampler eval_data, RunContext context);
+
+  // Restores weights, optimizer, RNG and step from a checkpoint of the same model.
+  void resume(const LoadedCheckpoint& checkpoint);
+
+  // Runs steps until trainer.max_steps (or trainer.stop_after), calling the hooks.
+  void run();
+  // One optimizer step: micro-batches, forward, backward, clip, schedule, update.
+  StepResult step();
+  // Mean loss over trainer.eval_batches fixed held-out batches.
+  EvalResult evaluate();
+  // Writes a checkpoint of the current state (atomically).
+  std::filesystem::path save_checkpoint();
+
+  void add_hook(std::unique_ptr<TrainerHook> hook) { hooks_.push_back(std::move(hook)); }
+  // Adds the standard hooks: metrics.jsonl + progress display, periodic eval, periodic checkpoints.
+  void add_default_hooks();
+
+  int64_t current_step() const { return state_.step; }
+  const TrainerState& state() const { return state_; }
+  const TrainerOptions& options() const { return options_; }
+  const RunContext& context() const { return context_; }
+  model::Transformer& model() { return model_; }
+  MetricsLog& metrics();
+  CheckpointStore& checkpoints() { return checkpoints_; }
+  bool finished() const;
+
+ private:
+  double forward_backward(const data::Batch& batch);  // returns the micro-batch loss
+  double clip_gradients();                            // returns the pre-clip global norm
+  void handle_nonfinite(const std::string& what, double value);
+
+  TrainerOptions options_;
+  precision::PrecisionOptions precision_;
+  model::Transformer model_;
+  data::BatchSampler train_data_;
+  data::BatchSampler eval_data_;
+  RunContext context_;
+  AdamW optimizer_;
+  CosineSchedule schedule_;
+  CheckpointStore checkpoints_;
+  std::unique_ptr<MetricsLog> metrics_;
+  TrainerState state_;
+  std::vector<std::unique_ptr<TrainerHook>> hooks_;
+};
+
+// Which parameters get weight decay under `options` (norm weights, biases and
+// embeddings are exempt unless the options say otherwise).
+std::vector<bool> weight_decay_mask(const model::NamedTensors& params, const TrainerOptions& options);
+
+}  // namespace brigade::trainer
