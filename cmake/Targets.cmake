@@ -21,6 +21,14 @@ add_library(brigade_pch STATIC cmake/pch.cpp)
 target_link_libraries(brigade_pch PUBLIC ${TORCH_LIBRARIES})
 target_precompile_headers(brigade_pch PRIVATE core/pch.h)
 
+# Executables put libstdc++ ahead of LibTorch: the pip wheel carries an old private
+# copy of std::filesystem whose remove_all crashes if it wins symbol resolution
+# (pytorch/pytorch#133437).
+function(brigade_executable target)
+  target_link_libraries(${target} PRIVATE "-Wl,--push-state,--no-as-needed" stdc++ "-Wl,--pop-state")
+  brigade_use_pch(${target})
+endfunction()
+
 function(brigade_module name)
   file(GLOB _sources CONFIGURE_DEPENDS ${CMAKE_SOURCE_DIR}/${name}/*.cpp)
   list(FILTER _sources EXCLUDE REGEX "/main\\.cpp$")

@@ -41,6 +41,8 @@ void AdamW::step(double lr) {
       s.push_back(steps_[i]);
     }
     if (p.empty()) continue;
+    // The fused kernel reads the step count for bias correction but does not advance it.
+    for (auto& step : s) step.add_(1);
     // The fused kernel does the whole group in one pass per tensor (multi-threaded on CPU).
     at::_fused_adamw_(p, g, m, v, /*max_exp_avg_sqs=*/{}, s, lr, options_.beta1, options_.beta2,
                       group.weight_decay, options_.eps, /*amsgrad=*/false, /*maximize=*/false);
