@@ -1,0 +1,372 @@
+#!/usr/bin/env python3
+"""brigade's training step against PyTorch eager on the same model, batch and threads.
+
+    .venv/bin/python bench/train_step.py [--recipes R ...] [--threads 2] [--quick]
+
+For each recipe the driver starts `bench_train_step --interleave` (brigade's
+Trainer::step() in C++), which reports the resolved model and trainer settings
+once warmed up. It builds the same model in plain PyTorch eager from those
+settings, warms it up, and then alternates timing windows: brigade, eager,
+eager, brigade, ... (the order flips every round so drift and noise from other
+tenants land on both sides). Only one side computes at a time. It prints the
+median tokens/s of each side, their ratio, and the model-FLOPs utilisation of
+each against an fp32 LibTorch matmul peak measured by the brigade binary on the
+same thread count. See bench/README.md.
+"""
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_RECIPES = ["recipes/tiny-dense.yaml", "recipes/small-dense.yaml"]
+# The issue's targets: brigade tokens/s over eager tokens/s.
+TARGETS = {"tiny-dense": 1.10, "small-dense": 0.98}
+
+
+# ---------------------------------------------------------------------------------
+# The model, written as a PyTorch user would write it (HF Llama/Qwen layout).
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # fp32 normalisation whatever the compute dtype, as brigade does.
+        return F.rms_norm(x.float(), (x.size(-1),), self.weight, self.eps).to(x.dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, cos, sin):  # x: [batch, heads, seq, head_dim]; cos/sin: [seq, head_dim]
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = m["n_heads"], m["n_kv_heads"], m["head_dim"]
+        d, hd, bias = m["d_model"], m["head_dim"], m["qkv_bias"]
+        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=bias)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=bias)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=False)
+
+    def forward(self, x, cos, sin):
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                             enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.gate_proj = nn.Linear(m["d_model"], m["d_ff"], bias=False)
+        self.up_proj = nn.Linear(m["d_model"], m["d_ff"], bias=False)
+        self.down_proj = nn.Linear(m["d_ff"], m["d_model"], bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.input_layernorm = RMSNorm(m["d_model"], m["norm_eps"])
+        self.self_attn = Attention(m)
+        self.post_attention_layernorm = RMSNorm(m["d_model"], m["norm_eps"])
+        self.mlp = MLP(m)
+
+    def forward(self, x, cos, sin):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        if m["qk_norm"] or not m["tie_embeddings"]:
+            raise SystemExit("train_step.py models tied embeddings without q/k norm only")
+        self.embed_tokens = nn.Embedding(m["vocab_size"], m["d_model"])
+        self.layers = nn.ModuleList(Block(m) for _ in range(m["n_layers"]))
+        self.norm = RMSNorm(m["d_model"], m["norm_eps"])
+        hd = m["head_dim"]
+        inv_freq = 1.0 / m["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+        angles = torch.outer(torch.arange(m["max_seq_len"], dtype=torch.float64), inv_freq)
+        full = torch.cat((angles, angles), dim=-1)
+        self.register_buffer("rope_cos", full.cos().float(), persistent=False)
+        self.register_buffer("rope_sin", full.sin().float(), persistent=False)
+        self._init_weights(m)
+
+    @torch.no_grad()
+    def _init_weights(self, m):
+        std = m["init_std"]
+        out_std = std / math.sqrt(2.0 * m["n_layers"])
+        self.embed_tokens.weight.normal_(0.0, std)
+        for block in self.layers:
+            for lin in (block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj,
+                        block.mlp.gate_proj, block.mlp.up_proj):
+                lin.weight.normal_(0.0, std)
+                if lin.bias is not None:
+                    lin.bias.zero_()
+            block.self_attn.o_proj.weight.normal_(0.0, out_std)
+            block.mlp.down_proj.weight.normal_(0.0, out_std)
+
+    def forward(self, tokens):  # [batch, seq] -> [batch, seq, vocab]
+        s = tokens.size(1)
+        cos, sin = self.rope_cos[:s], self.rope_sin[:s]
+        h = self.embed_tokens(tokens)
+        for block in self.layers:
+            h = block(h, cos, sin)
+        return F.linear(self.norm(h), self.embed_tokens.weight)
+
+
+def lr_at(step, t):
+    """brigade's CosineSchedule: linear warmup from 0, cosine to min_lr."""
+    if step < t["warmup_steps"]:
+        return t["lr"] * (step + 1) / t["warmup_steps"]
+    decay = max(1, t["max_steps"] - t["warmup_steps"])
+    progress = min(max((step - t["warmup_steps"]) / decay, 0.0), 1.0)
+    return t["min_lr"] + 0.5 * (t["lr"] - t["min_lr"]) * (1.0 + math.cos(math.pi * progress))
+
+
+class EagerTrainer:
+    """The training step as a PyTorch user writes it: default AdamW, clip_grad_norm_."""
+
+    def __init__(self, info):
+        if info["compute_dtype"] != "float32":
+            raise SystemExit(f"train_step.py compares float32 compute only, recipe has {info['compute_dtype']}")
+        m, t = info["model"], info["trainer"]
+        self.t = t
+        torch.manual_seed(t["seed"])
+        self.model = Transformer(m)
+        self.model.train()
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if "embed_tokens" in name:
+                (decay if t["decay_embeddings"] else no_decay).append(p)
+            elif p.dim() < 2:
+                (decay if t["decay_norms_and_biases"] else no_decay).append(p)
+            else:
+                decay.append(p)
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": t["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=t["lr"], betas=(t["beta1"], t["beta2"]), eps=t["eps"])
+        self.shape = (t["micro_batch_size"], t["seq_len"])
+        self.vocab = m["vocab_size"]
+        self.step_index = 0
+
+    def batch(self):
+        # Random token windows of the recipe's shape; making them costs microseconds.
+        rows = torch.randint(0, self.vocab, (self.shape[0], self.shape[1] + 1))
+        return rows[:, :-1], rows[:, 1:]
+
+    def step(self):
+        t = self.t
+        self.optimizer.zero_grad()
+        loss_sum = 0.0
+        for _ in range(t["grad_accum_steps"]):
+            inputs, targets = self.batch()
+            logits = self.model(inputs)
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
+                                   ignore_index=-100)
+            (loss / t["grad_accum_steps"]).backward()
+            loss_sum += loss.item() / t["grad_accum_steps"]
+        if t["grad_clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t["grad_clip"])
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step_index, t)
+        self.optimizer.step()
+        self.step_index += 1
+        return loss_sum
+
+    def window(self, steps):
+        tokens_per_step = self.shape[0] * self.shape[1] * self.t["grad_accum_steps"]
+        start = time.perf_counter()
+        for _ in range(steps):
+            loss = self.step()
+        seconds = time.perf_counter() - start
+        return {"tokens_per_sec": steps * tokens_per_step / seconds, "seconds": seconds, "loss": loss}
+
+
+# ---------------------------------------------------------------------------------
+# The brigade side: bench_train_step --interleave, one window per stdin line.
+
+
+class BrigadeProcess:
+    def __init__(self, binary, recipe, args):
+        cmd = [str(binary), "--recipe", str(recipe), "--threads", str(args.threads),
+               "--warmup", str(args.warmup), "--matmul-size", str(args.matmul_size), "--interleave"]
+        for kv in args.set:
+            cmd += ["--set", kv]
+        self.cmd = cmd
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.info = self._read()
+
+    def _read(self):
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            raise SystemExit(f"bench_train_step exited with {self.proc.returncode}: {' '.join(self.cmd)}")
+        return json.loads(line)
+
+    def window(self, steps):
+        self.proc.stdin.write(f"{steps}\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self):
+        self.proc.stdin.close()
+        if self.proc.wait() != 0:
+            raise SystemExit(f"bench_train_step exited with {self.proc.returncode}")
+
+
+def find_binary(explicit):
+    if explicit:
+        return Path(explicit)
+    for build in ("build-bench", "build"):
+        path = REPO / build / "bench" / "bench_train_step"
+        if path.exists():
+            return path
+    raise SystemExit("bench_train_step not found; build it (bench/README.md) or pass --binary")
+
+
+def compare(recipe, binary, args):
+    brigade = BrigadeProcess(binary, recipe, args)
+    info = brigade.info
+    eager = EagerTrainer(info)
+    eager_params = sum(p.numel() for p in eager.model.parameters())
+    if eager_params != info["params_total"]:
+        raise SystemExit(f"{info['recipe']}: eager model has {eager_params} parameters, brigade "
+                         f"{info['params_total']}: the models differ")
+    for _ in range(args.warmup):
+        eager.step()
+
+    # One step per side sizes the windows: both sides run the same number of steps,
+    # enough for the slower side to take about --window-seconds.
+    step_seconds = max(brigade.window(1)["seconds"], eager.window(1)["seconds"])
+    steps = max(1, round(args.window_seconds / step_seconds))
+
+    rates = {"brigade": [], "eager": []}
+    losses = {}
+    for r in range(args.rounds):
+        order = ("brigade", "eager") if r % 2 == 0 else ("eager", "brigade")
+        for side in order:
+            w = brigade.window(steps) if side == "brigade" else eager.window(steps)
+            rates[side].append(w["tokens_per_sec"])
+            losses[side] = w["loss"]
+        if args.verbose:
+            print(f"  {info['recipe']} round {r}: brigade {rates['brigade'][-1]:.0f} tok/s, "
+                  f"eager {rates['eager'][-1]:.0f} tok/s", file=sys.stderr)
+    brigade.close()
+
+    peak = info["matmul_peak_gflops"] * 1e9
+    fpt = info["flops_per_token"]
+    b, e = statistics.median(rates["brigade"]), statistics.median(rates["eager"])
+    round_ratios = [x / y for x, y in zip(rates["brigade"], rates["eager"])]
+    return {
+        "recipe": info["recipe"],
+        "threads": info["threads"],
+        "batch": [info["trainer"]["micro_batch_size"], info["trainer"]["seq_len"]],
+        "params_total": info["params_total"],
+        "flops_per_token": fpt,
+        "steps_per_window": steps,
+        "rounds": args.rounds,
+        "brigade_tokens_per_sec": rates["brigade"],
+        "eager_tokens_per_sec": rates["eager"],
+        "brigade_median": b,
+        "eager_median": e,
+        "ratio": b / e,
+        "round_ratio_min": min(round_ratios),
+        "round_ratio_max": max(round_ratios),
+        "target": TARGETS.get(info["recipe"]),
+        "brigade_mfu": b * fpt / peak,
+        "eager_mfu": e * fpt / peak,
+        "matmul_peak_gflops": info["matmul_peak_gflops"],
+        "last_loss": losses,
+    }
+
+
+def print_table(results):
+    head = ["recipe", "brigade tok/s", "eager tok/s", "ratio", "target", "brigade MFU", "eager MFU",
+            "matmul peak GFLOP/s"]
+    rows = []
+    for r in results:
+        target = r["target"]
+        verdict = "" if target is None else (" ok" if r["ratio"] >= target else " MISS")
+        rows.append([r["recipe"], f"{r['brigade_median']:.0f}", f"{r['eager_median']:.0f}", f"{r['ratio']:.3f}x",
+                     "-" if target is None else f">= {target:.2f}x{verdict}",
+                     f"{100 * r['brigade_mfu']:.1f}%", f"{100 * r['eager_mfu']:.1f}%",
+                     f"{r['matmul_peak_gflops']:.1f}"])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
+    print(line(head))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in rows:
+        print(line(row))
+    print()
+    for r in results:
+        print(f"{r['recipe']}: {r['params_total'] / 1e6:.2f}M params, batch {r['batch'][0]}x{r['batch'][1]}, "
+              f"{r['flops_per_token'] / 1e6:.1f} MFLOP/token, {r['threads']} threads, {r['rounds']} rounds x "
+              f"{r['steps_per_window']} steps per window per side; per-round ratio "
+              f"{r['round_ratio_min']:.3f}-{r['round_ratio_max']:.3f}")
+    print("Medians over alternating brigade/eager timing windows. brigade trains on its recipe's sampler, "
+          "eager on random tokens of the same shape (data costs microseconds per step either way). "
+          "MFU: PaLM-convention training FLOPs/token x tokens/s over the fp32 matmul peak.")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES, help="recipe files (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads for both sides (default: 2)")
+    parser.add_argument("--rounds", type=int, default=7, help="timing windows per side (default: 7)")
+    parser.add_argument("--window-seconds", type=float, default=3.0,
+                        help="target length of one window of the slower side (default: 3)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per side (default: 3)")
+    parser.add_argument("--matmul-size", type=int, default=2048, help="n of the n^3 peak matmul (default: 2048)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="recipe override passed to brigade (the eager side follows it)")
+    parser.add_argument("--binary", help="bench_train_step (default: build-bench/ or build/ under the repo)")
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 rounds of short windows, 1 warmup step")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print every round")
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.window_seconds, args.warmup, args.matmul_size = 2, 0.5, 1, 1024
+
+    torch.set_num_threads(args.threads)
+    binary = find_binary(args.binary)
+    results = []
+    for recipe in args.recipes:
+        path = Path(recipe)
+        if not path.exists() and (REPO / recipe).exists():
+            path = REPO / recipe
+        results.append(compare(path, binary, args))
+    print_table(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

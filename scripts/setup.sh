@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Installs what brigade needs (Debian packages, a project-local Python venv with
+# LibTorch from PyPI) and builds it into build/. Idempotent: a second run only
+# rebuilds what changed.
+#
+#   scripts/setup.sh [make targets...]     (default target: brigade)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+TORCH_VERSION=2.11.0
+JOBS=${JOBS:-$(nproc)}
+
+step() { printf '\n==> %s\n' "$*"; }
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null; then SUDO=sudo; fi
+
+# 1. Debian packages ------------------------------------------------------------
+PACKAGES=(build-essential cmake ccache git pkg-config libopenmpi-dev openmpi-bin libyaml-cpp-dev
+          libgtest-dev libcli11-dev nlohmann-json3-dev python3 python3-venv)
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+# A python3 that can already make venvs (pyenv, say) does not need Debian's.
+if python3 -m venv --help >/dev/null 2>&1; then
+  missing=("${missing[@]/python3-venv}"); missing=("${missing[@]/python3}")
+fi
+missing=($(printf '%s\n' "${missing[@]}" | grep -v '^$' || true))
+if [ ${#missing[@]} -gt 0 ]; then
+  step "installing Debian packages: ${missing[*]}"
+  $SUDO apt-get update
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends "${missing[@]}"
+else
+  step "Debian packages: all present"
+fi
+
+# 2. Python venv with LibTorch ----------------------------------------------------
+if [ ! -x .venv/bin/python ]; then
+  step "creating the project venv (.venv)"
+  python3 -m venv .venv
+fi
+if ! .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$TORCH_VERSION' else 1)" 2>/dev/null; then
+  step "installing torch==$TORCH_VERSION into .venv (LibTorch for the C++ build; a large download)"
+  .venv/bin/pip install --progress-bar on "torch==$TORCH_VERSION" numpy
+else
+  step "torch $TORCH_VERSION: present in .venv"
+fi
+
+# 3. Configure and build ----------------------------------------------------------
+if [ ! -f build/CMakeCache.txt ]; then
+  step "configuring (build/)"
+  cmake -S . -B build -DCMAKE_BUILD_TYPE=Release
+fi
+TARGETS=("$@")
+[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(brigade)
+step "building ${TARGETS[*]} with $JOBS jobs"
+cmake --build build -j "$JOBS" --target "${TARGETS[@]}"

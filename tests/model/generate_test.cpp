@@ -1,0 +1,289 @@
+// Sampling rules (greedy, temperature, top-k, top-p) and the generation loop.
+#include <gtest/gtest.h>
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <set>
+#include <vector>
+
+#include "model/generate.h"
+#include "tests/testing.h"
+
+namespace brigade::model {
+namespace {
+
+torch::Generator make_gen(uint64_t seed) { return at::make_generator<at::CPUGeneratorImpl>(seed); }
+
+SamplingOptions sampling(double temperature, int64_t top_k = 0, double top_p = 1.0) {
+  SamplingOptions o;
+  o.temperature = temperature;
+  o.top_k = top_k;
+  o.top_p = top_p;
+  return o;
+}
+
+// Counts of each token over `draws` samples.
+std::vector<int64_t> histogram(const torch::Tensor& logits, const SamplingOptions& o, int draws, uint64_t seed) {
+  auto gen = make_gen(seed);
+  std::vector<int64_t> counts(static_cast<size_t>(logits.numel()), 0);
+  for (int i = 0; i < draws; ++i) ++counts.at(static_cast<size_t>(sample_token(logits, o, gen)));
+  return counts;
+}
+
+// Pearson's chi-square statistic of `counts` against `probs` (cells with p = 0 must be empty).
+double chi_square(const std::vector<int64_t>& counts, const std::vector<double>& probs) {
+  double n = 0;
+  for (auto c : counts) n += static_cast<double>(c);
+  double chi = 0;
+  for (size_t i = 0; i < counts.size(); ++i) {
+    if (probs[i] == 0) {
+      EXPECT_EQ(counts[i], 0) << "token " << i << " has probability 0";
+      continue;
+    }
+    const double expected = n * probs[i];
+    chi += (static_cast<double>(counts[i]) - expected) * (static_cast<double>(counts[i]) - expected) / expected;
+  }
+  return chi;
+}
+
+std::vector<double> softmax(const std::vector<double>& logits, double temperature) {
+  std::vector<double> p;
+  double total = 0;
+  for (double l : logits) total += std::exp(l / temperature);
+  for (double l : logits) p.push_back(std::exp(l / temperature) / total);
+  return p;
+}
+
+TEST(GenerateSample, GreedyIsArgmax) {
+  auto gen = make_gen(1);
+  torch::manual_seed(0);
+  for (int i = 0; i < 20; ++i) {
+    auto logits = torch::randn({50});
+    EXPECT_EQ(sample_token(logits, sampling(0.0), gen), logits.argmax().item<int64_t>());
+  }
+  // Any shape flattens; half precision is read as float.
+  auto logits = torch::tensor({0.5, -1.0, 3.0, 2.9}).to(torch::kBFloat16).unsqueeze(0);
+  EXPECT_EQ(sample_token(logits, sampling(0.0), gen), 2);
+}
+
+TEST(GenerateSample, TopK1IsGreedyAtAnyTemperature) {
+  torch::manual_seed(1);
+  auto gen = make_gen(2);
+  for (double t : {0.5, 1.0, 5.0}) {
+    for (int i = 0; i < 30; ++i) {
+      auto logits = torch::randn({40});
+      EXPECT_EQ(sample_token(logits, sampling(t, 1), gen), logits.argmax().item<int64_t>()) << "T=" << t;
+    }
+  }
+}
+
+TEST(GenerateSample, TinyTopPKeepsOnlyTheTopToken) {
+  torch::manual_seed(2);
+  auto gen = make_gen(3);
+  for (int i = 0; i < 50; ++i) {
+    auto logits = 0.1 * torch::randn({40});  // nearly flat: plain sampling would rarely pick the argmax
+    EXPECT_EQ(sample_token(logits, sampling(1.0, 0, 1e-6), gen), logits.argmax().item<int64_t>());
+  }
+}
+
+// chi-square with 2 degrees of freedom: P(chi > 13.8) = 0.001.
+constexpr double kChi2Df2 = 13.8;
+constexpr double kChi2Df1 = 10.8;
+
+TEST(GenerateSample, TemperatureSamplingFollowsSoftmax) {
+  const std::vector<double> l = {0.0, 1.0, 2.0};
+  auto logits = torch::tensor(l, torch::kFloat);
+  for (double t : {1.0, 2.0, 0.5}) {
+    auto counts = histogram(logits, sampling(t), 20000, 42);
+    EXPECT_LT(chi_square(counts, softmax(l, t)), kChi2Df2) << "T=" << t << " counts " << counts[0] << " "
+                                                           << counts[1] << " " << counts[2];
+  }
+  // The wrong temperature must be rejected by the same statistic (it has power).
+  auto counts = histogram(logits, sampling(2.0), 20000, 42);
+  EXPECT_GT(chi_square(counts, softmax(l, 1.0)), 100.0);
+}
+
+TEST(GenerateSample, TopKRenormalisesOverTheKBest) {
+  const std::vector<double> l = {2.0, 0.0, 1.0};
+  auto counts = histogram(torch::tensor(l, torch::kFloat), sampling(1.0, 2), 20000, 7);
+  const double z = std::exp(2.0) + std::exp(1.0);
+  EXPECT_EQ(counts[1], 0);
+  EXPECT_LT(chi_square(counts, {std::exp(2.0) / z, 0.0, std::exp(1.0) / z}), kChi2Df1);
+}
+
+TEST(GenerateSample, TopPKeepsTheSmallestSetReachingP) {
+  // probabilities ~ 0.090, 0.245, 0.665
+  const std::vector<double> l = {0.0, 1.0, 2.0};
+  const auto p = softmax(l, 1.0);
+  auto logits = torch::tensor(l, torch::kFloat);
+  // 0.5 < 0.665: the top token alone reaches p.
+  auto top_only = histogram(logits, sampling(1.0, 0, 0.5), 2000, 8);
+  EXPECT_EQ(top_only[2], 2000);
+  // 0.7 needs the top two; the third stays out.
+  auto top_two = histogram(logits, sampling(1.0, 0, 0.7), 20000, 9);
+  EXPECT_EQ(top_two[0], 0);
+  EXPECT_LT(chi_square(top_two, {0.0, p[1] / (p[1] + p[2]), p[2] / (p[1] + p[2])}), kChi2Df1);
+}
+
+TEST(GenerateSample, SameSeedSameDraws) {
+  auto logits = torch::zeros({100});
+  std::vector<int64_t> seq_a, seq_b, seq_c;
+  auto ga = make_gen(5), gb = make_gen(5), gc = make_gen(6);
+  for (int i = 0; i < 20; ++i) {
+    seq_a.push_back(sample_token(logits, sampling(1.0), ga));
+    seq_b.push_back(sample_token(logits, sampling(1.0), gb));
+    seq_c.push_back(sample_token(logits, sampling(1.0), gc));
+  }
+  EXPECT_EQ(seq_a, seq_b);
+  EXPECT_NE(seq_a, seq_c);
+}
+
+TEST(GenerateSample, OptionsValidate) {
+  SamplingOptions ok;
+  EXPECT_NO_THROW(ok.validate());
+  auto o = ok;
+  o.max_new_tokens = -1;
+  EXPECT_BRIGADE_ERROR(o.validate(), "max_new_tokens must be >= 0");
+  o = ok;
+  o.temperature = -0.5;
+  EXPECT_BRIGADE_ERROR(o.validate(), "temperature must be >= 0");
+  o = ok;
+  o.temperature = std::nan("");
+  EXPECT_BRIGADE_ERROR(o.validate(), "temperature must be >= 0");
+  o = ok;
+  o.top_k = -3;
+  EXPECT_BRIGADE_ERROR(o.validate(), "top_k must be >= 0");
+  o = ok;
+  o.top_p = 0.0;
+  EXPECT_BRIGADE_ERROR(o.validate(), "top_p must be in (0, 1]");
+  o = ok;
+  o.top_p = 1.5;
+  EXPECT_BRIGADE_ERROR(o.validate(), "top_p must be in (0, 1]");
+}
+
+// ---------------------------------------------------------------------------------
+// generate()
+
+class GenerateLoop : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    options_.vocab_size = 50;
+    options_.d_model = 32;
+    options_.n_layers = 2;
+    options_.n_heads = 4;
+    options_.n_kv_heads = 2;
+    options_.max_seq_len = 32;
+    options_.init_std = 0.5;  // a peaky model, so greedy runs are not all one token
+    torch::manual_seed(100);
+    model_ = Transformer(options_);
+  }
+
+  // Greedy continuation recomputed from scratch each step (no cache).
+  std::vector<int64_t> greedy_reference(std::vector<int64_t> seq, int64_t n) {
+    torch::NoGradGuard no_grad;
+    std::vector<int64_t> out;
+    for (int64_t i = 0; i < n; ++i) {
+      auto logits = model_->forward(torch::tensor(seq, torch::kLong).unsqueeze(0));
+      int64_t next = logits[0][-1].argmax().item<int64_t>();
+      out.push_back(next);
+      seq.push_back(next);
+    }
+    return out;
+  }
+
+  TransformerOptions options_;
+  Transformer model_{nullptr};
+  const std::vector<int64_t> prompt_ = {1, 2, 3, 4, 5};
+};
+
+TEST_F(GenerateLoop, GreedyMatchesUncachedArgmax) {
+  SamplingOptions o;
+  o.max_new_tokens = 12;
+  auto g = generate(model_, prompt_, o);
+  EXPECT_EQ(g.tokens, greedy_reference(prompt_, 12));
+  EXPECT_FALSE(g.stopped);
+  std::set<int64_t> distinct(g.tokens.begin(), g.tokens.end());
+  EXPECT_GT(distinct.size(), 1u) << "degenerate model: the comparison above proves little";
+}
+
+TEST_F(GenerateLoop, SeedDeterminesSampledOutput) {
+  SamplingOptions o;
+  o.max_new_tokens = 20;
+  o.temperature = 1.0;
+  o.seed = 1;
+  auto a = generate(model_, prompt_, o);
+  auto b = generate(model_, prompt_, o);
+  o.seed = 2;
+  auto c = generate(model_, prompt_, o);
+  ASSERT_EQ(a.tokens.size(), 20u);
+  EXPECT_EQ(a.tokens, b.tokens);
+  EXPECT_NE(a.tokens, c.tokens);
+  for (auto t : c.tokens) {
+    EXPECT_GE(t, 0);
+    EXPECT_LT(t, options_.vocab_size);
+  }
+}
+
+TEST_F(GenerateLoop, StopIdEndsGeneration) {
+  SamplingOptions o;
+  o.max_new_tokens = 12;
+  auto full = generate(model_, prompt_, o);
+  ASSERT_EQ(full.tokens.size(), 12u);
+  const int64_t stop = full.tokens[3];
+  const auto first = std::find(full.tokens.begin(), full.tokens.end(), stop);
+  const std::vector<int64_t> expected(full.tokens.begin(), first + 1);  // the stop token included
+
+  o.stop_ids = {options_.vocab_size + 5, stop};  // an id that never appears, then the real one
+  auto g = generate(model_, prompt_, o);
+  EXPECT_TRUE(g.stopped);
+  EXPECT_EQ(g.tokens, expected);
+}
+
+TEST_F(GenerateLoop, MaxNewTokensAndContextLimit) {
+  SamplingOptions o;
+  o.temperature = 1.0;
+  o.max_new_tokens = 7;
+  auto g = generate(model_, prompt_, o);
+  EXPECT_EQ(g.tokens.size(), 7u);
+  EXPECT_FALSE(g.stopped);
+
+  o.max_new_tokens = 0;
+  EXPECT_TRUE(generate(model_, prompt_, o).tokens.empty());
+
+  // With room for fewer tokens than asked, generation runs until the last position of
+  // max_seq_len has been used to predict one more token.
+  const std::vector<int64_t> long_prompt(28, 7);
+  o.max_new_tokens = 100;
+  auto limited = generate(model_, long_prompt, o);
+  EXPECT_EQ(static_cast<int64_t>(limited.tokens.size()), options_.max_seq_len - 28 + 1);
+  EXPECT_FALSE(limited.stopped);
+}
+
+TEST_F(GenerateLoop, TrainingStateIsRestored) {
+  SamplingOptions o;
+  o.max_new_tokens = 2;
+  model_->train();
+  generate(model_, prompt_, o);
+  EXPECT_TRUE(model_->is_training());
+  model_->eval();
+  generate(model_, prompt_, o);
+  EXPECT_FALSE(model_->is_training());
+}
+
+TEST_F(GenerateLoop, InvalidPromptsAndOptions) {
+  SamplingOptions o;
+  o.max_new_tokens = 3;
+  EXPECT_BRIGADE_ERROR(generate(model_, {}, o), "non-empty prompt");
+  EXPECT_BRIGADE_ERROR(generate(model_, {1, 50}, o), "prompt token 50 is outside the vocabulary (50)");
+  EXPECT_BRIGADE_ERROR(generate(model_, {-1}, o), "prompt token -1 is outside the vocabulary");
+  EXPECT_BRIGADE_ERROR(generate(model_, std::vector<int64_t>(32, 1), o), "leaves no room in model.max_seq_len 32");
+  o.top_p = 2.0;
+  EXPECT_BRIGADE_ERROR(generate(model_, prompt_, o), "top_p must be in (0, 1]");
+}
+
+}  // namespace
+}  // namespace brigade::model

@@ -1,0 +1,248 @@
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <fstream>
+
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include "core/fs.h"
+#include "recipes/build.h"
+#include "recipes/recipe.h"
+#include "tests/testing.h"
+#include "trainer/checkpoint.h"
+#include "trainer/optimizer.h"
+#include "trainer/schedule.h"
+#include "trainer/trainer.h"
+
+namespace brigade {
+namespace {
+
+using testing::TempDir;
+
+// A model small enough that 40 steps take about a second.
+recipes::Recipe small_recipe(const std::vector<std::string>& overrides = {}) {
+  const std::string yaml = R"(
+name: unit
+model: {vocab_size: 264, d_model: 32, n_layers: 2, n_heads: 4, n_kv_heads: 2, d_ff: 64, max_seq_len: 64}
+data: {seq_len: 32, synthetic: {num_problems: 500, eval_problems: 50}}
+trainer: {max_steps: 40, micro_batch_size: 4, warmup_steps: 5, lr: 0.01, log_every: 5,
+          eval_every: 10, eval_batches: 2, checkpoint_every: 10, keep_checkpoints: 2, threads: 1}
+)";
+  return recipes::parse_recipe(yaml, "unit.yaml", overrides);
+}
+
+class LossRecorder : public trainer::TrainerHook {
+ public:
+  explicit LossRecorder(std::vector<double>* losses) : losses_(losses) {}
+  void on_step(trainer::Trainer&, const trainer::StepResult& r) override { losses_->push_back(r.loss); }
+
+ private:
+  std::vector<double>* losses_;
+};
+
+std::vector<double> train(const recipes::Recipe& recipe, const std::filesystem::path& run_dir,
+                          bool resume) {
+  std::vector<double> losses;
+  auto t = recipes::build_trainer(recipe, run_dir);
+  if (resume) {
+    auto latest = t->checkpoints().latest();
+    EXPECT_TRUE(latest.has_value());
+    t->resume(trainer::load_checkpoint(*latest));
+  }
+  t->add_hook(std::make_unique<LossRecorder>(&losses));
+  t->run();
+  return losses;
+}
+
+TEST(TrainerTest, LossFalls) {
+  TempDir dir;
+  auto losses = train(small_recipe(), dir.path(), false);
+  ASSERT_EQ(losses.size(), 40u);
+  double first = (losses[0] + losses[1] + losses[2]) / 3, last = (losses[37] + losses[38] + losses[39]) / 3;
+  EXPECT_LT(last, 0.6 * first) << "first " << first << " last " << last;
+}
+
+TEST(TrainerTest, ResumeIsBitwiseExact) {
+  TempDir dir;
+  at::set_num_threads(1);
+  const auto straight = train(small_recipe(), dir / "straight", false);
+  // 20 steps, stop (the schedule still targets 40), then a fresh trainer resumes.
+  const auto first = train(small_recipe({"trainer.stop_after=20"}), dir / "split", false);
+  const auto second = train(small_recipe(), dir / "split", true);
+  ASSERT_EQ(straight.size(), 40u);
+  ASSERT_EQ(first.size(), 20u);
+  ASSERT_EQ(second.size(), 20u);
+  for (size_t i = 0; i < 20; ++i) EXPECT_EQ(straight[i], first[i]) << "step " << i + 1;
+  for (size_t i = 0; i < 20; ++i) EXPECT_EQ(straight[20 + i], second[i]) << "step " << 21 + i;
+
+  // metrics.jsonl of the split run describes every step once, in order.
+  std::ifstream in(dir / "split" / "metrics.jsonl");
+  std::vector<int64_t> steps;
+  for (std::string line; std::getline(in, line);) {
+    auto j = nlohmann::json::parse(line);
+    if (j.contains("loss")) steps.push_back(j["step"].get<int64_t>());
+  }
+  std::vector<int64_t> expected{5, 10, 15, 20, 25, 30, 35, 40};
+  EXPECT_EQ(steps, expected);
+}
+
+TEST(TrainerTest, GradientAccumulationMatchesOneLargeBatchOfTheSameRows) {
+  // Accumulating 2 micro-batches of 4 averages the two micro-batch means; with equal
+  // token counts that is the mean over the 8 rows, so the update equals a single
+  // micro-batch made of the same 8 rows. We check the gradient directly.
+  auto recipe = small_recipe({"trainer.grad_accum_steps=2"});
+  auto tokenizer = data::make_tokenizer("byte");
+  auto corpora = recipes::build_corpora(recipe, *tokenizer);
+  data::BatchSampler sampler(corpora.train, recipes::sampler_options(recipe, false));
+  auto b0 = sampler.batch(0, 0), b1 = sampler.batch(0, 1);
+
+  auto grads = [&](const std::vector<data::Batch>& batches, int64_t accum) {
+    auto model = recipes::build_model(recipe);
+    for (const auto& b : batches) {
+      auto logits = model->forward(b.inputs);
+      auto loss = torch::nn::functional::cross_entropy(logits.reshape({-1, logits.size(-1)}), b.targets.reshape({-1}));
+      (loss / static_cast<double>(accum)).backward();
+    }
+    return model->embed_tokens->weight.grad().clone();
+  };
+  data::Batch joined{torch::cat({b0.inputs, b1.inputs}), torch::cat({b0.targets, b1.targets}), 0};
+  auto accumulated = grads({b0, b1}, 2);
+  auto single = grads({joined}, 1);
+  EXPECT_TRUE(torch::allclose(accumulated, single, 1e-5, 1e-7));
+}
+
+TEST(TrainerTest, NonFiniteLossAbortsNamingStepAndHint) {
+  TempDir dir;
+  auto t = recipes::build_trainer(small_recipe(), dir.path());
+  t->step();
+  {
+    torch::NoGradGuard no_grad;
+    t->model()->layers[0]->as<model::BlockImpl>()->mlp->up_proj->weight.fill_(NAN);
+  }
+  try {
+    t->step();
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("non-finite loss"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("at step 2"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("in parameter embed_tokens.weight"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("trainer.on_nonfinite=skip"), std::string::npos) << msg;
+  }
+}
+
+TEST(TrainerTest, NonFiniteSkipLeavesParametersUnchanged) {
+  TempDir dir;
+  auto t = recipes::build_trainer(small_recipe({"trainer.on_nonfinite=skip"}), dir.path());
+  torch::Tensor before;
+  {
+    torch::NoGradGuard no_grad;
+    t->model()->embed_tokens->weight[3][0] = NAN;
+    before = t->model()->norm->weight.clone();
+  }
+  auto r = t->step();
+  EXPECT_TRUE(r.skipped);
+  EXPECT_EQ(t->state().skipped_steps, 1);
+  EXPECT_TRUE(torch::equal(before, t->model()->norm->weight));
+}
+
+TEST(ScheduleTest, WarmupThenCosineToFloor) {
+  trainer::CosineSchedule s{1.0, 0.1, 10, 110};
+  EXPECT_DOUBLE_EQ(s(0), 0.1);
+  EXPECT_DOUBLE_EQ(s(9), 1.0);
+  EXPECT_DOUBLE_EQ(s(10), 1.0);
+  EXPECT_NEAR(s(60), 0.55, 1e-12);
+  EXPECT_NEAR(s(110), 0.1, 1e-12);
+  EXPECT_NEAR(s(500), 0.1, 1e-12);
+}
+
+TEST(AdamWTest, MatchesTheTextbookUpdate) {
+  auto p = torch::tensor({1.0f, -2.0f, 3.0f}).requires_grad_(true);
+  auto q = torch::tensor({0.5f}).requires_grad_(true);
+  trainer::AdamW opt({{"w", p}, {"b", q}}, {true, false}, {0.9, 0.99, 1e-8, 0.1});
+  std::vector<double> pw{1.0, -2.0, 3.0}, m(3, 0.0), v(3, 0.0);
+  const double lr = 0.01;
+  for (int t = 1; t <= 3; ++t) {
+    opt.zero_grad();
+    (p * p).sum().backward();  // grad = 2p
+    (q * 3.0).sum().backward();
+    for (int i = 0; i < 3; ++i) {
+      double g = 2 * pw[i];
+      pw[i] *= 1 - lr * 0.1;
+      m[i] = 0.9 * m[i] + 0.1 * g;
+      v[i] = 0.99 * v[i] + 0.01 * g * g;
+      double mh = m[i] / (1 - std::pow(0.9, t)), vh = v[i] / (1 - std::pow(0.99, t));
+      pw[i] -= lr * mh / (std::sqrt(vh) + 1e-8);
+    }
+    opt.step(lr);
+  }
+  for (int i = 0; i < 3; ++i) EXPECT_NEAR(p[i].item<double>(), pw[i], 1e-5);
+  // No decay on q: three steps of a constant gradient move it by lr each.
+  EXPECT_NEAR(q.item<double>(), 0.5 - 3 * lr, 1e-5);
+}
+
+TEST(TrainerTest, WeightDecayMaskExemptsNormsBiasesEmbeddings) {
+  auto recipe = small_recipe({"model.qkv_bias=true"});
+  auto model = recipes::build_model(recipe);
+  model::NamedTensors params;
+  for (const auto& it : model->named_parameters()) params.emplace_back(it.key(), it.value());
+  auto mask = trainer::weight_decay_mask(params, recipe.trainer);
+  for (size_t i = 0; i < params.size(); ++i) {
+    const auto& name = params[i].first;
+    const bool expect = name.find("embed") == std::string::npos && params[i].second.dim() >= 2;
+    EXPECT_EQ(mask[i], expect) << name;
+  }
+}
+
+TEST(CheckpointTest, KeepsLastKAndLatestPointsToNewest) {
+  TempDir dir;
+  auto t = recipes::build_trainer(small_recipe({"trainer.max_steps=30"}), dir.path());
+  t->run();  // checkpoints at 10, 20, 30 with keep 2
+  auto list = t->checkpoints().list();
+  ASSERT_EQ(list.size(), 2u);
+  EXPECT_EQ(list[0].filename(), "step_00000020");
+  EXPECT_EQ(list[1].filename(), "step_00000030");
+  EXPECT_EQ(t->checkpoints().latest()->filename(), "step_00000030");
+  EXPECT_EQ(trainer::resolve_checkpoint(dir.path()).filename(), "step_00000030");
+  EXPECT_EQ(trainer::resolve_checkpoint(dir / "checkpoints").filename(), "step_00000030");
+  auto ck = trainer::load_checkpoint(list[1]);
+  EXPECT_EQ(ck.state.step, 30);
+  EXPECT_EQ(ck.state.tokens_seen, 30 * 4 * 32);
+}
+
+TEST(CheckpointTest, LeftoverTemporaryDirectoryIsIgnored) {
+  TempDir dir;
+  auto t = recipes::build_trainer(small_recipe({"trainer.max_steps=10"}), dir.path());
+  t->run();
+  // What a process killed mid-write leaves behind: a partial hidden directory.
+  std::filesystem::create_directories(dir / "checkpoints" / ".tmp-step_00000020-999");
+  write_file_atomic(dir / "checkpoints" / ".tmp-step_00000020-999" / "model.safetensors", "partial");
+  trainer::CheckpointStore store(dir / "checkpoints", 3);
+  EXPECT_EQ(store.list().size(), 1u);
+  EXPECT_EQ(store.latest()->filename(), "step_00000010");
+  EXPECT_NO_THROW(trainer::load_checkpoint(*store.latest()));
+}
+
+TEST(CheckpointTest, DifferentModelShapeIsRejected) {
+  TempDir dir;
+  auto t = recipes::build_trainer(small_recipe({"trainer.max_steps=10"}), dir.path());
+  t->run();
+  auto other = recipes::build_trainer(small_recipe({"model.d_model=48"}), dir / "other");
+  auto ck = trainer::load_checkpoint(*t->checkpoints().latest());
+  EXPECT_BRIGADE_ERROR(other->resume(ck), "model.d_model: checkpoint 32, recipe 48");
+  auto model = recipes::build_model(small_recipe({"model.d_ff=96"}));
+  EXPECT_BRIGADE_ERROR(trainer::load_weights(*model, ck.model, "ck"), "different model shape");
+}
+
+TEST(CheckpointTest, CorruptTrainerStateIsAClearError) {
+  TempDir dir;
+  auto t = recipes::build_trainer(small_recipe({"trainer.max_steps=10"}), dir.path());
+  t->run();
+  auto latest = *t->checkpoints().latest();
+  write_file_atomic(latest / "trainer_state.json", "{\"step\": ");
+  EXPECT_BRIGADE_ERROR(trainer::load_checkpoint(latest), "trainer_state.json is not valid JSON");
+}
+
+}  // namespace
+}  // namespace brigade
