@@ -4,15 +4,21 @@
 //
 //   bench_train_step --recipe recipes/tiny-dense.yaml [--threads 2] [--warmup 3]
 //                    [--steps 10] [--windows 5] [--set key=value ...] [--interleave]
+//                    [--profile N] [--matmul-size 2048]
 //
 // Alone, it measures a LibTorch matmul peak, runs --warmup steps, then --windows
 // timing windows of --steps Trainer::step() calls each, and prints one JSON line.
 //
 // With --interleave (the driver's mode) it prints the same JSON line without the
-// windows once warmed up, then runs one window per line read from stdin (the line
-// holds the window's step count; an empty line means --steps) and answers each with
-// a JSON line {"window": i, "tokens_per_sec": ..., ...}, until stdin closes. The driver alternates these windows with its eager windows so that noise
-// on a shared machine lands on both sides.
+// windows once warmed up, then serves one request per stdin line until stdin closes:
+//   "<steps>" (or empty: --steps)  one timing window; answers {"window": i,
+//                                  "tokens_per_sec": ..., "seconds": ..., "loss": ...}
+//   "matmul"                       re-measures the peak; answers {"matmul_peak_gflops": ...}
+// The driver alternates these windows with its eager windows so that noise on a
+// shared machine lands on both sides.
+//
+// With --profile N, N more steps after the warm-up run under an OpProfile and the
+// first JSON line carries brigade's per-op times under "profile".
 #include <CLI/CLI.hpp>
 
 #include <algorithm>
@@ -27,6 +33,7 @@
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
+#include "bench/op_profile.h"
 #include "core/error.h"
 #include "launch/commands.h"
 #include "recipes/build.h"
@@ -46,6 +53,7 @@ struct Args {
   int64_t steps = 10;         // training steps per timing window
   int64_t windows = 5;        // timing windows (ignored with --interleave)
   int64_t matmul_size = 2048; // n of the n x n x n matmul that sets the peak
+  int64_t profile = 0;         // steps profiled per op after the warm-up
   bool interleave = false;
 };
 
@@ -151,6 +159,26 @@ json describe(const brigade::recipes::Recipe& r, brigade::model::Transformer& mo
   };
 }
 
+// Per-op times per step over `steps` profiled steps, plus their wall time.
+json profile_steps(brigade::trainer::Trainer& trainer, int64_t steps) {
+  std::vector<brigade::bench::OpStats> ops;
+  double seconds = 0.0;
+  {
+    brigade::bench::OpProfile profile;
+    const auto start = Clock::now();
+    for (int64_t i = 0; i < steps; ++i) trainer.step();
+    seconds = seconds_since(start);
+    ops = profile.ops();
+  }
+  const double n = static_cast<double>(steps);
+  json rows = json::array();
+  for (const auto& op : ops) {
+    rows.push_back({{"name", op.name}, {"calls", static_cast<double>(op.calls) / n},
+                    {"self_ms", 1e3 * op.self_seconds / n}, {"total_ms", 1e3 * op.total_seconds / n}});
+  }
+  return json{{"steps", steps}, {"step_ms", 1e3 * seconds / n}, {"ops", rows}};
+}
+
 double mfu(double tokens_per_sec, const json& info) {
   return tokens_per_sec * info["flops_per_token"].get<double>() / (info["matmul_peak_gflops"].get<double>() * 1e9);
 }
@@ -168,17 +196,23 @@ int run(const Args& args) {
   json info = describe(recipe, trainer->model(), args, peak);
 
   for (int64_t i = 0; i < args.warmup; ++i) trainer->step();
+  if (args.profile > 0) info["profile"] = profile_steps(*trainer, args.profile);
 
   if (args.interleave) {
     std::cout << info.dump() << std::endl;
     std::string line;
-    for (int64_t i = 0; std::getline(std::cin, line); ++i) {
+    for (int64_t i = 0; std::getline(std::cin, line);) {
+      if (line == "matmul") {  // the driver re-measures the peak every round
+        std::cout << json{{"matmul_peak_gflops", matmul_peak_gflops(args.matmul_size)}}.dump() << std::endl;
+        continue;
+      }
       const int64_t steps = line.empty() ? args.steps : std::stoll(line);
       BRIGADE_CHECK(steps > 0, "window ", i, ": step count must be positive, got '", line, "'");
       const Window w = run_window(*trainer, steps);
       std::cout << json{{"window", i}, {"steps", steps}, {"tokens_per_sec", w.tokens_per_sec},
                         {"seconds", w.seconds}, {"loss", w.last_loss}}.dump()
                 << std::endl;
+      ++i;
     }
   } else {
     std::vector<double> rates;
@@ -209,6 +243,9 @@ int main(int argc, char** argv) {
   app.add_option("--set", args.overrides, "Override a recipe key: --set trainer.micro_batch_size=8 (repeatable)")
       ->type_name("KEY=VALUE")
       ->allow_extra_args(false);
+  app.add_option("--profile", args.profile, "Steps to profile per op after the warm-up (0 = none)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   app.add_flag("--interleave", args.interleave, "Run one window per stdin line (driven by bench/train_step.py)");
   CLI11_PARSE(app, argc, argv);
   try {

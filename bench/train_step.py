@@ -217,7 +217,8 @@ class EagerTrainer:
 class BrigadeProcess:
     def __init__(self, binary, recipe, args):
         cmd = [str(binary), "--recipe", str(recipe), "--threads", str(args.threads),
-               "--warmup", str(args.warmup), "--matmul-size", str(args.matmul_size), "--interleave"]
+               "--warmup", str(args.warmup), "--matmul-size", str(args.matmul_size), "--interleave",
+               "--profile", str(args.profile)]
         for kv in args.set:
             cmd += ["--set", kv]
         self.cmd = cmd
@@ -236,6 +237,11 @@ class BrigadeProcess:
         self.proc.stdin.flush()
         return self._read()
 
+    def matmul_peak(self):
+        self.proc.stdin.write("matmul\n")
+        self.proc.stdin.flush()
+        return self._read()["matmul_peak_gflops"]
+
     def close(self):
         self.proc.stdin.close()
         if self.proc.wait() != 0:
@@ -252,6 +258,37 @@ def find_binary(explicit):
     raise SystemExit("bench_train_step not found; build it (bench/README.md) or pass --binary")
 
 
+class OtherLoad:
+    """Cores' worth of CPU that processes other than ours used during a measurement.
+
+    The machine is shared: another tenant's compiler on our cores slows a 2-thread
+    OpenMP step by anything up to 20x (a descheduled thread stalls every barrier).
+    From /proc: all busy CPU time (steal included) minus this process's and the
+    brigade process's own, over the wall time.
+    """
+
+    def __init__(self, pid):
+        self.pid = pid
+        self.tick = os.sysconf("SC_CLK_TCK")
+
+    def _sample(self):
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        busy = sum(v[:8]) - v[3] - v[4]  # all but idle and iowait; guest time is already in user
+        with open(f"/proc/{self.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        child = int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of proc(5)
+        t = os.times()
+        return time.perf_counter(), busy / self.tick - child / self.tick - (t.user + t.system)
+
+    def measure(self, fn):
+        """(fn(), other processes' load in cores during it)."""
+        t0, other0 = self._sample()
+        result = fn()
+        t1, other1 = self._sample()
+        return result, max(0.0, (other1 - other0) / (t1 - t0))
+
+
 def compare(recipe, binary, args):
     brigade = BrigadeProcess(binary, recipe, args)
     info = brigade.info
@@ -262,29 +299,45 @@ def compare(recipe, binary, args):
                          f"{info['params_total']}: the models differ")
     for _ in range(args.warmup):
         eager.step()
+    if args.profile > 0:
+        print_profiles(info["recipe"], info["profile"], eager_profile(eager, args.profile))
 
     # One step per side sizes the windows: both sides run the same number of steps,
     # enough for the slower side to take about --window-seconds.
     step_seconds = max(brigade.window(1)["seconds"], eager.window(1)["seconds"])
     steps = max(1, round(args.window_seconds / step_seconds))
 
-    rates = {"brigade": [], "eager": []}
-    losses = {}
-    for r in range(args.rounds):
+    # A round: the matmul peak, then one window per side, the side order flipping
+    # every round. Rounds during which other processes used more than
+    # --max-other-load cores are repeated, up to 3x --rounds in all; the medians are
+    # over the quiet rounds when there are enough of them, else over all.
+    load = OtherLoad(brigade.proc.pid)
+    rounds = []
+    for r in range(3 * args.rounds):
+        rnd = {}
+        rnd["peak"], rnd["peak_load"] = load.measure(lambda: brigade.matmul_peak())
         order = ("brigade", "eager") if r % 2 == 0 else ("eager", "brigade")
         for side in order:
-            w = brigade.window(steps) if side == "brigade" else eager.window(steps)
-            rates[side].append(w["tokens_per_sec"])
-            losses[side] = w["loss"]
+            w, rnd[side + "_load"] = load.measure(lambda: brigade.window(steps) if side == "brigade" else eager.window(steps))
+            rnd[side] = w["tokens_per_sec"]
+            rnd[side + "_loss"] = w["loss"]
+        other = max(rnd["peak_load"], rnd["brigade_load"], rnd["eager_load"])
+        rnd["quiet"] = args.max_other_load < 0 or other <= args.max_other_load
+        rounds.append(rnd)
         if args.verbose:
-            print(f"  {info['recipe']} round {r}: brigade {rates['brigade'][-1]:.0f} tok/s, "
-                  f"eager {rates['eager'][-1]:.0f} tok/s", file=sys.stderr)
+            print(f"  {info['recipe']} round {r}: brigade {rnd['brigade']:.0f} tok/s, eager {rnd['eager']:.0f} tok/s, "
+                  f"peak {rnd['peak']:.1f} GFLOP/s; other load {rnd['brigade_load']:.2f} / {rnd['eager_load']:.2f} / "
+                  f"{rnd['peak_load']:.2f} cores{'' if rnd['quiet'] else ' (noisy)'}", file=sys.stderr)
+        if sum(x["quiet"] for x in rounds) >= args.rounds:
+            break
     brigade.close()
 
-    peak = info["matmul_peak_gflops"] * 1e9
+    quiet = [x for x in rounds if x["quiet"]]
+    used = quiet if len(quiet) >= min(3, args.rounds) else rounds
+    med = lambda key: statistics.median(x[key] for x in used)
+    b, e, peak = med("brigade"), med("eager"), med("peak")
     fpt = info["flops_per_token"]
-    b, e = statistics.median(rates["brigade"]), statistics.median(rates["eager"])
-    round_ratios = [x / y for x, y in zip(rates["brigade"], rates["eager"])]
+    round_ratios = [x["brigade"] / x["eager"] for x in used]
     return {
         "recipe": info["recipe"],
         "threads": info["threads"],
@@ -292,20 +345,53 @@ def compare(recipe, binary, args):
         "params_total": info["params_total"],
         "flops_per_token": fpt,
         "steps_per_window": steps,
-        "rounds": args.rounds,
-        "brigade_tokens_per_sec": rates["brigade"],
-        "eager_tokens_per_sec": rates["eager"],
+        "rounds_run": len(rounds),
+        "rounds_used": len(used),
+        "quiet_only": used is quiet,
         "brigade_median": b,
         "eager_median": e,
         "ratio": b / e,
+        "paired_ratio_median": statistics.median(round_ratios),
         "round_ratio_min": min(round_ratios),
         "round_ratio_max": max(round_ratios),
         "target": TARGETS.get(info["recipe"]),
-        "brigade_mfu": b * fpt / peak,
-        "eager_mfu": e * fpt / peak,
-        "matmul_peak_gflops": info["matmul_peak_gflops"],
-        "last_loss": losses,
+        "brigade_mfu": b * fpt / (peak * 1e9),
+        "eager_mfu": e * fpt / (peak * 1e9),
+        "matmul_peak_gflops": peak,
+        "rounds": rounds,
     }
+
+
+def eager_profile(eager, steps):
+    """Per-op times per step of the eager model, in bench_train_step --profile's format."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            eager.step()
+        seconds = time.perf_counter() - start
+    ops = [{"name": e.key, "calls": e.count / steps, "self_ms": e.self_cpu_time_total / 1e3 / steps,
+            "total_ms": e.cpu_time_total / 1e3 / steps} for e in prof.key_averages()]
+    ops.sort(key=lambda o: -o["self_ms"])
+    return {"steps": steps, "step_ms": 1e3 * seconds / steps, "ops": ops}
+
+
+def print_profiles(recipe, brigade, eager, top=30):
+    """Self time per op and step, brigade beside eager, largest first."""
+    b = {o["name"]: o for o in brigade["ops"]}
+    e = {o["name"]: o for o in eager["ops"]}
+    names = sorted(set(b) | set(e), key=lambda n: -max(b.get(n, {}).get("self_ms", 0), e.get(n, {}).get("self_ms", 0)))
+    print(f"\n{recipe}: per-op self time per step (ms), {brigade['steps']} profiled steps per side")
+    print(f"{'op':<64} {'brigade':>8} {'calls':>6} {'eager':>8} {'calls':>6}")
+    for n in names[:top]:
+        bo, eo = b.get(n), e.get(n)
+        cell = lambda o, k, f: format(o[k], f) if o else "-"
+        print(f"{n[:64]:<64} {cell(bo, 'self_ms', '8.2f'):>8} {cell(bo, 'calls', '6.0f'):>6} "
+              f"{cell(eo, 'self_ms', '8.2f'):>8} {cell(eo, 'calls', '6.0f'):>6}")
+    for side, p in (("brigade", brigade), ("eager", eager)):
+        inside = sum(o["self_ms"] for o in p["ops"])
+        print(f"{side}: {p['step_ms']:.2f} ms per profiled step, {inside:.2f} ms inside LibTorch ops, "
+              f"{p['step_ms'] - inside:.2f} ms outside")
 
 
 def print_table(results):
@@ -327,26 +413,33 @@ def print_table(results):
         print(line(row))
     print()
     for r in results:
+        which = "quiet rounds" if r["quiet_only"] else "rounds (too few quiet ones: NOISY)"
         print(f"{r['recipe']}: {r['params_total'] / 1e6:.2f}M params, batch {r['batch'][0]}x{r['batch'][1]}, "
-              f"{r['flops_per_token'] / 1e6:.1f} MFLOP/token, {r['threads']} threads, {r['rounds']} rounds x "
-              f"{r['steps_per_window']} steps per window per side; per-round ratio "
-              f"{r['round_ratio_min']:.3f}-{r['round_ratio_max']:.3f}")
-    print("Medians over alternating brigade/eager timing windows. brigade trains on its recipe's sampler, "
-          "eager on random tokens of the same shape (data costs microseconds per step either way). "
-          "MFU: PaLM-convention training FLOPs/token x tokens/s over the fp32 matmul peak.")
+              f"{r['flops_per_token'] / 1e6:.1f} MFLOP/token, {r['threads']} threads; medians over {r['rounds_used']} "
+              f"{which} of {r['rounds_run']} run, {r['steps_per_window']} steps per window; per-round ratio median "
+              f"{r['paired_ratio_median']:.3f}, range {r['round_ratio_min']:.3f}-{r['round_ratio_max']:.3f}")
+    print("Each round: matmul peak, then a brigade and an eager window in alternating order; a round is quiet when "
+          "other processes used at most --max-other-load cores during it. brigade trains on its recipe's sampler, "
+          "eager on random tokens of the same shape (data costs microseconds per step either way). MFU: "
+          "PaLM-convention training FLOPs/token x tokens/s over the fp32 LibTorch matmul peak.")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES, help="recipe files (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads for both sides (default: 2)")
-    parser.add_argument("--rounds", type=int, default=7, help="timing windows per side (default: 7)")
+    parser.add_argument("--rounds", type=int, default=7, help="quiet rounds wanted, one timing window per side each (default: 7)")
     parser.add_argument("--window-seconds", type=float, default=3.0,
                         help="target length of one window of the slower side (default: 3)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per side (default: 3)")
     parser.add_argument("--matmul-size", type=int, default=2048, help="n of the n^3 peak matmul (default: 2048)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe override passed to brigade (the eager side follows it)")
+    parser.add_argument("--max-other-load", type=float, default=0.25, metavar="CORES",
+                        help="a round is quiet when other processes used at most this many cores; "
+                             "negative: keep every round (default: 0.25)")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="before timing, profile STEPS steps per side and print per-op times (default: 0)")
     parser.add_argument("--binary", help="bench_train_step (default: build-bench/ or build/ under the repo)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 rounds of short windows, 1 warmup step")

@@ -6,6 +6,7 @@
 
 #include <torch/torch.h>
 
+#include "core/device.h"
 #include "core/error.h"
 #include "core/fs.h"
 #include "core/log.h"
@@ -77,7 +78,7 @@ fs::path find_shipped_recipe(const std::string& relative) {
 void configure_threads(int64_t threads) {
   const int64_t n = threads > 0 ? threads : static_cast<int64_t>(std::max(1u, std::thread::hardware_concurrency()));
   at::set_num_threads(static_cast<int>(n));
-  log_info("compute threads: ", n);
+  log_info("compute threads: ", n, "; ", describe_devices());
 }
 
 int train_command(const TrainArgs& args) {

@@ -59,17 +59,18 @@ Generation generate(Transformer& model, const std::vector<int64_t>& prompt,
   const int64_t capacity = std::min(mo.max_seq_len, prompt_len + options.max_new_tokens);
   auto cache = model->make_cache(1, capacity);
   Generation result;
-  auto input = torch::tensor(prompt, torch::kLong).unsqueeze(0);
+  const auto device = model->embed_tokens->weight.device();
+  auto input = torch::tensor(prompt, torch::kLong).unsqueeze(0).to(device);
   while (static_cast<int64_t>(result.tokens.size()) < options.max_new_tokens &&
          cache.length + input.size(1) <= capacity) {
     auto logits = model->forward(input, &cache);  // [1, seq, vocab]
-    int64_t next = sample_token(logits[0][-1], options, generator);
+    int64_t next = sample_token(logits[0][-1].to(torch::kCPU), options, generator);
     result.tokens.push_back(next);
     if (std::find(options.stop_ids.begin(), options.stop_ids.end(), next) != options.stop_ids.end()) {
       result.stopped = true;
       break;
     }
-    input = torch::tensor({next}, torch::kLong).unsqueeze(0);
+    input = torch::tensor({next}, torch::kLong).unsqueeze(0).to(device);
   }
   if (was_training) model->train();
   return result;

@@ -106,8 +106,10 @@ SafetensorsFile load_safetensors(const std::filesystem::path& path) {
     uint64_t numel = 1;
     for (const auto& d : entry["shape"]) {
       BRIGADE_CHECK(d.is_number_unsigned(), tw, ": shape entries must be non-negative integers");
-      shape.push_back(d.get<int64_t>());
-      numel *= d.get<uint64_t>();
+      const uint64_t dim = d.get<uint64_t>();
+      BRIGADE_CHECK(dim <= (uint64_t{1} << 62) && !__builtin_mul_overflow(numel, dim, &numel), tw,
+                    ": shape ", entry["shape"].dump(), " is too large");
+      shape.push_back(static_cast<int64_t>(dim));
     }
     const auto& offs = entry["data_offsets"];
     BRIGADE_CHECK(offs.is_array() && offs.size() == 2 && offs[0].is_number_unsigned() &&
@@ -116,7 +118,9 @@ SafetensorsFile load_safetensors(const std::filesystem::path& path) {
     uint64_t b = offs[0].get<uint64_t>(), e = offs[1].get<uint64_t>();
     BRIGADE_CHECK(b <= e && e <= data_size, tw, ": data_offsets [", b, ", ", e,
                   "] fall outside the data area of ", data_size, " bytes");
-    const uint64_t expected = numel * c10::elementSize(*dtype);
+    uint64_t expected = 0;
+    BRIGADE_CHECK(!__builtin_mul_overflow(numel, c10::elementSize(*dtype), &expected), tw, ": shape ",
+                  entry["shape"].dump(), " is too large");
     BRIGADE_CHECK(e - b == expected, tw, ": ", e - b, " bytes for shape ", entry["shape"].dump(),
                   " needs ", expected);
     ranges.emplace_back(b, e);

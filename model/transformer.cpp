@@ -41,7 +41,7 @@ RMSNormImpl::RMSNormImpl(int64_t dim, double eps) : eps_(eps) {
 
 torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
   // Normalise in FP32 whatever the compute dtype: the mean of squares is where BF16 loses.
-  auto y = at::rms_norm(x.to(torch::kFloat), {weight.size(0)}, weight, eps_);
+  auto y = at::rms_norm(x.to(torch::kFloat), {weight.size(0)}, weight.to(torch::kFloat), eps_);
   return y.to(x.scalar_type());
 }
 
@@ -106,8 +106,9 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
     std::optional<torch::Tensor> mask;
     if (seq > 1) {
       // Query i (absolute position past+i) sees keys 0..past+i.
-      auto qpos = torch::arange(past, past + seq, torch::kLong).unsqueeze(1);
-      auto kpos = torch::arange(0, past + seq, torch::kLong).unsqueeze(0);
+      auto index = torch::TensorOptions().dtype(torch::kLong).device(q.device());
+      auto qpos = torch::arange(past, past + seq, index).unsqueeze(1);
+      auto kpos = torch::arange(0, past + seq, index).unsqueeze(0);
       mask = kpos <= qpos;
     }
     out = at::scaled_dot_product_attention(q, keys.to(q.scalar_type()), values.to(q.scalar_type()),
@@ -208,8 +209,8 @@ KVCache TransformerImpl::make_cache(int64_t batch, int64_t capacity) const {
   KVCache cache;
   for (int64_t i = 0; i < options_.n_layers; ++i) {
     auto shape = std::vector<int64_t>{batch, options_.kv_heads(), capacity, options_.head_size()};
-    cache.keys.push_back(torch::zeros(shape));
-    cache.values.push_back(torch::zeros(shape));
+    cache.keys.push_back(torch::zeros(shape, embed_tokens->weight.options()));
+    cache.values.push_back(torch::zeros(shape, embed_tokens->weight.options()));
   }
   return cache;
 }

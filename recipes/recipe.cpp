@@ -53,18 +53,21 @@ std::string location(const std::string& source, const YAML::Mark& mark) {
   return source + ":" + std::to_string(mark.line + 1);
 }
 
-void flatten(const YAML::Node& map, const std::string& prefix, const std::string& source, Entries& out) {
+void flatten(const YAML::Node& map, const std::string& prefix, const std::string& source, bool inherited,
+             Entries& out) {
   for (const auto& item : map) {
     const std::string where = location(source, item.first.Mark());
     BRIGADE_CHECK(item.first.IsScalar(), where, ": keys must be plain names");
     const std::string key = item.first.Scalar();
     const std::string path = prefix.empty() ? key : prefix + "." + key;
     if (prefix.empty() && key == "inherit") continue;
+    // A run is named by its own file, never by a base it inherits from.
+    if (prefix.empty() && key == "name" && inherited) continue;
     if (is_section(path)) {
       if (item.second.IsNull()) continue;  // an empty section
       BRIGADE_CHECK(item.second.IsMap(), where, ": ", path, ": expected a mapping of keys, got ",
                     item.second.IsScalar() ? "'" + item.second.Scalar() + "'" : std::string("a list"));
-      flatten(item.second, path, source, out);
+      flatten(item.second, path, source, inherited, out);
       continue;
     }
     BRIGADE_CHECK(find_field(path) != nullptr, where, ": unknown key '", path, "'", suggestion(path));
@@ -82,7 +85,7 @@ YAML::Node parse_yaml(const std::string& text, const std::string& source) {
 
 // Loads `text` (from `source`) into `out`, its `inherit:` bases first.
 void load_layers(const std::string& text, const std::string& source, const fs::path& base_dir,
-                 std::set<std::string>& stack, Entries& out) {
+                 bool inherited, std::set<std::string>& stack, Entries& out) {
   YAML::Node root = parse_yaml(text, source);
   if (root.IsNull()) return;  // an empty file is a recipe of defaults
   BRIGADE_CHECK(root.IsMap(), source, ": a recipe must be a mapping of sections (model:, data:, trainer:, ...)");
@@ -91,7 +94,10 @@ void load_layers(const std::string& text, const std::string& source, const fs::p
     const std::string where = location(source, inherit.Mark());
     if (inherit.IsScalar()) bases.push_back(inherit.Scalar());
     else if (inherit.IsSequence())
-      for (const auto& b : inherit) bases.push_back(b.as<std::string>());
+      for (const auto& b : inherit) {
+        BRIGADE_CHECK(b.IsScalar(), location(source, b.Mark()), ": inherit: list entries must be file names");
+        bases.push_back(b.Scalar());
+      }
     else BRIGADE_FAIL(where, ": inherit: expected a file name or a list of them");
     for (const auto& base : bases) {
       const fs::path path = base_dir / base;
@@ -99,11 +105,11 @@ void load_layers(const std::string& text, const std::string& source, const fs::p
       const std::string canonical = fs::canonical(path).string();
       BRIGADE_CHECK(!stack.contains(canonical), where, ": inherit: cycle through ", path.string());
       stack.insert(canonical);
-      load_layers(read_file(path), path.string(), path.parent_path(), stack, out);
+      load_layers(read_file(path), path.string(), path.parent_path(), /*inherited=*/true, stack, out);
       stack.erase(canonical);
     }
   }
-  flatten(root, "", source, out);
+  flatten(root, "", source, inherited, out);
 }
 
 void apply_override(const std::string& text, Entries& out) {
@@ -134,7 +140,7 @@ Recipe parse_recipe(const std::string& yaml, const std::string& source,
                     const std::vector<std::string>& overrides, const fs::path& base_dir) {
   Entries entries;
   std::set<std::string> stack;
-  load_layers(yaml, source, base_dir, stack, entries);
+  load_layers(yaml, source, base_dir, /*inherited=*/false, stack, entries);
   for (const auto& o : overrides) apply_override(o, entries);
   return build(entries);
 }
@@ -146,7 +152,7 @@ Recipe load_recipe(const fs::path& file, const std::vector<std::string>& overrid
   // The file name is the default run name; the file's own `name:` overrides it.
   entries["name"] = Entry{YAML::Node(file.stem().string()), file.string()};
   std::set<std::string> stack{fs::canonical(file).string()};
-  load_layers(read_file(file), file.string(), file.parent_path(), stack, entries);
+  load_layers(read_file(file), file.string(), file.parent_path(), /*inherited=*/false, stack, entries);
   for (const auto& o : overrides) apply_override(o, entries);
   return build(entries);
 }

@@ -1,6 +1,7 @@
 #include "recipes/schema.h"
 
 #include <charconv>
+#include <cmath>
 #include <limits>
 
 #include "core/error.h"
@@ -25,6 +26,8 @@ std::string show(const YAML::Node& node) {
 }
 
 std::string format_double(double value) {
+  if (std::isnan(value)) return ".nan";
+  if (std::isinf(value)) return value > 0 ? ".inf" : "-.inf";  // YAML's spellings
   char buf[64];
   auto [end, ec] = std::to_chars(buf, buf + sizeof buf, value);
   return std::string(buf, end);

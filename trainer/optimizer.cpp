@@ -22,9 +22,9 @@ AdamW::AdamW(model::NamedTensors params, std::vector<bool> decay, AdamWOptions o
 }
 
 void AdamW::zero_grad() {
-  for (auto& [name, p] : params_) {
-    if (p.grad().defined()) p.mutable_grad().zero_();
-  }
+  // Dropping the gradients (rather than zeroing them) lets the first backward write
+  // them directly instead of accumulating into zeros.
+  for (auto& [name, p] : params_) p.mutable_grad() = torch::Tensor();
 }
 
 void AdamW::step(double lr) {

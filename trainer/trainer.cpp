@@ -161,14 +161,10 @@ double Trainer::clip_gradients() {
     if (p.grad().defined()) grads.push_back(p.grad());
   }
   if (grads.empty()) return 0.0;
-  std::vector<torch::Tensor> norms;
-  norms.reserve(grads.size());
-  for (const auto& g : grads) norms.push_back(torch::linalg_vector_norm(g, 2, {}, false, torch::kFloat));
-  const double total = torch::linalg_vector_norm(torch::stack(norms), 2).item<double>();
+  torch::NoGradGuard no_grad;
+  const double total = torch::linalg_vector_norm(torch::stack(torch::_foreach_norm(grads)), 2).item<double>();
   if (options_.grad_clip > 0 && std::isfinite(total) && total > options_.grad_clip) {
-    const double scale = options_.grad_clip / (total + 1e-6);
-    torch::NoGradGuard no_grad;
-    for (auto& g : grads) g.mul_(scale);
+    torch::_foreach_mul_(grads, options_.grad_clip / (total + 1e-6));
   }
   return total;
 }

@@ -38,6 +38,8 @@ fs::path write(const TempDir& dir, const std::string& name, const std::string& t
       for (const std::string& part : std::vector<std::string>{__VA_ARGS__})                  \
         EXPECT_NE(std::string(e.what()).find(part), std::string::npos)                       \
             << "missing '" << part << "' in: " << e.what();                                  \
+    } catch (const std::exception& e) {                                                      \
+      ADD_FAILURE() << "expected brigade::Error, got another exception: " << e.what();      \
     }                                                                                        \
   } while (0)
 
@@ -141,6 +143,28 @@ TEST(Recipe, InheritChainAndLists) {
   EXPECT_EQ(load_recipe(diamond).model.d_model, 64);
 }
 
+// The run name defaults to the loaded file's name; a base's `name:` is the base's own
+// name and must not leak into the child (its run directory would collide with the base's).
+TEST(Recipe, InheritedBaseNameDoesNotNameTheChild) {
+  TempDir dir;
+  write(dir, "base.yaml", "name: base-run\nmodel:\n  d_model: 64\n");
+  auto child = write(dir, "my-exp.yaml", "inherit: base.yaml\n");
+  EXPECT_EQ(load_recipe(dir / "base.yaml").name, "base-run");
+  const auto r = load_recipe(child);
+  EXPECT_EQ(r.model.d_model, 64);
+  EXPECT_EQ(r.name, "my-exp");
+  auto named = write(dir, "named.yaml", "inherit: base.yaml\nname: mine\n");
+  EXPECT_EQ(load_recipe(named).name, "mine");
+}
+
+// recipe.h: "Any problem is an Error naming where": a list entry that is not a file
+// name must not surface as a bare yaml-cpp conversion error without the file.
+TEST(Recipe, InheritListEntryThatIsNotAName) {
+  TempDir dir;
+  auto file = write(dir, "listy.yaml", "name: l\ninherit: [{a: 1}]\n");
+  EXPECT_ERROR_WITH_ALL(load_recipe(file), "listy.yaml:2", "inherit");
+}
+
 TEST(Recipe, InheritCycleAndMissingBase) {
   TempDir dir;
   auto a = write(dir, "a.yaml", "inherit: b.yaml\n");
@@ -192,6 +216,8 @@ TEST(Recipe, UnknownKeyInSet) {
   EXPECT_ERROR_WITH_ALL(parse_recipe("", "r", {"model=64"}), "unknown key 'model'");
   EXPECT_BRIGADE_ERROR(parse_recipe("", "r", {"model.d_model"}), "expected key.path=value");
   EXPECT_BRIGADE_ERROR(parse_recipe("", "r", {"=3"}), "expected key.path=value");
+  EXPECT_ERROR_WITH_ALL(parse_recipe("", "r", {"model.d_model=[1"}), "--set model.d_model=[1",
+                        "cannot parse the value");
 }
 
 TEST(Recipe, WrongTypesNameFileLineAndKey) {

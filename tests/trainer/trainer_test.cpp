@@ -63,6 +63,18 @@ TEST(TrainerTest, LossFalls) {
   EXPECT_LT(last, 0.6 * first) << "first " << first << " last " << last;
 }
 
+TEST(TrainerTest, Bfloat16ComputeTrainsWithFloat32MasterWeights) {
+  TempDir dir;
+  auto t = recipes::build_trainer(small_recipe({"precision.compute_dtype=bfloat16", "trainer.max_steps=20"}), dir.path());
+  std::vector<double> losses;
+  t->add_hook(std::make_unique<LossRecorder>(&losses));
+  t->run();
+  ASSERT_EQ(losses.size(), 20u);
+  for (double l : losses) EXPECT_TRUE(std::isfinite(l));
+  EXPECT_LT(losses.back(), 0.8 * losses.front());
+  for (const auto& p : t->model()->parameters()) EXPECT_EQ(p.scalar_type(), torch::kFloat);
+}
+
 TEST(TrainerTest, ResumeIsBitwiseExact) {
   TempDir dir;
   at::set_num_threads(1);
