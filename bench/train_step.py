@@ -281,6 +281,14 @@ class OtherLoad:
         t = os.times()
         return time.perf_counter(), busy / self.tick - child / self.tick - (t.user + t.system)
 
+    def wait_quiet(self, max_load, max_seconds):
+        """Waits (up to max_seconds) for a half second in which others used at most max_load cores."""
+        deadline = time.perf_counter() + max_seconds
+        while True:
+            _, other = self.measure(lambda: time.sleep(0.5))
+            if other <= max_load or time.perf_counter() > deadline:
+                return other <= max_load
+
     def measure(self, fn):
         """(fn(), other processes' load in cores during it)."""
         t0, other0 = self._sample()
@@ -308,12 +316,15 @@ def compare(recipe, binary, args):
     steps = max(1, round(args.window_seconds / step_seconds))
 
     # A round: the matmul peak, then one window per side, the side order flipping
-    # every round. Rounds during which other processes used more than
-    # --max-other-load cores are repeated, up to 3x --rounds in all; the medians are
-    # over the quiet rounds when there are enough of them, else over all.
+    # every round. Each round waits (up to --max-wait seconds) for the machine to
+    # go quiet first; rounds during which other processes still used more than
+    # --max-other-load cores are repeated, up to 3x --rounds in all. The medians
+    # are over the quiet rounds when there are enough of them, else over all.
     load = OtherLoad(brigade.proc.pid)
     rounds = []
     for r in range(3 * args.rounds):
+        if args.max_other_load >= 0:
+            load.wait_quiet(args.max_other_load, args.max_wait)
         rnd = {}
         rnd["peak"], rnd["peak_load"] = load.measure(lambda: brigade.matmul_peak())
         order = ("brigade", "eager") if r % 2 == 0 else ("eager", "brigade")
@@ -438,6 +449,8 @@ def main():
     parser.add_argument("--max-other-load", type=float, default=0.25, metavar="CORES",
                         help="a round is quiet when other processes used at most this many cores; "
                              "negative: keep every round (default: 0.25)")
+    parser.add_argument("--max-wait", type=float, default=60.0, metavar="SECONDS",
+                        help="longest wait for a quiet machine before each round (default: 60)")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="before timing, profile STEPS steps per side and print per-op times (default: 0)")
     parser.add_argument("--binary", help="bench_train_step (default: build-bench/ or build/ under the repo)")

@@ -159,7 +159,7 @@ TEST(CliResume, KilledRunLeavesALoadableCheckpointAndResumes) {
   TempDir dir;
   const fs::path run = dir / "run";
   const std::string args = "train " + recipe() + kSmall +
-                           " --set trainer.max_steps=400 --set trainer.checkpoint_every=2 --set trainer.eval_every=0"
+                           " --set trainer.max_steps=1000000 --set trainer.checkpoint_every=2 --set trainer.eval_every=0"
                            " --run-dir " + run.string();
   // Kill -9 at a few different moments; every time the latest checkpoint must load.
   for (int delay_ms : {700, 1100, 1500}) {
