@@ -14,6 +14,7 @@
 //   "<steps>" (or empty: --steps)  one timing window; answers {"window": i,
 //                                  "tokens_per_sec": ..., "seconds": ..., "loss": ...}
 //   "matmul"                       re-measures the peak; answers {"matmul_peak_gflops": ...}
+//   "profile <steps>"              profiles that many steps per op; answers like --profile
 // The driver alternates these windows with its eager windows so that noise on a
 // shared machine lands on both sides.
 //
@@ -50,9 +51,9 @@ struct Args {
   std::vector<std::string> overrides;
   int64_t threads = 2;
   int64_t warmup = 3;
-  int64_t steps = 10;         // training steps per timing window
-  int64_t windows = 5;        // timing windows (ignored with --interleave)
-  int64_t matmul_size = 2048; // n of the n x n x n matmul that sets the peak
+  int64_t steps = 10;          // training steps per timing window
+  int64_t windows = 5;         // timing windows (without --interleave)
+  int64_t matmul_size = 2048;  // n of the n x n x n matmul that sets the peak
   int64_t profile = 0;         // steps profiled per op after the warm-up
   bool interleave = false;
 };
@@ -204,6 +205,10 @@ int run(const Args& args) {
     for (int64_t i = 0; std::getline(std::cin, line);) {
       if (line == "matmul") {  // the driver re-measures the peak every round
         std::cout << json{{"matmul_peak_gflops", matmul_peak_gflops(args.matmul_size)}}.dump() << std::endl;
+        continue;
+      }
+      if (line.rfind("profile ", 0) == 0) {
+        std::cout << profile_steps(*trainer, std::stoll(line.substr(8))).dump() << std::endl;
         continue;
       }
       const int64_t steps = line.empty() ? args.steps : std::stoll(line);
