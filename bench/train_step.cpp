@@ -186,6 +186,7 @@ double mfu(double tokens_per_sec, const json& info) {
 
 int run(const Args& args) {
   const auto recipe = brigade::recipes::load_recipe(args.recipe, args.overrides);
+  brigade::launch::configure_allocator();  // as the brigade binary does
   brigade::launch::configure_threads(args.threads);
   const double peak = matmul_peak_gflops(args.matmul_size);
 

@@ -227,7 +227,11 @@ class BrigadeProcess:
         for kv in args.set:
             cmd += ["--set", kv]
         self.cmd = cmd
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        env = dict(os.environ)
+        for kv in args.brigade_env:
+            key, _, value = kv.partition("=")
+            env[key] = value
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.info = self._read()
 
     def _read(self):
@@ -381,9 +385,10 @@ def compare(recipe, binary, args):
         "ratio_of_medians": b / e,
         "round_ratio_min": min(round_ratios),
         "round_ratio_max": max(round_ratios),
-        # The targets are against eager as users write it (default AdamW).
-        "target": TARGETS.get(info["recipe"]) if args.eager_adamw == "default" else None,
+        # The targets are for brigade as built against eager as users write it.
+        "target": TARGETS.get(info["recipe"]) if args.eager_adamw == "default" and not args.brigade_env else None,
         "eager_adamw": args.eager_adamw,
+        "brigade_env": args.brigade_env,
         "brigade_mfu": b * fpt / (peak * 1e9),
         "eager_mfu": e * fpt / (peak * 1e9),
         "matmul_peak_gflops": peak,
@@ -450,6 +455,8 @@ def print_table(results):
               f"{r['round_ratio_min']:.3f}-{r['round_ratio_max']:.3f}, ratio of the medians {r['ratio_of_medians']:.3f}")
     adamw = {r["eager_adamw"] for r in results}
     print(f"eager: torch.optim.AdamW implementation '{'/'.join(sorted(adamw))}', clip_grad_norm_, F.cross_entropy.")
+    if results and results[0]["brigade_env"]:
+        print(f"brigade process environment: {' '.join(results[0]['brigade_env'])}")
     print("Each round: matmul peak, then a brigade and an eager window in alternating order; ratio: median over "
           "rounds of brigade/eager within the round. A round is quiet when other processes used at most "
           "--max-other-load cores during it. brigade trains on its recipe's sampler, "
@@ -479,6 +486,9 @@ def main():
                              "writes it; fused: the kernel brigade uses)")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="before timing, profile STEPS steps per side and print per-op times (default: 0)")
+    parser.add_argument("--brigade-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment variable for the brigade process only, e.g. to try allocator "
+                             "settings: GLIBC_TUNABLES=glibc.malloc.mmap_max=0 (repeatable)")
     parser.add_argument("--binary", help="bench_train_step (default: build-bench/ or build/ under the repo)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--quick", action="store_true",

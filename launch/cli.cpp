@@ -92,6 +92,7 @@ int run_cli(int argc, char** argv) {
     return app.exit(e);
   }
   if (verbose) set_log_level(LogLevel::kDebug);
+  configure_allocator();
 
   try {
     if (*train_cmd) return train_command(train);

@@ -44,6 +44,11 @@ int demo_command(const DemoArgs& args);
 // next to the executable (build/brigade -> ../recipes).
 std::filesystem::path find_shipped_recipe(const std::string& relative);
 
+// Keeps freed memory in the process: training frees and re-allocates the same large
+// buffers every step, and glibc's default of unmapping them makes every step
+// fault them back in as zeroed pages (~100k faults per small-dense step).
+void configure_allocator();
+
 // Sets intra-op threads (0 = all cores) and logs the choice.
 void configure_threads(int64_t threads);
 

@@ -1,5 +1,8 @@
 // train, generate and demo.
+#include <malloc.h>
 #include <unistd.h>
+
+#include <climits>
 
 #include <iostream>
 #include <thread>
@@ -73,6 +76,11 @@ fs::path find_shipped_recipe(const std::string& relative) {
     }
   }
   BRIGADE_FAIL("cannot find ", relative, " in the working directory or next to the brigade executable");
+}
+
+void configure_allocator() {
+  mallopt(M_MMAP_MAX, 0);              // large blocks come from the heap and are reused
+  mallopt(M_TRIM_THRESHOLD, INT_MAX);  // never hand the heap top back to the kernel
 }
 
 void configure_threads(int64_t threads) {

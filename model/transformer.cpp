@@ -50,13 +50,14 @@ namespace {
 
 // Rotary embedding in the "rotate half" convention (Llama/Qwen in transformers):
 // x * cos + rotate_half(x) * sin, with cos/sin repeated over both halves.
-torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
-  // x: [batch, heads, seq, head_dim]; cos/sin: [seq, head_dim]
+// The sign of rotate_half's first half is folded into the sin table (sin_signed =
+// [-sin, sin]), which saves a negation forward and backward; the result is identical.
+torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin_signed) {
+  // x: [batch, heads, seq, head_dim]; cos/sin_signed: [seq, head_dim]
   auto half = x.size(-1) / 2;
   auto x1 = x.narrow(-1, 0, half);
   auto x2 = x.narrow(-1, half, half);
-  auto rotated = torch::cat({-x2, x1}, -1);
-  return x * cos + rotated * sin;
+  return x * cos + torch::cat({x2, x1}, -1) * sin_signed;
 }
 
 torch::nn::Linear make_linear(int64_t in, int64_t out, bool bias) {
@@ -161,7 +162,7 @@ TransformerImpl::TransformerImpl(TransformerOptions options) : options_(std::mov
   auto angles = torch::outer(pos, inv_freq);
   auto full = torch::cat({angles, angles}, -1);
   rope_cos_ = register_buffer("rope_cos", full.cos().to(torch::kFloat));
-  rope_sin_ = register_buffer("rope_sin", full.sin().to(torch::kFloat));
+  rope_sin_ = register_buffer("rope_sin", torch::cat({-angles.sin(), angles.sin()}, -1).to(torch::kFloat));
   init_weights();
 }
 

@@ -126,7 +126,7 @@ class TransformerImpl : public torch::nn::Module {
   void init_weights();
   TransformerOptions options_;
   torch::Tensor rope_cos_;  // [max_seq_len, head_dim] (buffer, not a parameter)
-  torch::Tensor rope_sin_;
+  torch::Tensor rope_sin_;  // sign-folded: [-sin, sin] over the two halves (see apply_rope)
 };
 TORCH_MODULE(Transformer);
 
