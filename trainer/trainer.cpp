@@ -141,16 +141,17 @@ StepResult Trainer::step() {
   return result;
 }
 
+torch::Tensor Trainer::mean_token_loss(const data::Batch& batch) {
+  precision::AutocastGuard autocast(precision_.compute_dtype);
+  auto logits = model_->forward(batch.inputs);  // [batch, seq, vocab]
+  return torch::nn::functional::cross_entropy(
+      logits.reshape({-1, logits.size(-1)}).to(torch::kFloat), batch.targets.reshape({-1}),
+      torch::nn::functional::CrossEntropyFuncOptions().ignore_index(data::kIgnoreIndex));
+}
+
 double Trainer::forward_backward(const data::Batch& batch) {
-  torch::Tensor loss;
-  {
-    precision::AutocastGuard autocast(precision_.compute_dtype);
-    auto logits = model_->forward(batch.inputs);  // [batch, seq, vocab]
-    loss = torch::nn::functional::cross_entropy(
-        logits.reshape({-1, logits.size(-1)}).to(torch::kFloat), batch.targets.reshape({-1}),
-        torch::nn::functional::CrossEntropyFuncOptions().ignore_index(data::kIgnoreIndex));
-  }
   if (batch.trained_tokens == 0) return 0.0;  // every target masked: nothing to learn here
+  auto loss = mean_token_loss(batch);
   (loss / static_cast<double>(options_.grad_accum_steps)).backward();
   return loss.item<double>();
 }
@@ -195,12 +196,7 @@ EvalResult Trainer::evaluate() {
     // The same held-out batches every time, so evaluations are comparable.
     data::Batch batch = eval_data_.batch(i, 0);
     if (batch.trained_tokens == 0) continue;
-    precision::AutocastGuard autocast(precision_.compute_dtype);
-    auto logits = model_->forward(batch.inputs);
-    auto loss = torch::nn::functional::cross_entropy(
-        logits.reshape({-1, logits.size(-1)}).to(torch::kFloat), batch.targets.reshape({-1}),
-        torch::nn::functional::CrossEntropyFuncOptions().ignore_index(data::kIgnoreIndex));
-    total += loss.item<double>();
+    total += mean_token_loss(batch).item<double>();
     ++counted;
   }
   if (was_training) model_->train();

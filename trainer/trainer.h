@@ -85,6 +85,8 @@ class Trainer {
   bool finished() const;
 
  private:
+  // Cross-entropy over the batch's trained targets, forward in the compute dtype.
+  torch::Tensor mean_token_loss(const data::Batch& batch);
   double forward_backward(const data::Batch& batch);  // returns the micro-batch loss
   double clip_gradients();                            // returns the pre-clip global norm
   void handle_nonfinite(const std::string& what, double value);

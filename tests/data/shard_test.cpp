@@ -13,11 +13,6 @@ namespace {
 namespace fs = std::filesystem;
 using testing::TempDir;
 
-void write_bytes(const fs::path& path, const std::string& bytes) {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-}
-
 template <typename T>
 void poke(std::string& bytes, size_t offset, T value) {
   std::memcpy(bytes.data() + offset, &value, sizeof(T));
@@ -170,14 +165,14 @@ TEST(ShardErrors, MissingFile) {
 TEST(ShardErrors, EmptyFile) {
   TempDir dir;
   fs::path path = dir / "empty.bin";
-  write_bytes(path, "");
+  write_file_atomic(path, "");
   EXPECT_BRIGADE_ERROR(Shard{path}, path.string() + ": empty file (0 bytes)");
 }
 
 TEST(ShardErrors, ShorterThanHeader) {
   TempDir dir;
   fs::path path = dir / "short.bin";
-  write_bytes(path, "BRGSHARD\x01");
+  write_file_atomic(path, "BRGSHARD\x01");
   EXPECT_BRIGADE_ERROR(Shard{path}, "file has 9 bytes, shorter than the 64-byte header");
 }
 
@@ -186,7 +181,7 @@ TEST(ShardErrors, WrongMagic) {
   fs::path path = make_small_shard(dir);
   std::string bytes = read_file(path);
   bytes.replace(0, 8, "GGUF\x03\x00\x00\x00", 8);
-  write_bytes(path, bytes);
+  write_file_atomic(path, bytes);
   EXPECT_BRIGADE_ERROR(Shard{path}, "bad magic 'GGUF\?\?\?\?' (expected 'BRGSHARD')");
 }
 
@@ -195,7 +190,7 @@ TEST(ShardErrors, WrongVersion) {
   fs::path path = make_small_shard(dir);
   std::string bytes = read_file(path);
   poke<uint32_t>(bytes, 8, 2);
-  write_bytes(path, bytes);
+  write_file_atomic(path, bytes);
   EXPECT_BRIGADE_ERROR(Shard{path}, "unsupported version 2 (this build reads version 1)");
 }
 
@@ -204,7 +199,7 @@ TEST(ShardErrors, WrongDtype) {
   fs::path path = make_small_shard(dir);
   std::string bytes = read_file(path);
   poke<uint32_t>(bytes, 12, 3);
-  write_bytes(path, bytes);
+  write_file_atomic(path, bytes);
   EXPECT_BRIGADE_ERROR(Shard{path}, "dtype 3 is neither 2 (uint16) nor 4 (uint32)");
 }
 
@@ -213,7 +208,7 @@ TEST(ShardErrors, UnknownFlags) {
   fs::path path = make_small_shard(dir);
   std::string bytes = read_file(path);
   poke<uint32_t>(bytes, 24, 0x6);
-  write_bytes(path, bytes);
+  write_file_atomic(path, bytes);
   EXPECT_BRIGADE_ERROR(Shard{path}, "unknown flags 0x6");
 }
 
@@ -222,7 +217,7 @@ TEST(ShardErrors, NonzeroReserved) {
   fs::path path = make_small_shard(dir);
   std::string bytes = read_file(path);
   bytes[50] = 1;
-  write_bytes(path, bytes);
+  write_file_atomic(path, bytes);
   EXPECT_BRIGADE_ERROR(Shard{path}, "reserved header byte 50 is 1");
 }
 
@@ -232,7 +227,7 @@ TEST(ShardErrors, Truncated) {
   std::string bytes = read_file(path);
   ASSERT_EQ(bytes.size(), 78u);
   bytes.resize(75);
-  write_bytes(path, bytes);
+  write_file_atomic(path, bytes);
   EXPECT_BRIGADE_ERROR(Shard{path}, "token shard " + path.string() +
                                         ": truncated: header says 7 tokens (78 bytes expected), "
                                         "file has 75 bytes");
@@ -243,7 +238,7 @@ TEST(ShardErrors, TrailingBytes) {
   fs::path path = make_small_shard(dir);
   std::string bytes = read_file(path);
   bytes += "junk";
-  write_bytes(path, bytes);
+  write_file_atomic(path, bytes);
   EXPECT_BRIGADE_ERROR(Shard{path}, ": trailing bytes: header says 7 tokens (78 bytes expected), "
                                     "file has 82 bytes");
 }
@@ -253,18 +248,18 @@ TEST(ShardErrors, HeaderCountDisagreesWithSize) {
   fs::path path = make_small_shard(dir);
   std::string bytes = read_file(path);
   poke<uint64_t>(bytes, 16, 1000);
-  write_bytes(path, bytes);
+  write_file_atomic(path, bytes);
   EXPECT_BRIGADE_ERROR(Shard{path},
                        "truncated: header says 1000 tokens (2064 bytes expected), file has 78 bytes");
 
   poke<uint64_t>(bytes, 16, 3);
-  write_bytes(path, bytes);
+  write_file_atomic(path, bytes);
   EXPECT_BRIGADE_ERROR(Shard{path},
                        "trailing bytes: header says 3 tokens (70 bytes expected), file has 78 bytes");
 
   // A count so large the expected size overflows.
   poke<uint64_t>(bytes, 16, ~uint64_t{0});
-  write_bytes(path, bytes);
+  write_file_atomic(path, bytes);
   EXPECT_BRIGADE_ERROR(Shard{path}, "more than any file can hold");
 }
 
@@ -273,7 +268,7 @@ TEST(ShardErrors, MaskFlagWithoutMaskBytes) {
   fs::path path = make_small_shard(dir);
   std::string bytes = read_file(path);
   poke<uint32_t>(bytes, 24, 1);  // claims a mask stream that is not there
-  write_bytes(path, bytes);
+  write_file_atomic(path, bytes);
   EXPECT_BRIGADE_ERROR(Shard{path}, "truncated: header says 7 tokens (85 bytes expected)");
 }
 
@@ -282,7 +277,7 @@ TEST(ShardErrors, MoreDocumentsThanTokens) {
   fs::path path = make_small_shard(dir);
   std::string bytes = read_file(path);
   poke<uint64_t>(bytes, 32, 8);
-  write_bytes(path, bytes);
+  write_file_atomic(path, bytes);
   EXPECT_BRIGADE_ERROR(Shard{path}, "header says 8 documents but only 7 tokens");
 }
 
@@ -297,7 +292,7 @@ TEST(ShardErrors, CorruptTokenAndMaskOnRead) {
   std::string bytes = read_file(path);
   poke<uint16_t>(bytes, 64 + 2, 300);  // token 1 outside the vocabulary
   bytes[64 + 6 + 2] = 5;               // mask of token 2 is not 0/1
-  write_bytes(path, bytes);
+  write_file_atomic(path, bytes);
 
   Shard shard(path);  // opening does not scan tokens
   std::vector<int64_t> tokens(3);

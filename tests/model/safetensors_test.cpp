@@ -17,11 +17,6 @@ namespace {
 namespace fs = std::filesystem;
 using testing::TempDir;
 
-void write_bytes(const fs::path& path, const std::string& bytes) {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-}
-
 // A file from a raw header text and data area, exactly as given (no padding).
 std::string make_file(const std::string& header, const std::string& data) {
   std::string bytes(8, '\0');
@@ -122,7 +117,7 @@ TEST(Safetensors, ReadsAHandBuiltFile) {
   const std::string header =
       R"({"ints":{"dtype":"I32","shape":[1,2],"data_offsets":[4,12]},)"
       R"("__metadata__":{"format":"pt"},"x":{"dtype":"F32","shape":[],"data_offsets":[0,4]}})";
-  write_bytes(dir / "h.safetensors", make_file(header, data));
+  write_file_atomic(dir / "h.safetensors", make_file(header, data));
   auto file = load_safetensors(dir / "h.safetensors");
   EXPECT_EQ(file.metadata.at("format"), "pt");
   EXPECT_TRUE(same(file.tensors.at("ints"), torch::tensor({{-5, 9}}, torch::kInt)));
@@ -158,7 +153,7 @@ class SafetensorsCorrupt : public ::testing::Test {
   // Writes `bytes` and expects loading to fail with `message` (and the file's path).
   void expect_error(const std::string& bytes, const std::string& message) {
     const fs::path path = dir_ / "bad.safetensors";
-    write_bytes(path, bytes);
+    write_file_atomic(path, bytes);
     try {
       load_safetensors(path);
       ADD_FAILURE() << "expected brigade::Error containing '" << message << "'";
