@@ -17,6 +17,7 @@
 #include "data/tokenizer.h"
 #include "launch/commands.h"
 #include "model/generate.h"
+#include "moe/options.h"
 #include "recipes/build.h"
 #include "recipes/recipe.h"
 #include "trainer/checkpoint.h"
@@ -43,7 +44,15 @@ void log_model(const recipes::Recipe& r, model::Transformer& model) {
   const auto count = model->parameter_count();
   log_info("model: ", r.model.n_layers, " layers, d_model ", r.model.d_model, ", ", r.model.n_heads, " heads (",
            r.model.kv_heads(), " kv), d_ff ", r.model.ff_size(), ", vocab ", r.model.vocab_size);
-  log_info("parameters: ", human_count(static_cast<double>(count.total)), " total (",
+  if (r.model.moe.enabled()) {
+    const auto& m = r.model.moe;
+    log_info("moe: layers ", m.first_k_dense, "..", r.model.n_layers - 1, ", ", m.num_experts, " routed experts (top-",
+             m.top_k, ", d_ff ", m.expert_size(r.model.ff_size()), ") + ", m.num_shared_experts,
+             " shared, router ", moe::to_string(m.score_function), ", ",
+             m.dropless ? std::string("dropless") : "capacity factor " + std::to_string(m.capacity_factor));
+  }
+  log_info("parameters: ", human_count(static_cast<double>(count.total)), " total, ",
+           human_count(static_cast<double>(count.activated)), " activated per token (",
            human_count(static_cast<double>(count.embedding)), " embedding), training FLOPs/token ",
            human_count(count.train_flops_per_token(r.model, r.data.seq_len)), " at seq_len ", r.data.seq_len);
 }
@@ -60,7 +69,7 @@ LoadedModel load_model(const fs::path& checkpoint, const std::vector<std::string
   LoadedModel out;
   out.recipe = recipes::parse_recipe(ck.recipe_yaml, (dir / "recipe.yaml").string(), overrides, dir);
   out.model = model::Transformer(out.recipe.model);
-  trainer::load_weights(*out.model, ck.model, "checkpoint " + dir.string());
+  trainer::load_weights(out.model->state_dict(), ck.model, "checkpoint " + dir.string());
   return out;
 }
 

@@ -32,6 +32,7 @@ void TransformerOptions::validate() const {
   BRIGADE_CHECK(rope_theta > 0, "model.rope_theta must be positive, got ", rope_theta);
   BRIGADE_CHECK(norm_eps > 0, "model.norm_eps must be positive, got ", norm_eps);
   BRIGADE_CHECK(init_std > 0, "model.init_std must be positive, got ", init_std);
+  moe.validate(n_layers);
 }
 
 // ---------------------------------------------------------------------------------
@@ -121,28 +122,23 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
 }
 
 // ---------------------------------------------------------------------------------
-MLPImpl::MLPImpl(const TransformerOptions& o) {
-  gate_proj = register_module("gate_proj", make_linear(o.d_model, o.ff_size(), false));
-  up_proj = register_module("up_proj", make_linear(o.d_model, o.ff_size(), false));
-  down_proj = register_module("down_proj", make_linear(o.ff_size(), o.d_model, false));
-}
-
-torch::Tensor MLPImpl::forward(const torch::Tensor& x) {
-  return down_proj(torch::silu(gate_proj(x)) * up_proj(x));
-}
-
-BlockImpl::BlockImpl(const TransformerOptions& o) {
+BlockImpl::BlockImpl(const TransformerOptions& o, int64_t layer) {
   input_layernorm = register_module("input_layernorm", RMSNorm(o.d_model, o.norm_eps));
   self_attn = register_module("self_attn", Attention(o));
   post_attention_layernorm =
       register_module("post_attention_layernorm", RMSNorm(o.d_model, o.norm_eps));
-  mlp = register_module("mlp", MLP(o));
+  if (o.is_moe_layer(layer)) {
+    moe = register_module("mlp", moe::MoELayer(o.d_model, o.ff_size(), o.moe));
+  } else {
+    mlp = register_module("mlp", moe::SwiGLU(o.d_model, o.ff_size()));
+  }
 }
 
 torch::Tensor BlockImpl::forward(const torch::Tensor& x, const torch::Tensor& cos,
                                  const torch::Tensor& sin, KVCache* cache, int64_t layer) {
   auto h = x + self_attn(input_layernorm(x), cos, sin, cache, layer);
-  return h + mlp(post_attention_layernorm(h));
+  auto normed = post_attention_layernorm(h);
+  return h + (mlp ? mlp(normed) : moe(normed));
 }
 
 // ---------------------------------------------------------------------------------
@@ -151,7 +147,7 @@ TransformerImpl::TransformerImpl(TransformerOptions options) : options_(std::mov
   const auto& o = options_;
   embed_tokens = register_module("embed_tokens", torch::nn::Embedding(o.vocab_size, o.d_model));
   layers = register_module("layers", torch::nn::ModuleList());
-  for (int64_t i = 0; i < o.n_layers; ++i) layers->push_back(Block(o));
+  for (int64_t i = 0; i < o.n_layers; ++i) layers->push_back(Block(o, i));
   norm = register_module("norm", RMSNorm(o.d_model, o.norm_eps));
   if (!o.tie_embeddings) lm_head = register_module("lm_head", make_linear(o.d_model, o.vocab_size, false));
 
@@ -172,16 +168,29 @@ void TransformerImpl::init_weights() {
   // Residual-branch output projections are scaled down with depth (GPT-2) so the
   // residual stream's variance does not grow with the layer count.
   const double out_std = std / std::sqrt(2.0 * static_cast<double>(options_.n_layers));
+  auto init_swiglu = [&](moe::SwiGLUImpl& f) {
+    f.gate_proj->weight.normal_(0.0, std);
+    f.up_proj->weight.normal_(0.0, std);
+    f.down_proj->weight.normal_(0.0, out_std);
+  };
   embed_tokens->weight.normal_(0.0, std);
   for (const auto& layer : *layers) {
     auto block = layer->as<BlockImpl>();
-    for (auto* lin : {&block->self_attn->q_proj, &block->self_attn->k_proj, &block->self_attn->v_proj,
-                      &block->mlp->gate_proj, &block->mlp->up_proj}) {
+    for (auto* lin : {&block->self_attn->q_proj, &block->self_attn->k_proj, &block->self_attn->v_proj}) {
       (*lin)->weight.normal_(0.0, std);
       if ((*lin)->bias.defined()) (*lin)->bias.zero_();
     }
     block->self_attn->o_proj->weight.normal_(0.0, out_std);
-    block->mlp->down_proj->weight.normal_(0.0, out_std);
+    if (block->mlp) {
+      init_swiglu(*block->mlp);
+      continue;
+    }
+    auto& ffn = *block->moe;
+    ffn.gate->weight.normal_(0.0, std);
+    auto& experts = *ffn.experts->as<moe::GroupedExpertsImpl>();
+    experts.gate_up_proj.normal_(0.0, std);
+    experts.down_proj.normal_(0.0, out_std);
+    if (ffn.shared_experts) init_swiglu(*ffn.shared_experts);
   }
   if (lm_head) lm_head->weight.normal_(0.0, std);
 }
@@ -227,7 +236,49 @@ ParameterCount TransformerImpl::parameter_count() const {
   }
   count.matmul += options_.vocab_size * options_.d_model;
   if (lm_head) count.matmul -= lm_head->weight.numel();  // already counted in total
+  // A token skips all but top_k routed experts of each MoE layer.
+  count.activated = count.total;
+  for (const auto& layer : moe_layers()) {
+    const auto& o = layer->options();
+    const int64_t skipped = (o.num_experts - o.top_k) * layer->experts->parameters_per_expert();
+    count.activated -= skipped;
+    count.matmul -= skipped;
+  }
   return count;
+}
+
+NamedTensors TransformerImpl::state_dict() const {
+  NamedTensors out;
+  for (const auto& item : named_parameters()) out.emplace_back(item.key(), item.value());
+  for (const auto& item : named_buffers()) {
+    // RoPE tables are derived from the options; expert biases are learned state.
+    if (item.key().ends_with(".e_score_correction_bias")) out.emplace_back(item.key(), item.value());
+  }
+  return out;
+}
+
+std::vector<moe::MoELayer> TransformerImpl::moe_layers() const {
+  std::vector<moe::MoELayer> out;
+  for (const auto& layer : *layers) {
+    auto block = layer->as<BlockImpl>();
+    if (block->moe) out.push_back(block->moe);
+  }
+  return out;
+}
+
+torch::Tensor TransformerImpl::aux_loss() const {
+  torch::Tensor total;
+  for (const auto& layer : moe_layers()) {
+    auto loss = layer->aux_loss();
+    if (loss.defined()) total = total.defined() ? total + loss : loss;
+  }
+  return total;
+}
+
+std::vector<moe::LayerStepStats> TransformerImpl::end_moe_step(bool update_bias) {
+  std::vector<moe::LayerStepStats> stats;
+  for (auto& layer : moe_layers()) stats.push_back(layer->end_step(update_bias));
+  return stats;
 }
 
 double ParameterCount::train_flops_per_token(const TransformerOptions& o, int64_t seq_len) const {

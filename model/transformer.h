@@ -1,6 +1,7 @@
 // The decoder-only transformer: RMSNorm, RoPE, grouped-query causal attention
 // (LibTorch's scaled_dot_product_attention), SwiGLU MLP, optional tied embeddings,
-// optional QKV bias (Qwen2) and q/k norm (Qwen3).
+// optional QKV bias (Qwen2) and q/k norm (Qwen3), and DeepSeekMoE feed-forward
+// layers after the first model.moe.first_k_dense blocks when model.moe.num_experts > 0.
 //
 // Parameter names follow the Hugging Face Llama/Qwen layout ("layers.3.self_attn.q_proj.weight")
 // so checkpoint import/export is a prefix mapping, not a rename table.
@@ -13,6 +14,10 @@
 #include <torch/nn/module.h>
 #include <torch/nn/modules/container/modulelist.h>
 #include <torch/nn/modules/linear.h>
+
+#include "model/safetensors.h"
+#include "moe/layer.h"
+#include "moe/swiglu.h"
 
 namespace brigade::model {
 
@@ -31,11 +36,13 @@ struct TransformerOptions {
   bool qkv_bias = false;    // Qwen2
   bool qk_norm = false;     // Qwen3: RMSNorm over head_dim on q and k before RoPE
   double init_std = 0.02;
+  moe::MoEOptions moe;      // num_experts = 0: every block is dense
 
   // Derived sizes with the 0 defaults resolved.
   int64_t kv_heads() const { return n_kv_heads > 0 ? n_kv_heads : n_heads; }
   int64_t head_size() const { return head_dim > 0 ? head_dim : d_model / n_heads; }
   int64_t ff_size() const;
+  bool is_moe_layer(int64_t layer) const { return moe.enabled() && layer >= moe.first_k_dense; }
   // Throws an Error naming the key ("model.n_heads ...") when a cross-field rule fails.
   void validate() const;
 };
@@ -74,29 +81,24 @@ class AttentionImpl : public torch::nn::Module {
 };
 TORCH_MODULE(Attention);
 
-class MLPImpl : public torch::nn::Module {
- public:
-  explicit MLPImpl(const TransformerOptions& options);
-  torch::Tensor forward(const torch::Tensor& x);  // SwiGLU: down(silu(gate(x)) * up(x))
-  torch::nn::Linear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
-};
-TORCH_MODULE(MLP);
-
 class BlockImpl : public torch::nn::Module {
  public:
-  explicit BlockImpl(const TransformerOptions& options);
+  BlockImpl(const TransformerOptions& options, int64_t layer);
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
                         KVCache* cache, int64_t layer);
   RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
   Attention self_attn{nullptr};
-  MLP mlp{nullptr};
+  // Exactly one feed-forward is set; either is registered under the name "mlp".
+  moe::SwiGLU mlp{nullptr};     // dense layers
+  moe::MoELayer moe{nullptr};   // MoE layers
 };
 TORCH_MODULE(Block);
 
 struct ParameterCount {
   int64_t total = 0;          // every parameter once (tied weights counted once)
+  int64_t activated = 0;      // parameters one token uses: total minus the routed experts it skips
   int64_t embedding = 0;      // the token embedding table
-  int64_t matmul = 0;         // weights used in matmuls per token, the LM head included
+  int64_t matmul = 0;         // weights one token uses in matmuls, the LM head included
   // Training FLOPs per token: 6 * matmul + 12 * layers * seq_len * n_heads * head_dim
   // (forward + backward, attention scores counted in full; the PaLM convention).
   double train_flops_per_token(const TransformerOptions& options, int64_t seq_len) const;
@@ -116,6 +118,17 @@ class TransformerImpl : public torch::nn::Module {
 
   const TransformerOptions& options() const { return options_; }
   ParameterCount parameter_count() const;
+
+  // Parameters plus training-state buffers (MoE expert biases), by name: what a
+  // checkpoint stores. The tensors alias the model's.
+  NamedTensors state_dict() const;
+  // The MoE layers' feed-forwards, in layer order (empty for a dense model).
+  std::vector<moe::MoELayer> moe_layers() const;
+  // Sum of the MoE auxiliary losses of the last training forward; undefined when none.
+  torch::Tensor aux_loss() const;
+  // Closes an optimizer step in every MoE layer (bias update when `update_bias`),
+  // returning each layer's statistics.
+  std::vector<moe::LayerStepStats> end_moe_step(bool update_bias);
 
   torch::nn::Embedding embed_tokens{nullptr};
   torch::nn::ModuleList layers{nullptr};

@@ -1,2 +1,11 @@
-// moe/: Mixture-of-Experts layers. Nothing here yet (see README.md).
+// moe/: DeepSeekMoE layers (router, aux-loss-free balancing, token permutation,
+// grouped experts) and a slow reference implementation for tests and benchmarks.
 #pragma once
+
+#include "moe/experts.h"
+#include "moe/layer.h"
+#include "moe/options.h"
+#include "moe/permute.h"
+#include "moe/reference.h"
+#include "moe/router.h"
+#include "moe/swiglu.h"

@@ -192,9 +192,14 @@ std::string dump_recipe(const Recipe& recipe) {
 }
 
 std::string model_fingerprint(const Recipe& recipe) {
+  // Balancing and capacity settings steer training, not what the weights mean: a
+  // run may resume with different ones.
+  static const std::set<std::string> training_only = {
+      "model.moe.bias_update_rate", "model.moe.seq_aux_loss", "model.moe.batch_aux_loss", "model.moe.z_loss",
+      "model.moe.dropless",         "model.moe.capacity_factor", "model.moe.drop_policy"};
   std::string out;
   for (const auto& f : schema()) {
-    if (f.path.rfind("model.", 0) != 0) continue;
+    if (f.path.rfind("model.", 0) != 0 || training_only.contains(f.path)) continue;
     YAML::Emitter e;
     e << f.get(recipe);
     out += f.path + ": " + e.c_str() + "\n";

@@ -6,6 +6,7 @@
 
 #include "core/error.h"
 #include "data/tokenizer.h"
+#include "moe/options.h"
 
 namespace brigade::recipes {
 namespace {
@@ -180,6 +181,26 @@ std::vector<Field> build_schema() {
   s.push_back(boolean("model.qkv_bias", REF(model.qkv_bias), "Bias on the q/k/v projections (Qwen2)."));
   s.push_back(boolean("model.qk_norm", REF(model.qk_norm), "RMSNorm on each head's q and k before RoPE (Qwen3)."));
   s.push_back(real("model.init_std", REF(model.init_std), "Standard deviation of the normal weight init (output projections are scaled by 1/sqrt(2 n_layers)).", 1e-9, 10.0));
+  s.push_back(integer<int64_t>("model.moe.num_experts", REF(model.moe.num_experts), "Routed experts per MoE layer. 0 = dense model (no MoE layers).", 0));
+  s.push_back(integer<int64_t>("model.moe.top_k", REF(model.moe.top_k), "Routed experts per token; at most num_experts.", 1));
+  s.push_back(integer<int64_t>("model.moe.num_shared_experts", REF(model.moe.num_shared_experts), "Always-on shared experts (computed as one SwiGLU of shared_d_ff).", 0));
+  s.push_back(integer<int64_t>("model.moe.expert_d_ff", REF(model.moe.expert_d_ff), "Intermediate size of each routed expert. 0 = model.d_ff.", 0));
+  s.push_back(integer<int64_t>("model.moe.shared_d_ff", REF(model.moe.shared_d_ff), "Intermediate size of the shared experts together. 0 = expert_d_ff * num_shared_experts.", 0));
+  s.push_back(integer<int64_t>("model.moe.first_k_dense", REF(model.moe.first_k_dense), "The first layers keep a dense MLP of model.d_ff; MoE from this layer on.", 0));
+  s.push_back(choice("model.moe.score_function", REF(model.moe.score_function), "Router scores: sigmoid (DeepSeek-V3) or softmax (DeepSeek-V2, Mixtral).",
+                     {"sigmoid", "softmax"}, moe::parse_score_function, [](moe::ScoreFunction v) { return moe::to_string(v); }));
+  s.push_back(integer<int64_t>("model.moe.num_groups", REF(model.moe.num_groups), "Expert groups for group-limited routing; must divide num_experts. 1 = no grouping.", 1));
+  s.push_back(integer<int64_t>("model.moe.topk_group", REF(model.moe.topk_group), "Groups a token may route to, best first by the sum of each group's two best scores.", 1));
+  s.push_back(boolean("model.moe.normalize_topk", REF(model.moe.normalize_topk), "Divide the selected experts' scores by their sum before scaling."));
+  s.push_back(real("model.moe.routed_scaling", REF(model.moe.routed_scaling), "Multiplies the routed experts' combine weights (DeepSeek-V3: 2.5).", 1e-9));
+  s.push_back(real("model.moe.bias_update_rate", REF(model.moe.bias_update_rate), "Aux-loss-free balancing speed gamma: after each step bias += gamma * sign(mean_load - load). 0 = off.", 0.0));
+  s.push_back(real("model.moe.seq_aux_loss", REF(model.moe.seq_aux_loss), "Sequence-wise balance loss coefficient alpha (DeepSeek-V3: 1e-4). 0 = off.", 0.0));
+  s.push_back(real("model.moe.batch_aux_loss", REF(model.moe.batch_aux_loss), "Micro-batch balance loss coefficient (Switch/GShard style). 0 = off.", 0.0));
+  s.push_back(real("model.moe.z_loss", REF(model.moe.z_loss), "Router z-loss coefficient: mean squared logsumexp of the router logits. 0 = off.", 0.0));
+  s.push_back(boolean("model.moe.dropless", REF(model.moe.dropless), "Compute every routed token copy. false: each expert takes at most capacity_factor * tokens * top_k / num_experts."));
+  s.push_back(real("model.moe.capacity_factor", REF(model.moe.capacity_factor), "Expert capacity multiplier when dropless is false.", 1e-9));
+  s.push_back(choice("model.moe.drop_policy", REF(model.moe.drop_policy), "Which copies an over-capacity expert keeps: highest routing weight (probs) or earliest tokens (position).",
+                     {"probs", "position"}, moe::parse_drop_policy, [](moe::DropPolicy v) { return moe::to_string(v); }));
 
   s.push_back(text("data.tokenizer", REF(data.tokenizer), "Tokenizer: byte (byte-level with special tokens)."));
   s.push_back(integer<int64_t>("data.seq_len", REF(data.seq_len), "Tokens per training sequence; at most model.max_seq_len.", 1));

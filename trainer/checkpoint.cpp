@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <fstream>
+#include <set>
 
 #include <nlohmann/json.hpp>
 
@@ -164,23 +165,25 @@ LoadedCheckpoint load_checkpoint(const fs::path& step_dir) {
   return ck;
 }
 
-void load_weights(torch::nn::Module& module, const model::SafetensorsFile& weights,
+void load_weights(const model::NamedTensors& target, const model::SafetensorsFile& weights,
                   const std::string& source) {
   torch::NoGradGuard no_grad;
-  auto params = module.named_parameters();
-  for (const auto& item : params) {
-    auto it = weights.tensors.find(item.key());
-    BRIGADE_CHECK(it != weights.tensors.end(), source, ": no tensor '", item.key(),
+  std::set<std::string> expected;
+  for (const auto& [name, tensor] : target) {
+    expected.insert(name);
+    auto it = weights.tensors.find(name);
+    BRIGADE_CHECK(it != weights.tensors.end(), source, ": no tensor '", name,
                   "'; the checkpoint is from a different model shape");
-    BRIGADE_CHECK(it->second.sizes() == item.value().sizes(), source, ": tensor '", item.key(),
-                  "' has shape ", it->second.sizes(), " but the model expects ", item.value().sizes(),
+    BRIGADE_CHECK(it->second.sizes() == tensor.sizes(), source, ": tensor '", name, "' has shape ",
+                  it->second.sizes(), " but the model expects ", tensor.sizes(),
                   "; the checkpoint is from a different model shape");
-    item.value().copy_(it->second);
   }
   for (const auto& [name, tensor] : weights.tensors) {
-    BRIGADE_CHECK(params.contains(name), source, ": unexpected tensor '", name,
+    BRIGADE_CHECK(expected.contains(name), source, ": unexpected tensor '", name,
                   "'; the checkpoint is from a different model shape");
   }
+  // Copy only after every check passed, so a rejected checkpoint leaves the model as it was.
+  for (const auto& [name, tensor] : target) tensor.copy_(weights.tensors.at(name));
 }
 
 }  // namespace brigade::trainer

@@ -76,9 +76,10 @@ std::filesystem::path resolve_checkpoint(const std::filesystem::path& path);
 // Reads and validates every file of a step directory.
 LoadedCheckpoint load_checkpoint(const std::filesystem::path& step_dir);
 
-// Copies weights into `module`'s parameters by name. A missing, extra or
-// differently shaped tensor is an Error that says the checkpoint is from another model.
-void load_weights(torch::nn::Module& module, const model::SafetensorsFile& weights,
+// Copies weights into `target` (a model's state_dict(): parameters and training-state
+// buffers) by name. A missing, extra or differently shaped tensor is an Error that
+// says the checkpoint is from another model.
+void load_weights(const model::NamedTensors& target, const model::SafetensorsFile& weights,
                   const std::string& source);
 
 }  // namespace brigade::trainer

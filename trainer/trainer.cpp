@@ -13,7 +13,7 @@
 namespace brigade::trainer {
 namespace {
 
-model::NamedTensors named_parameters(torch::nn::Module& module) {
+model::NamedTensors trainable_parameters(torch::nn::Module& module) {
   model::NamedTensors out;
   for (const auto& item : module.named_parameters()) out.emplace_back(item.key(), item.value());
   return out;
@@ -58,7 +58,7 @@ Trainer::Trainer(TrainerOptions options, precision::PrecisionOptions precision, 
       train_data_(std::move(train_data)),
       eval_data_(std::move(eval_data)),
       context_(std::move(context)),
-      optimizer_(named_parameters(*model_), weight_decay_mask(named_parameters(*model_), options),
+      optimizer_(trainable_parameters(*model_), weight_decay_mask(trainable_parameters(*model_), options),
                  AdamWOptions{options.beta1, options.beta2, options.eps, options.weight_decay}),
       schedule_{options.lr, options.min_lr, options.warmup_steps, options.max_steps},
       checkpoints_(context_.run_dir / "checkpoints", options.keep_checkpoints) {
@@ -72,7 +72,7 @@ void Trainer::resume(const LoadedCheckpoint& ck) {
   BRIGADE_CHECK(ck.state.model_fingerprint == context_.model_fingerprint, source,
                 " is from a different model shape: ",
                 first_difference(ck.state.model_fingerprint, context_.model_fingerprint));
-  load_weights(*model_, ck.model, source);
+  load_weights(model_->state_dict(), ck.model, source);
   optimizer_.load_state(ck.optimizer.tensors, source);
   auto rng = ck.rng.tensors.find("cpu");
   BRIGADE_CHECK(rng != ck.rng.tensors.end(), source, ": rng.safetensors has no 'cpu' state");
@@ -116,10 +116,12 @@ StepResult Trainer::step() {
   StepResult result;
   optimizer_.zero_grad();
 
-  double loss = 0.0;
+  double loss = 0.0, aux_loss = 0.0;
   for (int64_t micro = 0; micro < options_.grad_accum_steps; ++micro) {
     data::Batch batch = train_data_.batch(state_.step, micro);
-    loss += forward_backward(batch) / static_cast<double>(options_.grad_accum_steps);
+    auto [lm, aux] = forward_backward(batch);
+    loss += lm / static_cast<double>(options_.grad_accum_steps);
+    aux_loss += aux / static_cast<double>(options_.grad_accum_steps);
     result.tokens += batch.inputs.numel();
   }
   const double grad_norm = clip_gradients();
@@ -128,12 +130,15 @@ StepResult Trainer::step() {
   const bool finite = std::isfinite(loss) && std::isfinite(grad_norm);
   if (!finite) handle_nonfinite(std::isfinite(loss) ? "gradient norm" : "loss", std::isfinite(loss) ? grad_norm : loss);
   if (finite) optimizer_.step(lr);
+  // Aux-loss-free balancing: expert biases move after the update, from this step's load.
+  result.moe = model_->end_moe_step(/*update_bias=*/finite);
 
   state_.step += 1;
   state_.tokens_seen += result.tokens;
   if (!finite) state_.skipped_steps += 1;
   result.step = state_.step;
   result.loss = loss;
+  result.aux_loss = aux_loss;
   result.lr = lr;
   result.grad_norm = grad_norm;
   result.skipped = !finite;
@@ -149,11 +154,13 @@ torch::Tensor Trainer::mean_token_loss(const data::Batch& batch) {
       torch::nn::functional::CrossEntropyFuncOptions().ignore_index(data::kIgnoreIndex));
 }
 
-double Trainer::forward_backward(const data::Batch& batch) {
-  if (batch.trained_tokens == 0) return 0.0;  // every target masked: nothing to learn here
+std::pair<double, double> Trainer::forward_backward(const data::Batch& batch) {
+  if (batch.trained_tokens == 0) return {0.0, 0.0};  // every target masked: nothing to learn here
   auto loss = mean_token_loss(batch);
-  (loss / static_cast<double>(options_.grad_accum_steps)).backward();
-  return loss.item<double>();
+  auto aux = model_->aux_loss();  // MoE balance / z-loss terms of this forward, if any
+  auto total = aux.defined() ? loss + aux : loss;
+  (total / static_cast<double>(options_.grad_accum_steps)).backward();
+  return {loss.item<double>(), aux.defined() ? aux.item<double>() : 0.0};
 }
 
 double Trainer::clip_gradients() {
@@ -209,7 +216,7 @@ EvalResult Trainer::evaluate() {
 
 std::filesystem::path Trainer::save_checkpoint() {
   CheckpointData data;
-  data.model = named_parameters(*model_);
+  data.model = model_->state_dict();
   data.optimizer = optimizer_.state();
   data.rng = {{"cpu", at::detail::getDefaultCPUGenerator().get_state()}};
   data.state = state_;
@@ -220,6 +227,26 @@ std::filesystem::path Trainer::save_checkpoint() {
 // ---------------------------------------------------------------------------------
 // Standard hooks.
 namespace {
+
+// MoE keys of a metrics line: per-layer max/mean expert load of the step, and the
+// drop fraction and auxiliary terms (summed over layers) when they are enabled.
+void add_moe_metrics(nlohmann::json& line, const StepResult& r, const moe::MoEOptions& o) {
+  auto per_layer = [&](auto member) {
+    nlohmann::json values = nlohmann::json::array();
+    for (const auto& layer : r.moe) values.push_back(layer.*member);
+    return values;
+  };
+  auto summed = [&](auto member) {
+    double total = 0.0;
+    for (const auto& layer : r.moe) total += layer.*member;
+    return total;
+  };
+  line["moe_load_max_over_mean"] = per_layer(&moe::LayerStepStats::max_load_ratio);
+  if (!o.dropless) line["moe_dropped_fraction"] = per_layer(&moe::LayerStepStats::dropped_fraction);
+  if (o.seq_aux_loss > 0) line["moe_seq_aux_loss"] = summed(&moe::LayerStepStats::seq_aux_loss);
+  if (o.batch_aux_loss > 0) line["moe_batch_aux_loss"] = summed(&moe::LayerStepStats::batch_aux_loss);
+  if (o.z_loss > 0) line["moe_z_loss"] = summed(&moe::LayerStepStats::z_loss);
+}
 
 // metrics.jsonl lines and the progress display every trainer.log_every steps.
 class LoggingHook : public TrainerHook {
@@ -242,9 +269,11 @@ class LoggingHook : public TrainerHook {
     const auto now = std::chrono::steady_clock::now();
     const double seconds = std::chrono::duration<double>(now - last_).count();
     rate_ = seconds > 0 ? static_cast<double>(tokens_) / seconds : 0.0;
-    t.metrics().write({{"step", r.step}, {"loss", r.loss}, {"lr", r.lr}, {"grad_norm", r.grad_norm},
-                       {"tokens_per_sec", rate_}, {"tokens_seen", t.state().tokens_seen},
-                       {"skipped", r.skipped}});
+    nlohmann::json line = {{"step", r.step}, {"loss", r.loss}, {"lr", r.lr}, {"grad_norm", r.grad_norm},
+                           {"tokens_per_sec", rate_}, {"tokens_seen", t.state().tokens_seen},
+                           {"skipped", r.skipped}};
+    if (!r.moe.empty()) add_moe_metrics(line, r, t.model()->options().moe);
+    t.metrics().write(line);
     progress_->update(r.step, status(loss_sum_ / static_cast<double>(steps_), rate_));
     tokens_ = 0;
     loss_sum_ = 0.0;

@@ -477,6 +477,52 @@ TEST(ModelTransformer, ParameterCountTiedAndUntied) {
                    6.0 * static_cast<double>(c.matmul) + 12.0 * static_cast<double>(L * seq * H * hd));
 }
 
+TEST(ModelTransformer, MoELayersAfterFirstKDenseWithTotalAndActivatedCounts) {
+  auto o = small_options();
+  o.n_layers = 3;
+  o.moe.num_experts = 6;
+  o.moe.top_k = 2;
+  o.moe.num_shared_experts = 1;
+  o.moe.expert_d_ff = 8;
+  o.moe.first_k_dense = 1;
+  Transformer model(o);
+  const int64_t V = o.vocab_size, d = o.d_model, hd = o.head_size(), H = o.n_heads, KV = o.kv_heads();
+  const int64_t attn = d * H * hd + 2 * d * KV * hd + H * hd * d, ff = o.ff_size(), E = 6, eff = 8;
+  const int64_t dense_ffn = 3 * d * ff;
+  const int64_t per_expert = 3 * d * eff;
+  const int64_t moe_ffn = E * d /* router */ + E * per_expert + 3 * d * eff /* shared */;
+
+  EXPECT_TRUE(model->layers[0]->as<BlockImpl>()->mlp);
+  EXPECT_FALSE(model->layers[0]->as<BlockImpl>()->moe);
+  for (int64_t i : {1, 2}) EXPECT_TRUE(model->layers[i]->as<BlockImpl>()->moe) << "layer " << i;
+  ASSERT_EQ(model->moe_layers().size(), 2u);
+
+  auto c = model->parameter_count();
+  EXPECT_EQ(c.total, numel_sum(model));
+  EXPECT_EQ(c.total, V * d + 3 * (attn + 2 * d) + dense_ffn + 2 * moe_ffn + d);
+  EXPECT_EQ(c.activated, c.total - 2 * (E - 2) * per_expert);
+  EXPECT_EQ(c.matmul, 3 * attn + dense_ffn + 2 * (moe_ffn - (E - 2) * per_expert) + V * d);
+
+  // Checkpoints carry the expert biases next to the parameters, under HF names.
+  std::set<std::string> names;
+  for (const auto& [name, t] : model->state_dict()) names.insert(name);
+  EXPECT_TRUE(names.contains("layers.1.mlp.gate.e_score_correction_bias"));
+  EXPECT_TRUE(names.contains("layers.2.mlp.experts.gate_up_proj"));
+  EXPECT_TRUE(names.contains("layers.2.mlp.shared_experts.down_proj.weight"));
+  EXPECT_TRUE(names.contains("layers.0.mlp.down_proj.weight"));
+  EXPECT_FALSE(names.contains("rope_cos"));
+
+  // Forward works, and generation with a KV cache matches the full forward.
+  auto tokens = torch::randint(0, V, {2, 7});
+  model->eval();
+  torch::NoGradGuard no_grad;
+  auto full = model->forward(tokens);
+  auto cache = model->make_cache(2, 7);
+  auto first = model->forward(tokens.narrow(1, 0, 4), &cache);
+  auto rest = model->forward(tokens.narrow(1, 4, 3), &cache);
+  EXPECT_LT((torch::cat({first, rest}, 1) - full).abs().max().item<double>(), 1e-5);
+}
+
 TEST(ModelTransformer, DefaultSizesResolve) {
   TransformerOptions o;
   o.d_model = 128;

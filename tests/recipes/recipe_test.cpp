@@ -273,6 +273,33 @@ TEST(Recipe, CrossFieldRules) {
   EXPECT_BRIGADE_ERROR(parse_recipe("", "x", {"name=''"}), "name must be a plain, non-empty name");
 }
 
+TEST(Recipe, MoERulesNameTheKey) {
+  const std::string moe = "model:\n  moe:\n    num_experts: 8\n    top_k: 2\n";
+  EXPECT_BRIGADE_ERROR(parse_recipe(moe, "x", {"model.moe.num_groups=3"}),
+                       "model.moe.num_groups (3) must divide model.moe.num_experts (8)");
+  EXPECT_BRIGADE_ERROR(parse_recipe(moe, "x", {"model.moe.top_k=9"}),
+                       "model.moe.top_k (9) must be between 1 and model.moe.num_experts (8)");
+  EXPECT_BRIGADE_ERROR(parse_recipe(moe, "x", {"model.moe.num_groups=4", "model.moe.topk_group=5"}),
+                       "model.moe.topk_group (5) must be between 1 and model.moe.num_groups (4)");
+  EXPECT_BRIGADE_ERROR(parse_recipe(moe, "x", {"model.moe.num_groups=4", "model.moe.topk_group=1", "model.moe.top_k=3"}),
+                       "model.moe.top_k (3) exceeds the experts reachable in model.moe.topk_group (1) groups of 2");
+  EXPECT_BRIGADE_ERROR(parse_recipe(moe, "x", {"model.moe.first_k_dense=4"}), "model.moe.first_k_dense (4)");
+  EXPECT_ERROR_WITH_ALL(parse_recipe(moe, "x", {"model.moe.capacity_factor=0"}), "--set model.moe.capacity_factor=0",
+                        "model.moe.capacity_factor = 0 is out of range");
+  EXPECT_ERROR_WITH_ALL(parse_recipe(moe + "    capacity_factor: -1\n", "cap.yaml"), "cap.yaml:5",
+                        "model.moe.capacity_factor = -1 is out of range");
+  EXPECT_ERROR_WITH_ALL(parse_recipe(moe, "x", {"model.moe.top_k=0"}), "model.moe.top_k = 0 is out of range");
+  EXPECT_ERROR_WITH_ALL(parse_recipe(moe, "x", {"model.moe.bias_update_rate=-0.1"}),
+                        "model.moe.bias_update_rate = -0.1 is out of range");
+  EXPECT_BRIGADE_ERROR(parse_recipe(moe, "x", {"model.moe.score_function=relu"}),
+                       "model.moe.score_function: 'relu' is not one of sigmoid | softmax");
+  EXPECT_BRIGADE_ERROR(parse_recipe(moe, "x", {"model.moe.drop_policy=random"}), "model.moe.drop_policy");
+  EXPECT_BRIGADE_ERROR(parse_recipe(moe, "x", {"model.moe.top_k=x"}), "model.moe.top_k");
+  EXPECT_NO_THROW(parse_recipe(moe, "x", {"model.moe.num_groups=4", "model.moe.topk_group=2"}));
+  // A dense model ignores the MoE keys' cross-field rules (top_k defaults to 2 > 0 experts).
+  EXPECT_NO_THROW(parse_recipe("", "x"));
+}
+
 // ---------------------------------------------------------------------------------
 // Dump, fingerprint, hash
 
@@ -335,6 +362,12 @@ TEST(Recipe, HashAndFingerprint) {
   EXPECT_EQ(model_fingerprint(other_lr), model_fingerprint(base));
   EXPECT_NE(recipe_hash(other_lr), recipe_hash(base));
   EXPECT_NE(recipe_hash(wider), recipe_hash(base));
+
+  // Balancing settings steer training only: a run may resume with new ones.
+  EXPECT_EQ(model_fingerprint(parse_recipe("", "r", {"model.moe.bias_update_rate=0.01", "model.moe.z_loss=0.001",
+                                                     "model.moe.dropless=false"})),
+            model_fingerprint(base));
+  EXPECT_NE(model_fingerprint(parse_recipe("", "r", {"model.moe.num_experts=4"})), model_fingerprint(base));
 
   const std::string fp = model_fingerprint(base);
   EXPECT_NE(fp.find("model.d_model: 128"), std::string::npos) << fp;

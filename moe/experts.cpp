@@ -1,0 +1,132 @@
+#include "moe/experts.h"
+
+#include <ATen/autocast_mode.h>
+#include <ATen/ops/mm.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/autograd.h>
+
+#include "core/error.h"
+
+namespace brigade::moe {
+namespace {
+
+// The dtype the GEMMs run in: the autocast dtype when autocast is on, else the input's.
+c10::ScalarType compute_dtype(const torch::Tensor& x) {
+  const auto device = x.device().type();
+  if (at::autocast::is_autocast_enabled(device)) return at::autocast::get_autocast_dtype(device);
+  return x.scalar_type();
+}
+
+// Forward and backward are loops of per-expert GEMMs over contiguous row slices,
+// with the elementwise SwiGLU done once over all rows. One autograd node for all
+// experts: per-expert autograd on slices of the stacked weights would make every
+// expert's backward materialise a full-size gradient of the stacked tensor.
+class GroupedSwiGLU : public torch::autograd::Function<GroupedSwiGLU> {
+ public:
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                               const torch::Tensor& gate_up, const torch::Tensor& down,
+                               const std::vector<int64_t>& counts) {
+    // Casts are explicit so autocast does not cast each slice again.
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    const auto dtype = compute_dtype(x);
+    auto xc = x.to(dtype).contiguous();
+    auto w1 = gate_up.to(dtype);
+    auto w2 = down.to(dtype);
+    const int64_t ff = w2.size(2);
+    auto h = torch::empty({xc.size(0), 2 * ff}, xc.options());  // [rows, 2 ff]: gate | up
+    int64_t start = 0;
+    for (size_t e = 0; e < counts.size(); ++e) {
+      if (counts[e] == 0) continue;
+      auto out = h.narrow(0, start, counts[e]);
+      at::mm_out(out, xc.narrow(0, start, counts[e]), w1[e].t());
+      start += counts[e];
+    }
+    auto gate = h.narrow(1, 0, ff), up = h.narrow(1, ff, ff);
+    auto act = torch::silu(gate) * up;  // [rows, ff]
+    auto y = torch::empty({xc.size(0), w2.size(1)}, xc.options());
+    start = 0;
+    for (size_t e = 0; e < counts.size(); ++e) {
+      if (counts[e] == 0) continue;
+      auto out = y.narrow(0, start, counts[e]);
+      at::mm_out(out, act.narrow(0, start, counts[e]), w2[e].t());
+      start += counts[e];
+    }
+    ctx->save_for_backward({xc, h, w1, w2});
+    ctx->saved_data["counts"] = c10::IValue(counts);
+    ctx->saved_data["x_dtype"] = c10::IValue(x.scalar_type());
+    ctx->saved_data["w_dtype"] = c10::IValue(gate_up.scalar_type());
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    auto saved = ctx->get_saved_variables();
+    const auto& xc = saved[0];
+    const auto& h = saved[1];
+    const auto& w1 = saved[2];
+    const auto& w2 = saved[3];
+    const auto counts = ctx->saved_data["counts"].toIntVector();
+    const int64_t ff = w2.size(2);
+    auto dy = grads[0].to(xc.scalar_type()).contiguous();  // [rows, d]
+
+    auto gate = h.narrow(1, 0, ff), up = h.narrow(1, ff, ff);
+    auto sig = torch::sigmoid(gate);
+    auto silu = gate * sig;
+    auto act = silu * up;
+
+    auto dact = torch::empty_like(act);
+    auto dw2 = torch::zeros_like(w2);  // experts with no rows keep a zero gradient
+    int64_t start = 0;
+    for (size_t e = 0; e < counts.size(); ++e) {
+      if (counts[e] == 0) continue;
+      auto dy_e = dy.narrow(0, start, counts[e]);
+      auto out = dact.narrow(0, start, counts[e]);
+      at::mm_out(out, dy_e, w2[e]);                           // [n, ff]
+      auto dw = dw2[e];
+      at::mm_out(dw, dy_e.t(), act.narrow(0, start, counts[e]));  // [d, ff]
+      start += counts[e];
+    }
+    // d silu(g)/dg = sig * (1 + g * (1 - sig))
+    auto dh = torch::cat({dact * up * sig * (1 + gate * (1 - sig)), dact * silu}, 1);  // [rows, 2 ff]
+
+    auto dx = torch::empty_like(xc);
+    auto dw1 = torch::zeros_like(w1);
+    start = 0;
+    for (size_t e = 0; e < counts.size(); ++e) {
+      if (counts[e] == 0) continue;
+      auto dh_e = dh.narrow(0, start, counts[e]);
+      auto out = dx.narrow(0, start, counts[e]);
+      at::mm_out(out, dh_e, w1[e]);                           // [n, d]
+      auto dw = dw1[e];
+      at::mm_out(dw, dh_e.t(), xc.narrow(0, start, counts[e]));  // [2 ff, d]
+      start += counts[e];
+    }
+    const auto x_dtype = ctx->saved_data["x_dtype"].toScalarType();
+    const auto w_dtype = ctx->saved_data["w_dtype"].toScalarType();
+    return {dx.to(x_dtype), dw1.to(w_dtype), dw2.to(w_dtype), torch::Tensor()};
+  }
+};
+
+}  // namespace
+
+GroupedExpertsImpl::GroupedExpertsImpl(int64_t num_experts, int64_t d_model, int64_t d_ff) {
+  gate_up_proj = register_parameter("gate_up_proj", torch::empty({num_experts, 2 * d_ff, d_model}));
+  down_proj = register_parameter("down_proj", torch::empty({num_experts, d_model, d_ff}));
+}
+
+torch::Tensor GroupedExpertsImpl::forward(const torch::Tensor& tokens, const std::vector<int64_t>& counts) {
+  return grouped_swiglu(tokens, gate_up_proj, down_proj, counts);
+}
+
+torch::Tensor grouped_swiglu(const torch::Tensor& tokens, const torch::Tensor& gate_up, const torch::Tensor& down,
+                             const std::vector<int64_t>& counts) {
+  BRIGADE_ASSERT(static_cast<int64_t>(counts.size()) == gate_up.size(0), counts.size(), " counts for ", gate_up.size(0), " experts");
+  int64_t rows = 0;
+  for (auto c : counts) rows += c;
+  BRIGADE_ASSERT(tokens.dim() == 2 && tokens.size(0) == rows && tokens.size(1) == gate_up.size(2), "tokens ",
+                 tokens.sizes(), " do not match ", rows, " counted rows of width ", gate_up.size(2));
+  return GroupedSwiGLU::apply(tokens, gate_up, down, counts);
+}
+
+}  // namespace brigade::moe

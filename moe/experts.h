@@ -1,0 +1,44 @@
+// Routed experts: num_experts SwiGLU MLPs with stacked weights (Hugging Face
+// DeepSeek-V3 layout), computed over a token buffer already sorted by expert.
+//
+// ExpertsImpl is the one interface for "run every expert over its contiguous slice";
+// GroupedExperts is the implementation on one device (a loop of per-expert GEMMs
+// inside one autograd node). Grouped-GEMM kernels, FP8 experts and expert-parallel
+// dispatch implement the same forward().
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include <torch/nn/module.h>
+
+namespace brigade::moe {
+
+class ExpertsImpl : public torch::nn::Module {
+ public:
+  // tokens: [rows, d_model], rows of expert e at [offsets[e], offsets[e+1]).
+  // counts: [experts] rows per expert. Returns [rows, d_model].
+  virtual torch::Tensor forward(const torch::Tensor& tokens, const std::vector<int64_t>& counts) = 0;
+  virtual int64_t num_experts() const = 0;
+  // Parameters one token touches per expert (for activated-parameter counts).
+  virtual int64_t parameters_per_expert() const = 0;
+};
+
+class GroupedExpertsImpl : public ExpertsImpl {
+ public:
+  GroupedExpertsImpl(int64_t num_experts, int64_t d_model, int64_t d_ff);
+  torch::Tensor forward(const torch::Tensor& tokens, const std::vector<int64_t>& counts) override;
+  int64_t num_experts() const override { return gate_up_proj.size(0); }
+  int64_t parameters_per_expert() const override { return gate_up_proj[0].numel() + down_proj[0].numel(); }
+
+  torch::Tensor gate_up_proj;  // [experts, 2 * d_ff, d_model]: gate rows then up rows
+  torch::Tensor down_proj;     // [experts, d_model, d_ff]
+};
+TORCH_MODULE(GroupedExperts);
+
+// The expert math without autograd bookkeeping, for callers that bring their own
+// weights (tests, benchmarks): out rows of expert e = down_e(silu(gate_e x) * up_e x).
+torch::Tensor grouped_swiglu(const torch::Tensor& tokens, const torch::Tensor& gate_up,
+                             const torch::Tensor& down, const std::vector<int64_t>& counts);
+
+}  // namespace brigade::moe

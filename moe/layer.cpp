@@ -1,0 +1,103 @@
+#include "moe/layer.h"
+
+#include "core/error.h"
+
+namespace brigade::moe {
+namespace {
+
+// f_i * P_i summed over experts, the DeepSeek-V3 balance loss before its coefficient:
+// counts [groups, experts] of routed copies over `tokens` tokens per group, probs
+// [groups, experts] mean normalised scores. Averaged over groups.
+torch::Tensor balance_loss(const torch::Tensor& counts, const torch::Tensor& probs, int64_t tokens, int64_t top_k) {
+  const double experts = static_cast<double>(counts.size(-1));
+  auto f = counts.to(torch::kFloat) * (experts / static_cast<double>(top_k * tokens));
+  return (f * probs).sum(-1).mean();
+}
+
+}  // namespace
+
+MoELayerImpl::MoELayerImpl(int64_t d_model, int64_t dense_d_ff, MoEOptions options) : options_(options) {
+  BRIGADE_ASSERT(options_.enabled(), "an MoE layer needs num_experts > 0");
+  gate = register_module("gate", Router(d_model, options_));
+  experts = register_module<ExpertsImpl>(
+      "experts", std::make_shared<GroupedExpertsImpl>(options_.num_experts, d_model, options_.expert_size(dense_d_ff)));
+  if (options_.num_shared_experts > 0) {
+    shared_experts = register_module("shared_experts", SwiGLU(d_model, options_.shared_size(dense_d_ff)));
+  }
+}
+
+torch::Tensor MoELayerImpl::forward(const torch::Tensor& x) {
+  BRIGADE_ASSERT(x.dim() == 3, "MoE input must be [batch, seq, d_model], got ", x.sizes());
+  const int64_t batch = x.size(0), seq = x.size(1), d = x.size(2);
+  auto flat = x.reshape({batch * seq, d});
+  Routing routing = gate(flat);
+  const int64_t capacity = options_.dropless ? -1 : expert_capacity(options_, batch * seq);
+  DispatchPlan plan = plan_dispatch(routing.indices, routing.weights, options_.num_experts, capacity,
+                                    options_.drop_policy);
+  auto y = unpermute(experts->forward(permute(flat, plan), plan.counts), routing.weights, plan);
+  if (shared_experts) y = y + shared_experts(flat);
+  aux_loss_ = torch::Tensor();
+  if (is_training()) record(routing, plan, batch, seq);
+  return y.view({batch, seq, d});
+}
+
+void MoELayerImpl::record(const Routing& r, const DispatchPlan& plan, int64_t batch, int64_t seq) {
+  const auto& o = options_;
+  const int64_t tokens = batch * seq;
+  auto terms = torch::zeros({3}, r.scores.options());
+  auto add = [&](int64_t slot, const torch::Tensor& loss) {
+    aux_loss_ = aux_loss_.defined() ? aux_loss_ + loss : loss;
+    terms[slot] = loss.detach();
+  };
+  if (o.seq_aux_loss > 0 || o.batch_aux_loss > 0) {
+    // Scores normalised over all experts (sigmoid scores do not sum to one).
+    auto probs = o.score_function == ScoreFunction::kSigmoid ? r.scores / r.scores.sum(-1, true) : r.scores;
+    if (o.seq_aux_loss > 0) {
+      auto counts = torch::zeros({batch, o.num_experts}, r.indices.options())
+                        .scatter_add_(1, r.indices.view({batch, -1}), torch::ones_like(r.indices).view({batch, -1}));
+      add(0, o.seq_aux_loss * balance_loss(counts, probs.view({batch, seq, -1}).mean(1), seq, o.top_k));
+    }
+    if (o.batch_aux_loss > 0) {
+      add(1, o.batch_aux_loss * balance_loss(plan.routed.unsqueeze(0), probs.mean(0, true), tokens, o.top_k));
+    }
+  }
+  if (o.z_loss > 0) add(2, o.z_loss * r.logits.logsumexp(-1).square().mean());
+
+  load_ = load_.defined() ? load_ + plan.routed : plan.routed.clone();
+  aux_sums_ = aux_sums_.defined() ? aux_sums_ + terms : terms;
+  micro_batches_ += 1;
+  copies_ += tokens * o.top_k;
+  dropped_ += plan.dropped;
+}
+
+LayerStepStats MoELayerImpl::end_step(bool update_bias) {
+  LayerStepStats stats;
+  if (micro_batches_ == 0) return stats;
+  torch::NoGradGuard no_grad;
+  auto load = load_.to(torch::kFloat);
+  const auto mean = load.mean();
+  stats.max_load_ratio = (load.max() / mean).item<double>();
+  stats.dropped_fraction = static_cast<double>(dropped_) / static_cast<double>(copies_);
+  auto aux = (aux_sums_ / static_cast<double>(micro_batches_)).to(torch::kCPU);
+  stats.seq_aux_loss = aux[0].item<double>();
+  stats.batch_aux_loss = aux[1].item<double>();
+  stats.z_loss = aux[2].item<double>();
+  if (update_bias && options_.bias_update_rate > 0) {
+    gate->e_score_correction_bias.add_(torch::sign(mean - load), options_.bias_update_rate);
+  }
+  load_ = torch::Tensor();
+  aux_sums_ = torch::Tensor();
+  aux_loss_ = torch::Tensor();
+  micro_batches_ = copies_ = dropped_ = 0;
+  return stats;
+}
+
+int64_t MoELayerImpl::activated_parameters() const {
+  int64_t n = gate->weight.numel() + options_.top_k * experts->parameters_per_expert();
+  if (shared_experts) {
+    for (const auto& p : shared_experts->parameters()) n += p.numel();
+  }
+  return n;
+}
+
+}  // namespace brigade::moe

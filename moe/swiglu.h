@@ -1,0 +1,21 @@
+// The SwiGLU feed-forward, down(silu(gate(x)) * up(x)): the dense MLP of a
+// transformer block and the shared experts of an MoE layer (Hugging Face names
+// gate_proj / up_proj / down_proj).
+#pragma once
+
+#include <cstdint>
+
+#include <torch/nn/module.h>
+#include <torch/nn/modules/linear.h>
+
+namespace brigade::moe {
+
+class SwiGLUImpl : public torch::nn::Module {
+ public:
+  SwiGLUImpl(int64_t d_model, int64_t d_ff);
+  torch::Tensor forward(const torch::Tensor& x);  // [..., d_model] -> [..., d_model]
+  torch::nn::Linear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
+};
+TORCH_MODULE(SwiGLU);
+
+}  // namespace brigade::moe
