@@ -26,9 +26,10 @@ class GroupedSwiGLU : public torch::autograd::Function<GroupedSwiGLU> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
                                const torch::Tensor& gate_up, const torch::Tensor& down,
                                const std::vector<int64_t>& counts) {
-    // Casts are explicit so autocast does not cast each slice again.
-    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    // Read the autocast dtype before excluding autocast (exclusion is what "off" means);
+    // casts are then explicit so autocast does not cast each slice again.
     const auto dtype = compute_dtype(x);
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     auto xc = x.to(dtype).contiguous();
     auto w1 = gate_up.to(dtype);
     auto w2 = down.to(dtype);

@@ -10,7 +10,7 @@ namespace {
 // [groups, experts] mean normalised scores. Averaged over groups.
 torch::Tensor balance_loss(const torch::Tensor& counts, const torch::Tensor& probs, int64_t tokens, int64_t top_k) {
   const double experts = static_cast<double>(counts.size(-1));
-  auto f = counts.to(torch::kFloat) * (experts / static_cast<double>(top_k * tokens));
+  auto f = counts.to(probs.scalar_type()) * (experts / static_cast<double>(top_k * tokens));
   return (f * probs).sum(-1).mean();
 }
 

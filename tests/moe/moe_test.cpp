@@ -7,6 +7,7 @@
 
 #include "model/safetensors.h"
 #include "moe/moe.h"
+#include "precision/precision.h"
 #include "tests/testing.h"
 
 namespace brigade {
@@ -321,11 +322,8 @@ TEST(MoELayerTest, Bfloat16AutocastStaysCloseToFloat32) {
   auto reference = layer->forward(x);
   torch::Tensor y;
   {
-    at::autocast::set_autocast_enabled(at::kCPU, true);
-    at::autocast::set_autocast_dtype(at::kCPU, torch::kBFloat16);
+    precision::AutocastGuard autocast(precision::ComputeDtype::kBFloat16);
     y = layer->forward(x);
-    at::autocast::set_autocast_enabled(at::kCPU, false);
-    at::autocast::clear_cache();
   }
   EXPECT_EQ(y.scalar_type(), torch::kBFloat16);
   const double rel = ((y.to(torch::kFloat) - reference).norm() / reference.norm()).item<double>();
