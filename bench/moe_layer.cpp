@@ -14,9 +14,11 @@
 //   "reference <tokens>"  one forward+backward of the slow per-token reference over
 //                         the first `tokens` tokens of x (float32)
 //   "output <path>"       writes MoELayer's output "y" to a safetensors file
+//   "profile <iters>"     iters passes under an OpProfile; answers {"ops": [...]} by self time
 // Each timing answer is {"seconds": s, "tokens": n}.
 #include <CLI/CLI.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <iostream>
 #include <sstream>
@@ -25,6 +27,7 @@
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
+#include "bench/op_profile.h"
 #include "core/error.h"
 #include "model/safetensors.h"
 #include "moe/moe.h"
@@ -130,6 +133,20 @@ int main(int argc, char** argv) {
         auto out = moe::reference_moe(xs, ref, o);
         out.y.backward(gs);
         std::cout << nlohmann::json{{"seconds", seconds_since(start)}, {"tokens", tokens}}.dump() << std::endl;
+      } else if (what == "profile") {
+        int64_t iters = 1;
+        in >> iters;
+        nlohmann::json ops = nlohmann::json::array();
+        {
+          bench::OpProfile profile;
+          for (int64_t i = 0; i < iters; ++i) pass();
+          auto stats = profile.ops();
+          std::sort(stats.begin(), stats.end(), [](const auto& a, const auto& b) { return a.self_seconds > b.self_seconds; });
+          for (const auto& op : stats) {
+            ops.push_back({{"name", op.name}, {"calls", op.calls}, {"self_ms", 1e3 * op.self_seconds / iters}});
+          }
+        }
+        std::cout << nlohmann::json{{"ops", ops}}.dump() << std::endl;
       } else if (what == "output") {
         std::string path;
         in >> path;

@@ -2,6 +2,8 @@
 
 #include <ATen/autocast_mode.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/silu_backward.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
 
@@ -72,9 +74,8 @@ class GroupedSwiGLU : public torch::autograd::Function<GroupedSwiGLU> {
     auto dy = grads[0].to(xc.scalar_type()).contiguous();  // [rows, d]
 
     auto gate = h.narrow(1, 0, ff), up = h.narrow(1, ff, ff);
-    auto sig = torch::sigmoid(gate);
-    auto silu = gate * sig;
-    auto act = silu * up;
+    auto silu = torch::silu(gate);
+    auto act = silu * up;  // recomputed: cheaper than keeping [rows, ff] alive between passes
 
     auto dact = torch::empty_like(act);
     auto dw2 = torch::zeros_like(w2);  // experts with no rows keep a zero gradient
@@ -88,8 +89,10 @@ class GroupedSwiGLU : public torch::autograd::Function<GroupedSwiGLU> {
       at::mm_out(dw, dy_e.t(), act.narrow(0, start, counts[e]));  // [d, ff]
       start += counts[e];
     }
-    // d silu(g)/dg = sig * (1 + g * (1 - sig))
-    auto dh = torch::cat({dact * up * sig * (1 + gate * (1 - sig)), dact * silu}, 1);  // [rows, 2 ff]
+    auto dh = torch::empty_like(h);  // [rows, 2 ff]: d gate | d up
+    auto dgate = dh.narrow(1, 0, ff), dup = dh.narrow(1, ff, ff);
+    at::silu_backward_out(dgate, dact * up, gate);
+    at::mul_out(dup, dact, silu);
 
     auto dx = torch::empty_like(xc);
     auto dw1 = torch::zeros_like(w1);
