@@ -4,14 +4,15 @@
     .venv/bin/python bench/moe_layer.py [--hidden 512] [--experts 64] [--top-k 6]
         [--shared 2] [--expert-ff 128] [--groups 8] [--topk-group 4]
         [--batch 4] [--seq 512] [--threads 2] [--rounds 7] [--iters 3]
-        [--hf-impls eager,grouped_mm,batched_mm]
+        [--hf-impls eager,grouped_mm[,batched_mm]]
 
 Writes one set of random weights, an input and an output gradient, starts
 `build/bench/bench_moe_layer` on them (brigade's MoELayer in C++) and builds
 transformers' DeepseekV3MoE in this process from the same config and weights,
 once per experts implementation transformers offers ("eager" is the per-expert
 loop a standalone block runs; "grouped_mm" is what a full transformers model
-picks by default). Each round times one window of every contender, in an order
+picks by default; "batched_mm" is about 100x slower on CPU, so
+not timed unless asked). Each round times one window of every contender, in an order
 that rotates every round, on the same thread count: forward + backward (input
 and all weight gradients). The slow per-token reference (moe/reference.h) is
 timed on a few tokens. It checks that all give the same output first, then
@@ -54,7 +55,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--iters", type=int, default=3, help="passes per timing window")
     ap.add_argument("--reference-tokens", type=int, default=32)
-    ap.add_argument("--hf-impls", default="eager,grouped_mm,batched_mm",
+    ap.add_argument("--hf-impls", default="eager,grouped_mm",
                     help="transformers experts implementations to time")
     ap.add_argument("--binary", default=str(REPO / "build" / "bench" / "bench_moe_layer"))
     args = ap.parse_args()

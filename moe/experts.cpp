@@ -26,37 +26,32 @@ c10::ScalarType compute_dtype(const torch::Tensor& x) {
 class GroupedSwiGLU : public torch::autograd::Function<GroupedSwiGLU> {
  public:
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
-                               const torch::Tensor& gate_up, const torch::Tensor& down,
-                               const std::vector<int64_t>& counts) {
+                               const torch::Tensor& row_weights, const torch::Tensor& gate_up,
+                               const torch::Tensor& down, const std::vector<int64_t>& counts) {
     // Read the autocast dtype before excluding autocast (exclusion is what "off" means);
     // casts are then explicit so autocast does not cast each slice again.
     const auto dtype = compute_dtype(x);
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     auto xc = x.to(dtype).contiguous();
+    auto wc = row_weights.to(dtype).unsqueeze(1);  // [rows, 1]
     auto w1 = gate_up.to(dtype);
     auto w2 = down.to(dtype);
     const int64_t ff = w2.size(2);
     auto h = torch::empty({xc.size(0), 2 * ff}, xc.options());  // [rows, 2 ff]: gate | up
-    int64_t start = 0;
-    for (size_t e = 0; e < counts.size(); ++e) {
-      if (counts[e] == 0) continue;
-      auto out = h.narrow(0, start, counts[e]);
-      at::mm_out(out, xc.narrow(0, start, counts[e]), w1[e].t());
-      start += counts[e];
-    }
-    auto gate = h.narrow(1, 0, ff), up = h.narrow(1, ff, ff);
-    auto act = torch::silu(gate) * up;  // [rows, ff]
+    for_each_expert(counts, [&](int64_t e, int64_t start, int64_t n) {
+      auto out = h.narrow(0, start, n);
+      at::mm_out(out, xc.narrow(0, start, n), w1[e].t());
+    });
+    auto act = torch::silu(h.narrow(1, 0, ff)).mul_(h.narrow(1, ff, ff)).mul_(wc);  // [rows, ff], weighted
     auto y = torch::empty({xc.size(0), w2.size(1)}, xc.options());
-    start = 0;
-    for (size_t e = 0; e < counts.size(); ++e) {
-      if (counts[e] == 0) continue;
-      auto out = y.narrow(0, start, counts[e]);
-      at::mm_out(out, act.narrow(0, start, counts[e]), w2[e].t());
-      start += counts[e];
-    }
-    ctx->save_for_backward({xc, h, w1, w2});
+    for_each_expert(counts, [&](int64_t e, int64_t start, int64_t n) {
+      auto out = y.narrow(0, start, n);
+      at::mm_out(out, act.narrow(0, start, n), w2[e].t());
+    });
+    ctx->save_for_backward({xc, wc, h, w1, w2});
     ctx->saved_data["counts"] = c10::IValue(counts);
     ctx->saved_data["x_dtype"] = c10::IValue(x.scalar_type());
+    ctx->saved_data["rw_dtype"] = c10::IValue(row_weights.scalar_type());
     ctx->saved_data["w_dtype"] = c10::IValue(gate_up.scalar_type());
     return y;
   }
@@ -65,50 +60,66 @@ class GroupedSwiGLU : public torch::autograd::Function<GroupedSwiGLU> {
                                                  torch::autograd::variable_list grads) {
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     auto saved = ctx->get_saved_variables();
-    const auto& xc = saved[0];
-    const auto& h = saved[1];
-    const auto& w1 = saved[2];
-    const auto& w2 = saved[3];
+    const auto &xc = saved[0], &wc = saved[1], &h = saved[2], &w1 = saved[3], &w2 = saved[4];
     const auto counts = ctx->saved_data["counts"].toIntVector();
     const int64_t ff = w2.size(2);
     auto dy = grads[0].to(xc.scalar_type()).contiguous();  // [rows, d]
 
+    // Recomputed: cheaper than keeping [rows, ff] tensors alive between the passes.
     auto gate = h.narrow(1, 0, ff), up = h.narrow(1, ff, ff);
     auto silu = torch::silu(gate);
-    auto act = silu * up;  // recomputed: cheaper than keeping [rows, ff] alive between passes
+    auto act = silu * up;       // unweighted
+    auto act_w = act * wc;      // what the down projection saw
 
-    auto dact = torch::empty_like(act);
-    auto dw2 = torch::zeros_like(w2);  // experts with no rows keep a zero gradient
-    int64_t start = 0;
-    for (size_t e = 0; e < counts.size(); ++e) {
-      if (counts[e] == 0) continue;
-      auto dy_e = dy.narrow(0, start, counts[e]);
-      auto out = dact.narrow(0, start, counts[e]);
-      at::mm_out(out, dy_e, w2[e]);                           // [n, ff]
+    auto dact_w = torch::empty_like(act);
+    auto dw2 = empty_expert_grad(w2, counts);
+    for_each_expert(counts, [&](int64_t e, int64_t start, int64_t n) {
+      auto dy_e = dy.narrow(0, start, n);
+      auto out = dact_w.narrow(0, start, n);
+      at::mm_out(out, dy_e, w2[e]);  // [n, ff]
       auto dw = dw2[e];
-      at::mm_out(dw, dy_e.t(), act.narrow(0, start, counts[e]));  // [d, ff]
-      start += counts[e];
-    }
+      at::mm_out(dw, dy_e.t(), act_w.narrow(0, start, n));  // [d, ff]
+    });
+    auto drow = (dact_w * act).sum(1);  // [rows]: d/d routing weight
+    auto dact = dact_w.mul_(wc);
     auto dh = torch::empty_like(h);  // [rows, 2 ff]: d gate | d up
     auto dgate = dh.narrow(1, 0, ff), dup = dh.narrow(1, ff, ff);
     at::silu_backward_out(dgate, dact * up, gate);
     at::mul_out(dup, dact, silu);
 
     auto dx = torch::empty_like(xc);
-    auto dw1 = torch::zeros_like(w1);
-    start = 0;
-    for (size_t e = 0; e < counts.size(); ++e) {
-      if (counts[e] == 0) continue;
-      auto dh_e = dh.narrow(0, start, counts[e]);
-      auto out = dx.narrow(0, start, counts[e]);
-      at::mm_out(out, dh_e, w1[e]);                           // [n, d]
+    auto dw1 = empty_expert_grad(w1, counts);
+    for_each_expert(counts, [&](int64_t e, int64_t start, int64_t n) {
+      auto dh_e = dh.narrow(0, start, n);
+      auto out = dx.narrow(0, start, n);
+      at::mm_out(out, dh_e, w1[e]);  // [n, d]
       auto dw = dw1[e];
-      at::mm_out(dw, dh_e.t(), xc.narrow(0, start, counts[e]));  // [2 ff, d]
+      at::mm_out(dw, dh_e.t(), xc.narrow(0, start, n));  // [2 ff, d]
+    });
+    const auto x_dtype = ctx->saved_data["x_dtype"].toScalarType();
+    const auto rw_dtype = ctx->saved_data["rw_dtype"].toScalarType();
+    const auto w_dtype = ctx->saved_data["w_dtype"].toScalarType();
+    return {dx.to(x_dtype), drow.to(rw_dtype), dw1.to(w_dtype), dw2.to(w_dtype), torch::Tensor()};
+  }
+
+ private:
+  // Calls fn(expert, first row, rows) for every expert that received rows.
+  template <typename Fn>
+  static void for_each_expert(const std::vector<int64_t>& counts, Fn&& fn) {
+    int64_t start = 0;
+    for (size_t e = 0; e < counts.size(); ++e) {
+      if (counts[e] > 0) fn(static_cast<int64_t>(e), start, counts[e]);
       start += counts[e];
     }
-    const auto x_dtype = ctx->saved_data["x_dtype"].toScalarType();
-    const auto w_dtype = ctx->saved_data["w_dtype"].toScalarType();
-    return {dx.to(x_dtype), dw1.to(w_dtype), dw2.to(w_dtype), torch::Tensor()};
+  }
+  // A gradient buffer for stacked expert weights: GEMMs overwrite the slices of
+  // experts with rows; only idle experts need zeros (saves a full-size fill).
+  static torch::Tensor empty_expert_grad(const torch::Tensor& weight, const std::vector<int64_t>& counts) {
+    auto grad = torch::empty_like(weight);
+    for (size_t e = 0; e < counts.size(); ++e) {
+      if (counts[e] == 0) grad[static_cast<int64_t>(e)].zero_();
+    }
+    return grad;
   }
 };
 
@@ -119,18 +130,22 @@ GroupedExpertsImpl::GroupedExpertsImpl(int64_t num_experts, int64_t d_model, int
   down_proj = register_parameter("down_proj", torch::empty({num_experts, d_model, d_ff}));
 }
 
-torch::Tensor GroupedExpertsImpl::forward(const torch::Tensor& tokens, const std::vector<int64_t>& counts) {
-  return grouped_swiglu(tokens, gate_up_proj, down_proj, counts);
+torch::Tensor GroupedExpertsImpl::forward(const torch::Tensor& tokens, const torch::Tensor& weights,
+                                          const std::vector<int64_t>& counts) {
+  return grouped_swiglu(tokens, weights, gate_up_proj, down_proj, counts);
 }
 
-torch::Tensor grouped_swiglu(const torch::Tensor& tokens, const torch::Tensor& gate_up, const torch::Tensor& down,
+torch::Tensor grouped_swiglu(const torch::Tensor& tokens, const torch::Tensor& row_weights,
+                             const torch::Tensor& gate_up, const torch::Tensor& down,
                              const std::vector<int64_t>& counts) {
   BRIGADE_ASSERT(static_cast<int64_t>(counts.size()) == gate_up.size(0), counts.size(), " counts for ", gate_up.size(0), " experts");
   int64_t rows = 0;
   for (auto c : counts) rows += c;
   BRIGADE_ASSERT(tokens.dim() == 2 && tokens.size(0) == rows && tokens.size(1) == gate_up.size(2), "tokens ",
                  tokens.sizes(), " do not match ", rows, " counted rows of width ", gate_up.size(2));
-  return GroupedSwiGLU::apply(tokens, gate_up, down, counts);
+  BRIGADE_ASSERT(row_weights.dim() == 1 && row_weights.size(0) == rows, "row weights ", row_weights.sizes(),
+                 " for ", rows, " rows");
+  return GroupedSwiGLU::apply(tokens, row_weights, gate_up, down, counts);
 }
 
 }  // namespace brigade::moe

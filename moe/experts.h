@@ -17,8 +17,10 @@ namespace brigade::moe {
 class ExpertsImpl : public torch::nn::Module {
  public:
   // tokens: [rows, d_model], rows of expert e at [offsets[e], offsets[e+1]).
-  // counts: [experts] rows per expert. Returns [rows, d_model].
-  virtual torch::Tensor forward(const torch::Tensor& tokens, const std::vector<int64_t>& counts) = 0;
+  // weights: [rows] routing weight of each row, applied to the row's output.
+  // counts: [experts] rows per expert. Returns [rows, d_model], weighted.
+  virtual torch::Tensor forward(const torch::Tensor& tokens, const torch::Tensor& weights,
+                                const std::vector<int64_t>& counts) = 0;
   virtual int64_t num_experts() const = 0;
   // Parameters one token touches per expert (for activated-parameter counts).
   virtual int64_t parameters_per_expert() const = 0;
@@ -27,7 +29,8 @@ class ExpertsImpl : public torch::nn::Module {
 class GroupedExpertsImpl : public ExpertsImpl {
  public:
   GroupedExpertsImpl(int64_t num_experts, int64_t d_model, int64_t d_ff);
-  torch::Tensor forward(const torch::Tensor& tokens, const std::vector<int64_t>& counts) override;
+  torch::Tensor forward(const torch::Tensor& tokens, const torch::Tensor& weights,
+                        const std::vector<int64_t>& counts) override;
   int64_t num_experts() const override { return gate_up_proj.size(0); }
   int64_t parameters_per_expert() const override { return gate_up_proj[0].numel() + down_proj[0].numel(); }
 
@@ -36,9 +39,12 @@ class GroupedExpertsImpl : public ExpertsImpl {
 };
 TORCH_MODULE(GroupedExperts);
 
-// The expert math without autograd bookkeeping, for callers that bring their own
-// weights (tests, benchmarks): out rows of expert e = down_e(silu(gate_e x) * up_e x).
-torch::Tensor grouped_swiglu(const torch::Tensor& tokens, const torch::Tensor& gate_up,
-                             const torch::Tensor& down, const std::vector<int64_t>& counts);
+// The grouped expert math on explicit weights: row r of expert e gives
+// w_r * down_e(silu(gate_e x_r) * up_e x_r). The routing weight scales the
+// d_ff-wide activation before the down projection (the same product, but on
+// d_ff-wide rows instead of d_model-wide ones: fine-grained experts have d_ff < d_model).
+torch::Tensor grouped_swiglu(const torch::Tensor& tokens, const torch::Tensor& row_weights,
+                             const torch::Tensor& gate_up, const torch::Tensor& down,
+                             const std::vector<int64_t>& counts);
 
 }  // namespace brigade::moe

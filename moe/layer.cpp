@@ -34,7 +34,8 @@ torch::Tensor MoELayerImpl::forward(const torch::Tensor& x) {
   const int64_t capacity = options_.dropless ? -1 : expert_capacity(options_, batch * seq);
   DispatchPlan plan = plan_dispatch(routing.indices, routing.weights, options_.num_experts, capacity,
                                     options_.drop_policy);
-  auto y = unpermute(experts->forward(permute(flat, plan), plan.counts), routing.weights, plan);
+  auto rows = experts->forward(permute(flat, plan), row_weights(routing.weights, plan), plan.counts);
+  auto y = unpermute(rows, plan);
   if (shared_experts) y = y + shared_experts(flat);
   aux_loss_ = torch::Tensor();
   if (is_training()) record(routing, plan, batch, seq);

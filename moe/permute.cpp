@@ -60,10 +60,12 @@ DispatchPlan plan_dispatch(const torch::Tensor& indices, const torch::Tensor& we
 
 torch::Tensor permute(const torch::Tensor& x, const DispatchPlan& plan) { return x.index_select(0, plan.token); }
 
-torch::Tensor unpermute(const torch::Tensor& y, const torch::Tensor& weights, const DispatchPlan& plan) {
-  auto w = weights.reshape({-1}).index_select(0, plan.copy).unsqueeze(1).to(y.scalar_type());  // [rows, 1]
-  auto out = torch::zeros({plan.tokens, y.size(1)}, y.options());
-  return out.index_add(0, plan.token, y * w);
+torch::Tensor row_weights(const torch::Tensor& weights, const DispatchPlan& plan) {
+  return weights.reshape({-1}).index_select(0, plan.copy);
+}
+
+torch::Tensor unpermute(const torch::Tensor& y, const DispatchPlan& plan) {
+  return torch::zeros({plan.tokens, y.size(1)}, y.options()).index_add(0, plan.token, y);
 }
 
 }  // namespace brigade::moe

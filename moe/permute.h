@@ -1,9 +1,9 @@
 // Token permutation. Each token sends top_k copies to experts; the copies are
 // sorted by expert into one contiguous buffer so expert e owns rows
 // [offsets[e], offsets[e] + counts[e]) and runs as one GEMM per weight (no per-token
-// loops). unpermute() scatters the expert outputs back, weighted by the routing
-// weights, summing each token's copies. Gradients flow to the tokens, the expert
-// outputs and the weights.
+// loops). Each row carries its routing weight (row_weights()); the experts apply it
+// (see experts.h), and unpermute() sums each token's weighted rows back into place.
+// Gradients flow to the tokens, the expert outputs and the weights.
 #pragma once
 
 #include <cstdint>
@@ -36,7 +36,9 @@ DispatchPlan plan_dispatch(const torch::Tensor& indices, const torch::Tensor& we
 
 // x: [tokens, d] -> [rows, d] sorted by expert.
 torch::Tensor permute(const torch::Tensor& x, const DispatchPlan& plan);
-// y: [rows, d], weights: [tokens, top_k] -> [tokens, d] = sum over kept copies of weight * y.
-torch::Tensor unpermute(const torch::Tensor& y, const torch::Tensor& weights, const DispatchPlan& plan);
+// weights: [tokens, top_k] -> [rows], the routing weight of each sorted row.
+torch::Tensor row_weights(const torch::Tensor& weights, const DispatchPlan& plan);
+// y: [rows, d] (already weighted) -> [tokens, d], each token the sum of its kept rows.
+torch::Tensor unpermute(const torch::Tensor& y, const DispatchPlan& plan);
 
 }  // namespace brigade::moe

@@ -187,3 +187,44 @@ TEST(CliResume, KilledRunLeavesALoadableCheckpointAndResumes) {
 
 }  // namespace
 }  // namespace brigade
+
+namespace brigade {
+namespace {
+
+// The balance criterion on the shipped tiny-moe recipe, through the CLI:
+// with the aux-loss-free bias update on, each MoE layer's max/mean expert load,
+// averaged over the last 20% of steps, is at most 1.3. (bench/moe_balance.py
+// reports the same run beside the one with the update off.)
+TEST(CliMoE, TinyMoEBalancesExpertLoad) {
+  testing::TempDir dir;
+  const std::string recipe = std::string(BRIGADE_SOURCE_DIR) + "/recipes/tiny-moe.yaml";
+  auto r = testing::run_brigade("train " + recipe + " --set trainer.log_every=1 --set trainer.eval_every=0" +
+                                " --set trainer.checkpoint_every=0 --run-dir " + (dir / "run").string());
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("activated per token"), std::string::npos) << r.output;
+  std::ifstream in(dir / "run" / "metrics.jsonl");
+  std::vector<std::vector<double>> loads;  // per step, per layer
+  std::vector<double> losses;
+  for (std::string line; std::getline(in, line);) {
+    auto j = nlohmann::json::parse(line);
+    if (!j.contains("moe_load_max_over_mean")) continue;
+    loads.push_back(j["moe_load_max_over_mean"].get<std::vector<double>>());
+    losses.push_back(j["loss"].get<double>());
+  }
+  ASSERT_EQ(loads.size(), 600u);
+  ASSERT_EQ(loads[0].size(), 3u);  // layers 1..3 (first_k_dense: 1)
+  const size_t tail = loads.size() * 4 / 5;
+  for (size_t layer = 0; layer < 3; ++layer) {
+    double sum = 0.0, first = 0.0;
+    for (size_t s = tail; s < loads.size(); ++s) sum += loads[s][layer];
+    for (size_t s = 0; s < 20; ++s) first += loads[s][layer] / 20.0;
+    const double mean = sum / static_cast<double>(loads.size() - tail);
+    EXPECT_LE(mean, 1.3) << "layer " << layer + 1;
+    std::cout << "layer " << layer + 1 << ": max/mean load " << first << " over the first 20 steps, " << mean
+              << " over the last 20%\n";
+  }
+  EXPECT_LT(losses.back(), 0.7 * losses.front());
+}
+
+}  // namespace
+}  // namespace brigade

@@ -189,7 +189,8 @@ TEST(MoEPermuteTest, PermuteThenUnpermuteIsTheIdentity) {
       EXPECT_EQ(flat[plan.copy[r].item<int64_t>()].item<int64_t>(), e) << "row " << r;
     }
   }
-  expect_close(moe::unpermute(sorted, weights, plan), x, 1e-15, "unpermute(permute(x))");
+  auto weighted = sorted * moe::row_weights(weights, plan).unsqueeze(1);
+  expect_close(moe::unpermute(weighted, plan), x, 1e-15, "unpermute(permute(x))");
   EXPECT_EQ(plan.dropped, 0);
 }
 
@@ -201,7 +202,7 @@ TEST(MoEPermuteTest, GradientsFlowToTokensOutputsAndWeights) {
   auto x = torch::randn({tokens, 4}, torch::kDouble).requires_grad_(true);
   auto plan = moe::plan_dispatch(indices, weights, experts, -1, moe::DropPolicy::kProbs);
   auto y = moe::permute(x, plan) * 3.0;  // a stand-in expert
-  moe::unpermute(y, weights, plan).sum().backward();
+  moe::unpermute(y * moe::row_weights(weights, plan).unsqueeze(1), plan).sum().backward();
   // d/dw[t,k] = sum of the copy's expert output = 3 * sum(x[t]); d/dx[t] = 3 * sum_k w[t,k].
   expect_close(weights.grad(), (3.0 * x.detach().sum(1, true)).expand({tokens, top_k}), 1e-12, "d/dweights");
   expect_close(x.grad(), (3.0 * weights.detach().sum(1, true)).expand({tokens, 4}), 1e-12, "d/dx");
