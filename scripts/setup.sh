@@ -46,6 +46,18 @@ if ! .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.__version__.spl
 else
   step "torch $TORCH_VERSION: present in .venv"
 fi
+# Independent implementations the tests and benchmarks compare against (pinned:
+# the MoE parity test relies on transformers 5's DeepSeek-V3 weight layout).
+PY_TOOLS=("transformers==5.23.0" "safetensors==0.8.0")
+if ! .venv/bin/python -c "
+import sys, importlib.metadata as m
+want = dict(s.split('==') for s in sys.argv[1:])
+sys.exit(0 if all(m.version(k) == v for k, v in want.items()) else 1)" "${PY_TOOLS[@]}" 2>/dev/null; then
+  step "installing ${PY_TOOLS[*]} into .venv (reference implementations for tests and benchmarks)"
+  .venv/bin/pip install --progress-bar on "${PY_TOOLS[@]}"
+else
+  step "${PY_TOOLS[*]}: present in .venv"
+fi
 
 # 3. Configure and build ----------------------------------------------------------
 if [ ! -f build/CMakeCache.txt ]; then
