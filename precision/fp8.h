@@ -1,0 +1,50 @@
+// FP8 formats (OCP 8-bit floating point, as NVIDIA Hopper implements them):
+//
+//   E4M3 ("fn", finite-only): 1 sign, 4 exponent bits (bias 7), 3 mantissa bits.
+//        Largest finite 448 (S.1111.110); S.1111.111 is NaN; there is no infinity.
+//        Subnormals m/8 * 2^-6, smallest 2^-9. Used for weights and activations.
+//   E5M2: 1 sign, 5 exponent bits (bias 15), 2 mantissa bits, IEEE-like.
+//        Largest finite 57344 (S.11110.11); S.11111.00 is infinity, S.11111.{01,10,11}
+//        NaN. Subnormals m/4 * 2^-14, smallest 2^-16. Used for gradients.
+//
+// Encoding rounds to nearest, ties to even (one rounding, also from bfloat16,
+// which widens to float32 exactly). Finite values beyond the largest finite value
+// saturate to +-max: that is what a scaled FP8 recipe wants (LibTorch's plain cast
+// gives NaN or infinity instead). NaN stays NaN and infinity never becomes a finite
+// number: +-inf encodes as infinity in E5M2 and as NaN in E4M3, which has none.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include <torch/types.h>
+
+namespace brigade::precision {
+
+enum class Fp8Format { kE4M3, kE5M2 };
+
+struct Fp8FormatInfo {
+  const char* name;
+  int exponent_bits;
+  int mantissa_bits;
+  int bias;
+  float max;            // largest finite value
+  float min_normal;     // 2^(1 - bias)
+  float min_subnormal;  // 2^(1 - bias - mantissa_bits)
+  uint8_t max_code;     // the code of +max
+};
+
+const Fp8FormatInfo& format_info(Fp8Format format);
+std::string to_string(Fp8Format format);
+// "e4m3" | "e5m2"; anything else is an Error.
+Fp8Format parse_fp8_format(const std::string& name);
+
+uint8_t encode_fp8(float value, Fp8Format format);
+float decode_fp8(uint8_t code, Fp8Format format);
+
+// float32 or bfloat16 tensor (any shape, CPU) -> uint8 codes of the same shape.
+torch::Tensor encode_fp8(const torch::Tensor& values, Fp8Format format);
+// uint8 codes (CPU) -> float32 values of the same shape.
+torch::Tensor decode_fp8(const torch::Tensor& codes, Fp8Format format);
+
+}  // namespace brigade::precision
