@@ -1,0 +1,140 @@
+#include "precision/quantize.h"
+
+#include <cmath>
+
+#include "core/error.h"
+
+namespace brigade::precision {
+namespace {
+
+int64_t groups(int64_t n) { return (n + kScaleGroup - 1) / kScaleGroup; }
+
+// x zero-padded to multiples of 128 in the dimensions the mode groups.
+torch::Tensor pad_for(const torch::Tensor& x, ScalingMode mode) {
+  const int64_t rows = x.size(0), cols = x.size(1);
+  const bool pad_rows = mode == ScalingMode::kTile128x1 || mode == ScalingMode::kBlock128x128;
+  const bool pad_cols = mode == ScalingMode::kTile1x128 || mode == ScalingMode::kBlock128x128;
+  const int64_t r = pad_rows ? groups(rows) * kScaleGroup : rows;
+  const int64_t c = pad_cols ? groups(cols) * kScaleGroup : cols;
+  if (r == rows && c == cols) return x;
+  auto out = torch::zeros({r, c}, x.options());
+  out.narrow(0, 0, rows).narrow(1, 0, cols).copy_(x);
+  return out;
+}
+
+// Group maxima of |x| ([rows, cols], padded) in the mode's scale shape.
+torch::Tensor group_amax(const torch::Tensor& padded, ScalingMode mode) {
+  auto a = padded.abs();
+  const int64_t r = a.size(0), c = a.size(1);
+  switch (mode) {
+    case ScalingMode::kPerTensorCurrent:
+    case ScalingMode::kPerTensorDelayed: return a.amax();
+    case ScalingMode::kTile1x128: return a.view({r, c / kScaleGroup, kScaleGroup}).amax(-1);
+    case ScalingMode::kTile128x1: return a.view({r / kScaleGroup, kScaleGroup, c}).amax(1);
+    case ScalingMode::kBlock128x128:
+      return a.view({r / kScaleGroup, kScaleGroup, c / kScaleGroup, kScaleGroup}).amax(std::vector<int64_t>{1, 3});
+  }
+  BRIGADE_FAIL("unreachable scaling mode");
+}
+
+// Scales broadcast back to every element of [rows, cols].
+torch::Tensor expand_scales(const torch::Tensor& scales, ScalingMode mode, int64_t rows, int64_t cols) {
+  switch (mode) {
+    case ScalingMode::kPerTensorCurrent:
+    case ScalingMode::kPerTensorDelayed: return scales.expand({rows, cols});
+    case ScalingMode::kTile1x128:
+      return scales.repeat_interleave(kScaleGroup, 1).narrow(1, 0, cols);
+    case ScalingMode::kTile128x1:
+      return scales.repeat_interleave(kScaleGroup, 0).narrow(0, 0, rows);
+    case ScalingMode::kBlock128x128:
+      return scales.repeat_interleave(kScaleGroup, 0).repeat_interleave(kScaleGroup, 1).narrow(0, 0, rows).narrow(1, 0, cols);
+  }
+  BRIGADE_FAIL("unreachable scaling mode");
+}
+
+}  // namespace
+
+std::string to_string(ScalingMode mode) {
+  switch (mode) {
+    case ScalingMode::kPerTensorCurrent: return "per-tensor current";
+    case ScalingMode::kPerTensorDelayed: return "per-tensor delayed";
+    case ScalingMode::kTile1x128: return "1x128 tiles";
+    case ScalingMode::kTile128x1: return "128x1 tiles";
+    case ScalingMode::kBlock128x128: return "128x128 blocks";
+  }
+  return "?";
+}
+
+float scale_for(float amax, Fp8Format format, bool power_of_two) {
+  if (amax == 0.0f) return 1.0f;
+  // In float64, rounded once to float32.
+  double s = static_cast<double>(amax) / static_cast<double>(format_info(format).max);
+  if (power_of_two) s = std::exp2(std::ceil(std::log2(s)));
+  return static_cast<float>(s);
+}
+
+torch::Tensor QuantizedTensor::dequantize() const {
+  return decode_fp8(data, format) * expand_scales(scales, mode, data.size(0), data.size(1));
+}
+
+DelayedScaling::DelayedScaling(int64_t history, double margin, Algorithm algorithm)
+    : margin_(margin), algorithm_(algorithm) {
+  BRIGADE_CHECK(history >= 1, "amax history length must be >= 1, got ", history);
+  BRIGADE_CHECK(std::isfinite(margin) && margin >= 0, "scaling margin must be finite and >= 0, got ", margin);
+  history_ = torch::zeros({history});
+}
+
+float DelayedScaling::scale(Fp8Format format, bool power_of_two) const {
+  if (recorded_ == 0) return 1.0f;
+  const float amax = algorithm_ == Algorithm::kMax ? history_.max().item<float>() : history_[position_].item<float>();
+  if (amax == 0.0f) return 1.0f;
+  double s = static_cast<double>(amax) / static_cast<double>(format_info(format).max) * std::exp2(margin_);
+  if (power_of_two) s = std::exp2(std::ceil(std::log2(s)));
+  return static_cast<float>(s);
+}
+
+void DelayedScaling::record(float amax) {
+  position_ = (position_ + 1) % history_.size(0);
+  history_[position_] = amax;
+  recorded_ += 1;
+}
+
+void DelayedScaling::restore(const torch::Tensor& history, int64_t position, int64_t recorded) {
+  BRIGADE_CHECK(history.dim() == 1 && history.size(0) == history_.size(0), "amax history of length ",
+                history.numel(), " does not match the recipe's ", history_.size(0));
+  BRIGADE_CHECK(position >= -1 && position < history_.size(0) && recorded >= 0, "invalid amax history position ",
+                position, " / count ", recorded);
+  history_.copy_(history);
+  position_ = position;
+  recorded_ = recorded;
+}
+
+QuantizedTensor quantize(const torch::Tensor& x, const QuantizeOptions& o, DelayedScaling* delayed) {
+  BRIGADE_CHECK(x.dim() == 2, "quantize ", o.name, ": expected a 2-D tensor, got ", x.sizes());
+  BRIGADE_CHECK(x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16, "quantize ", o.name,
+                ": expected float32 or bfloat16, got ", x.scalar_type());
+  BRIGADE_CHECK(o.mode != ScalingMode::kPerTensorDelayed || delayed != nullptr, "quantize ", o.name,
+                ": delayed scaling needs its amax history");
+  auto xf = x.to(torch::kFloat);
+  QuantizedTensor q;
+  q.mode = o.mode;
+  q.format = o.format;
+  q.amax = group_amax(pad_for(xf, o.mode), o.mode).contiguous();
+  // amax is NaN or infinite exactly when x holds a NaN or infinity.
+  BRIGADE_CHECK(torch::isfinite(q.amax).all().item<bool>(), "non-finite value (NaN or Inf) in ", o.name,
+                " reached the FP8 quantizer (", to_string(o.mode), ")");
+  if (o.mode == ScalingMode::kPerTensorDelayed) {
+    q.scales = torch::tensor(delayed->scale(o.format, o.power_of_two_scales));
+    delayed->record(q.amax.item<float>());
+  } else {
+    q.scales = torch::empty_like(q.amax);
+    const float* a = q.amax.data_ptr<float>();
+    float* s = q.scales.data_ptr<float>();
+    for (int64_t i = 0; i < q.amax.numel(); ++i) s[i] = scale_for(a[i], o.format, o.power_of_two_scales);
+  }
+  auto inverse = expand_scales(q.scales.reciprocal(), o.mode, xf.size(0), xf.size(1));
+  q.data = encode_fp8(xf * inverse, o.format);
+  return q;
+}
+
+}  // namespace brigade::precision
