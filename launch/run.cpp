@@ -69,6 +69,7 @@ LoadedModel load_model(const fs::path& checkpoint, const std::vector<std::string
   LoadedModel out;
   out.recipe = recipes::parse_recipe(ck.recipe_yaml, (dir / "recipe.yaml").string(), overrides, dir);
   out.model = model::Transformer(out.recipe.model);
+  out.model->enable_fp8(out.recipe.precision.fp8);
   trainer::load_weights(out.model->state_dict(), ck.model, "checkpoint " + dir.string());
   return out;
 }

@@ -61,9 +61,7 @@ torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& cos, const
   return x * cos + torch::cat({x2, x1}, -1) * sin_signed;
 }
 
-torch::nn::Linear make_linear(int64_t in, int64_t out, bool bias) {
-  return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(bias));
-}
+precision::Linear make_linear(int64_t in, int64_t out, bool bias) { return precision::Linear(in, out, bias); }
 
 }  // namespace
 
@@ -210,7 +208,9 @@ torch::Tensor TransformerImpl::forward(const torch::Tensor& tokens, KVCache* cac
   }
   if (cache) cache->length += seq;
   h = norm(h);
-  return lm_head ? lm_head(h) : torch::nn::functional::linear(h, embed_tokens->weight);
+  if (lm_head) return lm_head(h);
+  if (tied_head_fp8_) return precision::fp8_linear(h, embed_tokens->weight, {}, *tied_head_fp8_);
+  return torch::nn::functional::linear(h, embed_tokens->weight);
 }
 
 KVCache TransformerImpl::make_cache(int64_t batch, int64_t capacity) const {
@@ -255,6 +255,55 @@ NamedTensors TransformerImpl::state_dict() const {
     if (item.key().ends_with(".e_score_correction_bias")) out.emplace_back(item.key(), item.value());
   }
   return out;
+}
+
+void TransformerImpl::enable_fp8(const precision::Fp8Options& options) {
+  if (!options.enabled()) return;
+  int64_t index = 0;
+  for (const auto& layer : *layers) {
+    auto block = layer->as<BlockImpl>();
+    const std::string prefix = "layers." + std::to_string(index++);
+    if (options.covers("attention")) {
+      auto& a = *block->self_attn;
+      for (auto [lin, name] : {std::pair{&a.q_proj, "q_proj"}, {&a.k_proj, "k_proj"}, {&a.v_proj, "v_proj"},
+                               {&a.o_proj, "o_proj"}}) {
+        (*lin)->enable_fp8(options, prefix + ".self_attn." + name);
+      }
+    }
+    if (block->mlp && options.covers("mlp")) block->mlp->enable_fp8(options, prefix + ".mlp");
+    if (block->moe) {
+      if (block->moe->shared_experts && options.covers("mlp")) {
+        block->moe->shared_experts->enable_fp8(options, prefix + ".mlp.shared_experts");
+      }
+      if (options.covers("experts")) block->moe->experts->enable_fp8(options, prefix + ".mlp.experts");
+    }
+  }
+  if (options.covers("lm_head")) {
+    if (lm_head) lm_head->enable_fp8(options, "lm_head");
+    else tied_head_fp8_ = std::make_unique<precision::Fp8GemmState>(options, "lm_head");
+  }
+}
+
+std::vector<std::pair<std::string, precision::Fp8GemmState*>> TransformerImpl::fp8_sites() const {
+  std::vector<std::pair<std::string, precision::Fp8GemmState*>> sites;
+  for (const auto& item : named_modules()) {
+    if (auto* lin = item.value()->as<precision::LinearImpl>(); lin && lin->fp8()) sites.emplace_back(item.key(), lin->fp8());
+    if (auto* ex = item.value()->as<moe::ExpertsImpl>(); ex && ex->fp8()) sites.emplace_back(item.key(), ex->fp8());
+  }
+  if (tied_head_fp8_) sites.emplace_back("lm_head", tied_head_fp8_.get());
+  return sites;
+}
+
+NamedTensors TransformerImpl::fp8_state() const {
+  NamedTensors out;
+  for (const auto& [name, site] : fp8_sites()) {
+    for (auto& [slot, tensor] : site->state()) out.emplace_back(name + "." + slot, tensor);
+  }
+  return out;
+}
+
+void TransformerImpl::load_fp8_state(const std::map<std::string, torch::Tensor>& tensors, const std::string& source) {
+  for (const auto& [name, site] : fp8_sites()) site->load_state(tensors, name + ".", source);
 }
 
 std::vector<moe::MoELayer> TransformerImpl::moe_layers() const {

@@ -8,14 +8,17 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
+#include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <torch/nn/module.h>
 #include <torch/nn/modules/container/modulelist.h>
-#include <torch/nn/modules/linear.h>
 
 #include "model/safetensors.h"
+#include "precision/linear.h"
 #include "moe/layer.h"
 #include "moe/swiglu.h"
 
@@ -73,7 +76,7 @@ class AttentionImpl : public torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
                         KVCache* cache, int64_t layer);
 
-  torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
+  precision::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
   RMSNorm q_norm{nullptr}, k_norm{nullptr};
 
  private:
@@ -130,14 +133,24 @@ class TransformerImpl : public torch::nn::Module {
   // returning each layer's statistics.
   std::vector<moe::LayerStepStats> end_moe_step(bool update_bias);
 
+  // Runs the GEMMs of the module kinds `options.modules` lists in FP8 (no-op when
+  // the recipe is none). Call once, after construction.
+  void enable_fp8(const precision::Fp8Options& options);
+  // FP8 scaling state (delayed-scaling amax histories) by name, for checkpoints.
+  NamedTensors fp8_state() const;
+  void load_fp8_state(const std::map<std::string, torch::Tensor>& tensors, const std::string& source);
+
   torch::nn::Embedding embed_tokens{nullptr};
   torch::nn::ModuleList layers{nullptr};
   RMSNorm norm{nullptr};
-  torch::nn::Linear lm_head{nullptr};  // null when embeddings are tied
+  precision::Linear lm_head{nullptr};  // null when embeddings are tied
 
  private:
   void init_weights();
+  // Every FP8 GEMM site with its checkpoint name prefix.
+  std::vector<std::pair<std::string, precision::Fp8GemmState*>> fp8_sites() const;
   TransformerOptions options_;
+  std::unique_ptr<precision::Fp8GemmState> tied_head_fp8_;  // the tied output head's FP8 state
   torch::Tensor rope_cos_;  // [max_seq_len, head_dim] (buffer, not a parameter)
   torch::Tensor rope_sin_;  // sign-folded: [-sin, sin] over the two halves (see apply_rope)
 };

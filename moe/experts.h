@@ -8,9 +8,13 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
+#include <string>
 #include <vector>
 
 #include <torch/nn/module.h>
+
+#include "precision/linear.h"
 
 namespace brigade::moe {
 
@@ -22,6 +26,9 @@ class ExpertsImpl : public torch::nn::Module {
   virtual torch::Tensor forward(const torch::Tensor& tokens, const torch::Tensor& weights,
                                 const std::vector<int64_t>& counts) = 0;
   virtual int64_t num_experts() const = 0;
+  // Runs the expert GEMMs in FP8 under `options` (no-op when FP8 is off).
+  virtual void enable_fp8(const precision::Fp8Options& options, const std::string& name) = 0;
+  virtual precision::Fp8GemmState* fp8() = 0;
   // Parameters one token touches per expert (for activated-parameter counts).
   virtual int64_t parameters_per_expert() const = 0;
 };
@@ -32,10 +39,15 @@ class GroupedExpertsImpl : public ExpertsImpl {
   torch::Tensor forward(const torch::Tensor& tokens, const torch::Tensor& weights,
                         const std::vector<int64_t>& counts) override;
   int64_t num_experts() const override { return gate_up_proj.size(0); }
+  void enable_fp8(const precision::Fp8Options& options, const std::string& name) override;
+  precision::Fp8GemmState* fp8() override { return fp8_.get(); }
   int64_t parameters_per_expert() const override { return gate_up_proj[0].numel() + down_proj[0].numel(); }
 
   torch::Tensor gate_up_proj;  // [experts, 2 * d_ff, d_model]: gate rows then up rows
   torch::Tensor down_proj;     // [experts, d_model, d_ff]
+
+ private:
+  std::unique_ptr<precision::Fp8GemmState> fp8_;
 };
 TORCH_MODULE(GroupedExperts);
 
@@ -43,8 +55,9 @@ TORCH_MODULE(GroupedExperts);
 // w_r * down_e(silu(gate_e x_r) * up_e x_r). The routing weight scales the
 // d_ff-wide activation before the down projection (the same product, but on
 // d_ff-wide rows instead of d_model-wide ones: fine-grained experts have d_ff < d_model).
+// With `fp8`, every GEMM operand is quantized as its recipe says (emulated in FP32).
 torch::Tensor grouped_swiglu(const torch::Tensor& tokens, const torch::Tensor& row_weights,
                              const torch::Tensor& gate_up, const torch::Tensor& down,
-                             const std::vector<int64_t>& counts);
+                             const std::vector<int64_t>& counts, precision::Fp8GemmState* fp8 = nullptr);
 
 }  // namespace brigade::moe

@@ -4,9 +4,11 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #include <torch/nn/module.h>
-#include <torch/nn/modules/linear.h>
+
+#include "precision/linear.h"
 
 namespace brigade::moe {
 
@@ -14,7 +16,9 @@ class SwiGLUImpl : public torch::nn::Module {
  public:
   SwiGLUImpl(int64_t d_model, int64_t d_ff);
   torch::Tensor forward(const torch::Tensor& x);  // [..., d_model] -> [..., d_model]
-  torch::nn::Linear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
+  precision::Linear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
+  // Runs the three GEMMs in FP8 under `options`; `name` prefixes their names.
+  void enable_fp8(const precision::Fp8Options& options, const std::string& name);
 };
 TORCH_MODULE(SwiGLU);
 

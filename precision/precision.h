@@ -1,10 +1,13 @@
-// precision/: numeric formats and how compute runs. For now the compute dtype
-// (FP32 or BF16 autocast over FP32 master weights); FP8 recipes land here later.
+// precision/: numeric formats and how compute runs: the compute dtype (FP32 or
+// BF16 autocast over FP32 master weights) and FP8 GEMM recipes (fp8_recipe.h,
+// quantize.h, linear.h).
 #pragma once
 
 #include <string>
 
 #include <c10/core/ScalarType.h>
+
+#include "precision/fp8_recipe.h"
 
 namespace brigade::precision {
 
@@ -12,6 +15,7 @@ enum class ComputeDtype { kFloat32, kBFloat16 };
 
 struct PrecisionOptions {
   ComputeDtype compute_dtype = ComputeDtype::kFloat32;
+  Fp8Options fp8;  // recipe none: no FP8 GEMMs
 };
 
 std::string to_string(ComputeDtype dtype);

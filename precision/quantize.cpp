@@ -109,7 +109,7 @@ void DelayedScaling::restore(const torch::Tensor& history, int64_t position, int
   recorded_ = recorded;
 }
 
-QuantizedTensor quantize(const torch::Tensor& x, const QuantizeOptions& o, DelayedScaling* delayed) {
+QuantizedTensor quantize(const torch::Tensor& x, const QuantizeOptions& o, DelayedScaling* delayed, bool record) {
   BRIGADE_CHECK(x.dim() == 2, "quantize ", o.name, ": expected a 2-D tensor, got ", x.sizes());
   BRIGADE_CHECK(x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16, "quantize ", o.name,
                 ": expected float32 or bfloat16, got ", x.scalar_type());
@@ -125,7 +125,7 @@ QuantizedTensor quantize(const torch::Tensor& x, const QuantizeOptions& o, Delay
                 " reached the FP8 quantizer (", to_string(o.mode), ")");
   if (o.mode == ScalingMode::kPerTensorDelayed) {
     q.scales = torch::tensor(delayed->scale(o.format, o.power_of_two_scales));
-    delayed->record(q.amax.item<float>());
+    if (record) delayed->record(q.amax.item<float>());
   } else {
     q.scales = torch::empty_like(q.amax);
     const float* a = q.amax.data_ptr<float>();

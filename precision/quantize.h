@@ -79,7 +79,9 @@ float scale_for(float amax, Fp8Format format, bool power_of_two);
 
 // x: 2-D float32 or bfloat16 on the CPU. A NaN or infinity in x is an Error naming
 // options.name (never saturated into a finite number). kPerTensorDelayed needs
-// `delayed` (its current scale is used, then this tensor's amax is recorded).
-QuantizedTensor quantize(const torch::Tensor& x, const QuantizeOptions& options, DelayedScaling* delayed = nullptr);
+// `delayed` (its current scale is used, then this tensor's amax is recorded unless
+// `record` is false: evaluation must not move the training state).
+QuantizedTensor quantize(const torch::Tensor& x, const QuantizeOptions& options, DelayedScaling* delayed = nullptr,
+                         bool record = true);
 
 }  // namespace brigade::precision

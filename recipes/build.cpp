@@ -30,7 +30,9 @@ Corpora build_corpora(const Recipe& r, const data::Tokenizer& tokenizer) {
 
 model::Transformer build_model(const Recipe& r) {
   torch::manual_seed(r.trainer.seed);
-  return model::Transformer(r.model);
+  model::Transformer model(r.model);
+  model->enable_fp8(r.precision.fp8);
+  return model;
 }
 
 data::SamplerOptions sampler_options(const Recipe& r, bool eval) {

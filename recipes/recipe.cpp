@@ -161,6 +161,7 @@ void validate(const Recipe& r) {
   BRIGADE_CHECK(!r.name.empty() && r.name.find('/') == std::string::npos && r.name != "." && r.name != "..",
                 "name must be a plain, non-empty name (it names the run directory), got '", r.name, "'");
   r.model.validate();
+  r.precision.fp8.validate();
   r.trainer.validate();
   const auto tokenizer = data::make_tokenizer(r.data.tokenizer);
   BRIGADE_CHECK(r.model.vocab_size >= tokenizer->vocab_size(), "model.vocab_size (", r.model.vocab_size,

@@ -219,6 +219,16 @@ std::vector<Field> build_schema() {
 
   s.push_back(choice("precision.compute_dtype", REF(precision.compute_dtype), "Matmul precision (autocast); master weights and optimizer state stay float32.",
                      {"float32", "bfloat16"}, precision::parse_compute_dtype, [](ComputeDtype v) { return precision::to_string(v); }));
+  s.push_back(choice("precision.fp8_recipe", REF(precision.fp8.recipe), "FP8 GEMMs: none, blockwise (DeepSeek-V3: 1x128 activation tiles, 128x128 weight blocks), current or delayed (per-tensor scales). See docs/fp8.md.",
+                     {"none", "blockwise", "current", "delayed"}, precision::parse_fp8_recipe, [](precision::Fp8Recipe v) { return precision::to_string(v); }));
+  s.push_back(choice("precision.fp8_formats", REF(precision.fp8.formats), "FP8 formats: e4m3 for every operand (DeepSeek-V3), or hybrid (E4M3 forward, E5M2 gradients).",
+                     {"e4m3", "hybrid"}, precision::parse_fp8_formats, [](precision::Fp8Formats v) { return precision::to_string(v); }));
+  s.push_back(text_list("precision.fp8_modules", REF(precision.fp8.modules), "Module kinds whose GEMMs run in FP8: attention (q/k/v/o projections), mlp (dense MLPs and shared experts), experts (routed experts), lm_head. Embedding, norms, router and attention core always stay high precision."));
+  s.push_back(boolean("precision.fp8_power_of_two_scales", REF(precision.fp8.power_of_two_scales), "Round every FP8 scale up to a power of two."));
+  s.push_back(integer<int64_t>("precision.fp8_amax_history", REF(precision.fp8.amax_history), "Delayed scaling: steps of amax kept per tensor.", 1));
+  s.push_back(real("precision.fp8_margin", REF(precision.fp8.margin), "Delayed scaling: scales get 2^margin headroom.", 0.0, 64.0));
+  s.push_back(choice("precision.fp8_amax_algorithm", REF(precision.fp8.amax_algorithm), "Delayed scaling: scale from the history's maximum or its most recent amax.",
+                     {"max", "most_recent"}, precision::parse_amax_algorithm, [](precision::DelayedScaling::Algorithm v) { return precision::to_string(v); }));
 
   s.push_back(integer<int64_t>("trainer.max_steps", REF(trainer.max_steps), "Optimizer steps; also where the cosine schedule ends.", 1));
   s.push_back(integer<int64_t>("trainer.micro_batch_size", REF(trainer.micro_batch_size), "Sequences per micro-batch per rank.", 1));

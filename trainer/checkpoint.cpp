@@ -69,6 +69,7 @@ fs::path CheckpointStore::save(const CheckpointData& data) {
   model::save_safetensors(tmp / "model.safetensors", data.model, {{"format", "pt"}});
   model::save_safetensors(tmp / "optimizer.safetensors", data.optimizer);
   model::save_safetensors(tmp / "rng.safetensors", data.rng);
+  model::save_safetensors(tmp / "precision.safetensors", data.precision);
   nlohmann::json state = {
       {"format_version", kCheckpointFormatVersion},
       {"step", data.state.step},
@@ -161,6 +162,8 @@ LoadedCheckpoint load_checkpoint(const fs::path& step_dir) {
   ck.model = model::load_safetensors(step_dir / "model.safetensors");
   ck.optimizer = model::load_safetensors(step_dir / "optimizer.safetensors");
   ck.rng = model::load_safetensors(step_dir / "rng.safetensors");
+  // Absent in checkpoints written before FP8 existed: no scaling state then.
+  if (fs::exists(step_dir / "precision.safetensors")) ck.precision = model::load_safetensors(step_dir / "precision.safetensors");
   ck.recipe_yaml = read_file(step_dir / "recipe.yaml");
   return ck;
 }

@@ -4,6 +4,7 @@
 //       model.safetensors       FP32 master weights, Hugging Face-style names
 //       optimizer.safetensors   AdamW state: exp_avg.NAME, exp_avg_sq.NAME, step.NAME
 //       rng.safetensors         RNG states (cpu)
+//       precision.safetensors   FP8 delayed-scaling amax histories (empty without them)
 //       trainer_state.json      step, tokens seen, model fingerprint, recipe hash, ...
 //       recipe.yaml             the effective recipe (makes the directory self-contained)
 //   RUN/checkpoints/latest -> step_00000200   (symlink, replaced atomically)
@@ -39,6 +40,7 @@ struct CheckpointData {
   model::NamedTensors model;
   model::NamedTensors optimizer;
   model::NamedTensors rng;
+  model::NamedTensors precision;
   TrainerState state;
   std::string recipe_yaml;
 };
@@ -48,6 +50,7 @@ struct LoadedCheckpoint {
   model::SafetensorsFile model;
   model::SafetensorsFile optimizer;
   model::SafetensorsFile rng;
+  model::SafetensorsFile precision;
   TrainerState state;
   std::string recipe_yaml;
 };

@@ -73,6 +73,7 @@ void Trainer::resume(const LoadedCheckpoint& ck) {
                 " is from a different model shape: ",
                 first_difference(ck.state.model_fingerprint, context_.model_fingerprint));
   load_weights(model_->state_dict(), ck.model, source);
+  model_->load_fp8_state(ck.precision.tensors, source);
   optimizer_.load_state(ck.optimizer.tensors, source);
   auto rng = ck.rng.tensors.find("cpu");
   BRIGADE_CHECK(rng != ck.rng.tensors.end(), source, ": rng.safetensors has no 'cpu' state");
@@ -219,6 +220,7 @@ std::filesystem::path Trainer::save_checkpoint() {
   data.model = model_->state_dict();
   data.optimizer = optimizer_.state();
   data.rng = {{"cpu", at::detail::getDefaultCPUGenerator().get_state()}};
+  data.precision = model_->fp8_state();
   data.state = state_;
   data.recipe_yaml = context_.recipe_yaml;
   return checkpoints_.save(data);

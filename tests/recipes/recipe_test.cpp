@@ -300,6 +300,18 @@ TEST(Recipe, MoERulesNameTheKey) {
   EXPECT_NO_THROW(parse_recipe("", "x"));
 }
 
+TEST(Recipe, Fp8KeysAreCheckedByName) {
+  EXPECT_BRIGADE_ERROR(parse_recipe("", "x", {"precision.fp8_recipe=tensorwise"}),
+                       "precision.fp8_recipe: 'tensorwise' is not one of none | blockwise | current | delayed");
+  EXPECT_BRIGADE_ERROR(parse_recipe("", "x", {"precision.fp8_formats=e5m2"}), "precision.fp8_formats");
+  EXPECT_BRIGADE_ERROR(parse_recipe("", "x", {"precision.fp8_modules=[attention, router]"}),
+                       "precision.fp8_modules: unknown module kind 'router'");
+  EXPECT_ERROR_WITH_ALL(parse_recipe("", "x", {"precision.fp8_amax_history=0"}), "precision.fp8_amax_history = 0 is out of range");
+  auto r = parse_recipe("", "x", {"precision.fp8_recipe=blockwise", "precision.fp8_formats=hybrid"});
+  EXPECT_EQ(r.precision.fp8.recipe, precision::Fp8Recipe::kBlockwise);
+  EXPECT_EQ(r.precision.fp8.formats, precision::Fp8Formats::kHybrid);
+}
+
 // ---------------------------------------------------------------------------------
 // Dump, fingerprint, hash
 

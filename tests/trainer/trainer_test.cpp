@@ -154,6 +154,37 @@ TEST(TrainerTest, MoECapacityReportsDroppedTokens) {
   EXPECT_TRUE(std::isfinite(r.loss));
 }
 
+TEST(TrainerTest, Fp8DelayedResumeIsBitwiseExactHistoriesIncluded) {
+  TempDir dir;
+  at::set_num_threads(1);
+  const std::vector<std::string> fp8 = {"precision.fp8_recipe=delayed", "precision.fp8_amax_history=4",
+                                        "model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.expert_d_ff=16",
+                                        "model.moe.first_k_dense=1"};
+  auto with = [&](std::vector<std::string> extra) {
+    extra.insert(extra.end(), fp8.begin(), fp8.end());
+    return small_recipe(extra);
+  };
+  const auto straight = train(with({}), dir / "straight", false);
+  const auto first = train(with({"trainer.stop_after=20"}), dir / "split", false);
+  auto ck = trainer::load_checkpoint(*recipes::build_trainer(with({}), dir / "split")->checkpoints().latest());
+  EXPECT_TRUE(ck.precision.tensors.contains("layers.0.self_attn.q_proj.input.amax_history"));
+  EXPECT_TRUE(ck.precision.tensors.contains("layers.1.mlp.experts.grad_down.amax_history"));
+  const auto second = train(with({}), dir / "split", true);
+  ASSERT_EQ(second.size(), 20u);
+  for (size_t i = 0; i < 20; ++i) EXPECT_EQ(straight[20 + i], second[i]) << "step " << 21 + i;
+  EXPECT_LT(straight.back(), straight.front());
+}
+
+TEST(TrainerTest, Fp8BlockwiseTracksFloat32Training) {
+  TempDir dir;
+  const auto plain = train(small_recipe(), dir / "plain", false);
+  const auto fp8 = train(small_recipe({"precision.fp8_recipe=blockwise", "precision.fp8_modules=[attention, mlp, lm_head]"}),
+                         dir / "fp8", false);
+  ASSERT_EQ(fp8.size(), plain.size());
+  EXPECT_NE(fp8.back(), plain.back());  // FP8 did change the numbers
+  EXPECT_NEAR(fp8.back(), plain.back(), 0.05 * plain.back());
+}
+
 TEST(TrainerTest, GradientAccumulationMatchesOneLargeBatchOfTheSameRows) {
   // Accumulating 2 micro-batches of 4 averages the two micro-batch means; with equal
   // token counts that is the mean over the 8 rows, so the update equals a single

@@ -1,0 +1,158 @@
+#include "precision/linear.h"
+
+#include <ATen/autocast_mode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/autograd.h>
+#include <torch/nn/functional/linear.h>
+#include <torch/nn/init.h>
+
+#include "core/error.h"
+
+namespace brigade::precision {
+namespace {
+
+c10::ScalarType output_dtype(const torch::Tensor& x) {
+  const auto device = x.device().type();
+  if (at::autocast::is_autocast_enabled(device)) return at::autocast::get_autocast_dtype(device);
+  return x.scalar_type();
+}
+
+class Fp8LinearFunction : public torch::autograd::Function<Fp8LinearFunction> {
+ public:
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                               const torch::Tensor& weight, Fp8GemmState* state) {
+    const auto out_dtype = output_dtype(x);  // read before autocast is excluded
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    auto x2 = x.reshape({-1, x.size(-1)}).to(torch::kFloat);
+    auto qx = state->qdq(x2, GemmOperand::kInput, GemmPass::kForward, "input");
+    auto qw = state->qdq(weight.to(torch::kFloat), GemmOperand::kWeight, GemmPass::kForward, "weight");
+    auto y = torch::mm(qx, qw.t());
+    const bool per_tensor = state->options().recipe != Fp8Recipe::kBlockwise;
+    // Wgrad contracts over tokens: per-tensor recipes reuse the forward's quantized
+    // input, blockwise re-tiles the raw input 128x1.
+    ctx->save_for_backward({per_tensor ? qx : x2, qw});
+    ctx->saved_data["state"] = reinterpret_cast<int64_t>(state);  // owned by the module, outlives the graph
+    ctx->saved_data["x_dtype"] = c10::IValue(x.scalar_type());
+    ctx->saved_data["w_dtype"] = c10::IValue(weight.scalar_type());
+    auto shape = x.sizes().vec();
+    shape.back() = weight.size(0);
+    return y.view(shape).to(out_dtype);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    auto* state = reinterpret_cast<Fp8GemmState*>(ctx->saved_data["state"].toInt());
+    Fp8BackwardScope backward_scope(*state);
+    auto saved = ctx->get_saved_variables();
+    const auto& x_saved = saved[0];
+    const auto& qw = saved[1];
+    auto dy = grads[0].reshape({-1, qw.size(0)}).to(torch::kFloat);
+    auto qdy = state->qdq(dy, GemmOperand::kGradOutput, GemmPass::kDgrad, "grad_output");
+    auto dx = torch::mm(qdy, qw);
+    torch::Tensor dw;
+    if (state->options().recipe == Fp8Recipe::kBlockwise) {
+      auto dy_t = state->qdq(dy, GemmOperand::kGradOutput, GemmPass::kWgrad, "grad_output");
+      auto x_t = state->qdq(x_saved, GemmOperand::kInput, GemmPass::kWgrad, "input");
+      dw = torch::mm(dy_t.t(), x_t);
+    } else {
+      dw = torch::mm(qdy.t(), x_saved);  // per tensor: the same quantized operands
+    }
+    auto shape = grads[0].sizes().vec();
+    shape.back() = qw.size(1);
+    return {dx.view(shape).to(ctx->saved_data["x_dtype"].toScalarType()),
+            dw.to(ctx->saved_data["w_dtype"].toScalarType()), torch::Tensor()};
+  }
+};
+
+}  // namespace
+
+Fp8GemmState::Fp8GemmState(Fp8Options options, std::string name)
+    : options_(std::move(options)), name_(std::move(name)) {
+  options_.validate();
+}
+
+DelayedScaling* Fp8GemmState::history(const std::string& slot) {
+  if (options_.recipe != Fp8Recipe::kDelayed) return nullptr;
+  auto& h = histories_[slot];
+  if (!h) h = std::make_unique<DelayedScaling>(options_.amax_history, options_.margin, options_.amax_algorithm);
+  return h.get();
+}
+
+torch::Tensor Fp8GemmState::qdq(const torch::Tensor& x, GemmOperand operand, GemmPass pass, const std::string& slot) {
+  BRIGADE_CHECK(x.device().is_cpu(), "FP8 GEMMs on ", x.device(), " are not implemented yet (", name_,
+                "); only the CPU emulation is");
+  return quantize(x, options_.operand(operand, pass, name_ + " " + slot), history(slot), recording_ || in_backward_)
+      .dequantize();
+}
+
+torch::Tensor Fp8GemmState::qdq_grouped(const torch::Tensor& x, const std::vector<int64_t>& counts,
+                                        GemmOperand operand, GemmPass pass, const std::string& slot) {
+  const auto q = options_.operand(operand, pass, name_ + " " + slot);
+  const bool per_tensor = q.mode == ScalingMode::kPerTensorCurrent || q.mode == ScalingMode::kPerTensorDelayed;
+  if (x.dim() == 3) {  // stacked weights [experts, rows, cols]
+    if (per_tensor) return qdq(x.reshape({-1, x.size(2)}), operand, pass, slot).view(x.sizes());
+    std::vector<torch::Tensor> parts;
+    for (int64_t e = 0; e < x.size(0); ++e) parts.push_back(qdq(x[e], operand, pass, slot));
+    return torch::stack(parts);
+  }
+  if (per_tensor || q.mode == ScalingMode::kTile1x128) return qdq(x, operand, pass, slot);  // row tiles never straddle
+  auto out = torch::empty_like(x, x.options().dtype(torch::kFloat));
+  int64_t start = 0;
+  for (auto n : counts) {
+    if (n > 0) out.narrow(0, start, n).copy_(qdq(x.narrow(0, start, n), operand, pass, slot));
+    start += n;
+  }
+  return out;
+}
+
+std::vector<std::pair<std::string, torch::Tensor>> Fp8GemmState::state() const {
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  for (const auto& [slot, h] : histories_) {
+    out.emplace_back(slot + ".amax_history", h->history());
+    out.emplace_back(slot + ".amax_position", torch::tensor({h->position(), h->recorded()}, torch::kLong));
+  }
+  return out;
+}
+
+void Fp8GemmState::load_state(const std::map<std::string, torch::Tensor>& tensors, const std::string& prefix,
+                              const std::string& source) {
+  for (const auto& [key, value] : tensors) {
+    if (key.rfind(prefix, 0) != 0 || !key.ends_with(".amax_history")) continue;
+    const std::string slot = key.substr(prefix.size(), key.size() - prefix.size() - std::string(".amax_history").size());
+    auto pos = tensors.find(prefix + slot + ".amax_position");
+    BRIGADE_CHECK(pos != tensors.end() && pos->second.numel() == 2, source, ": ", key, " has no matching amax_position");
+    auto* h = history(slot);
+    BRIGADE_CHECK(h != nullptr, source, ": has FP8 amax history ", key, " but the recipe is not delayed scaling");
+    h->restore(value, pos->second[0].item<int64_t>(), pos->second[1].item<int64_t>());
+  }
+}
+
+torch::Tensor fp8_linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias,
+                         Fp8GemmState& state) {
+  // Inside apply() grad mode is off; whether this is training is decided here.
+  state.set_recording(torch::GradMode::is_enabled());
+  auto y = Fp8LinearFunction::apply(x, weight, &state);
+  return bias.defined() ? y + bias.to(y.scalar_type()) : y;  // the bias add stays in high precision
+}
+
+LinearImpl::LinearImpl(int64_t in_features, int64_t out_features, bool with_bias) {
+  weight = register_parameter("weight", torch::empty({out_features, in_features}));
+  // torch::nn::Linear's default init; the model re-initialises its own weights.
+  torch::nn::init::kaiming_uniform_(weight, std::sqrt(5.0));
+  if (with_bias) {
+    const double bound = 1.0 / std::sqrt(static_cast<double>(in_features));
+    bias = register_parameter("bias", torch::empty({out_features}).uniform_(-bound, bound));
+  }
+}
+
+torch::Tensor LinearImpl::forward(const torch::Tensor& x) {
+  if (fp8_) return fp8_linear(x, weight, bias, *fp8_);
+  return torch::nn::functional::linear(x, weight, bias);
+}
+
+void LinearImpl::enable_fp8(const Fp8Options& options, const std::string& name) {
+  fp8_ = options.enabled() ? std::make_unique<Fp8GemmState>(options, name) : nullptr;
+}
+
+}  // namespace brigade::precision
