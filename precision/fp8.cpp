@@ -1,5 +1,6 @@
 #include "precision/fp8.h"
 
+#include <algorithm>
 #include <array>
 #include <bit>
 #include <cmath>
@@ -97,6 +98,27 @@ Fp8Format parse_fp8_format(const std::string& name) {
 uint8_t encode_fp8(float value, Fp8Format format) { return encode(value, format); }
 
 float decode_fp8(uint8_t code, Fp8Format format) { return decode_table(format)[code]; }
+
+const float* fp8_values(Fp8Format format) { return decode_table(format).data(); }
+
+void encode_row(const float* in, uint8_t* codes, int64_t n, const float* scales, int64_t scale_every,
+                Fp8Format format) {
+  for (int64_t start = 0, g = 0; start < n; start += scale_every, ++g) {
+    const float inverse = 1.0f / scales[g];
+    const int64_t end = std::min(n, start + scale_every);
+    for (int64_t j = start; j < end; ++j) codes[j] = encode(in[j] * inverse, format);
+  }
+}
+
+void fake_quantize_row(const float* in, float* out, int64_t n, const float* scales, int64_t scale_every,
+                       Fp8Format format) {
+  const float* table = decode_table(format).data();
+  for (int64_t start = 0, g = 0; start < n; start += scale_every, ++g) {
+    const float scale = scales[g], inverse = 1.0f / scale;
+    const int64_t end = std::min(n, start + scale_every);
+    for (int64_t j = start; j < end; ++j) out[j] = table[encode(in[j] * inverse, format)] * scale;
+  }
+}
 
 torch::Tensor encode_fp8(const torch::Tensor& values, Fp8Format format) {
   BRIGADE_CHECK(values.device().is_cpu(), "encode_fp8: tensor on ", values.device(), "; the CPU codec needs CPU input");

@@ -82,8 +82,8 @@ DelayedScaling* Fp8GemmState::history(const std::string& slot) {
 torch::Tensor Fp8GemmState::qdq(const torch::Tensor& x, GemmOperand operand, GemmPass pass, const std::string& slot) {
   BRIGADE_CHECK(x.device().is_cpu(), "FP8 GEMMs on ", x.device(), " are not implemented yet (", name_,
                 "); only the CPU emulation is");
-  return quantize(x, options_.operand(operand, pass, name_ + " " + slot), history(slot), recording_ || in_backward_)
-      .dequantize();
+  return fake_quantize(x, options_.operand(operand, pass, name_ + " " + slot), history(slot),
+                       recording_ || in_backward_);
 }
 
 torch::Tensor Fp8GemmState::qdq_grouped(const torch::Tensor& x, const std::vector<int64_t>& counts,

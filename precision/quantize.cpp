@@ -2,6 +2,8 @@
 
 #include <cmath>
 
+#include <ATen/Parallel.h>
+
 #include "core/error.h"
 
 namespace brigade::precision {
@@ -109,17 +111,19 @@ void DelayedScaling::restore(const torch::Tensor& history, int64_t position, int
   recorded_ = recorded;
 }
 
-QuantizedTensor quantize(const torch::Tensor& x, const QuantizeOptions& o, DelayedScaling* delayed, bool record) {
+namespace {
+
+// Checks x, computes the group maxima and the scales (recording delayed amax).
+QuantizedTensor scales_for(const torch::Tensor& x, const QuantizeOptions& o, DelayedScaling* delayed, bool record) {
   BRIGADE_CHECK(x.dim() == 2, "quantize ", o.name, ": expected a 2-D tensor, got ", x.sizes());
   BRIGADE_CHECK(x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16, "quantize ", o.name,
                 ": expected float32 or bfloat16, got ", x.scalar_type());
   BRIGADE_CHECK(o.mode != ScalingMode::kPerTensorDelayed || delayed != nullptr, "quantize ", o.name,
                 ": delayed scaling needs its amax history");
-  auto xf = x.to(torch::kFloat);
   QuantizedTensor q;
   q.mode = o.mode;
   q.format = o.format;
-  q.amax = group_amax(pad_for(xf, o.mode), o.mode).contiguous();
+  q.amax = group_amax(pad_for(x, o.mode), o.mode).to(torch::kFloat).contiguous();
   // amax is NaN or infinite exactly when x holds a NaN or infinity.
   BRIGADE_CHECK(torch::isfinite(q.amax).all().item<bool>(), "non-finite value (NaN or Inf) in ", o.name,
                 " reached the FP8 quantizer (", to_string(o.mode), ")");
@@ -132,9 +136,53 @@ QuantizedTensor quantize(const torch::Tensor& x, const QuantizeOptions& o, Delay
     float* s = q.scales.data_ptr<float>();
     for (int64_t i = 0; i < q.amax.numel(); ++i) s[i] = scale_for(a[i], o.format, o.power_of_two_scales);
   }
-  auto inverse = expand_scales(q.scales.reciprocal(), o.mode, xf.size(0), xf.size(1));
-  q.data = encode_fp8(xf * inverse, o.format);
   return q;
+}
+
+// Calls fn(row, scales of that row, elements per scale) for every row, rows in parallel.
+template <typename Fn>
+void for_each_row(int64_t rows, int64_t cols, const QuantizedTensor& q, Fn&& fn) {
+  const float* s = q.scales.data_ptr<float>();
+  const int64_t scale_cols = q.scales.dim() == 2 ? q.scales.size(1) : 1;
+  at::parallel_for(0, rows, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(cols, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) {
+      switch (q.mode) {
+        case ScalingMode::kTile1x128: fn(i, s + i * scale_cols, kScaleGroup); break;
+        case ScalingMode::kTile128x1: fn(i, s + (i / kScaleGroup) * scale_cols, 1); break;
+        case ScalingMode::kBlock128x128: fn(i, s + (i / kScaleGroup) * scale_cols, kScaleGroup); break;
+        default: fn(i, s, std::max<int64_t>(cols, 1)); break;
+      }
+    }
+  });
+}
+
+}  // namespace
+
+QuantizedTensor quantize(const torch::Tensor& x, const QuantizeOptions& o, DelayedScaling* delayed, bool record) {
+  auto q = scales_for(x, o, delayed, record);
+  auto xf = x.to(torch::kFloat).contiguous();
+  const int64_t rows = xf.size(0), cols = xf.size(1);
+  q.data = torch::empty({rows, cols}, torch::TensorOptions().dtype(torch::kByte));
+  const float* in = xf.data_ptr<float>();
+  uint8_t* codes = q.data.data_ptr<uint8_t>();
+  // x * (1 / s): the reciprocal once per group's scale, as a GEMM prologue would.
+  for_each_row(rows, cols, q, [&](int64_t i, const float* scales, int64_t every) {
+    encode_row(in + i * cols, codes + i * cols, cols, scales, every, o.format);
+  });
+  return q;
+}
+
+torch::Tensor fake_quantize(const torch::Tensor& x, const QuantizeOptions& o, DelayedScaling* delayed, bool record) {
+  auto q = scales_for(x, o, delayed, record);
+  auto xf = x.to(torch::kFloat).contiguous();
+  const int64_t rows = xf.size(0), cols = xf.size(1);
+  auto out = torch::empty({rows, cols}, torch::TensorOptions().dtype(torch::kFloat));
+  const float* in = xf.data_ptr<float>();
+  float* values = out.data_ptr<float>();
+  for_each_row(rows, cols, q, [&](int64_t i, const float* scales, int64_t every) {
+    fake_quantize_row(in + i * cols, values + i * cols, cols, scales, every, o.format);
+  });
+  return out;
 }
 
 }  // namespace brigade::precision

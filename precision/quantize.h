@@ -84,4 +84,9 @@ float scale_for(float amax, Fp8Format format, bool power_of_two);
 QuantizedTensor quantize(const torch::Tensor& x, const QuantizeOptions& options, DelayedScaling* delayed = nullptr,
                          bool record = true);
 
+// quantize(...).dequantize() in one pass, without materialising the codes: the
+// FP8 operands of the CPU emulation. Same checks, same history bookkeeping.
+torch::Tensor fake_quantize(const torch::Tensor& x, const QuantizeOptions& options, DelayedScaling* delayed = nullptr,
+                            bool record = true);
+
 }  // namespace brigade::precision
