@@ -24,17 +24,21 @@ torch::Tensor pad_for(const torch::Tensor& x, ScalingMode mode) {
   return out;
 }
 
-// Group maxima of |x| ([rows, cols], padded) in the mode's scale shape.
+// Group maxima of |x| ([rows, cols], padded) in the mode's scale shape: max(max,
+// -min) per group, which reads x once and allocates no |x| copy. NaN propagates.
 torch::Tensor group_amax(const torch::Tensor& padded, ScalingMode mode) {
-  auto a = padded.abs();
-  const int64_t r = a.size(0), c = a.size(1);
+  const int64_t r = padded.size(0), c = padded.size(1);
+  auto amax_over = [](const torch::Tensor& t, int64_t dim) {
+    auto [lo, hi] = torch::aminmax(t, dim);
+    return torch::maximum(hi, lo.neg());
+  };
   switch (mode) {
     case ScalingMode::kPerTensorCurrent:
-    case ScalingMode::kPerTensorDelayed: return a.amax();
-    case ScalingMode::kTile1x128: return a.view({r, c / kScaleGroup, kScaleGroup}).amax(-1);
-    case ScalingMode::kTile128x1: return a.view({r / kScaleGroup, kScaleGroup, c}).amax(1);
+    case ScalingMode::kPerTensorDelayed: return amax_over(padded.reshape({-1}), 0);
+    case ScalingMode::kTile1x128: return amax_over(padded.view({r, c / kScaleGroup, kScaleGroup}), -1);
+    case ScalingMode::kTile128x1: return amax_over(padded.view({r / kScaleGroup, kScaleGroup, c}), 1);
     case ScalingMode::kBlock128x128:
-      return a.view({r / kScaleGroup, kScaleGroup, c / kScaleGroup, kScaleGroup}).amax(std::vector<int64_t>{1, 3});
+      return amax_over(amax_over(padded.view({r / kScaleGroup, kScaleGroup, c / kScaleGroup, kScaleGroup}), 3), 1);
   }
   BRIGADE_FAIL("unreachable scaling mode");
 }
