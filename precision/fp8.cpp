@@ -19,38 +19,29 @@ constexpr uint8_t kE4M3NaN = 0x7F;
 constexpr uint8_t kE5M2NaN = 0x7F;
 constexpr uint8_t kE5M2Inf = 0x7C;
 
-// Magnitude code of |value| (finite, <= max): round to nearest even on the
-// format's grid. Subnormals are scaled onto an integer grid (exact: a power of
-// two) and rounded there; normals round the float32 mantissa by bit arithmetic.
-uint8_t encode_magnitude(float magnitude, const Fp8FormatInfo& f) {
-  if (magnitude < f.min_normal) {
-    // The integer is the code itself: m = 2^mantissa_bits lands on the smallest normal.
-    return static_cast<uint8_t>(std::nearbyint(magnitude / f.min_subnormal));
-  }
-  const uint32_t bits = std::bit_cast<uint32_t>(magnitude);
-  int exponent = static_cast<int>(bits >> 23) - 127;
-  const uint32_t mantissa = bits & 0x7FFFFFu;
+// Branch-free encoding (the compiler can vectorise loops of it). For |x| in the
+// normal range, rounding the float32 bit pattern to M mantissa bits with
+// round-half-even is integer arithmetic (a carry into the exponent is exactly
+// right), and the exponent is re-biased by subtraction. Subnormals: |x| scaled to
+// units of the smallest subnormal (exact, a power of two) is rounded to an integer
+// by the classic add-2^23 trick (the float adder rounds half to even).
+inline uint8_t encode(float value, Fp8Format format) {
+  const auto& f = format == Fp8Format::kE4M3 ? kE4M3 : kE5M2;
+  const uint32_t bits = std::bit_cast<uint32_t>(value);
+  const uint32_t sign = (bits >> 24) & 0x80u;
+  const uint32_t u = bits & 0x7FFFFFFFu;
   const int shift = 23 - f.mantissa_bits;
-  uint32_t kept = mantissa >> shift;
-  const uint32_t rest = mantissa & ((1u << shift) - 1);
-  const uint32_t half = 1u << (shift - 1);
-  if (rest > half || (rest == half && (kept & 1u))) ++kept;
-  if (kept == (1u << f.mantissa_bits)) {
-    kept = 0;
-    ++exponent;
-  }
-  const uint32_t code = (static_cast<uint32_t>(exponent + f.bias) << f.mantissa_bits) | kept;
-  return static_cast<uint8_t>(std::min<uint32_t>(code, f.max_code));
-}
-
-uint8_t encode(float value, Fp8Format format) {
-  const auto& f = format_info(format);
-  const uint8_t sign = std::signbit(value) ? 0x80 : 0x00;
-  if (std::isnan(value)) return sign | (format == Fp8Format::kE4M3 ? kE4M3NaN : kE5M2NaN);
-  if (std::isinf(value)) return sign | (format == Fp8Format::kE4M3 ? kE4M3NaN : kE5M2Inf);
-  const float magnitude = std::fabs(value);
-  if (magnitude >= f.max) return sign | f.max_code;
-  return sign | encode_magnitude(magnitude, f);
+  const uint32_t rounded = u + ((1u << (shift - 1)) - 1) + ((u >> shift) & 1u);
+  const uint32_t normal = (rounded >> shift) - (static_cast<uint32_t>(127 - f.bias) << f.mantissa_bits);
+  const float magnitude = std::bit_cast<float>(u);
+  const uint32_t subnormal = std::bit_cast<uint32_t>(magnitude * (1.0f / f.min_subnormal) + 8388608.0f) - 0x4B000000u;
+  const uint32_t min_normal_bits = std::bit_cast<uint32_t>(f.min_normal);
+  uint32_t code = u < min_normal_bits ? subnormal : normal;
+  code = u >= std::bit_cast<uint32_t>(f.max) ? f.max_code : code;  // saturate (also caps rounding past max)
+  const uint32_t nonfinite = (format == Fp8Format::kE5M2 && u == 0x7F800000u) ? kE5M2Inf
+                             : (format == Fp8Format::kE4M3 ? kE4M3NaN : kE5M2NaN);
+  code = u >= 0x7F800000u ? nonfinite : code;
+  return static_cast<uint8_t>(sign | code);
 }
 
 float decode_slow(uint8_t code, Fp8Format format) {
