@@ -4,7 +4,7 @@
     .venv/bin/python bench/moe_layer.py [--hidden 512] [--experts 64] [--top-k 6]
         [--shared 2] [--expert-ff 128] [--groups 8] [--topk-group 4]
         [--batch 4] [--seq 512] [--threads 2] [--rounds 7] [--iters 3]
-        [--hf-impls eager,grouped_mm[,batched_mm]]
+        [--hf-impls eager,grouped_mm[,batched_mm]] [--profile N]
 
 Writes one set of random weights, an input and an output gradient, starts
 `build/bench/bench_moe_layer` on them (brigade's MoELayer in C++) and builds
@@ -17,7 +17,8 @@ that rotates every round, on the same thread count: forward + backward (input
 and all weight gradients). The slow per-token reference (moe/reference.h) is
 timed on a few tokens. It checks that all give the same output first, then
 prints the median tokens/s of each and the median within-round ratio of brigade
-over each. See bench/README.md.
+over each. --profile N adds brigade's per-op times over N passes (self time per
+pass, top 12 ops). See bench/README.md.
 """
 
 import argparse
@@ -57,6 +58,7 @@ def main():
     ap.add_argument("--reference-tokens", type=int, default=32)
     ap.add_argument("--hf-impls", default="eager,grouped_mm",
                     help="transformers experts implementations to time")
+    ap.add_argument("--profile", type=int, default=0, help="passes to profile brigade's ops over (0: none)")
     ap.add_argument("--binary", default=str(REPO / "build" / "bench" / "bench_moe_layer"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -155,6 +157,13 @@ def main():
             for n in blocks:
                 ratios[n].append(got["brigade"] / got[n])
             print(f"round {r + 1}: " + ", ".join(f"{n} {got[n]:,.0f} tok/s" for n in names))
+
+        if args.profile > 0:
+            ops = ask(f"profile {args.profile}")["ops"]
+            total = sum(o["self_ms"] for o in ops)
+            print(f"\nbrigade per-op self time per pass ({args.profile} passes, {total:.1f} ms in LibTorch ops):")
+            for o in ops[:12]:
+                print(f"  {o['self_ms']:8.2f} ms {100 * o['self_ms'] / total:5.1f}%  {o['calls'] // args.profile:5d} calls  {o['name']}")
 
         ref = [ask(f"reference {args.reference_tokens}") for _ in range(3)]
         ref_tps = statistics.median(a["tokens"] / a["seconds"] for a in ref)

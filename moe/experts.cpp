@@ -10,16 +10,10 @@
 #include <optional>
 
 #include "core/error.h"
+#include "precision/precision.h"
 
 namespace brigade::moe {
 namespace {
-
-// The dtype the GEMMs run in: the autocast dtype when autocast is on, else the input's.
-c10::ScalarType compute_dtype(const torch::Tensor& x) {
-  const auto device = x.device().type();
-  if (at::autocast::is_autocast_enabled(device)) return at::autocast::get_autocast_dtype(device);
-  return x.scalar_type();
-}
 
 // Forward and backward are loops of per-expert GEMMs over contiguous row slices,
 // with the elementwise SwiGLU done once over all rows. One autograd node for all
@@ -36,7 +30,7 @@ class GroupedSwiGLU : public torch::autograd::Function<GroupedSwiGLU> {
     // Read the autocast dtype before excluding autocast (exclusion is what "off" means);
     // casts are then explicit so autocast does not cast each slice again. FP8 GEMMs
     // are emulated in FP32.
-    const auto out_dtype = compute_dtype(x);
+    const auto out_dtype = precision::autocast_dtype_for(x);
     const auto dtype = fp8 ? torch::kFloat : out_dtype;
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     auto xc = x.to(dtype).contiguous();

@@ -25,7 +25,6 @@ class ExpertsImpl : public torch::nn::Module {
   // counts: [experts] rows per expert. Returns [rows, d_model], weighted.
   virtual torch::Tensor forward(const torch::Tensor& tokens, const torch::Tensor& weights,
                                 const std::vector<int64_t>& counts) = 0;
-  virtual int64_t num_experts() const = 0;
   // Runs the expert GEMMs in FP8 under `options` (no-op when FP8 is off).
   virtual void enable_fp8(const precision::Fp8Options& options, const std::string& name) = 0;
   virtual precision::Fp8GemmState* fp8() = 0;
@@ -38,7 +37,6 @@ class GroupedExpertsImpl : public ExpertsImpl {
   GroupedExpertsImpl(int64_t num_experts, int64_t d_model, int64_t d_ff);
   torch::Tensor forward(const torch::Tensor& tokens, const torch::Tensor& weights,
                         const std::vector<int64_t>& counts) override;
-  int64_t num_experts() const override { return gate_up_proj.size(0); }
   void enable_fp8(const precision::Fp8Options& options, const std::string& name) override;
   precision::Fp8GemmState* fp8() override { return fp8_.get(); }
   int64_t parameters_per_expert() const override { return gate_up_proj[0].numel() + down_proj[0].numel(); }

@@ -93,12 +93,4 @@ LayerStepStats MoELayerImpl::end_step(bool update_bias) {
   return stats;
 }
 
-int64_t MoELayerImpl::activated_parameters() const {
-  int64_t n = gate->weight.numel() + options_.top_k * experts->parameters_per_expert();
-  if (shared_experts) {
-    for (const auto& p : shared_experts->parameters()) n += p.numel();
-  }
-  return n;
-}
-
 }  // namespace brigade::moe

@@ -44,8 +44,6 @@ class MoELayerImpl : public torch::nn::Module {
   LayerStepStats end_step(bool update_bias);
 
   const MoEOptions& options() const { return options_; }
-  // Parameters used per token: router, shared experts and top_k routed experts.
-  int64_t activated_parameters() const;
 
   Router gate{nullptr};
   std::shared_ptr<ExpertsImpl> experts;

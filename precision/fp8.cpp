@@ -90,8 +90,6 @@ uint8_t encode_fp8(float value, Fp8Format format) { return encode(value, format)
 
 float decode_fp8(uint8_t code, Fp8Format format) { return decode_table(format)[code]; }
 
-const float* fp8_values(Fp8Format format) { return decode_table(format).data(); }
-
 void encode_row(const float* in, uint8_t* codes, int64_t n, const float* scales, int64_t scale_every,
                 Fp8Format format) {
   for (int64_t start = 0, g = 0; start < n; start += scale_every, ++g) {

@@ -41,9 +41,6 @@ Fp8Format parse_fp8_format(const std::string& name);
 
 uint8_t encode_fp8(float value, Fp8Format format);
 float decode_fp8(uint8_t code, Fp8Format format);
-// The value of every code: a 256-entry table (for loops that decode in bulk).
-const float* fp8_values(Fp8Format format);
-
 // One row of a scaled tensor: element j uses scales[j / scale_every].
 // encode_row: codes[j] = encode(in[j] / scale); fake_quantize_row: out[j] = decode(that) * scale.
 void encode_row(const float* in, uint8_t* codes, int64_t n, const float* scales, int64_t scale_every,

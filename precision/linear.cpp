@@ -7,21 +7,16 @@
 #include <torch/nn/init.h>
 
 #include "core/error.h"
+#include "precision/precision.h"
 
 namespace brigade::precision {
 namespace {
-
-c10::ScalarType output_dtype(const torch::Tensor& x) {
-  const auto device = x.device().type();
-  if (at::autocast::is_autocast_enabled(device)) return at::autocast::get_autocast_dtype(device);
-  return x.scalar_type();
-}
 
 class Fp8LinearFunction : public torch::autograd::Function<Fp8LinearFunction> {
  public:
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
                                const torch::Tensor& weight, Fp8GemmState* state) {
-    const auto out_dtype = output_dtype(x);  // read before autocast is excluded
+    const auto out_dtype = autocast_dtype_for(x);  // read before autocast is excluded
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     auto x2 = x.reshape({-1, x.size(-1)}).to(torch::kFloat);
     auto qx = state->qdq(x2, GemmOperand::kInput, GemmPass::kForward, "input");

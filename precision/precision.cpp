@@ -20,6 +20,12 @@ c10::ScalarType to_scalar_type(ComputeDtype dtype) {
   return dtype == ComputeDtype::kBFloat16 ? c10::kBFloat16 : c10::kFloat;
 }
 
+c10::ScalarType autocast_dtype_for(const torch::Tensor& x) {
+  const auto device = x.device().type();
+  if (at::autocast::is_autocast_enabled(device)) return at::autocast::get_autocast_dtype(device);
+  return x.scalar_type();
+}
+
 AutocastGuard::AutocastGuard(ComputeDtype dtype) {
   if (dtype == ComputeDtype::kFloat32) return;
   active_ = true;

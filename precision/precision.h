@@ -5,6 +5,7 @@
 
 #include <string>
 
+#include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
 
 #include "precision/fp8_recipe.h"
@@ -22,6 +23,10 @@ std::string to_string(ComputeDtype dtype);
 // "float32" | "bfloat16" (also "fp32", "bf16"); anything else is an Error.
 ComputeDtype parse_compute_dtype(const std::string& name);
 c10::ScalarType to_scalar_type(ComputeDtype dtype);
+// The dtype a matmul on `x` runs in right now: the autocast dtype when autocast is
+// on for x's device, else x's own. Custom autograd functions that exclude autocast
+// read it first (excluding autocast is what "off" means).
+c10::ScalarType autocast_dtype_for(const torch::Tensor& x);
 
 // Enables CPU/CUDA autocast to the compute dtype for its lifetime (no-op for FP32),
 // so matmuls run in BF16 while parameters and optimizer state stay FP32.

@@ -117,12 +117,10 @@ StepResult Trainer::step() {
   StepResult result;
   optimizer_.zero_grad();
 
-  double loss = 0.0, aux_loss = 0.0;
+  double loss = 0.0;
   for (int64_t micro = 0; micro < options_.grad_accum_steps; ++micro) {
     data::Batch batch = train_data_.batch(state_.step, micro);
-    auto [lm, aux] = forward_backward(batch);
-    loss += lm / static_cast<double>(options_.grad_accum_steps);
-    aux_loss += aux / static_cast<double>(options_.grad_accum_steps);
+    loss += forward_backward(batch) / static_cast<double>(options_.grad_accum_steps);
     result.tokens += batch.inputs.numel();
   }
   const double grad_norm = clip_gradients();
@@ -139,7 +137,6 @@ StepResult Trainer::step() {
   if (!finite) state_.skipped_steps += 1;
   result.step = state_.step;
   result.loss = loss;
-  result.aux_loss = aux_loss;
   result.lr = lr;
   result.grad_norm = grad_norm;
   result.skipped = !finite;
@@ -155,13 +152,13 @@ torch::Tensor Trainer::mean_token_loss(const data::Batch& batch) {
       torch::nn::functional::CrossEntropyFuncOptions().ignore_index(data::kIgnoreIndex));
 }
 
-std::pair<double, double> Trainer::forward_backward(const data::Batch& batch) {
-  if (batch.trained_tokens == 0) return {0.0, 0.0};  // every target masked: nothing to learn here
+double Trainer::forward_backward(const data::Batch& batch) {
+  if (batch.trained_tokens == 0) return 0.0;  // every target masked: nothing to learn here
   auto loss = mean_token_loss(batch);
   auto aux = model_->aux_loss();  // MoE balance / z-loss terms of this forward, if any
   auto total = aux.defined() ? loss + aux : loss;
   (total / static_cast<double>(options_.grad_accum_steps)).backward();
-  return {loss.item<double>(), aux.defined() ? aux.item<double>() : 0.0};
+  return loss.item<double>();
 }
 
 double Trainer::clip_gradients() {

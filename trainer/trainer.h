@@ -7,7 +7,6 @@
 #include <filesystem>
 #include <memory>
 #include <string>
-#include <utility>
 #include <vector>
 
 #include "data/sampler.h"
@@ -37,7 +36,6 @@ struct StepResult {
   int64_t tokens = 0;        // input tokens processed in this step
   double seconds = 0.0;
   bool skipped = false;      // non-finite values, step not applied (on_nonfinite: skip)
-  double aux_loss = 0.0;     // MoE auxiliary losses added to `loss` for the gradient (mean over micro-batches)
   std::vector<moe::LayerStepStats> moe;  // per MoE layer: load balance, drops, aux terms
 };
 
@@ -90,8 +88,8 @@ class Trainer {
  private:
   // Cross-entropy over the batch's trained targets, forward in the compute dtype.
   torch::Tensor mean_token_loss(const data::Batch& batch);
-  // Returns the micro-batch's LM loss and MoE auxiliary loss.
-  std::pair<double, double> forward_backward(const data::Batch& batch);
+  // Returns the micro-batch's LM loss (MoE auxiliary losses join the gradient only).
+  double forward_backward(const data::Batch& batch);
   double clip_gradients();                            // returns the pre-clip global norm
   void handle_nonfinite(const std::string& what, double value);
 

@@ -152,8 +152,8 @@ TEST(Fp8Quantize, DelayedScalingUsesTheHistory) {
     seen.push_back(amaxes[step]);
   }
   EXPECT_EQ(max_algo.recorded(), 5);
-  // Step 2 used the history's 40 while its values were 5: no saturation. Step 1 used
-  // 10 with margin (range 20) for values of 40: saturated to +-max, still finite.
+  // Values beyond the range the history allows saturate to +-max (finite): a scale
+  // from amax 1 gives range 1, so 1000 comes back as 1.
   auto x = torch::full({1, 2}, 1000.0f);
   DelayedScaling small(1, 0.0, DelayedScaling::Algorithm::kMax);
   small.record(1.0f);
