@@ -19,29 +19,94 @@ constexpr uint8_t kE4M3NaN = 0x7F;
 constexpr uint8_t kE5M2NaN = 0x7F;
 constexpr uint8_t kE5M2Inf = 0x7C;
 
-// Branch-free encoding (the compiler can vectorise loops of it). For |x| in the
+// Branch-free encoding (the compiler vectorises loops of it). For |x| in the
 // normal range, rounding the float32 bit pattern to M mantissa bits with
 // round-half-even is integer arithmetic (a carry into the exponent is exactly
 // right), and the exponent is re-biased by subtraction. Subnormals: |x| scaled to
 // units of the smallest subnormal (exact, a power of two) is rounded to an integer
 // by the classic add-2^23 trick (the float adder rounds half to even).
-inline uint8_t encode(float value, Fp8Format format) {
-  const auto& f = format == Fp8Format::kE4M3 ? kE4M3 : kE5M2;
+template <Fp8Format F>
+inline uint8_t encode(float value) {
+  constexpr const Fp8FormatInfo& f = F == Fp8Format::kE4M3 ? kE4M3 : kE5M2;
+  constexpr int shift = 23 - f.mantissa_bits;
   const uint32_t bits = std::bit_cast<uint32_t>(value);
   const uint32_t sign = (bits >> 24) & 0x80u;
   const uint32_t u = bits & 0x7FFFFFFFu;
-  const int shift = 23 - f.mantissa_bits;
   const uint32_t rounded = u + ((1u << (shift - 1)) - 1) + ((u >> shift) & 1u);
   const uint32_t normal = (rounded >> shift) - (static_cast<uint32_t>(127 - f.bias) << f.mantissa_bits);
   const float magnitude = std::bit_cast<float>(u);
   const uint32_t subnormal = std::bit_cast<uint32_t>(magnitude * (1.0f / f.min_subnormal) + 8388608.0f) - 0x4B000000u;
-  const uint32_t min_normal_bits = std::bit_cast<uint32_t>(f.min_normal);
-  uint32_t code = u < min_normal_bits ? subnormal : normal;
-  code = u >= std::bit_cast<uint32_t>(f.max) ? f.max_code : code;  // saturate (also caps rounding past max)
-  const uint32_t nonfinite = (format == Fp8Format::kE5M2 && u == 0x7F800000u) ? kE5M2Inf
-                             : (format == Fp8Format::kE4M3 ? kE4M3NaN : kE5M2NaN);
-  code = u >= 0x7F800000u ? nonfinite : code;
+  // Selections as masks (all ones or zero): GCC vectorises these, not ?: chains.
+  const uint32_t is_subnormal = 0u - static_cast<uint32_t>(u < std::bit_cast<uint32_t>(f.min_normal));
+  const uint32_t saturates = 0u - static_cast<uint32_t>(u >= std::bit_cast<uint32_t>(f.max));  // also caps rounding past max
+  const uint32_t nonfinite = 0u - static_cast<uint32_t>(u >= 0x7F800000u);
+  constexpr uint32_t nan = F == Fp8Format::kE4M3 ? kE4M3NaN : kE5M2NaN;
+  // E5M2 has an infinity (u == 0x7F800000 exactly); E4M3 encodes infinity as NaN.
+  const uint32_t special = F == Fp8Format::kE5M2 ? nan - (static_cast<uint32_t>(u == 0x7F800000u) * (nan - kE5M2Inf)) : nan;
+  uint32_t code = (subnormal & is_subnormal) | (normal & ~is_subnormal);
+  code = (f.max_code & saturates) | (code & ~saturates);
+  code = (special & nonfinite) | (code & ~nonfinite);
   return static_cast<uint8_t>(sign | code);
+}
+
+inline uint8_t encode(float value, Fp8Format format) {
+  return format == Fp8Format::kE4M3 ? encode<Fp8Format::kE4M3>(value) : encode<Fp8Format::kE5M2>(value);
+}
+
+// decode(encode(value)) for finite value, as arithmetic on the same rounding
+// (no table lookup, so it vectorises): the rounded float32 pattern with the low
+// mantissa bits cleared is the FP8 value itself; subnormals are the rounded
+// integer times the smallest subnormal.
+template <Fp8Format F>
+inline float round_to_fp8(float value) {
+  constexpr const Fp8FormatInfo& f = F == Fp8Format::kE4M3 ? kE4M3 : kE5M2;
+  constexpr int shift = 23 - f.mantissa_bits;
+  const uint32_t bits = std::bit_cast<uint32_t>(value);
+  const uint32_t u = bits & 0x7FFFFFFFu;
+  const uint32_t rounded = (u + ((1u << (shift - 1)) - 1) + ((u >> shift) & 1u)) & ~((1u << shift) - 1);
+  const float magnitude = std::bit_cast<float>(u);
+  const float steps = (magnitude * (1.0f / f.min_subnormal) + 8388608.0f) - 8388608.0f;
+  const uint32_t subnormal = std::bit_cast<uint32_t>(steps * f.min_subnormal);
+  const uint32_t is_subnormal = 0u - static_cast<uint32_t>(u < std::bit_cast<uint32_t>(f.min_normal));
+  const uint32_t saturates = 0u - static_cast<uint32_t>(u >= std::bit_cast<uint32_t>(f.max));
+  uint32_t out = (subnormal & is_subnormal) | (rounded & ~is_subnormal);
+  out = (std::bit_cast<uint32_t>(f.max) & saturates) | (out & ~saturates);
+  return std::bit_cast<float>((bits & 0x80000000u) | out);
+}
+
+// Row kernels, compiled per instruction set (GCC/Clang function multi-versioning).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define BRIGADE_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define BRIGADE_VECTOR_CLONES
+#endif
+
+template <Fp8Format F>
+BRIGADE_VECTOR_CLONES void encode_row_as(const float* in, uint8_t* codes, int64_t n, const float* scales,
+                                         int64_t every) {
+  if (every == 1) {  // one scale per element (128x1 tiles)
+    for (int64_t j = 0; j < n; ++j) codes[j] = encode<F>(in[j] * (1.0f / scales[j]));
+    return;
+  }
+  for (int64_t start = 0, g = 0; start < n; start += every, ++g) {
+    const float inverse = 1.0f / scales[g];
+    const int64_t end = std::min(n, start + every);
+    for (int64_t j = start; j < end; ++j) codes[j] = encode<F>(in[j] * inverse);
+  }
+}
+
+template <Fp8Format F>
+BRIGADE_VECTOR_CLONES void fake_quantize_row_as(const float* in, float* out, int64_t n, const float* scales,
+                                                int64_t every) {
+  if (every == 1) {
+    for (int64_t j = 0; j < n; ++j) out[j] = round_to_fp8<F>(in[j] * (1.0f / scales[j])) * scales[j];
+    return;
+  }
+  for (int64_t start = 0, g = 0; start < n; start += every, ++g) {
+    const float scale = scales[g], inverse = 1.0f / scale;
+    const int64_t end = std::min(n, start + every);
+    for (int64_t j = start; j < end; ++j) out[j] = round_to_fp8<F>(in[j] * inverse) * scale;
+  }
 }
 
 float decode_slow(uint8_t code, Fp8Format format) {
@@ -92,20 +157,45 @@ float decode_fp8(uint8_t code, Fp8Format format) { return decode_table(format)[c
 
 void encode_row(const float* in, uint8_t* codes, int64_t n, const float* scales, int64_t scale_every,
                 Fp8Format format) {
-  for (int64_t start = 0, g = 0; start < n; start += scale_every, ++g) {
-    const float inverse = 1.0f / scales[g];
-    const int64_t end = std::min(n, start + scale_every);
-    for (int64_t j = start; j < end; ++j) codes[j] = encode(in[j] * inverse, format);
+  if (format == Fp8Format::kE4M3) {
+    encode_row_as<Fp8Format::kE4M3>(in, codes, n, scales, scale_every);
+  } else {
+    encode_row_as<Fp8Format::kE5M2>(in, codes, n, scales, scale_every);
   }
 }
 
 void fake_quantize_row(const float* in, float* out, int64_t n, const float* scales, int64_t scale_every,
                        Fp8Format format) {
-  const float* table = decode_table(format).data();
-  for (int64_t start = 0, g = 0; start < n; start += scale_every, ++g) {
-    const float scale = scales[g], inverse = 1.0f / scale;
-    const int64_t end = std::min(n, start + scale_every);
-    for (int64_t j = start; j < end; ++j) out[j] = table[encode(in[j] * inverse, format)] * scale;
+  if (format == Fp8Format::kE4M3) {
+    fake_quantize_row_as<Fp8Format::kE4M3>(in, out, n, scales, scale_every);
+  } else {
+    fake_quantize_row_as<Fp8Format::kE5M2>(in, out, n, scales, scale_every);
+  }
+}
+
+namespace {
+inline uint32_t abs_max_bits(const float* in, int64_t n) {
+  uint32_t m = 0;
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, std::bit_cast<uint32_t>(in[j]) & 0x7FFFFFFFu);
+  return m;
+}
+}  // namespace
+
+BRIGADE_VECTOR_CLONES float abs_max(const float* in, int64_t n) { return std::bit_cast<float>(abs_max_bits(in, n)); }
+
+BRIGADE_VECTOR_CLONES void group_abs_max(const float* in, int64_t n, int64_t every, float* out) {
+  for (int64_t start = 0, g = 0; start < n; start += every, ++g) {
+    out[g] = std::bit_cast<float>(abs_max_bits(in + start, std::min(every, n - start)));
+  }
+}
+
+BRIGADE_VECTOR_CLONES void column_abs_max(const float* in, int64_t rows, int64_t stride, int64_t n, float* acc) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = in + r * stride;
+    for (int64_t j = 0; j < n; ++j) {
+      acc[j] = std::bit_cast<float>(
+          std::max(std::bit_cast<uint32_t>(acc[j]), std::bit_cast<uint32_t>(row[j]) & 0x7FFFFFFFu));
+    }
   }
 }
 
@@ -117,8 +207,9 @@ torch::Tensor encode_fp8(const torch::Tensor& values, Fp8Format format) {
   auto out = torch::empty(values.sizes(), torch::TensorOptions().dtype(torch::kByte));
   const float* in = src.data_ptr<float>();
   uint8_t* codes = out.data_ptr<uint8_t>();
+  const float one = 1.0f;  // x * 1 is x exactly, NaN and infinity included
   at::parallel_for(0, src.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) codes[i] = encode(in[i], format);
+    encode_row(in + begin, codes + begin, end - begin, &one, end - begin, format);
   });
   return out;
 }

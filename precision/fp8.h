@@ -41,12 +41,25 @@ Fp8Format parse_fp8_format(const std::string& name);
 
 uint8_t encode_fp8(float value, Fp8Format format);
 float decode_fp8(uint8_t code, Fp8Format format);
+// The CPU quantizer's hot loops. They vectorise and are compiled for AVX-512,
+// AVX2 and baseline x86-64, the best one picked when the program loads.
+//
 // One row of a scaled tensor: element j uses scales[j / scale_every].
-// encode_row: codes[j] = encode(in[j] / scale); fake_quantize_row: out[j] = decode(that) * scale.
+// encode_row: codes[j] = encode(in[j] * (1 / scale)); fake_quantize_row: out[j] =
+// decode(that) * scale, computed without materialising the code. fake_quantize_row
+// expects finite input (the quantizer checks the group maxima first).
 void encode_row(const float* in, uint8_t* codes, int64_t n, const float* scales, int64_t scale_every,
                 Fp8Format format);
 void fake_quantize_row(const float* in, float* out, int64_t n, const float* scales, int64_t scale_every,
                        Fp8Format format);
+// The largest |in[j]|: NaN if any element is NaN, else infinity if any is infinite
+// (|x| compared as integers: NaN > infinity > every finite magnitude).
+float abs_max(const float* in, int64_t n);
+// out[g] = abs_max of in[g * every, min(n, (g + 1) * every)), for every group g.
+void group_abs_max(const float* in, int64_t n, int64_t every, float* out);
+// acc[j] = max(acc[j], |in[r * stride + j]|) over rows r < rows, for j < n, under
+// the same ordering; acc starts at 0.
+void column_abs_max(const float* in, int64_t rows, int64_t stride, int64_t n, float* acc);
 
 // float32 or bfloat16 tensor (any shape, CPU) -> uint8 codes of the same shape.
 torch::Tensor encode_fp8(const torch::Tensor& values, Fp8Format format);

@@ -1,6 +1,10 @@
 #include "precision/quantize.h"
 
+#include <algorithm>
+#include <atomic>
+#include <bit>
 #include <cmath>
+#include <vector>
 
 #include <ATen/Parallel.h>
 
@@ -11,37 +15,9 @@ namespace {
 
 int64_t groups(int64_t n) { return (n + kScaleGroup - 1) / kScaleGroup; }
 
-// x zero-padded to multiples of 128 in the dimensions the mode groups.
-torch::Tensor pad_for(const torch::Tensor& x, ScalingMode mode) {
-  const int64_t rows = x.size(0), cols = x.size(1);
-  const bool pad_rows = mode == ScalingMode::kTile128x1 || mode == ScalingMode::kBlock128x128;
-  const bool pad_cols = mode == ScalingMode::kTile1x128 || mode == ScalingMode::kBlock128x128;
-  const int64_t r = pad_rows ? groups(rows) * kScaleGroup : rows;
-  const int64_t c = pad_cols ? groups(cols) * kScaleGroup : cols;
-  if (r == rows && c == cols) return x;
-  auto out = torch::zeros({r, c}, x.options());
-  out.narrow(0, 0, rows).narrow(1, 0, cols).copy_(x);
-  return out;
-}
-
-// Group maxima of |x| ([rows, cols], padded) in the mode's scale shape: max(max,
-// -min) per group, which reads x once and allocates no |x| copy. NaN propagates.
-torch::Tensor group_amax(const torch::Tensor& padded, ScalingMode mode) {
-  const int64_t r = padded.size(0), c = padded.size(1);
-  auto amax_over = [](const torch::Tensor& t, int64_t dim) {
-    auto [lo, hi] = torch::aminmax(t, dim);
-    return torch::maximum(hi, lo.neg());
-  };
-  switch (mode) {
-    case ScalingMode::kPerTensorCurrent:
-    case ScalingMode::kPerTensorDelayed: return amax_over(padded.reshape({-1}), 0);
-    case ScalingMode::kTile1x128: return amax_over(padded.view({r, c / kScaleGroup, kScaleGroup}), -1);
-    case ScalingMode::kTile128x1: return amax_over(padded.view({r / kScaleGroup, kScaleGroup, c}), 1);
-    case ScalingMode::kBlock128x128:
-      return amax_over(amax_over(padded.view({r / kScaleGroup, kScaleGroup, c / kScaleGroup, kScaleGroup}), 3), 1);
-  }
-  BRIGADE_FAIL("unreachable scaling mode");
-}
+// max under the ordering of |x| as integers (NaN > infinity > finite), for amax
+// reductions that must not lose a NaN.
+bool by_bits(float a, float b) { return std::bit_cast<uint32_t>(a) < std::bit_cast<uint32_t>(b); }
 
 // Scales broadcast back to every element of [rows, cols].
 torch::Tensor expand_scales(const torch::Tensor& scales, ScalingMode mode, int64_t rows, int64_t cols) {
@@ -117,74 +93,166 @@ void DelayedScaling::restore(const torch::Tensor& history, int64_t position, int
 
 namespace {
 
-// Checks x, computes the group maxima and the scales (recording delayed amax).
-QuantizedTensor scales_for(const torch::Tensor& x, const QuantizeOptions& o, DelayedScaling* delayed, bool record) {
+void check_input(const torch::Tensor& x, const QuantizeOptions& o, const DelayedScaling* delayed) {
   BRIGADE_CHECK(x.dim() == 2, "quantize ", o.name, ": expected a 2-D tensor, got ", x.sizes());
   BRIGADE_CHECK(x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16, "quantize ", o.name,
                 ": expected float32 or bfloat16, got ", x.scalar_type());
   BRIGADE_CHECK(o.mode != ScalingMode::kPerTensorDelayed || delayed != nullptr, "quantize ", o.name,
                 ": delayed scaling needs its amax history");
+}
+
+// The one pass behind quantize() and fake_quantize(): group maxima, scales, and
+// sink(row, col, n, scales, every) for every piece of every row, where element j of
+// the piece uses scales[j / every]. Each group is encoded while it is still in cache
+// (1x128: a row; 128x128 and 128x1: 128 rows of 1024 columns), so x is read from
+// memory once; per-tensor current scaling needs the global maximum first and reads
+// it twice. Rows of groups run in parallel.
+template <typename Sink>
+QuantizedTensor quantize_pass(const torch::Tensor& xf, const QuantizeOptions& o, DelayedScaling* delayed, bool record,
+                              Sink&& sink) {
+  const int64_t rows = xf.size(0), cols = xf.size(1);
+  const int64_t row_groups = groups(rows), col_groups = groups(cols);
+  const float* in = xf.data_ptr<float>();
   QuantizedTensor q;
   q.mode = o.mode;
   q.format = o.format;
-  q.amax = group_amax(pad_for(x, o.mode), o.mode).to(torch::kFloat).contiguous();
-  // amax is NaN or infinite exactly when x holds a NaN or infinity.
-  BRIGADE_CHECK(torch::isfinite(q.amax).all().item<bool>(), "non-finite value (NaN or Inf) in ", o.name,
-                " reached the FP8 quantizer (", to_string(o.mode), ")");
-  if (o.mode == ScalingMode::kPerTensorDelayed) {
-    q.scales = torch::tensor(delayed->scale(o.format, o.power_of_two_scales));
-    if (record) delayed->record(q.amax.item<float>());
-  } else {
-    q.scales = torch::empty_like(q.amax);
-    const float* a = q.amax.data_ptr<float>();
-    float* s = q.scales.data_ptr<float>();
-    for (int64_t i = 0; i < q.amax.numel(); ++i) s[i] = scale_for(a[i], o.format, o.power_of_two_scales);
-  }
-  return q;
-}
-
-// Calls fn(row, scales of that row, elements per scale) for every row, rows in parallel.
-template <typename Fn>
-void for_each_row(int64_t rows, int64_t cols, const QuantizedTensor& q, Fn&& fn) {
-  const float* s = q.scales.data_ptr<float>();
-  const int64_t scale_cols = q.scales.dim() == 2 ? q.scales.size(1) : 1;
-  at::parallel_for(0, rows, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(cols, 1)), [&](int64_t r0, int64_t r1) {
-    for (int64_t i = r0; i < r1; ++i) {
-      switch (q.mode) {
-        case ScalingMode::kTile1x128: fn(i, s + i * scale_cols, kScaleGroup); break;
-        case ScalingMode::kTile128x1: fn(i, s + (i / kScaleGroup) * scale_cols, 1); break;
-        case ScalingMode::kBlock128x128: fn(i, s + (i / kScaleGroup) * scale_cols, kScaleGroup); break;
-        default: fn(i, s, std::max<int64_t>(cols, 1)); break;
-      }
+  auto scale_of = [&](float amax) { return std::isfinite(amax) ? scale_for(amax, o.format, o.power_of_two_scales) : 1.0f; };
+  auto check_finite = [&](bool finite) {
+    // amax is NaN or infinite exactly when x holds a NaN or infinity.
+    BRIGADE_CHECK(finite, "non-finite value (NaN or Inf) in ", o.name, " reached the FP8 quantizer (", to_string(o.mode),
+                  ")");
+  };
+  std::atomic<bool> finite{true};
+  switch (o.mode) {
+    case ScalingMode::kTile1x128: {
+      q.amax = torch::empty({rows, col_groups});
+      q.scales = torch::empty({rows, col_groups});
+      float* amax = q.amax.data_ptr<float>();
+      float* scales = q.scales.data_ptr<float>();
+      at::parallel_for(0, rows, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(cols, 1)), [&](int64_t r0, int64_t r1) {
+        for (int64_t i = r0; i < r1; ++i) {
+          float* a = amax + i * col_groups;
+          float* s = scales + i * col_groups;
+          group_abs_max(in + i * cols, cols, kScaleGroup, a);
+          for (int64_t g = 0; g < col_groups; ++g) {
+            if (!std::isfinite(a[g])) finite = false;
+            s[g] = scale_of(a[g]);
+          }
+          sink(i, 0, cols, s, kScaleGroup);  // the row is still in cache
+        }
+      });
+      break;
     }
-  });
+    case ScalingMode::kBlock128x128:
+    case ScalingMode::kTile128x1: {
+      // A block of 128 rows is taken 1024 columns at a time (512 KiB: it stays in
+      // cache between the maxima and the encoding).
+      constexpr int64_t kWidth = 8 * kScaleGroup;
+      const bool blocks = o.mode == ScalingMode::kBlock128x128;
+      const int64_t scale_cols = blocks ? col_groups : cols;
+      q.amax = torch::empty({row_groups, scale_cols});
+      q.scales = torch::empty({row_groups, scale_cols});
+      float* amax = q.amax.data_ptr<float>();
+      float* scales = q.scales.data_ptr<float>();
+      at::parallel_for(0, row_groups, 1, [&](int64_t b0, int64_t b1) {
+        std::vector<float> column(kWidth);
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t r = b * kScaleGroup, m = std::min(kScaleGroup, rows - r);
+          for (int64_t c = 0; c < cols; c += kWidth) {
+            const int64_t n = std::min(kWidth, cols - c);
+            std::fill(column.begin(), column.end(), 0.0f);
+            column_abs_max(in + r * cols + c, m, cols, n, column.data());
+            // This chunk's maxima and scales: 128x128 blocks, or single columns.
+            float* a = amax + b * scale_cols + (blocks ? c / kScaleGroup : c);
+            float* s = scales + b * scale_cols + (blocks ? c / kScaleGroup : c);
+            const int64_t count = blocks ? groups(n) : n;
+            if (blocks) {
+              group_abs_max(column.data(), n, kScaleGroup, a);
+            } else {
+              std::copy(column.begin(), column.begin() + n, a);
+            }
+            for (int64_t g = 0; g < count; ++g) {
+              if (!std::isfinite(a[g])) finite = false;
+              s[g] = scale_of(a[g]);
+            }
+            for (int64_t i = r; i < r + m; ++i) sink(i, c, n, s, blocks ? kScaleGroup : 1);
+          }
+        }
+      });
+      break;
+    }
+    case ScalingMode::kPerTensorCurrent: {
+      const float a = at::parallel_reduce(
+          0, rows * cols, 1 << 16, 0.0f,
+          [&](int64_t begin, int64_t end, float m) { return std::max(m, abs_max(in + begin, end - begin), by_bits); },
+          [](float x, float y) { return std::max(x, y, by_bits); });
+      check_finite(std::isfinite(a));
+      q.amax = torch::tensor(a);
+      q.scales = torch::tensor(scale_of(a));
+      const float* s = q.scales.data_ptr<float>();
+      at::parallel_for(0, rows, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(cols, 1)), [&](int64_t r0, int64_t r1) {
+        for (int64_t i = r0; i < r1; ++i) sink(i, 0, cols, s, std::max<int64_t>(cols, 1));
+      });
+      return q;
+    }
+    case ScalingMode::kPerTensorDelayed: {
+      // The scale is known before the pass; this step's amax is gathered in it.
+      q.scales = torch::tensor(delayed->scale(o.format, o.power_of_two_scales));
+      const float* s = q.scales.data_ptr<float>();
+      std::vector<float> row_amax(rows, 0.0f);
+      at::parallel_for(0, rows, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(cols, 1)), [&](int64_t r0, int64_t r1) {
+        for (int64_t i = r0; i < r1; ++i) {
+          row_amax[i] = abs_max(in + i * cols, cols);
+          sink(i, 0, cols, s, std::max<int64_t>(cols, 1));
+        }
+      });
+      const float a = abs_max(row_amax.data(), rows);
+      check_finite(std::isfinite(a));
+      q.amax = torch::tensor(a);
+      if (record) delayed->record(a);
+      return q;
+    }
+  }
+  check_finite(finite);
+  return q;
 }
 
 }  // namespace
 
 QuantizedTensor quantize(const torch::Tensor& x, const QuantizeOptions& o, DelayedScaling* delayed, bool record) {
-  auto q = scales_for(x, o, delayed, record);
-  auto xf = x.to(torch::kFloat).contiguous();
-  const int64_t rows = xf.size(0), cols = xf.size(1);
-  q.data = torch::empty({rows, cols}, torch::TensorOptions().dtype(torch::kByte));
-  const float* in = xf.data_ptr<float>();
-  uint8_t* codes = q.data.data_ptr<uint8_t>();
-  // x * (1 / s): the reciprocal once per group's scale, as a GEMM prologue would.
-  for_each_row(rows, cols, q, [&](int64_t i, const float* scales, int64_t every) {
-    encode_row(in + i * cols, codes + i * cols, cols, scales, every, o.format);
-  });
+  QuantizedTensor q;
+  quantize_into(x, o, q, delayed, record);
   return q;
 }
 
-torch::Tensor fake_quantize(const torch::Tensor& x, const QuantizeOptions& o, DelayedScaling* delayed, bool record) {
-  auto q = scales_for(x, o, delayed, record);
+void quantize_into(const torch::Tensor& x, const QuantizeOptions& o, QuantizedTensor& out, DelayedScaling* delayed,
+                   bool record) {
+  check_input(x, o, delayed);
   auto xf = x.to(torch::kFloat).contiguous();
-  const int64_t rows = xf.size(0), cols = xf.size(1);
-  auto out = torch::empty({rows, cols}, torch::TensorOptions().dtype(torch::kFloat));
+  const int64_t cols = xf.size(1);
+  auto data = out.data;
+  if (!data.defined() || data.sizes() != xf.sizes() || data.scalar_type() != torch::kByte || !data.is_contiguous()) {
+    data = torch::empty(xf.sizes(), torch::TensorOptions().dtype(torch::kByte));
+  }
+  const float* in = xf.data_ptr<float>();
+  uint8_t* codes = data.data_ptr<uint8_t>();
+  out = quantize_pass(xf, o, delayed, record, [&](int64_t i, int64_t c, int64_t n, const float* s, int64_t every) {
+    encode_row(in + i * cols + c, codes + i * cols + c, n, s, every, o.format);
+  });
+  out.data = data;
+}
+
+torch::Tensor fake_quantize(const torch::Tensor& x, const QuantizeOptions& o, DelayedScaling* delayed, bool record) {
+  check_input(x, o, delayed);
+  auto xf = x.to(torch::kFloat).contiguous();
+  const int64_t cols = xf.size(1);
+  auto out = torch::empty(xf.sizes(), torch::TensorOptions().dtype(torch::kFloat));
   const float* in = xf.data_ptr<float>();
   float* values = out.data_ptr<float>();
-  for_each_row(rows, cols, q, [&](int64_t i, const float* scales, int64_t every) {
-    fake_quantize_row(in + i * cols, values + i * cols, cols, scales, every, o.format);
+  // Non-finite groups get scale 1 and are encoded before the check throws; the
+  // result is discarded then, and x is never written.
+  quantize_pass(xf, o, delayed, record, [&](int64_t i, int64_t c, int64_t n, const float* s, int64_t every) {
+    fake_quantize_row(in + i * cols + c, values + i * cols + c, n, s, every, o.format);
   });
   return out;
 }

@@ -84,6 +84,11 @@ float scale_for(float amax, Fp8Format format, bool power_of_two);
 QuantizedTensor quantize(const torch::Tensor& x, const QuantizeOptions& options, DelayedScaling* delayed = nullptr,
                          bool record = true);
 
+// quantize() into `out`, reusing its code buffer when it already has x's shape (a
+// training step quantizing same-shaped operands every step allocates nothing).
+void quantize_into(const torch::Tensor& x, const QuantizeOptions& options, QuantizedTensor& out,
+                   DelayedScaling* delayed = nullptr, bool record = true);
+
 // quantize(...).dequantize() in one pass, without materialising the codes: the
 // FP8 operands of the CPU emulation. Same checks, same history bookkeeping.
 torch::Tensor fake_quantize(const torch::Tensor& x, const QuantizeOptions& options, DelayedScaling* delayed = nullptr,

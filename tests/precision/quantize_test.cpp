@@ -94,6 +94,8 @@ TEST(Fp8Quantize, ScalesAndCodesMatchTheReferenceForEveryMode) {
     }
     check_mode(mode, 200, 130, Fp8Format::kE5M2, false);
     check_mode(mode, 130, 260, Fp8Format::kE4M3, true);
+    // Wider than the quantizer's 1024-column chunks, with a partial last chunk and group.
+    check_mode(mode, 131, 1100, Fp8Format::kE4M3, false);
   }
 }
 
@@ -114,10 +116,13 @@ TEST(Fp8Quantize, ScaleShapesAndZeroGroups) {
 
 TEST(Fp8Quantize, NonFiniteInputIsAnErrorNamingTheTensor) {
   for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
-    auto x = torch::ones({4, 300});
-    x[2][250] = bad;
-    for (auto mode : {ScalingMode::kPerTensorCurrent, ScalingMode::kTile1x128, ScalingMode::kBlock128x128}) {
+    auto x = torch::ones({4, 1300});
+    x[2][1250] = bad;  // in the last group of a later chunk
+    for (auto mode : {ScalingMode::kPerTensorCurrent, ScalingMode::kTile1x128, ScalingMode::kTile128x1,
+                      ScalingMode::kBlock128x128}) {
       EXPECT_BRIGADE_ERROR(quantize(x, {Fp8Format::kE4M3, mode, false, "layers.3.mlp.up_proj input"}),
+                           "non-finite value (NaN or Inf) in layers.3.mlp.up_proj input");
+      EXPECT_BRIGADE_ERROR(fake_quantize(x, {Fp8Format::kE4M3, mode, false, "layers.3.mlp.up_proj input"}),
                            "non-finite value (NaN or Inf) in layers.3.mlp.up_proj input");
     }
     DelayedScaling delayed(4, 0.0, DelayedScaling::Algorithm::kMax);
