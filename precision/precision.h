@@ -17,6 +17,9 @@ enum class ComputeDtype { kFloat32, kBFloat16 };
 struct PrecisionOptions {
   ComputeDtype compute_dtype = ComputeDtype::kFloat32;
   Fp8Options fp8;  // recipe none: no FP8 GEMMs
+  // AdamW moments (exp_avg, exp_avg_sq): float32, or bfloat16 as DeepSeek-V3 keeps
+  // them (half the memory; the update itself still runs in float32).
+  ComputeDtype optimizer_state_dtype = ComputeDtype::kFloat32;
 };
 
 std::string to_string(ComputeDtype dtype);

@@ -217,7 +217,9 @@ std::vector<Field> build_schema() {
   s.push_back(text("data.synthetic.ops", REF(data.synthetic.ops), "Operators to draw from, any of \"+-*\"."));
   s.push_back(integer<uint64_t>("data.synthetic.seed", REF(data.synthetic.seed), "Seed of the problem generator."));
 
-  s.push_back(choice("precision.compute_dtype", REF(precision.compute_dtype), "Matmul precision (autocast); master weights and optimizer state stay float32.",
+  s.push_back(choice("precision.compute_dtype", REF(precision.compute_dtype), "Matmul precision (autocast); master weights stay float32.",
+                     {"float32", "bfloat16"}, precision::parse_compute_dtype, [](ComputeDtype v) { return precision::to_string(v); }));
+  s.push_back(choice("precision.optimizer_state_dtype", REF(precision.optimizer_state_dtype), "AdamW moments (exp_avg, exp_avg_sq): float32, or bfloat16 (DeepSeek-V3; half the memory, update math in float32; see docs/fp8.md).",
                      {"float32", "bfloat16"}, precision::parse_compute_dtype, [](ComputeDtype v) { return precision::to_string(v); }));
   s.push_back(choice("precision.fp8_recipe", REF(precision.fp8.recipe), "FP8 GEMMs: none, blockwise (DeepSeek-V3: 1x128 activation tiles, 128x128 weight blocks), current or delayed (per-tensor scales). See docs/fp8.md.",
                      {"none", "blockwise", "current", "delayed"}, precision::parse_fp8_recipe, [](precision::Fp8Recipe v) { return precision::to_string(v); }));

@@ -12,10 +12,12 @@ AdamW::AdamW(model::NamedTensors params, std::vector<bool> decay, AdamWOptions o
   groups_.resize(2);
   groups_[0].weight_decay = options_.weight_decay;
   groups_[1].weight_decay = 0.0;
+  BRIGADE_CHECK(options_.state_dtype == torch::kFloat || options_.state_dtype == torch::kBFloat16,
+                "AdamW state dtype must be float32 or bfloat16, got ", options_.state_dtype);
   for (size_t i = 0; i < params_.size(); ++i) {
     const auto& p = params_[i].second;
-    exp_avg_.push_back(torch::zeros_like(p, torch::kFloat));
-    exp_avg_sq_.push_back(torch::zeros_like(p, torch::kFloat));
+    exp_avg_.push_back(torch::zeros_like(p, options_.state_dtype));
+    exp_avg_sq_.push_back(torch::zeros_like(p, options_.state_dtype));
     steps_.push_back(torch::zeros({}, torch::kFloat));
     groups_[decay[i] ? 0 : 1].index.push_back(i);
   }
@@ -43,9 +45,24 @@ void AdamW::step(double lr) {
     if (p.empty()) continue;
     // The fused kernel reads the step count for bias correction but does not advance it.
     for (auto& step : s) step.add_(1);
-    // The fused kernel does the whole group in one pass per tensor (multi-threaded on CPU).
-    at::_fused_adamw_(p, g, m, v, /*max_exp_avg_sqs=*/{}, s, lr, options_.beta1, options_.beta2,
-                      group.weight_decay, options_.eps, /*amsgrad=*/false, /*maximize=*/false);
+    auto update = [&](at::TensorList p, at::TensorList g, at::TensorList m, at::TensorList v, at::TensorList s) {
+      at::_fused_adamw_(p, g, m, v, /*max_exp_avg_sqs=*/{}, s, lr, options_.beta1, options_.beta2,
+                        group.weight_decay, options_.eps, /*amsgrad=*/false, /*maximize=*/false);
+    };
+    if (options_.state_dtype == torch::kFloat) {
+      // The fused kernel does the whole group in one pass per tensor (multi-threaded on CPU).
+      update(p, g, m, v, s);
+      continue;
+    }
+    // bfloat16 moments: widened to float32 for the update (the fused kernel wants
+    // one dtype) and rounded back to nearest-even, one parameter at a time so the
+    // float32 copies never exceed one parameter's worth.
+    for (size_t k = 0; k < p.size(); ++k) {
+      auto m32 = m[k].to(torch::kFloat), v32 = v[k].to(torch::kFloat);
+      update({p[k]}, {g[k]}, {m32}, {v32}, {s[k]});
+      m[k].copy_(m32);
+      v[k].copy_(v32);
+    }
   }
 }
 
@@ -66,6 +83,8 @@ void AdamW::load_state(const std::map<std::string, torch::Tensor>& state, const 
     BRIGADE_CHECK(it != state.end(), source, ": optimizer state has no '", key, "'");
     BRIGADE_CHECK(it->second.sizes() == into.sizes(), source, ": optimizer state '", key, "' has shape ",
                   it->second.sizes(), " but the model needs ", into.sizes());
+    // A checkpoint written with the other moment dtype converts (float32 -> bfloat16
+    // rounds); with the same dtype the copy is exact.
     into.copy_(it->second);
   };
   torch::NoGradGuard no_grad;

@@ -1,4 +1,5 @@
-// AdamW with decoupled weight decay over parameter groups, FP32 state.
+// AdamW with decoupled weight decay over parameter groups. The moments are kept in
+// float32 or bfloat16; the update always runs in float32 on float32 master weights.
 #pragma once
 
 #include <string>
@@ -15,6 +16,7 @@ struct AdamWOptions {
   double beta2 = 0.95;
   double eps = 1e-8;
   double weight_decay = 0.1;
+  c10::ScalarType state_dtype = c10::kFloat;  // exp_avg and exp_avg_sq: kFloat or kBFloat16
 };
 
 class AdamW {

@@ -59,7 +59,8 @@ Trainer::Trainer(TrainerOptions options, precision::PrecisionOptions precision, 
       eval_data_(std::move(eval_data)),
       context_(std::move(context)),
       optimizer_(trainable_parameters(*model_), weight_decay_mask(trainable_parameters(*model_), options),
-                 AdamWOptions{options.beta1, options.beta2, options.eps, options.weight_decay}),
+                 AdamWOptions{options.beta1, options.beta2, options.eps, options.weight_decay,
+                              precision::to_scalar_type(precision.optimizer_state_dtype)}),
       schedule_{options.lr, options.min_lr, options.warmup_steps, options.max_steps},
       checkpoints_(context_.run_dir / "checkpoints", options.keep_checkpoints) {
   options_.validate();
