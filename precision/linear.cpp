@@ -7,10 +7,16 @@
 #include <torch/nn/init.h>
 
 #include "core/error.h"
+#include "precision/fp8_gemm.h"
 #include "precision/precision.h"
 
 namespace brigade::precision {
 namespace {
+
+// The FP8 quantizers take float32 or bfloat16; anything else widens to float32.
+torch::Tensor fp8_input(const torch::Tensor& x) {
+  return x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16 ? x : x.to(torch::kFloat);
+}
 
 class Fp8LinearFunction : public torch::autograd::Function<Fp8LinearFunction> {
  public:
@@ -18,6 +24,7 @@ class Fp8LinearFunction : public torch::autograd::Function<Fp8LinearFunction> {
                                const torch::Tensor& weight, Fp8GemmState* state) {
     const auto out_dtype = autocast_dtype_for(x);  // read before autocast is excluded
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    if (x.is_cuda()) return forward_cuda(ctx, x, weight, state, out_dtype);
     auto x2 = x.reshape({-1, x.size(-1)}).to(torch::kFloat);
     auto qx = state->qdq(x2, GemmOperand::kInput, GemmPass::kForward, "input");
     auto qw = state->qdq(weight.to(torch::kFloat), GemmOperand::kWeight, GemmPass::kForward, "weight");
@@ -39,6 +46,7 @@ class Fp8LinearFunction : public torch::autograd::Function<Fp8LinearFunction> {
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     auto* state = reinterpret_cast<Fp8GemmState*>(ctx->saved_data["state"].toInt());
     Fp8BackwardScope backward_scope(*state);
+    if (ctx->saved_data.find("cuda") != ctx->saved_data.end()) return backward_cuda(ctx, grads, *state);
     auto saved = ctx->get_saved_variables();
     const auto& x_saved = saved[0];
     const auto& qw = saved[1];
@@ -58,6 +66,64 @@ class Fp8LinearFunction : public torch::autograd::Function<Fp8LinearFunction> {
     return {dx.view(shape).to(ctx->saved_data["x_dtype"].toScalarType()),
             dw.to(ctx->saved_data["w_dtype"].toScalarType()), torch::Tensor()};
   }
+
+ private:
+  // CUDA: the same operands as the emulation above, multiplied by cuBLASLt FP8
+  // GEMMs on their codes (layouts: fp8_cuda.h). Saved for backward: the weight's
+  // codes and scales, and the input's codes and scales (per-tensor recipes) or the
+  // raw input (blockwise re-tiles it 128x1 for Wgrad).
+  static torch::Tensor forward_cuda(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                                    const torch::Tensor& weight, Fp8GemmState* state, c10::ScalarType out_dtype) {
+    auto x2 = fp8_input(x.reshape({-1, x.size(-1)}));  // [tokens, in]
+    auto qx = state->quantize(x2, GemmOperand::kInput, GemmPass::kForward, "input");
+    auto qw = state->quantize(fp8_input(weight), GemmOperand::kWeight, GemmPass::kForward, "weight");
+    auto y = fp8_gemm(qx, qw, out_dtype);  // Fprop: [tokens, out]
+    const bool per_tensor = state->options().recipe != Fp8Recipe::kBlockwise;
+    ctx->save_for_backward({per_tensor ? qx.data : x2, per_tensor ? qx.scales : torch::Tensor(), qw.data, qw.scales});
+    ctx->saved_data["state"] = reinterpret_cast<int64_t>(state);  // owned by the module, outlives the graph
+    ctx->saved_data["x_dtype"] = c10::IValue(x.scalar_type());
+    ctx->saved_data["w_dtype"] = c10::IValue(weight.scalar_type());
+    ctx->saved_data["cuda"] = true;
+    auto shape = x.sizes().vec();
+    shape.back() = weight.size(0);
+    return y.view(shape);
+  }
+
+  // A saved operand back as a QuantizedTensor (mode and format from the recipe).
+  static QuantizedTensor saved_operand(const Fp8GemmState& state, const torch::Tensor& data,
+                                       const torch::Tensor& scales, GemmOperand operand) {
+    const auto o = state.options().operand(operand, GemmPass::kForward, state.name());
+    QuantizedTensor q;
+    q.data = data;
+    q.scales = scales;
+    q.mode = o.mode;
+    q.format = o.format;
+    return q;
+  }
+
+  static torch::autograd::variable_list backward_cuda(torch::autograd::AutogradContext* ctx,
+                                                      const torch::autograd::variable_list& grads,
+                                                      Fp8GemmState& state) {
+    auto saved = ctx->get_saved_variables();
+    const auto qw = saved_operand(state, saved[2], saved[3], GemmOperand::kWeight);  // [out, in]
+    const auto x_dtype = ctx->saved_data["x_dtype"].toScalarType();
+    const auto w_dtype = ctx->saved_data["w_dtype"].toScalarType();
+    auto dy = fp8_input(grads[0].reshape({-1, qw.data.size(0)}));  // [tokens, out]
+    auto qdy = state.quantize(dy, GemmOperand::kGradOutput, GemmPass::kDgrad, "grad_output");
+    auto dx = fp8_gemm(qdy, transposed(qw), x_dtype);  // Dgrad: [tokens, in]
+    torch::Tensor dw;                                  // Wgrad: [out, in], contracting over tokens
+    if (state.options().recipe == Fp8Recipe::kBlockwise) {
+      auto dy_t = state.quantize(dy, GemmOperand::kGradOutput, GemmPass::kWgrad, "grad_output");  // 128x1
+      auto x_t = state.quantize(saved[0], GemmOperand::kInput, GemmPass::kWgrad, "input");       // 128x1
+      dw = fp8_gemm(transposed(dy_t), transposed(x_t), w_dtype);
+    } else {
+      const auto qx = saved_operand(state, saved[0], saved[1], GemmOperand::kInput);
+      dw = fp8_gemm(transposed(qdy), transposed(qx), w_dtype);  // per tensor: the same quantized operands
+    }
+    auto shape = grads[0].sizes().vec();
+    shape.back() = qw.data.size(1);
+    return {dx.view(shape), dw, torch::Tensor()};
+  }
 };
 
 }  // namespace
@@ -75,10 +141,14 @@ DelayedScaling* Fp8GemmState::history(const std::string& slot) {
 }
 
 torch::Tensor Fp8GemmState::qdq(const torch::Tensor& x, GemmOperand operand, GemmPass pass, const std::string& slot) {
-  BRIGADE_CHECK(x.device().is_cpu(), "FP8 GEMMs on ", x.device(), " are not implemented yet (", name_,
-                "); only the CPU emulation is");
   return fake_quantize(x, options_.operand(operand, pass, name_ + " " + slot), history(slot),
                        recording_ || in_backward_);
+}
+
+QuantizedTensor Fp8GemmState::quantize(const torch::Tensor& x, GemmOperand operand, GemmPass pass,
+                                       const std::string& slot) {
+  return precision::quantize(x, options_.operand(operand, pass, name_ + " " + slot), history(slot),
+                             recording_ || in_backward_);
 }
 
 torch::Tensor Fp8GemmState::qdq_grouped(const torch::Tensor& x, const std::vector<int64_t>& counts,

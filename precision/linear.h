@@ -6,7 +6,9 @@
 //
 // On the CPU the FP8 GEMMs are emulated: operands are quantized, dequantized and
 // multiplied in FP32, which gives the same values an FP8 tensor-core GEMM with
-// FP32 accumulation computes, up to summation order.
+// FP32 accumulation computes, up to summation order. On CUDA the Linear's GEMMs
+// are cuBLASLt FP8 GEMMs on the quantized codes (fp8_gemm.h); qdq() (the MoE
+// experts' operands) fake-quantizes on the GPU and the product runs in FP32 there.
 #pragma once
 
 #include <cstdint>
@@ -30,6 +32,8 @@ class Fp8GemmState {
   // Fake-quantizes x ([rows, cols]) as `operand` of `pass`: float32 values on the
   // FP8 grid. `slot` names the amax history under delayed scaling.
   torch::Tensor qdq(const torch::Tensor& x, GemmOperand operand, GemmPass pass, const std::string& slot);
+  // Quantizes x the same way, keeping the FP8 codes: the operands of a real FP8 GEMM.
+  QuantizedTensor quantize(const torch::Tensor& x, GemmOperand operand, GemmPass pass, const std::string& slot);
   // The same for a buffer of expert rows ([rows, cols], expert e owning counts[e]
   // consecutive rows) or stacked expert weights ([experts, rows, cols], counts
   // empty): scale groups never straddle two experts.

@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 
 #include "core/error.h"
+#include "precision/quantize_cuda_host.h"
 
 namespace brigade::precision {
 namespace {
@@ -227,6 +228,10 @@ QuantizedTensor quantize(const torch::Tensor& x, const QuantizeOptions& o, Delay
 
 void quantize_into(const torch::Tensor& x, const QuantizeOptions& o, QuantizedTensor& out, DelayedScaling* delayed,
                    bool record) {
+  if (x.is_cuda()) {
+    out = quantize_cuda(x, o, delayed, record);
+    return;
+  }
   check_input(x, o, delayed);
   auto xf = x.to(torch::kFloat).contiguous();
   const int64_t cols = xf.size(1);
@@ -243,6 +248,7 @@ void quantize_into(const torch::Tensor& x, const QuantizeOptions& o, QuantizedTe
 }
 
 torch::Tensor fake_quantize(const torch::Tensor& x, const QuantizeOptions& o, DelayedScaling* delayed, bool record) {
+  if (x.is_cuda()) return fake_quantize_cuda(x, o, delayed, record);
   check_input(x, o, delayed);
   auto xf = x.to(torch::kFloat).contiguous();
   const int64_t cols = xf.size(1);
