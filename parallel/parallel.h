@@ -1,4 +1,6 @@
-// parallel/: world description, and later communicators and process groups.
+// parallel/: who this process is among the ranks of a job (world.h) and how
+// ranks talk (communicator.h: MPI, NCCL, single-process; groups by split()).
 #pragma once
 
+#include "parallel/communicator.h"
 #include "parallel/world.h"

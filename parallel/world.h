@@ -1,6 +1,6 @@
-// parallel/: who this process is among the ranks of a job. The communicator
-// interface (MPI / NCCL / single-process) and process groups land here next; until
-// then every run is a real single-process world.
+// Who this process is among the ranks of a job, as the launcher's environment
+// says (launch/ reads it: Open MPI, PMI, Slurm). A process started alone is rank 0
+// of a world of 1.
 #pragma once
 
 namespace brigade::parallel {

@@ -57,6 +57,7 @@ float scale_for(float amax, Fp8Format format, bool power_of_two) {
 }
 
 torch::Tensor QuantizedTensor::dequantize() const {
+  if (data.is_cuda()) return dequantize_cuda(*this);
   return decode_fp8(data, format) * expand_scales(scales, mode, data.size(0), data.size(1));
 }
 
