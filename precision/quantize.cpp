@@ -106,9 +106,9 @@ void check_input(const torch::Tensor& x, const QuantizeOptions& o, const Delayed
 // The one pass behind quantize() and fake_quantize(): group maxima, scales, and
 // sink(row, col, n, scales, every) for every piece of every row, where element j of
 // the piece uses scales[j / every]. Each group is encoded while it is still in cache
-// (1x128: a row; 128x128 and 128x1: 128 rows of 1024 columns), so x is read from
-// memory once; per-tensor current scaling needs the global maximum first and reads
-// it twice. Rows of groups run in parallel.
+// (1x128: a row; 128x128: 128 rows; 128x1: 128 rows of 1024 columns), so x is read
+// from memory once; per-tensor current scaling needs the global maximum first and
+// reads it twice. Rows of groups run in parallel.
 template <typename Sink>
 QuantizedTensor quantize_pass(const torch::Tensor& xf, const QuantizeOptions& o, DelayedScaling* delayed, bool record,
                               Sink&& sink) {
@@ -147,30 +147,35 @@ QuantizedTensor quantize_pass(const torch::Tensor& xf, const QuantizeOptions& o,
     }
     case ScalingMode::kBlock128x128:
     case ScalingMode::kTile128x1: {
-      // A block of 128 rows is taken 1024 columns at a time (512 KiB: it stays in
-      // cache between the maxima and the encoding).
-      constexpr int64_t kWidth = 8 * kScaleGroup;
+      // 128x128: a block of 128 rows is read row by row for its maxima, then encoded
+      // while it is still in the last-level cache (both passes stream). 128x1 needs
+      // per-column maxima: 1024 columns at a time, which stay in L2.
       const bool blocks = o.mode == ScalingMode::kBlock128x128;
+      const int64_t width = blocks ? std::max<int64_t>(cols, 1) : 8 * kScaleGroup;
       const int64_t scale_cols = blocks ? col_groups : cols;
       q.amax = torch::empty({row_groups, scale_cols});
       q.scales = torch::empty({row_groups, scale_cols});
       float* amax = q.amax.data_ptr<float>();
       float* scales = q.scales.data_ptr<float>();
       at::parallel_for(0, row_groups, 1, [&](int64_t b0, int64_t b1) {
-        std::vector<float> column(kWidth);
+        std::vector<float> column(blocks ? groups(width) : width);
         for (int64_t b = b0; b < b1; ++b) {
           const int64_t r = b * kScaleGroup, m = std::min(kScaleGroup, rows - r);
-          for (int64_t c = 0; c < cols; c += kWidth) {
-            const int64_t n = std::min(kWidth, cols - c);
-            std::fill(column.begin(), column.end(), 0.0f);
-            column_abs_max(in + r * cols + c, m, cols, n, column.data());
+          for (int64_t c = 0; c < cols; c += width) {
+            const int64_t n = std::min(width, cols - c);
             // This chunk's maxima and scales: 128x128 blocks, or single columns.
             float* a = amax + b * scale_cols + (blocks ? c / kScaleGroup : c);
             float* s = scales + b * scale_cols + (blocks ? c / kScaleGroup : c);
             const int64_t count = blocks ? groups(n) : n;
-            if (blocks) {
-              group_abs_max(column.data(), n, kScaleGroup, a);
+            if (blocks) {  // each row's 128-wide maxima (in registers), then their maximum over the rows
+              std::fill(a, a + count, 0.0f);
+              for (int64_t i = r; i < r + m; ++i) {
+                group_abs_max(in + i * cols + c, n, kScaleGroup, column.data());
+                for (int64_t g = 0; g < count; ++g) a[g] = std::max(a[g], column[g], by_bits);
+              }
             } else {
+              std::fill(column.begin(), column.end(), 0.0f);
+              column_abs_max(in + r * cols + c, m, cols, n, column.data());
               std::copy(column.begin(), column.begin() + n, a);
             }
             for (int64_t g = 0; g < count; ++g) {
