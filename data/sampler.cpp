@@ -40,8 +40,11 @@ Batch BatchSampler::batch(int64_t step, int64_t micro) const {
     uint64_t h = options_.seed;
     h = hash_combine(h, static_cast<uint64_t>(step));
     h = hash_combine(h, static_cast<uint64_t>(micro));
-    h = hash_combine(h, static_cast<uint64_t>(options_.rank));
-    h = hash_combine(h, static_cast<uint64_t>(row));
+    // Rows are numbered across the global batch (rank r holds rows r*b .. r*b+b-1),
+    // so N ranks x b rows see exactly the rows of 1 rank x N*b. (The 0 keeps the
+    // stream of single-rank runs unchanged from before data parallelism.)
+    h = hash_combine(h, 0);
+    h = hash_combine(h, static_cast<uint64_t>(options_.rank * rows + row));
     const auto offset = static_cast<int64_t>(h % starts);
     corpus_.read(offset, T + 1, window.data(), mask.data());
     int64_t* in = inputs + row * T;

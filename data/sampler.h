@@ -32,7 +32,8 @@ class BatchSampler {
   // The corpus must hold at least seq_len + 1 tokens (an Error says how many it has).
   BatchSampler(TokenCorpus corpus, SamplerOptions options);
   // Rows are windows of seq_len+1 tokens at offsets drawn from hash(seed, step, micro,
-  // rank, row); inputs are the first seq_len tokens, targets the last seq_len.
+  // global row), global row = rank * micro_batch_size + row; inputs are the first
+  // seq_len tokens, targets the last seq_len.
   Batch batch(int64_t step, int64_t micro) const;
   const SamplerOptions& options() const { return options_; }
   const TokenCorpus& corpus() const { return corpus_; }

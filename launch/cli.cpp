@@ -10,10 +10,26 @@
 #include "data/prepare.h"
 #include "data/tokenizer.h"
 #include "launch/commands.h"
+#include "launch/launcher.h"
+#include "parallel/communicator.h"
 #include "recipes/recipe.h"
 
 namespace brigade::launch {
 namespace {
+
+int g_error_rank = -1;
+
+// Prints the error as one line (naming the rank in a multi-rank job). A rank that
+// fails alone must not leave the others waiting in a collective: with MPI up, it
+// takes the whole job down (MPI_Abort), so they exit too.
+int fail(const std::string& message) {
+  std::fflush(stdout);
+  if (g_error_rank >= 0) std::fprintf(stderr, "\nbrigade: error (rank %d): %s\n", g_error_rank, message.c_str());
+  else std::fprintf(stderr, "\nbrigade: error: %s\n", message.c_str());
+  std::fflush(stderr);
+  if (parallel::mpi_initialized()) parallel::mpi_abort(1);
+  return 1;
+}
 
 std::string first_line(const std::string& text) {
   auto nl = text.find('\n');
@@ -27,6 +43,8 @@ void add_set_option(CLI::App* app, std::vector<std::string>& overrides) {
 }
 
 }  // namespace
+
+void set_error_rank(int rank) { g_error_rank = rank; }
 
 int run_cli(int argc, char** argv) {
   CLI::App app{"brigade: train and distil language models from YAML recipes"};
@@ -59,6 +77,12 @@ int run_cli(int argc, char** argv) {
   demo_cmd->add_option("--run-dir", demo.run_dir, "Run directory (default runs/tiny-dense)");
   demo_cmd->add_option("--samples", demo.samples, "Generations to print")->capture_default_str();
   demo_cmd->add_option("--eval-problems", demo.eval_problems, "Held-out problems to score")->capture_default_str();
+
+  LaunchArgs launch;
+  auto* launch_cmd = app.add_subcommand("launch", "Start N ranks through mpirun: brigade launch -n 2 -- train RECIPE");
+  launch_cmd->add_option("-n", launch.ranks, "Number of ranks")->required();
+  launch_cmd->add_option("--hostfile", launch.hostfile, "Open MPI hostfile (default: all ranks on this machine)");
+  launch_cmd->add_option("command", launch.command, "The brigade subcommand and its arguments, after --")->required();
 
   auto* recipe_cmd = app.add_subcommand("recipe", "Inspect recipes");
   recipe_cmd->require_subcommand(1);
@@ -95,8 +119,13 @@ int run_cli(int argc, char** argv) {
   configure_allocator();
 
   try {
-    if (*train_cmd) return train_command(train);
+    if (*train_cmd) {
+      const int rc = train_command(train);
+      parallel::mpi_finalize();
+      return rc;
+    }
     if (*gen_cmd) return generate_command(gen);
+    if (*launch_cmd) return launch_command(launch);
     if (*demo_cmd) return demo_command(demo);
     if (*show_cmd) {
       std::cout << recipes::dump_recipe(recipes::load_recipe(show_path, show_overrides));
@@ -116,15 +145,11 @@ int run_cli(int argc, char** argv) {
       return 0;
     }
   } catch (const Error& e) {
-    std::fflush(stdout);
-    std::fprintf(stderr, "\nbrigade: error: %s\n", first_line(e.message()).c_str());
-    return 1;
+    return fail(first_line(e.message()));
   } catch (const c10::Error& e) {
-    std::fprintf(stderr, "\nbrigade: error: %s\n", first_line(e.what_without_backtrace()).c_str());
-    return 1;
+    return fail(first_line(e.what_without_backtrace()));
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "\nbrigade: error: %s\n", first_line(e.what()).c_str());
-    return 1;
+    return fail(first_line(e.what()));
   }
   return 0;
 }

@@ -49,6 +49,9 @@ std::filesystem::path find_shipped_recipe(const std::string& relative);
 // fault them back in as zeroed pages (~100k faults per small-dense step).
 void configure_allocator();
 
+// In a multi-rank job, error lines name the rank that failed.
+void set_error_rank(int rank);
+
 // Sets intra-op threads (0 = all cores) and logs the choice.
 void configure_threads(int64_t threads);
 

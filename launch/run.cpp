@@ -12,10 +12,13 @@
 #include "core/device.h"
 #include "core/error.h"
 #include "core/fs.h"
+#include "core/hash.h"
 #include "core/log.h"
 #include "data/arith.h"
 #include "data/tokenizer.h"
 #include "launch/commands.h"
+#include "launch/world.h"
+#include "parallel/communicator.h"
 #include "model/generate.h"
 #include "moe/options.h"
 #include "recipes/build.h"
@@ -99,9 +102,33 @@ void configure_threads(int64_t threads) {
   log_info("compute threads: ", n, "; ", describe_devices());
 }
 
+// Every rank must train the same recipe: rank 0's hash is compared with everyone's.
+void check_same_recipe(parallel::Communicator& world, const std::string& hash) {
+  uint64_t h = 0;
+  for (char c : hash) h = hash_combine(h, static_cast<uint8_t>(c));
+  auto mine = torch::tensor({static_cast<int64_t>(h)}, torch::kLong);
+  auto all = torch::empty({world.size()}, torch::kLong);
+  world.all_gather(mine, all).wait();
+  for (int r = 1; r < world.size(); ++r) {
+    BRIGADE_CHECK(all[r].item<int64_t>() == all[0].item<int64_t>(), "rank ", r,
+                  " runs a different recipe than rank 0 (after --set overrides): every rank must train the same one");
+  }
+}
+
 int train_command(const TrainArgs& args) {
+  // Ranks first: a multi-rank job (mpirun, srun, brigade launch) talks over MPI.
+  const DetectedWorld detected = detect_world();
+  std::unique_ptr<parallel::Communicator> world;
   // Everything that can reject the input runs before the run directory is touched.
   const recipes::Recipe recipe = recipes::load_recipe(args.recipe, args.overrides);
+  if (detected.world.size > 1) {
+    set_log_rank(detected.world.rank);
+    set_error_rank(detected.world.rank);
+    world = parallel::make_world_communicator(
+        detected.world, {parallel::Backend::kMpi, std::chrono::seconds(recipe.parallel.timeout_s)});
+    log_info("world: ", world->size(), " ranks (", detected.source, "), data parallel over MPI");
+    check_same_recipe(*world, recipes::recipe_hash(recipe));
+  }
   const fs::path run_dir = default_run_dir(recipe, args.run_dir);
   std::optional<trainer::LoadedCheckpoint> checkpoint;
   if (args.resume) {
@@ -117,18 +144,21 @@ int train_command(const TrainArgs& args) {
   }
 
   configure_threads(recipe.trainer.threads);
-  auto trainer = recipes::build_trainer(recipe, run_dir);
+  auto trainer = recipes::build_trainer(recipe, run_dir, world.get());
   if (checkpoint) trainer->resume(*checkpoint);
   log_model(recipe, trainer->model());
 
-  fs::create_directories(run_dir);
-  write_file_atomic(run_dir / "recipe.yaml", recipes::dump_recipe(recipe));
+  if (!world || world->rank() == 0) {
+    fs::create_directories(run_dir);
+    write_file_atomic(run_dir / "recipe.yaml", recipes::dump_recipe(recipe));
+  }
   log_info("run directory: ", run_dir.string());
   if (trainer->finished()) {
     log_info("already at step ", trainer->current_step(), ": nothing to train");
     return 0;
   }
   trainer->run();
+  if (world) world->barrier().wait();  // rank 0's last checkpoint is written
   log_info("done: step ", trainer->current_step(), ", checkpoint ",
            trainer->checkpoints().latest().value_or("(none)").string());
   return 0;

@@ -324,9 +324,9 @@ torch::Tensor TransformerImpl::aux_loss() const {
   return total;
 }
 
-std::vector<moe::LayerStepStats> TransformerImpl::end_moe_step(bool update_bias) {
+std::vector<moe::LayerStepStats> TransformerImpl::end_moe_step(bool update_bias, parallel::Communicator* group) {
   std::vector<moe::LayerStepStats> stats;
-  for (auto& layer : moe_layers()) stats.push_back(layer->end_step(update_bias));
+  for (auto& layer : moe_layers()) stats.push_back(layer->end_step(update_bias, group));
   return stats;
 }
 

@@ -131,7 +131,7 @@ class TransformerImpl : public torch::nn::Module {
   torch::Tensor aux_loss() const;
   // Closes an optimizer step in every MoE layer (bias update when `update_bias`),
   // returning each layer's statistics.
-  std::vector<moe::LayerStepStats> end_moe_step(bool update_bias);
+  std::vector<moe::LayerStepStats> end_moe_step(bool update_bias, parallel::Communicator* group = nullptr);
 
   // Runs the GEMMs of the module kinds `options.modules` lists in FP8 (no-op when
   // the recipe is none). Call once, after construction.

@@ -71,10 +71,25 @@ void MoELayerImpl::record(const Routing& r, const DispatchPlan& plan, int64_t ba
   dropped_ += plan.dropped;
 }
 
-LayerStepStats MoELayerImpl::end_step(bool update_bias) {
+LayerStepStats MoELayerImpl::end_step(bool update_bias, parallel::Communicator* group) {
   LayerStepStats stats;
   if (micro_batches_ == 0) return stats;
   torch::NoGradGuard no_grad;
+  if (group != nullptr && group->size() > 1) {
+    // One message: [experts] loads, then copies and drops (all int64), and the aux
+    // terms averaged over ranks.
+    auto counts = torch::cat({load_.to(torch::kCPU), torch::tensor({copies_, dropped_}, torch::kLong)});
+    auto aux = aux_sums_.to(torch::kCPU, torch::kDouble).contiguous();
+    auto h1 = group->all_reduce(counts, parallel::ReduceOp::kSum);
+    auto h2 = group->all_reduce(aux, parallel::ReduceOp::kSum);
+    h1.wait();
+    h2.wait();
+    const int64_t experts = load_.size(0);
+    load_ = counts.narrow(0, 0, experts).to(load_.device());
+    copies_ = counts[experts].item<int64_t>();
+    dropped_ = counts[experts + 1].item<int64_t>();
+    aux_sums_ = (aux / static_cast<double>(group->size())).to(aux_sums_.options());
+  }
   auto load = load_.to(torch::kFloat);
   const auto mean = load.mean();
   stats.max_load_ratio = (load.max() / mean).item<double>();

@@ -15,6 +15,7 @@
 #include "moe/permute.h"
 #include "moe/router.h"
 #include "moe/swiglu.h"
+#include "parallel/communicator.h"
 
 namespace brigade::moe {
 
@@ -40,8 +41,10 @@ class MoELayerImpl : public torch::nn::Module {
   torch::Tensor aux_loss() const { return aux_loss_; }
   // Closes an optimizer step: returns the step's statistics and, when `update_bias`
   // and bias_update_rate > 0, moves each expert's bias toward balance
-  // (bias += rate * sign(mean_load - load)). Resets the step's counters.
-  LayerStepStats end_step(bool update_bias);
+  // (bias += rate * sign(mean_load - load)). Resets the step's counters. With a
+  // data-parallel `group`, loads, drops and aux terms are first combined over its
+  // ranks, so every rank sees the global statistics and keeps identical biases.
+  LayerStepStats end_step(bool update_bias, parallel::Communicator* group = nullptr);
 
   const MoEOptions& options() const { return options_; }
 

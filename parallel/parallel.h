@@ -3,4 +3,6 @@
 #pragma once
 
 #include "parallel/communicator.h"
+#include "parallel/options.h"
+#include "parallel/reducer.h"
 #include "parallel/world.h"

@@ -35,8 +35,10 @@ model::Transformer build_model(const Recipe& r) {
   return model;
 }
 
-data::SamplerOptions sampler_options(const Recipe& r, bool eval) {
+data::SamplerOptions sampler_options(const Recipe& r, bool eval, int rank, int ranks) {
   data::SamplerOptions o;
+  o.rank = rank;
+  o.world_size = ranks;
   o.seq_len = r.data.seq_len;
   o.micro_batch_size = r.trainer.micro_batch_size;
   // Eval batches come from a different stream so they never mirror training batches.
@@ -44,12 +46,18 @@ data::SamplerOptions sampler_options(const Recipe& r, bool eval) {
   return o;
 }
 
-std::unique_ptr<trainer::Trainer> build_trainer(const Recipe& r, const std::filesystem::path& run_dir) {
+std::unique_ptr<trainer::Trainer> build_trainer(const Recipe& r, const std::filesystem::path& run_dir,
+                                                parallel::Communicator* data_parallel) {
   auto tokenizer = data::make_tokenizer(r.data.tokenizer);
   Corpora corpora = build_corpora(r, *tokenizer);
   trainer::RunContext context{run_dir, dump_recipe(r), recipe_hash(r), model_fingerprint(r)};
+  context.data_parallel = data_parallel;
+  context.bucket_bytes = r.parallel.bucket_bytes();
+  const int rank = data_parallel ? data_parallel->rank() : 0, ranks = data_parallel ? data_parallel->size() : 1;
+  // Evaluation uses the same held-out batches on every rank (rank 0 reports them).
   auto t = std::make_unique<trainer::Trainer>(
-      r.trainer, r.precision, build_model(r), data::BatchSampler(std::move(corpora.train), sampler_options(r, false)),
+      r.trainer, r.precision, build_model(r),
+      data::BatchSampler(std::move(corpora.train), sampler_options(r, false, rank, ranks)),
       data::BatchSampler(std::move(corpora.eval), sampler_options(r, true)), std::move(context));
   t->add_default_hooks();
   return t;

@@ -25,10 +25,13 @@ Corpora build_corpora(const Recipe& recipe, const data::Tokenizer& tokenizer);
 // A freshly initialised model from trainer.seed.
 model::Transformer build_model(const Recipe& recipe);
 
-// The sampler options for this recipe (rank 0 of 1 until the distributed issue).
-data::SamplerOptions sampler_options(const Recipe& recipe, bool eval);
+// The sampler options for this recipe, for data-parallel rank `rank` of `ranks`.
+data::SamplerOptions sampler_options(const Recipe& recipe, bool eval, int rank = 0, int ranks = 1);
 
-// Everything wired: model, samplers, trainer with the default hooks.
-std::unique_ptr<trainer::Trainer> build_trainer(const Recipe& recipe, const std::filesystem::path& run_dir);
+// Everything wired: model, samplers, trainer with the default hooks. With a
+// data-parallel group (not owned; outlives the trainer) each rank samples its own
+// slice of the global batch and gradients are summed over the group.
+std::unique_ptr<trainer::Trainer> build_trainer(const Recipe& recipe, const std::filesystem::path& run_dir,
+                                                parallel::Communicator* data_parallel = nullptr);
 
 }  // namespace brigade::recipes

@@ -13,6 +13,7 @@
 
 #include "data/options.h"
 #include "model/transformer.h"
+#include "parallel/options.h"
 #include "precision/precision.h"
 #include "trainer/options.h"
 
@@ -24,6 +25,7 @@ struct Recipe {
   data::DataOptions data;
   precision::PrecisionOptions precision;
   trainer::TrainerOptions trainer;
+  parallel::ParallelOptions parallel;
 };
 
 // Loads `file` (following `inherit:`), applies `overrides` ("a.b.c=value", YAML

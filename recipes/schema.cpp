@@ -232,6 +232,8 @@ std::vector<Field> build_schema() {
   s.push_back(choice("precision.fp8_amax_algorithm", REF(precision.fp8.amax_algorithm), "Delayed scaling: scale from the history's maximum or its most recent amax.",
                      {"max", "most_recent"}, precision::parse_amax_algorithm, [](precision::DelayedScaling::Algorithm v) { return precision::to_string(v); }));
 
+  s.push_back(integer<int64_t>("parallel.timeout_s", REF(parallel.timeout_s), "Seconds a collective may take before the job stops with an error naming the rank and operation (a rank died or hangs).", 1));
+  s.push_back(real("parallel.bucket_mb", REF(parallel.bucket_mb), "Data-parallel gradient bucket size in MiB: each full bucket's all-reduce starts during backward.", 1e-6, 1e6));
   s.push_back(integer<int64_t>("trainer.max_steps", REF(trainer.max_steps), "Optimizer steps; also where the cosine schedule ends.", 1));
   s.push_back(integer<int64_t>("trainer.micro_batch_size", REF(trainer.micro_batch_size), "Sequences per micro-batch per rank.", 1));
   s.push_back(integer<int64_t>("trainer.grad_accum_steps", REF(trainer.grad_accum_steps), "Micro-batches accumulated per optimizer step.", 1));

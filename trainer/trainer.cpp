@@ -66,6 +66,17 @@ Trainer::Trainer(TrainerOptions options, precision::PrecisionOptions precision, 
   options_.validate();
   state_.model_fingerprint = context_.model_fingerprint;
   state_.recipe_hash = context_.recipe_hash;
+  if (dp_size() > 1) {
+    // Every rank starts from rank 0's weights (and expert biases), whatever its own init.
+    torch::NoGradGuard no_grad;
+    for (auto& [name, t] : model_->state_dict()) {
+      auto owned = t.contiguous();
+      context_.data_parallel->broadcast(owned, 0).wait();
+      if (!owned.is_same(t)) t.copy_(owned);
+    }
+    reducer_ = std::make_unique<parallel::GradientReducer>(optimizer_.params(), *context_.data_parallel,
+                                                           context_.bucket_bytes);
+  }
 }
 
 void Trainer::resume(const LoadedCheckpoint& ck) {
@@ -118,12 +129,29 @@ StepResult Trainer::step() {
   StepResult result;
   optimizer_.zero_grad();
 
-  double loss = 0.0;
+  // This rank's slice of every micro-batch, and each micro-batch's trained targets
+  // over all ranks: the mean loss of a micro-batch is over the whole global batch.
+  std::vector<data::Batch> batches;
+  auto global_tokens = torch::empty({options_.grad_accum_steps}, torch::kLong);
   for (int64_t micro = 0; micro < options_.grad_accum_steps; ++micro) {
-    data::Batch batch = train_data_.batch(state_.step, micro);
-    loss += forward_backward(batch) / static_cast<double>(options_.grad_accum_steps);
-    result.tokens += batch.inputs.numel();
+    batches.push_back(train_data_.batch(state_.step, micro));
+    global_tokens[micro] = batches.back().trained_tokens;
+    result.tokens += batches.back().inputs.numel() * dp_size();
   }
+  if (dp_size() > 1) context_.data_parallel->all_reduce(global_tokens, parallel::ReduceOp::kSum).wait();
+
+  auto loss_share = torch::zeros({1}, torch::kDouble);  // summed over ranks: the step's mean loss
+  for (int64_t micro = 0; micro < options_.grad_accum_steps; ++micro) {
+    const bool last = micro + 1 == options_.grad_accum_steps;
+    if (reducer_) reducer_->begin_backward(/*reduce=*/last);
+    loss_share[0] += forward_backward(batches[micro], global_tokens[micro].item<int64_t>()) /
+                     static_cast<double>(options_.grad_accum_steps);
+  }
+  if (reducer_) {
+    result.reduce = reducer_->finish();  // gradients are now sums over the group
+    context_.data_parallel->all_reduce(loss_share, parallel::ReduceOp::kSum).wait();
+  }
+  const double loss = loss_share[0].item<double>();
   const double grad_norm = clip_gradients();
   const double lr = schedule_(state_.step);
 
@@ -131,7 +159,7 @@ StepResult Trainer::step() {
   if (!finite) handle_nonfinite(std::isfinite(loss) ? "gradient norm" : "loss", std::isfinite(loss) ? grad_norm : loss);
   if (finite) optimizer_.step(lr);
   // Aux-loss-free balancing: expert biases move after the update, from this step's load.
-  result.moe = model_->end_moe_step(/*update_bias=*/finite);
+  result.moe = model_->end_moe_step(/*update_bias=*/finite, context_.data_parallel);
 
   state_.step += 1;
   state_.tokens_seen += result.tokens;
@@ -145,19 +173,22 @@ StepResult Trainer::step() {
   return result;
 }
 
-torch::Tensor Trainer::mean_token_loss(const data::Batch& batch) {
+torch::Tensor Trainer::token_loss_sum(const data::Batch& batch) {
   precision::AutocastGuard autocast(precision_.compute_dtype);
   auto logits = model_->forward(batch.inputs);  // [batch, seq, vocab]
   return torch::nn::functional::cross_entropy(
       logits.reshape({-1, logits.size(-1)}).to(torch::kFloat), batch.targets.reshape({-1}),
-      torch::nn::functional::CrossEntropyFuncOptions().ignore_index(data::kIgnoreIndex));
+      torch::nn::functional::CrossEntropyFuncOptions().ignore_index(data::kIgnoreIndex).reduction(torch::kSum));
 }
 
-double Trainer::forward_backward(const data::Batch& batch) {
-  if (batch.trained_tokens == 0) return 0.0;  // every target masked: nothing to learn here
-  auto loss = mean_token_loss(batch);
-  auto aux = model_->aux_loss();  // MoE balance / z-loss terms of this forward, if any
-  auto total = aux.defined() ? loss + aux : loss;
+double Trainer::forward_backward(const data::Batch& batch, int64_t global_tokens) {
+  // Every target masked here: nothing to learn from this slice (the reducer still
+  // contributes zeros for this rank).
+  if (batch.trained_tokens == 0) return 0.0;
+  auto loss = token_loss_sum(batch) / static_cast<double>(global_tokens);
+  // MoE balance / z-loss terms of this forward, if any: each rank's are averaged.
+  auto aux = model_->aux_loss();
+  auto total = aux.defined() ? loss + aux / static_cast<double>(dp_size()) : loss;
   (total / static_cast<double>(options_.grad_accum_steps)).backward();
   return loss.item<double>();
 }
@@ -202,7 +233,7 @@ EvalResult Trainer::evaluate() {
     // The same held-out batches every time, so evaluations are comparable.
     data::Batch batch = eval_data_.batch(i, 0);
     if (batch.trained_tokens == 0) continue;
-    total += mean_token_loss(batch).item<double>();
+    total += token_loss_sum(batch).item<double>() / static_cast<double>(batch.trained_tokens);
     ++counted;
   }
   if (was_training) model_->train();
@@ -338,6 +369,9 @@ class CheckpointHook : public TrainerHook {
 }  // namespace
 
 void Trainer::add_default_hooks() {
+  // Rank 0 speaks for the job: one metrics log, one progress display, one set of
+  // checkpoints (every rank holds the same weights and optimizer state).
+  if (!is_main_rank()) return;
   add_hook(std::make_unique<LoggingHook>());
   add_hook(std::make_unique<EvalHook>());
   add_hook(std::make_unique<CheckpointHook>());

@@ -11,6 +11,8 @@
 
 #include "data/sampler.h"
 #include "model/transformer.h"
+#include "parallel/communicator.h"
+#include "parallel/reducer.h"
 #include "precision/precision.h"
 #include "trainer/checkpoint.h"
 #include "trainer/metrics.h"
@@ -26,6 +28,11 @@ struct RunContext {
   std::string recipe_yaml;        // effective recipe, stored with every checkpoint
   std::string recipe_hash;
   std::string model_fingerprint;  // must match when resuming
+  // The data-parallel group (not owned; null or size 1: this process alone). Each
+  // rank trains on its own slice of the global batch; gradients are summed over
+  // the group in buckets of `bucket_bytes` during backward.
+  parallel::Communicator* data_parallel = nullptr;
+  int64_t bucket_bytes = 25 << 20;
 };
 
 struct StepResult {
@@ -33,10 +40,11 @@ struct StepResult {
   double loss = 0.0;         // mean over micro-batches
   double lr = 0.0;
   double grad_norm = 0.0;    // before clipping
-  int64_t tokens = 0;        // input tokens processed in this step
+  int64_t tokens = 0;        // input tokens processed in this step (all data-parallel ranks)
   double seconds = 0.0;
   bool skipped = false;      // non-finite values, step not applied (on_nonfinite: skip)
   std::vector<moe::LayerStepStats> moe;  // per MoE layer: load balance, drops, aux terms
+  parallel::ReduceStats reduce;          // data parallel: buckets, overlap, wait time
 };
 
 struct EvalResult {
@@ -86,10 +94,14 @@ class Trainer {
   bool finished() const;
 
  private:
-  // Cross-entropy over the batch's trained targets, forward in the compute dtype.
-  torch::Tensor mean_token_loss(const data::Batch& batch);
-  // Returns the micro-batch's LM loss (MoE auxiliary losses join the gradient only).
-  double forward_backward(const data::Batch& batch);
+  // Cross-entropy summed over the batch's trained targets, forward in the compute dtype.
+  torch::Tensor token_loss_sum(const data::Batch& batch);
+  // Backward of this rank's share of the micro-batch's mean loss (its loss sum over
+  // `global_tokens`, the trained targets of the micro-batch on all ranks); returns
+  // that share. MoE auxiliary losses join the gradient only.
+  double forward_backward(const data::Batch& batch, int64_t global_tokens);
+  int dp_size() const { return context_.data_parallel ? context_.data_parallel->size() : 1; }
+  bool is_main_rank() const { return !context_.data_parallel || context_.data_parallel->rank() == 0; }
   double clip_gradients();                            // returns the pre-clip global norm
   void handle_nonfinite(const std::string& what, double value);
 
@@ -105,6 +117,7 @@ class Trainer {
   std::unique_ptr<MetricsLog> metrics_;
   TrainerState state_;
   std::vector<std::unique_ptr<TrainerHook>> hooks_;
+  std::unique_ptr<parallel::GradientReducer> reducer_;  // data parallel only
 };
 
 // Which parameters get weight decay under `options` (norm weights, biases and

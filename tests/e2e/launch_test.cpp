@@ -1,0 +1,112 @@
+// `brigade launch` and multi-rank `brigade train` as a user runs them: two ranks
+// train and rank 0 writes the run; bad launcher input; a hung or killed rank
+// stops the whole job within the timeout instead of leaving it waiting.
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <fstream>
+
+#include "core/fs.h"
+#include "launch/launcher.h"
+#include "tests/testing.h"
+
+namespace brigade {
+namespace {
+
+namespace fs = std::filesystem;
+using testing::run_brigade;
+using testing::run_command;
+using testing::TempDir;
+
+const std::string kTiny =
+    std::string(BRIGADE_SOURCE_DIR) + "/recipes/tiny-dense.yaml" +
+    " --set model.d_model=32 --set model.n_layers=2 --set model.n_heads=4 --set model.n_kv_heads=2"
+    " --set model.d_ff=64 --set model.max_seq_len=64 --set data.seq_len=32"
+    " --set data.synthetic.num_problems=400 --set data.synthetic.eval_problems=40"
+    " --set trainer.micro_batch_size=2 --set trainer.warmup_steps=2 --set trainer.eval_batches=1"
+    " --set trainer.threads=1";
+
+TEST(CliLaunch, TwoRanksTrainAndRankZeroWritesTheRun) {
+  TempDir dir;
+  auto r = run_brigade("launch -n 2 -- train " + kTiny + " --set trainer.max_steps=6 --set trainer.log_every=2" +
+                       " --run-dir " + (dir / "run").string());
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("world: 2 ranks (Open MPI)"), std::string::npos) << r.output;
+  EXPECT_TRUE(fs::exists(dir / "run" / "checkpoints" / "latest")) << r.output;
+  const std::string metrics = read_file(dir / "run" / "metrics.jsonl");
+  EXPECT_NE(metrics.find("\"step\":6"), std::string::npos) << metrics;
+}
+
+TEST(CliLaunch, BadInputGivesOneClearLine) {
+  TempDir dir;
+  auto r = run_brigade("launch -n 0 -- train " + kTiny);
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find("launch: -n must be at least 1, got 0"), std::string::npos) << r.output;
+  std::ofstream(dir / "hosts") << "# two nodes\nnode1 slots=2\nnode2 slots=two\n";
+  r = run_brigade("launch -n 2 --hostfile " + (dir / "hosts").string() + " -- train " + kTiny);
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find("hosts:3: slots needs a positive integer, got 'two'"), std::string::npos) << r.output;
+  r = run_brigade("launch -n 2 --");
+  EXPECT_NE(r.exit_code, 0) << r.output;
+}
+
+TEST(LaunchCommand, OversubscribesOnlyBeyondTheSlots) {
+  launch::LaunchArgs a{4, {}, {"train", "r.yaml"}};
+  auto cmd = launch::mpirun_command(a, "/x/brigade", 2, true);
+  const std::vector<std::string> expected{"mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "4",
+                                          "/x/brigade", "train", "r.yaml"};
+  EXPECT_EQ(cmd, expected);
+  a.ranks = 2;
+  cmd = launch::mpirun_command(a, "/x/brigade", 8, false);
+  EXPECT_EQ(cmd, (std::vector<std::string>{"mpirun", "-np", "2", "/x/brigade", "train", "r.yaml"}));
+}
+
+// Starts a long 2-rank run, waits until it trains, applies `signal` to one rank,
+// and returns the job's output and how long it took to end after that.
+struct Outcome {
+  testing::CommandResult result;
+  double seconds_after_signal = 0;
+};
+
+Outcome disturb_one_rank(const fs::path& dir, const std::string& signal) {
+  const fs::path run = dir / "run";
+  const std::string log = (dir / "log").string();
+  // The ranks' command lines start with the executable; mpirun's starts with "mpirun".
+  const std::string ranks = "pgrep -f '^[^ ]*brigade train .*" + run.string() + "'";
+  const std::string script =
+      std::string(BRIGADE_BINARY) + " launch -n 2 -- train " + kTiny +
+      " --set trainer.max_steps=1000000 --set parallel.timeout_s=5 --run-dir " + run.string() + " > " + log +
+      " 2>&1 & job=$!\n"
+      "for i in $(seq 600); do [ -s " + (run / "metrics.jsonl").string() + " ] && break; sleep 0.1; done\n"
+      "kill -" + signal + " $(" + ranks + " | tail -1)\n"
+      "start=$(date +%s%N); timeout 120 tail --pid=$job -f /dev/null; wait $job; rc=$?\n"
+      "echo \"exit=$rc after_ms=$(( ($(date +%s%N) - start) / 1000000 ))\"\n"
+      "pkill -9 -f '" + run.string() + "' || true\n"
+      "cat " + log + "\n";
+  Outcome out;
+  out.result = run_command(script);
+  const auto at = out.result.output.find("after_ms=");
+  if (at != std::string::npos) out.seconds_after_signal = std::stod(out.result.output.substr(at + 9)) / 1000.0;
+  return out;
+}
+
+TEST(CliLaunch, AHungRankStopsTheJobWithAnErrorNamingRankAndCollective) {
+  TempDir dir;
+  auto out = disturb_one_rank(dir.path(), "STOP");  // the rank stays alive but never answers
+  EXPECT_EQ(out.result.output.find("exit=0 "), std::string::npos) << out.result.output;
+  EXPECT_NE(out.result.output.find("brigade: error (rank "), std::string::npos) << out.result.output;
+  EXPECT_NE(out.result.output.find("of world did not finish within 5 s: another rank died or hangs"),
+            std::string::npos)
+      << out.result.output;
+  EXPECT_LT(out.seconds_after_signal, 60.0) << out.result.output;
+}
+
+TEST(CliLaunch, AKilledRankStopsTheJob) {
+  TempDir dir;
+  auto out = disturb_one_rank(dir.path(), "9");
+  EXPECT_EQ(out.result.output.find("exit=0 "), std::string::npos) << out.result.output;
+  EXPECT_LT(out.seconds_after_signal, 60.0) << out.result.output;
+}
+
+}  // namespace
+}  // namespace brigade
