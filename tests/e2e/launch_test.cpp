@@ -81,7 +81,7 @@ Outcome disturb_one_rank(const fs::path& dir, const std::string& signal) {
       "kill -" + signal + " $(" + ranks + " | tail -1)\n"
       "start=$(date +%s%N); timeout 120 tail --pid=$job -f /dev/null; wait $job; rc=$?\n"
       "echo \"exit=$rc after_ms=$(( ($(date +%s%N) - start) / 1000000 ))\"\n"
-      "pkill -9 -f '" + run.string() + "' || true\n"
+      "pkill -9 -f '^[^ ]*(brigade train|mpirun) .*" + run.string() + "' || true\n"  // not this script itself
       "cat " + log + "\n";
   Outcome out;
   out.result = run_command(script);
