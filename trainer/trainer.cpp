@@ -304,6 +304,14 @@ class LoggingHook : public TrainerHook {
                            {"tokens_per_sec", rate_}, {"tokens_seen", t.state().tokens_seen},
                            {"skipped", r.skipped}};
     if (!r.moe.empty()) add_moe_metrics(line, r, t.model()->options().moe);
+    line["step_seconds"] = r.seconds;
+    if (r.reduce.buckets > 0) {
+      // Data parallel: how many gradient buckets started during backward, and how
+      // long the step then waited for communication (the part not hidden).
+      line["dp_buckets"] = r.reduce.buckets;
+      line["dp_buckets_in_backward"] = r.reduce.started_in_backward;
+      line["dp_wait_seconds"] = r.reduce.wait_seconds;
+    }
     t.metrics().write(line);
     progress_->update(r.step, status(loss_sum_ / static_cast<double>(steps_), rate_));
     tokens_ = 0;
