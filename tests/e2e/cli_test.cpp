@@ -198,8 +198,11 @@ namespace {
 TEST(CliMoE, TinyMoEBalancesExpertLoad) {
   testing::TempDir dir;
   const std::string recipe = std::string(BRIGADE_SOURCE_DIR) + "/recipes/tiny-moe.yaml";
+  // One compute thread: CTest runs other tests beside this one, and OpenMP threads
+  // of oversubscribed processes slow each other down badly.
   auto r = testing::run_brigade("train " + recipe + " --set trainer.log_every=1 --set trainer.eval_every=0" +
-                                " --set trainer.checkpoint_every=0 --run-dir " + (dir / "run").string());
+                                " --set trainer.checkpoint_every=0 --set trainer.threads=1 --run-dir " +
+                                (dir / "run").string());
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("activated per token"), std::string::npos) << r.output;
   std::ifstream in(dir / "run" / "metrics.jsonl");
