@@ -5,6 +5,10 @@
 
 #include <chrono>
 #include <fstream>
+#include <map>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
 
 #include "core/fs.h"
 #include "launch/launcher.h"
@@ -35,6 +39,34 @@ TEST(CliLaunch, TwoRanksTrainAndRankZeroWritesTheRun) {
   EXPECT_TRUE(fs::exists(dir / "run" / "checkpoints" / "latest")) << r.output;
   const std::string metrics = read_file(dir / "run" / "metrics.jsonl");
   EXPECT_NE(metrics.find("\"step\":6"), std::string::npos) << metrics;
+}
+
+// metrics.jsonl losses by step.
+std::map<int64_t, double> losses(const fs::path& run) {
+  std::map<int64_t, double> out;
+  std::istringstream in(read_file(run / "metrics.jsonl"));
+  for (std::string line; std::getline(in, line);) {
+    auto j = nlohmann::json::parse(line);
+    if (j.contains("loss")) out[j["step"].get<int64_t>()] = j["loss"].get<double>();
+  }
+  return out;
+}
+
+TEST(CliLaunch, TwoRankStopAndResumeContinuesBitForBit) {
+  TempDir dir;
+  const std::string common = kTiny + " --set trainer.max_steps=10 --set trainer.log_every=1 --set trainer.checkpoint_every=5";
+  auto straight = run_brigade("launch -n 2 -- train " + common + " --run-dir " + (dir / "straight").string());
+  ASSERT_EQ(straight.exit_code, 0) << straight.output;
+  // Stopped at the step-5 checkpoint (trainer.stop_after), then resumed on 2 ranks.
+  auto first = run_brigade("launch -n 2 -- train " + common + " --set trainer.stop_after=5 --run-dir " +
+                           (dir / "split").string());
+  ASSERT_EQ(first.exit_code, 0) << first.output;
+  auto second = run_brigade("launch -n 2 -- train " + common + " --resume --run-dir " + (dir / "split").string());
+  ASSERT_EQ(second.exit_code, 0) << second.output;
+  const auto a = losses(dir / "straight"), b = losses(dir / "split");
+  ASSERT_EQ(a.size(), 10u);
+  ASSERT_EQ(b.size(), 10u);
+  for (int64_t step = 6; step <= 10; ++step) EXPECT_EQ(a.at(step), b.at(step)) << "step " << step;
 }
 
 TEST(CliLaunch, BadInputGivesOneClearLine) {
