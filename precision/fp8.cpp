@@ -5,9 +5,9 @@
 #include <bit>
 #include <cmath>
 
-#include <ATen/Parallel.h>
 
 #include "core/error.h"
+#include "core/parallel_for.h"
 
 namespace brigade::precision {
 namespace {
@@ -208,7 +208,7 @@ torch::Tensor encode_fp8(const torch::Tensor& values, Fp8Format format) {
   const float* in = src.data_ptr<float>();
   uint8_t* codes = out.data_ptr<uint8_t>();
   const float one = 1.0f;  // x * 1 is x exactly, NaN and infinity included
-  at::parallel_for(0, src.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
+  parallel_for(0, src.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
     encode_row(in + begin, codes + begin, end - begin, &one, end - begin, format);
   });
   return out;
@@ -222,7 +222,7 @@ torch::Tensor decode_fp8(const torch::Tensor& codes, Fp8Format format) {
   const auto& table = decode_table(format);
   const uint8_t* in = src.data_ptr<uint8_t>();
   float* values = out.data_ptr<float>();
-  at::parallel_for(0, src.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
+  parallel_for(0, src.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) values[i] = table[in[i]];
   });
   return out;

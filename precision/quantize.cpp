@@ -6,9 +6,9 @@
 #include <cmath>
 #include <vector>
 
-#include <ATen/Parallel.h>
 
 #include "core/error.h"
+#include "core/parallel_for.h"
 #include "precision/quantize_cuda_host.h"
 
 namespace brigade::precision {
@@ -131,7 +131,7 @@ QuantizedTensor quantize_pass(const torch::Tensor& xf, const QuantizeOptions& o,
       q.scales = torch::empty({rows, col_groups});
       float* amax = q.amax.data_ptr<float>();
       float* scales = q.scales.data_ptr<float>();
-      at::parallel_for(0, rows, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(cols, 1)), [&](int64_t r0, int64_t r1) {
+      parallel_for(0, rows, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(cols, 1)), [&](int64_t r0, int64_t r1) {
         for (int64_t i = r0; i < r1; ++i) {
           float* a = amax + i * col_groups;
           float* s = scales + i * col_groups;
@@ -157,7 +157,7 @@ QuantizedTensor quantize_pass(const torch::Tensor& xf, const QuantizeOptions& o,
       q.scales = torch::empty({row_groups, scale_cols});
       float* amax = q.amax.data_ptr<float>();
       float* scales = q.scales.data_ptr<float>();
-      at::parallel_for(0, row_groups, 1, [&](int64_t b0, int64_t b1) {
+      parallel_for(0, row_groups, 1, [&](int64_t b0, int64_t b1) {
         std::vector<float> column(blocks ? groups(width) : width);
         for (int64_t b = b0; b < b1; ++b) {
           const int64_t r = b * kScaleGroup, m = std::min(kScaleGroup, rows - r);
@@ -189,15 +189,17 @@ QuantizedTensor quantize_pass(const torch::Tensor& xf, const QuantizeOptions& o,
       break;
     }
     case ScalingMode::kPerTensorCurrent: {
-      const float a = at::parallel_reduce(
-          0, rows * cols, 1 << 16, 0.0f,
-          [&](int64_t begin, int64_t end, float m) { return std::max(m, abs_max(in + begin, end - begin), by_bits); },
-          [](float x, float y) { return std::max(x, y, by_bits); });
+      // Row maxima in parallel, then their maximum.
+      std::vector<float> row_amax(rows, 0.0f);
+      parallel_for(0, rows, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(cols, 1)), [&](int64_t r0, int64_t r1) {
+        for (int64_t i = r0; i < r1; ++i) row_amax[i] = abs_max(in + i * cols, cols);
+      });
+      const float a = abs_max(row_amax.data(), rows);
       check_finite(std::isfinite(a));
       q.amax = torch::tensor(a);
       q.scales = torch::tensor(scale_of(a));
       const float* s = q.scales.data_ptr<float>();
-      at::parallel_for(0, rows, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(cols, 1)), [&](int64_t r0, int64_t r1) {
+      parallel_for(0, rows, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(cols, 1)), [&](int64_t r0, int64_t r1) {
         for (int64_t i = r0; i < r1; ++i) sink(i, 0, cols, s, std::max<int64_t>(cols, 1));
       });
       return q;
@@ -207,7 +209,7 @@ QuantizedTensor quantize_pass(const torch::Tensor& xf, const QuantizeOptions& o,
       q.scales = torch::tensor(delayed->scale(o.format, o.power_of_two_scales));
       const float* s = q.scales.data_ptr<float>();
       std::vector<float> row_amax(rows, 0.0f);
-      at::parallel_for(0, rows, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(cols, 1)), [&](int64_t r0, int64_t r1) {
+      parallel_for(0, rows, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(cols, 1)), [&](int64_t r0, int64_t r1) {
         for (int64_t i = r0; i < r1; ++i) {
           row_amax[i] = abs_max(in + i * cols, cols);
           sink(i, 0, cols, s, std::max<int64_t>(cols, 1));
