@@ -38,6 +38,12 @@ function(brigade_module name)
     # foo_nocuda.cpp is the fallback of foo_cuda.cu.
     list(FILTER _sources EXCLUDE REGEX "_nocuda\\.cpp$")
   endif()
+  # foo_nccl.cpp needs NCCL; foo_nonccl.cpp stands in for it without.
+  if(BRIGADE_HAVE_NCCL)
+    list(FILTER _sources EXCLUDE REGEX "_nonccl\\.cpp$")
+  else()
+    list(FILTER _sources EXCLUDE REGEX "_nccl\\.cpp$")
+  endif()
   if(NOT _sources)
     add_library(brigade_${name} INTERFACE)
     target_include_directories(brigade_${name} INTERFACE ${CMAKE_SOURCE_DIR})

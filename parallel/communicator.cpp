@@ -4,6 +4,7 @@
 
 #include "core/error.h"
 #include "parallel/mpi_communicator.h"
+#include "parallel/nccl_communicator.h"
 
 namespace brigade::parallel {
 
@@ -134,7 +135,7 @@ std::unique_ptr<Communicator> make_world_communicator(const World& world, const 
                     " ranks; use mpi");
       return std::make_unique<SingleCommunicator>("world", options.timeout);
     case Backend::kMpi: return make_mpi_world(world, options.timeout);
-    case Backend::kNccl: BRIGADE_FAIL("the NCCL communicator is not implemented yet; use mpi");
+    case Backend::kNccl: return make_nccl_world(world, options.timeout);
   }
   BRIGADE_FAIL("unknown communicator back end");
 }

@@ -69,6 +69,39 @@ TEST(CliLaunch, TwoRankStopAndResumeContinuesBitForBit) {
   for (int64_t step = 6; step <= 10; ++step) EXPECT_EQ(a.at(step), b.at(step)) << "step " << step;
 }
 
+TEST(CliLaunch, TwoRankRunKilledWithSigkillResumesBitForBit) {
+  TempDir dir;
+  const std::string common = kTiny + " --set trainer.max_steps=1000000 --set trainer.log_every=1" +
+                             " --set trainer.checkpoint_every=4 --set trainer.eval_every=0";
+  auto straight = run_brigade("launch -n 2 -- train " + common + " --set trainer.stop_after=24 --run-dir " +
+                              (dir / "straight").string());
+  ASSERT_EQ(straight.exit_code, 0) << straight.output;
+  // The same run, one rank killed with SIGKILL once a checkpoint of step >= 8 exists.
+  const fs::path run = dir / "killed";
+  const std::string script =
+      std::string(BRIGADE_BINARY) + " launch -n 2 -- train " + common + " --run-dir " + run.string() +
+      " > /dev/null 2>&1 & job=$!\n"
+      "for i in $(seq 1200); do l=$(readlink " + (run / "checkpoints" / "latest").string() +
+      "); [ -n \"$l\" ] && [ \"${l#step_}\" -ge 8 ] 2>/dev/null && break; sleep 0.05; done\n"
+      "kill -9 $(pgrep -f '^[^ ]*brigade train .*" + run.string() + "' | tail -1)\n"
+      "wait $job; echo \"exit=$?\"\n"
+      "pkill -9 -f '^[^ ]*(brigade train|mpirun) .*" + run.string() + "' || true\n";
+  auto killed = run_command(script);
+  EXPECT_EQ(killed.output.find("exit=0"), std::string::npos) << killed.output;
+  const std::string latest = fs::read_symlink(run / "checkpoints" / "latest").string();
+  const int64_t resumed_at = std::stoll(latest.substr(5));
+  ASSERT_GE(resumed_at, 8);
+  ASSERT_LT(resumed_at, 24) << "the run was not killed before step 24";
+  auto second = run_brigade("launch -n 2 -- train " + common + " --set trainer.stop_after=24 --resume --run-dir " +
+                            run.string());
+  ASSERT_EQ(second.exit_code, 0) << second.output;
+  const auto a = losses(dir / "straight"), b = losses(run);
+  for (int64_t step = resumed_at + 1; step <= 24; ++step) {
+    ASSERT_TRUE(b.contains(step)) << step;
+    EXPECT_EQ(a.at(step), b.at(step)) << "step " << step << " (resumed from step " << resumed_at << ")";
+  }
+}
+
 TEST(CliLaunch, BadInputGivesOneClearLine) {
   TempDir dir;
   auto r = run_brigade("launch -n 0 -- train " + kTiny);
