@@ -115,6 +115,17 @@ TEST(CliLaunch, BadInputGivesOneClearLine) {
   EXPECT_NE(r.exit_code, 0) << r.output;
 }
 
+TEST(CliLaunch, RanksWithDifferentRecipesStopBeforeTraining) {
+  TempDir dir;
+  // Open MPI's MPMD syntax: one job, two ranks started with different overrides.
+  const std::string rank = std::string(BRIGADE_BINARY) + " train " + kTiny + " --run-dir " + (dir / "run").string();
+  auto r = run_command("timeout 120 mpirun --allow-run-as-root --oversubscribe -np 1 " + rank +
+                       " --set trainer.lr=0.001 : -np 1 " + rank + " --set trainer.lr=0.002 2>&1");
+  EXPECT_NE(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("rank 1 runs a different recipe than rank 0"), std::string::npos) << r.output;
+  EXPECT_FALSE(fs::exists(dir / "run" / "metrics.jsonl")) << "training started";
+}
+
 TEST(LaunchCommand, OversubscribesOnlyBeyondTheSlots) {
   launch::LaunchArgs a{4, {}, {"train", "r.yaml"}};
   auto cmd = launch::mpirun_command(a, "/x/brigade", 2, true);
