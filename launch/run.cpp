@@ -12,7 +12,6 @@
 #include "core/device.h"
 #include "core/error.h"
 #include "core/fs.h"
-#include "core/hash.h"
 #include "core/log.h"
 #include "data/arith.h"
 #include "data/tokenizer.h"
@@ -102,11 +101,10 @@ void configure_threads(int64_t threads) {
   log_info("compute threads: ", n, "; ", describe_devices());
 }
 
-// Every rank must train the same recipe: rank 0's hash is compared with everyone's.
+// Every rank must train the same recipe: rank 0's hash (16 hex digits) is compared
+// with everyone's.
 void check_same_recipe(parallel::Communicator& world, const std::string& hash) {
-  uint64_t h = 0;
-  for (char c : hash) h = hash_combine(h, static_cast<uint8_t>(c));
-  auto mine = torch::tensor({static_cast<int64_t>(h)}, torch::kLong);
+  auto mine = torch::tensor({static_cast<int64_t>(std::stoull(hash, nullptr, 16))}, torch::kLong);
   auto all = torch::empty({world.size()}, torch::kLong);
   world.all_gather(mine, all).wait();
   for (int r = 1; r < world.size(); ++r) {

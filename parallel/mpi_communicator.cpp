@@ -62,11 +62,6 @@ MPI_Op mpi_op(ReduceOp op) {
   return MPI_SUM;
 }
 
-int as_count(int64_t n, const std::string& what) {
-  BRIGADE_CHECK(n <= INT_MAX, what, ": ", n, " elements exceed MPI's int count; split the message");
-  return static_cast<int>(n);
-}
-
 // One MPI operation in flight: its requests, the tensors it must keep alive, and
 // what to do once it finished (copy a float32 reduction back to bfloat16, ...).
 class MpiWork final : public Work {
@@ -124,7 +119,7 @@ class MpiCommunicator final : public Communicator {
     check_cpu(tensor, "all_reduce");
     auto buffer = reduce_buffer(tensor);
     auto work = start("all_reduce", {tensor, buffer});
-    BRIGADE_MPI(MPI_Iallreduce(MPI_IN_PLACE, buffer.data_ptr(), as_count(buffer.numel(), what("all_reduce")),
+    BRIGADE_MPI(MPI_Iallreduce(MPI_IN_PLACE, buffer.data_ptr(), count(buffer.numel(), "all_reduce"),
                                mpi_type(buffer.scalar_type()), mpi_op(op), comm_, &work->requests.emplace_back()),
                 what("all_reduce"));
     if (!buffer.is_same(tensor)) work->on_done = [tensor, buffer]() mutable { tensor.copy_(buffer); };
@@ -138,7 +133,7 @@ class MpiCommunicator final : public Communicator {
     auto in = reduce_buffer(input);
     auto out = reduce_buffer(output);
     auto work = start("reduce_scatter", {input, output, in, out});
-    BRIGADE_MPI(MPI_Ireduce_scatter_block(in.data_ptr(), out.data_ptr(), as_count(out.numel(), what("reduce_scatter")),
+    BRIGADE_MPI(MPI_Ireduce_scatter_block(in.data_ptr(), out.data_ptr(), count(out.numel(), "reduce_scatter"),
                                           mpi_type(in.scalar_type()), mpi_op(op), comm_, &work->requests.emplace_back()),
                 what("reduce_scatter"));
     if (!out.is_same(output)) work->on_done = [output, out]() mutable { output.copy_(out); };
@@ -151,7 +146,7 @@ class MpiCommunicator final : public Communicator {
     check_cpu(output, "all_gather");
     auto work = start("all_gather", {input, output});
     const auto type = mpi_type(input.scalar_type());
-    const int n = as_count(input.numel(), what("all_gather"));
+    const int n = count(input.numel(), "all_gather");
     BRIGADE_MPI(MPI_Iallgather(input.data_ptr(), n, type, output.data_ptr(), n, type, comm_,
                                &work->requests.emplace_back()),
                 what("all_gather"));
@@ -162,7 +157,7 @@ class MpiCommunicator final : public Communicator {
     BRIGADE_CHECK(root >= 0 && root < size(), "broadcast on ", describe(), ": root ", root, " is not a rank of the group");
     check_cpu(tensor, "broadcast");
     auto work = start("broadcast", {tensor});
-    BRIGADE_MPI(MPI_Ibcast(tensor.data_ptr(), as_count(tensor.numel(), what("broadcast")), mpi_type(tensor.scalar_type()),
+    BRIGADE_MPI(MPI_Ibcast(tensor.data_ptr(), count(tensor.numel(), "broadcast"), mpi_type(tensor.scalar_type()),
                            root, comm_, &work->requests.emplace_back()),
                 what("broadcast"));
     return handle(std::move(work));
@@ -182,10 +177,10 @@ class MpiCommunicator final : public Communicator {
     work->displacements.resize(2 * size());
     int64_t sent = 0, received = 0;
     for (int r = 0; r < size(); ++r) {
-      work->counts[r] = as_count(send_rows[r] * row, what("all_to_all"));
-      work->displacements[r] = as_count(sent, what("all_to_all"));
-      work->counts[size() + r] = as_count(recv_rows[r] * row, what("all_to_all"));
-      work->displacements[size() + r] = as_count(received, what("all_to_all"));
+      work->counts[r] = count(send_rows[r] * row, "all_to_all");
+      work->displacements[r] = count(sent, "all_to_all");
+      work->counts[size() + r] = count(recv_rows[r] * row, "all_to_all");
+      work->displacements[size() + r] = count(received, "all_to_all");
       sent += send_rows[r] * row;
       received += recv_rows[r] * row;
     }
@@ -201,7 +196,7 @@ class MpiCommunicator final : public Communicator {
     check_peer(to, "send");
     check_cpu(tensor, "send");
     auto work = start("send to rank " + std::to_string(to), {tensor});
-    BRIGADE_MPI(MPI_Isend(tensor.data_ptr(), as_count(tensor.numel(), what("send")), mpi_type(tensor.scalar_type()), to,
+    BRIGADE_MPI(MPI_Isend(tensor.data_ptr(), count(tensor.numel(), "send"), mpi_type(tensor.scalar_type()), to,
                           tag, comm_, &work->requests.emplace_back()),
                 what("send"));
     return handle(std::move(work));
@@ -211,7 +206,7 @@ class MpiCommunicator final : public Communicator {
     check_peer(from, "recv");
     check_cpu(tensor, "recv");
     auto work = start("recv from rank " + std::to_string(from), {tensor});
-    BRIGADE_MPI(MPI_Irecv(tensor.data_ptr(), as_count(tensor.numel(), what("recv")), mpi_type(tensor.scalar_type()),
+    BRIGADE_MPI(MPI_Irecv(tensor.data_ptr(), count(tensor.numel(), "recv"), mpi_type(tensor.scalar_type()),
                           from, tag, comm_, &work->requests.emplace_back()),
                 what("recv"));
     return handle(std::move(work));
@@ -236,6 +231,11 @@ class MpiCommunicator final : public Communicator {
 
  private:
   std::string what(const std::string& op) const { return op + " on " + describe(); }
+  // MPI counts are ints; the message is built only when one overflows.
+  int count(int64_t n, const char* op) const {
+    BRIGADE_CHECK(n <= INT_MAX, what(op), ": ", n, " elements exceed MPI's int count; split the message");
+    return static_cast<int>(n);
+  }
 
   void check_cpu(const torch::Tensor& t, const char* op) const {
     BRIGADE_CHECK(t.device().is_cpu() && t.is_contiguous(), op, " on ", describe(),

@@ -17,7 +17,6 @@ struct GradientReducer::State {
     std::vector<int64_t> offsets;  // each parameter's place in `flat`
     torch::Tensor flat;            // [numel] float32
     int64_t waiting = 0;           // parameters not ready yet in this backward
-    bool started = false;
     Handle handle;
   };
   std::vector<std::pair<std::string, torch::Tensor>> params;
@@ -40,7 +39,6 @@ struct GradientReducer::State {
       else slot.zero_();
     }
     b.handle = group->all_reduce(b.flat, ReduceOp::kSum);
-    b.started = true;
   }
 
   // Starts every bucket from `next` on that is complete, in order.
@@ -130,10 +128,7 @@ void GradientReducer::begin_backward(bool reduce) {
   s.next = 0;
   s.started_in_backward = 0;
   std::fill(s.ready.begin(), s.ready.end(), false);
-  for (auto& b : s.buckets) {
-    b.waiting = static_cast<int64_t>(b.params.size());
-    b.started = false;
-  }
+  for (auto& b : s.buckets) b.waiting = static_cast<int64_t>(b.params.size());
 }
 
 ReduceStats GradientReducer::finish() {

@@ -5,7 +5,6 @@
 #include <bit>
 #include <cmath>
 
-
 #include "core/error.h"
 #include "core/parallel_for.h"
 
@@ -109,6 +108,13 @@ BRIGADE_VECTOR_CLONES void fake_quantize_row_as(const float* in, float* out, int
   }
 }
 
+// The largest |x| as a bit pattern (NaN > infinity > every finite magnitude).
+inline uint32_t abs_max_bits(const float* in, int64_t n) {
+  uint32_t m = 0;
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, std::bit_cast<uint32_t>(in[j]) & 0x7FFFFFFFu);
+  return m;
+}
+
 float decode_slow(uint8_t code, Fp8Format format) {
   const auto& f = format_info(format);
   const float sign = (code & 0x80) ? -1.0f : 1.0f;
@@ -172,14 +178,6 @@ void fake_quantize_row(const float* in, float* out, int64_t n, const float* scal
     fake_quantize_row_as<Fp8Format::kE5M2>(in, out, n, scales, scale_every);
   }
 }
-
-namespace {
-inline uint32_t abs_max_bits(const float* in, int64_t n) {
-  uint32_t m = 0;
-  for (int64_t j = 0; j < n; ++j) m = std::max(m, std::bit_cast<uint32_t>(in[j]) & 0x7FFFFFFFu);
-  return m;
-}
-}  // namespace
 
 BRIGADE_VECTOR_CLONES float abs_max(const float* in, int64_t n) { return std::bit_cast<float>(abs_max_bits(in, n)); }
 

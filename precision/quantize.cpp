@@ -6,7 +6,6 @@
 #include <cmath>
 #include <vector>
 
-
 #include "core/error.h"
 #include "core/parallel_for.h"
 #include "precision/quantize_cuda_host.h"
@@ -114,6 +113,7 @@ QuantizedTensor quantize_pass(const torch::Tensor& xf, const QuantizeOptions& o,
                               Sink&& sink) {
   const int64_t rows = xf.size(0), cols = xf.size(1);
   const int64_t row_groups = groups(rows), col_groups = groups(cols);
+  const int64_t row_grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(cols, 1));  // ~16K elements per task
   const float* in = xf.data_ptr<float>();
   QuantizedTensor q;
   q.mode = o.mode;
@@ -131,7 +131,7 @@ QuantizedTensor quantize_pass(const torch::Tensor& xf, const QuantizeOptions& o,
       q.scales = torch::empty({rows, col_groups});
       float* amax = q.amax.data_ptr<float>();
       float* scales = q.scales.data_ptr<float>();
-      parallel_for(0, rows, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(cols, 1)), [&](int64_t r0, int64_t r1) {
+      parallel_for(0, rows, row_grain, [&](int64_t r0, int64_t r1) {
         for (int64_t i = r0; i < r1; ++i) {
           float* a = amax + i * col_groups;
           float* s = scales + i * col_groups;
@@ -191,7 +191,7 @@ QuantizedTensor quantize_pass(const torch::Tensor& xf, const QuantizeOptions& o,
     case ScalingMode::kPerTensorCurrent: {
       // Row maxima in parallel, then their maximum.
       std::vector<float> row_amax(rows, 0.0f);
-      parallel_for(0, rows, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(cols, 1)), [&](int64_t r0, int64_t r1) {
+      parallel_for(0, rows, row_grain, [&](int64_t r0, int64_t r1) {
         for (int64_t i = r0; i < r1; ++i) row_amax[i] = abs_max(in + i * cols, cols);
       });
       const float a = abs_max(row_amax.data(), rows);
@@ -199,7 +199,7 @@ QuantizedTensor quantize_pass(const torch::Tensor& xf, const QuantizeOptions& o,
       q.amax = torch::tensor(a);
       q.scales = torch::tensor(scale_of(a));
       const float* s = q.scales.data_ptr<float>();
-      parallel_for(0, rows, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(cols, 1)), [&](int64_t r0, int64_t r1) {
+      parallel_for(0, rows, row_grain, [&](int64_t r0, int64_t r1) {
         for (int64_t i = r0; i < r1; ++i) sink(i, 0, cols, s, std::max<int64_t>(cols, 1));
       });
       return q;
@@ -209,7 +209,7 @@ QuantizedTensor quantize_pass(const torch::Tensor& xf, const QuantizeOptions& o,
       q.scales = torch::tensor(delayed->scale(o.format, o.power_of_two_scales));
       const float* s = q.scales.data_ptr<float>();
       std::vector<float> row_amax(rows, 0.0f);
-      parallel_for(0, rows, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(cols, 1)), [&](int64_t r0, int64_t r1) {
+      parallel_for(0, rows, row_grain, [&](int64_t r0, int64_t r1) {
         for (int64_t i = r0; i < r1; ++i) {
           row_amax[i] = abs_max(in + i * cols, cols);
           sink(i, 0, cols, s, std::max<int64_t>(cols, 1));

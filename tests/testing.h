@@ -33,6 +33,13 @@ CommandResult run_command(const std::string& command);
 // Runs build/brigade with `args` (already shell-quoted where needed).
 CommandResult run_brigade(const std::string& args);
 
+// --set overrides that shrink a shipped recipe's model and data so CLI tests train
+// in seconds (tests add their own trainer settings).
+inline const std::string kSmallModelOverrides =
+    " --set model.d_model=32 --set model.n_layers=2 --set model.n_heads=4 --set model.n_kv_heads=2"
+    " --set model.d_ff=64 --set model.max_seq_len=64 --set data.seq_len=32"
+    " --set data.synthetic.num_problems=400 --set data.synthetic.eval_problems=40";
+
 }  // namespace brigade::testing
 
 // Expects `statement` to throw brigade::Error whose message contains `substring`.

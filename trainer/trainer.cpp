@@ -133,25 +133,25 @@ StepResult Trainer::step() {
   // over all ranks: the mean loss of a micro-batch is over the whole global batch.
   std::vector<data::Batch> batches;
   auto global_tokens = torch::empty({options_.grad_accum_steps}, torch::kLong);
+  int64_t* tokens = global_tokens.data_ptr<int64_t>();
   for (int64_t micro = 0; micro < options_.grad_accum_steps; ++micro) {
     batches.push_back(train_data_.batch(state_.step, micro));
-    global_tokens[micro] = batches.back().trained_tokens;
+    tokens[micro] = batches.back().trained_tokens;
     result.tokens += batches.back().inputs.numel() * dp_size();
   }
-  if (dp_size() > 1) context_.data_parallel->all_reduce(global_tokens, parallel::ReduceOp::kSum).wait();
+  if (reducer_) context_.data_parallel->all_reduce(global_tokens, parallel::ReduceOp::kSum).wait();
 
-  auto loss_share = torch::zeros({1}, torch::kDouble);  // summed over ranks: the step's mean loss
+  double loss = 0.0;  // this rank's share of the step's mean loss
   for (int64_t micro = 0; micro < options_.grad_accum_steps; ++micro) {
-    const bool last = micro + 1 == options_.grad_accum_steps;
-    if (reducer_) reducer_->begin_backward(/*reduce=*/last);
-    loss_share[0] += forward_backward(batches[micro], global_tokens[micro].item<int64_t>()) /
-                     static_cast<double>(options_.grad_accum_steps);
+    if (reducer_) reducer_->begin_backward(/*reduce=*/micro + 1 == options_.grad_accum_steps);
+    loss += forward_backward(batches[micro], tokens[micro]) / static_cast<double>(options_.grad_accum_steps);
   }
   if (reducer_) {
     result.reduce = reducer_->finish();  // gradients are now sums over the group
-    context_.data_parallel->all_reduce(loss_share, parallel::ReduceOp::kSum).wait();
+    auto shares = torch::tensor({loss}, torch::kDouble);
+    context_.data_parallel->all_reduce(shares, parallel::ReduceOp::kSum).wait();
+    loss = shares.item<double>();
   }
-  const double loss = loss_share[0].item<double>();
   const double grad_norm = clip_gradients();
   const double lr = schedule_(state_.step);
 

@@ -22,10 +22,7 @@ using testing::run_command;
 using testing::TempDir;
 
 const std::string kSmall =
-    " --set model.d_model=32 --set model.n_layers=2 --set model.n_heads=4 --set model.n_kv_heads=2"
-    " --set model.d_ff=64 --set model.max_seq_len=64 --set data.seq_len=32"
-    " --set data.synthetic.num_problems=400 --set data.synthetic.eval_problems=40"
-    " --set trainer.micro_batch_size=4 --set trainer.warmup_steps=2 --set trainer.eval_batches=2"
+    testing::kSmallModelOverrides + " --set trainer.micro_batch_size=4 --set trainer.warmup_steps=2 --set trainer.eval_batches=2"
     " --set trainer.threads=1";
 
 std::string recipe() { return std::string(BRIGADE_SOURCE_DIR) + "/recipes/tiny-dense.yaml"; }

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <cstdio>
 #include <fstream>
 #include <map>
 #include <sstream>
@@ -23,10 +24,7 @@ using testing::run_command;
 using testing::TempDir;
 
 const std::string kTiny =
-    std::string(BRIGADE_SOURCE_DIR) + "/recipes/tiny-dense.yaml" +
-    " --set model.d_model=32 --set model.n_layers=2 --set model.n_heads=4 --set model.n_kv_heads=2"
-    " --set model.d_ff=64 --set model.max_seq_len=64 --set data.seq_len=32"
-    " --set data.synthetic.num_problems=400 --set data.synthetic.eval_problems=40"
+    std::string(BRIGADE_SOURCE_DIR) + "/recipes/tiny-dense.yaml" + testing::kSmallModelOverrides +
     " --set trainer.micro_batch_size=2 --set trainer.warmup_steps=2 --set trainer.eval_batches=1"
     " --set trainer.threads=1";
 
@@ -163,6 +161,7 @@ Outcome disturb_one_rank(const fs::path& dir, const std::string& signal) {
   out.result = run_command(script);
   const auto at = out.result.output.find("after_ms=");
   if (at != std::string::npos) out.seconds_after_signal = std::stod(out.result.output.substr(at + 9)) / 1000.0;
+  std::printf("job ended %.1f s after SIG%s\n", out.seconds_after_signal, signal == "9" ? "KILL" : signal.c_str());
   return out;
 }
 
