@@ -1,5 +1,6 @@
 #include "parallel/reducer.h"
 
+#include <algorithm>
 #include <chrono>
 #include <mutex>
 
@@ -15,7 +16,9 @@ struct GradientReducer::State {
   struct Bucket {
     std::vector<size_t> params;   // indices into State::params
     std::vector<int64_t> offsets;  // each parameter's place in `flat`
-    torch::Tensor flat;            // [numel] float32
+    int64_t numel = 0;             // parameters' elements (flat is padded past them when sharded)
+    torch::Tensor flat;            // [numel, or padded to a multiple of the group size] float32
+    torch::Tensor shard;           // sharded: [flat numel / group size], this rank's part
     int64_t waiting = 0;           // parameters not ready yet in this backward
     Handle handle;
   };
@@ -26,6 +29,7 @@ struct GradientReducer::State {
   Communicator* group = nullptr;
   std::vector<std::shared_ptr<torch::autograd::Node>> accumulators;  // keep the hooked nodes alive
   std::mutex mutex;
+  bool sharded = false;
   bool reducing = false;  // this backward's gradients are reduced
   bool alive = true;      // false once the reducer is gone (hooks then do nothing)
   size_t next = 0;        // next bucket to start
@@ -38,7 +42,12 @@ struct GradientReducer::State {
       if (p.grad().defined()) slot.copy_(p.grad().reshape({-1}));
       else slot.zero_();
     }
-    b.handle = group->all_reduce(b.flat, ReduceOp::kSum);
+    if (!sharded) {
+      b.handle = group->all_reduce(b.flat, ReduceOp::kSum);
+      return;
+    }
+    b.flat.narrow(0, b.numel, b.flat.numel() - b.numel).zero_();  // padding
+    b.handle = group->reduce_scatter(b.flat, b.shard, ReduceOp::kSum);
   }
 
   // Starts every bucket from `next` on that is complete, in order.
@@ -80,12 +89,13 @@ class ReadyHook final : public torch::autograd::FunctionPostHook {
 }  // namespace
 
 GradientReducer::GradientReducer(std::vector<std::pair<std::string, torch::Tensor>> params, Communicator& group,
-                                 int64_t bucket_bytes)
+                                 int64_t bucket_bytes, bool sharded)
     : state_(std::make_shared<State>()) {
   BRIGADE_CHECK(bucket_bytes > 0, "gradient bucket size must be positive, got ", bucket_bytes, " bytes");
   auto& s = *state_;
   s.params = std::move(params);
   s.group = &group;
+  s.sharded = sharded;
   s.bucket_of.resize(s.params.size());
   s.ready.assign(s.params.size(), false);
   // Reverse registration order: the output side of the model finishes backward first.
@@ -94,15 +104,20 @@ GradientReducer::GradientReducer(std::vector<std::pair<std::string, torch::Tenso
     BRIGADE_CHECK(p.scalar_type() == torch::kFloat && p.requires_grad() && p.is_leaf(), "data-parallel parameter ",
                   name, " must be a float32 leaf that requires grad");
     const int64_t bytes = p.numel() * 4;
-    if (s.buckets.empty() || (s.buckets.back().flat.numel() * 4 + bytes > bucket_bytes && !s.buckets.back().params.empty())) {
+    if (s.buckets.empty() || (s.buckets.back().numel * 4 + bytes > bucket_bytes && !s.buckets.back().params.empty())) {
       s.buckets.emplace_back();
-      s.buckets.back().flat = torch::empty({0});
     }
     auto& b = s.buckets.back();
     b.params.push_back(i);
-    b.offsets.push_back(b.flat.numel());
-    b.flat = torch::empty({b.flat.numel() + p.numel()});  // sized here, filled per step
+    b.offsets.push_back(b.numel);
+    b.numel += p.numel();
     s.bucket_of[i] = s.buckets.size() - 1;
+  }
+  const int64_t ranks = group.size();
+  for (auto& b : s.buckets) {
+    const int64_t shard = (b.numel + ranks - 1) / ranks;
+    b.flat = torch::empty({sharded ? shard * ranks : b.numel});  // filled per step
+    if (sharded) b.shard = torch::empty({shard});
   }
   for (size_t i = 0; i < s.params.size(); ++i) {
     auto accumulator = torch::autograd::impl::grad_accumulator(s.params[i].second);
@@ -119,6 +134,52 @@ GradientReducer::~GradientReducer() {
 }
 
 int64_t GradientReducer::bucket_count() const { return static_cast<int64_t>(state_->buckets.size()); }
+bool GradientReducer::sharded() const { return state_->sharded; }
+const std::vector<std::pair<std::string, torch::Tensor>>& GradientReducer::params() const { return state_->params; }
+
+std::vector<ShardSegment> GradientReducer::shard_segments(int rank) const {
+  const auto& s = *state_;
+  BRIGADE_ASSERT(s.sharded, "shard_segments() of an unsharded reducer");
+  if (rank < 0) rank = s.group->rank();
+  std::vector<ShardSegment> out;
+  for (size_t bi = 0; bi < s.buckets.size(); ++bi) {
+    const auto& b = s.buckets[bi];
+    const int64_t shard = b.shard.numel();
+    const int64_t lo = rank * shard, hi = lo + shard;  // owned range of the bucket
+    for (size_t k = 0; k < b.params.size(); ++k) {
+      const int64_t start = b.offsets[k], end = start + s.params[b.params[k]].second.numel();
+      const int64_t a = std::max(start, lo), z = std::min(end, hi);
+      if (a < z) out.push_back({b.params[k], a - start, z - a, bi, a - lo});
+    }
+  }
+  return out;
+}
+
+const torch::Tensor& GradientReducer::shard_gradient(size_t bucket) const {
+  BRIGADE_ASSERT(state_->sharded && bucket < state_->buckets.size(), "no shard ", bucket);
+  return state_->buckets[bucket].shard;
+}
+
+void GradientReducer::gather_parameters() {
+  auto& s = *state_;
+  BRIGADE_ASSERT(s.sharded, "gather_parameters() of an unsharded reducer");
+  torch::NoGradGuard no_grad;
+  const auto mine = shard_segments();
+  for (auto& b : s.buckets) b.shard.zero_();  // padding and pieces of no parameter
+  for (const auto& seg : mine) {
+    s.buckets[seg.bucket].shard.narrow(0, seg.offset, seg.length)
+        .copy_(s.params[seg.param].second.view({-1}).narrow(0, seg.begin, seg.length));
+  }
+  // Every bucket in flight at once, then copied out in order.
+  for (auto& b : s.buckets) b.handle = s.group->all_gather(b.shard, b.flat);
+  for (auto& b : s.buckets) {
+    b.handle.wait();
+    for (size_t k = 0; k < b.params.size(); ++k) {
+      auto& p = s.params[b.params[k]].second;
+      p.view({-1}).copy_(b.flat.narrow(0, b.offsets[k], p.numel()));
+    }
+  }
+}
 
 void GradientReducer::begin_backward(bool reduce) {
   auto& s = *state_;
@@ -144,6 +205,7 @@ ReduceStats GradientReducer::finish() {
   torch::NoGradGuard no_grad;
   for (auto& b : s.buckets) {
     b.handle.wait();
+    if (s.sharded) continue;  // the sums stay in the shards
     for (size_t k = 0; k < b.params.size(); ++k) {
       auto& p = s.params[b.params[k]].second;
       auto sum = b.flat.narrow(0, b.offsets[k], p.numel()).view(p.sizes());

@@ -53,6 +53,7 @@ std::unique_ptr<trainer::Trainer> build_trainer(const Recipe& r, const std::file
   trainer::RunContext context{run_dir, dump_recipe(r), recipe_hash(r), model_fingerprint(r)};
   context.data_parallel = data_parallel;
   context.bucket_bytes = r.parallel.bucket_bytes();
+  context.zero = r.parallel.zero_stage == 1;
   const int rank = data_parallel ? data_parallel->rank() : 0, ranks = data_parallel ? data_parallel->size() : 1;
   // Evaluation uses the same held-out batches on every rank (rank 0 reports them).
   auto t = std::make_unique<trainer::Trainer>(

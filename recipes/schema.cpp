@@ -234,6 +234,9 @@ std::vector<Field> build_schema() {
 
   s.push_back(integer<int64_t>("parallel.timeout_s", REF(parallel.timeout_s), "Seconds a collective may take before the job stops with an error naming the rank and operation (a rank died or hangs).", 1));
   s.push_back(real("parallel.bucket_mb", REF(parallel.bucket_mb), "Data-parallel gradient bucket size in MiB: each full bucket's all-reduce starts during backward.", 1e-6, 1e6));
+  s.push_back(integer<int64_t>("parallel.zero_stage", REF(parallel.zero_stage), "0: every rank keeps the whole AdamW state; 1 (ZeRO-1): the state is sharded over the data-parallel ranks (gradients reduce-scattered, updated shards all-gathered; checkpoints hold one optimizer file per rank and reshard on resume).", 0, 1));
+  s.push_back(integer<int64_t>("parallel.expert_parallel", REF(parallel.expert_parallel), "Ranks that share one copy of the routed experts (EP group size): each holds num_experts / expert_parallel experts and tokens travel to them by all-to-all. Must divide the world size and model.moe.num_experts.", 1));
+  s.push_back(boolean("parallel.ep_fp8_dispatch", REF(parallel.ep_fp8_dispatch), "Send dispatched tokens as FP8 E4M3 with 1x128 scales (DeepSeek-V3); gradients and the combine stay in the compute dtype."));
   s.push_back(integer<int64_t>("trainer.max_steps", REF(trainer.max_steps), "Optimizer steps; also where the cosine schedule ends.", 1));
   s.push_back(integer<int64_t>("trainer.micro_batch_size", REF(trainer.micro_batch_size), "Sequences per micro-batch per rank.", 1));
   s.push_back(integer<int64_t>("trainer.grad_accum_steps", REF(trainer.grad_accum_steps), "Micro-batches accumulated per optimizer step.", 1));

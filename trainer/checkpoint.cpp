@@ -59,15 +59,46 @@ std::optional<fs::path> CheckpointStore::latest() const {
   return target;
 }
 
-fs::path CheckpointStore::save(const CheckpointData& data) {
-  fs::create_directories(dir_);
-  const std::string name = step_name(data.state.step);
-  const fs::path tmp = dir_ / (".tmp-" + name + "-" + std::to_string(::getpid()));
-  fs::remove_all(tmp);
-  fs::create_directories(tmp);
+std::string optimizer_shard_file(int rank, int ranks) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "optimizer.rank%05d-of-%05d.safetensors", rank, ranks);
+  return buf;
+}
 
+fs::path CheckpointStore::staging_dir(int64_t step) const { return dir_ / (".tmp-" + step_name(step) + "-shards"); }
+
+void CheckpointStore::prepare_staging(const fs::path& staged) const {
+  fs::create_directories(dir_);
+  fs::remove_all(staged);
+  fs::create_directories(staged);
+}
+
+fs::path CheckpointStore::save(const CheckpointData& data) {
+  const fs::path tmp = dir_ / (".tmp-" + step_name(data.state.step) + "-" + std::to_string(::getpid()));
+  prepare_staging(tmp);
+  return save(data, tmp);
+}
+
+fs::path CheckpointStore::save(const CheckpointData& data, const fs::path& tmp) {
+  const std::string name = step_name(data.state.step);
   model::save_safetensors(tmp / "model.safetensors", data.model, {{"format", "pt"}});
-  model::save_safetensors(tmp / "optimizer.safetensors", data.optimizer);
+  if (data.optimizer_shards) {
+    nlohmann::json manifest = {{"format", "brigade-optimizer-shards"}, {"version", 1},
+                               {"world_size", data.optimizer_shards->shards.size()},
+                               {"shapes", data.optimizer_shards->shapes}, {"shards", nlohmann::json::array()}};
+    for (size_t r = 0; r < data.optimizer_shards->shards.size(); ++r) {
+      const auto& shard = data.optimizer_shards->shards[r];
+      BRIGADE_CHECK(fs::exists(tmp / shard.file), "checkpoint ", tmp.string(), ": rank ", r, " did not write ",
+                    shard.file);
+      nlohmann::json ranges = nlohmann::json::object();
+      for (const auto& [param, range] : shard.ranges) ranges[param] = {range.first, range.second};
+      manifest["shards"].push_back({{"rank", r}, {"file", shard.file}, {"ranges", ranges}});
+    }
+    std::ofstream out(tmp / "optimizer_shards.json");
+    out << manifest.dump(1) << "\n";
+  } else {
+    model::save_safetensors(tmp / "optimizer.safetensors", data.optimizer);
+  }
   model::save_safetensors(tmp / "rng.safetensors", data.rng);
   model::save_safetensors(tmp / "precision.safetensors", data.precision);
   nlohmann::json state = {
@@ -160,12 +191,151 @@ LoadedCheckpoint load_checkpoint(const fs::path& step_dir) {
     BRIGADE_FAIL(where, ": trainer_state.json: ", e.what());
   }
   ck.model = model::load_safetensors(step_dir / "model.safetensors");
-  ck.optimizer = model::load_safetensors(step_dir / "optimizer.safetensors");
+  ck.optimizer = OptimizerStateReader(step_dir);
   ck.rng = model::load_safetensors(step_dir / "rng.safetensors");
   // Absent in checkpoints written before FP8 existed: no scaling state then.
   if (fs::exists(step_dir / "precision.safetensors")) ck.precision = model::load_safetensors(step_dir / "precision.safetensors");
   ck.recipe_yaml = read_file(step_dir / "recipe.yaml");
   return ck;
+}
+
+// ---------------------------------------------------------------------------------
+// Optimizer state by element range.
+
+namespace {
+
+// "exp_avg_sq.NAME" -> ("exp_avg_sq", "NAME")
+std::pair<std::string, std::string> split_key(const std::string& key) {
+  const auto dot = key.find('.');
+  BRIGADE_ASSERT(dot != std::string::npos, "optimizer state key without a kind: ", key);
+  return {key.substr(0, dot), key.substr(dot + 1)};
+}
+
+int64_t numel_of(const std::vector<int64_t>& shape) {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+}  // namespace
+
+OptimizerStateReader::OptimizerStateReader(const fs::path& step_dir) : dir_(step_dir) {
+  const std::string where = "checkpoint " + step_dir.string();
+  const fs::path manifest_path = step_dir / "optimizer_shards.json";
+  if (!fs::exists(manifest_path)) {
+    files_ = {"optimizer.safetensors"};
+    loaded_.push_back(std::make_shared<model::SafetensorsFile>(model::load_safetensors(step_dir / files_[0])));
+    for (const auto& [key, t] : loaded_[0]->tensors) {
+      const auto [kind, param] = split_key(key);
+      if (kind != "exp_avg") continue;
+      shapes_[param] = t.sizes().vec();
+      pieces_[param] = {{0, 0, t.numel()}};
+    }
+    return;
+  }
+  const std::string mwhere = where + ": optimizer_shards.json";
+  try {
+    const auto manifest = nlohmann::json::parse(read_file(manifest_path));
+    BRIGADE_CHECK(manifest.at("format").get<std::string>() == "brigade-optimizer-shards" &&
+                      manifest.at("version").get<int>() == 1,
+                  mwhere, ": unknown format ", manifest.at("format").dump(), " version ", manifest.at("version").dump());
+    const int world = manifest.at("world_size").get<int>();
+    shapes_ = manifest.at("shapes").get<std::map<std::string, std::vector<int64_t>>>();
+    const auto& shards = manifest.at("shards");
+    BRIGADE_CHECK(shards.is_array() && static_cast<int>(shards.size()) == world && world > 0, mwhere,
+                  ": expected ", world, " shards, found ", shards.size());
+    for (const auto& shard : shards) {
+      const auto file = shard.at("file").get<std::string>();
+      BRIGADE_CHECK(file.find('/') == std::string::npos && fs::exists(step_dir / file), mwhere, ": shard file '",
+                    file, "' is missing");
+      for (const auto& [param, range] : shard.at("ranges").items()) {
+        const int64_t begin = range.at(0).get<int64_t>(), end = range.at(1).get<int64_t>();
+        auto shape = shapes_.find(param);
+        BRIGADE_CHECK(shape != shapes_.end(), mwhere, ": ", file, " holds '", param, "', which has no shape");
+        BRIGADE_CHECK(0 <= begin && begin < end && end <= numel_of(shape->second), mwhere, ": ", file,
+                      " holds elements [", begin, ", ", end, ") of '", param, "', which has ",
+                      numel_of(shape->second));
+        pieces_[param].push_back({files_.size(), begin, end});
+      }
+      files_.push_back(file);
+      shard_ranks_.push_back(shard.at("rank").get<int>());
+    }
+  } catch (const nlohmann::json::exception& e) {
+    BRIGADE_FAIL(mwhere, ": ", e.what());
+  }
+  loaded_.resize(files_.size());
+  // Every element of every parameter in exactly one shard.
+  for (auto& [param, pieces] : pieces_) {
+    std::sort(pieces.begin(), pieces.end(), [](const Piece& a, const Piece& b) { return a.begin < b.begin; });
+    int64_t next = 0;
+    for (const auto& piece : pieces) {
+      BRIGADE_CHECK(piece.begin == next, mwhere, ": elements [", std::min(next, piece.begin), ", ",
+                    std::max(next, piece.begin), ") of '", param, "' are ",
+                    piece.begin > next ? "in no shard" : "in two shards");
+      next = piece.end;
+    }
+    BRIGADE_CHECK(next == numel_of(shapes_.at(param)), mwhere, ": elements [", next, ", ",
+                  numel_of(shapes_.at(param)), ") of '", param, "' are in no shard");
+  }
+  for (const auto& [param, shape] : shapes_) {
+    BRIGADE_CHECK(pieces_.contains(param) || numel_of(shape) == 0, mwhere, ": '", param, "' is in no shard");
+  }
+}
+
+const model::SafetensorsFile& OptimizerStateReader::file(size_t index) const {
+  if (!loaded_[index]) {
+    loaded_[index] = std::make_shared<model::SafetensorsFile>(model::load_safetensors(dir_ / files_[index]));
+  }
+  return *loaded_[index];
+}
+
+const torch::Tensor& OptimizerStateReader::tensor(size_t index, const std::string& key) const {
+  const auto& f = file(index);
+  auto it = f.tensors.find(key);
+  BRIGADE_CHECK(it != f.tensors.end(), "checkpoint ", (dir_ / files_[index]).string(), ": no tensor '", key, "'");
+  return it->second;
+}
+
+std::vector<int64_t> OptimizerStateReader::shape(const std::string& name) const {
+  auto it = shapes_.find(name);
+  BRIGADE_CHECK(it != shapes_.end(), "checkpoint ", dir_.string(), ": optimizer state has no 'exp_avg.", name, "'");
+  return it->second;
+}
+
+torch::Tensor OptimizerStateReader::read(const std::string& key, int64_t begin, int64_t length) const {
+  const auto [kind, param] = split_key(key);
+  const int64_t total = numel_of(shape(param)), end = begin + length;
+  BRIGADE_ASSERT(0 <= begin && end <= total, "range [", begin, ", ", end, ") of ", key, " outside ", total);
+  torch::Tensor out;
+  for (const auto& piece : pieces_.at(param)) {
+    const int64_t a = std::max(begin, piece.begin), z = std::min(end, piece.end);
+    if (a >= z) continue;
+    const auto& t = tensor(piece.file, key);
+    BRIGADE_CHECK(t.numel() == piece.end - piece.begin, "checkpoint ", (dir_ / files_[piece.file]).string(),
+                  ": '", key, "' has ", t.numel(), " elements, the manifest says ", piece.end - piece.begin);
+    if (!out.defined()) out = torch::empty({length}, t.options());
+    out.narrow(0, a - begin, z - a).copy_(t.reshape({-1}).narrow(0, a - piece.begin, z - a));
+  }
+  if (!out.defined()) out = torch::empty({0}, torch::kFloat);  // length 0
+  return out;
+}
+
+torch::Tensor OptimizerStateReader::step(const std::string& name) const {
+  shape(name);
+  const auto& pieces = pieces_.at(name);
+  BRIGADE_CHECK(!pieces.empty(), "checkpoint ", dir_.string(), ": no step count for '", name, "'");
+  return tensor(pieces.front().file, "step." + name);
+}
+
+model::NamedTensors OptimizerStateReader::all() const {
+  model::NamedTensors out;
+  for (const auto& [name, shape] : shapes_) {
+    const int64_t n = numel_of(shape);
+    out.emplace_back("exp_avg." + name, read("exp_avg." + name, 0, n).view(shape));
+    out.emplace_back("exp_avg_sq." + name, read("exp_avg_sq." + name, 0, n).view(shape));
+    out.emplace_back("step." + name, step(name));
+  }
+  return out;
 }
 
 void load_weights(const model::NamedTensors& target, const model::SafetensorsFile& weights,

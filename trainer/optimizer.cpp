@@ -3,12 +3,15 @@
 #include <ATen/ops/_fused_adamw.h>
 
 #include "core/error.h"
+#include "trainer/checkpoint.h"
 
 namespace brigade::trainer {
 
-AdamW::AdamW(model::NamedTensors params, std::vector<bool> decay, AdamWOptions options)
-    : params_(std::move(params)), options_(options) {
+AdamW::AdamW(model::NamedTensors params, std::vector<bool> decay, AdamWOptions options, std::vector<int64_t> begins)
+    : params_(std::move(params)), begins_(std::move(begins)), options_(options) {
   BRIGADE_ASSERT(decay.size() == params_.size(), "one decay flag per parameter");
+  if (begins_.empty()) begins_.assign(params_.size(), 0);
+  BRIGADE_ASSERT(begins_.size() == params_.size(), "one begin per parameter piece");
   groups_.resize(2);
   groups_[0].weight_decay = options_.weight_decay;
   groups_[1].weight_decay = 0.0;
@@ -30,14 +33,21 @@ void AdamW::zero_grad() {
 }
 
 void AdamW::step(double lr) {
+  std::vector<torch::Tensor> grads;
+  for (const auto& [name, p] : params_) grads.push_back(p.grad());
+  step(lr, grads);
+}
+
+void AdamW::step(double lr, const std::vector<torch::Tensor>& grads) {
+  BRIGADE_ASSERT(grads.size() == params_.size(), "one gradient per parameter");
   torch::NoGradGuard no_grad;
   for (const auto& group : groups_) {
     std::vector<torch::Tensor> p, g, m, v, s;
     for (size_t i : group.index) {
       const auto& param = params_[i].second;
-      if (!param.grad().defined()) continue;
+      if (!grads[i].defined()) continue;
       p.push_back(param);
-      g.push_back(param.grad());
+      g.push_back(grads[i]);
       m.push_back(exp_avg_[i]);
       v.push_back(exp_avg_sq_[i]);
       s.push_back(steps_[i]);
@@ -77,22 +87,27 @@ model::NamedTensors AdamW::state() const {
   return out;
 }
 
-void AdamW::load_state(const std::map<std::string, torch::Tensor>& state, const std::string& source) {
-  auto take = [&](const std::string& key, torch::Tensor& into) {
-    auto it = state.find(key);
-    BRIGADE_CHECK(it != state.end(), source, ": optimizer state has no '", key, "'");
-    BRIGADE_CHECK(it->second.sizes() == into.sizes(), source, ": optimizer state '", key, "' has shape ",
-                  it->second.sizes(), " but the model needs ", into.sizes());
-    // A checkpoint written with the other moment dtype converts (float32 -> bfloat16
-    // rounds); with the same dtype the copy is exact.
-    into.copy_(it->second);
-  };
+void AdamW::load_state(const OptimizerStateReader& reader, const std::vector<std::vector<int64_t>>& shapes,
+                       const std::string& source) {
+  BRIGADE_ASSERT(shapes.size() == params_.size(), "one shape per parameter");
+  // Read and check everything first, so a rejected checkpoint leaves the state as it was.
+  std::vector<torch::Tensor> m, v, s;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const auto& [name, p] = params_[i];
+    const auto saved = reader.shape(name);
+    BRIGADE_CHECK(saved == shapes[i], source, ": optimizer state of '", name, "' has shape ",
+                  c10::IntArrayRef(saved), " but the model needs ", c10::IntArrayRef(shapes[i]));
+    m.push_back(reader.read("exp_avg." + name, begins_[i], p.numel()).view(p.sizes()));
+    v.push_back(reader.read("exp_avg_sq." + name, begins_[i], p.numel()).view(p.sizes()));
+    s.push_back(reader.step(name));
+  }
   torch::NoGradGuard no_grad;
   for (size_t i = 0; i < params_.size(); ++i) {
-    const auto& name = params_[i].first;
-    take("exp_avg." + name, exp_avg_[i]);
-    take("exp_avg_sq." + name, exp_avg_sq_[i]);
-    take("step." + name, steps_[i]);
+    // A checkpoint written with the other moment dtype converts (float32 -> bfloat16
+    // rounds); with the same dtype the copy is exact.
+    exp_avg_[i].copy_(m[i]);
+    exp_avg_sq_[i].copy_(v[i]);
+    steps_[i].copy_(s[i]);
   }
 }
 

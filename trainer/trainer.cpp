@@ -58,9 +58,7 @@ Trainer::Trainer(TrainerOptions options, precision::PrecisionOptions precision, 
       train_data_(std::move(train_data)),
       eval_data_(std::move(eval_data)),
       context_(std::move(context)),
-      optimizer_(trainable_parameters(*model_), weight_decay_mask(trainable_parameters(*model_), options),
-                 AdamWOptions{options.beta1, options.beta2, options.eps, options.weight_decay,
-                              precision::to_scalar_type(precision.optimizer_state_dtype)}),
+      params_(trainable_parameters(*model_)),
       schedule_{options.lr, options.min_lr, options.warmup_steps, options.max_steps},
       checkpoints_(context_.run_dir / "checkpoints", options.keep_checkpoints) {
   options_.validate();
@@ -74,9 +72,53 @@ Trainer::Trainer(TrainerOptions options, precision::PrecisionOptions precision, 
       context_.data_parallel->broadcast(owned, 0).wait();
       if (!owned.is_same(t)) t.copy_(owned);
     }
-    reducer_ = std::make_unique<parallel::GradientReducer>(optimizer_.params(), *context_.data_parallel,
-                                                           context_.bucket_bytes);
+    reducer_ = std::make_unique<parallel::GradientReducer>(params_, *context_.data_parallel, context_.bucket_bytes,
+                                                           context_.zero);
   }
+  const auto decay = weight_decay_mask(params_, options_);
+  const AdamWOptions adamw{options_.beta1, options_.beta2, options_.eps, options_.weight_decay,
+                           precision::to_scalar_type(precision_.optimizer_state_dtype)};
+  if (!sharded()) {
+    optimizer_ = std::make_unique<AdamW>(params_, decay, adamw);
+    return;
+  }
+  // ZeRO-1: AdamW over flat views of the elements this rank owns; their summed
+  // gradients are views into the reducer's shards.
+  model::NamedTensors pieces;
+  std::vector<bool> piece_decay;
+  std::vector<int64_t> begins;
+  for (const auto& seg : reducer_->shard_segments()) {
+    const auto& [name, p] = params_[seg.param];
+    pieces.emplace_back(name, p.detach().view({-1}).narrow(0, seg.begin, seg.length));
+    piece_decay.push_back(decay[seg.param]);
+    begins.push_back(seg.begin);
+    shard_grads_.push_back(reducer_->shard_gradient(seg.bucket).narrow(0, seg.offset, seg.length));
+  }
+  optimizer_ = std::make_unique<AdamW>(std::move(pieces), std::move(piece_decay), adamw, std::move(begins));
+}
+
+std::vector<std::pair<std::string, torch::Tensor>> Trainer::update_gradients() const {
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  if (sharded()) {
+    for (size_t i = 0; i < shard_grads_.size(); ++i) out.emplace_back(optimizer_->params()[i].first, shard_grads_[i]);
+  } else {
+    for (const auto& [name, p] : params_) out.emplace_back(name, p.grad());
+  }
+  return out;
+}
+
+OptimizerShards Trainer::optimizer_layout() const {
+  OptimizerShards layout;
+  for (const auto& [name, p] : params_) layout.shapes[name] = p.sizes().vec();
+  const int ranks = dp_size();
+  for (int r = 0; r < ranks; ++r) {
+    OptimizerShard shard{optimizer_shard_file(r, ranks), {}};
+    for (const auto& seg : reducer_->shard_segments(r)) {
+      shard.ranges[params_[seg.param].first] = {seg.begin, seg.begin + seg.length};
+    }
+    layout.shards.push_back(std::move(shard));
+  }
+  return layout;
 }
 
 void Trainer::resume(const LoadedCheckpoint& ck) {
@@ -86,7 +128,12 @@ void Trainer::resume(const LoadedCheckpoint& ck) {
                 first_difference(ck.state.model_fingerprint, context_.model_fingerprint));
   load_weights(model_->state_dict(), ck.model, source);
   model_->load_fp8_state(ck.precision.tensors, source);
-  optimizer_.load_state(ck.optimizer.tensors, source);
+  std::map<std::string, std::vector<int64_t>> shapes;
+  for (const auto& [name, p] : params_) shapes[name] = p.sizes().vec();
+  std::vector<std::vector<int64_t>> piece_shapes;
+  for (const auto& [name, piece] : optimizer_->params()) piece_shapes.push_back(shapes.at(name));
+  // Any layout: unsharded, or sharded over any number of ranks (resharded here).
+  optimizer_->load_state(ck.optimizer, piece_shapes, source);
   auto rng = ck.rng.tensors.find("cpu");
   BRIGADE_CHECK(rng != ck.rng.tensors.end(), source, ": rng.safetensors has no 'cpu' state");
   at::Generator generator = at::detail::getDefaultCPUGenerator();  // a handle to the shared generator
@@ -127,7 +174,9 @@ void Trainer::run() {
 StepResult Trainer::step() {
   const auto start = std::chrono::steady_clock::now();
   StepResult result;
-  optimizer_.zero_grad();
+  // Dropping the gradients (rather than zeroing them) lets the first backward write
+  // them directly instead of accumulating into zeros.
+  for (auto& [name, p] : params_) p.mutable_grad() = torch::Tensor();
 
   // This rank's slice of every micro-batch, and each micro-batch's trained targets
   // over all ranks: the mean loss of a micro-batch is over the whole global batch.
@@ -157,7 +206,12 @@ StepResult Trainer::step() {
 
   const bool finite = std::isfinite(loss) && std::isfinite(grad_norm);
   if (!finite) handle_nonfinite(std::isfinite(loss) ? "gradient norm" : "loss", std::isfinite(loss) ? grad_norm : loss);
-  if (finite) optimizer_.step(lr);
+  if (finite && sharded()) {
+    optimizer_->step(lr, shard_grads_);
+    reducer_->gather_parameters();  // every rank's parameters from their owners' updates
+  } else if (finite) {
+    optimizer_->step(lr);
+  }
   // Aux-loss-free balancing: expert biases move after the update, from this step's load.
   result.moe = model_->end_moe_step(/*update_bias=*/finite, context_.data_parallel);
 
@@ -195,12 +249,21 @@ double Trainer::forward_backward(const data::Batch& batch, int64_t global_tokens
 
 double Trainer::clip_gradients() {
   std::vector<torch::Tensor> grads;
-  for (const auto& [name, p] : optimizer_.params()) {
-    if (p.grad().defined()) grads.push_back(p.grad());
+  for (const auto& [name, g] : update_gradients()) {
+    if (g.defined()) grads.push_back(g);
   }
-  if (grads.empty()) return 0.0;
   torch::NoGradGuard no_grad;
-  const double total = torch::linalg_vector_norm(torch::stack(torch::_foreach_norm(grads)), 2).item<double>();
+  double total = 0.0;
+  if (sharded()) {
+    // Each rank holds a disjoint piece of the summed gradient: add the squares.
+    auto squares = torch::zeros({1}, torch::kDouble);
+    if (!grads.empty()) squares += torch::stack(torch::_foreach_norm(grads)).to(torch::kDouble).square().sum();
+    context_.data_parallel->all_reduce(squares, parallel::ReduceOp::kSum).wait();
+    total = std::sqrt(squares.item<double>());
+  } else if (!grads.empty()) {
+    total = torch::linalg_vector_norm(torch::stack(torch::_foreach_norm(grads)), 2).item<double>();
+  }
+  if (grads.empty()) return total;
   if (options_.grad_clip > 0 && std::isfinite(total) && total > options_.grad_clip) {
     torch::_foreach_mul_(grads, options_.grad_clip / (total + 1e-6));
   }
@@ -208,9 +271,9 @@ double Trainer::clip_gradients() {
 }
 
 void Trainer::handle_nonfinite(const std::string& what, double value) {
-  std::string culprit = "(none: the loss itself)";
-  for (const auto& [name, p] : optimizer_.params()) {
-    if (p.grad().defined() && !torch::isfinite(p.grad()).all().item<bool>()) {
+  std::string culprit = sharded() ? "(none among this rank's pieces)" : "(none: the loss itself)";
+  for (const auto& [name, g] : update_gradients()) {
+    if (g.defined() && !torch::isfinite(g).all().item<bool>()) {
       culprit = name;
       break;
     }
@@ -227,19 +290,22 @@ EvalResult Trainer::evaluate() {
   torch::NoGradGuard no_grad;
   const bool was_training = model_->is_training();
   model_->eval();
-  double total = 0.0;
-  int64_t counted = 0;
-  for (int64_t i = 0; i < options_.eval_batches; ++i) {
+  // The ranks share the batches (rank r takes batches r, r + ranks, ...) and add up.
+  const int ranks = dp_size(), rank = context_.data_parallel ? context_.data_parallel->rank() : 0;
+  auto sums = torch::zeros({2}, torch::kDouble);  // per-batch mean losses, batches counted
+  double* sum = sums.data_ptr<double>();
+  for (int64_t i = rank; i < options_.eval_batches; i += ranks) {
     // The same held-out batches every time, so evaluations are comparable.
     data::Batch batch = eval_data_.batch(i, 0);
     if (batch.trained_tokens == 0) continue;
-    total += token_loss_sum(batch).item<double>() / static_cast<double>(batch.trained_tokens);
-    ++counted;
+    sum[0] += token_loss_sum(batch).item<double>() / static_cast<double>(batch.trained_tokens);
+    sum[1] += 1.0;
   }
+  if (ranks > 1) context_.data_parallel->all_reduce(sums, parallel::ReduceOp::kSum).wait();
   if (was_training) model_->train();
   EvalResult result;
   result.step = state_.step;
-  result.loss = counted > 0 ? total / static_cast<double>(counted) : 0.0;
+  result.loss = sum[1] > 0 ? sum[0] / sum[1] : 0.0;
   result.perplexity = std::exp(result.loss);
   return result;
 }
@@ -247,12 +313,44 @@ EvalResult Trainer::evaluate() {
 std::filesystem::path Trainer::save_checkpoint() {
   CheckpointData data;
   data.model = model_->state_dict();
-  data.optimizer = optimizer_.state();
   data.rng = {{"cpu", at::detail::getDefaultCPUGenerator().get_state()}};
   data.precision = model_->fp8_state();
   data.state = state_;
   data.recipe_yaml = context_.recipe_yaml;
-  return checkpoints_.save(data);
+  if (!sharded()) {
+    // Every rank holds the same state: rank 0 writes it.
+    if (!is_main_rank()) return {};
+    data.optimizer = optimizer_->state();
+    return checkpoints_.save(data);
+  }
+  // ZeRO-1: every rank writes its optimizer shard into the staging directory rank 0
+  // prepared; rank 0 then adds the rest and commits.
+  auto& group = *context_.data_parallel;
+  const auto staged = checkpoints_.staging_dir(state_.step);
+  if (is_main_rank()) checkpoints_.prepare_staging(staged);
+  group.barrier().wait();
+  std::string failure;
+  if (!std::filesystem::is_directory(staged)) {
+    failure = "it does not exist on this rank: ZeRO-1 checkpoints need the run directory on a filesystem every rank shares";
+  } else {
+    try {
+      model::save_safetensors(staged / optimizer_shard_file(group.rank(), group.size()), optimizer_->state());
+    } catch (const std::exception& e) {
+      failure = e.what();
+    }
+  }
+  auto failed = torch::tensor({failure.empty() ? 0 : 1}, torch::kInt);
+  group.all_reduce(failed, parallel::ReduceOp::kSum).wait();
+  BRIGADE_CHECK(failure.empty(), "writing this rank's optimizer shard into ", staged.string(), " failed: ", failure);
+  BRIGADE_CHECK(failed.item<int>() == 0, failed.item<int>(), " rank(s) could not write their optimizer shard into ",
+                staged.string(), " (see their errors); checkpoint not written");
+  std::filesystem::path dir;
+  if (is_main_rank()) {
+    data.optimizer_shards = optimizer_layout();
+    dir = checkpoints_.save(data, staged);
+  }
+  group.barrier().wait();  // the checkpoint is complete for every rank
+  return dir;
 }
 
 // ---------------------------------------------------------------------------------
@@ -335,8 +433,10 @@ class LoggingHook : public TrainerHook {
   double rate_ = 0.0;
 };
 
+// Every rank runs it (evaluation is shared); the main rank reports.
 class EvalHook : public TrainerHook {
  public:
+  explicit EvalHook(bool report) : report_(report) {}
   void on_step(Trainer& t, const StepResult& r) override {
     if (t.options().eval_every > 0 && r.step % t.options().eval_every == 0 && !t.finished()) run(t);
   }
@@ -347,22 +447,29 @@ class EvalHook : public TrainerHook {
  private:
   void run(Trainer& t) {
     EvalResult e = t.evaluate();
+    last_step_ = e.step;
+    if (!report_) return;
     t.metrics().write({{"step", e.step}, {"eval_loss", e.loss}, {"eval_ppl", e.perplexity}});
     if (stderr_is_terminal()) std::fprintf(stderr, "\n");
     log_info("eval @ step ", e.step, ": loss ", e.loss, ", perplexity ", e.perplexity);
-    last_step_ = e.step;
   }
+  bool report_;
   int64_t last_step_ = -1;
 };
 
+// Every rank runs it at the same steps (save_checkpoint() is collective); the
+// decisions depend only on the step and on what existed before training started.
 class CheckpointHook : public TrainerHook {
  public:
-  void on_start(Trainer& t) override { last_step_ = t.current_step(); }
+  void on_start(Trainer& t) override {
+    last_step_ = t.current_step();
+    had_checkpoint_ = t.checkpoints().latest().has_value();
+  }
   void on_step(Trainer& t, const StepResult& r) override {
     if (t.options().checkpoint_every > 0 && r.step % t.options().checkpoint_every == 0) save(t);
   }
   void on_end(Trainer& t) override {
-    if (last_step_ != t.current_step() || !t.checkpoints().latest()) save(t);
+    if (last_step_ != t.current_step() || !had_checkpoint_) save(t);
   }
 
  private:
@@ -370,18 +477,20 @@ class CheckpointHook : public TrainerHook {
     auto dir = t.save_checkpoint();
     log_debug("checkpoint written: ", dir.string());
     last_step_ = t.current_step();
+    had_checkpoint_ = true;
   }
   int64_t last_step_ = -1;
+  bool had_checkpoint_ = false;
 };
 
 }  // namespace
 
 void Trainer::add_default_hooks() {
   // Rank 0 speaks for the job: one metrics log, one progress display, one set of
-  // checkpoints (every rank holds the same weights and optimizer state).
-  if (!is_main_rank()) return;
-  add_hook(std::make_unique<LoggingHook>());
-  add_hook(std::make_unique<EvalHook>());
+  // checkpoints. Evaluation and checkpoints involve every rank (shared eval batches,
+  // sharded optimizer state).
+  if (is_main_rank()) add_hook(std::make_unique<LoggingHook>());
+  add_hook(std::make_unique<EvalHook>(/*report=*/is_main_rank()));
   add_hook(std::make_unique<CheckpointHook>());
 }
 

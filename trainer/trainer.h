@@ -33,6 +33,9 @@ struct RunContext {
   // the group in buckets of `bucket_bytes` during backward.
   parallel::Communicator* data_parallel = nullptr;
   int64_t bucket_bytes = 25 << 20;
+  // ZeRO-1: the AdamW state is sharded over the data-parallel group; each rank
+  // updates the parameter elements it owns and all-gathers the rest.
+  bool zero = false;
 };
 
 struct StepResult {
@@ -75,9 +78,12 @@ class Trainer {
   void run();
   // One optimizer step: micro-batches, forward, backward, clip, schedule, update.
   StepResult step();
-  // Mean loss over trainer.eval_batches fixed held-out batches.
+  // Mean loss over trainer.eval_batches fixed held-out batches (collective in a
+  // multi-rank run: the ranks share the batches and all get the result).
   EvalResult evaluate();
-  // Writes a checkpoint of the current state (atomically).
+  // Writes a checkpoint of the current state (atomically). In a multi-rank run every
+  // rank calls it at the same step (sharded state is written by every rank);
+  // rank 0 writes the rest and returns the step directory, the others an empty path.
   std::filesystem::path save_checkpoint();
 
   void add_hook(std::unique_ptr<TrainerHook> hook) { hooks_.push_back(std::move(hook)); }
@@ -102,7 +108,12 @@ class Trainer {
   double forward_backward(const data::Batch& batch, int64_t global_tokens);
   int dp_size() const { return context_.data_parallel ? context_.data_parallel->size() : 1; }
   bool is_main_rank() const { return !context_.data_parallel || context_.data_parallel->rank() == 0; }
+  bool sharded() const { return reducer_ && reducer_->sharded(); }
+  // The gradients the optimizer applies, by name: the parameters' own, or (ZeRO-1)
+  // this rank's pieces of the summed gradients.
+  std::vector<std::pair<std::string, torch::Tensor>> update_gradients() const;
   double clip_gradients();                            // returns the pre-clip global norm
+  trainer::OptimizerShards optimizer_layout() const;  // ZeRO-1 checkpoints
   void handle_nonfinite(const std::string& what, double value);
 
   TrainerOptions options_;
@@ -111,13 +122,15 @@ class Trainer {
   data::BatchSampler train_data_;
   data::BatchSampler eval_data_;
   RunContext context_;
-  AdamW optimizer_;
+  model::NamedTensors params_;                       // trainable parameters
+  std::unique_ptr<parallel::GradientReducer> reducer_;  // data parallel only
+  std::vector<torch::Tensor> shard_grads_;           // ZeRO-1: the optimizer's pieces' gradients
+  std::unique_ptr<AdamW> optimizer_;
   CosineSchedule schedule_;
   CheckpointStore checkpoints_;
   std::unique_ptr<MetricsLog> metrics_;
   TrainerState state_;
   std::vector<std::unique_ptr<TrainerHook>> hooks_;
-  std::unique_ptr<parallel::GradientReducer> reducer_;  // data parallel only
 };
 
 // Which parameters get weight decay under `options` (norm weights, biases and

@@ -1,14 +1,20 @@
 // Data parallelism: N ranks x micro-batch b reach the parameters of 1 rank x N*b
 // (the global batch is the same rows), with and without gradient accumulation,
-// dense and MoE (expert biases from global loads stay identical on every rank).
+// dense and MoE (expert biases from global loads stay identical on every rank),
+// and with ZeRO-1; ZeRO-1 checkpoints resume exactly on the same ranks and
+// reshard onto another number of ranks.
 // Runs under mpirun (CTest: 2 and 4 ranks); skips when started alone.
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 
 #include <torch/torch.h>
 
+#include <nlohmann/json.hpp>
+
+#include "core/fs.h"
 #include "launch/world.h"
 #include "parallel/communicator.h"
 #include "recipes/build.h"
@@ -56,13 +62,47 @@ double relative_difference(const model::NamedTensors& a, const model::NamedTenso
   return std::sqrt(diff) / std::sqrt(norm);
 }
 
+// Every rank holds the same parameters: rank 0's checksum everywhere.
+void expect_same_on_every_rank(parallel::Communicator& w, trainer::Trainer& t) {
+  double sum = 0.0;
+  for (const auto& [name, p] : t.model()->state_dict()) sum += p.to(torch::kDouble).sum().item<double>();
+  auto mine = torch::tensor({sum}, torch::kDouble);
+  auto all = torch::empty({w.size()}, torch::kDouble);
+  w.all_gather(mine, all).wait();
+  for (int r = 1; r < w.size(); ++r) EXPECT_EQ(all[r].item<double>(), all[0].item<double>()) << "rank " << r;
+}
+
+// A directory every rank sees: rank 0's TempDir, its path broadcast (rank 0 keeps
+// it alive and removes it; the others only use it).
+class SharedDir {
+ public:
+  explicit SharedDir(parallel::Communicator& w) : w_(w) {
+    if (w.rank() == 0) owned_ = std::make_unique<testing::TempDir>();
+    auto bytes = torch::zeros({4096}, torch::kUInt8);
+    if (w.rank() == 0) {
+      const auto text = owned_->path().string();
+      std::memcpy(bytes.data_ptr(), text.data(), text.size());
+    }
+    w.broadcast(bytes, 0).wait();
+    path_ = std::string(reinterpret_cast<const char*>(bytes.data_ptr()));
+  }
+  ~SharedDir() { w_.barrier().wait(); }  // nobody still reads when rank 0 removes it
+  std::filesystem::path operator/(const std::string& name) const { return path_ / name; }
+
+ private:
+  parallel::Communicator& w_;
+  std::unique_ptr<testing::TempDir> owned_;
+  std::filesystem::path path_;
+};
+
 void check_equivalence(const std::vector<std::string>& extra) {
   auto* w = world();
   if (w == nullptr) GTEST_SKIP() << "multi-rank test: run under mpirun";
   at::set_num_threads(1);
+  SharedDir shared(*w);  // ZeRO-1: every rank writes into the checkpoint
   testing::TempDir dir;
   const int64_t b = 2;
-  auto parallel_run = recipes::build_trainer(recipe(b, extra), dir / "dp", w);
+  auto parallel_run = recipes::build_trainer(recipe(b, extra), shared / "dp", w);
   parallel_run->run();
   // The reference: this process alone with the whole global batch.
   auto single_run = recipes::build_trainer(recipe(b * w->size(), extra), dir / "single");
@@ -72,13 +112,7 @@ void check_equivalence(const std::vector<std::string>& extra) {
   EXPECT_LE(diff, 1e-6) << "rank " << w->rank() << "; worst tensor " << worst;
   EXPECT_GT(diff, 0.0);  // float32 sums in another order: equal in value, not bit for bit
   if (w->rank() == 0) std::printf("relative difference %.3g (worst tensor: %s)\n", diff, worst.c_str());
-  // Every rank holds the same parameters: rank 0's checksum everywhere.
-  double sum = 0.0;
-  for (const auto& [name, t] : parallel_run->model()->state_dict()) sum += t.to(torch::kDouble).sum().item<double>();
-  auto mine = torch::tensor({sum}, torch::kDouble);
-  auto all = torch::empty({w->size()}, torch::kDouble);
-  w->all_gather(mine, all).wait();
-  for (int r = 1; r < w->size(); ++r) EXPECT_EQ(all[r].item<double>(), all[0].item<double>()) << "rank " << r;
+  expect_same_on_every_rank(*w, *parallel_run);
 }
 
 TEST(MpiDataParallel, MatchesOneRankWithTheWholeBatch) { check_equivalence({}); }
@@ -90,6 +124,91 @@ TEST(MpiDataParallel, MatchesWithGradientAccumulationAndSmallBuckets) {
 TEST(MpiDataParallel, MoEBiasesFollowTheGlobalLoad) {
   check_equivalence({"model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.expert_d_ff=16",
                      "model.moe.first_k_dense=1", "model.moe.bias_update_rate=0.01"});
+}
+
+TEST(MpiDataParallel, ZeroOneMatchesOneRankWithTheWholeBatch) { check_equivalence({"parallel.zero_stage=1"}); }
+
+// Small buckets: shards cut through parameters, and some ranks own no element of
+// a small bucket's parameters.
+TEST(MpiDataParallel, ZeroOneMatchesWithGradientAccumulationAndSmallBuckets) {
+  check_equivalence({"parallel.zero_stage=1", "trainer.grad_accum_steps=2", "parallel.bucket_mb=0.003"});
+}
+
+TEST(MpiDataParallel, ZeroOneWithMoE) {
+  check_equivalence({"parallel.zero_stage=1", "model.moe.num_experts=4", "model.moe.top_k=2",
+                     "model.moe.expert_d_ff=16", "model.moe.first_k_dense=1", "model.moe.bias_update_rate=0.01"});
+}
+
+std::vector<std::string> zero_settings(std::vector<std::string> extra = {}) {
+  extra.insert(extra.end(), {"parallel.zero_stage=1", "parallel.bucket_mb=0.003"});
+  return extra;
+}
+
+nlohmann::json manifest(const std::filesystem::path& run) {
+  const auto step_dir = trainer::resolve_checkpoint(run);
+  return nlohmann::json::parse(read_file(step_dir / "optimizer_shards.json"));
+}
+
+// Stopped after 3 steps and resumed on the same ranks: bit for bit the straight run.
+TEST(MpiZero, ResumeOnTheSameRanksIsExact) {
+  auto* w = world();
+  if (w == nullptr) GTEST_SKIP() << "multi-rank test: run under mpirun";
+  at::set_num_threads(1);
+  SharedDir dir(*w);
+  auto straight = recipes::build_trainer(recipe(2, zero_settings()), dir / "straight", w);
+  straight->run();
+  recipes::build_trainer(recipe(2, zero_settings({"trainer.stop_after=3"})), dir / "split", w)->run();
+  EXPECT_EQ(manifest(dir / "split")["world_size"].get<int>(), w->size());
+  auto resumed = recipes::build_trainer(recipe(2, zero_settings()), dir / "split", w);
+  resumed->resume(trainer::load_checkpoint(trainer::resolve_checkpoint(dir / "split")));
+  EXPECT_EQ(resumed->current_step(), 3);
+  resumed->run();
+  const auto a = straight->model()->state_dict(), b = resumed->model()->state_dict();
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(torch::equal(a[i].second, b[i].second)) << a[i].first;
+}
+
+// A ZeRO-1 checkpoint written by half the ranks resumes on all of them (and on one
+// rank, unsharded), with the same global batch: the result matches one rank that
+// trained straight through on the whole batch.
+TEST(MpiZero, ReshardsOntoAnotherNumberOfRanks) {
+  auto* w = world();
+  if (w == nullptr) GTEST_SKIP() << "multi-rank test: run under mpirun";
+  at::set_num_threads(1);
+  SharedDir dir(*w);
+  const int64_t global_batch = 2 * w->size();
+  const int half = w->size() / 2;
+  // Ranks [0, half) write a checkpoint at step 3; the others form their own group and wait.
+  auto first = w->split(w->rank() < half ? 0 : 1, w->rank(), "first");
+  if (w->rank() < half) {
+    auto* group = half > 1 ? first.get() : nullptr;
+    recipes::build_trainer(recipe(global_batch / half, zero_settings({"trainer.stop_after=3"})), dir / "run", group)
+        ->run();
+  }
+  w->barrier().wait();
+  if (half > 1) EXPECT_EQ(manifest(dir / "run")["world_size"].get<int>(), half);
+  testing::TempDir own;
+  auto reference = recipes::build_trainer(recipe(global_batch, {}), own / "reference");
+  reference->run();
+  // Resumed on every rank, sharded over all of them.
+  auto resumed = recipes::build_trainer(recipe(2, zero_settings()), dir / "run", w);
+  resumed->resume(trainer::load_checkpoint(trainer::resolve_checkpoint(dir / "run")));
+  resumed->run();
+  EXPECT_EQ(manifest(dir / "run")["world_size"].get<int>(), w->size());
+  std::string worst;
+  EXPECT_LE(relative_difference(resumed->model()->state_dict(), reference->model()->state_dict(), &worst), 1e-6)
+      << worst;
+  expect_same_on_every_rank(*w, *resumed);
+  // The same sharded checkpoint of step 3 resumed by one process, unsharded.
+  w->barrier().wait();
+  if (w->rank() == 0) {
+    auto alone = recipes::build_trainer(recipe(global_batch, zero_settings()), own / "alone");
+    const auto step3 = dir / "run" / "checkpoints" / "step_00000003";
+    ASSERT_TRUE(trainer::load_checkpoint(step3).optimizer.sharded() || half == 1);
+    alone->resume(trainer::load_checkpoint(step3));
+    alone->run();
+    EXPECT_LE(relative_difference(alone->model()->state_dict(), reference->model()->state_dict(), &worst), 1e-6)
+        << worst;
+  }
 }
 
 }  // namespace

@@ -327,9 +327,9 @@ TEST(TrainerTest, Bfloat16OptimizerStateResumesBitwiseExact) {
   with_stop.push_back("trainer.stop_after=20");
   train(small_recipe(with_stop), dir / "split", false);
   auto ck = trainer::load_checkpoint(*recipes::build_trainer(small_recipe(bf16), dir / "split")->checkpoints().latest());
-  ASSERT_TRUE(ck.optimizer.tensors.contains("exp_avg.lm_head.weight") ||
-              ck.optimizer.tensors.contains("exp_avg.embed_tokens.weight"));
-  for (const auto& [name, t] : ck.optimizer.tensors) {
+  const auto saved = ck.optimizer.all();
+  ASSERT_FALSE(saved.empty());
+  for (const auto& [name, t] : saved) {
     if (name.starts_with("exp_avg")) EXPECT_EQ(t.scalar_type(), torch::kBFloat16) << name;
   }
   const auto second = train(small_recipe(bf16), dir / "split", true);
