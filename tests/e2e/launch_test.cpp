@@ -50,15 +50,21 @@ std::map<int64_t, double> losses(const fs::path& run) {
   return out;
 }
 
-TEST(CliLaunch, TwoRankStopAndResumeContinuesBitForBit) {
+// With ZeRO-1: every rank writes its optimizer shard into the checkpoint.
+TEST(CliLaunch, TwoRankZeroOneStopAndResumeContinuesBitForBit) {
   TempDir dir;
-  const std::string common = kTiny + " --set trainer.max_steps=10 --set trainer.log_every=1 --set trainer.checkpoint_every=5";
+  const std::string common = kTiny + " --set trainer.max_steps=10 --set trainer.log_every=1" +
+                             " --set trainer.checkpoint_every=5 --set parallel.zero_stage=1";
   auto straight = run_brigade("launch -n 2 -- train " + common + " --run-dir " + (dir / "straight").string());
   ASSERT_EQ(straight.exit_code, 0) << straight.output;
   // Stopped at the step-5 checkpoint (trainer.stop_after), then resumed on 2 ranks.
   auto first = run_brigade("launch -n 2 -- train " + common + " --set trainer.stop_after=5 --run-dir " +
                            (dir / "split").string());
   ASSERT_EQ(first.exit_code, 0) << first.output;
+  const fs::path step5 = dir / "split" / "checkpoints" / "step_00000005";
+  EXPECT_TRUE(fs::exists(step5 / "optimizer_shards.json"));
+  EXPECT_TRUE(fs::exists(step5 / "optimizer.rank00001-of-00002.safetensors"));
+  EXPECT_FALSE(fs::exists(step5 / "optimizer.safetensors"));
   auto second = run_brigade("launch -n 2 -- train " + common + " --resume --run-dir " + (dir / "split").string());
   ASSERT_EQ(second.exit_code, 0) << second.output;
   const auto a = losses(dir / "straight"), b = losses(dir / "split");
