@@ -236,6 +236,13 @@ ParameterCount TransformerImpl::parameter_count() const {
   }
   count.matmul += options_.vocab_size * options_.d_model;
   if (lm_head) count.matmul -= lm_head->weight.numel();  // already counted in total
+  // Under expert parallelism a rank holds a slice of each layer's experts: count
+  // the model, not the slice.
+  for (const auto& layer : moe_layers()) {
+    const int64_t elsewhere = layer->options().num_experts - layer->experts->num_experts();
+    count.total += elsewhere * layer->experts->parameters_per_expert();
+    count.matmul += elsewhere * layer->experts->parameters_per_expert();
+  }
   // A token skips all but top_k routed experts of each MoE layer.
   count.activated = count.total;
   for (const auto& layer : moe_layers()) {
@@ -304,6 +311,20 @@ NamedTensors TransformerImpl::fp8_state() const {
 
 void TransformerImpl::load_fp8_state(const std::map<std::string, torch::Tensor>& tensors, const std::string& source) {
   for (const auto& [name, site] : fp8_sites()) site->load_state(tensors, name + ".", source);
+}
+
+void TransformerImpl::set_expert_parallel(parallel::Communicator* ep, bool fp8_dispatch) {
+  for (auto& layer : moe_layers()) layer->set_expert_parallel(ep, fp8_dispatch);
+}
+
+std::vector<std::string> TransformerImpl::expert_parallel_parameters() const {
+  std::vector<std::string> names;
+  for (const auto& item : named_modules()) {
+    auto* layer = item.value()->as<moe::MoELayerImpl>();
+    if (layer == nullptr || layer->expert_parallel() == nullptr) continue;
+    for (const auto& p : layer->experts->named_parameters()) names.push_back(item.key() + ".experts." + p.key());
+  }
+  return names;
 }
 
 std::vector<moe::MoELayer> TransformerImpl::moe_layers() const {

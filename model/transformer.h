@@ -133,6 +133,14 @@ class TransformerImpl : public torch::nn::Module {
   // returning each layer's statistics.
   std::vector<moe::LayerStepStats> end_moe_step(bool update_bias, parallel::Communicator* group = nullptr);
 
+  // Expert parallelism over `ep` in every MoE layer (MoELayerImpl::set_expert_parallel:
+  // null or a group of 1 is off). Call once, after the weights are initialised
+  // identically on every rank and before an optimizer captures the parameters.
+  void set_expert_parallel(parallel::Communicator* ep, bool fp8_dispatch);
+  // state_dict() names of the tensors sharded on dim 0 over the expert-parallel group
+  // (each rank holds its experts' rows); empty when expert parallelism is off.
+  std::vector<std::string> expert_parallel_parameters() const;
+
   // Runs the GEMMs of the module kinds `options.modules` lists in FP8 (no-op when
   // the recipe is none). Call once, after construction.
   void enable_fp8(const precision::Fp8Options& options);

@@ -162,6 +162,19 @@ torch::Tensor GroupedExpertsImpl::forward(const torch::Tensor& tokens, const tor
   return grouped_swiglu(tokens, weights, gate_up_proj, down_proj, counts, fp8_.get());
 }
 
+void GroupedExpertsImpl::keep_experts(int64_t first, int64_t count) {
+  BRIGADE_CHECK(first >= 0 && count > 0 && first + count <= num_experts(), "cannot keep experts [", first, ", ",
+                first + count, ") of ", num_experts());
+  torch::NoGradGuard no_grad;
+  // set_data swaps the storage under the registered parameter objects, so their
+  // names and identities (what modules and hooks hold) stay; a gradient of the old
+  // shape would no longer fit.
+  for (auto* p : {&gate_up_proj, &down_proj}) {
+    p->set_data(p->narrow(0, first, count).clone());
+    p->mutable_grad() = torch::Tensor();
+  }
+}
+
 void GroupedExpertsImpl::enable_fp8(const precision::Fp8Options& options, const std::string& name) {
   fp8_ = options.enabled() ? std::make_unique<precision::Fp8GemmState>(options, name) : nullptr;
 }

@@ -30,6 +30,12 @@ class ExpertsImpl : public torch::nn::Module {
   virtual precision::Fp8GemmState* fp8() = 0;
   // Parameters one token touches per expert (for activated-parameter counts).
   virtual int64_t parameters_per_expert() const = 0;
+  // Experts this module holds: all of the layer's, or this rank's slice under expert parallelism.
+  virtual int64_t num_experts() const = 0;
+  // Keeps only experts [first, first + count) (expert parallelism): the parameters
+  // keep their names and objects, their values become that slice. Call before an
+  // optimizer captures the parameters.
+  virtual void keep_experts(int64_t first, int64_t count) = 0;
 };
 
 class GroupedExpertsImpl : public ExpertsImpl {
@@ -40,6 +46,8 @@ class GroupedExpertsImpl : public ExpertsImpl {
   void enable_fp8(const precision::Fp8Options& options, const std::string& name) override;
   precision::Fp8GemmState* fp8() override { return fp8_.get(); }
   int64_t parameters_per_expert() const override { return gate_up_proj[0].numel() + down_proj[0].numel(); }
+  int64_t num_experts() const override { return gate_up_proj.size(0); }
+  void keep_experts(int64_t first, int64_t count) override;
 
   torch::Tensor gate_up_proj;  // [experts, 2 * d_ff, d_model]: gate rows then up rows
   torch::Tensor down_proj;     // [experts, d_model, d_ff]

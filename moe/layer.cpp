@@ -1,6 +1,8 @@
 #include "moe/layer.h"
 
 #include "core/error.h"
+#include "moe/expert_parallel.h"
+#include "precision/precision.h"
 
 namespace brigade::moe {
 namespace {
@@ -26,6 +28,21 @@ MoELayerImpl::MoELayerImpl(int64_t d_model, int64_t dense_d_ff, MoEOptions optio
   }
 }
 
+void MoELayerImpl::set_expert_parallel(parallel::Communicator* ep, bool fp8_dispatch) {
+  const int64_t experts_here = experts->num_experts();
+  BRIGADE_CHECK(ep_ == nullptr && experts_here == options_.num_experts,
+                "expert parallelism is already set on this MoE layer (it holds ", experts_here, " of ",
+                options_.num_experts, " experts)");
+  if (ep == nullptr || ep->size() == 1) return;
+  const int64_t ranks = ep->size();
+  BRIGADE_CHECK(options_.num_experts % ranks == 0, "model.moe.num_experts (", options_.num_experts,
+                ") must be divisible by parallel.expert_parallel (", ranks, ")");
+  const int64_t local = options_.num_experts / ranks;
+  experts->keep_experts(ep->rank() * local, local);
+  ep_ = ep;
+  fp8_dispatch_ = fp8_dispatch;
+}
+
 torch::Tensor MoELayerImpl::forward(const torch::Tensor& x) {
   BRIGADE_ASSERT(x.dim() == 3, "MoE input must be [batch, seq, d_model], got ", x.sizes());
   const int64_t batch = x.size(0), seq = x.size(1), d = x.size(2);
@@ -34,7 +51,19 @@ torch::Tensor MoELayerImpl::forward(const torch::Tensor& x) {
   const int64_t capacity = options_.dropless ? -1 : expert_capacity(options_, batch * seq);
   DispatchPlan plan = plan_dispatch(routing.indices, routing.weights, options_.num_experts, capacity,
                                     options_.drop_policy);
-  auto rows = experts->forward(permute(flat, plan), row_weights(routing.weights, plan), plan.counts);
+  auto sorted = permute(flat, plan);                   // [rows, d] by global expert
+  auto weights = row_weights(routing.weights, plan);  // [rows]
+  torch::Tensor rows;
+  if (ep_ == nullptr) {
+    rows = experts->forward(sorted, weights, plan.counts);
+  } else {
+    // The experts cast their input to the compute dtype first: casting before the
+    // all_to_all is the same value in half the bytes under BF16 autocast. FP8 experts
+    // and FP8 dispatch quantize the FP32 values, so they get those.
+    if (!fp8_dispatch_ && experts->fp8() == nullptr) sorted = sorted.to(precision::autocast_dtype_for(sorted));
+    auto local = dispatch(*ep_, sorted, weights, plan.counts, fp8_dispatch_);
+    rows = combine(*ep_, experts->forward(local.rows, local.weights, local.layout.local_counts), local.layout);
+  }
   auto y = unpermute(rows, plan);
   if (shared_experts) y = y + shared_experts(flat);
   aux_loss_ = torch::Tensor();

@@ -46,6 +46,17 @@ class MoELayerImpl : public torch::nn::Module {
   // ranks, so every rank sees the global statistics and keeps identical biases.
   LayerStepStats end_step(bool update_bias, parallel::Communicator* group = nullptr);
 
+  // Expert parallelism over `ep` (null or a group of 1: off). Keeps this rank's
+  // slice of the routed experts (rank j: experts [j*E/P, (j+1)*E/P); the weights
+  // must already hold the full set, identical on every rank) and from then on sends
+  // each token copy to the rank owning its expert (moe/expert_parallel.h), the
+  // rows as FP8 codes when `fp8_dispatch`. Routing, loads, biases and aux losses
+  // stay global and local to this rank's tokens. Call once, before an optimizer
+  // captures the parameters; `ep` must outlive the layer. A collective: every rank
+  // of `ep` runs forward and backward the same number of times.
+  void set_expert_parallel(parallel::Communicator* ep, bool fp8_dispatch);
+  parallel::Communicator* expert_parallel() const { return ep_; }
+
   const MoEOptions& options() const { return options_; }
 
   Router gate{nullptr};
@@ -56,6 +67,8 @@ class MoELayerImpl : public torch::nn::Module {
   void record(const Routing& routing, const DispatchPlan& plan, int64_t batch, int64_t seq);
 
   MoEOptions options_;
+  parallel::Communicator* ep_ = nullptr;  // the expert-parallel group; null: every expert is here
+  bool fp8_dispatch_ = false;
   torch::Tensor aux_loss_;
   // Step accumulators (reset by end_step).
   torch::Tensor load_;       // [experts] int64 routed copies
