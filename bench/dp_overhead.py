@@ -2,7 +2,7 @@
 """Data-parallel overhead: step time at N ranks against 1 rank, same per-rank batch.
 
     .venv/bin/python bench/dp_overhead.py [--recipe recipes/tiny-dense.yaml] [--ranks 2]
-        [--steps 60] [--threads 1] [--bucket-mb 25]
+        [--steps 60] [--threads 1] [--bucket-mb 25] [--zero]
 
 Runs `brigade train` once alone and once under `brigade launch -n N` with the same
 micro-batch per rank and `trainer.threads` per rank (each rank gets its own core),
@@ -10,7 +10,8 @@ and prints from the same invocation the median step time of both, their ratio,
 and how much of the gradient all-reduce was hidden behind backward: the buckets
 that started during backward, and the median time the step still waited for
 communication after backward (dp_wait_seconds). The first 10 steps are skipped
-(warm-up).
+(warm-up). --zero: the multi-rank run uses ZeRO-1 (parallel.zero_stage=1:
+reduce-scatter, sharded AdamW, all-gather) instead of all-reduce.
 """
 
 import argparse
@@ -28,9 +29,10 @@ def run(args, ranks, run_dir):
     cmd = [str(REPO / "build" / "brigade")]
     if ranks > 1:
         cmd += ["launch", "-n", str(ranks), "--"]
+    extra = ["--set", "parallel.zero_stage=1"] if ranks > 1 and args.zero else []
     cmd += ["train", args.recipe, "--run-dir", str(run_dir), "--set", f"trainer.max_steps={args.steps}",
             "--set", "trainer.log_every=1", "--set", "trainer.eval_every=0", "--set", "trainer.checkpoint_every=0",
-            "--set", f"trainer.threads={args.threads}", "--set", f"parallel.bucket_mb={args.bucket_mb}"]
+            "--set", f"trainer.threads={args.threads}", "--set", f"parallel.bucket_mb={args.bucket_mb}"] + extra
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     lines = [json.loads(l) for l in open(run_dir / "metrics.jsonl")]
     return [l for l in lines if "step_seconds" in l and l["step"] > 10]
@@ -43,6 +45,7 @@ def main():
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--bucket-mb", type=float, default=25.0)
+    ap.add_argument("--zero", action="store_true", help="ZeRO-1 in the multi-rank run")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         one = run(args, 1, Path(tmp) / "one")
@@ -52,7 +55,8 @@ def main():
     wait = statistics.median(l["dp_wait_seconds"] for l in many)
     buckets = many[-1]["dp_buckets"]
     early = statistics.median(l["dp_buckets_in_backward"] for l in many)
-    print(f"{Path(args.recipe).name}, {args.steps} steps (median over steps 11..), {args.threads} thread(s) per rank")
+    mode = "ZeRO-1 (reduce-scatter + all-gather)" if args.zero else "all-reduce"
+    print(f"{Path(args.recipe).name}, {args.steps} steps (median over steps 11..), {args.threads} thread(s) per rank, {mode}")
     print("| ranks | median step ms | ratio to 1 rank | buckets (started in backward) | wait after backward ms |")
     print("|---|---|---|---|---|")
     print(f"| 1 | {1e3 * t1:.1f} | 1.00 | — | — |")

@@ -124,7 +124,13 @@ int train_command(const TrainArgs& args) {
     set_error_rank(detected.world.rank);
     world = parallel::make_world_communicator(
         detected.world, {parallel::Backend::kMpi, std::chrono::seconds(recipe.parallel.timeout_s)});
-    log_info("world: ", world->size(), " ranks (", detected.source, "), data parallel over MPI");
+    std::string layout = "data parallel over MPI";
+    if (recipe.parallel.zero_stage == 1) layout += ", ZeRO-1 optimizer sharding";
+    if (recipe.parallel.expert_parallel > 1) {
+      layout += detail::concat(", expert parallel in groups of ", recipe.parallel.expert_parallel,
+                               recipe.parallel.ep_fp8_dispatch ? " (FP8 dispatch)" : "");
+    }
+    log_info("world: ", world->size(), " ranks (", detected.source, "), ", layout);
     check_same_recipe(*world, recipes::recipe_hash(recipe));
   }
   const fs::path run_dir = default_run_dir(recipe, args.run_dir);

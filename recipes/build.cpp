@@ -54,6 +54,8 @@ std::unique_ptr<trainer::Trainer> build_trainer(const Recipe& r, const std::file
   context.data_parallel = data_parallel;
   context.bucket_bytes = r.parallel.bucket_bytes();
   context.zero = r.parallel.zero_stage == 1;
+  context.expert_parallel = r.parallel.expert_parallel;
+  context.ep_fp8_dispatch = r.parallel.ep_fp8_dispatch;
   const int rank = data_parallel ? data_parallel->rank() : 0, ranks = data_parallel ? data_parallel->size() : 1;
   // Evaluation uses the same held-out batches on every rank (rank 0 reports them).
   auto t = std::make_unique<trainer::Trainer>(

@@ -1,5 +1,6 @@
 #include "trainer/trainer.h"
 
+#include <algorithm>
 #include <cmath>
 #include <sstream>
 
@@ -58,12 +59,22 @@ Trainer::Trainer(TrainerOptions options, precision::PrecisionOptions precision, 
       train_data_(std::move(train_data)),
       eval_data_(std::move(eval_data)),
       context_(std::move(context)),
-      params_(trainable_parameters(*model_)),
       schedule_{options.lr, options.min_lr, options.warmup_steps, options.max_steps},
       checkpoints_(context_.run_dir / "checkpoints", options.keep_checkpoints) {
   options_.validate();
   state_.model_fingerprint = context_.model_fingerprint;
   state_.recipe_hash = context_.recipe_hash;
+  const int64_t ep = context_.expert_parallel;
+  const auto& moe = model_->options().moe;
+  BRIGADE_CHECK(ep == 1 || moe.enabled(), "parallel.expert_parallel is ", ep,
+                " but the model has no MoE layers (model.moe.num_experts is 0)");
+  BRIGADE_CHECK(ep >= 1 && dp_size() % ep == 0, "parallel.expert_parallel (", ep,
+                ") must divide the number of ranks (", dp_size(), ")");
+  BRIGADE_CHECK(ep == 1 || moe.num_experts % ep == 0, "model.moe.num_experts (", moe.num_experts,
+                ") must be divisible by parallel.expert_parallel (", ep, ")");
+  BRIGADE_CHECK(ep == 1 || !context_.zero,
+                "parallel.zero_stage=1 together with parallel.expert_parallel > 1 is not supported yet; "
+                "use one of them");
   if (dp_size() > 1) {
     // Every rank starts from rank 0's weights (and expert biases), whatever its own init.
     torch::NoGradGuard no_grad;
@@ -72,14 +83,38 @@ Trainer::Trainer(TrainerOptions options, precision::PrecisionOptions precision, 
       context_.data_parallel->broadcast(owned, 0).wait();
       if (!owned.is_same(t)) t.copy_(owned);
     }
-    reducer_ = std::make_unique<parallel::GradientReducer>(params_, *context_.data_parallel, context_.bucket_bytes,
+  }
+  if (ep > 1) {
+    // EP groups are runs of consecutive ranks; the ranks at the same place in every
+    // group hold the same experts.
+    auto& world = *context_.data_parallel;
+    ep_group_ = world.split(world.rank() / static_cast<int>(ep), world.rank(), "ep");
+    expert_replicas_ = world.split(world.rank() % static_cast<int>(ep), world.rank(), "expert-dp");
+    model_->set_expert_parallel(ep_group_.get(), context_.ep_fp8_dispatch);
+  }
+  params_ = trainable_parameters(*model_);
+  const auto expert_names = model_->expert_parallel_parameters();
+  model::NamedTensors dense, experts;
+  for (const auto& [name, p] : params_) {
+    const bool expert = std::find(expert_names.begin(), expert_names.end(), name) != expert_names.end();
+    is_expert_.push_back(expert);
+    (expert ? experts : dense).emplace_back(name, p);
+  }
+  if (dp_size() > 1) {
+    reducer_ = std::make_unique<parallel::GradientReducer>(dense, *context_.data_parallel, context_.bucket_bytes,
                                                            context_.zero);
+  }
+  if (!experts.empty() && expert_replicas_->size() > 1) {
+    expert_reducer_ = std::make_unique<parallel::GradientReducer>(experts, *expert_replicas_, context_.bucket_bytes);
   }
   const auto decay = weight_decay_mask(params_, options_);
   const AdamWOptions adamw{options_.beta1, options_.beta2, options_.eps, options_.weight_decay,
                            precision::to_scalar_type(precision_.optimizer_state_dtype)};
   if (!sharded()) {
-    optimizer_ = std::make_unique<AdamW>(params_, decay, adamw);
+    // An expert-parallel slice is a run of elements of the whole parameter.
+    std::vector<int64_t> begins;
+    for (size_t i = 0; i < params_.size(); ++i) begins.push_back(is_expert_[i] ? ep_rank() * params_[i].second.numel() : 0);
+    optimizer_ = std::make_unique<AdamW>(params_, decay, adamw, std::move(begins));
     return;
   }
   // ZeRO-1: AdamW over flat views of the elements this rank owns; their summed
@@ -88,13 +123,27 @@ Trainer::Trainer(TrainerOptions options, precision::PrecisionOptions precision, 
   std::vector<bool> piece_decay;
   std::vector<int64_t> begins;
   for (const auto& seg : reducer_->shard_segments()) {
-    const auto& [name, p] = params_[seg.param];
+    const auto& [name, p] = reducer_->params()[seg.param];
     pieces.emplace_back(name, p.detach().view({-1}).narrow(0, seg.begin, seg.length));
     piece_decay.push_back(decay[seg.param]);
     begins.push_back(seg.begin);
     shard_grads_.push_back(reducer_->shard_gradient(seg.bucket).narrow(0, seg.offset, seg.length));
   }
   optimizer_ = std::make_unique<AdamW>(std::move(pieces), std::move(piece_decay), adamw, std::move(begins));
+}
+
+std::vector<int64_t> Trainer::full_shape(size_t param) const {
+  auto shape = params_[param].second.sizes().vec();
+  if (is_expert_[param]) shape[0] *= ep_group_->size();
+  return shape;
+}
+
+torch::Tensor Trainer::gather_experts(const torch::Tensor& slice) const {
+  auto shape = slice.sizes().vec();
+  shape[0] *= ep_group_->size();
+  auto full = torch::empty(shape, slice.options());
+  ep_group_->all_gather(slice.contiguous(), full).wait();
+  return full;
 }
 
 std::vector<std::pair<std::string, torch::Tensor>> Trainer::update_gradients() const {
@@ -114,7 +163,7 @@ OptimizerShards Trainer::optimizer_layout() const {
   for (int r = 0; r < ranks; ++r) {
     OptimizerShard shard{optimizer_shard_file(r, ranks), {}};
     for (const auto& seg : reducer_->shard_segments(r)) {
-      shard.ranges[params_[seg.param].first] = {seg.begin, seg.begin + seg.length};
+      shard.ranges[reducer_->params()[seg.param].first] = {seg.begin, seg.begin + seg.length};
     }
     layout.shards.push_back(std::move(shard));
   }
@@ -126,10 +175,26 @@ void Trainer::resume(const LoadedCheckpoint& ck) {
   BRIGADE_CHECK(ck.state.model_fingerprint == context_.model_fingerprint, source,
                 " is from a different model shape: ",
                 first_difference(ck.state.model_fingerprint, context_.model_fingerprint));
-  load_weights(model_->state_dict(), ck.model, source);
+  // Checkpoints hold whole expert tensors: an expert-parallel rank loads them into
+  // full-size scratch tensors and keeps its slice.
+  auto weights = model_->state_dict();
+  std::vector<std::pair<torch::Tensor, torch::Tensor>> slices;  // (this rank's slice, the whole tensor)
+  for (auto& [name, t] : weights) {
+    for (size_t i = 0; i < params_.size(); ++i) {
+      if (!is_expert_[i] || params_[i].first != name) continue;
+      auto full = torch::empty(full_shape(i), t.options());
+      slices.emplace_back(t, full);
+      t = full;
+    }
+  }
+  load_weights(weights, ck.model, source);
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& [slice, full] : slices) slice.copy_(full.narrow(0, ep_rank() * slice.size(0), slice.size(0)));
+  }
   model_->load_fp8_state(ck.precision.tensors, source);
   std::map<std::string, std::vector<int64_t>> shapes;
-  for (const auto& [name, p] : params_) shapes[name] = p.sizes().vec();
+  for (size_t i = 0; i < params_.size(); ++i) shapes[params_[i].first] = full_shape(i);
   std::vector<std::vector<int64_t>> piece_shapes;
   for (const auto& [name, piece] : optimizer_->params()) piece_shapes.push_back(shapes.at(name));
   // Any layout: unsharded, or sharded over any number of ranks (resharded here).
@@ -192,11 +257,19 @@ StepResult Trainer::step() {
 
   double loss = 0.0;  // this rank's share of the step's mean loss
   for (int64_t micro = 0; micro < options_.grad_accum_steps; ++micro) {
-    if (reducer_) reducer_->begin_backward(/*reduce=*/micro + 1 == options_.grad_accum_steps);
+    const bool last = micro + 1 == options_.grad_accum_steps;
+    if (reducer_) reducer_->begin_backward(/*reduce=*/last);
+    if (expert_reducer_) expert_reducer_->begin_backward(/*reduce=*/last);
     loss += forward_backward(batches[micro], tokens[micro]) / static_cast<double>(options_.grad_accum_steps);
   }
   if (reducer_) {
     result.reduce = reducer_->finish();  // gradients are now sums over the group
+    if (expert_reducer_) {
+      const auto experts = expert_reducer_->finish();
+      result.reduce.buckets += experts.buckets;
+      result.reduce.started_in_backward += experts.started_in_backward;
+      result.reduce.wait_seconds += experts.wait_seconds;
+    }
     auto shares = torch::tensor({loss}, torch::kDouble);
     context_.data_parallel->all_reduce(shares, parallel::ReduceOp::kSum).wait();
     loss = shares.item<double>();
@@ -237,9 +310,10 @@ torch::Tensor Trainer::token_loss_sum(const data::Batch& batch) {
 
 double Trainer::forward_backward(const data::Batch& batch, int64_t global_tokens) {
   // Every target masked here: nothing to learn from this slice (the reducer still
-  // contributes zeros for this rank).
-  if (batch.trained_tokens == 0) return 0.0;
-  auto loss = token_loss_sum(batch) / static_cast<double>(global_tokens);
+  // contributes zeros for this rank). With expert parallelism the forward and
+  // backward still run: the other ranks' tokens may need this rank's experts.
+  if (batch.trained_tokens == 0 && !ep_group_) return 0.0;
+  auto loss = token_loss_sum(batch) / static_cast<double>(std::max<int64_t>(global_tokens, 1));
   // MoE balance / z-loss terms of this forward, if any: each rank's are averaged.
   auto aux = model_->aux_loss();
   auto total = aux.defined() ? loss + aux / static_cast<double>(dp_size()) : loss;
@@ -260,6 +334,16 @@ double Trainer::clip_gradients() {
     if (!grads.empty()) squares += torch::stack(torch::_foreach_norm(grads)).to(torch::kDouble).square().sum();
     context_.data_parallel->all_reduce(squares, parallel::ReduceOp::kSum).wait();
     total = std::sqrt(squares.item<double>());
+  } else if (ep_group_) {
+    // Every rank holds the same summed dense gradients and its own experts'.
+    auto squares = torch::zeros({2}, torch::kDouble);  // dense, experts
+    const auto named = update_gradients();
+    for (size_t i = 0; i < named.size(); ++i) {
+      if (named[i].second.defined()) squares[is_expert_[i] ? 1 : 0] += named[i].second.to(torch::kDouble).square().sum();
+    }
+    auto experts = squares.narrow(0, 1, 1).clone();
+    ep_group_->all_reduce(experts, parallel::ReduceOp::kSum).wait();
+    total = std::sqrt(squares[0].item<double>() + experts.item<double>());
   } else if (!grads.empty()) {
     total = torch::linalg_vector_norm(torch::stack(torch::_foreach_norm(grads)), 2).item<double>();
   }
@@ -294,11 +378,19 @@ EvalResult Trainer::evaluate() {
   const int ranks = dp_size(), rank = context_.data_parallel ? context_.data_parallel->rank() : 0;
   auto sums = torch::zeros({2}, torch::kDouble);  // per-batch mean losses, batches counted
   double* sum = sums.data_ptr<double>();
-  for (int64_t i = rank; i < options_.eval_batches; i += ranks) {
+  // With expert parallelism every rank runs the same number of forwards (the last
+  // round's extra ones are not counted).
+  const int64_t rounds = (options_.eval_batches + ranks - 1) / ranks;
+  for (int64_t round = 0; round < rounds; ++round) {
+    const int64_t i = round * ranks + rank;
+    const bool counted = i < options_.eval_batches;
+    if (!counted && !ep_group_) break;
     // The same held-out batches every time, so evaluations are comparable.
-    data::Batch batch = eval_data_.batch(i, 0);
-    if (batch.trained_tokens == 0) continue;
-    sum[0] += token_loss_sum(batch).item<double>() / static_cast<double>(batch.trained_tokens);
+    data::Batch batch = eval_data_.batch(counted ? i : 0, 0);
+    if (batch.trained_tokens == 0 && !ep_group_) continue;
+    const double loss = token_loss_sum(batch).item<double>();
+    if (!counted || batch.trained_tokens == 0) continue;
+    sum[0] += loss / static_cast<double>(batch.trained_tokens);
     sum[1] += 1.0;
   }
   if (ranks > 1) context_.data_parallel->all_reduce(sums, parallel::ReduceOp::kSum).wait();
@@ -313,6 +405,22 @@ EvalResult Trainer::evaluate() {
 std::filesystem::path Trainer::save_checkpoint() {
   CheckpointData data;
   data.model = model_->state_dict();
+  if (ep_group_) {
+    // Whole expert tensors in the checkpoint (every EP group gathers; rank 0 writes):
+    // any expert-parallel size, or none, can resume from it.
+    const auto expert_names = model_->expert_parallel_parameters();
+    auto is_expert = [&](const std::string& name) {
+      return std::find(expert_names.begin(), expert_names.end(), name) != expert_names.end();
+    };
+    for (auto& [name, t] : data.model) {
+      if (is_expert(name)) t = gather_experts(t);
+    }
+    data.optimizer = optimizer_->state();
+    for (auto& [key, t] : data.optimizer) {
+      const auto dot = key.find('.');
+      if (!key.starts_with("step.") && is_expert(key.substr(dot + 1))) t = gather_experts(t);
+    }
+  }
   data.rng = {{"cpu", at::detail::getDefaultCPUGenerator().get_state()}};
   data.precision = model_->fp8_state();
   data.state = state_;
@@ -320,7 +428,7 @@ std::filesystem::path Trainer::save_checkpoint() {
   if (!sharded()) {
     // Every rank holds the same state: rank 0 writes it.
     if (!is_main_rank()) return {};
-    data.optimizer = optimizer_->state();
+    if (!ep_group_) data.optimizer = optimizer_->state();
     return checkpoints_.save(data);
   }
   // ZeRO-1: every rank writes its optimizer shard into the staging directory rank 0

@@ -36,6 +36,11 @@ struct RunContext {
   // ZeRO-1: the AdamW state is sharded over the data-parallel group; each rank
   // updates the parameter elements it owns and all-gathers the rest.
   bool zero = false;
+  // Expert parallelism: ranks per expert-parallel group (1: off). Groups are
+  // consecutive ranks of `data_parallel`; each holds num_experts / expert_parallel
+  // routed experts, and tokens travel to them by all-to-all (FP8 when ep_fp8_dispatch).
+  int64_t expert_parallel = 1;
+  bool ep_fp8_dispatch = false;
 };
 
 struct StepResult {
@@ -109,6 +114,11 @@ class Trainer {
   int dp_size() const { return context_.data_parallel ? context_.data_parallel->size() : 1; }
   bool is_main_rank() const { return !context_.data_parallel || context_.data_parallel->rank() == 0; }
   bool sharded() const { return reducer_ && reducer_->sharded(); }
+  int ep_rank() const { return ep_group_ ? ep_group_->rank() : 0; }
+  // A parameter's shape in checkpoints: an expert-parallel rank holds a slice on dim 0.
+  std::vector<int64_t> full_shape(size_t param) const;
+  // Expert parallelism: this rank's expert slices joined over the EP group (dim 0).
+  torch::Tensor gather_experts(const torch::Tensor& slice) const;
   // The gradients the optimizer applies, by name: the parameters' own, or (ZeRO-1)
   // this rank's pieces of the summed gradients.
   std::vector<std::pair<std::string, torch::Tensor>> update_gradients() const;
@@ -122,8 +132,13 @@ class Trainer {
   data::BatchSampler train_data_;
   data::BatchSampler eval_data_;
   RunContext context_;
+  // Expert parallelism: the EP group, and the ranks holding the same experts (their
+  // gradients are summed over it); null when off.
+  std::unique_ptr<parallel::Communicator> ep_group_, expert_replicas_;
   model::NamedTensors params_;                       // trainable parameters
-  std::unique_ptr<parallel::GradientReducer> reducer_;  // data parallel only
+  std::vector<bool> is_expert_;                      // params_[i] is sharded over the EP group
+  std::unique_ptr<parallel::GradientReducer> reducer_;  // data parallel only (all but EP-sharded parameters)
+  std::unique_ptr<parallel::GradientReducer> expert_reducer_;  // EP-sharded parameters over expert_replicas_
   std::vector<torch::Tensor> shard_grads_;           // ZeRO-1: the optimizer's pieces' gradients
   std::unique_ptr<AdamW> optimizer_;
   CosineSchedule schedule_;

@@ -106,6 +106,29 @@ TEST(CliLaunch, TwoRankRunKilledWithSigkillResumesBitForBit) {
   }
 }
 
+// tiny-moe's 8 experts over two ranks with FP8 dispatch; the checkpoint holds
+// whole expert tensors, so one process generates from it.
+TEST(CliLaunch, TwoRanksTrainAnExpertParallelMoE) {
+  TempDir dir;
+  const std::string moe = std::string(BRIGADE_SOURCE_DIR) + "/recipes/tiny-moe.yaml" + testing::kSmallModelOverrides +
+                          " --set model.moe.expert_d_ff=16 --set trainer.micro_batch_size=2 --set trainer.threads=1"
+                          " --set trainer.warmup_steps=2 --set trainer.eval_batches=3 --set trainer.max_steps=4";
+  auto r = run_brigade("launch -n 2 -- train " + moe + " --set parallel.expert_parallel=2 --set parallel.ep_fp8_dispatch=true" +
+                       " --run-dir " + (dir / "run").string());
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("expert parallel in groups of 2 (FP8 dispatch)"), std::string::npos) << r.output;
+  EXPECT_NE(read_file(dir / "run" / "metrics.jsonl").find("\"eval_loss\""), std::string::npos);
+  auto g = run_brigade("generate --checkpoint " + (dir / "run").string() + " --prompt 'Problem: 1+1' --max-new-tokens 4");
+  EXPECT_EQ(g.exit_code, 0) << g.output;
+  // An EP size that does not divide the ranks: one clear line, nothing trained.
+  auto bad = run_brigade("launch -n 2 -- train " + moe + " --set parallel.expert_parallel=3 --run-dir " +
+                         (dir / "bad").string());
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_NE(bad.output.find("parallel.expert_parallel (3) must divide the number of ranks (2)"), std::string::npos)
+      << bad.output;
+  EXPECT_FALSE(fs::exists(dir / "bad" / "metrics.jsonl"));
+}
+
 TEST(CliLaunch, BadInputGivesOneClearLine) {
   TempDir dir;
   auto r = run_brigade("launch -n 0 -- train " + kTiny);

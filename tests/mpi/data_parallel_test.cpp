@@ -45,6 +45,9 @@ trainer: {max_steps: 5, warmup_steps: 2, lr: 0.01, log_every: 1, eval_every: 0, 
   return recipes::parse_recipe(yaml, "dp.yaml", extra);
 }
 
+const std::vector<std::string> kMoE = {"model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.expert_d_ff=16",
+                                       "model.moe.first_k_dense=1", "model.moe.bias_update_rate=0.01"};
+
 // ||a - b|| / ||b|| over the whole parameter vector (every parameter and buffer).
 // Per tensor the ratio is larger for tensors of tiny norm; `worst` names the largest.
 double relative_difference(const model::NamedTensors& a, const model::NamedTensors& b, std::string* worst) {
@@ -95,24 +98,50 @@ class SharedDir {
   std::filesystem::path path_;
 };
 
-void check_equivalence(const std::vector<std::string>& extra) {
+// The trained weights as a checkpoint holds them (whole expert tensors under
+// expert parallelism), in `order`'s order.
+model::NamedTensors saved_weights(const std::filesystem::path& run, const model::NamedTensors& order) {
+  const auto ck = trainer::load_checkpoint(trainer::resolve_checkpoint(run));
+  model::NamedTensors out;
+  for (const auto& [name, t] : order) out.emplace_back(name, ck.model.tensors.at(name));
+  return out;
+}
+
+// `parallel_only`: settings of the parallel run alone (the reference is one process).
+void check_equivalence(const std::vector<std::string>& extra, const std::vector<std::string>& parallel_only = {}) {
   auto* w = world();
   if (w == nullptr) GTEST_SKIP() << "multi-rank test: run under mpirun";
   at::set_num_threads(1);
   SharedDir shared(*w);  // ZeRO-1: every rank writes into the checkpoint
   testing::TempDir dir;
   const int64_t b = 2;
-  auto parallel_run = recipes::build_trainer(recipe(b, extra), shared / "dp", w);
+  auto settings = extra;
+  settings.insert(settings.end(), parallel_only.begin(), parallel_only.end());
+  auto parallel_run = recipes::build_trainer(recipe(b, settings), shared / "dp", w);
   parallel_run->run();
   // The reference: this process alone with the whole global batch.
   auto single_run = recipes::build_trainer(recipe(b * w->size(), extra), dir / "single");
   single_run->run();
   std::string worst;
-  const double diff = relative_difference(parallel_run->model()->state_dict(), single_run->model()->state_dict(), &worst);
+  const auto reference = single_run->model()->state_dict();
+  const double diff = relative_difference(saved_weights(shared / "dp", reference), reference, &worst);
   EXPECT_LE(diff, 1e-6) << "rank " << w->rank() << "; worst tensor " << worst;
   EXPECT_GT(diff, 0.0);  // float32 sums in another order: equal in value, not bit for bit
   if (w->rank() == 0) std::printf("relative difference %.3g (worst tensor: %s)\n", diff, worst.c_str());
-  expect_same_on_every_rank(*w, *parallel_run);
+  // Expert parallelism: each rank holds num_experts / P experts.
+  for (const auto& setting : parallel_only) {
+    if (!setting.starts_with("parallel.expert_parallel=")) continue;
+    const int64_t ep = std::stoll(setting.substr(setting.find('=') + 1));
+    int64_t checked = 0;
+    for (const auto& [name, t] : parallel_run->model()->state_dict()) {
+      if (name.find("experts.gate_up_proj") == std::string::npos) continue;
+      EXPECT_EQ(t.size(0), 4 / ep) << name;
+      ++checked;
+    }
+    EXPECT_GT(checked, 0);
+  }
+  // Expert-parallel ranks hold different experts; everything else is the same everywhere.
+  if (parallel_only.empty()) expect_same_on_every_rank(*w, *parallel_run);
 }
 
 TEST(MpiDataParallel, MatchesOneRankWithTheWholeBatch) { check_equivalence({}); }
@@ -121,10 +150,7 @@ TEST(MpiDataParallel, MatchesWithGradientAccumulationAndSmallBuckets) {
   check_equivalence({"trainer.grad_accum_steps=2", "parallel.bucket_mb=0.01"});
 }
 
-TEST(MpiDataParallel, MoEBiasesFollowTheGlobalLoad) {
-  check_equivalence({"model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.expert_d_ff=16",
-                     "model.moe.first_k_dense=1", "model.moe.bias_update_rate=0.01"});
-}
+TEST(MpiDataParallel, MoEBiasesFollowTheGlobalLoad) { check_equivalence(kMoE); }
 
 TEST(MpiDataParallel, ZeroOneMatchesOneRankWithTheWholeBatch) { check_equivalence({"parallel.zero_stage=1"}); }
 
@@ -135,8 +161,9 @@ TEST(MpiDataParallel, ZeroOneMatchesWithGradientAccumulationAndSmallBuckets) {
 }
 
 TEST(MpiDataParallel, ZeroOneWithMoE) {
-  check_equivalence({"parallel.zero_stage=1", "model.moe.num_experts=4", "model.moe.top_k=2",
-                     "model.moe.expert_d_ff=16", "model.moe.first_k_dense=1", "model.moe.bias_update_rate=0.01"});
+  auto settings = kMoE;
+  settings.push_back("parallel.zero_stage=1");
+  check_equivalence(settings);
 }
 
 std::vector<std::string> zero_settings(std::vector<std::string> extra = {}) {
@@ -209,6 +236,63 @@ TEST(MpiZero, ReshardsOntoAnotherNumberOfRanks) {
     EXPECT_LE(relative_difference(alone->model()->state_dict(), reference->model()->state_dict(), &worst), 1e-6)
         << worst;
   }
+}
+
+// Expert parallelism inside data parallelism: EP groups of 2, and of every rank.
+TEST(MpiExpertParallelTraining, MatchesOneRankWithTheWholeBatch) {
+  check_equivalence(kMoE, {"parallel.expert_parallel=2"});
+  if (world() != nullptr && world()->size() > 2) {
+    check_equivalence(kMoE, {"parallel.expert_parallel=" + std::to_string(world()->size())});
+  }
+}
+
+TEST(MpiExpertParallelTraining, MatchesWithGradientAccumulationAndSmallBuckets) {
+  auto settings = kMoE;
+  settings.insert(settings.end(), {"trainer.grad_accum_steps=2", "parallel.bucket_mb=0.003"});
+  check_equivalence(settings, {"parallel.expert_parallel=2"});
+}
+
+// A checkpoint written with EP = 2 holds whole expert tensors: it resumes with
+// another EP size (4 ranks: EP = 4; 2 ranks: no EP) and reaches the straight run.
+TEST(MpiExpertParallelTraining, ResumesWithAnotherExpertParallelSize) {
+  auto* w = world();
+  if (w == nullptr) GTEST_SKIP() << "multi-rank test: run under mpirun";
+  at::set_num_threads(1);
+  SharedDir dir(*w);
+  auto first = kMoE;
+  first.insert(first.end(), {"parallel.expert_parallel=2", "trainer.stop_after=3"});
+  recipes::build_trainer(recipe(2, first), dir / "run", w)->run();
+  auto second = kMoE;
+  second.push_back("parallel.expert_parallel=" + std::to_string(w->size() > 2 ? w->size() : 1));
+  auto resumed = recipes::build_trainer(recipe(2, second), dir / "run", w);
+  resumed->resume(trainer::load_checkpoint(trainer::resolve_checkpoint(dir / "run")));
+  EXPECT_EQ(resumed->current_step(), 3);
+  resumed->run();
+  testing::TempDir own;
+  auto reference = recipes::build_trainer(recipe(2 * w->size(), kMoE), own / "reference");
+  reference->run();
+  std::string worst;
+  const auto expected = reference->model()->state_dict();
+  EXPECT_LE(relative_difference(saved_weights(dir / "run", expected), expected, &worst), 1e-6) << worst;
+}
+
+TEST(MpiExpertParallelTraining, BadSizesAreClearErrorsBeforeTraining) {
+  auto* w = world();
+  if (w == nullptr) GTEST_SKIP() << "multi-rank test: run under mpirun";
+  testing::TempDir dir;
+  auto settings = kMoE;
+  settings.push_back("parallel.expert_parallel=3");
+  EXPECT_BRIGADE_ERROR(recipes::build_trainer(recipe(2, settings), dir / "a", w),
+                       "parallel.expert_parallel (3) must divide the number of ranks (" + std::to_string(w->size()) + ")");
+  settings = {"model.moe.num_experts=6", "model.moe.top_k=2", "model.moe.expert_d_ff=16",
+              "parallel.expert_parallel=" + std::to_string(w->size() == 2 ? 2 : 4)};
+  if (w->size() == 2) settings[0] = "model.moe.num_experts=3";
+  EXPECT_BRIGADE_ERROR(recipes::build_trainer(recipe(2, settings), dir / "b", w), "must be divisible by parallel.expert_parallel");
+  EXPECT_BRIGADE_ERROR(recipes::build_trainer(recipe(2, {"parallel.expert_parallel=2"}), dir / "c", w),
+                       "the model has no MoE layers");
+  settings = kMoE;
+  settings.insert(settings.end(), {"parallel.expert_parallel=2", "parallel.zero_stage=1"});
+  EXPECT_BRIGADE_ERROR(recipes::build_trainer(recipe(2, settings), dir / "d", w), "not supported yet");
 }
 
 }  // namespace

@@ -340,6 +340,16 @@ TEST(TrainerTest, Bfloat16OptimizerStateResumesBitwiseExact) {
   EXPECT_NEAR(straight.back(), plain.back(), 0.05 * plain.back());
 }
 
+// Expert parallelism needs as many ranks as its groups; one process has one.
+TEST(TrainerTest, ExpertParallelAloneIsAClearError) {
+  TempDir dir;
+  EXPECT_BRIGADE_ERROR(recipes::build_trainer(small_recipe({"model.moe.num_experts=4", "model.moe.top_k=2",
+                                                            "parallel.expert_parallel=2"}),
+                                              dir / "run"),
+                       "parallel.expert_parallel (2) must divide the number of ranks (1)");
+  EXPECT_FALSE(std::filesystem::exists(dir / "run"));
+}
+
 TEST(TrainerTest, WeightDecayMaskExemptsNormsBiasesEmbeddings) {
   auto recipe = small_recipe({"model.qkv_bias=true"});
   auto model = recipes::build_model(recipe);
