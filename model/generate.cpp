@@ -14,6 +14,7 @@ void SamplingOptions::validate() const {
   BRIGADE_CHECK(temperature >= 0, "temperature must be >= 0, got ", temperature);
   BRIGADE_CHECK(top_k >= 0, "top_k must be >= 0, got ", top_k);
   BRIGADE_CHECK(top_p > 0 && top_p <= 1, "top_p must be in (0, 1], got ", top_p);
+  BRIGADE_CHECK(logprobs >= 0, "logprobs must be >= 0, got ", logprobs);
 }
 
 int64_t sample_token(const torch::Tensor& logits, const SamplingOptions& options,
@@ -40,40 +41,103 @@ int64_t sample_token(const torch::Tensor& logits, const SamplingOptions& options
 
 Generation generate(Transformer& model, const std::vector<int64_t>& prompt,
                     const SamplingOptions& options) {
-  options.validate();
   BRIGADE_CHECK(!prompt.empty(), "generation needs a non-empty prompt");
+  return generate_batch(model, {prompt}, options, {options.seed}).front();
+}
+
+std::vector<Generation> generate_batch(Transformer& model, const std::vector<std::vector<int64_t>>& prompts,
+                                       const SamplingOptions& options, const std::vector<uint64_t>& seeds) {
+  options.validate();
+  BRIGADE_CHECK(seeds.size() == prompts.size(), "generate_batch: ", prompts.size(), " prompts but ", seeds.size(),
+                " seeds");
   const auto& mo = model->options();
-  for (int64_t id : prompt) {
-    BRIGADE_CHECK(id >= 0 && id < mo.vocab_size, "prompt token ", id, " is outside the vocabulary (",
-                  mo.vocab_size, ")");
+  int64_t longest = 0;
+  bool padded = false;
+  for (const auto& prompt : prompts) {
+    BRIGADE_CHECK(!prompt.empty(), "generation needs a non-empty prompt");
+    for (int64_t id : prompt) {
+      BRIGADE_CHECK(id >= 0 && id < mo.vocab_size, "prompt token ", id, " is outside the vocabulary (",
+                    mo.vocab_size, ")");
+    }
+    const int64_t len = static_cast<int64_t>(prompt.size());
+    BRIGADE_CHECK(len < mo.max_seq_len, "prompt of ", len, " tokens leaves no room in model.max_seq_len ",
+                  mo.max_seq_len);
+    padded = padded || (longest > 0 && len != longest);
+    longest = std::max(longest, len);
   }
-  const int64_t prompt_len = static_cast<int64_t>(prompt.size());
-  BRIGADE_CHECK(prompt_len < mo.max_seq_len, "prompt of ", prompt_len,
-                " tokens leaves no room in model.max_seq_len ", mo.max_seq_len);
+  std::vector<Generation> results(prompts.size());
+  if (prompts.empty()) return results;
 
   const bool was_training = model->is_training();
   model->eval();
   torch::InferenceMode inference;
-  auto generator = at::make_generator<at::CPUGeneratorImpl>(options.seed);
-
-  const int64_t capacity = std::min(mo.max_seq_len, prompt_len + options.max_new_tokens);
-  auto cache = model->make_cache(1, capacity);
-  Generation result;
+  const auto batch = static_cast<int64_t>(prompts.size());
+  const int64_t capacity = std::min(mo.max_seq_len, longest + options.max_new_tokens);
+  auto cache = model->make_cache(batch, capacity);
   const auto device = model->embed_tokens->weight.device();
-  auto input = torch::tensor(prompt, torch::kLong).unsqueeze(0).to(device);
-  while (static_cast<int64_t>(result.tokens.size()) < options.max_new_tokens &&
-         cache.length + input.size(1) <= capacity) {
-    auto logits = model->forward(input, &cache);  // [1, seq, vocab]
-    int64_t next = sample_token(logits[0][-1].to(torch::kCPU), options, generator);
-    result.tokens.push_back(next);
-    if (std::find(options.stop_ids.begin(), options.stop_ids.end(), next) != options.stop_ids.end()) {
-      result.stopped = true;
-      break;
+  // Left padding: every row's last prompt token sits at position longest - 1.
+  auto input = torch::zeros({batch, longest}, torch::kLong);
+  if (padded) cache.valid = torch::ones({batch, capacity}, torch::kBool);
+  for (int64_t i = 0; i < batch; ++i) {
+    const auto& prompt = prompts[static_cast<size_t>(i)];
+    const int64_t pad = longest - static_cast<int64_t>(prompt.size());
+    input[i].narrow(0, pad, static_cast<int64_t>(prompt.size())).copy_(torch::tensor(prompt, torch::kLong));
+    if (pad > 0) cache.valid[i].narrow(0, 0, pad).fill_(false);
+  }
+  input = input.to(device);
+  std::vector<torch::Generator> generators;
+  for (uint64_t seed : seeds) generators.push_back(at::make_generator<at::CPUGeneratorImpl>(seed));
+  std::vector<std::vector<torch::Tensor>> ids(prompts.size()), logprobs(prompts.size());
+  std::vector<int64_t> rows(prompts.size());  // batch row -> prompt index, for the rows still running
+  for (size_t i = 0; i < rows.size(); ++i) rows[i] = static_cast<int64_t>(i);
+
+  for (int64_t step = 0; step < options.max_new_tokens && cache.length + input.size(1) <= capacity; ++step) {
+    auto logits = model->forward(input, &cache).select(1, -1).to(torch::kCPU, torch::kFloat);  // [rows, vocab]
+    torch::Tensor top_ids, top_lp;
+    if (options.logprobs > 0) {
+      auto [values, indices] = torch::log_softmax(logits, -1).topk(std::min(options.logprobs, logits.size(1)));
+      top_lp = values;
+      top_ids = indices.to(torch::kInt);
     }
-    input = torch::tensor({next}, torch::kLong).unsqueeze(0).to(device);
+    std::vector<int64_t> next(rows.size());
+    std::vector<int64_t> keep;  // batch rows that go on
+    for (size_t r = 0; r < rows.size(); ++r) {
+      auto& out = results[static_cast<size_t>(rows[r])];
+      next[r] = sample_token(logits[static_cast<int64_t>(r)], options, generators[static_cast<size_t>(rows[r])]);
+      out.tokens.push_back(next[r]);
+      if (options.logprobs > 0) {
+        ids[static_cast<size_t>(rows[r])].push_back(top_ids[static_cast<int64_t>(r)]);
+        logprobs[static_cast<size_t>(rows[r])].push_back(top_lp[static_cast<int64_t>(r)]);
+      }
+      out.stopped = std::find(options.stop_ids.begin(), options.stop_ids.end(), next[r]) != options.stop_ids.end();
+      if (!out.stopped) keep.push_back(static_cast<int64_t>(r));
+    }
+    if (keep.empty()) break;
+    if (keep.size() < rows.size()) {
+      // Finished rows leave the batch and the cache.
+      auto index = torch::tensor(keep, torch::kLong).to(device);
+      for (auto& k : cache.keys) k = k.index_select(0, index);
+      for (auto& v : cache.values) v = v.index_select(0, index);
+      if (cache.valid.defined()) cache.valid = cache.valid.index_select(0, index.to(cache.valid.device()));
+      std::vector<int64_t> still, tokens;
+      for (int64_t r : keep) {
+        still.push_back(rows[static_cast<size_t>(r)]);
+        tokens.push_back(next[static_cast<size_t>(r)]);
+      }
+      rows = std::move(still);
+      next = std::move(tokens);
+    }
+    input = torch::tensor(next, torch::kLong).unsqueeze(1).to(device);
+  }
+  if (options.logprobs > 0) {
+    for (size_t i = 0; i < results.size(); ++i) {
+      const int64_t k = std::min(options.logprobs, mo.vocab_size);
+      results[i].topk_ids = ids[i].empty() ? torch::empty({0, k}, torch::kInt) : torch::stack(ids[i]);
+      results[i].topk_logprobs = logprobs[i].empty() ? torch::empty({0, k}, torch::kFloat) : torch::stack(logprobs[i]);
+    }
   }
   if (was_training) model->train();
-  return result;
+  return results;
 }
 
 }  // namespace brigade::model

@@ -104,12 +104,19 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
     auto keys = cache->keys[layer].narrow(2, 0, past + seq);
     auto values = cache->values[layer].narrow(2, 0, past + seq);
     std::optional<torch::Tensor> mask;
-    if (seq > 1) {
-      // Query i (absolute position past+i) sees keys 0..past+i.
+    if (seq > 1 || cache->valid.defined()) {
+      // Query i (absolute position past+i) sees keys 0..past+i ...
       auto index = torch::TensorOptions().dtype(torch::kLong).device(q.device());
       auto qpos = torch::arange(past, past + seq, index).unsqueeze(1);
       auto kpos = torch::arange(0, past + seq, index).unsqueeze(0);
-      mask = kpos <= qpos;
+      auto causal = kpos <= qpos;  // [seq, keys]
+      if (cache->valid.defined()) {
+        // ... except padding; a padding query sees itself (its output is unused,
+        // but a row with no key at all would be NaN).
+        auto keys_ok = cache->valid.narrow(1, 0, past + seq).to(q.device()).unsqueeze(1);  // [batch, 1, keys]
+        causal = ((causal.unsqueeze(0) & keys_ok) | (kpos == qpos).unsqueeze(0)).unsqueeze(1);  // [batch, 1, seq, keys]
+      }
+      mask = causal;
     }
     out = at::scaled_dot_product_attention(q, keys.to(q.scalar_type()), values.to(q.scalar_type()),
                                            mask, 0.0, false, std::nullopt,

@@ -54,6 +54,11 @@ struct TransformerOptions {
 struct KVCache {
   std::vector<torch::Tensor> keys;    // per layer [batch, kv_heads, capacity, head_dim]
   std::vector<torch::Tensor> values;  // per layer [batch, kv_heads, capacity, head_dim]
+  // [batch, capacity] bool, false at left padding (batched prompts of different
+  // lengths); undefined: every position is real. Padding is never attended to,
+  // and RoPE makes attention depend on relative positions only, so a left-padded
+  // prompt continues as it would alone.
+  torch::Tensor valid;
   int64_t length = 0;                 // positions filled so far
   int64_t capacity() const { return keys.empty() ? 0 : keys[0].size(2); }
 };

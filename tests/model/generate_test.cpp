@@ -285,5 +285,61 @@ TEST_F(GenerateLoop, InvalidPromptsAndOptions) {
   EXPECT_BRIGADE_ERROR(generate(model_, prompt_, o), "top_p must be in (0, 1]");
 }
 
+// ---------------------------------------------------------------------------------
+// generate_batch()
+
+// Prompts of different lengths (left padding), greedy: every row continues exactly
+// as it does alone, and rows that stop early leave the batch without disturbing
+// the others.
+TEST_F(GenerateLoop, BatchedRowsMatchTheirUnbatchedRuns) {
+  const std::vector<std::vector<int64_t>> prompts = {{1, 2, 3, 4, 5}, {7, 8}, {9, 10, 11, 12, 13, 14, 15, 16}, {3}};
+  SamplingOptions o;
+  o.max_new_tokens = 10;
+  const auto alone_first = generate(model_, prompts[1], o);
+  o.stop_ids = {alone_first.tokens.at(3)};  // row 1 stops after 4 tokens
+  auto batch = generate_batch(model_, prompts, o, {0, 0, 0, 0});
+  ASSERT_EQ(batch.size(), prompts.size());
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    const auto alone = generate(model_, prompts[i], o);
+    EXPECT_EQ(batch[i].tokens, alone.tokens) << "row " << i;
+    EXPECT_EQ(batch[i].stopped, alone.stopped) << "row " << i;
+  }
+  EXPECT_TRUE(batch[1].stopped);
+  EXPECT_LE(batch[1].tokens.size(), 4u);
+  // Sampled: each row draws from its own seed, whatever its neighbours.
+  SamplingOptions sampled;
+  sampled.max_new_tokens = 8;
+  sampled.temperature = 1.0;
+  auto a = generate_batch(model_, {prompts[0], prompts[2]}, sampled, {11, 12});
+  auto b = generate_batch(model_, {prompts[2], prompts[3], prompts[0]}, sampled, {12, 99, 11});
+  EXPECT_EQ(a[0].tokens, b[2].tokens);
+  EXPECT_EQ(a[1].tokens, b[0].tokens);
+  EXPECT_BRIGADE_ERROR(generate_batch(model_, prompts, o, {1}), "4 prompts but 1 seeds");
+}
+
+// The top-k log-probabilities are the model's own (temperature 1, before any
+// sampling filter) at each generated position.
+TEST_F(GenerateLoop, TopKLogprobsAreTheModelsDistribution) {
+  SamplingOptions o;
+  o.max_new_tokens = 6;
+  o.temperature = 0.7;
+  o.top_k = 5;
+  o.logprobs = 4;
+  auto g = generate_batch(model_, {prompt_, {5, 6}}, o, {3, 4});
+  torch::NoGradGuard no_grad;
+  for (size_t row = 0; row < 2; ++row) {
+    std::vector<int64_t> seq = row == 0 ? prompt_ : std::vector<int64_t>{5, 6};
+    ASSERT_EQ(g[row].topk_ids.sizes(), (std::vector<int64_t>{6, 4}));
+    ASSERT_EQ(g[row].topk_ids.scalar_type(), torch::kInt);
+    for (size_t t = 0; t < g[row].tokens.size(); ++t) {
+      auto lp = torch::log_softmax(model_->forward(torch::tensor(seq, torch::kLong).unsqueeze(0))[0][-1], -1);
+      auto [values, indices] = lp.topk(4);
+      EXPECT_TRUE(torch::equal(indices.to(torch::kInt), g[row].topk_ids[static_cast<int64_t>(t)])) << row << " " << t;
+      EXPECT_TRUE(torch::allclose(values, g[row].topk_logprobs[static_cast<int64_t>(t)], 1e-5, 1e-5)) << row << " " << t;
+      seq.push_back(g[row].tokens[t]);
+    }
+  }
+}
+
 }  // namespace
 }  // namespace brigade::model
