@@ -6,15 +6,16 @@
 //       [--fp8] [--backward] [--warmup 3] [--reps 11] [--threads 1]
 //
 // Every rank routes its own random tokens (top_k distinct experts each, uniform),
-// sorts the copies by expert (plan_dispatch + permute: not timed) and then, per rep:
-//   brigade  dispatch() (counts exchange, rows + weights all_to_all, reorder by
-//            local expert) then combine() (reorder back, all_to_all); with
-//            --backward also backward through both (two more all_to_alls)
+// sorts the copies in expert-parallel order (plan_dispatch + permute: not timed)
+// and then, per rep:
+//   brigade  dispatch() (counts exchange, then rows and weights in one all_to_all
+//            round per local expert) then combine() (the rounds back); with
+//            --backward also backward through both
 //   raw      MPI_Alltoallv of the same bytes per rank pair: one for the dispatch
 //            (rows and weights in one message; with --fp8 the codes, scales and
 //            weights), one for the combine (and two for the gradients)
-// The counts are known to the raw side, so it skips the counts exchange and the
-// reorders: it is the floor the brigade side is measured against. A rep's time is
+// The counts are known to the raw side, so it skips the counts exchange and sends
+// one message per rank pair: it is the floor the brigade side is measured against. A rep's time is
 // the slowest rank's; rank 0 prints the medians and their ratio.
 #include <CLI/CLI.hpp>
 
@@ -124,7 +125,8 @@ int main(int argc, char** argv) {
     auto x = torch::randn({tokens, d_model}).to(dtype);
     auto indices = std::get<1>(torch::rand({tokens, experts}).topk(top_k, 1));
     auto weights = torch::rand({tokens, top_k});
-    auto plan = moe::plan_dispatch(indices, weights, experts, -1, moe::DropPolicy::kProbs);
+    auto keys = moe::expert_parallel_keys(indices, experts, ranks);
+    auto plan = moe::plan_dispatch(keys, weights, experts, -1, moe::DropPolicy::kProbs);
     auto rows = moe::permute(x, plan);
     auto row_weights = moe::row_weights(weights, plan);
     auto probe = torch::randn_like(rows);

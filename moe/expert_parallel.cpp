@@ -1,6 +1,9 @@
 #include "moe/expert_parallel.h"
 
+#include <chrono>
+#include <mutex>
 #include <numeric>
+#include <thread>
 
 #include <torch/autograd.h>
 
@@ -15,74 +18,119 @@ using torch::autograd::variable_list;
 
 int64_t sum(const std::vector<int64_t>& v) { return std::accumulate(v.begin(), v.end(), int64_t{0}); }
 
-// Rows stored as blocks of counts[a][b] in row-major block order ([A][B]); returns
-// the gather that lists them in column-major block order ([B][A]), or undefined
-// when both orders are the same. One repeat_interleave, no per-row loop.
-torch::Tensor transposed_block_gather(const torch::Tensor& counts) {
-  auto flat = counts.reshape({-1});
-  auto starts = (flat.cumsum(0) - flat).view(counts.sizes());  // [A, B]: where each block starts
-  auto t_counts = counts.t().reshape({-1});                     // [B * A] block sizes, new order
-  auto t_from = starts.t().reshape({-1});                       // their old starts
-  auto t_to = t_counts.cumsum(0) - t_counts;                     // their new starts
-  auto shift = t_from - t_to;
-  if (!shift.ne(0).logical_and(t_counts.gt(0)).any().item<bool>()) return {};
-  const int64_t total = flat.sum().item<int64_t>();
-  return torch::repeat_interleave(shift, t_counts, 0, total) + torch::arange(total, counts.options());
+// Buffers for the exchanged rows, reused across calls. A fresh CPU tensor of tens
+// of MiB comes from new pages (glibc maps allocations over 32 MiB afresh every
+// time) and pays a page fault per 4 KiB on first touch: measured here, 48 ms for
+// 64 MiB, more than the all_to_all of the same bytes. So the exchanges write into
+// kept buffers and hand out views of them; a buffer is free again once no tensor
+// but the pool's uses its storage (autograd releasing the expert inputs, the
+// caller dropping the combined rows). Like a caching allocator, the pool keeps
+// the peak of buffers in use at once; a free buffer too small for a request is
+// replaced, so it holds no more buffers than were ever in use together.
+class BufferPool {
+ public:
+  torch::Tensor get(at::IntArrayRef sizes, const torch::TensorOptions& options) {
+    int64_t bytes = options.dtype().itemsize();
+    for (auto n : sizes) bytes *= n;
+    if (bytes == 0 || !options.device().is_cpu()) return torch::empty(sizes, options);
+    std::lock_guard<std::mutex> lock(mutex_);
+    torch::Tensor* best = nullptr;  // the smallest free buffer that fits
+    torch::Tensor* spare = nullptr; // a free one that does not
+    for (auto& b : buffers_) {
+      if (b.storage().use_count() != 1) continue;
+      if (b.numel() >= bytes) {
+        if (best == nullptr || b.numel() < best->numel()) best = &b;
+      } else {
+        spare = &b;
+      }
+    }
+    if (best == nullptr) {
+      auto fresh = torch::empty({bytes}, torch::kByte);
+      best = spare != nullptr ? &(*spare = fresh) : &buffers_.emplace_back(fresh);
+    }
+    return best->narrow(0, 0, bytes).view(options.dtype().toScalarType()).view(sizes);
+  }
+
+ private:
+  std::mutex mutex_;
+  std::vector<torch::Tensor> buffers_;  // uint8 [bytes]
+};
+
+BufferPool& pool() {
+  static BufferPool buffers;
+  return buffers;
 }
 
-torch::Tensor gather(const torch::Tensor& t, const torch::Tensor& index) {
-  return index.defined() ? t.index_select(0, index.to(t.device())) : t;
+// Waits for `h`, polling without sleeping: Open MPI moves a large non-blocking
+// all_to_all forward only inside MPI calls, so the communicator's wait(), which
+// sleeps between polls after the first millisecond, stretches a 64 MiB exchange
+// several times over. yield() leaves the core to other ranks when they
+// oversubscribe it. Past the group's timeout, wait() reports the hung peer.
+void finish(parallel::Communicator& ep, parallel::Handle& h) {
+  const auto deadline = std::chrono::steady_clock::now() + ep.timeout();
+  while (!h.test() && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
+  h.wait();
 }
 
-// Starts one all_to_all per tensor (all in flight together), then waits for them:
-// tensors [sum(send), ...] -> [sum(recv), ...].
+// One exchange, each tensor [rows, ...] in E/P rounds, round e an all_to_all of
+// the rows of local expert e: `send` [E/P, P] rows this rank sends to each rank,
+// `recv` [E/P, P] rows it receives from each. Both sides hold round e's rows as
+// one contiguous run, [rank] blocks in rank order (the sender's expert-parallel
+// order, the receiver's expert-major order), so every message goes straight
+// between the tensors: no reorder copies. All rounds are in flight together.
 std::vector<torch::Tensor> exchange(parallel::Communicator& ep, const std::vector<torch::Tensor>& inputs,
-                                    const std::vector<int64_t>& send, const std::vector<int64_t>& recv) {
+                                    const torch::Tensor& send, const torch::Tensor& recv) {
+  const int64_t rounds = send.size(0), ranks = send.size(1);
+  auto row = [&](const torch::Tensor& counts, int64_t e) {
+    const int64_t* n = counts.data_ptr<int64_t>() + e * ranks;
+    return std::vector<int64_t>(n, n + ranks);
+  };
+  const int64_t received = recv.sum().item<int64_t>();
   std::vector<torch::Tensor> outputs;
   std::vector<parallel::Handle> handles;
-  const int64_t received = sum(recv);
-  for (const auto& input : inputs) {
+  for (const auto& t : inputs) {
+    auto input = t.contiguous();
     auto sizes = input.sizes().vec();
     sizes[0] = received;
-    auto& output = outputs.emplace_back(torch::empty(sizes, input.options()));
-    handles.push_back(ep.all_to_all(input.contiguous(), send, output, recv));
+    auto& output = outputs.emplace_back(pool().get(sizes, input.options()));
+    int64_t in_start = 0, out_start = 0;
+    for (int64_t e = 0; e < rounds; ++e) {
+      const auto send_rows = row(send, e), recv_rows = row(recv, e);
+      const int64_t n_in = sum(send_rows), n_out = sum(recv_rows);
+      auto out = output.narrow(0, out_start, n_out);
+      handles.push_back(ep.all_to_all(input.narrow(0, in_start, n_in), send_rows, out, recv_rows));
+      in_start += n_in;
+      out_start += n_out;
+    }
   }
-  for (auto& h : handles) h.wait();
+  for (auto& h : handles) finish(ep, h);
   return outputs;
 }
 
-// Source order -> the experts' ranks, grouped by local expert.
+// Rows in this rank's expert-parallel order -> the experts' ranks, expert-major.
 std::vector<torch::Tensor> to_experts(parallel::Communicator& ep, const std::vector<torch::Tensor>& inputs,
                                       const ExpertParallelLayout& l) {
-  auto out = exchange(ep, inputs, l.send_rows, l.recv_rows);
-  for (auto& t : out) t = gather(t, l.to_expert_major);
-  return out;
+  return exchange(ep, inputs, l.send_counts, l.recv_counts);
 }
 
-// The inverse: expert-grouped rows back to their sources, in the sources' order.
+// The inverse: expert-major rows back to their sources, in the sources' order.
 std::vector<torch::Tensor> to_sources(parallel::Communicator& ep, const std::vector<torch::Tensor>& inputs,
                                       const ExpertParallelLayout& l) {
-  std::vector<torch::Tensor> reordered;
-  for (const auto& t : inputs) reordered.push_back(gather(t, l.to_source_major));
-  return exchange(ep, reordered, l.recv_rows, l.send_rows);
+  return exchange(ep, inputs, l.recv_counts, l.send_counts);
 }
 
 // What backward needs of a layout, kept in the autograd context (saved_data holds
 // IValues only); the communicator travels as a pointer and must outlive the graph.
 void save(AutogradContext* ctx, const ExpertParallelLayout& l, parallel::Communicator& ep) {
-  ctx->saved_data["send_rows"] = c10::IValue(l.send_rows);
-  ctx->saved_data["recv_rows"] = c10::IValue(l.recv_rows);
-  ctx->saved_data["to_expert_major"] = l.to_expert_major;
-  ctx->saved_data["to_source_major"] = l.to_source_major;
+  ctx->saved_data["send_counts"] = l.send_counts;
+  ctx->saved_data["recv_counts"] = l.recv_counts;
   ctx->saved_data["ep"] = reinterpret_cast<int64_t>(&ep);
 }
 
 ExpertParallelLayout load(AutogradContext* ctx, parallel::Communicator** ep) {
   ExpertParallelLayout l;
-  l.send_rows = ctx->saved_data["send_rows"].toIntVector();
-  l.recv_rows = ctx->saved_data["recv_rows"].toIntVector();
-  l.to_expert_major = ctx->saved_data["to_expert_major"].toTensor();
-  l.to_source_major = ctx->saved_data["to_source_major"].toTensor();
+  l.send_counts = ctx->saved_data["send_counts"].toTensor();
+  l.recv_counts = ctx->saved_data["recv_counts"].toTensor();
   *ep = reinterpret_cast<parallel::Communicator*>(ctx->saved_data["ep"].toInt());
   return l;
 }
@@ -152,33 +200,36 @@ class CombineFunction : public torch::autograd::Function<CombineFunction> {
 
 }  // namespace
 
-int64_t ExpertParallelLayout::sent() const { return sum(send_rows); }
-int64_t ExpertParallelLayout::received() const { return sum(recv_rows); }
+int64_t ExpertParallelLayout::sent() const { return send_counts.sum().item<int64_t>(); }
+int64_t ExpertParallelLayout::received() const { return recv_counts.sum().item<int64_t>(); }
+
+torch::Tensor expert_parallel_keys(const torch::Tensor& experts, int64_t num_experts, int64_t ranks) {
+  const int64_t local = num_experts / ranks;
+  return torch::remainder(experts, local) * ranks + torch::div(experts, local, "floor");
+}
+
+torch::Tensor global_expert_order(const torch::Tensor& per_key, int64_t ranks) {
+  return per_key.view({-1, ranks}).t().reshape({-1});
+}
 
 ExpertParallelLayout make_layout(const std::vector<int64_t>& counts, const torch::Tensor& recv_counts) {
-  BRIGADE_CHECK(recv_counts.dim() == 2 && recv_counts.size(0) > 0, "expert-parallel layout: received counts must be ",
-                "[ranks, local experts], got ", recv_counts.sizes());
-  const int64_t ranks = recv_counts.size(0), local = recv_counts.size(1);
+  BRIGADE_CHECK(recv_counts.dim() == 2 && recv_counts.size(1) > 0, "expert-parallel layout: received counts must be ",
+                "[local experts, ranks], got ", recv_counts.sizes());
+  const int64_t local = recv_counts.size(0), ranks = recv_counts.size(1);
   BRIGADE_CHECK(static_cast<int64_t>(counts.size()) == ranks * local, "expert-parallel layout: ", counts.size(),
                 " expert counts for ", ranks, " ranks of ", local, " local experts");
   ExpertParallelLayout l;
   l.local_experts = local;
+  l.send_counts = torch::tensor(counts, torch::kLong).view({local, ranks});
   l.recv_counts = recv_counts.to(torch::kCPU, torch::kLong).contiguous();
+  BRIGADE_CHECK(l.send_counts.ge(0).all().item<bool>(), "expert-parallel layout: negative expert counts ",
+                l.send_counts);
   BRIGADE_CHECK(l.recv_counts.ge(0).all().item<bool>(), "expert-parallel layout: negative received counts ",
                 l.recv_counts);
-  l.send_rows.assign(ranks, 0);
-  for (int64_t j = 0; j < ranks; ++j) {
-    for (int64_t e = 0; e < local; ++e) {
-      BRIGADE_CHECK(counts[j * local + e] >= 0, "expert-parallel layout: expert ", j * local + e, " has ",
-                    counts[j * local + e], " rows");
-      l.send_rows[j] += counts[j * local + e];
-    }
-  }
-  auto by_source = l.recv_counts.sum(1), by_expert = l.recv_counts.sum(0);
-  l.recv_rows.assign(by_source.data_ptr<int64_t>(), by_source.data_ptr<int64_t>() + ranks);
+  auto to_rank = l.send_counts.sum(0), from_rank = l.recv_counts.sum(0), by_expert = l.recv_counts.sum(1);
+  l.send_rows.assign(to_rank.data_ptr<int64_t>(), to_rank.data_ptr<int64_t>() + ranks);
+  l.recv_rows.assign(from_rank.data_ptr<int64_t>(), from_rank.data_ptr<int64_t>() + ranks);
   l.local_counts.assign(by_expert.data_ptr<int64_t>(), by_expert.data_ptr<int64_t>() + local);
-  l.to_expert_major = transposed_block_gather(l.recv_counts);
-  l.to_source_major = transposed_block_gather(l.recv_counts.t().contiguous());
   return l;
 }
 
@@ -186,11 +237,13 @@ ExpertParallelLayout exchange_counts(parallel::Communicator& ep, const std::vect
   const int64_t ranks = ep.size(), experts = static_cast<int64_t>(counts.size());
   BRIGADE_CHECK(experts > 0 && experts % ranks == 0, "expert-parallel dispatch on ", ep.describe(), ": ", experts,
                 " experts cannot be split evenly over ", ranks, " ranks");
-  // Row j goes to rank j: this rank's counts for rank j's experts.
+  // Row j goes to rank j: this rank's counts for rank j's experts ([P, E/P]).
   const auto device = ep.backend() == parallel::Backend::kNccl ? torch::kCUDA : torch::kCPU;
-  auto mine = torch::tensor(counts, torch::kLong).view({ranks, experts / ranks}).to(device);
-  auto theirs = exchange(ep, {mine}, std::vector<int64_t>(ranks, 1), std::vector<int64_t>(ranks, 1))[0];
-  return make_layout(counts, theirs);
+  auto mine = torch::tensor(counts, torch::kLong).view({experts / ranks, ranks}).t().contiguous().to(device);
+  auto theirs = torch::empty_like(mine);
+  auto h = ep.all_to_all(mine, std::vector<int64_t>(ranks, 1), theirs, std::vector<int64_t>(ranks, 1));
+  finish(ep, h);
+  return make_layout(counts, theirs.to(torch::kCPU).t().contiguous());
 }
 
 Dispatched dispatch(parallel::Communicator& ep, const torch::Tensor& rows, const torch::Tensor& weights,

@@ -1,16 +1,24 @@
 // Expert parallelism (DeepSeek-V3 / Megatron-Core EP): the routed experts of a layer
 // are spread over the ranks of an expert-parallel group of size P, rank j owning
-// the E/P global experts [j*E/P, (j+1)*E/P). Every rank routes its own tokens;
-// dispatch() sends each token copy to the rank owning its expert and combine()
-// brings the expert outputs back.
+// the L = E/P global experts [j*L, (j+1)*L) (local expert e of rank j is global
+// expert j*L + e). Every rank routes its own tokens; dispatch() sends each token
+// copy to the rank owning its expert and combine() brings the expert outputs back.
 //
-//   source rank s: rows sorted by global expert (permute()), so the rows for rank j
-//                  are one contiguous run: those of experts [j*E/P, (j+1)*E/P)
-//   dispatch:      counts all_to_all ([P, E/P] int64), then rows and routing weights
-//                  all_to_all; rank j receives [source][local expert] blocks and
-//                  reorders them to [local expert][source] for the grouped GEMM
-//   combine:       the inverse: [local expert][source] -> [source][local expert],
-//                  all_to_all back; rank s gets its rows in its own sorted order
+//   counts:   one all_to_all of int64 [P, L] counts: what each rank gets from whom
+//   dispatch: rows and routing weights, in L rounds: round e is an all_to_all of
+//             the rows of every rank's local expert e; rank j receives them from
+//             sources 0..P-1 in order, right after those of its expert e-1, so its
+//             rows arrive grouped by local expert (expert-major, then by source),
+//             ready for the grouped GEMM
+//   combine:  the same rounds backwards; each source gets its rows back in the
+//             order it sent them
+//
+// The rows a source sends must be in expert-parallel order: by local expert index,
+// then by owning rank (sort key e*P + j for global expert j*L + e;
+// expert_parallel_keys()), so that round e's rows for every rank are one
+// contiguous run. Then every message goes straight from the sender's tensor into
+// the receiver's (no reorder copy on either side). plan_dispatch() over those keys
+// gives that order and the per-key counts.
 //
 // Both are autograd functions: the backward of dispatch is a combine of the
 // gradients and the backward of combine a dispatch. With fp8 the forward dispatch
@@ -34,27 +42,29 @@ namespace brigade::moe {
 
 // Who sends how many rows to whom in one dispatch; combine() reverses it.
 struct ExpertParallelLayout {
-  int64_t local_experts = 0;          // E / P
+  int64_t local_experts = 0;          // L = E / P
+  torch::Tensor send_counts;          // [L, P] int64 (CPU): rows this rank sends for local expert e to rank j
+  torch::Tensor recv_counts;          // [L, P] int64 (CPU): rows it receives for its expert e from rank s
   std::vector<int64_t> send_rows;     // [P] rows this rank sends to each rank
-  std::vector<int64_t> recv_rows;     // [P] rows this rank receives from each rank
-  std::vector<int64_t> local_counts;  // [E / P] rows of each local expert, over all sources (GEMM sizes)
-  torch::Tensor recv_counts;          // [P, E / P] int64 (CPU): rows from source s for local expert e
-  // Gathers of the received rows: to_expert_major[i] is the source-major row that
-  // becomes expert-major row i, to_source_major its inverse. Both undefined when the
-  // two orders coincide (P = 1, E / P = 1, or no expert fed by two sources).
-  torch::Tensor to_expert_major;      // [received] int64
-  torch::Tensor to_source_major;      // [received] int64
+  std::vector<int64_t> recv_rows;     // [P] rows it receives from each rank
+  std::vector<int64_t> local_counts;  // [L] rows of each local expert, over all sources (GEMM sizes)
   int64_t sent() const;
   int64_t received() const;
 };
 
-// The layout from this rank's rows per global expert (counts [E]) and what every
-// source sends here (recv_counts [P, E / P]): exchange_counts() without the
-// exchange, so it is testable on one process.
+// Sort keys of the expert-parallel order: global expert j*L + e -> e*P + j.
+// experts: int64 global expert indices (any shape); num_experts a multiple of ranks.
+torch::Tensor expert_parallel_keys(const torch::Tensor& experts, int64_t num_experts, int64_t ranks);
+// A per-key vector ([E], e.g. loads counted over keys) back in global expert order.
+torch::Tensor global_expert_order(const torch::Tensor& per_key, int64_t ranks);
+
+// The layout from this rank's rows per key (counts [E] in expert-parallel order)
+// and what every source sends here (recv_counts [L, P]): exchange_counts() without
+// the exchange, so it is testable on one process.
 ExpertParallelLayout make_layout(const std::vector<int64_t>& counts, const torch::Tensor& recv_counts);
 
 // Collective: exchanges the counts over `ep` and returns the layout. counts: [E]
-// rows per global expert on this rank; E must be a multiple of ep.size().
+// rows per key on this rank; E must be a multiple of ep.size().
 ExpertParallelLayout exchange_counts(parallel::Communicator& ep, const std::vector<int64_t>& counts);
 
 struct Dispatched {
@@ -63,7 +73,7 @@ struct Dispatched {
   ExpertParallelLayout layout;
 };
 
-// rows: [sent, d] sorted by global expert with `counts` ([E]) rows per expert;
+// rows: [sent, d] in expert-parallel order with `counts` ([E]) rows per key;
 // weights: [sent] routing weight of each row. Differentiable in rows and weights.
 // fp8: the rows travel as E4M3 codes + 1x128 scales (rows: float32 or bfloat16, CPU).
 Dispatched dispatch(parallel::Communicator& ep, const torch::Tensor& rows, const torch::Tensor& weights,

@@ -49,8 +49,12 @@ torch::Tensor MoELayerImpl::forward(const torch::Tensor& x) {
   auto flat = x.reshape({batch * seq, d});
   Routing routing = gate(flat);
   const int64_t capacity = options_.dropless ? -1 : expert_capacity(options_, batch * seq);
-  DispatchPlan plan = plan_dispatch(routing.indices, routing.weights, options_.num_experts, capacity,
-                                    options_.drop_policy);
+  // Under expert parallelism the copies are sorted in the order dispatch() sends
+  // them (moe/expert_parallel.h); the kept copies are the same, only the order of
+  // the experts' runs differs. Loads go back to global expert order.
+  const auto keys = ep_ ? expert_parallel_keys(routing.indices, options_.num_experts, ep_->size()) : routing.indices;
+  DispatchPlan plan = plan_dispatch(keys, routing.weights, options_.num_experts, capacity, options_.drop_policy);
+  if (ep_) plan.routed = global_expert_order(plan.routed, ep_->size());
   auto sorted = permute(flat, plan);                   // [rows, d] by global expert
   auto weights = row_weights(routing.weights, plan);  // [rows]
   torch::Tensor rows;

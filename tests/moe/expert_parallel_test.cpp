@@ -1,5 +1,5 @@
-// The single-process half of expert parallelism: the dispatch layout (counts,
-// reorder gathers) built from given counts, dispatch/combine over a group of one,
+// The single-process half of expert parallelism: the dispatch layout built from
+// given counts, the expert-parallel sort keys, dispatch/combine over a group of one,
 // and input checks. tests/mpi/expert_parallel_test.cpp covers real groups.
 #include <gtest/gtest.h>
 
@@ -15,41 +15,35 @@
 namespace brigade {
 namespace {
 
-std::vector<int64_t> values(const torch::Tensor& t) {
-  auto c = t.to(torch::kLong).contiguous();
-  return {c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel()};
-}
-
-// Rank 1 of 3 with 2 local experts (global experts 2 and 3); sources send
-// [source][local expert] blocks: source 0: 1 and 2 rows, source 1: 0 and 3, source 2: 2 and 0.
-TEST(ExpertParallel, LayoutGroupsReceivedRowsByLocalExpert) {
-  auto recv = torch::tensor({1, 2, 0, 3, 2, 0}, torch::kLong).view({3, 2});
-  // This rank's own rows per global expert (it sends 1 + 0, 0 + 3, 4 + 1 rows to ranks 0, 1, 2).
-  const std::vector<int64_t> counts = {1, 0, 0, 3, 4, 1};
+// Rank 1 of 3 with 2 local experts (global experts 2 and 3). Sources send, for
+// local experts 0 and 1: source 0: 1 and 2 rows, source 1: 0 and 3, source 2: 2 and 0.
+TEST(ExpertParallel, LayoutCountsRowsPerRankAndLocalExpert) {
+  auto recv = torch::tensor({1, 0, 2, 2, 3, 0}, torch::kLong).view({2, 3});  // [local expert, source]
+  // This rank's rows per key e*P + j (global expert j*2 + e): to ranks 0, 1, 2 it
+  // sends 1 + 0, 0 + 3, 4 + 1 rows.
+  const std::vector<int64_t> counts = {1, 0, 4, 0, 3, 1};
   auto l = moe::make_layout(counts, recv);
   EXPECT_EQ(l.local_experts, 2);
+  EXPECT_TRUE(torch::equal(l.send_counts, torch::tensor({1, 0, 4, 0, 3, 1}, torch::kLong).view({2, 3})));
   EXPECT_EQ(l.send_rows, (std::vector<int64_t>{1, 3, 5}));
   EXPECT_EQ(l.recv_rows, (std::vector<int64_t>{3, 3, 2}));
   EXPECT_EQ(l.local_counts, (std::vector<int64_t>{3, 5}));
   EXPECT_EQ(l.sent(), 9);
   EXPECT_EQ(l.received(), 8);
-  // Received (source-major): s0e0 | s0e1 s0e1 | s1e1 s1e1 s1e1 | s2e0 s2e0 = rows 0..7.
-  // Expert 0 gets s0's row 0 then s2's rows 6, 7; expert 1 gets s0's 1, 2 then s1's 3, 4, 5.
-  ASSERT_TRUE(l.to_expert_major.defined());
-  EXPECT_EQ(values(l.to_expert_major), (std::vector<int64_t>{0, 6, 7, 1, 2, 3, 4, 5}));
-  ASSERT_TRUE(l.to_source_major.defined());
-  EXPECT_TRUE(torch::equal(l.to_expert_major.index_select(0, l.to_source_major), torch::arange(8, torch::kLong)));
-}
-
-TEST(ExpertParallel, LayoutSkipsTheReorderWhenOrdersCoincide) {
-  // Each local expert fed by one source, in source order: no gather needed.
-  auto l = moe::make_layout({2, 0, 0, 3}, torch::tensor({2, 0, 0, 3}, torch::kLong).view({2, 2}));
-  EXPECT_FALSE(l.to_expert_major.defined());
-  EXPECT_FALSE(l.to_source_major.defined());
-  // Nothing received at all.
   auto none = moe::make_layout({0, 0, 0, 0}, torch::zeros({2, 2}, torch::kLong));
   EXPECT_EQ(none.received(), 0);
   EXPECT_EQ(none.local_counts, (std::vector<int64_t>{0, 0}));
+}
+
+// Global expert j*L + e has key e*P + j; per-key vectors map back.
+TEST(ExpertParallel, KeysOrderByLocalExpertThenRank) {
+  auto experts = torch::arange(6, torch::kLong);  // 3 ranks of 2 experts
+  auto keys = moe::expert_parallel_keys(experts, 6, 3);
+  EXPECT_TRUE(torch::equal(keys, torch::tensor({0, 3, 1, 4, 2, 5}, torch::kLong)));
+  auto per_key = torch::zeros({6}, torch::kLong).index_put_({keys}, experts * 10);
+  EXPECT_TRUE(torch::equal(moe::global_expert_order(per_key, 3), experts * 10));
+  // One rank: the keys are the experts.
+  EXPECT_TRUE(torch::equal(moe::expert_parallel_keys(experts, 6, 1), experts));
 }
 
 TEST(ExpertParallel, BadCountsAreErrors) {
