@@ -1,9 +1,7 @@
 #include "moe/expert_parallel.h"
 
-#include <chrono>
 #include <mutex>
 #include <numeric>
-#include <thread>
 
 #include <torch/autograd.h>
 
@@ -48,7 +46,11 @@ class BufferPool {
       auto fresh = torch::empty({bytes}, torch::kByte);
       best = spare != nullptr ? &(*spare = fresh) : &buffers_.emplace_back(fresh);
     }
-    return best->narrow(0, 0, bytes).view(options.dtype().toScalarType()).view(sizes);
+    // A tensor of its own on the buffer's storage, not a view of the buffer (autograd
+    // treats outputs that are views of a no-grad base specially).
+    std::vector<int64_t> strides(sizes.size(), 1);
+    for (int64_t i = static_cast<int64_t>(sizes.size()) - 2; i >= 0; --i) strides[i] = strides[i + 1] * sizes[i + 1];
+    return torch::empty({0}, options).set_(best->storage(), 0, sizes, strides);
   }
 
  private:
@@ -59,17 +61,6 @@ class BufferPool {
 BufferPool& pool() {
   static BufferPool buffers;
   return buffers;
-}
-
-// Waits for `h`, polling without sleeping: Open MPI moves a large non-blocking
-// all_to_all forward only inside MPI calls, so the communicator's wait(), which
-// sleeps between polls after the first millisecond, stretches a 64 MiB exchange
-// several times over. yield() leaves the core to other ranks when they
-// oversubscribe it. Past the group's timeout, wait() reports the hung peer.
-void finish(parallel::Communicator& ep, parallel::Handle& h) {
-  const auto deadline = std::chrono::steady_clock::now() + ep.timeout();
-  while (!h.test() && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
-  h.wait();
 }
 
 // One exchange, each tensor [rows, ...] in E/P rounds, round e an all_to_all of
@@ -103,7 +94,7 @@ std::vector<torch::Tensor> exchange(parallel::Communicator& ep, const std::vecto
       out_start += n_out;
     }
   }
-  for (auto& h : handles) finish(ep, h);
+  for (auto& h : handles) h.wait();
   return outputs;
 }
 
@@ -241,8 +232,7 @@ ExpertParallelLayout exchange_counts(parallel::Communicator& ep, const std::vect
   const auto device = ep.backend() == parallel::Backend::kNccl ? torch::kCUDA : torch::kCPU;
   auto mine = torch::tensor(counts, torch::kLong).view({experts / ranks, ranks}).t().contiguous().to(device);
   auto theirs = torch::empty_like(mine);
-  auto h = ep.all_to_all(mine, std::vector<int64_t>(ranks, 1), theirs, std::vector<int64_t>(ranks, 1));
-  finish(ep, h);
+  ep.all_to_all(mine, std::vector<int64_t>(ranks, 1), theirs, std::vector<int64_t>(ranks, 1)).wait();
   return make_layout(counts, theirs.to(torch::kCPU).t().contiguous());
 }
 
