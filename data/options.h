@@ -20,6 +20,10 @@ struct DataOptions {
   DataSource source = DataSource::kSynthetic;
   std::vector<std::string> shards;     // source: shards
   double eval_fraction = 0.02;         // source: shards; the tail of the corpus held out for eval
+  // source: shards; the shards hold packed rows of seq_len + 1 tokens with whole
+  // documents (`brigade distill`'s build stage): whole rows are sampled and
+  // attention stays inside each document.
+  bool packed = false;
   ArithmeticOptions synthetic;         // source: synthetic
 };
 

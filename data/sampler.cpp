@@ -20,19 +20,28 @@ BatchSampler::BatchSampler(TokenCorpus corpus, SamplerOptions options)
                 options_.rank, " is outside [0, ", options_.world_size, ")");
   BRIGADE_CHECK(corpus_.size() >= options_.seq_len + 1, "sampler: the corpus has ", corpus_.size(),
                 " tokens, but seq_len ", options_.seq_len, " needs at least ", options_.seq_len + 1);
+  BRIGADE_CHECK(options_.document_start < 0 || corpus_.size() % (options_.seq_len + 1) == 0,
+                "sampler: packed rows need a corpus of whole rows of seq_len + 1 = ", options_.seq_len + 1,
+                " tokens, but it has ", corpus_.size(), " tokens (built for another data.seq_len?)");
 }
 
 Batch BatchSampler::batch(int64_t step, int64_t micro) const {
   const int64_t rows = options_.micro_batch_size;
   const int64_t T = options_.seq_len;
-  // Windows of T+1 tokens start at 0 .. size-T-1.
-  const auto starts = static_cast<uint64_t>(corpus_.size() - T);
+  // Windows of T+1 tokens start at 0 .. size-T-1 (packed: at whole rows).
+  const bool packed = options_.document_start >= 0;
+  const auto starts = static_cast<uint64_t>(packed ? corpus_.size() / (T + 1) : corpus_.size() - T);
 
   Batch batch;
   batch.inputs = torch::empty({rows, T}, torch::kInt64);   // [micro_batch, seq_len]
   batch.targets = torch::empty({rows, T}, torch::kInt64);  // [micro_batch, seq_len]
   int64_t* inputs = batch.inputs.data_ptr<int64_t>();
   int64_t* targets = batch.targets.data_ptr<int64_t>();
+  int64_t* segments = nullptr;
+  if (packed) {
+    batch.segments = torch::empty({rows, T}, torch::kInt64);
+    segments = batch.segments.data_ptr<int64_t>();
+  }
 
   std::vector<int64_t> window(static_cast<size_t>(T + 1));
   std::vector<uint8_t> mask(static_cast<size_t>(T + 1));
@@ -45,7 +54,7 @@ Batch BatchSampler::batch(int64_t step, int64_t micro) const {
     // stream of single-rank runs unchanged from before data parallelism.)
     h = hash_combine(h, 0);
     h = hash_combine(h, static_cast<uint64_t>(options_.rank * rows + row));
-    const auto offset = static_cast<int64_t>(h % starts);
+    const auto offset = static_cast<int64_t>(h % starts) * (packed ? T + 1 : 1);
     corpus_.read(offset, T + 1, window.data(), mask.data());
     int64_t* in = inputs + row * T;
     int64_t* tg = targets + row * T;
@@ -57,6 +66,13 @@ Batch BatchSampler::batch(int64_t step, int64_t micro) const {
         ++batch.trained_tokens;
       } else {
         tg[t] = kIgnoreIndex;
+      }
+    }
+    if (packed) {
+      int64_t document = -1;
+      for (int64_t t = 0; t < T; ++t) {
+        if (window[t] == options_.document_start || t == 0) ++document;
+        segments[row * T + t] = document;
       }
     }
   }

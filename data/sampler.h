@@ -19,12 +19,19 @@ struct SamplerOptions {
   uint64_t seed = 0;
   int rank = 0;                   // this rank's index in the data-parallel group
   int world_size = 1;
+  // Packed documents (supervised fine-tuning data from `brigade distill`): the
+  // corpus is rows of exactly seq_len + 1 tokens, each holding whole documents
+  // that start with `document_start` (BOS) and are padded at the end; batches
+  // take whole rows, and each position's document index is in Batch::segments
+  // so attention stays inside a document. -1: one continuous stream.
+  int64_t document_start = -1;
 };
 
 struct Batch {
   torch::Tensor inputs;   // [micro_batch, seq_len] int64
   torch::Tensor targets;  // [micro_batch, seq_len] int64; kIgnoreIndex where the mask is 0
   int64_t trained_tokens = 0;  // targets that are not kIgnoreIndex
+  torch::Tensor segments; // [micro_batch, seq_len] int64 document index within the row (packed rows only)
 };
 
 class BatchSampler {

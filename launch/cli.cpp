@@ -78,6 +78,13 @@ int run_cli(int argc, char** argv) {
   demo_cmd->add_option("--samples", demo.samples, "Generations to print")->capture_default_str();
   demo_cmd->add_option("--eval-problems", demo.eval_problems, "Held-out problems to score")->capture_default_str();
 
+  DistillArgs distill;
+  auto* distill_cmd = app.add_subcommand("distill", "Distil a teacher into a student: generate, verify, build, train, eval");
+  distill_cmd->add_option("recipe", distill.recipe, "Distillation recipe YAML file")->required();
+  add_set_option(distill_cmd, distill.overrides);
+  distill_cmd->add_option("--run-dir", distill.run_dir, "Run directory (default runs/<recipe name>)");
+  distill_cmd->add_option("--stage", distill.stage, "Run one stage: teacher, generate, verify, build, train or eval");
+
   LaunchArgs launch;
   auto* launch_cmd = app.add_subcommand("launch", "Start N ranks through mpirun: brigade launch -n 2 -- train RECIPE");
   launch_cmd->add_option("-n", launch.ranks, "Number of ranks")->required();
@@ -125,6 +132,7 @@ int run_cli(int argc, char** argv) {
       return rc;
     }
     if (*gen_cmd) return generate_command(gen);
+    if (*distill_cmd) return distill_command(distill);
     if (*launch_cmd) return launch_command(launch);
     if (*demo_cmd) return demo_command(demo);
     if (*show_cmd) {

@@ -6,6 +6,9 @@
 #include <string>
 #include <vector>
 
+#include "model/transformer.h"
+#include "recipes/recipe.h"
+
 namespace brigade::launch {
 
 // Entry point of the executable.
@@ -39,6 +42,24 @@ struct DemoArgs {
   int64_t eval_problems = 50;  // held-out problems scored
 };
 int demo_command(const DemoArgs& args);
+
+struct DistillArgs {
+  std::filesystem::path recipe;
+  std::vector<std::string> overrides;
+  std::filesystem::path run_dir;  // empty: runs/<recipe name>
+  std::string stage;              // empty: every stage in order
+};
+int distill_command(const DistillArgs& args);
+
+// runs/<recipe name>, or `requested` when given.
+std::filesystem::path default_run_dir(const recipes::Recipe& recipe, const std::filesystem::path& requested);
+
+// A checkpoint's own recipe (plus overrides) and its weights.
+struct LoadedModel {
+  recipes::Recipe recipe;
+  model::Transformer model{nullptr};
+};
+LoadedModel load_model(const std::filesystem::path& checkpoint, const std::vector<std::string>& overrides);
 
 // Finds a shipped recipe ("recipes/tiny-dense.yaml") from the working directory or
 // next to the executable (build/brigade -> ../recipes).

@@ -26,7 +26,6 @@
 
 namespace brigade::launch {
 namespace fs = std::filesystem;
-namespace {
 
 fs::path default_run_dir(const recipes::Recipe& recipe, const fs::path& requested) {
   return requested.empty() ? fs::path("runs") / recipe.name : requested;
@@ -34,6 +33,8 @@ fs::path default_run_dir(const recipes::Recipe& recipe, const fs::path& requeste
 
 // Refuses to start a fresh run on top of an existing one: nothing already in the
 // run directory may be overwritten.
+namespace {
+
 void check_fresh_run_dir(const fs::path& run_dir) {
   const trainer::CheckpointStore store(run_dir / "checkpoints", 1);
   const bool has_checkpoints = !store.list().empty();
@@ -59,11 +60,7 @@ void log_model(const recipes::Recipe& r, model::Transformer& model) {
            human_count(count.train_flops_per_token(r.model, r.data.seq_len)), " at seq_len ", r.data.seq_len);
 }
 
-// Loads a checkpoint's own recipe (plus overrides) and its weights.
-struct LoadedModel {
-  recipes::Recipe recipe;
-  model::Transformer model{nullptr};
-};
+}  // namespace
 
 LoadedModel load_model(const fs::path& checkpoint, const std::vector<std::string>& overrides) {
   const fs::path dir = trainer::resolve_checkpoint(checkpoint);
@@ -76,7 +73,6 @@ LoadedModel load_model(const fs::path& checkpoint, const std::vector<std::string
   return out;
 }
 
-}  // namespace
 
 fs::path find_shipped_recipe(const std::string& relative) {
   if (fs::exists(relative)) return relative;

@@ -15,6 +15,7 @@ void SamplingOptions::validate() const {
   BRIGADE_CHECK(top_k >= 0, "top_k must be >= 0, got ", top_k);
   BRIGADE_CHECK(top_p > 0 && top_p <= 1, "top_p must be in (0, 1], got ", top_p);
   BRIGADE_CHECK(logprobs >= 0, "logprobs must be >= 0, got ", logprobs);
+  BRIGADE_CHECK(vocab_limit >= 0, "vocab_limit must be >= 0, got ", vocab_limit);
 }
 
 int64_t sample_token(const torch::Tensor& logits, const SamplingOptions& options,
@@ -93,6 +94,7 @@ std::vector<Generation> generate_batch(Transformer& model, const std::vector<std
 
   for (int64_t step = 0; step < options.max_new_tokens && cache.length + input.size(1) <= capacity; ++step) {
     auto logits = model->forward(input, &cache).select(1, -1).to(torch::kCPU, torch::kFloat);  // [rows, vocab]
+    if (options.vocab_limit > 0 && options.vocab_limit < logits.size(1)) logits = logits.narrow(1, 0, options.vocab_limit);
     torch::Tensor top_ids, top_lp;
     if (options.logprobs > 0) {
       auto [values, indices] = torch::log_softmax(logits, -1).topk(std::min(options.logprobs, logits.size(1)));
@@ -131,7 +133,8 @@ std::vector<Generation> generate_batch(Transformer& model, const std::vector<std
   }
   if (options.logprobs > 0) {
     for (size_t i = 0; i < results.size(); ++i) {
-      const int64_t k = std::min(options.logprobs, mo.vocab_size);
+      const int64_t vocab = options.vocab_limit > 0 ? std::min(options.vocab_limit, mo.vocab_size) : mo.vocab_size;
+      const int64_t k = std::min(options.logprobs, vocab);
       results[i].topk_ids = ids[i].empty() ? torch::empty({0, k}, torch::kInt) : torch::stack(ids[i]);
       results[i].topk_logprobs = logprobs[i].empty() ? torch::empty({0, k}, torch::kFloat) : torch::stack(logprobs[i]);
     }

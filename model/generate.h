@@ -20,6 +20,7 @@ struct SamplingOptions {
   uint64_t seed = 0;
   std::vector<int64_t> stop_ids;  // generation ends after emitting one of these
   int64_t logprobs = 0;      // > 0: keep the top-k log-probabilities (temperature 1, no filters) per new token
+  int64_t vocab_limit = 0;   // > 0: only ids below it exist (the tokenizer's vocabulary when model.vocab_size is padded)
   void validate() const;
 };
 

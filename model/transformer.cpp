@@ -78,7 +78,8 @@ AttentionImpl::AttentionImpl(const TransformerOptions& o)
 }
 
 torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& cos,
-                                     const torch::Tensor& sin, KVCache* cache, int64_t layer) {
+                                     const torch::Tensor& sin, KVCache* cache, int64_t layer,
+                                     const torch::Tensor& mask) {
   const int64_t batch = x.size(0), seq = x.size(1);
   // [batch, seq, heads*hd] -> [batch, heads, seq, hd]
   auto q = q_proj(x).view({batch, seq, n_heads_, head_dim_});
@@ -92,7 +93,10 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
   k = apply_rope(k.transpose(1, 2), cos, sin);
 
   torch::Tensor out;
-  if (cache == nullptr) {
+  if (cache == nullptr && mask.defined()) {
+    out = at::scaled_dot_product_attention(q, k, v, mask, 0.0, /*is_causal=*/false, std::nullopt,
+                                           /*enable_gqa=*/n_kv_heads_ != n_heads_);
+  } else if (cache == nullptr) {
     out = at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true, std::nullopt,
                                            /*enable_gqa=*/n_kv_heads_ != n_heads_);
   } else {
@@ -140,8 +144,9 @@ BlockImpl::BlockImpl(const TransformerOptions& o, int64_t layer) {
 }
 
 torch::Tensor BlockImpl::forward(const torch::Tensor& x, const torch::Tensor& cos,
-                                 const torch::Tensor& sin, KVCache* cache, int64_t layer) {
-  auto h = x + self_attn(input_layernorm(x), cos, sin, cache, layer);
+                                 const torch::Tensor& sin, KVCache* cache, int64_t layer,
+                                 const torch::Tensor& mask) {
+  auto h = x + self_attn(input_layernorm(x), cos, sin, cache, layer, mask);
   auto normed = post_attention_layernorm(h);
   return h + (mlp ? mlp(normed) : moe(normed));
 }
@@ -200,8 +205,18 @@ void TransformerImpl::init_weights() {
   if (lm_head) lm_head->weight.normal_(0.0, std);
 }
 
-torch::Tensor TransformerImpl::forward(const torch::Tensor& tokens, KVCache* cache) {
+torch::Tensor TransformerImpl::forward(const torch::Tensor& tokens, KVCache* cache, const torch::Tensor& segments) {
   BRIGADE_CHECK(tokens.dim() == 2, "tokens must be [batch, seq], got ", tokens.sizes());
+  torch::Tensor mask;
+  if (segments.defined()) {
+    BRIGADE_CHECK(cache == nullptr && segments.sizes() == tokens.sizes(), "segments ", segments.sizes(),
+                  " must match tokens ", tokens.sizes(), " (and come without a KV cache)");
+    const int64_t n = tokens.size(1);
+    auto pos = torch::arange(n, torch::TensorOptions().dtype(torch::kLong).device(tokens.device()));
+    auto causal = (pos.unsqueeze(1) >= pos.unsqueeze(0)).unsqueeze(0);  // [1, q, k]
+    auto seg = segments.to(tokens.device());
+    mask = (causal & (seg.unsqueeze(2) == seg.unsqueeze(1))).unsqueeze(1);  // [batch, 1, q, k]
+  }
   const int64_t seq = tokens.size(1);
   const int64_t start = cache ? cache->length : 0;
   BRIGADE_CHECK(start + seq <= options_.max_seq_len, "sequence of ", start + seq,
@@ -211,7 +226,7 @@ torch::Tensor TransformerImpl::forward(const torch::Tensor& tokens, KVCache* cac
   auto h = embed_tokens(tokens);
   int64_t index = 0;
   for (const auto& layer : *layers) {
-    h = layer->as<BlockImpl>()->forward(h, cos, sin, cache, index++);
+    h = layer->as<BlockImpl>()->forward(h, cos, sin, cache, index++, mask);
   }
   if (cache) cache->length += seq;
   h = norm(h);

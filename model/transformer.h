@@ -78,8 +78,10 @@ class AttentionImpl : public torch::nn::Module {
  public:
   explicit AttentionImpl(const TransformerOptions& options);
   // x: [batch, seq, d_model]; cos/sin: [seq, head_dim] for the positions of x.
+  // mask: [batch, 1, seq, seq] bool (true: may attend) replacing the causal mask
+  // (packed documents); undefined: causal. Not with a cache.
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
-                        KVCache* cache, int64_t layer);
+                        KVCache* cache, int64_t layer, const torch::Tensor& mask = {});
 
   precision::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
   RMSNorm q_norm{nullptr}, k_norm{nullptr};
@@ -93,7 +95,7 @@ class BlockImpl : public torch::nn::Module {
  public:
   BlockImpl(const TransformerOptions& options, int64_t layer);
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
-                        KVCache* cache, int64_t layer);
+                        KVCache* cache, int64_t layer, const torch::Tensor& mask = {});
   RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
   Attention self_attn{nullptr};
   // Exactly one feed-forward is set; either is registered under the name "mlp".
@@ -119,7 +121,11 @@ class TransformerImpl : public torch::nn::Module {
 
   // tokens: [batch, seq] int64 -> logits [batch, seq, vocab] (float32 unless autocast).
   // With a cache, positions continue from cache->length and the cache is extended.
-  torch::Tensor forward(const torch::Tensor& tokens, KVCache* cache = nullptr);
+  // segments: [batch, seq] document index of each position (packed documents,
+  // data::Batch::segments): a position attends only to earlier positions of its
+  // own document. RoPE depends on relative positions only, so a document reads as
+  // it would alone. Not with a cache.
+  torch::Tensor forward(const torch::Tensor& tokens, KVCache* cache = nullptr, const torch::Tensor& segments = {});
 
   // An empty cache for `batch` sequences of up to `capacity` positions.
   KVCache make_cache(int64_t batch, int64_t capacity) const;

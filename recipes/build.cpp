@@ -1,5 +1,7 @@
 #include "recipes/build.h"
 
+#include <algorithm>
+
 #include <torch/torch.h>
 
 #include "core/error.h"
@@ -18,7 +20,14 @@ Corpora build_corpora(const Recipe& r, const data::Tokenizer& tokenizer) {
     auto all = data::TokenCorpus::from_shards(paths);
     BRIGADE_CHECK(all.vocab_bound() <= r.model.vocab_size, "data.shards hold token ids up to ",
                   all.vocab_bound() - 1, " but model.vocab_size is ", r.model.vocab_size);
-    const auto eval_tokens = static_cast<int64_t>(static_cast<double>(all.size()) * r.data.eval_fraction);
+    auto eval_tokens = static_cast<int64_t>(static_cast<double>(all.size()) * r.data.eval_fraction);
+    if (r.data.packed) {
+      // Whole rows: at least one held out, at least one to train on.
+      const int64_t row = r.data.seq_len + 1, rows = all.size() / row;
+      BRIGADE_CHECK(rows >= 2, "data.shards hold ", rows, " packed rows of ", row,
+                    " tokens: at least 2 are needed (one held out for eval)");
+      eval_tokens = std::clamp<int64_t>(eval_tokens / row, 1, rows - 1) * row;
+    }
     BRIGADE_CHECK(eval_tokens > r.data.seq_len && all.size() - eval_tokens > r.data.seq_len,
                   "data.shards hold ", all.size(), " tokens: too few for data.seq_len ", r.data.seq_len,
                   " with data.eval_fraction ", r.data.eval_fraction);
@@ -41,6 +50,7 @@ data::SamplerOptions sampler_options(const Recipe& r, bool eval, int rank, int r
   o.world_size = ranks;
   o.seq_len = r.data.seq_len;
   o.micro_batch_size = r.trainer.micro_batch_size;
+  if (r.data.packed) o.document_start = data::make_tokenizer(r.data.tokenizer)->bos_id();
   // Eval batches come from a different stream so they never mirror training batches.
   o.seed = eval ? mix64(r.trainer.seed ^ 0x65766131ULL) : r.trainer.seed;
   return o;

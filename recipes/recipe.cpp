@@ -164,6 +164,7 @@ void validate(const Recipe& r) {
   r.precision.fp8.validate();
   r.trainer.validate();
   r.parallel.validate();
+  r.distill.validate();
   const auto tokenizer = data::make_tokenizer(r.data.tokenizer);
   BRIGADE_CHECK(r.model.vocab_size >= tokenizer->vocab_size(), "model.vocab_size (", r.model.vocab_size,
                 ") is smaller than the ", r.data.tokenizer, " tokenizer's vocabulary (", tokenizer->vocab_size(), ")");

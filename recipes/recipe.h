@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "data/options.h"
+#include "distill/options.h"
 #include "model/transformer.h"
 #include "parallel/options.h"
 #include "precision/precision.h"
@@ -26,6 +27,7 @@ struct Recipe {
   precision::PrecisionOptions precision;
   trainer::TrainerOptions trainer;
   parallel::ParallelOptions parallel;
+  distill::DistillOptions distill;  // `brigade distill` only
 };
 
 // Loads `file` (following `inherit:`), applies `overrides` ("a.b.c=value", YAML

@@ -302,7 +302,7 @@ StepResult Trainer::step() {
 
 torch::Tensor Trainer::token_loss_sum(const data::Batch& batch) {
   precision::AutocastGuard autocast(precision_.compute_dtype);
-  auto logits = model_->forward(batch.inputs);  // [batch, seq, vocab]
+  auto logits = model_->forward(batch.inputs, nullptr, batch.segments);  // [batch, seq, vocab]
   return torch::nn::functional::cross_entropy(
       logits.reshape({-1, logits.size(-1)}).to(torch::kFloat), batch.targets.reshape({-1}),
       torch::nn::functional::CrossEntropyFuncOptions().ignore_index(data::kIgnoreIndex).reduction(torch::kSum));

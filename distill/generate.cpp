@@ -1,0 +1,99 @@
+#include "distill/generate.h"
+
+#include <chrono>
+#include <cstdio>
+
+#include "core/error.h"
+#include "core/hash.h"
+#include "core/log.h"
+#include "core/progress.h"
+#include "distill/traces.h"
+#include "model/generate.h"
+
+namespace brigade::distill {
+
+std::vector<int64_t> prompt_tokens(const data::Tokenizer& tokenizer, const Prompt& prompt) {
+  std::vector<int64_t> ids{tokenizer.bos_id()};
+  for (int64_t id : tokenizer.encode(prompt.prompt)) ids.push_back(id);
+  return ids;
+}
+
+uint64_t sample_seed(uint64_t seed, const std::string& prompt_id, int64_t sample) {
+  return hash_combine(hash_combine(seed, fnv1a(prompt_id)), static_cast<uint64_t>(sample));
+}
+
+GenerateStats generate_traces(model::Transformer& teacher, const data::Tokenizer& tokenizer,
+                              const std::vector<Prompt>& prompts, const GenerateOptions& options,
+                              const std::filesystem::path& dir, bool progress) {
+  TraceWriter store(dir, options.logprobs);
+  GenerateStats stats;
+  struct Job {
+    size_t prompt;
+    int64_t sample;
+  };
+  std::vector<Job> jobs;
+  for (size_t p = 0; p < prompts.size(); ++p) {
+    for (int64_t s = 0; s < options.samples; ++s) {
+      ++stats.requested;
+      if (store.done().contains({prompts[p].id, s})) ++stats.already_done;
+      else jobs.push_back({p, s});
+    }
+  }
+  if (stats.already_done > 0) {
+    log_info("generate: ", stats.already_done, " of ", stats.requested, " samples already in ", dir.string());
+  }
+  model::SamplingOptions sampling;
+  sampling.max_new_tokens = options.max_new_tokens;
+  sampling.temperature = options.temperature;
+  sampling.top_p = options.top_p;
+  sampling.logprobs = options.logprobs;
+  sampling.stop_ids = {tokenizer.eos_id()};
+  sampling.vocab_limit = tokenizer.vocab_size();
+  const int64_t context = teacher->options().max_seq_len;
+
+  Progress bar("generate", static_cast<int64_t>(jobs.size()), stderr_is_terminal());
+  const auto start = std::chrono::steady_clock::now();
+  int64_t new_tokens = 0;
+  for (size_t first = 0; first < jobs.size(); first += static_cast<size_t>(options.batch_size)) {
+    const size_t last = std::min(jobs.size(), first + static_cast<size_t>(options.batch_size));
+    std::vector<std::vector<int64_t>> batch;
+    std::vector<uint64_t> seeds;
+    for (size_t j = first; j < last; ++j) {
+      const auto& prompt = prompts[jobs[j].prompt];
+      batch.push_back(prompt_tokens(tokenizer, prompt));
+      BRIGADE_CHECK(static_cast<int64_t>(batch.back().size()) < context, "prompt '", prompt.id, "' has ",
+                    batch.back().size(), " tokens: no room left in the teacher's context of ", context);
+      seeds.push_back(sample_seed(options.seed, prompt.id, jobs[j].sample));
+    }
+    auto results = model::generate_batch(teacher, batch, sampling, seeds);
+    for (size_t j = first; j < last; ++j) {
+      auto& g = results[j - first];
+      Trace t;
+      t.prompt_id = prompts[jobs[j].prompt].id;
+      t.sample = jobs[j].sample;
+      t.finish_reason = g.stopped ? "stop" : "length";
+      t.prompt_tokens = static_cast<int64_t>(batch[j - first].size());
+      t.completion_tokens = static_cast<int64_t>(g.tokens.size());
+      std::vector<int64_t> text_ids = g.tokens;
+      if (g.stopped) text_ids.pop_back();  // the EOS is not text
+      t.text = tokenizer.decode(text_ids);
+      if (options.logprobs > 0) {
+        t.topk_ids = g.topk_ids;
+        t.topk_logprobs = g.topk_logprobs;
+      }
+      store.append(t);
+      new_tokens += t.completion_tokens;
+      stats.generated += 1;
+      if (!g.stopped) stats.truncated += 1;
+    }
+    store.flush();
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    char status[64];
+    std::snprintf(status, sizeof status, "%s tok/s", human_count(static_cast<double>(new_tokens) / seconds).c_str());
+    if (progress) bar.update(static_cast<int64_t>(last), status);
+  }
+  if (progress) bar.finish();
+  return stats;
+}
+
+}  // namespace brigade::distill

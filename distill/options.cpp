@@ -1,0 +1,25 @@
+#include "distill/options.h"
+
+#include "core/error.h"
+
+namespace brigade::distill {
+
+void DistillOptions::validate() const {
+  BRIGADE_CHECK(!teacher.checkpoint.empty() || !teacher.recipe.empty(),
+                "distill.teacher: set a checkpoint or a recipe to train the teacher from");
+  BRIGADE_CHECK(num_prompts >= 0, "distill.num_prompts must be >= 0, got ", num_prompts);
+  const auto& g = generate;
+  BRIGADE_CHECK(g.samples >= 1, "distill.generate.samples must be >= 1, got ", g.samples);
+  BRIGADE_CHECK(g.temperature > 0 || g.samples == 1,
+                "distill.generate.temperature 0 (greedy) gives one distinct sample per prompt: set samples to 1");
+  BRIGADE_CHECK(g.top_p > 0 && g.top_p <= 1, "distill.generate.top_p must be in (0, 1], got ", g.top_p);
+  BRIGADE_CHECK(g.max_new_tokens >= 1, "distill.generate.max_new_tokens must be >= 1, got ", g.max_new_tokens);
+  BRIGADE_CHECK(g.batch_size >= 1, "distill.generate.batch_size must be >= 1, got ", g.batch_size);
+  BRIGADE_CHECK(g.logprobs >= 0, "distill.generate.logprobs must be >= 0, got ", g.logprobs);
+  distill::validate(verify);
+  BRIGADE_CHECK(eval.problems >= 1, "distill.eval.problems must be >= 1, got ", eval.problems);
+  BRIGADE_CHECK(eval.k >= 1, "distill.eval.k must be >= 1, got ", eval.k);
+  BRIGADE_CHECK(eval.temperature > 0, "distill.eval.temperature must be > 0, got ", eval.temperature);
+}
+
+}  // namespace brigade::distill

@@ -1,0 +1,119 @@
+// `brigade distill` as a user runs it, on a small teacher trained in the test: every
+// stage runs and writes its outputs, a second run skips the finished stages, a run
+// interrupted inside generate continues without losing or duplicating samples,
+// and bad stage requests are clear errors.
+#include <gtest/gtest.h>
+
+#include <fstream>
+#include <set>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "core/fs.h"
+#include "tests/testing.h"
+
+namespace brigade {
+namespace {
+
+namespace fs = std::filesystem;
+using testing::run_brigade;
+using testing::TempDir;
+
+const std::string kSmall =
+    " --set model.d_model=64 --set model.n_layers=2 --set model.n_heads=4 --set model.n_kv_heads=2"
+    " --set model.d_ff=128 --set data.seq_len=64 --set model.max_seq_len=128 --set data.synthetic.num_problems=2000"
+    " --set data.synthetic.eval_problems=30 --set trainer.micro_batch_size=8 --set trainer.warmup_steps=10"
+    " --set trainer.eval_every=0 --set trainer.checkpoint_every=0 --set trainer.eval_batches=1 --set trainer.threads=2";
+
+std::vector<nlohmann::json> lines(const fs::path& file) {
+  std::vector<nlohmann::json> out;
+  std::istringstream in(read_file(file));
+  for (std::string line; std::getline(in, line);) {
+    if (!line.empty()) out.push_back(nlohmann::json::parse(line));
+  }
+  return out;
+}
+
+TEST(CliDistill, StagesRunOnceAndAnInterruptedGenerateContinues) {
+  TempDir dir;
+  // A teacher that has learned the format (<think> ... </think> \boxed{}), not the arithmetic.
+  auto teacher = run_brigade("train " + std::string(BRIGADE_SOURCE_DIR) + "/recipes/tiny-dense.yaml" + kSmall +
+                             " --set trainer.lr=0.01 --set trainer.max_steps=300 --run-dir " + (dir / "teacher").string());
+  ASSERT_EQ(teacher.exit_code, 0) << teacher.output;
+  // Prompts without reference answers (verified on format alone) and one broken line.
+  {
+    std::ofstream prompts(dir / "prompts.jsonl");
+    for (int i = 0; i < 8; ++i) prompts << "{\"id\": \"p" << i << "\", \"prompt\": \"Problem: " << i << "+" << 2 * i << "*3\\n\"}\n";
+    prompts << "{\"id\": \"broken\"\n";
+  }
+  const std::string distill = "distill " + std::string(BRIGADE_SOURCE_DIR) + "/recipes/distill-arith.yaml" + kSmall +
+                              " --set trainer.max_steps=10 --set distill.teacher.checkpoint=" + (dir / "teacher").string() +
+                              " --set distill.prompts=" + (dir / "prompts.jsonl").string() +
+                              " --set distill.generate.samples=2 --set distill.generate.max_new_tokens=60"
+                              " --set distill.generate.batch_size=5 --set distill.eval.problems=4 --set distill.eval.k=2"
+                              " --run-dir " + (dir / "run").string();
+  auto first = run_brigade(distill);
+  ASSERT_EQ(first.exit_code, 0) << first.output;
+  EXPECT_NE(first.output.find("prompts.jsonl: 9 ("), std::string::npos) << first.output;  // the broken line, by number
+  EXPECT_NE(first.output.find("| teacher |"), std::string::npos) << first.output;
+  EXPECT_NE(first.output.find("| student (SFT) |"), std::string::npos) << first.output;
+  const fs::path work = dir / "run" / "distill";
+  const auto traces = lines(work / "generate" / "traces.jsonl");
+  ASSERT_EQ(traces.size(), 16u);
+  const auto stats = nlohmann::json::parse(read_file(work / "verify" / "stats.json"));
+  EXPECT_EQ(stats["total"].get<int64_t>(), 16);
+  EXPECT_EQ(stats["verified_by_format_only"]["samples"].get<int64_t>(), 16);
+  EXPECT_GT(stats["accepted"].get<int64_t>(), 0) << stats.dump(1);
+  const auto build = nlohmann::json::parse(read_file(work / "build" / "build.json"));
+  EXPECT_EQ(build["documents"].get<int64_t>(), stats["accepted"].get<int64_t>() - build["dropped_too_long"].get<int64_t>());
+  EXPECT_TRUE(fs::exists(work / "train" / "run" / "checkpoints" / "latest"));
+  const auto eval = nlohmann::json::parse(read_file(work / "eval.json"));
+  ASSERT_EQ(eval.size(), 2u);
+  EXPECT_EQ(eval[0]["problems"].get<int64_t>(), 4);
+
+  // Again: every stage is already done.
+  auto second = run_brigade(distill);
+  ASSERT_EQ(second.exit_code, 0) << second.output;
+  for (const char* stage : {"generate: done", "verify: done", "build: done", "train: done"}) {
+    EXPECT_NE(second.output.find(stage), std::string::npos) << stage << "\n" << second.output;
+  }
+  EXPECT_EQ(lines(work / "generate" / "traces.jsonl").size(), 16u);
+
+  // As if killed inside generate: the stage never finished, its last three samples
+  // are missing and the line being written is torn.
+  fs::remove(work / "generate" / "stage.json");
+  {
+    std::string text = read_file(work / "generate" / "traces.jsonl");
+    size_t cut = text.size();
+    for (int i = 0; i < 3; ++i) cut = text.rfind('\n', cut - 2) + 1;
+    std::ofstream(work / "generate" / "traces.jsonl", std::ios::trunc) << text.substr(0, cut) << "{\"prompt_id\": \"p7\", \"sam";
+  }
+  auto resumed = run_brigade(distill + " --stage generate");
+  ASSERT_EQ(resumed.exit_code, 0) << resumed.output;
+  EXPECT_NE(resumed.output.find("13 of 16 samples already in"), std::string::npos) << resumed.output;
+  const auto after = lines(work / "generate" / "traces.jsonl");
+  ASSERT_EQ(after.size(), 16u);
+  std::set<std::pair<std::string, int64_t>> unique;
+  for (const auto& t : after) unique.insert({t["prompt_id"].get<std::string>(), t["sample"].get<int64_t>()});
+  EXPECT_EQ(unique.size(), 16u);
+  // The same seeds: the regenerated samples are the ones the first run made.
+  for (size_t i = 13; i < 16; ++i) EXPECT_EQ(after[i]["text"], traces[i]["text"]) << i;
+}
+
+TEST(CliDistill, BadStageRequestsAreClearErrors) {
+  TempDir dir;
+  const std::string recipe = std::string(BRIGADE_SOURCE_DIR) + "/recipes/distill-arith.yaml";
+  auto r = run_brigade("distill " + recipe + " --stage bake --run-dir " + (dir / "run").string());
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find("unknown --stage 'bake'"), std::string::npos) << r.output;
+  r = run_brigade("distill " + recipe + " --stage verify --run-dir " + (dir / "run").string());
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find("no teacher checkpoint"), std::string::npos) << r.output;
+  r = run_brigade("distill " + recipe + " --set distill.generate.temperature=0 --set distill.generate.samples=3");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find("set samples to 1"), std::string::npos) << r.output;
+}
+
+}  // namespace
+}  // namespace brigade
