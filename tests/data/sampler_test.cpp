@@ -112,6 +112,31 @@ TEST(BatchSampler, SmallestCorpusUsesTheOnlyWindow) {
   }
 }
 
+// Packed rows: batches take whole rows (each starting with a document's BOS) and
+// number the documents of each row for the attention mask.
+TEST(BatchSampler, PackedRowsAreSampledWholeWithDocumentIndices) {
+  const int64_t T = 7, bos = 100;
+  // Three rows of T + 1 = 8 tokens: [bos 1 2 bos 3 4 5 pad], [bos 6 ...], [bos 9 bos 8 bos 7 pad pad].
+  std::vector<int64_t> tokens = {bos, 1, 2, bos, 3, 4, 5, 0, bos, 6, 6, 6, 6, 6, 6, 6, bos, 9, bos, 8, bos, 7, 0, 0};
+  SamplerOptions o;
+  o.seq_len = T;
+  o.micro_batch_size = 6;
+  o.document_start = bos;
+  BatchSampler sampler(TokenCorpus::from_tokens(tokens), o);
+  auto b = sampler.batch(0, 0);
+  ASSERT_TRUE(b.segments.defined());
+  for (int64_t r = 0; r < 6; ++r) {
+    EXPECT_EQ(b.inputs[r][0].item<int64_t>(), bos) << "row " << r << " does not start a row of the corpus";
+    const int64_t first = b.inputs[r][1].item<int64_t>();
+    const std::vector<int64_t> expected = first == 1 ? std::vector<int64_t>{0, 0, 0, 1, 1, 1, 1}
+                                          : first == 6 ? std::vector<int64_t>{0, 0, 0, 0, 0, 0, 0}
+                                                       : std::vector<int64_t>{0, 0, 1, 1, 2, 2, 2};
+    for (int64_t t = 0; t < T; ++t) EXPECT_EQ(b.segments[r][t].item<int64_t>(), expected[static_cast<size_t>(t)]) << r << " " << t;
+  }
+  tokens.push_back(0);  // no longer whole rows
+  EXPECT_BRIGADE_ERROR(BatchSampler(TokenCorpus::from_tokens(tokens), o), "packed rows need a corpus of whole rows");
+}
+
 TEST(BatchSampler, ConstructorErrors) {
   EXPECT_BRIGADE_ERROR(BatchSampler(counting_corpus(10, false), options(10, 1)),
                        "the corpus has 10 tokens, but seq_len 10 needs at least 11");

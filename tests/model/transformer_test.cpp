@@ -392,6 +392,31 @@ TEST(ModelTransformer, ChangingTokenTLeavesEarlierLogitsUnchanged) {
   }
 }
 
+// Packed documents (segments): the second document of a row reads exactly as it
+// does alone (RoPE is relative, the mask hides the first document), and the first
+// is untouched by what follows it.
+TEST(ModelTransformer, PackedDocumentsDoNotSeeEachOther) {
+  auto o = small_options();
+  o.n_kv_heads = 2;
+  torch::manual_seed(5);
+  Transformer model(o);
+  randomize(model, 6);
+  model->eval();
+  torch::NoGradGuard no_grad;
+  torch::manual_seed(10);
+  auto a = torch::randint(0, o.vocab_size, {1, 6}, torch::kLong);
+  auto b = torch::randint(0, o.vocab_size, {1, 9}, torch::kLong);
+  auto row = torch::cat({a, b}, 1);
+  auto segments = torch::cat({torch::zeros({1, 6}, torch::kLong), torch::ones({1, 9}, torch::kLong)}, 1);
+  auto packed = model->forward(row, nullptr, segments);
+  EXPECT_TRUE(torch::allclose(packed.narrow(1, 0, 6), model->forward(a), 1e-5, 1e-5));
+  EXPECT_TRUE(torch::allclose(packed.narrow(1, 6, 9), model->forward(b), 1e-4, 1e-4))
+      << (packed.narrow(1, 6, 9) - model->forward(b)).abs().max().item<double>();
+  // Without segments the second document does see the first.
+  EXPECT_GT((model->forward(row).narrow(1, 6, 9) - model->forward(b)).abs().max().item<double>(), 1e-3);
+  EXPECT_BRIGADE_ERROR(model->forward(row, nullptr, segments.narrow(1, 0, 5)), "must match tokens");
+}
+
 // ---------------------------------------------------------------------------------
 // Parameters
 
