@@ -34,6 +34,12 @@ void Progress::update(int64_t current, const std::string& status) {
   }
 }
 
+void Progress::tick(int64_t current, const std::string& status) {
+  if (!interactive_ && current < total_ && last_line_ >= 0 && (current - last_line_) * 10 < total_) return;
+  last_line_ = current;
+  update(current, status);
+}
+
 void Progress::finish() {
   if (interactive_ && drawn_) {
     std::fprintf(stderr, "\n");

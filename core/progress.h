@@ -15,6 +15,9 @@ class Progress {
   // Shows `current` of total with a free-form status such as "loss 2.31 | 12.3K tok/s".
   // On a terminal every call redraws; otherwise the caller decides when to call.
   void update(int64_t current, const std::string& status);
+  // update() on a terminal; otherwise a line only every tenth of the total (and at
+  // the end), for loops that report often.
+  void tick(int64_t current, const std::string& status);
   // Ends the bar's line on a terminal.
   void finish();
   bool interactive() const { return interactive_; }
@@ -26,6 +29,7 @@ class Progress {
   int64_t first_ = -1;
   std::chrono::steady_clock::time_point start_;
   bool drawn_ = false;
+  int64_t last_line_ = -1;  // tick(): the last count printed as a line
 };
 
 }  // namespace brigade

@@ -65,7 +65,7 @@ PassAtK evaluate_pass_at_k(model::Transformer& model, const data::Tokenizer& tok
       if (rows[r].sample < 0) greedy_ok[rows[r].prompt] = ok;
       else if (ok) any_ok[rows[r].prompt] = true;
     }
-    bar.update(static_cast<int64_t>(end), "");
+    bar.tick(static_cast<int64_t>(end), "");
     first = end;
   }
   bar.finish();

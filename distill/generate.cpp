@@ -90,7 +90,7 @@ GenerateStats generate_traces(model::Transformer& teacher, const data::Tokenizer
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     char status[64];
     std::snprintf(status, sizeof status, "%s tok/s", human_count(static_cast<double>(new_tokens) / seconds).c_str());
-    if (progress) bar.update(static_cast<int64_t>(last), status);
+    if (progress) bar.tick(static_cast<int64_t>(last), status);
   }
   if (progress) bar.finish();
   return stats;
