@@ -24,6 +24,9 @@ struct DataOptions {
   // documents (`brigade distill`'s build stage): whole rows are sampled and
   // attention stays inside each document.
   bool packed = false;
+  // source: shards, packed; the teacher's top-k per shard token (the distill build
+  // stage's kd.safetensors), read when distill.kd.loss is not none. Empty: none.
+  std::string kd_file;
   ArithmeticOptions synthetic;         // source: synthetic
 };
 

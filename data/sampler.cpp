@@ -37,6 +37,8 @@ Batch BatchSampler::batch(int64_t step, int64_t micro) const {
   batch.targets = torch::empty({rows, T}, torch::kInt64);  // [micro_batch, seq_len]
   int64_t* inputs = batch.inputs.data_ptr<int64_t>();
   int64_t* targets = batch.targets.data_ptr<int64_t>();
+  batch.offsets = torch::empty({rows}, torch::kInt64);  // [micro_batch]
+  int64_t* offsets = batch.offsets.data_ptr<int64_t>();
   int64_t* segments = nullptr;
   if (packed) {
     batch.segments = torch::empty({rows, T}, torch::kInt64);
@@ -55,6 +57,7 @@ Batch BatchSampler::batch(int64_t step, int64_t micro) const {
     h = hash_combine(h, 0);
     h = hash_combine(h, static_cast<uint64_t>(options_.rank * rows + row));
     const auto offset = static_cast<int64_t>(h % starts) * (packed ? T + 1 : 1);
+    offsets[row] = offset;
     corpus_.read(offset, T + 1, window.data(), mask.data());
     int64_t* in = inputs + row * T;
     int64_t* tg = targets + row * T;

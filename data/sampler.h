@@ -32,6 +32,10 @@ struct Batch {
   torch::Tensor targets;  // [micro_batch, seq_len] int64; kIgnoreIndex where the mask is 0
   int64_t trained_tokens = 0;  // targets that are not kIgnoreIndex
   torch::Tensor segments; // [micro_batch, seq_len] int64 document index within the row (packed rows only)
+  // [micro_batch] int64: where each row's window starts in the corpus (inputs[r][t]
+  // is corpus token offsets[r] + t), so per-token side data aligned with the corpus
+  // (the teacher's top-k for logit distillation) can be gathered for the batch.
+  torch::Tensor offsets;
 };
 
 class BatchSampler {

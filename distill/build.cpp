@@ -1,16 +1,89 @@
 #include "distill/build.h"
 
+#include <algorithm>
 #include <fstream>
+#include <memory>
+#include <optional>
+
+#include <torch/torch.h>
 
 #include "core/error.h"
 #include "core/fs.h"
 #include "core/log.h"
 #include "data/shard.h"
+#include "distill/traces.h"
+#include "model/safetensors.h"
 
 namespace brigade::distill {
 
+namespace {
+
+// The teacher's top-k laid out along the shard (see build.h), grown row by row.
+class KdLayout {
+ public:
+  explicit KdLayout(const std::filesystem::path& sidecar) : sidecar_(sidecar) {}
+  int64_t k() const { return sidecar_.k(); }
+
+  // A document of `context` tokens then `completion` tokens + EOS at shard position
+  // `start`: places the teacher's records when they align, else counts it.
+  void place(int64_t start, int64_t context, int64_t completion, const TopkRange& range) {
+    if (range.positions != completion + 1) {
+      ++misaligned_;
+      return;
+    }
+    const auto [ids, logprobs] = sidecar_.read(range);
+    const auto ids_c = ids.contiguous();
+    const auto lp_c = logprobs.contiguous();
+    const int64_t first = start + context - 1, k = sidecar_.k();
+    grow(first + range.positions);
+    std::copy_n(ids_c.data_ptr<int32_t>(), range.positions * k, ids_.begin() + first * k);
+    std::copy_n(lp_c.data_ptr<float>(), range.positions * k, logprobs_.begin() + first * k);
+    std::fill_n(valid_.begin() + first, range.positions, uint8_t{1});
+    ++documents_;
+  }
+
+  // Writes the layout for a shard of `tokens` positions (atomically) and adds the
+  // counts to `stats`.
+  void write(const std::filesystem::path& path, int64_t tokens, nlohmann::json& stats) {
+    grow(tokens);
+    const int64_t k = sidecar_.k();
+    auto ids = torch::from_blob(ids_.data(), {tokens, k}, torch::kInt32);
+    auto logprobs = torch::from_blob(logprobs_.data(), {tokens, k}, torch::kFloat32);
+    auto valid = torch::from_blob(valid_.data(), {tokens}, torch::kUInt8);
+    const auto temporary = path.string() + ".tmp";
+    model::save_safetensors(temporary, {{"ids", ids}, {"logprobs", logprobs}, {"valid", valid}},
+                            {{"k", std::to_string(k)}, {"shard", kSftShard}});
+    std::filesystem::rename(temporary, path);
+    stats["kd_k"] = k;
+    stats["kd_documents"] = documents_;
+    stats["kd_misaligned"] = misaligned_;
+    if (misaligned_ > 0) {
+      log_warn("build: ", misaligned_, " documents whose completion does not re-tokenize into the teacher's ",
+               "tokens get no KD targets (SFT only)");
+    }
+  }
+
+ private:
+  void grow(int64_t tokens) {
+    const auto n = static_cast<size_t>(tokens);
+    if (valid_.size() >= n) return;
+    ids_.resize(n * static_cast<size_t>(sidecar_.k()), 0);
+    logprobs_.resize(n * static_cast<size_t>(sidecar_.k()), 0.0f);
+    valid_.resize(n, 0);
+  }
+
+  TopkSidecar sidecar_;
+  std::vector<int32_t> ids_;     // [tokens, k]
+  std::vector<float> logprobs_;  // [tokens, k]
+  std::vector<uint8_t> valid_;   // [tokens]
+  int64_t documents_ = 0, misaligned_ = 0;
+};
+
+}  // namespace
+
 nlohmann::json build_sft_shard(const std::filesystem::path& accepted, const data::Tokenizer& tokenizer,
-                               int64_t seq_len, const std::filesystem::path& out_dir) {
+                               int64_t seq_len, const std::filesystem::path& out_dir,
+                               const std::filesystem::path& topk_sidecar) {
   BRIGADE_CHECK(seq_len >= 2, "build: seq_len must be >= 2, got ", seq_len);
   std::ifstream in(accepted);
   BRIGADE_CHECK(in, "build: cannot read ", accepted.string());
@@ -19,6 +92,8 @@ nlohmann::json build_sft_shard(const std::filesystem::path& accepted, const data
   data::ShardWriter writer(out_dir / kSftShard, static_cast<uint32_t>(tokenizer.vocab_size()), /*with_mask=*/true);
   std::vector<int64_t> row;
   std::vector<uint8_t> mask;
+  std::unique_ptr<KdLayout> kd;  // created at the first line that carries "topk"
+  std::filesystem::remove(out_dir / kKdTargets);  // a stale one from an earlier build
   int64_t documents = 0, dropped = 0, rows = 0, trained = 0, padding = 0, line_no = 0;
   auto close_row = [&]() {
     if (row.empty()) return;
@@ -35,10 +110,12 @@ nlohmann::json build_sft_shard(const std::filesystem::path& accepted, const data
     if (line.empty()) continue;
     nlohmann::json j;
     std::string prompt, completion;
+    std::optional<TopkRange> topk;
     try {
       j = nlohmann::json::parse(line);
       prompt = j.at("prompt").get<std::string>();
       completion = j.at("completion").get<std::string>();
+      if (j.contains("topk")) topk = TopkRange{j["topk"].at("offset").get<int64_t>(), j["topk"].at("positions").get<int64_t>()};
     } catch (const nlohmann::json::exception& e) {
       BRIGADE_FAIL("build: ", accepted.string(), ":", line_no, ": ", e.what());
     }
@@ -52,6 +129,11 @@ nlohmann::json build_sft_shard(const std::filesystem::path& accepted, const data
       continue;
     }
     if (static_cast<int64_t>(row.size() + doc.size()) > row_len) close_row();
+    if (topk && !topk_sidecar.empty()) {
+      if (!kd) kd = std::make_unique<KdLayout>(topk_sidecar);
+      kd->place(rows * row_len + static_cast<int64_t>(row.size()), static_cast<int64_t>(context),
+                static_cast<int64_t>(doc.size() - context) - 1, *topk);
+    }
     row.insert(row.end(), doc.begin(), doc.end());
     mask.insert(mask.end(), context, 0);
     mask.insert(mask.end(), doc.size() - context, 1);
@@ -69,6 +151,7 @@ nlohmann::json build_sft_shard(const std::filesystem::path& accepted, const data
   nlohmann::json stats = {{"documents", documents}, {"dropped_too_long", dropped}, {"rows", rows},
                           {"seq_len", seq_len},     {"tokens", tokens},           {"trained_tokens", trained},
                           {"padding_tokens", padding}, {"template", "plain"}};
+  if (kd) kd->write(out_dir / kKdTargets, tokens, stats);
   write_file_atomic(out_dir / "build.json", stats.dump(2) + "\n");
   if (dropped > 0) log_warn("build: ", dropped, " accepted samples longer than data.seq_len + 1 = ", row_len, " dropped");
   log_info("build: ", documents, " documents packed into ", rows, " rows of ", row_len, " tokens (",

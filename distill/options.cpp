@@ -20,6 +20,10 @@ void DistillOptions::validate() const {
   BRIGADE_CHECK(eval.problems >= 1, "distill.eval.problems must be >= 1, got ", eval.problems);
   BRIGADE_CHECK(eval.k >= 1, "distill.eval.k must be >= 1, got ", eval.k);
   BRIGADE_CHECK(eval.temperature > 0, "distill.eval.temperature must be > 0, got ", eval.temperature);
+  kd.validate();
+  BRIGADE_CHECK(kd.loss == KdLoss::kNone || g.logprobs > 0, "distill.kd.loss is ", to_string(kd.loss),
+                " but distill.generate.logprobs is 0: logit distillation needs the teacher's top-k; set "
+                "distill.generate.logprobs (e.g. 8) or distill.kd.loss: none for SFT only");
 }
 
 }  // namespace brigade::distill

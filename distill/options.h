@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "distill/kd.h"
 #include "distill/verify.h"
 
 namespace brigade::distill {
@@ -46,6 +47,9 @@ struct DistillOptions {
   GenerateOptions generate;
   VerifyOptions verify;
   EvalOptions eval;
+  // Logit distillation in the train stage: (1 - kd.weight) * cross-entropy +
+  // kd.weight * KD on the teacher's top-k (needs generate.logprobs > 0).
+  KdOptions kd;
 
   void validate() const;
 };

@@ -9,8 +9,10 @@
 //             with distill.teacher.checkpoint)
 //   generate  RUN/distill/generate/: the trace store (distill/traces.h)
 //   verify    RUN/distill/verify/: accepted.jsonl, stats.json (distill/verify.h)
-//   build     RUN/distill/build/: sft.shard, build.json (distill/build.h)
-//   train     RUN/distill/train/run/: the student's run (supervised fine-tuning)
+//   build     RUN/distill/build/: sft.shard, build.json (distill/build.h), and
+//             kd.safetensors (the teacher's top-k per shard token) with logprobs
+//   train     RUN/distill/train/run/: the student's run (supervised fine-tuning, plus
+//             logit distillation on kd.safetensors with distill.kd.loss)
 //   eval      RUN/distill/eval.json: pass@1 / pass@k of teacher and student
 #include <cstdio>
 #include <fstream>
@@ -26,6 +28,7 @@
 #include "distill/build.h"
 #include "distill/eval.h"
 #include "distill/generate.h"
+#include "distill/kd.h"
 #include "distill/prompts.h"
 #include "distill/verify.h"
 #include "launch/commands.h"
@@ -192,23 +195,31 @@ int distill_command(const DistillArgs& args) {
   BRIGADE_CHECK(verify.complete(), "distill: the verify stage has not finished; run it first");
 
   // build
+  // "kd_targets": builds from before kd.safetensors existed are redone.
   const Stage build(work / "build", "build",
                     hex(hash_json(fnv1a(verify.inputs()), {{"seq_len", recipe.data.seq_len},
-                                                            {"tokenizer", recipe.data.tokenizer}})));
+                                                            {"tokenizer", recipe.data.tokenizer},
+                                                            {"kd_targets", 1}})));
   if (want("build")) {
     if (build.complete()) {
       log_info("distill: build: done (", build.dir().string(), ")");
     } else {
       build.begin();
+      const fs::path sidecar = generate.dir() / distill::kTopkFile;
       build.finish(distill::build_sft_shard(verify.dir() / "accepted.jsonl", *tokenizer, recipe.data.seq_len,
-                                            build.dir()));
+                                            build.dir(), fs::exists(sidecar) ? sidecar : fs::path()));
     }
   }
   if (args.stage == "build") return 0;
   BRIGADE_CHECK(build.complete(), "distill: the build stage has not finished; run it first");
 
-  // train: the student's supervised fine-tuning on the packed shard
-  const Stage train(work / "train", "train", hex(hash_combine(fnv1a(build.inputs()), fnv1a(recipes::recipe_hash(recipe)))));
+  // train: the student's supervised fine-tuning on the packed shard, with logit
+  // distillation when distill.kd.loss is set
+  const bool kd = d.kd.loss != distill::KdLoss::kNone;
+  const nlohmann::json kd_options = {{"loss", distill::to_string(d.kd.loss)}, {"weight", d.kd.weight},
+                                     {"temperature", d.kd.temperature}, {"beta", d.kd.beta}};
+  const Stage train(work / "train", "train",
+                    hex(hash_json(hash_combine(fnv1a(build.inputs()), fnv1a(recipes::recipe_hash(recipe))), kd_options)));
   const fs::path student_run = train.dir() / "run";
   if (want("train")) {
     if (train.complete()) {
@@ -219,7 +230,21 @@ int distill_command(const DistillArgs& args) {
       overrides.push_back("data.source=shards");
       overrides.push_back("data.shards=[" + fs::absolute(build.dir() / distill::kSftShard).string() + "]");
       overrides.push_back("data.packed=true");
-      log_info("distill: train: the student on ", (build.dir() / distill::kSftShard).string());
+      if (kd) {
+        // KD compares distributions id by id: the teacher must speak the student's tokenizer.
+        const auto teacher_recipe = recipes::parse_recipe(read_file(teacher_ck / "recipe.yaml"),
+                                                          (teacher_ck / "recipe.yaml").string(), {}, teacher_ck);
+        distill::check_same_tokenizer(teacher_recipe.data.tokenizer,
+                                      data::make_tokenizer(teacher_recipe.data.tokenizer)->vocab_size(),
+                                      recipe.data.tokenizer, tokenizer->vocab_size());
+        const fs::path targets = build.dir() / distill::kKdTargets;
+        BRIGADE_CHECK(fs::exists(targets), "distill: distill.kd.loss is ", distill::to_string(d.kd.loss), " but ",
+                      targets.string(), " does not exist: the accepted samples carry no teacher top-k ",
+                      "(was the trace store generated with distill.generate.logprobs > 0?)");
+        overrides.push_back("data.kd_file=" + fs::absolute(targets).string());
+      }
+      log_info("distill: train: the student on ", (build.dir() / distill::kSftShard).string(),
+               kd ? " with logit distillation (" + distill::to_string(d.kd.loss) + ")" : std::string());
       if (int rc = train_command({args.recipe, overrides, student_run, /*resume=*/true}); rc != 0) return rc;
       train.finish({{"run", student_run.string()}});
     }
@@ -231,8 +256,9 @@ int distill_command(const DistillArgs& args) {
   const auto held_out = builtin_prompts(recipe.data.synthetic, recipe.data.synthetic.num_problems, d.eval.problems);
   nlohmann::json table = nlohmann::json::array();
   std::printf("\n| model | parameters | pass@1 | pass@%lld |\n|---|---|---|---|\n", static_cast<long long>(d.eval.k));
+  const std::string student_label = kd ? "student (SFT + KD " + distill::to_string(d.kd.loss) + ")" : "student (SFT)";
   for (const auto& [label, checkpoint] : std::vector<std::pair<std::string, fs::path>>{
-           {"teacher", teacher_ck}, {"student (SFT)", *trainer::CheckpointStore(student_run / "checkpoints", 1).latest()}}) {
+           {"teacher", teacher_ck}, {student_label, *trainer::CheckpointStore(student_run / "checkpoints", 1).latest()}}) {
     auto model = load_teacher_or_student(checkpoint);
     const auto r = distill::evaluate_pass_at_k(model, *tokenizer, held_out, d.eval, d.verify,
                                                d.generate.max_new_tokens, d.generate.batch_size, label);

@@ -6,7 +6,9 @@
 
 #include "core/error.h"
 #include "core/hash.h"
+#include "core/log.h"
 #include "data/arith.h"
+#include "distill/kd_objective.h"
 
 namespace brigade::recipes {
 
@@ -58,6 +60,11 @@ data::SamplerOptions sampler_options(const Recipe& r, bool eval, int rank, int r
 
 std::unique_ptr<trainer::Trainer> build_trainer(const Recipe& r, const std::filesystem::path& run_dir,
                                                 parallel::Communicator* data_parallel) {
+  const bool kd = r.distill.kd.loss != distill::KdLoss::kNone;
+  BRIGADE_CHECK(!kd || (r.data.source == data::DataSource::kShards && r.data.packed && !r.data.kd_file.empty()),
+                "distill.kd.loss is ", distill::to_string(r.distill.kd.loss),
+                ": logit distillation trains on a packed shard with its teacher top-k (data.source: shards, "
+                "data.packed: true, data.kd_file); `brigade distill` sets them in its train stage");
   auto tokenizer = data::make_tokenizer(r.data.tokenizer);
   Corpora corpora = build_corpora(r, *tokenizer);
   trainer::RunContext context{run_dir, dump_recipe(r), recipe_hash(r), model_fingerprint(r)};
@@ -66,6 +73,17 @@ std::unique_ptr<trainer::Trainer> build_trainer(const Recipe& r, const std::file
   context.zero = r.parallel.zero_stage == 1;
   context.expert_parallel = r.parallel.expert_parallel;
   context.ep_fp8_dispatch = r.parallel.ep_fp8_dispatch;
+  if (kd) {
+    auto targets = distill::load_kd_targets(r.data.kd_file);
+    // The training split starts at the shards' first token, so the sampler's row
+    // offsets index the targets directly.
+    const int64_t tokens = corpora.train.size() + corpora.eval.size();
+    BRIGADE_CHECK(targets.tokens() == tokens, "data.kd_file ", r.data.kd_file, " has ", targets.tokens(),
+                  " positions but data.shards hold ", tokens, " tokens: it belongs to another shard");
+    log_info("train: logit distillation (", distill::to_string(r.distill.kd.loss), ", weight ", r.distill.kd.weight,
+             ", T ", r.distill.kd.temperature, ") on the teacher's top-", targets.k(), " from ", r.data.kd_file);
+    context.objective = std::make_shared<distill::KdObjective>(std::move(targets), r.distill.kd);
+  }
   const int rank = data_parallel ? data_parallel->rank() : 0, ranks = data_parallel ? data_parallel->size() : 1;
   // Evaluation uses the same held-out batches on every rank (rank 0 reports them).
   auto t = std::make_unique<trainer::Trainer>(

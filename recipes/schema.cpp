@@ -208,6 +208,7 @@ std::vector<Field> build_schema() {
                      {"synthetic", "shards"}, data::parse_data_source, [](DataSource v) { return data::to_string(v); }));
   s.push_back(text_list("data.shards", REF(data.shards), "Token shard files from `brigade data prepare` (source: shards)."));
   s.push_back(real("data.eval_fraction", REF(data.eval_fraction), "Tail fraction of the shard corpus held out for eval (source: shards).", 0.0, 0.5));
+  s.push_back(text("data.kd_file", REF(data.kd_file), "The teacher's top-k per shard token (the distill build stage's kd.safetensors), read when distill.kd.loss is not none (source: shards, packed); empty: none. Set by brigade distill."));
   s.push_back(boolean("data.packed", REF(data.packed), "The shards hold packed rows of data.seq_len + 1 tokens of whole documents (the distill build stage): whole rows are sampled, attention stays inside each document (source: shards)."));
   s.push_back(integer<int64_t>("data.synthetic.num_problems", REF(data.synthetic.num_problems), "Training problems generated.", 1));
   s.push_back(integer<int64_t>("data.synthetic.eval_problems", REF(data.synthetic.eval_problems), "Held-out problems (disjoint from training)."));
@@ -257,6 +258,11 @@ std::vector<Field> build_schema() {
   s.push_back(integer<int64_t>("distill.eval.problems", REF(distill.eval.problems), "Held-out problems for pass@1 / pass@k (the built-in arithmetic eval range).", 1));
   s.push_back(integer<int64_t>("distill.eval.k", REF(distill.eval.k), "Samples per problem for pass@k.", 1));
   s.push_back(real("distill.eval.temperature", REF(distill.eval.temperature), "Temperature of the pass@k samples (pass@1 is greedy).", 1e-6, 10.0));
+  s.push_back(choice("distill.kd.loss", REF(distill.kd.loss), "Logit distillation in the train stage on the teacher's top-k (needs distill.generate.logprobs > 0): forward_kl, reverse_kl, jsd, or none (SFT only). See docs/distillation.md.",
+                     {"none", "forward_kl", "reverse_kl", "jsd"}, distill::parse_kd_loss, [](distill::KdLoss v) { return distill::to_string(v); }));
+  s.push_back(real("distill.kd.weight", REF(distill.kd.weight), "The KD term's share of the student's loss: (1 - weight) * cross-entropy + weight * KD.", 0.0, 1.0));
+  s.push_back(real("distill.kd.temperature", REF(distill.kd.temperature), "KD temperature T (both distributions at T, the divergence times T^2).", 1e-6, 100.0));
+  s.push_back(real("distill.kd.beta", REF(distill.kd.beta), "jsd: the mixture's teacher weight, in (0, 1) (0.5: symmetric JSD).", 1e-6, 1.0 - 1e-6));
   s.push_back(integer<int64_t>("trainer.max_steps", REF(trainer.max_steps), "Optimizer steps; also where the cosine schedule ends.", 1));
   s.push_back(integer<int64_t>("trainer.micro_batch_size", REF(trainer.micro_batch_size), "Sequences per micro-batch per rank.", 1));
   s.push_back(integer<int64_t>("trainer.grad_accum_steps", REF(trainer.grad_accum_steps), "Micro-batches accumulated per optimizer step.", 1));

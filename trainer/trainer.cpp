@@ -255,12 +255,14 @@ StepResult Trainer::step() {
   }
   if (reducer_) context_.data_parallel->all_reduce(global_tokens, parallel::ReduceOp::kSum).wait();
 
-  double loss = 0.0;  // this rank's share of the step's mean loss
+  double loss = 0.0, objective = 0.0;  // this rank's shares of the step's means
   for (int64_t micro = 0; micro < options_.grad_accum_steps; ++micro) {
     const bool last = micro + 1 == options_.grad_accum_steps;
     if (reducer_) reducer_->begin_backward(/*reduce=*/last);
     if (expert_reducer_) expert_reducer_->begin_backward(/*reduce=*/last);
-    loss += forward_backward(batches[micro], tokens[micro]) / static_cast<double>(options_.grad_accum_steps);
+    const LossShares shares = forward_backward(batches[micro], tokens[micro]);
+    loss += shares.loss / static_cast<double>(options_.grad_accum_steps);
+    objective += shares.objective / static_cast<double>(options_.grad_accum_steps);
   }
   if (reducer_) {
     result.reduce = reducer_->finish();  // gradients are now sums over the group
@@ -270,9 +272,10 @@ StepResult Trainer::step() {
       result.reduce.started_in_backward += experts.started_in_backward;
       result.reduce.wait_seconds += experts.wait_seconds;
     }
-    auto shares = torch::tensor({loss}, torch::kDouble);
+    auto shares = torch::tensor({loss, objective}, torch::kDouble);
     context_.data_parallel->all_reduce(shares, parallel::ReduceOp::kSum).wait();
-    loss = shares.item<double>();
+    loss = shares[0].item<double>();
+    objective = shares[1].item<double>();
   }
   const double grad_norm = clip_gradients();
   const double lr = schedule_(state_.step);
@@ -293,6 +296,7 @@ StepResult Trainer::step() {
   if (!finite) state_.skipped_steps += 1;
   result.step = state_.step;
   result.loss = loss;
+  result.objective = objective;
   result.lr = lr;
   result.grad_norm = grad_norm;
   result.skipped = !finite;
@@ -300,25 +304,37 @@ StepResult Trainer::step() {
   return result;
 }
 
-torch::Tensor Trainer::token_loss_sum(const data::Batch& batch) {
+torch::Tensor Trainer::forward(const data::Batch& batch) {
   precision::AutocastGuard autocast(precision_.compute_dtype);
-  auto logits = model_->forward(batch.inputs, nullptr, batch.segments);  // [batch, seq, vocab]
+  return model_->forward(batch.inputs, nullptr, batch.segments);  // [batch, seq, vocab]
+}
+
+torch::Tensor Trainer::token_loss_sum(const torch::Tensor& logits, const data::Batch& batch) const {
   return torch::nn::functional::cross_entropy(
       logits.reshape({-1, logits.size(-1)}).to(torch::kFloat), batch.targets.reshape({-1}),
       torch::nn::functional::CrossEntropyFuncOptions().ignore_index(data::kIgnoreIndex).reduction(torch::kSum));
 }
 
-double Trainer::forward_backward(const data::Batch& batch, int64_t global_tokens) {
+Trainer::LossShares Trainer::forward_backward(const data::Batch& batch, int64_t global_tokens) {
   // Every target masked here: nothing to learn from this slice (the reducer still
   // contributes zeros for this rank). With expert parallelism the forward and
   // backward still run: the other ranks' tokens may need this rank's experts.
-  if (batch.trained_tokens == 0 && !ep_group_) return 0.0;
-  auto loss = token_loss_sum(batch) / static_cast<double>(std::max<int64_t>(global_tokens, 1));
+  if (batch.trained_tokens == 0 && !ep_group_) return {};
+  const auto denominator = static_cast<double>(std::max<int64_t>(global_tokens, 1));
+  const auto logits = forward(batch);
+  auto loss = token_loss_sum(logits, batch) / denominator;
+  torch::Tensor objective;
+  if (const auto& o = context_.objective) {
+    // Computed even at weight 0 (then the update is exactly plain SFT's: x * 1 and
+    // x + 0 are exact), so its value can be watched without training on it.
+    objective = o->loss_sum(logits, batch) / denominator;
+    loss = (1.0 - o->weight()) * loss + o->weight() * objective;
+  }
   // MoE balance / z-loss terms of this forward, if any: each rank's are averaged.
   auto aux = model_->aux_loss();
   auto total = aux.defined() ? loss + aux / static_cast<double>(dp_size()) : loss;
   (total / static_cast<double>(options_.grad_accum_steps)).backward();
-  return loss.item<double>();
+  return {loss.item<double>(), objective.defined() ? objective.item<double>() : 0.0};
 }
 
 double Trainer::clip_gradients() {
@@ -388,7 +404,7 @@ EvalResult Trainer::evaluate() {
     // The same held-out batches every time, so evaluations are comparable.
     data::Batch batch = eval_data_.batch(counted ? i : 0, 0);
     if (batch.trained_tokens == 0 && !ep_group_) continue;
-    const double loss = token_loss_sum(batch).item<double>();
+    const double loss = token_loss_sum(forward(batch), batch).item<double>();
     if (!counted || batch.trained_tokens == 0) continue;
     sum[0] += loss / static_cast<double>(batch.trained_tokens);
     sum[1] += 1.0;
@@ -509,6 +525,7 @@ class LoggingHook : public TrainerHook {
     nlohmann::json line = {{"step", r.step}, {"loss", r.loss}, {"lr", r.lr}, {"grad_norm", r.grad_norm},
                            {"tokens_per_sec", rate_}, {"tokens_seen", t.state().tokens_seen},
                            {"skipped", r.skipped}};
+    if (t.context().objective) line[t.context().objective->name()] = r.objective;
     if (!r.moe.empty()) add_moe_metrics(line, r, t.model()->options().moe);
     line["step_seconds"] = r.seconds;
     if (r.reduce.buckets > 0) {

@@ -16,6 +16,7 @@
 #include "precision/precision.h"
 #include "trainer/checkpoint.h"
 #include "trainer/metrics.h"
+#include "trainer/objective.h"
 #include "trainer/optimizer.h"
 #include "trainer/options.h"
 #include "trainer/schedule.h"
@@ -41,11 +42,15 @@ struct RunContext {
   // routed experts, and tokens travel to them by all-to-all (FP8 when ep_fp8_dispatch).
   int64_t expert_parallel = 1;
   bool ep_fp8_dispatch = false;
+  // A second objective mixed with the cross-entropy (trainer/objective.h), e.g. logit
+  // distillation; null: cross-entropy only.
+  std::shared_ptr<const LogitObjective> objective;
 };
 
 struct StepResult {
   int64_t step = 0;          // steps completed after this one
-  double loss = 0.0;         // mean over micro-batches
+  double loss = 0.0;         // mean over micro-batches (with an objective: the mixed loss)
+  double objective = 0.0;    // with an objective: its per-token mean, unweighted
   double lr = 0.0;
   double grad_norm = 0.0;    // before clipping
   int64_t tokens = 0;        // input tokens processed in this step (all data-parallel ranks)
@@ -105,12 +110,19 @@ class Trainer {
   bool finished() const;
 
  private:
-  // Cross-entropy summed over the batch's trained targets, forward in the compute dtype.
-  torch::Tensor token_loss_sum(const data::Batch& batch);
-  // Backward of this rank's share of the micro-batch's mean loss (its loss sum over
-  // `global_tokens`, the trained targets of the micro-batch on all ranks); returns
-  // that share. MoE auxiliary losses join the gradient only.
-  double forward_backward(const data::Batch& batch, int64_t global_tokens);
+  // Forward in the compute dtype: logits [rows, seq_len, vocab].
+  torch::Tensor forward(const data::Batch& batch);
+  // Cross-entropy summed over the batch's trained targets.
+  torch::Tensor token_loss_sum(const torch::Tensor& logits, const data::Batch& batch) const;
+  // This rank's shares of a micro-batch's per-token means (sums over `global_tokens`,
+  // the micro-batch's trained targets on all ranks).
+  struct LossShares {
+    double loss = 0.0;       // what is minimised: CE, or (1 - w) * CE + w * objective
+    double objective = 0.0;  // the objective's own share, unweighted (0 without one)
+  };
+  // Backward of this rank's share of the micro-batch's loss; returns the shares.
+  // MoE auxiliary losses join the gradient only.
+  LossShares forward_backward(const data::Batch& batch, int64_t global_tokens);
   int dp_size() const { return context_.data_parallel ? context_.data_parallel->size() : 1; }
   bool is_main_rank() const { return !context_.data_parallel || context_.data_parallel->rank() == 0; }
   bool sharded() const { return reducer_ && reducer_->sharded(); }

@@ -3,6 +3,7 @@
 
 #include "trainer/checkpoint.h"
 #include "trainer/metrics.h"
+#include "trainer/objective.h"
 #include "trainer/optimizer.h"
 #include "trainer/options.h"
 #include "trainer/schedule.h"

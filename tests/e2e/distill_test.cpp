@@ -1,9 +1,11 @@
 // `brigade distill` as a user runs it, on a small teacher trained in the test: every
 // stage runs and writes its outputs, a second run skips the finished stages, a run
 // interrupted inside generate continues without losing or duplicating samples,
-// and bad stage requests are clear errors.
+// and bad stage requests are clear errors. With the teacher's logprobs the same
+// pipeline trains the student with logit distillation.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <fstream>
 #include <set>
 #include <sstream>
@@ -47,12 +49,12 @@ TEST(CliDistill, StagesRunOnceAndAnInterruptedGenerateContinues) {
     for (int i = 0; i < 8; ++i) prompts << "{\"id\": \"p" << i << "\", \"prompt\": \"Problem: " << i << "+" << 2 * i << "*3\\n\"}\n";
     prompts << "{\"id\": \"broken\"\n";
   }
-  const std::string distill = "distill " + std::string(BRIGADE_SOURCE_DIR) + "/recipes/distill-arith.yaml" + kSmall +
+  const std::string pipeline = "distill " + std::string(BRIGADE_SOURCE_DIR) + "/recipes/distill-arith.yaml" + kSmall +
                               " --set trainer.max_steps=10 --set distill.teacher.checkpoint=" + (dir / "teacher").string() +
                               " --set distill.prompts=" + (dir / "prompts.jsonl").string() +
                               " --set distill.generate.samples=2 --set distill.generate.max_new_tokens=60"
-                              " --set distill.generate.batch_size=5 --set distill.eval.problems=4 --set distill.eval.k=2"
-                              " --run-dir " + (dir / "run").string();
+                              " --set distill.generate.batch_size=5 --set distill.eval.problems=4 --set distill.eval.k=2";
+  const std::string distill = pipeline + " --run-dir " + (dir / "run").string();
   auto first = run_brigade(distill);
   ASSERT_EQ(first.exit_code, 0) << first.output;
   EXPECT_NE(first.output.find("prompts.jsonl: 9 ("), std::string::npos) << first.output;  // the broken line, by number
@@ -99,6 +101,28 @@ TEST(CliDistill, StagesRunOnceAndAnInterruptedGenerateContinues) {
   EXPECT_EQ(unique.size(), 16u);
   // The same seeds: the regenerated samples are the ones the first run made.
   for (size_t i = 13; i < 16; ++i) EXPECT_EQ(after[i]["text"], traces[i]["text"]) << i;
+
+  // SFT + KD from the same teacher, in another run directory.
+  auto kd = run_brigade(pipeline + " --set distill.generate.logprobs=4 --set distill.kd.loss=forward_kl --run-dir " +
+                        (dir / "run_kd").string());
+  ASSERT_EQ(kd.exit_code, 0) << kd.output;
+  EXPECT_NE(kd.output.find("| student (SFT + KD forward_kl) |"), std::string::npos) << kd.output;
+  const fs::path kd_work = dir / "run_kd" / "distill";
+  const auto kd_build = nlohmann::json::parse(read_file(kd_work / "build" / "build.json"));
+  EXPECT_EQ(kd_build["kd_k"].get<int64_t>(), 4);
+  // The byte tokenizer round-trips the teacher's text: every document aligns.
+  EXPECT_EQ(kd_build["kd_documents"].get<int64_t>(), kd_build["documents"].get<int64_t>()) << kd_build.dump(1);
+  EXPECT_EQ(kd_build["kd_misaligned"].get<int64_t>(), 0);
+  const auto metrics = lines(kd_work / "train" / "run" / "metrics.jsonl");
+  bool logged = false;
+  for (const auto& m : metrics) {
+    if (!m.contains("kd_loss")) continue;
+    logged = true;
+    EXPECT_TRUE(std::isfinite(m["kd_loss"].get<double>()));
+    EXPECT_GT(m["kd_loss"].get<double>(), 0.0);
+  }
+  EXPECT_TRUE(logged);
+  EXPECT_EQ(nlohmann::json::parse(read_file(kd_work / "eval.json"))[1]["model"], "student (SFT + KD forward_kl)");
 }
 
 TEST(CliDistill, BadStageRequestsAreClearErrors) {
@@ -113,6 +137,9 @@ TEST(CliDistill, BadStageRequestsAreClearErrors) {
   r = run_brigade("distill " + recipe + " --set distill.generate.temperature=0 --set distill.generate.samples=3");
   EXPECT_NE(r.exit_code, 0);
   EXPECT_NE(r.output.find("set samples to 1"), std::string::npos) << r.output;
+  r = run_brigade("distill " + recipe + " --set distill.kd.loss=jsd");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find("distill.kd.loss is jsd but distill.generate.logprobs is 0"), std::string::npos) << r.output;
 }
 
 }  // namespace
