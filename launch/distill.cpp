@@ -107,8 +107,6 @@ uint64_t hash_prompts(const std::vector<distill::Prompt>& prompts) {
 
 uint64_t hash_json(uint64_t seed, const nlohmann::json& j) { return hash_combine(seed, fnv1a(j.dump())); }
 
-model::Transformer load_teacher_or_student(const fs::path& checkpoint) { return load_model(checkpoint, {}).model; }
-
 }  // namespace
 
 int distill_command(const DistillArgs& args) {
@@ -165,7 +163,7 @@ int distill_command(const DistillArgs& args) {
       log_info("distill: generate: done (", generate.dir().string(), ")");
     } else {
       generate.begin();
-      auto teacher = load_teacher_or_student(teacher_ck);
+      auto teacher = load_model(teacher_ck, {}).model;
       log_info("distill: generate: ", prompts.size(), " prompts x ", d.generate.samples, " samples from ",
                teacher_ck.string());
       const auto stats = distill::generate_traces(teacher, *tokenizer, prompts, d.generate, generate.dir());
@@ -259,7 +257,7 @@ int distill_command(const DistillArgs& args) {
   const std::string student_label = kd ? "student (SFT + KD " + distill::to_string(d.kd.loss) + ")" : "student (SFT)";
   for (const auto& [label, checkpoint] : std::vector<std::pair<std::string, fs::path>>{
            {"teacher", teacher_ck}, {student_label, *trainer::CheckpointStore(student_run / "checkpoints", 1).latest()}}) {
-    auto model = load_teacher_or_student(checkpoint);
+    auto model = load_model(checkpoint, {}).model;
     const auto r = distill::evaluate_pass_at_k(model, *tokenizer, held_out, d.eval, d.verify,
                                                d.generate.max_new_tokens, d.generate.batch_size, label);
     const auto params = model->parameter_count().total;

@@ -93,13 +93,9 @@ Trainer::Trainer(TrainerOptions options, precision::PrecisionOptions precision, 
     model_->set_expert_parallel(ep_group_.get(), context_.ep_fp8_dispatch);
   }
   params_ = trainable_parameters(*model_);
-  const auto expert_names = model_->expert_parallel_parameters();
+  for (const auto& name : model_->expert_parallel_parameters()) expert_names_.insert(name);
   model::NamedTensors dense, experts;
-  for (const auto& [name, p] : params_) {
-    const bool expert = std::find(expert_names.begin(), expert_names.end(), name) != expert_names.end();
-    is_expert_.push_back(expert);
-    (expert ? experts : dense).emplace_back(name, p);
-  }
+  for (const auto& [name, p] : params_) (expert_names_.contains(name) ? experts : dense).emplace_back(name, p);
   if (dp_size() > 1) {
     reducer_ = std::make_unique<parallel::GradientReducer>(dense, *context_.data_parallel, context_.bucket_bytes,
                                                            context_.zero);
@@ -113,7 +109,7 @@ Trainer::Trainer(TrainerOptions options, precision::PrecisionOptions precision, 
   if (!sharded()) {
     // An expert-parallel slice is a run of elements of the whole parameter.
     std::vector<int64_t> begins;
-    for (size_t i = 0; i < params_.size(); ++i) begins.push_back(is_expert_[i] ? ep_rank() * params_[i].second.numel() : 0);
+    for (const auto& [name, p] : params_) begins.push_back(expert_names_.contains(name) ? ep_rank() * p.numel() : 0);
     optimizer_ = std::make_unique<AdamW>(params_, decay, adamw, std::move(begins));
     return;
   }
@@ -132,9 +128,9 @@ Trainer::Trainer(TrainerOptions options, precision::PrecisionOptions precision, 
   optimizer_ = std::make_unique<AdamW>(std::move(pieces), std::move(piece_decay), adamw, std::move(begins));
 }
 
-std::vector<int64_t> Trainer::full_shape(size_t param) const {
-  auto shape = params_[param].second.sizes().vec();
-  if (is_expert_[param]) shape[0] *= ep_group_->size();
+std::vector<int64_t> Trainer::full_shape(const std::string& name, const torch::Tensor& tensor) const {
+  auto shape = tensor.sizes().vec();
+  if (expert_names_.contains(name)) shape[0] *= ep_group_->size();
   return shape;
 }
 
@@ -180,12 +176,10 @@ void Trainer::resume(const LoadedCheckpoint& ck) {
   auto weights = model_->state_dict();
   std::vector<std::pair<torch::Tensor, torch::Tensor>> slices;  // (this rank's slice, the whole tensor)
   for (auto& [name, t] : weights) {
-    for (size_t i = 0; i < params_.size(); ++i) {
-      if (!is_expert_[i] || params_[i].first != name) continue;
-      auto full = torch::empty(full_shape(i), t.options());
-      slices.emplace_back(t, full);
-      t = full;
-    }
+    if (!expert_names_.contains(name)) continue;
+    auto full = torch::empty(full_shape(name, t), t.options());
+    slices.emplace_back(t, full);
+    t = full;
   }
   load_weights(weights, ck.model, source);
   {
@@ -194,7 +188,7 @@ void Trainer::resume(const LoadedCheckpoint& ck) {
   }
   model_->load_fp8_state(ck.precision.tensors, source);
   std::map<std::string, std::vector<int64_t>> shapes;
-  for (size_t i = 0; i < params_.size(); ++i) shapes[params_[i].first] = full_shape(i);
+  for (const auto& [name, p] : params_) shapes[name] = full_shape(name, p);
   std::vector<std::vector<int64_t>> piece_shapes;
   for (const auto& [name, piece] : optimizer_->params()) piece_shapes.push_back(shapes.at(name));
   // Any layout: unsharded, or sharded over any number of ranks (resharded here).
@@ -353,9 +347,8 @@ double Trainer::clip_gradients() {
   } else if (ep_group_) {
     // Every rank holds the same summed dense gradients and its own experts'.
     auto squares = torch::zeros({2}, torch::kDouble);  // dense, experts
-    const auto named = update_gradients();
-    for (size_t i = 0; i < named.size(); ++i) {
-      if (named[i].second.defined()) squares[is_expert_[i] ? 1 : 0] += named[i].second.to(torch::kDouble).square().sum();
+    for (const auto& [name, g] : update_gradients()) {
+      if (g.defined()) squares[expert_names_.contains(name) ? 1 : 0] += g.to(torch::kDouble).square().sum();
     }
     auto experts = squares.narrow(0, 1, 1).clone();
     ep_group_->all_reduce(experts, parallel::ReduceOp::kSum).wait();
@@ -424,17 +417,13 @@ std::filesystem::path Trainer::save_checkpoint() {
   if (ep_group_) {
     // Whole expert tensors in the checkpoint (every EP group gathers; rank 0 writes):
     // any expert-parallel size, or none, can resume from it.
-    const auto expert_names = model_->expert_parallel_parameters();
-    auto is_expert = [&](const std::string& name) {
-      return std::find(expert_names.begin(), expert_names.end(), name) != expert_names.end();
-    };
     for (auto& [name, t] : data.model) {
-      if (is_expert(name)) t = gather_experts(t);
+      if (expert_names_.contains(name)) t = gather_experts(t);
     }
     data.optimizer = optimizer_->state();
     for (auto& [key, t] : data.optimizer) {
-      const auto dot = key.find('.');
-      if (!key.starts_with("step.") && is_expert(key.substr(dot + 1))) t = gather_experts(t);
+      const auto param = key.substr(key.find('.') + 1);  // exp_avg.NAME, exp_avg_sq.NAME, step.NAME
+      if (!key.starts_with("step.") && expert_names_.contains(param)) t = gather_experts(t);
     }
   }
   data.rng = {{"cpu", at::detail::getDefaultCPUGenerator().get_state()}};

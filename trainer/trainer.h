@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -127,8 +128,8 @@ class Trainer {
   bool is_main_rank() const { return !context_.data_parallel || context_.data_parallel->rank() == 0; }
   bool sharded() const { return reducer_ && reducer_->sharded(); }
   int ep_rank() const { return ep_group_ ? ep_group_->rank() : 0; }
-  // A parameter's shape in checkpoints: an expert-parallel rank holds a slice on dim 0.
-  std::vector<int64_t> full_shape(size_t param) const;
+  // A tensor's shape in checkpoints: an expert-parallel rank holds a slice on dim 0.
+  std::vector<int64_t> full_shape(const std::string& name, const torch::Tensor& tensor) const;
   // Expert parallelism: this rank's expert slices joined over the EP group (dim 0).
   torch::Tensor gather_experts(const torch::Tensor& slice) const;
   // The gradients the optimizer applies, by name: the parameters' own, or (ZeRO-1)
@@ -148,7 +149,7 @@ class Trainer {
   // gradients are summed over it); null when off.
   std::unique_ptr<parallel::Communicator> ep_group_, expert_replicas_;
   model::NamedTensors params_;                       // trainable parameters
-  std::vector<bool> is_expert_;                      // params_[i] is sharded over the EP group
+  std::set<std::string> expert_names_;               // tensors sharded on dim 0 over the EP group
   std::unique_ptr<parallel::GradientReducer> reducer_;  // data parallel only (all but EP-sharded parameters)
   std::unique_ptr<parallel::GradientReducer> expert_reducer_;  // EP-sharded parameters over expert_replicas_
   std::vector<torch::Tensor> shard_grads_;           // ZeRO-1: the optimizer's pieces' gradients

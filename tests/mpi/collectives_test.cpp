@@ -10,26 +10,13 @@
 
 #include "launch/world.h"
 #include "parallel/communicator.h"
+#include "tests/mpi/mpi_world.h"
 #include "tests/testing.h"
 
 namespace brigade::parallel {
 namespace {
 
-// MPI is finalised after the last test (a rank that exits without it fails the job).
-class MpiEnvironment : public ::testing::Environment {
- public:
-  void TearDown() override { mpi_finalize(); }
-};
-[[maybe_unused]] auto* const g_mpi_env = ::testing::AddGlobalTestEnvironment(new MpiEnvironment);
-
-Communicator* mpi_world() {
-  static std::unique_ptr<Communicator> world = []() -> std::unique_ptr<Communicator> {
-    const auto d = launch::detect_world();
-    if (d.world.size < 2) return nullptr;
-    return make_world_communicator(d.world, {Backend::kMpi, std::chrono::seconds(60)});
-  }();
-  return world.get();
-}
+using testing::mpi_world;
 
 #define REQUIRE_MPI_WORLD(var)                                              \
   Communicator* var = mpi_world();                                          \

@@ -15,23 +15,16 @@
 #include <nlohmann/json.hpp>
 
 #include "core/fs.h"
-#include "launch/world.h"
 #include "parallel/communicator.h"
 #include "recipes/build.h"
 #include "recipes/recipe.h"
+#include "tests/mpi/mpi_world.h"
 #include "tests/testing.h"
 
 namespace brigade {
 namespace {
 
-parallel::Communicator* world() {
-  static std::unique_ptr<parallel::Communicator> w = []() -> std::unique_ptr<parallel::Communicator> {
-    const auto d = launch::detect_world();
-    if (d.world.size < 2) return nullptr;
-    return parallel::make_world_communicator(d.world, {parallel::Backend::kMpi, std::chrono::seconds(120)});
-  }();
-  return w.get();
-}
+using testing::mpi_world;
 
 recipes::Recipe recipe(int64_t micro_batch, std::vector<std::string> extra) {
   const std::string yaml = R"(
@@ -109,7 +102,7 @@ model::NamedTensors saved_weights(const std::filesystem::path& run, const model:
 
 // `parallel_only`: settings of the parallel run alone (the reference is one process).
 void check_equivalence(const std::vector<std::string>& extra, const std::vector<std::string>& parallel_only = {}) {
-  auto* w = world();
+  auto* w = mpi_world();
   if (w == nullptr) GTEST_SKIP() << "multi-rank test: run under mpirun";
   at::set_num_threads(1);
   SharedDir shared(*w);  // ZeRO-1: every rank writes into the checkpoint
@@ -178,7 +171,7 @@ nlohmann::json manifest(const std::filesystem::path& run) {
 
 // Stopped after 3 steps and resumed on the same ranks: bit for bit the straight run.
 TEST(MpiZero, ResumeOnTheSameRanksIsExact) {
-  auto* w = world();
+  auto* w = mpi_world();
   if (w == nullptr) GTEST_SKIP() << "multi-rank test: run under mpirun";
   at::set_num_threads(1);
   SharedDir dir(*w);
@@ -198,7 +191,7 @@ TEST(MpiZero, ResumeOnTheSameRanksIsExact) {
 // rank, unsharded), with the same global batch: the result matches one rank that
 // trained straight through on the whole batch.
 TEST(MpiZero, ReshardsOntoAnotherNumberOfRanks) {
-  auto* w = world();
+  auto* w = mpi_world();
   if (w == nullptr) GTEST_SKIP() << "multi-rank test: run under mpirun";
   at::set_num_threads(1);
   SharedDir dir(*w);
@@ -241,8 +234,8 @@ TEST(MpiZero, ReshardsOntoAnotherNumberOfRanks) {
 // Expert parallelism inside data parallelism: EP groups of 2, and of every rank.
 TEST(MpiExpertParallelTraining, MatchesOneRankWithTheWholeBatch) {
   check_equivalence(kMoE, {"parallel.expert_parallel=2"});
-  if (world() != nullptr && world()->size() > 2) {
-    check_equivalence(kMoE, {"parallel.expert_parallel=" + std::to_string(world()->size())});
+  if (mpi_world() != nullptr && mpi_world()->size() > 2) {
+    check_equivalence(kMoE, {"parallel.expert_parallel=" + std::to_string(mpi_world()->size())});
   }
 }
 
@@ -255,7 +248,7 @@ TEST(MpiExpertParallelTraining, MatchesWithGradientAccumulationAndSmallBuckets) 
 // A checkpoint written with EP = 2 holds whole expert tensors: it resumes with
 // another EP size (4 ranks: EP = 4; 2 ranks: no EP) and reaches the straight run.
 TEST(MpiExpertParallelTraining, ResumesWithAnotherExpertParallelSize) {
-  auto* w = world();
+  auto* w = mpi_world();
   if (w == nullptr) GTEST_SKIP() << "multi-rank test: run under mpirun";
   at::set_num_threads(1);
   SharedDir dir(*w);
@@ -277,7 +270,7 @@ TEST(MpiExpertParallelTraining, ResumesWithAnotherExpertParallelSize) {
 }
 
 TEST(MpiExpertParallelTraining, BadSizesAreClearErrorsBeforeTraining) {
-  auto* w = world();
+  auto* w = mpi_world();
   if (w == nullptr) GTEST_SKIP() << "multi-rank test: run under mpirun";
   testing::TempDir dir;
   auto settings = kMoE;

@@ -12,44 +12,29 @@
 
 #include <torch/torch.h>
 
-#include "launch/world.h"
 #include "model/transformer.h"
 #include "moe/moe.h"
 #include "parallel/communicator.h"
 #include "precision/fp8_recipe.h"
 #include "precision/quantize.h"
+#include "tests/mpi/mpi_world.h"
 #include "tests/testing.h"
 
 namespace brigade {
 namespace {
 
-// Every test file of the binary shares one MPI start-up (make_world_communicator
-// initialises MPI once and wraps MPI_COMM_WORLD again on later calls);
-// mpi_finalize() is idempotent, so finalising here too is safe.
-class MpiEnvironment : public ::testing::Environment {
- public:
-  void TearDown() override { parallel::mpi_finalize(); }
-};
-[[maybe_unused]] auto* const g_mpi_env = ::testing::AddGlobalTestEnvironment(new MpiEnvironment);
-
-parallel::Communicator* world() {
-  static std::unique_ptr<parallel::Communicator> w = []() -> std::unique_ptr<parallel::Communicator> {
-    const auto d = launch::detect_world();
-    if (d.world.size < 2) return nullptr;
-    return parallel::make_world_communicator(d.world, {parallel::Backend::kMpi, std::chrono::seconds(60)});
-  }();
-  return w.get();
-}
+using testing::mpi_world;
 
 // Ranks {0, 1}, {2, 3}: EP = 2 inside a larger world (the whole world at 2 ranks).
 // Made on first use, which every rank reaches in the same test.
 parallel::Communicator* pairs() {
-  static std::unique_ptr<parallel::Communicator> p = world()->split(world()->rank() / 2, world()->rank(), "ep");
+  auto& w = *mpi_world();
+  static std::unique_ptr<parallel::Communicator> p = w.split(w.rank() / 2, w.rank(), "ep");
   return p.get();
 }
 
 #define REQUIRE_MPI_WORLD(var)                  \
-  parallel::Communicator* var = world();        \
+  parallel::Communicator* var = mpi_world();        \
   if (var == nullptr) GTEST_SKIP() << "multi-rank test: run under mpirun"
 
 constexpr int64_t kModel = 16, kFf = 6;
@@ -109,7 +94,7 @@ torch::Tensor fp8_dispatch_reference(moe::MoELayer& layer, const torch::Tensor& 
 // this rank's tokens, and compares outputs and gradients. Collective over the
 // world: no ASSERT may leave a rank behind.
 void check_matches_one_rank(parallel::Communicator& ep, const Case& c) {
-  parallel::Communicator& w = *world();
+  parallel::Communicator& w = *mpi_world();
   at::set_num_threads(1);
   auto o = options(c.experts);
   o.dropless = c.dropless;
