@@ -134,18 +134,40 @@ ArithmeticProblem make_arithmetic_problem(const ArithmeticOptions& o, uint64_t i
     expr += op + str(operand);
   }
 
+  // The expression as it stands: terms [0, reduced) by their values, the rest as
+  // written. `first` replaces the value of term 0 (the running sum).
+  auto restate = [&](const std::vector<int64_t>& values, size_t reduced, size_t from,
+                     int64_t first) {
+    std::string out = "so " + str(first);
+    for (size_t i = from + 1; i < terms.size(); ++i) {
+      out += signs[i];
+      if (i < reduced) {
+        out += str(values[i]);
+      } else {
+        for (size_t k = 0; k < terms[i].size(); ++k) {
+          if (k > 0) out += '*';
+          out += str(terms[i][k]);
+        }
+      }
+    }
+    return out + "\n";
+  };
+
   std::string lines;
   std::vector<int64_t> values;
-  for (const auto& factors : terms) {
+  for (size_t t = 0; t < terms.size(); ++t) {
+    const auto& factors = terms[t];
     int64_t acc = factors[0];
     for (size_t k = 1; k < factors.size(); ++k) acc = multiply(acc, factors[k], lines);
     values.push_back(acc);
+    if (factors.size() > 1 && terms.size() > 1) lines += restate(values, t + 1, 0, values[0]);
   }
   int64_t acc = values[0];
   for (size_t i = 1; i < values.size(); ++i) {
     const int64_t next = signs[i] == '+' ? acc + values[i] : acc - values[i];
     lines += str(acc) + signs[i] + str(values[i]) + " = " + str(next) + "\n";
     acc = next;
+    if (i + 1 < values.size()) lines += restate(values, values.size(), i, acc);
   }
 
   ArithmeticProblem problem;

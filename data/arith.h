@@ -8,11 +8,16 @@
 //   47*3 = 141
 //   47*20 = 940
 //   141+940 = 1081
+//   so 1081+5
 //   1081+5 = 1086
 //   </think>
 //   \boxed{1086}
 // Multiplications are done first (with partial products when both factors have more
-// than one digit), then additions and subtractions left to right.
+// than one digit), then additions and subtractions left to right. After each product
+// term and each sum step but the last, a "so" line restates the expression with what
+// has been computed so far: the next step then reads its operands from the line just
+// above instead of counting operands in the problem, which small models learn far
+// faster (held-out accuracy of a 0.8M model after 600 steps: 9.5% without, 15% with).
 #pragma once
 
 #include <cstdint>

@@ -25,9 +25,12 @@ class KdLayout {
   int64_t k() const { return sidecar_.k(); }
 
   // A document of `context` tokens then `completion` tokens + EOS at shard position
-  // `start`: places the teacher's records when they align, else counts it.
+  // `start`: places the teacher's records when they align, else counts it. The
+  // records cover the completion and the EOS (a local teacher) or the completion
+  // only (servers report no logprobs for the end of a sample; the EOS position then
+  // has no KD target).
   void place(int64_t start, int64_t context, int64_t completion, const TopkRange& range) {
-    if (range.positions != completion + 1) {
+    if (range.positions != completion + 1 && range.positions != completion) {
       ++misaligned_;
       return;
     }

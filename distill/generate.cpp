@@ -7,6 +7,7 @@
 #include "core/hash.h"
 #include "core/log.h"
 #include "core/progress.h"
+#include "distill/remote.h"
 #include "distill/traces.h"
 #include "model/generate.h"
 
@@ -19,7 +20,8 @@ std::vector<int64_t> prompt_tokens(const data::Tokenizer& tokenizer, const Promp
 }
 
 uint64_t sample_seed(uint64_t seed, const std::string& prompt_id, int64_t sample) {
-  return hash_combine(hash_combine(seed, fnv1a(prompt_id)), static_cast<uint64_t>(sample));
+  // 31 bits: what every OpenAI-compatible server accepts as "seed".
+  return hash_combine(hash_combine(seed, fnv1a(prompt_id)), static_cast<uint64_t>(sample)) & 0x7fffffffULL;
 }
 
 GenerateStats generate_traces(model::Transformer& teacher, const data::Tokenizer& tokenizer,
@@ -77,14 +79,24 @@ GenerateStats generate_traces(model::Transformer& teacher, const data::Tokenizer
       std::vector<int64_t> text_ids = g.tokens;
       if (g.stopped) text_ids.pop_back();  // the EOS is not text
       t.text = tokenizer.decode(text_ids);
+      int64_t kept = static_cast<int64_t>(g.tokens.size());  // positions the text came from
+      if (apply_stop_strings(t.text, options.stop)) {
+        t.finish_reason = "stop";
+        // The tokens that make up the cut text (the stop string is not text).
+        kept = 0;
+        while (kept < static_cast<int64_t>(text_ids.size()) &&
+               tokenizer.decode(std::span(text_ids).first(static_cast<size_t>(kept))).size() < t.text.size())
+          ++kept;
+        t.completion_tokens = kept;
+      }
       if (options.logprobs > 0) {
-        t.topk_ids = g.topk_ids;
-        t.topk_logprobs = g.topk_logprobs;
+        t.topk_ids = g.topk_ids.slice(0, 0, kept);
+        t.topk_logprobs = g.topk_logprobs.slice(0, 0, kept);
       }
       store.append(t);
       new_tokens += t.completion_tokens;
       stats.generated += 1;
-      if (!g.stopped) stats.truncated += 1;
+      if (t.finish_reason == "length") stats.truncated += 1;
     }
     store.flush();
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();

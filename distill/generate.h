@@ -25,7 +25,7 @@ struct GenerateStats {
 // A prompt's tokens as the teacher sees them: BOS, then the prompt text.
 std::vector<int64_t> prompt_tokens(const data::Tokenizer& tokenizer, const Prompt& prompt);
 
-// The per-sample seed.
+// The per-sample seed (31 bits, so a remote server accepts it as "seed").
 uint64_t sample_seed(uint64_t seed, const std::string& prompt_id, int64_t sample);
 
 // Appends the missing samples to the store at `dir`, flushing after each batch (a

@@ -7,6 +7,20 @@ namespace brigade::distill {
 void DistillOptions::validate() const {
   BRIGADE_CHECK(!teacher.checkpoint.empty() || !teacher.recipe.empty(),
                 "distill.teacher: set a checkpoint or a recipe to train the teacher from");
+  const auto& t = teacher;
+  if (t.remote()) {
+    BRIGADE_CHECK(t.url.starts_with("http://") || t.url.starts_with("https://"),
+                  "distill.teacher.url '", t.url, "' must start with http:// or https://");
+    BRIGADE_CHECK(t.api == "completions" || t.api == "chat", "distill.teacher.api is '", t.api,
+                  "'; use completions (/v1/completions) or chat (/v1/chat/completions)");
+    BRIGADE_CHECK(t.concurrency >= 1 && t.concurrency <= 1024,
+                  "distill.teacher.concurrency must be in 1..1024, got ", t.concurrency);
+    BRIGADE_CHECK(t.timeout > 0, "distill.teacher.timeout must be > 0 seconds, got ", t.timeout);
+    BRIGADE_CHECK(t.retries >= 0 && t.retries <= 20, "distill.teacher.retries must be in 0..20, got ", t.retries);
+    BRIGADE_CHECK(t.backoff >= 0, "distill.teacher.backoff must be >= 0 seconds, got ", t.backoff);
+    BRIGADE_CHECK(t.checkpoint.empty(), "distill.teacher: set url (a remote teacher) or checkpoint, not both");
+  }
+  for (const auto& s : generate.stop) BRIGADE_CHECK(!s.empty(), "distill.generate.stop has an empty string");
   BRIGADE_CHECK(num_prompts >= 0, "distill.num_prompts must be >= 0, got ", num_prompts);
   const auto& g = generate;
   BRIGADE_CHECK(g.samples >= 1, "distill.generate.samples must be >= 1, got ", g.samples);

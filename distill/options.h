@@ -20,6 +20,19 @@ struct TeacherOptions {
   // The teacher's training recipe (relative to the distillation recipe's folder),
   // used when `checkpoint` is empty.
   std::string recipe = "distill-arith-teacher.yaml";
+
+  // A remote teacher: any OpenAI-compatible server (vLLM, SGLang, llama.cpp's
+  // server, `brigade serve`). Set `url` to use it instead of a checkpoint.
+  std::string url;                  // base URL ending in /v1, e.g. http://127.0.0.1:8080/v1
+  std::string api = "completions";  // "completions" (/v1/completions) or "chat" (/v1/chat/completions)
+  std::string model;                // the request's "model" field
+  std::string api_key_env;          // environment variable holding the API key (sent as a Bearer token, never logged)
+  int64_t concurrency = 8;          // requests in flight at once
+  double timeout = 120.0;           // seconds per request, connecting included
+  int64_t retries = 3;              // retries of a failed request (errors, timeouts, HTTP 408/429/5xx)
+  double backoff = 1.0;             // seconds before the first retry, doubled for each further one
+
+  bool remote() const { return !url.empty(); }
 };
 
 struct GenerateOptions {
@@ -29,6 +42,7 @@ struct GenerateOptions {
   int64_t max_new_tokens = 160;
   int64_t batch_size = 32;      // sequences decoded together
   int64_t logprobs = 0;         // top-k logprobs kept per generated token (0: none)
+  std::vector<std::string> stop;  // stop strings: a sample ends before the first one (finish "stop")
   uint64_t seed = 1;
 };
 

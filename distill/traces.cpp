@@ -164,6 +164,7 @@ std::optional<StoredLine> parse_trace_line(const std::string& line, std::string&
     reason = "\"finish_reason\" is \"" + t.finish_reason + "\", not stop, length or error";
     return std::nullopt;
   }
+  if (auto error = j.find("error"); error != j.end() && error->is_string()) t.error = error->get<std::string>();
   auto topk = j.find("topk");
   if (topk != j.end()) {
     TopkRange range;
@@ -377,6 +378,7 @@ void TraceWriter::append(const Trace& trace) {
   nlohmann::json j = {{"prompt_id", trace.prompt_id},         {"sample", trace.sample},
                       {"text", trace.text},                   {"finish_reason", trace.finish_reason},
                       {"prompt_tokens", trace.prompt_tokens}, {"completion_tokens", trace.completion_tokens}};
+  if (!trace.error.empty()) j["error"] = trace.error;
 
   std::string records;
   int64_t positions = 0;

@@ -10,6 +10,8 @@
 //
 //   finish_reason  "stop" (the teacher ended the sample), "length" (cut at the token
 //                  limit) or "error" (the teacher failed; text is empty)
+//   error          present only with finish_reason "error": what went wrong (for
+//                  example "HTTP 503 after 4 attempts: ...")
 //   topk           present only when top-k logprobs were captured: `positions`
 //                  records (one per generated token) starting at record `offset` of
 //                  the sidecar
@@ -70,6 +72,7 @@ struct Trace {
   std::string finish_reason;      // "stop", "length" or "error"
   int64_t prompt_tokens = 0;
   int64_t completion_tokens = 0;
+  std::string error;              // why the teacher failed (finish_reason "error"); else empty
   torch::Tensor topk_ids;         // [positions, k] int32; undefined without logprobs
   torch::Tensor topk_logprobs;    // [positions, k] float32; undefined without logprobs
 

@@ -85,6 +85,15 @@ int run_cli(int argc, char** argv) {
   distill_cmd->add_option("--run-dir", distill.run_dir, "Run directory (default runs/<recipe name>)");
   distill_cmd->add_option("--stage", distill.stage, "Run one stage: teacher, generate, verify, build, train or eval");
 
+  ServeArgs serve;
+  auto* serve_cmd = app.add_subcommand("serve", "Serve a checkpoint over the OpenAI completions/chat API (a remote teacher)");
+  serve_cmd->add_option("--checkpoint", serve.checkpoint, "Step directory, checkpoints directory or run directory")->required();
+  serve_cmd->add_option("--host", serve.host, "IPv4 address to listen on")->capture_default_str();
+  serve_cmd->add_option("--port", serve.port, "TCP port (0: any free port)")->capture_default_str();
+  serve_cmd->add_option("--port-file", serve.port_file, "Write the port here once listening");
+  serve_cmd->add_option("--api-key-env", serve.api_key_env, "Require the key in this environment variable (Bearer token)");
+  serve_cmd->add_option("--model-name", serve.model_name, "The model name reported (default: the recipe's name)");
+
   LaunchArgs launch;
   auto* launch_cmd = app.add_subcommand("launch", "Start N ranks through mpirun: brigade launch -n 2 -- train RECIPE");
   launch_cmd->add_option("-n", launch.ranks, "Number of ranks")->required();
@@ -133,6 +142,7 @@ int run_cli(int argc, char** argv) {
     }
     if (*gen_cmd) return generate_command(gen);
     if (*distill_cmd) return distill_command(distill);
+    if (*serve_cmd) return serve_command(serve);
     if (*launch_cmd) return launch_command(launch);
     if (*demo_cmd) return demo_command(demo);
     if (*show_cmd) {

@@ -51,6 +51,17 @@ struct DistillArgs {
 };
 int distill_command(const DistillArgs& args);
 
+struct ServeArgs {
+  std::filesystem::path checkpoint;
+  std::string host = "127.0.0.1";
+  int port = 8000;                   // 0: any free port (see port_file)
+  std::filesystem::path port_file;   // written with the port once listening
+  std::string api_key_env;           // require this variable's value as a Bearer token
+  std::string model_name;            // the "model" reported (default: the recipe's name)
+};
+// Runs until killed.
+int serve_command(const ServeArgs& args);
+
 // runs/<recipe name>, or `requested` when given.
 std::filesystem::path default_run_dir(const recipes::Recipe& recipe, const std::filesystem::path& requested);
 

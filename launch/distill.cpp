@@ -30,6 +30,7 @@
 #include "distill/generate.h"
 #include "distill/kd.h"
 #include "distill/prompts.h"
+#include "distill/remote.h"
 #include "distill/verify.h"
 #include "launch/commands.h"
 #include "trainer/checkpoint.h"
@@ -120,8 +121,10 @@ int distill_command(const DistillArgs& args) {
   auto tokenizer = data::make_tokenizer(recipe.data.tokenizer);
 
   // teacher
-  fs::path teacher_ck;
-  if (!d.teacher.checkpoint.empty()) {
+  fs::path teacher_ck;  // empty with a remote teacher
+  if (d.teacher.remote()) {
+    log_info("distill: teacher: the server at ", d.teacher.url, " (", d.teacher.api, " API)");
+  } else if (!d.teacher.checkpoint.empty()) {
     teacher_ck = trainer::resolve_checkpoint(d.teacher.checkpoint);
   } else {
     const fs::path teacher_recipe = args.recipe.parent_path() / d.teacher.recipe;
@@ -136,8 +139,10 @@ int distill_command(const DistillArgs& args) {
     teacher_ck = *store.latest();
   }
   if (args.stage == "teacher") return 0;
-  const uint64_t teacher_hash = hash_combine(fnv1a(fs::absolute(teacher_ck).string()),
-                                             fnv1a(read_file(teacher_ck / "trainer_state.json")));
+  const uint64_t teacher_hash =
+      d.teacher.remote()
+          ? hash_json(0x72656d6f, {{"url", d.teacher.url}, {"api", d.teacher.api}, {"model", d.teacher.model}})
+          : hash_combine(fnv1a(fs::absolute(teacher_ck).string()), fnv1a(read_file(teacher_ck / "trainer_state.json")));
 
   // prompts
   std::vector<distill::Prompt> prompts;
@@ -155,7 +160,8 @@ int distill_command(const DistillArgs& args) {
   // generate
   const nlohmann::json gen_options = {{"samples", d.generate.samples}, {"temperature", d.generate.temperature},
                                       {"top_p", d.generate.top_p}, {"max_new_tokens", d.generate.max_new_tokens},
-                                      {"logprobs", d.generate.logprobs}, {"seed", d.generate.seed}};
+                                      {"logprobs", d.generate.logprobs}, {"seed", d.generate.seed},
+                                      {"stop", d.generate.stop}};
   const Stage generate(work / "generate", "generate",
                        hex(hash_json(hash_combine(teacher_hash, hash_prompts(prompts)), gen_options)));
   if (want("generate")) {
@@ -163,12 +169,27 @@ int distill_command(const DistillArgs& args) {
       log_info("distill: generate: done (", generate.dir().string(), ")");
     } else {
       generate.begin();
-      auto teacher = load_model(teacher_ck, {}).model;
-      log_info("distill: generate: ", prompts.size(), " prompts x ", d.generate.samples, " samples from ",
-               teacher_ck.string());
-      const auto stats = distill::generate_traces(teacher, *tokenizer, prompts, d.generate, generate.dir());
-      generate.finish({{"requested", stats.requested}, {"generated", stats.generated},
-                       {"already_done", stats.already_done}, {"truncated", stats.truncated}});
+      if (d.teacher.remote()) {
+        const auto stats = distill::generate_traces_remote(d.teacher, *tokenizer, prompts, d.generate, generate.dir());
+        log_info("distill: generate: ", stats.generated, " new samples, ", stats.retried, " retries, ", stats.failed,
+                 " failed", stats.topk_dropped > 0 ? ", " + std::to_string(stats.topk_dropped) +
+                                                          " without top-k (candidates outside the student's tokenizer)"
+                                                    : std::string());
+        BRIGADE_CHECK(stats.failed == 0, "distill: generate: ", stats.failed, " of ", stats.requested,
+                      " samples failed after ", d.teacher.retries, " retries (their \"error\" is in ",
+                      (generate.dir() / distill::kTracesFile).string(),
+                      "); run brigade distill again to ask for them again");
+        generate.finish({{"requested", stats.requested}, {"generated", stats.generated},
+                         {"already_done", stats.already_done}, {"truncated", stats.truncated},
+                         {"retried", stats.retried}, {"topk_dropped", stats.topk_dropped}});
+      } else {
+        auto teacher = load_model(teacher_ck, {}).model;
+        log_info("distill: generate: ", prompts.size(), " prompts x ", d.generate.samples, " samples from ",
+                 teacher_ck.string());
+        const auto stats = distill::generate_traces(teacher, *tokenizer, prompts, d.generate, generate.dir());
+        generate.finish({{"requested", stats.requested}, {"generated", stats.generated},
+                         {"already_done", stats.already_done}, {"truncated", stats.truncated}});
+      }
     }
   }
   if (args.stage == "generate") return 0;
@@ -228,13 +249,16 @@ int distill_command(const DistillArgs& args) {
       overrides.push_back("data.source=shards");
       overrides.push_back("data.shards=[" + fs::absolute(build.dir() / distill::kSftShard).string() + "]");
       overrides.push_back("data.packed=true");
+      // KD compares distributions id by id: the teacher must speak the student's
+      // tokenizer (a remote teacher's candidates were mapped to it in generate).
       if (kd) {
-        // KD compares distributions id by id: the teacher must speak the student's tokenizer.
-        const auto teacher_recipe = recipes::parse_recipe(read_file(teacher_ck / "recipe.yaml"),
-                                                          (teacher_ck / "recipe.yaml").string(), {}, teacher_ck);
-        distill::check_same_tokenizer(teacher_recipe.data.tokenizer,
-                                      data::make_tokenizer(teacher_recipe.data.tokenizer)->vocab_size(),
-                                      recipe.data.tokenizer, tokenizer->vocab_size());
+        if (!d.teacher.remote()) {
+          const auto teacher_recipe = recipes::parse_recipe(read_file(teacher_ck / "recipe.yaml"),
+                                                            (teacher_ck / "recipe.yaml").string(), {}, teacher_ck);
+          distill::check_same_tokenizer(teacher_recipe.data.tokenizer,
+                                        data::make_tokenizer(teacher_recipe.data.tokenizer)->vocab_size(),
+                                        recipe.data.tokenizer, tokenizer->vocab_size());
+        }
         const fs::path targets = build.dir() / distill::kKdTargets;
         BRIGADE_CHECK(fs::exists(targets), "distill: distill.kd.loss is ", distill::to_string(d.kd.loss), " but ",
                       targets.string(), " does not exist: the accepted samples carry no teacher top-k ",
@@ -255,8 +279,11 @@ int distill_command(const DistillArgs& args) {
   nlohmann::json table = nlohmann::json::array();
   std::printf("\n| model | parameters | pass@1 | pass@%lld |\n|---|---|---|---|\n", static_cast<long long>(d.eval.k));
   const std::string student_label = kd ? "student (SFT + KD " + distill::to_string(d.kd.loss) + ")" : "student (SFT)";
-  for (const auto& [label, checkpoint] : std::vector<std::pair<std::string, fs::path>>{
-           {"teacher", teacher_ck}, {student_label, *trainer::CheckpointStore(student_run / "checkpoints", 1).latest()}}) {
+  // A remote teacher is not scored here (the eval runs brigade models locally).
+  std::vector<std::pair<std::string, fs::path>> models;
+  if (!d.teacher.remote()) models.emplace_back("teacher", teacher_ck);
+  models.emplace_back(student_label, *trainer::CheckpointStore(student_run / "checkpoints", 1).latest());
+  for (const auto& [label, checkpoint] : models) {
     auto model = load_model(checkpoint, {}).model;
     const auto r = distill::evaluate_pass_at_k(model, *tokenizer, held_out, d.eval, d.verify,
                                                d.generate.max_new_tokens, d.generate.batch_size, label);

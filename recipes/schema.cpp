@@ -241,6 +241,14 @@ std::vector<Field> build_schema() {
   s.push_back(boolean("parallel.ep_fp8_dispatch", REF(parallel.ep_fp8_dispatch), "Send dispatched tokens as FP8 E4M3 with 1x128 scales (DeepSeek-V3); gradients and the combine stay in the compute dtype."));
   s.push_back(text("distill.teacher.checkpoint", REF(distill.teacher.checkpoint), "A brigade checkpoint (step, checkpoints or run directory) to distil from; empty: train the teacher from distill.teacher.recipe first."));
   s.push_back(text("distill.teacher.recipe", REF(distill.teacher.recipe), "The teacher's training recipe, relative to this recipe's folder (used when distill.teacher.checkpoint is empty)."));
+  s.push_back(text("distill.teacher.url", REF(distill.teacher.url), "A remote teacher: the base URL of an OpenAI-compatible server, ending in /v1 (vLLM, SGLang, llama.cpp's server, brigade serve); empty: a local brigade teacher."));
+  s.push_back(text("distill.teacher.api", REF(distill.teacher.api), "Remote teacher endpoint: completions (/v1/completions, the prompt as text) or chat (/v1/chat/completions, the prompt as one user message)."));
+  s.push_back(text("distill.teacher.model", REF(distill.teacher.model), "Remote teacher: the requests' \"model\" field."));
+  s.push_back(text("distill.teacher.api_key_env", REF(distill.teacher.api_key_env), "Remote teacher: the environment variable holding the API key, sent as a Bearer token and never logged; empty: no key."));
+  s.push_back(integer<int64_t>("distill.teacher.concurrency", REF(distill.teacher.concurrency), "Remote teacher: requests in flight at once.", 1));
+  s.push_back(real("distill.teacher.timeout", REF(distill.teacher.timeout), "Remote teacher: seconds per request (connecting included) before it counts as failed.", 1e-3, 1e6));
+  s.push_back(integer<int64_t>("distill.teacher.retries", REF(distill.teacher.retries), "Remote teacher: retries of a request after a connection error, timeout or HTTP 408/409/429/5xx; then the sample is stored as failed and retried by the next run."));
+  s.push_back(real("distill.teacher.backoff", REF(distill.teacher.backoff), "Remote teacher: seconds before the first retry, doubled for each further one (a Retry-After header wins).", 0.0, 3600.0));
   s.push_back(text("distill.prompts", REF(distill.prompts), "Prompts JSONL ({\"id\", \"prompt\", \"answer\"} per line); empty: the built-in arithmetic problems of data.synthetic."));
   s.push_back(integer<int64_t>("distill.num_prompts", REF(distill.num_prompts), "Use the first N prompts (0: all; the built-in set has data.synthetic.num_problems)."));
   s.push_back(integer<int64_t>("distill.generate.samples", REF(distill.generate.samples), "Teacher samples per prompt.", 1));
@@ -249,6 +257,7 @@ std::vector<Field> build_schema() {
   s.push_back(integer<int64_t>("distill.generate.max_new_tokens", REF(distill.generate.max_new_tokens), "Tokens per sample at most; longer samples are stored as truncated and rejected.", 1));
   s.push_back(integer<int64_t>("distill.generate.batch_size", REF(distill.generate.batch_size), "Sequences the teacher decodes together (and the eval batch).", 1));
   s.push_back(integer<int64_t>("distill.generate.logprobs", REF(distill.generate.logprobs), "Top-k log-probabilities kept per generated token in the trace store's sidecar (0: none)."));
+  s.push_back(text_list("distill.generate.stop", REF(distill.generate.stop), "Stop strings: a sample ends before the first one (finish reason stop). Sent to a remote teacher as \"stop\"."));
   s.push_back(integer<uint64_t>("distill.generate.seed", REF(distill.generate.seed), "Seed of the samples (each sample's seed is hashed from it, the prompt id and the sample index)."));
   s.push_back(text("distill.verify.answer_pattern", REF(distill.verify.answer_pattern), "How to find the final answer: boxed (the last \\boxed{...}) or a regex whose first group is the answer."));
   s.push_back(boolean("distill.verify.require_think", REF(distill.verify.require_think), "Reject samples without a closed <think>...</think> before the answer."));

@@ -17,7 +17,7 @@ if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null; then SUDO=sudo; fi
 
 # 1. Debian packages ------------------------------------------------------------
 PACKAGES=(build-essential cmake ccache git pkg-config libopenmpi-dev openmpi-bin libyaml-cpp-dev
-          libgtest-dev libcli11-dev nlohmann-json3-dev python3 python3-venv)
+          libgtest-dev libcli11-dev nlohmann-json3-dev libcurl4-openssl-dev python3 python3-venv)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
+#include <functional>
 #include <string>
 
 #include "core/error.h"
@@ -32,6 +33,29 @@ CommandResult run_command(const std::string& command);
 
 // Runs build/brigade with `args` (already shell-quoted where needed).
 CommandResult run_brigade(const std::string& args);
+
+// A shell command running in the background, its output appended to `log`; killed
+// (SIGKILL) and reaped when the object dies.
+class Background {
+ public:
+  Background(const std::string& command, const std::filesystem::path& log);
+  ~Background();
+  Background(const Background&) = delete;
+  Background& operator=(const Background&) = delete;
+  // Sends `signal` and waits for the process to end.
+  void kill(int signal = 9);
+  // Whether it is still running.
+  bool running();
+  // Its exit code once it ended on its own (-1 while running or after kill()).
+  int exit_code() const { return exit_code_; }
+
+ private:
+  int pid_ = -1;
+  int exit_code_ = -1;
+};
+
+// Polls `done` every 20 ms for up to `seconds`; false on timeout.
+bool wait_for(const std::function<bool()>& done, double seconds);
 
 // --set overrides that shrink a shipped recipe's model and data so CLI tests train
 // in seconds (tests add their own trainer settings).

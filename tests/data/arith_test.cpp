@@ -26,6 +26,10 @@ i128 evaluate(const std::string& expr) {
       v = v * 10 + (expr[i++] - '0');
     return v;
   };
+  if (expr.starts_with("-")) {  // a restated expression may start below zero
+    sign = '-';
+    ++i;
+  }
   term = number();
   while (i < expr.size()) {
     char op = expr[i++];
@@ -104,6 +108,11 @@ void check_problem(const ArithmeticProblem& p) {
       EXPECT_EQ(sum, b) << line;
       continue;
     }
+    if (line.starts_with("so ")) {
+      // The expression restated with what is computed so far: the same value.
+      EXPECT_EQ(str(evaluate(line.substr(3))), p.answer) << line;
+      continue;
+    }
     ASSERT_TRUE(std::regex_match(line, m, binary)) << "unexpected line: " << line;
     const i128 x = to_int(m[1]);
     const i128 y = to_int(m[3]);
@@ -132,12 +141,13 @@ TEST(Arithmetic, DocumentFormatHandChecked) {
             "498*3 = 1494\n"
             "498*30 = 14940\n"
             "1494+14940 = 16434\n"
+            "so 16434+255\n"
             "16434+255 = 16689\n"
             "</think>\n"
             "\\boxed{16689}");
   ArithmeticProblem p5 = make_arithmetic_problem(o, 5);  // multiplication before addition
   EXPECT_EQ(p5.prompt, "Problem: 0+7*4\n");
-  EXPECT_EQ(p5.reasoning, "<think>\n7*4 = 28\n0+28 = 28\n</think>\n");
+  EXPECT_EQ(p5.reasoning, "<think>\n7*4 = 28\nso 0+28\n0+28 = 28\n</think>\n");
   EXPECT_EQ(p5.answer, "28");
 }
 

@@ -1,0 +1,238 @@
+// The remote teacher (distill.teacher.url) against real HTTP servers: `brigade
+// serve` (the same model as a local teacher, so the samples must match it token for
+// token) and tests/distill/faulty_server.py, which fails, stalls, answers garbage
+// or demands a key.
+#include <gtest/gtest.h>
+
+#include <fstream>
+#include <map>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "core/fs.h"
+#include "distill/traces.h"
+#include "tests/testing.h"
+
+namespace brigade {
+namespace {
+
+namespace fs = std::filesystem;
+using testing::Background;
+using testing::run_brigade;
+using testing::run_command;
+using testing::TempDir;
+using testing::wait_for;
+
+const std::string kSmall =
+    " --set model.d_model=32 --set model.n_layers=2 --set model.n_heads=4 --set model.n_kv_heads=2"
+    " --set model.d_ff=64 --set data.seq_len=64 --set model.max_seq_len=128 --set data.synthetic.num_problems=400"
+    " --set data.synthetic.eval_problems=30 --set trainer.micro_batch_size=8 --set trainer.warmup_steps=5"
+    " --set trainer.eval_every=0 --set trainer.checkpoint_every=0 --set trainer.eval_batches=1 --set trainer.threads=1";
+
+const std::string kRecipe = std::string(BRIGADE_SOURCE_DIR) + "/recipes/distill-arith.yaml";
+const std::string kFaultyServer = std::string(BRIGADE_SOURCE_DIR) + "/tests/distill/faulty_server.py";
+
+std::vector<nlohmann::json> lines(const fs::path& file) {
+  std::vector<nlohmann::json> out;
+  if (!fs::exists(file)) return out;
+  std::istringstream in(read_file(file));
+  for (std::string line; std::getline(in, line);) {
+    if (!line.empty()) out.push_back(nlohmann::json::parse(line));
+  }
+  return out;
+}
+
+void write_prompts(const fs::path& file, int n) {
+  std::ofstream out(file);
+  for (int i = 0; i < n; ++i) out << "{\"id\": \"p" << i << "\", \"prompt\": \"Problem: " << i << "+" << i + 3 << "*2\\n\"}\n";
+}
+
+// Waits for a server's port file; "" on timeout.
+std::string wait_for_port(const fs::path& port_file) {
+  std::string port;
+  wait_for([&] {
+    if (!fs::exists(port_file)) return false;
+    port = read_file(port_file);
+    while (!port.empty() && port.back() == '\n') port.pop_back();
+    return !port.empty();
+  }, 120);
+  return port;
+}
+
+// Every file under `dir` and the text `output`: does any contain `secret`?
+bool leaks(const fs::path& dir, const std::string& output, const std::string& secret) {
+  if (output.find(secret) != std::string::npos) return true;
+  for (const auto& entry : fs::recursive_directory_iterator(dir)) {
+    if (entry.is_regular_file() && read_file(entry.path()).find(secret) != std::string::npos) return true;
+  }
+  return false;
+}
+
+std::map<std::pair<std::string, int64_t>, nlohmann::json> by_sample(const std::vector<nlohmann::json>& traces) {
+  std::map<std::pair<std::string, int64_t>, nlohmann::json> out;
+  for (const auto& t : traces) out[{t["prompt_id"].get<std::string>(), t["sample"].get<int64_t>()}] = t;
+  return out;
+}
+
+TEST(CliDistillRemote, BrigadeServeAnswersLikeTheLocalTeacher) {
+  TempDir dir;
+  auto teacher = run_brigade("train " + std::string(BRIGADE_SOURCE_DIR) + "/recipes/tiny-dense.yaml" + kSmall +
+                             " --set trainer.lr=0.01 --set trainer.max_steps=300 --run-dir " + (dir / "teacher").string());
+  ASSERT_EQ(teacher.exit_code, 0) << teacher.output;
+  write_prompts(dir / "prompts.jsonl", 6);
+  const std::string key = "sekrit-6d1f0a";
+  Background server("env BRIGADE_TEST_SERVE_KEY=" + key + " " + BRIGADE_BINARY + " serve --checkpoint " +
+                        (dir / "teacher").string() + " --port 0 --port-file " + (dir / "port").string() +
+                        " --api-key-env BRIGADE_TEST_SERVE_KEY",
+                    dir / "serve.log");
+  const std::string port = wait_for_port(dir / "port");
+  ASSERT_FALSE(port.empty()) << read_file(dir / "serve.log");
+
+  const std::string common = "distill " + kRecipe + kSmall + " --set distill.prompts=" + (dir / "prompts.jsonl").string() +
+                             " --set distill.generate.samples=2 --set distill.generate.max_new_tokens=40"
+                             " --set distill.generate.logprobs=4 --set distill.generate.temperature=0.6"
+                             " --set distill.eval.problems=4 --set distill.eval.k=2";
+  auto local = run_brigade(common + " --set distill.teacher.checkpoint=" + (dir / "teacher").string() +
+                           " --stage generate --run-dir " + (dir / "local").string());
+  ASSERT_EQ(local.exit_code, 0) << local.output;
+  const auto local_traces = by_sample(lines(dir / "local" / "distill" / "generate" / "traces.jsonl"));
+  ASSERT_EQ(local_traces.size(), 12u);
+  const distill::TopkSidecar local_topk(dir / "local" / "distill" / "generate" / "traces.topk.bin");
+
+  for (const std::string api : {"completions", "chat"}) {
+    SCOPED_TRACE(api);
+    const fs::path run = dir / ("remote_" + api);
+    const std::string remote = common + " --set distill.teacher.url=http://127.0.0.1:" + port + "/v1" +
+                               " --set distill.teacher.api=" + api + " --set distill.teacher.concurrency=3" +
+                               " --set distill.teacher.api_key_env=BRIGADE_TEST_CLIENT_KEY --run-dir " + run.string();
+    // Without the key the server refuses, and the run stops at once with the reason.
+    auto refused = run_command("env BRIGADE_TEST_CLIENT_KEY=wrong " + std::string(BRIGADE_BINARY) + " " + remote +
+                               " --stage generate");
+    EXPECT_NE(refused.exit_code, 0);
+    EXPECT_NE(refused.output.find("HTTP 401"), std::string::npos) << refused.output;
+    auto unset = run_brigade(remote + " --stage generate");
+    EXPECT_NE(unset.exit_code, 0);
+    EXPECT_NE(unset.output.find("BRIGADE_TEST_CLIENT_KEY, which is not set"), std::string::npos) << unset.output;
+
+    auto r = run_command("env BRIGADE_TEST_CLIENT_KEY=" + key + " " + std::string(BRIGADE_BINARY) + " " + remote +
+                         " --set distill.kd.loss=forward_kl --set trainer.max_steps=5");
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    EXPECT_NE(r.output.find("| student (SFT + KD forward_kl) |"), std::string::npos) << r.output;
+    const fs::path work = run / "distill";
+    const auto remote_traces = by_sample(lines(work / "generate" / "traces.jsonl"));
+    ASSERT_EQ(remote_traces.size(), 12u);
+    const distill::TopkSidecar remote_topk(work / "generate" / "traces.topk.bin");
+    ASSERT_EQ(remote_topk.k(), 4);
+    for (const auto& [id, want] : local_traces) {
+      const auto& got = remote_traces.at(id);
+      EXPECT_EQ(got["text"], want["text"]) << id.first << " " << id.second;
+      EXPECT_EQ(got["finish_reason"], want["finish_reason"]);
+      // The server reports no logprobs for the end-of-sequence token.
+      const int64_t positions = got["topk"]["positions"].get<int64_t>();
+      EXPECT_EQ(positions, want["topk"]["positions"].get<int64_t>() - (want["finish_reason"] == "stop" ? 1 : 0));
+      const auto [got_ids, got_lp] = remote_topk.read({got["topk"]["offset"].get<int64_t>(), positions});
+      const auto [want_ids, want_lp] = local_topk.read({want["topk"]["offset"].get<int64_t>(), positions});
+      EXPECT_TRUE(torch::equal(got_ids, want_ids));
+      EXPECT_TRUE(torch::allclose(got_lp, want_lp, 0, 1e-5));
+    }
+    // Every accepted document carries the teacher's top-k into the KD targets.
+    const auto build = nlohmann::json::parse(read_file(work / "build" / "build.json"));
+    EXPECT_EQ(build["kd_misaligned"].get<int64_t>(), 0) << build.dump(1);
+    EXPECT_EQ(build["kd_documents"].get<int64_t>(), build["documents"].get<int64_t>());
+    EXPECT_FALSE(leaks(run, r.output + refused.output, key));
+  }
+  EXPECT_TRUE(server.running()) << read_file(dir / "serve.log");
+}
+
+// The faulty server on a fixed port, so a rerun asks the same URL (same stage inputs).
+struct Faulty {
+  Faulty(const TempDir& dir, const std::string& mode, const std::string& port = "0")
+      : port_file(dir / ("port_" + mode)),
+        process("python3 " + kFaultyServer + " " + mode + " " + port_file.string() + " " + (dir / "requests.jsonl").string() +
+                    " --port " + port,
+                dir / ("server_" + mode + ".log")) {
+    this->port = wait_for_port(port_file);
+  }
+  fs::path port_file;
+  Background process;
+  std::string port;
+};
+
+TEST(CliDistillRemote, FailedRequestsAreRetriedRecordedAndAskedForAgain) {
+  TempDir dir;
+  write_prompts(dir / "prompts.jsonl", 3);
+  std::string port;
+  auto distill = [&](const std::string& extra) {
+    return run_brigade("distill " + kRecipe + " --set distill.prompts=" + (dir / "prompts.jsonl").string() +
+                       " --set distill.generate.samples=1 --set distill.teacher.url=http://127.0.0.1:" + port +
+                       "/v1 --set distill.teacher.retries=2 --set distill.teacher.backoff=0.05 --stage generate" +
+                       extra + " --run-dir " + (dir / "run").string());
+  };
+  const fs::path traces = dir / "run" / "distill" / "generate" / "traces.jsonl";
+  {
+    Faulty server(dir, "error");
+    ASSERT_FALSE(server.port.empty());
+    port = server.port;
+    auto r = distill("");
+    EXPECT_NE(r.exit_code, 0);
+    EXPECT_NE(r.output.find("3 of 3 samples failed after 2 retries"), std::string::npos) << r.output;
+    // One request and two retries per prompt, then a failed record each.
+    EXPECT_EQ(lines(dir / "requests.jsonl").size(), 9u);
+    const auto stored = lines(traces);
+    ASSERT_EQ(stored.size(), 3u);
+    for (const auto& t : stored) {
+      EXPECT_EQ(t["finish_reason"], "error");
+      EXPECT_NE(t["error"].get<std::string>().find("HTTP 503"), std::string::npos) << t.dump();
+      EXPECT_NE(t["error"].get<std::string>().find("after 3 attempts"), std::string::npos) << t.dump();
+    }
+  }
+  // The server recovers on the same address: the next run asks for exactly the failed samples.
+  fs::remove(dir / "requests.jsonl");
+  {
+    Faulty server(dir, "flaky", port);
+    ASSERT_EQ(server.port, port);
+    auto r = distill("");
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    // flaky: each prompt's first request fails, the retry succeeds.
+    EXPECT_EQ(lines(dir / "requests.jsonl").size(), 6u);
+    EXPECT_NE(r.output.find("3 new samples, 3 retries, 0 failed"), std::string::npos) << r.output;
+    const auto stored = by_sample(lines(traces));  // the last line per sample wins
+    ASSERT_EQ(stored.size(), 3u);
+    for (const auto& [id, t] : stored) EXPECT_EQ(t["finish_reason"], "stop") << id.first;
+    // Done: a third run asks nothing.
+    fs::remove(dir / "requests.jsonl");
+    auto again = distill("");
+    ASSERT_EQ(again.exit_code, 0) << again.output;
+    EXPECT_NE(again.output.find("generate: done"), std::string::npos) << again.output;
+    EXPECT_TRUE(lines(dir / "requests.jsonl").empty());
+  }
+}
+
+TEST(CliDistillRemote, StallingAndGarbageServersFailCleanly) {
+  TempDir dir;
+  write_prompts(dir / "prompts.jsonl", 4);
+  for (const std::string mode : {"stall", "garbage"}) {
+    SCOPED_TRACE(mode);
+    Faulty server(dir, mode);
+    ASSERT_FALSE(server.port.empty());
+    const auto start = std::chrono::steady_clock::now();
+    auto r = run_brigade("distill " + kRecipe + " --set distill.prompts=" + (dir / "prompts.jsonl").string() +
+                         " --set distill.generate.samples=1 --set distill.teacher.url=http://127.0.0.1:" + server.port +
+                         "/v1 --set distill.teacher.api=chat --set distill.teacher.timeout=0.5"
+                         " --set distill.teacher.retries=1 --set distill.teacher.backoff=0 --set distill.teacher.concurrency=4"
+                         " --stage generate --run-dir " + (dir / ("run_" + mode)).string());
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    EXPECT_NE(r.exit_code, 0);
+    EXPECT_NE(r.output.find("4 of 4 samples failed after 1 retries"), std::string::npos) << r.output;
+    const auto stored = lines(dir / ("run_" + mode) / "distill" / "generate" / "traces.jsonl");
+    ASSERT_EQ(stored.size(), 4u);
+    const std::string why = mode == "stall" ? "Timeout" : "not JSON";
+    for (const auto& t : stored) EXPECT_NE(t["error"].get<std::string>().find(why), std::string::npos) << t.dump();
+    // Two rounds of four concurrent 0.5 s timeouts, not 30 s stalls.
+    EXPECT_LT(seconds, 20.0);
+  }
+}
+
+}  // namespace
+}  // namespace brigade
