@@ -1,5 +1,7 @@
 #include "data/arith.h"
 
+#include <algorithm>
+
 #include "core/error.h"
 #include "core/hash.h"
 
@@ -107,9 +109,14 @@ void validate(const ArithmeticOptions& o) {
                 "' may only contain '+', '-' and '*'");
 }
 
-ArithmeticProblem make_arithmetic_problem(const ArithmeticOptions& o, uint64_t index) {
-  validate(o);
-  Rng rng(hash_combine(o.seed, index));
+namespace {
+
+// The problem drawn from `key`; `negative`: whether a running value went below
+// zero; `largest`: the largest value computed.
+ArithmeticProblem draw_problem(const ArithmeticOptions& o, uint64_t key, bool& negative, int64_t& largest) {
+  negative = false;
+  largest = 0;
+  Rng rng(key);
   const int operands = static_cast<int>(rng.uniform(o.min_operands, o.max_operands));
 
   // The expression as product terms joined by + and -: terms[i] are the factors of
@@ -158,13 +165,19 @@ ArithmeticProblem make_arithmetic_problem(const ArithmeticOptions& o, uint64_t i
   for (size_t t = 0; t < terms.size(); ++t) {
     const auto& factors = terms[t];
     int64_t acc = factors[0];
-    for (size_t k = 1; k < factors.size(); ++k) acc = multiply(acc, factors[k], lines);
+    largest = std::max(largest, acc);
+    for (size_t k = 1; k < factors.size(); ++k) {
+      acc = multiply(acc, factors[k], lines);
+      largest = std::max(largest, acc);
+    }
     values.push_back(acc);
     if (factors.size() > 1 && terms.size() > 1) lines += restate(values, t + 1, 0, values[0]);
   }
   int64_t acc = values[0];
   for (size_t i = 1; i < values.size(); ++i) {
     const int64_t next = signs[i] == '+' ? acc + values[i] : acc - values[i];
+    negative |= next < 0;
+    largest = std::max(largest, next);
     lines += str(acc) + signs[i] + str(values[i]) + " = " + str(next) + "\n";
     acc = next;
     if (i + 1 < values.size()) lines += restate(values, values.size(), i, acc);
@@ -174,6 +187,26 @@ ArithmeticProblem make_arithmetic_problem(const ArithmeticOptions& o, uint64_t i
   problem.prompt = "Problem: " + expr + "\n";
   problem.reasoning = "<think>\n" + lines + "</think>\n";
   problem.answer = str(acc);
+  return problem;
+}
+
+}  // namespace
+
+ArithmeticProblem make_arithmetic_problem(const ArithmeticOptions& o, uint64_t index) {
+  validate(o);
+  bool negative = false;
+  int64_t largest = 0;
+  const uint64_t key = hash_combine(o.seed, index);
+  ArithmeticProblem problem = draw_problem(o, key, negative, largest);
+  // Redraw (from keys that depend only on the index) until the problem's values
+  // are in range.
+  auto out_of_range = [&] { return (o.nonnegative && negative) || (o.max_value > 0 && largest > o.max_value); };
+  for (uint64_t attempt = 1; out_of_range(); ++attempt) {
+    BRIGADE_CHECK(attempt <= 10000, "data.synthetic: no problem with values in range (nonnegative ",
+                  o.nonnegative ? "true" : "false", ", max_value ", o.max_value, ") in 10000 draws for ops '",
+                  o.ops, "' and ", o.max_digits, "-digit operands; relax data.synthetic.nonnegative or max_value");
+    problem = draw_problem(o, hash_combine(key, attempt), negative, largest);
+  }
   return problem;
 }
 

@@ -38,6 +38,8 @@ struct ArithmeticOptions {
   int min_operands = 2;
   int max_operands = 3;
   std::string ops = "+-*";       // operators to draw from, any of "+-*"
+  bool nonnegative = false;      // only problems whose running values never go below zero
+  int64_t max_value = 0;         // > 0: only problems whose every computed value is at most this
   uint64_t seed = 1234;
 };
 

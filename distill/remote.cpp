@@ -349,8 +349,9 @@ RemoteStats generate_traces_remote(const TeacherOptions& teacher, const data::To
     } else if (status == 401 || status == 403 || status == 404) {
       store.flush();
       BRIGADE_FAIL("generate: ", url, " answered HTTP ", status, " (", redact(r.reply, api_key), ")",
-                   status == 404 ? "; check distill.teacher.url and distill.teacher.api"
-                                 : "; check the API key in $" + teacher.api_key_env);
+                   status == 404                  ? "; check distill.teacher.url and distill.teacher.api"
+                   : teacher.api_key_env.empty() ? "; the server wants an API key: set distill.teacher.api_key_env"
+                                                  : "; check the API key in $" + teacher.api_key_env);
     } else if (status != 200) {
       problem = "HTTP " + std::to_string(status) + ": " + redact(r.reply, api_key);
       retry = retryable_status(status);

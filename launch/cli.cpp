@@ -72,11 +72,12 @@ int run_cli(int argc, char** argv) {
   add_set_option(gen_cmd, gen.overrides);
 
   DemoArgs demo;
-  auto* demo_cmd = app.add_subcommand("demo", "Train recipes/tiny-dense.yaml and show generations (the built-in default)");
+  auto* demo_cmd = app.add_subcommand(
+      "demo", "The built-in default: distil an MoE teacher into a dense student (recipes/distill-arith.yaml), end to end");
   add_set_option(demo_cmd, demo.overrides);
-  demo_cmd->add_option("--run-dir", demo.run_dir, "Run directory (default runs/tiny-dense)");
-  demo_cmd->add_option("--samples", demo.samples, "Generations to print")->capture_default_str();
-  demo_cmd->add_option("--eval-problems", demo.eval_problems, "Held-out problems to score")->capture_default_str();
+  demo_cmd->add_option("--run-dir", demo.run_dir, "Run directory (default runs/distill-arith)");
+  demo_cmd->add_option("--samples", demo.samples, "Student generations to print at the end")->capture_default_str();
+  demo_cmd->add_option("--eval-problems", demo.eval_problems, "Held-out problems to score (default: the recipe's distill.eval.problems)");
 
   DistillArgs distill;
   auto* distill_cmd = app.add_subcommand("distill", "Distil a teacher into a student: generate, verify, build, train, eval");

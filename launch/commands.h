@@ -38,8 +38,8 @@ int generate_command(const GenerateArgs& args);
 struct DemoArgs {
   std::vector<std::string> overrides;
   std::filesystem::path run_dir;
-  int64_t samples = 4;       // generations printed
-  int64_t eval_problems = 50;  // held-out problems scored
+  int64_t samples = 2;         // student generations printed
+  int64_t eval_problems = 0;   // > 0: held-out problems scored (distill.eval.problems)
 };
 int demo_command(const DemoArgs& args);
 

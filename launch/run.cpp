@@ -183,24 +183,34 @@ int generate_command(const GenerateArgs& args) {
 }
 
 int demo_command(const DemoArgs& args) {
-  const fs::path recipe_path = find_shipped_recipe("recipes/tiny-dense.yaml");
-  const recipes::Recipe recipe = recipes::load_recipe(recipe_path, args.overrides);
+  const fs::path recipe_path = find_shipped_recipe("recipes/distill-arith.yaml");
+  std::vector<std::string> overrides = args.overrides;
+  if (args.eval_problems > 0) overrides.push_back("distill.eval.problems=" + std::to_string(args.eval_problems));
+  const recipes::Recipe recipe = recipes::load_recipe(recipe_path, overrides);
   const fs::path run_dir = default_run_dir(recipe, args.run_dir);
-  std::cout << "brigade demo: training " << recipe_path.string() << " into " << run_dir.string()
-            << " (a finished run is reused)\n" << std::flush;
-  TrainArgs train{recipe_path, args.overrides, run_dir, /*resume=*/true};
-  if (int rc = train_command(train); rc != 0) return rc;
+  std::cout << "brigade demo: " << recipe_path.string() << " into " << run_dir.string() << "\n"
+            << "  teacher   train an MoE on step-by-step arithmetic (" << recipe.distill.teacher.recipe << ")\n"
+            << "  generate  the teacher solves " << recipe.distill.num_prompts << " training problems\n"
+            << "  verify    keep the solutions with a closed <think> and the right \\boxed{} answer\n"
+            << "  build     pack them for the student, loss on the solutions only\n"
+            << "  train     fine-tune the dense student on them\n"
+            << "  eval      pass@1 and pass@" << recipe.distill.eval.k << " of both on " << recipe.distill.eval.problems
+            << " held-out problems\n"
+            << "Finished stages are reused; an interrupted run continues where it stopped.\n\n"
+            << std::flush;
+  if (int rc = distill_command({recipe_path, overrides, run_dir, ""}); rc != 0) return rc;
+  if (args.samples <= 0) return 0;
 
-  auto loaded = load_model(run_dir, {});
+  // A few of the student's greedy solutions to held-out problems.
+  const fs::path student = run_dir / "distill" / "train" / "run";
+  auto loaded = load_model(student, {});
   auto tokenizer = data::make_tokenizer(recipe.data.tokenizer);
   model::SamplingOptions greedy;
-  greedy.max_new_tokens = recipe.model.max_seq_len / 2;
+  greedy.max_new_tokens = recipe.distill.generate.max_new_tokens;
   greedy.stop_ids = {tokenizer->eos_id()};
-  // Held-out problems: indices after the training range.
   const auto& synth = recipe.data.synthetic;
-  int64_t correct = 0, scored = 0;
-  std::cout << "\nSample generations on held-out problems (greedy):\n";
-  for (int64_t i = 0; i < std::max(args.samples, args.eval_problems); ++i) {
+  std::cout << "\nThe student on held-out problems (greedy):\n";
+  for (int64_t i = 0; i < args.samples; ++i) {
     auto problem = data::make_arithmetic_problem(synth, static_cast<uint64_t>(synth.num_problems + i));
     std::vector<int64_t> prompt{tokenizer->bos_id()};
     for (int64_t id : tokenizer->encode(problem.prompt)) prompt.push_back(id);
@@ -209,18 +219,11 @@ int demo_command(const DemoArgs& args) {
     const std::string text = tokenizer->decode(result.tokens);
     const auto answer = data::extract_boxed(text);
     const bool ok = answer && *answer == problem.answer;
-    if (i < args.eval_problems) {
-      correct += ok ? 1 : 0;
-      ++scored;
-    }
-    if (i < args.samples) {
-      std::cout << "----------------------------------------\n" << problem.prompt << text << "\n"
-                << (ok ? "  [correct]" : "  [wrong: expected " + problem.answer + "]") << "\n";
-    }
+    std::cout << "----------------------------------------\n" << problem.prompt << text << "\n"
+              << (ok ? "  [correct]" : "  [wrong: expected " + problem.answer + "]") << "\n";
   }
   std::cout << "----------------------------------------\n"
-            << "held-out accuracy (greedy, \\boxed{} answer): " << correct << "/" << scored << "\n"
-            << "run directory: " << run_dir.string() << " (metrics.jsonl, checkpoints/)\n";
+            << "run directory: " << run_dir.string() << " (teacher/, distill/<stage>/, distill/eval.json)\n";
   return 0;
 }
 

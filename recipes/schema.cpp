@@ -217,6 +217,8 @@ std::vector<Field> build_schema() {
   s.push_back(integer<int>("data.synthetic.min_operands", REF(data.synthetic.min_operands), "Fewest operands per expression.", 2, 8));
   s.push_back(integer<int>("data.synthetic.max_operands", REF(data.synthetic.max_operands), "Most operands per expression.", 2, 8));
   s.push_back(text("data.synthetic.ops", REF(data.synthetic.ops), "Operators to draw from, any of \"+-*\"."));
+  s.push_back(boolean("data.synthetic.nonnegative", REF(data.synthetic.nonnegative), "Only problems whose running values never go below zero (signed steps such as 9-18 = -9 are much harder for small models)."));
+  s.push_back(integer<int64_t>("data.synthetic.max_value", REF(data.synthetic.max_value), "> 0: only problems whose every computed value (products, partial products, running sums) is at most this; 0: no limit."));
   s.push_back(integer<uint64_t>("data.synthetic.seed", REF(data.synthetic.seed), "Seed of the problem generator."));
 
   s.push_back(choice("precision.compute_dtype", REF(precision.compute_dtype), "Matmul precision (autocast); master weights stay float32.",

@@ -244,6 +244,39 @@ TEST(Arithmetic, RespectsOptions) {
   }
 }
 
+TEST(Arithmetic, ValueRangeKeepsEveryComputedNumberInside) {
+  ArithmeticOptions o;
+  o.min_digits = o.max_digits = 1;
+  o.min_operands = o.max_operands = 4;
+  o.nonnegative = true;
+  o.max_value = 99;
+  static const std::regex number(R"(\d+)");
+  int products = 0;
+  for (uint64_t i = 0; i < 500; ++i) {
+    ArithmeticProblem p = make_arithmetic_problem(o, i);
+    check_problem(p);
+    products += p.prompt.find('*') != std::string::npos ? 1 : 0;
+    // No negative result or restated value, and no number above 99.
+    EXPECT_EQ(p.reasoning.find("= -"), std::string::npos) << p.text();
+    EXPECT_EQ(p.reasoning.find("so -"), std::string::npos) << p.text();
+    for (std::sregex_iterator it(p.reasoning.begin(), p.reasoning.end(), number), end; it != end; ++it)
+      EXPECT_LE(std::stoll(it->str()), 99) << p.text();
+  }
+  EXPECT_GT(products, 100);  // the range leaves the products in
+  // The same index without the range differs only where the range redrew it.
+  ArithmeticOptions free = o;
+  free.nonnegative = false;
+  free.max_value = 0;
+  int same = 0;
+  for (uint64_t i = 0; i < 100; ++i) same += make_arithmetic_problem(o, i).text() == make_arithmetic_problem(free, i).text();
+  EXPECT_GT(same, 20);
+  EXPECT_LT(same, 100);
+  // A range no problem can meet is an error, not a hang.
+  o.min_digits = o.max_digits = 2;
+  o.max_value = 5;
+  EXPECT_BRIGADE_ERROR(make_arithmetic_problem(o, 0), "no problem with values in range");
+}
+
 TEST(Arithmetic, LargeProductsStayExact) {
   // Eight nine-digit factors would overflow int64; the generator stops a product early.
   ArithmeticOptions o;

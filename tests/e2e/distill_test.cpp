@@ -7,6 +7,8 @@
 
 #include <cmath>
 #include <fstream>
+#include <functional>
+#include <map>
 #include <set>
 #include <sstream>
 
@@ -21,12 +23,22 @@ namespace {
 namespace fs = std::filesystem;
 using testing::run_brigade;
 using testing::TempDir;
+using testing::wait_for;
 
 const std::string kSmall =
     " --set model.d_model=64 --set model.n_layers=2 --set model.n_heads=4 --set model.n_kv_heads=2"
     " --set model.d_ff=128 --set data.seq_len=64 --set model.max_seq_len=128 --set data.synthetic.num_problems=2000"
     " --set data.synthetic.eval_problems=30 --set trainer.micro_batch_size=8 --set trainer.warmup_steps=10"
     " --set trainer.eval_every=0 --set trainer.checkpoint_every=0 --set trainer.eval_batches=1 --set trainer.threads=2";
+
+// The complete lines of a trace store's text (a torn last line left out), parsed.
+std::vector<nlohmann::json> lines_upto_torn(const std::string& text) {
+  std::vector<nlohmann::json> out;
+  size_t begin = 0;
+  for (size_t end = text.find('\n'); end != std::string::npos; begin = end + 1, end = text.find('\n', begin))
+    out.push_back(nlohmann::json::parse(text.substr(begin, end - begin)));
+  return out;
+}
 
 std::vector<nlohmann::json> lines(const fs::path& file) {
   std::vector<nlohmann::json> out;
@@ -123,6 +135,127 @@ TEST(CliDistill, StagesRunOnceAndAnInterruptedGenerateContinues) {
   }
   EXPECT_TRUE(logged);
   EXPECT_EQ(nlohmann::json::parse(read_file(kd_work / "eval.json"))[1]["model"], "student (SFT + KD forward_kl)");
+}
+
+// kill -9 inside the teacher's training, inside generate and inside the student's
+// training; each time `brigade distill` is started again. The end result equals an
+// uninterrupted run's: the same samples (none lost, none twice) and the same scores.
+TEST(CliDistill, KillNineInAnyStageThenRunAgain) {
+  TempDir dir;
+  {
+    std::ofstream teacher(dir / "teacher.yaml");
+    teacher << "inherit: " << BRIGADE_SOURCE_DIR << "/recipes/tiny-dense.yaml\n"
+            << "name: kill-teacher\n"
+               "model: {d_model: 32, n_layers: 2, n_heads: 4, n_kv_heads: 2, d_ff: 64, max_seq_len: 128}\n"
+               "data: {seq_len: 64, synthetic: {num_problems: 2000, eval_problems: 30}}\n"
+               "trainer: {max_steps: 400, micro_batch_size: 8, lr: 0.01, warmup_steps: 10, eval_every: 0,\n"
+               "          checkpoint_every: 40, eval_batches: 1, threads: 1}\n";
+  }
+  // Prompts without answers: verified on format, which this small teacher learns.
+  {
+    std::ofstream prompts(dir / "prompts.jsonl");
+    for (int i = 0; i < 300; ++i) prompts << "{\"id\": " << i << ", \"prompt\": \"Problem: " << i % 10 << "+" << i % 7 << "*3\\n\"}\n";
+  }
+  const std::string args = " " + std::string(BRIGADE_SOURCE_DIR) + "/recipes/distill-arith.yaml" + kSmall +
+                           " --set data.seq_len=128 --set trainer.threads=1 --set trainer.max_steps=300"
+                           " --set trainer.checkpoint_every=30 --set distill.teacher.recipe=" + (dir / "teacher.yaml").string() +
+                           " --set distill.prompts=" + (dir / "prompts.jsonl").string() + " --set distill.generate.batch_size=4"
+                           " --set distill.generate.max_new_tokens=60 --set distill.eval.problems=8 --set distill.eval.k=2";
+  auto reference = run_brigade("distill" + args + " --run-dir " + (dir / "reference").string());
+  ASSERT_EQ(reference.exit_code, 0) << reference.output;
+
+  const fs::path run = dir / "killed";
+  const std::string command = std::string(BRIGADE_BINARY) + " distill" + args + " --run-dir " + run.string();
+  auto has_step = [](const fs::path& checkpoints) {
+    if (!fs::exists(checkpoints)) return false;
+    for (const auto& e : fs::directory_iterator(checkpoints))
+      if (e.path().filename().string().starts_with("step_")) return true;
+    return false;
+  };
+  struct Kill {
+    const char* stage;
+    std::function<bool()> reached;  // the stage is under way
+    fs::path done_marker;           // exists once the stage finished
+  };
+  const fs::path work = run / "distill";
+  const std::vector<Kill> kills = {
+      {"teacher", [&] { return has_step(run / "teacher" / "checkpoints"); }, run / "teacher" / "checkpoints" / "step_00000400"},
+      {"generate", [&] { return fs::exists(work / "generate" / "traces.jsonl") &&
+                                fs::file_size(work / "generate" / "traces.jsonl") > 0; }, work / "generate" / "stage.json"},
+      {"train", [&] { return has_step(work / "train" / "run" / "checkpoints"); }, work / "train" / "stage.json"}};
+  int mid_stage = 0;
+  for (const auto& kill : kills) {
+    testing::Background process(command, dir / "killed.log");
+    ASSERT_TRUE(wait_for(kill.reached, 300)) << kill.stage << "\n" << read_file(dir / "killed.log");
+    process.kill(9);
+    mid_stage += fs::exists(kill.done_marker) ? 0 : 1;
+    if (std::string(kill.stage) == "generate") {
+      // What the kill left: no sample twice (a torn last line is repaired on the next open).
+      const auto stored = lines_upto_torn(read_file(work / "generate" / "traces.jsonl"));
+      std::set<std::pair<std::string, int64_t>> unique;
+      for (const auto& t : stored) unique.insert({t["prompt_id"].get<std::string>(), t["sample"].get<int64_t>()});
+      EXPECT_EQ(unique.size(), stored.size());
+    }
+  }
+  // The kills landed inside their stages (each stage takes seconds; only a very
+  // slow poll could miss one).
+  EXPECT_EQ(mid_stage, 3) << read_file(dir / "killed.log");
+  auto finished = run_brigade("distill" + args + " --run-dir " + run.string());
+  ASSERT_EQ(finished.exit_code, 0) << finished.output;
+
+  const auto want = lines(dir / "reference" / "distill" / "generate" / "traces.jsonl");
+  const auto got = lines(work / "generate" / "traces.jsonl");
+  ASSERT_EQ(got.size(), 300u);
+  std::map<std::pair<std::string, int64_t>, std::string> want_text, got_text;
+  for (const auto& t : want) want_text[{t["prompt_id"].get<std::string>(), t["sample"].get<int64_t>()}] = t["text"];
+  for (const auto& t : got) got_text[{t["prompt_id"].get<std::string>(), t["sample"].get<int64_t>()}] = t["text"];
+  EXPECT_EQ(got_text.size(), 300u);
+  EXPECT_EQ(got_text, want_text);
+  const auto want_eval = nlohmann::json::parse(read_file(dir / "reference" / "distill" / "eval.json"));
+  const auto got_eval = nlohmann::json::parse(read_file(work / "eval.json"));
+  ASSERT_EQ(got_eval.size(), want_eval.size());
+  for (size_t i = 0; i < got_eval.size(); ++i) {
+    EXPECT_EQ(got_eval[i]["pass@1"], want_eval[i]["pass@1"]) << i;
+    EXPECT_EQ(got_eval[i]["pass@k"], want_eval[i]["pass@k"]) << i;
+  }
+}
+
+// `brigade demo` is the pipeline of recipes/distill-arith.yaml end to end (here with
+// a tiny teacher recipe and student so it takes seconds).
+TEST(CliDemo, RunsTheDistillationPipelineAndEndsWithTheTable) {
+  TempDir dir;
+  {
+    std::ofstream teacher(dir / "teacher.yaml");
+    teacher << "inherit: " << BRIGADE_SOURCE_DIR << "/recipes/tiny-moe.yaml\n"
+            << "name: demo-teacher\n"
+               "model: {d_model: 32, n_layers: 2, n_heads: 4, n_kv_heads: 2, d_ff: 64, max_seq_len: 128,\n"
+               "        moe: {expert_d_ff: 16}}\n"
+               "data: {seq_len: 64, synthetic: {num_problems: 2000, eval_problems: 30}}\n"
+               "trainer: {max_steps: 400, micro_batch_size: 8, lr: 0.01, warmup_steps: 10, eval_every: 0,\n"
+               "          checkpoint_every: 0, eval_batches: 1, threads: 1}\n";
+    // Without answers (verified on format): this tiny teacher cannot do the sums.
+    std::ofstream prompts(dir / "prompts.jsonl");
+    for (int i = 0; i < 40; ++i) prompts << "{\"id\": " << i << ", \"prompt\": \"Problem: " << i % 10 << "+" << i % 7 << "*3\\n\"}\n";
+  }
+  auto r = run_brigade("demo" + kSmall + " --set data.seq_len=128 --set trainer.threads=1 --set trainer.max_steps=20"
+                       " --set distill.teacher.recipe=" + (dir / "teacher.yaml").string() +
+                       " --set distill.prompts=" + (dir / "prompts.jsonl").string() +
+                       " --set distill.num_prompts=40 --set distill.generate.max_new_tokens=60 --eval-problems 6"
+                       " --samples 2 --run-dir " + (dir / "run").string());
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  for (const char* expected : {"teacher   train an MoE", "distill: teacher: training", "generate 40/40",
+                               "| model | parameters | pass@1 | pass@4 |", "| teacher |", "| student (SFT) |",
+                               "The student on held-out problems (greedy):"}) {
+    EXPECT_NE(r.output.find(expected), std::string::npos) << expected << "\n" << r.output;
+  }
+  const auto eval = nlohmann::json::parse(read_file(dir / "run" / "distill" / "eval.json"));
+  ASSERT_EQ(eval.size(), 2u);
+  EXPECT_EQ(eval[0]["problems"].get<int64_t>(), 6);
+  EXPECT_EQ(eval[0]["model"], "teacher");
+  EXPECT_EQ(eval[1]["model"], "student (SFT)");
+  // The teacher was trained by the demo, from the MoE recipe.
+  EXPECT_TRUE(fs::exists(dir / "run" / "teacher" / "checkpoints" / "latest"));
+  EXPECT_NE(read_file(dir / "run" / "teacher" / "recipe.yaml").find("num_experts: 8"), std::string::npos);
 }
 
 TEST(CliDistill, BadStageRequestsAreClearErrors) {
