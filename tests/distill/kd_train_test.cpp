@@ -80,8 +80,9 @@ TEST(DistillKdBuild, TeacherRecordsLandAtThePositionsThatPredictTheirTokens) {
   TempDir dir;
   const auto tok = data::make_tokenizer("byte");
   // Rows of 16 tokens. Row 0: "ab"+"xyz" at 0 (7 tokens), "c"+"uv" at 7 (5 tokens).
-  // Row 1: "ef"+"pqr" at 16 with one record short (misaligned), "d"+"w" at 23.
-  write_accepted(dir.path(), *tok, {{"ab", "xyz", 4}, {"c", "uv", 3}, {"ef", "pqr", 3}, {"d", "w", 2}});
+  // Row 1: "ef"+"pqr" at 16 with two records short (misaligned), "d"+"w" at 23
+  // without the EOS record (as servers report it: aligned, the EOS has no target).
+  write_accepted(dir.path(), *tok, {{"ab", "xyz", 4}, {"c", "uv", 3}, {"ef", "pqr", 2}, {"d", "w", 1}});
   const auto stats = build_sft_shard(dir / "accepted.jsonl", *tok, /*seq_len=*/15, dir / "build",
                                      dir / "traces" / kTopkFile);
   EXPECT_EQ(stats["rows"].get<int64_t>(), 2);
@@ -94,7 +95,7 @@ TEST(DistillKdBuild, TeacherRecordsLandAtThePositionsThatPredictTheirTokens) {
   ASSERT_EQ(targets.tokens(), 32);
   ASSERT_EQ(targets.k(), kK);
   // Document at o with P context tokens: records at o + P - 1 .. o + P - 1 + n.
-  const std::set<int64_t> expected = {2, 3, 4, 5, 8, 9, 10, 24, 25};
+  const std::set<int64_t> expected = {2, 3, 4, 5, 8, 9, 10, 24};
   auto corpus = data::TokenCorpus::from_shards({dir / "build" / kSftShard});
   std::vector<int64_t> tokens(32);
   std::vector<uint8_t> mask(32);
@@ -109,7 +110,7 @@ TEST(DistillKdBuild, TeacherRecordsLandAtThePositionsThatPredictTheirTokens) {
     EXPECT_FLOAT_EQ(targets.logprobs[j][1].item<float>(), -2.0f);
   }
   EXPECT_EQ(targets.ids[5][0].item<int32_t>(), tok->eos_id());  // "xyz"'s EOS record
-  EXPECT_EQ(targets.ids[25][0].item<int32_t>(), tok->eos_id());  // "w"'s, in the second row
+  EXPECT_EQ(targets.ids[24][0].item<int32_t>(), 'w');  // "w" has no EOS record: position 25 has no target
 
   // Without a sidecar: the shard alone, no KD targets.
   const auto plain = build_sft_shard(dir / "accepted.jsonl", *tok, 15, dir / "plain");
