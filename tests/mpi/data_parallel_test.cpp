@@ -118,7 +118,11 @@ void check_equivalence(const std::vector<std::string>& extra, const std::vector<
   std::string worst;
   const auto reference = single_run->model()->state_dict();
   const double diff = relative_difference(saved_weights(shared / "dp", reference), reference, &worst);
-  EXPECT_LE(diff, 1e-6) << "rank " << w->rank() << "; worst tensor " << worst;
+  // Float32 sums in another order, amplified by AdamW where gradients are tiny:
+  // measured 6e-8 to 3e-7 without gradient accumulation, 3.7e-6 (2 ranks) and
+  // 1.07e-5 (4 ranks) with it, on the synthetic corpus of 2026-11-24; a lost or
+  // double-counted micro-batch would be ~1e-2.
+  EXPECT_LE(diff, 3e-5) << "rank " << w->rank() << "; worst tensor " << worst;
   EXPECT_GT(diff, 0.0);  // float32 sums in another order: equal in value, not bit for bit
   if (w->rank() == 0) std::printf("relative difference %.3g (worst tensor: %s)\n", diff, worst.c_str());
   // Expert parallelism: each rank holds num_experts / P experts.
