@@ -2,12 +2,12 @@
 
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 
 #include "core/error.h"
 #include "core/hash.h"
 #include "core/log.h"
 #include "core/progress.h"
-#include "distill/remote.h"
 #include "distill/traces.h"
 #include "model/generate.h"
 
@@ -24,26 +24,56 @@ uint64_t sample_seed(uint64_t seed, const std::string& prompt_id, int64_t sample
   return hash_combine(hash_combine(seed, fnv1a(prompt_id)), static_cast<uint64_t>(sample)) & 0x7fffffffULL;
 }
 
+std::vector<MissingSample> missing_samples(const TraceWriter& store, const std::vector<Prompt>& prompts,
+                                           int64_t samples, GenerateStats& stats) {
+  std::vector<MissingSample> missing;
+  for (size_t p = 0; p < prompts.size(); ++p) {
+    for (int64_t s = 0; s < samples; ++s) {
+      ++stats.requested;
+      if (store.done().contains({prompts[p].id, s})) ++stats.already_done;
+      else missing.push_back({p, s});
+    }
+  }
+  if (stats.already_done > 0) {
+    log_info("generate: ", stats.already_done, " of ", stats.requested, " samples already in ",
+             store.dir().string());
+  }
+  return missing;
+}
+
+bool apply_stop_strings(std::string& text, const std::vector<std::string>& stop) {
+  size_t cut = std::string::npos;
+  for (const auto& s : stop) {
+    if (!s.empty()) cut = std::min(cut, text.find(s));
+  }
+  if (cut == std::string::npos) return false;
+  text.resize(cut);
+  return true;
+}
+
+std::optional<int64_t> cut_at_stop(const data::Tokenizer& tokenizer, const std::vector<int64_t>& ids,
+                                   std::string& text, const std::vector<std::string>& stop) {
+  if (!apply_stop_strings(text, stop)) return std::nullopt;
+  int64_t kept = 0;
+  while (kept < static_cast<int64_t>(ids.size()) &&
+         tokenizer.decode(std::span(ids).first(static_cast<size_t>(kept))).size() < text.size())
+    ++kept;
+  return kept;
+}
+
+std::string read_api_key(const std::string& name, const std::string& option) {
+  const char* value = std::getenv(name.c_str());
+  BRIGADE_CHECK(value != nullptr && *value != '\0', option, " names ", name,
+                ", which is not set (or empty) in the environment");
+  return value;
+}
+
 GenerateStats generate_traces(model::Transformer& teacher, const data::Tokenizer& tokenizer,
                               const std::vector<Prompt>& prompts, const GenerateOptions& options,
                               const std::filesystem::path& dir, bool progress) {
   TraceWriter store(dir, options.logprobs);
   GenerateStats stats;
-  struct Job {
-    size_t prompt;
-    int64_t sample;
-  };
-  std::vector<Job> jobs;
-  for (size_t p = 0; p < prompts.size(); ++p) {
-    for (int64_t s = 0; s < options.samples; ++s) {
-      ++stats.requested;
-      if (store.done().contains({prompts[p].id, s})) ++stats.already_done;
-      else jobs.push_back({p, s});
-    }
-  }
-  if (stats.already_done > 0) {
-    log_info("generate: ", stats.already_done, " of ", stats.requested, " samples already in ", dir.string());
-  }
+  const std::vector<MissingSample> jobs = missing_samples(store, prompts, options.samples, stats);
   model::SamplingOptions sampling;
   sampling.max_new_tokens = options.max_new_tokens;
   sampling.temperature = options.temperature;
@@ -80,14 +110,9 @@ GenerateStats generate_traces(model::Transformer& teacher, const data::Tokenizer
       if (g.stopped) text_ids.pop_back();  // the EOS is not text
       t.text = tokenizer.decode(text_ids);
       int64_t kept = static_cast<int64_t>(g.tokens.size());  // positions the text came from
-      if (apply_stop_strings(t.text, options.stop)) {
-        t.finish_reason = "stop";
-        // The tokens that make up the cut text (the stop string is not text).
-        kept = 0;
-        while (kept < static_cast<int64_t>(text_ids.size()) &&
-               tokenizer.decode(std::span(text_ids).first(static_cast<size_t>(kept))).size() < t.text.size())
-          ++kept;
-        t.completion_tokens = kept;
+      if (auto cut = cut_at_stop(tokenizer, text_ids, t.text, options.stop)) {
+        t.finish_reason = "stop";  // the stop string is not text
+        kept = t.completion_tokens = *cut;
       }
       if (options.logprobs > 0) {
         t.topk_ids = g.topk_ids.slice(0, 0, kept);

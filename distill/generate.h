@@ -6,11 +6,14 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <optional>
+#include <string>
 #include <vector>
 
 #include "data/tokenizer.h"
 #include "distill/options.h"
 #include "distill/prompts.h"
+#include "distill/traces.h"
 #include "model/transformer.h"
 
 namespace brigade::distill {
@@ -27,6 +30,29 @@ std::vector<int64_t> prompt_tokens(const data::Tokenizer& tokenizer, const Promp
 
 // The per-sample seed (31 bits, so a remote server accepts it as "seed").
 uint64_t sample_seed(uint64_t seed, const std::string& prompt_id, int64_t sample);
+
+// A sample the store does not have yet: prompts[prompt], sample index `sample`.
+struct MissingSample {
+  size_t prompt = 0;
+  int64_t sample = 0;
+};
+
+// The (prompt, sample) pairs of `prompts` x `samples` that `store` has not done, in
+// order; counts stats.requested and stats.already_done and logs a resume.
+std::vector<MissingSample> missing_samples(const TraceWriter& store, const std::vector<Prompt>& prompts,
+                                           int64_t samples, GenerateStats& stats);
+
+// Cuts `text` before the first of `stop`; true if one was found.
+bool apply_stop_strings(std::string& text, const std::vector<std::string>& stop);
+
+// Cuts `text` (the decoding of `ids`) before the first of `stop` and returns how
+// many leading ids make up the cut text; nullopt when no stop string occurs.
+std::optional<int64_t> cut_at_stop(const data::Tokenizer& tokenizer, const std::vector<int64_t>& ids,
+                                   std::string& text, const std::vector<std::string>& stop);
+
+// The value of the environment variable `name` (an API key); an Error naming it
+// and `option` when it is unset or empty.
+std::string read_api_key(const std::string& name, const std::string& option);
 
 // Appends the missing samples to the store at `dir`, flushing after each batch (a
 // kill loses at most the batch in flight). `progress`: show a progress display.

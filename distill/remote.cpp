@@ -98,17 +98,6 @@ int64_t usage_count(const nlohmann::json& reply, const char* key) {
 
 }  // namespace
 
-bool apply_stop_strings(std::string& text, const std::vector<std::string>& stop) {
-  size_t cut = std::string::npos;
-  for (const auto& s : stop) {
-    if (s.empty()) continue;
-    cut = std::min(cut, text.find(s));
-  }
-  if (cut == std::string::npos) return false;
-  text.resize(cut);
-  return true;
-}
-
 nlohmann::json remote_request(const TeacherOptions& teacher, const GenerateOptions& options, const Prompt& prompt,
                               uint64_t seed) {
   nlohmann::json body = {{"max_tokens", options.max_new_tokens},
@@ -253,27 +242,14 @@ RemoteStats generate_traces_remote(const TeacherOptions& teacher, const data::To
                                    const std::vector<Prompt>& prompts, const GenerateOptions& options,
                                    const fs::path& dir, bool progress) {
   static CurlGlobal global;
-  std::string api_key;
-  if (!teacher.api_key_env.empty()) {
-    const char* value = std::getenv(teacher.api_key_env.c_str());
-    BRIGADE_CHECK(value != nullptr && *value != '\0', "distill.teacher.api_key_env names ", teacher.api_key_env,
-                  ", which is not set (or empty) in the environment");
-    api_key = value;
-  }
+  const std::string api_key =
+      teacher.api_key_env.empty() ? "" : read_api_key(teacher.api_key_env, "distill.teacher.api_key_env");
   const std::string url = endpoint(teacher);
 
   TraceWriter store(dir, options.logprobs);
   RemoteStats stats;
   std::deque<Job> queue;
-  for (size_t p = 0; p < prompts.size(); ++p) {
-    for (int64_t s = 0; s < options.samples; ++s) {
-      ++stats.requested;
-      if (store.done().contains({prompts[p].id, s})) ++stats.already_done;
-      else queue.push_back({p, s, 0, {}});
-    }
-  }
-  if (stats.already_done > 0)
-    log_info("generate: ", stats.already_done, " of ", stats.requested, " samples already in ", dir.string());
+  for (const auto& m : missing_samples(store, prompts, options.samples, stats)) queue.push_back({m.prompt, m.sample, 0, {}});
   log_info("generate: ", queue.size(), " requests to ", url, " (", teacher.concurrency, " at a time, timeout ",
            teacher.timeout, " s, ", teacher.retries, " retries)");
 

@@ -63,7 +63,4 @@ RemoteStats generate_traces_remote(const TeacherOptions& teacher, const data::To
                                    const std::vector<Prompt>& prompts, const GenerateOptions& options,
                                    const std::filesystem::path& dir, bool progress = true);
 
-// Cuts `text` before the first of `stop`; true if one was found.
-bool apply_stop_strings(std::string& text, const std::vector<std::string>& stop);
-
 }  // namespace brigade::distill

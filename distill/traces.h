@@ -120,6 +120,7 @@ class TraceWriter {
   // run skips.
   const std::set<std::pair<std::string, int64_t>>& done() const { return done_; }
   int64_t k() const { return k_; }
+  const std::filesystem::path& dir() const { return dir_; }
 
   // Stores one sample (its topk tensors [positions, k] when k > 0 and it has them).
   // An Error if (prompt_id, sample) is already done or a field is invalid.

@@ -37,7 +37,7 @@
 #include "core/fs.h"
 #include "core/log.h"
 #include "data/tokenizer.h"
-#include "distill/remote.h"
+#include "distill/generate.h"
 #include "launch/commands.h"
 #include "model/generate.h"
 #include "trainer/checkpoint.h"
@@ -278,12 +278,9 @@ class Server {
     std::string text = tokenizer_->decode(text_ids);
     std::string finish = g.stopped ? "stop" : "length";
     auto kept = static_cast<int64_t>(text_ids.size());
-    if (distill::apply_stop_strings(text, stop)) {
+    if (auto cut = distill::cut_at_stop(*tokenizer_, text_ids, text, stop)) {
       finish = "stop";
-      kept = 0;
-      while (kept < static_cast<int64_t>(text_ids.size()) &&
-             tokenizer_->decode(std::span(text_ids).first(static_cast<size_t>(kept))).size() < text.size())
-        ++kept;
+      kept = *cut;
     }
 
     nlohmann::json choice = {{"index", 0}, {"finish_reason", finish}};
@@ -363,13 +360,7 @@ class Server {
 }  // namespace
 
 int serve_command(const ServeArgs& args) {
-  std::string api_key;
-  if (!args.api_key_env.empty()) {
-    const char* value = std::getenv(args.api_key_env.c_str());
-    BRIGADE_CHECK(value != nullptr && *value != '\0', "serve: --api-key-env names ", args.api_key_env,
-                  ", which is not set (or empty)");
-    api_key = value;
-  }
+  const std::string api_key = args.api_key_env.empty() ? "" : distill::read_api_key(args.api_key_env, "serve: --api-key-env");
   const auto checkpoint = trainer::resolve_checkpoint(args.checkpoint);
   LoadedModel loaded = load_model(checkpoint, {});
   const std::string name = args.model_name.empty() ? loaded.recipe.name : args.model_name;

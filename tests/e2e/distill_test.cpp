@@ -139,25 +139,34 @@ TEST(CliDistill, StagesRunOnceAndAnInterruptedGenerateContinues) {
   EXPECT_EQ(nlohmann::json::parse(read_file(kd_work / "eval.json"))[1]["model"], "student (SFT + KD forward_kl)");
 }
 
+// A teacher recipe of a few seconds: `base` (a shipped recipe) shrunk to d_model 32,
+// 2 layers and 400 steps; `model_extra` is added to its model map.
+void write_tiny_teacher(const fs::path& file, const std::string& base, const std::string& model_extra,
+                        int checkpoint_every) {
+  std::ofstream(file) << "inherit: " << BRIGADE_SOURCE_DIR << "/recipes/" << base << "\n"
+                      << "name: tiny-teacher\n"
+                      << "model: {d_model: 32, n_layers: 2, n_heads: 4, n_kv_heads: 2, d_ff: 64, max_seq_len: 128"
+                      << model_extra << "}\n"
+                      << "data: {seq_len: 64, synthetic: {num_problems: 2000, eval_problems: 30}}\n"
+                      << "trainer: {max_steps: 400, micro_batch_size: 8, lr: 0.01, warmup_steps: 10, eval_every: 0,\n"
+                      << "          checkpoint_every: " << checkpoint_every << ", eval_batches: 1, threads: 1}\n";
+}
+
+// `n` prompts without answers: verified on format alone, which a tiny teacher
+// learns (it cannot do the sums).
+void write_unanswered_prompts(const fs::path& file, int n) {
+  std::ofstream out(file);
+  for (int i = 0; i < n; ++i)
+    out << "{\"id\": " << i << ", \"prompt\": \"Problem: " << i % 10 << "+" << i % 7 << "*3\\n\"}\n";
+}
+
 // kill -9 inside the teacher's training, inside generate and inside the student's
 // training; each time `brigade distill` is started again. The end result equals an
 // uninterrupted run's: the same samples (none lost, none twice) and the same scores.
 TEST(CliDistill, KillNineInAnyStageThenRunAgain) {
   TempDir dir;
-  {
-    std::ofstream teacher(dir / "teacher.yaml");
-    teacher << "inherit: " << BRIGADE_SOURCE_DIR << "/recipes/tiny-dense.yaml\n"
-            << "name: kill-teacher\n"
-               "model: {d_model: 32, n_layers: 2, n_heads: 4, n_kv_heads: 2, d_ff: 64, max_seq_len: 128}\n"
-               "data: {seq_len: 64, synthetic: {num_problems: 2000, eval_problems: 30}}\n"
-               "trainer: {max_steps: 400, micro_batch_size: 8, lr: 0.01, warmup_steps: 10, eval_every: 0,\n"
-               "          checkpoint_every: 40, eval_batches: 1, threads: 1}\n";
-  }
-  // Prompts without answers: verified on format, which this small teacher learns.
-  {
-    std::ofstream prompts(dir / "prompts.jsonl");
-    for (int i = 0; i < 300; ++i) prompts << "{\"id\": " << i << ", \"prompt\": \"Problem: " << i % 10 << "+" << i % 7 << "*3\\n\"}\n";
-  }
+  write_tiny_teacher(dir / "teacher.yaml", "tiny-dense.yaml", "", /*checkpoint_every=*/40);
+  write_unanswered_prompts(dir / "prompts.jsonl", 300);
   const std::string args = " " + std::string(BRIGADE_SOURCE_DIR) + "/recipes/distill-arith.yaml" + kSmall +
                            " --set data.seq_len=128 --set trainer.threads=1 --set trainer.max_steps=300"
                            " --set trainer.checkpoint_every=30 --set distill.teacher.recipe=" + (dir / "teacher.yaml").string() +
@@ -226,19 +235,8 @@ TEST(CliDistill, KillNineInAnyStageThenRunAgain) {
 // a tiny teacher recipe and student so it takes seconds).
 TEST(CliDemo, RunsTheDistillationPipelineAndEndsWithTheTable) {
   TempDir dir;
-  {
-    std::ofstream teacher(dir / "teacher.yaml");
-    teacher << "inherit: " << BRIGADE_SOURCE_DIR << "/recipes/tiny-moe.yaml\n"
-            << "name: demo-teacher\n"
-               "model: {d_model: 32, n_layers: 2, n_heads: 4, n_kv_heads: 2, d_ff: 64, max_seq_len: 128,\n"
-               "        moe: {expert_d_ff: 16}}\n"
-               "data: {seq_len: 64, synthetic: {num_problems: 2000, eval_problems: 30}}\n"
-               "trainer: {max_steps: 400, micro_batch_size: 8, lr: 0.01, warmup_steps: 10, eval_every: 0,\n"
-               "          checkpoint_every: 0, eval_batches: 1, threads: 1}\n";
-    // Without answers (verified on format): this tiny teacher cannot do the sums.
-    std::ofstream prompts(dir / "prompts.jsonl");
-    for (int i = 0; i < 40; ++i) prompts << "{\"id\": " << i << ", \"prompt\": \"Problem: " << i % 10 << "+" << i % 7 << "*3\\n\"}\n";
-  }
+  write_tiny_teacher(dir / "teacher.yaml", "tiny-moe.yaml", ", moe: {expert_d_ff: 16}", /*checkpoint_every=*/0);
+  write_unanswered_prompts(dir / "prompts.jsonl", 40);
   auto r = run_brigade("demo" + kSmall + " --set data.seq_len=128 --set trainer.threads=1 --set trainer.max_steps=20"
                        " --set distill.teacher.recipe=" + (dir / "teacher.yaml").string() +
                        " --set distill.prompts=" + (dir / "prompts.jsonl").string() +
