@@ -1,6 +1,8 @@
 #include "core/fs.h"
 
 #include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -48,6 +50,32 @@ void fsync_dir(const std::filesystem::path& dir) {
   if (fd < 0) return;
   ::fsync(fd);
   ::close(fd);
+}
+
+MappedFile::MappedFile(const std::filesystem::path& path, const std::string& describe) : path_(path) {
+  int fd = ::open(path.c_str(), O_RDONLY);
+  BRIGADE_CHECK(fd >= 0, describe, ": cannot open: ", std::strerror(errno));
+  struct stat st {};
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    ::close(fd);
+    BRIGADE_FAIL(describe, ": not a readable regular file");
+  }
+  size_ = static_cast<size_t>(st.st_size);
+  if (size_ > 0) {
+    // Writable copy-on-write pages: tensors may alias the mapping and be modified
+    // in place without touching the file.
+    void* map = ::mmap(nullptr, size_, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+    const int err = errno;
+    ::close(fd);
+    BRIGADE_CHECK(map != MAP_FAILED, describe, ": mmap failed: ", std::strerror(err));
+    data_ = static_cast<const uint8_t*>(map);
+  } else {
+    ::close(fd);
+  }
+}
+
+MappedFile::~MappedFile() {
+  if (data_ != nullptr) ::munmap(const_cast<uint8_t*>(data_), size_);
 }
 
 }  // namespace brigade

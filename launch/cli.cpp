@@ -95,6 +95,17 @@ int run_cli(int argc, char** argv) {
   serve_cmd->add_option("--api-key-env", serve.api_key_env, "Require the key in this environment variable (Bearer token)");
   serve_cmd->add_option("--model-name", serve.model_name, "The model name reported (default: the recipe's name)");
 
+  ExportArgs exp;
+  auto* export_cmd = app.add_subcommand("export", "Export a checkpoint as a Hugging Face directory or a GGUF file (llama.cpp, Ollama)");
+  export_cmd->add_option("--checkpoint", exp.checkpoint, "Step directory, checkpoints directory or run directory")->required();
+  export_cmd->add_option("--format", exp.format, "hf or gguf")->required();
+  export_cmd->add_option("--out", exp.out, "The new directory (hf) or file (gguf)")->required();
+  export_cmd->add_option("--quant", exp.quant, "gguf: f32, f16 (default), q8_0 or q4_0");
+  export_cmd->add_option("--dtype", exp.dtype, "hf: float32, bfloat16 or float16")->capture_default_str();
+  export_cmd->add_option("--max-shard-mb", exp.max_shard_mb, "hf: shard the weights above this many MiB")->capture_default_str();
+  export_cmd->add_option("--name", exp.name, "Model name in the metadata (default: the recipe's name)");
+  add_set_option(export_cmd, exp.overrides);
+
   LaunchArgs launch;
   auto* launch_cmd = app.add_subcommand("launch", "Start N ranks through mpirun: brigade launch -n 2 -- train RECIPE");
   launch_cmd->add_option("-n", launch.ranks, "Number of ranks")->required();
@@ -144,6 +155,7 @@ int run_cli(int argc, char** argv) {
     if (*gen_cmd) return generate_command(gen);
     if (*distill_cmd) return distill_command(distill);
     if (*serve_cmd) return serve_command(serve);
+    if (*export_cmd) return export_command(exp);
     if (*launch_cmd) return launch_command(launch);
     if (*demo_cmd) return demo_command(demo);
     if (*show_cmd) {

@@ -62,6 +62,19 @@ struct ServeArgs {
 // Runs until killed.
 int serve_command(const ServeArgs& args);
 
+struct ExportArgs {
+  std::filesystem::path checkpoint;  // step, checkpoints or run directory
+  std::vector<std::string> overrides;
+  std::string format;                // hf | gguf
+  std::filesystem::path out;         // a new directory (hf) or file (gguf)
+  std::string quant;                 // gguf: f32 | f16 | q8_0 | q4_0 (empty: f16)
+  std::string dtype = "float32";     // hf: float32 | bfloat16 | float16
+  int64_t max_shard_mb = 5000;       // hf: weights above this are sharded
+  std::string name;                  // empty: the recipe's name
+};
+// Writes a dense llama/qwen2/qwen3 checkpoint for Hugging Face or llama.cpp.
+int export_command(const ExportArgs& args);
+
 // runs/<recipe name>, or `requested` when given.
 std::filesystem::path default_run_dir(const recipes::Recipe& recipe, const std::filesystem::path& requested);
 
@@ -70,6 +83,9 @@ struct LoadedModel {
   recipes::Recipe recipe;
   model::Transformer model{nullptr};
 };
+// `overrides` after one that clears model.init_from: what parsing a checkpoint's
+// own recipe.yaml needs.
+std::vector<std::string> checkpoint_overrides(const std::vector<std::string>& overrides);
 LoadedModel load_model(const std::filesystem::path& checkpoint, const std::vector<std::string>& overrides);
 
 // Finds a shipped recipe ("recipes/tiny-dense.yaml") from the working directory or

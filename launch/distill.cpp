@@ -254,7 +254,8 @@ int distill_command(const DistillArgs& args) {
       if (kd) {
         if (!d.teacher.remote()) {
           const auto teacher_recipe = recipes::parse_recipe(read_file(teacher_ck / "recipe.yaml"),
-                                                            (teacher_ck / "recipe.yaml").string(), {}, teacher_ck);
+                                                            (teacher_ck / "recipe.yaml").string(),
+                                                            checkpoint_overrides({}), teacher_ck);
           distill::check_same_tokenizer(teacher_recipe.data.tokenizer,
                                         data::make_tokenizer(teacher_recipe.data.tokenizer)->vocab_size(),
                                         recipe.data.tokenizer, tokenizer->vocab_size());

@@ -62,11 +62,20 @@ void log_model(const recipes::Recipe& r, model::Transformer& model) {
 
 }  // namespace
 
+std::vector<std::string> checkpoint_overrides(const std::vector<std::string>& overrides) {
+  // The weights come from the checkpoint: the Hugging Face directory a run started
+  // from is neither read nor needed any more.
+  std::vector<std::string> out{"model.init_from=''"};
+  out.insert(out.end(), overrides.begin(), overrides.end());
+  return out;
+}
+
 LoadedModel load_model(const fs::path& checkpoint, const std::vector<std::string>& overrides) {
   const fs::path dir = trainer::resolve_checkpoint(checkpoint);
   const auto ck = trainer::load_checkpoint(dir);
   LoadedModel out;
-  out.recipe = recipes::parse_recipe(ck.recipe_yaml, (dir / "recipe.yaml").string(), overrides, dir);
+  out.recipe = recipes::parse_recipe(ck.recipe_yaml, (dir / "recipe.yaml").string(),
+                                     checkpoint_overrides(overrides), dir);
   out.model = model::Transformer(out.recipe.model);
   out.model->enable_fp8(out.recipe.precision.fp8);
   trainer::load_weights(out.model->state_dict(), ck.model, "checkpoint " + dir.string());

@@ -39,6 +39,10 @@ struct TransformerOptions {
   bool qkv_bias = false;    // Qwen2
   bool qk_norm = false;     // Qwen3: RMSNorm over head_dim on q and k before RoPE
   double init_std = 0.02;
+  // A Hugging Face checkpoint directory whose config.json gives the architecture and
+  // whose weights replace the random init (recipes/build.cpp); empty: none. Not part
+  // of the architecture: checkpoints do not depend on it.
+  std::string init_from;
   moe::MoEOptions moe;      // num_experts = 0: every block is dense
 
   // Derived sizes with the 0 defaults resolved.

@@ -8,6 +8,7 @@
 #include "core/hash.h"
 #include "core/log.h"
 #include "data/arith.h"
+#include "model/hf.h"
 #include "distill/kd_objective.h"
 
 namespace brigade::recipes {
@@ -42,6 +43,7 @@ Corpora build_corpora(const Recipe& r, const data::Tokenizer& tokenizer) {
 model::Transformer build_model(const Recipe& r) {
   torch::manual_seed(r.trainer.seed);
   model::Transformer model(r.model);
+  if (!r.model.init_from.empty()) model::load_hf_weights(*model, r.model.init_from);
   model->enable_fp8(r.precision.fp8);
   return model;
 }

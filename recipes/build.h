@@ -22,7 +22,7 @@ struct Corpora {
 // Token ids beyond model.vocab_size are an Error naming the shard.
 Corpora build_corpora(const Recipe& recipe, const data::Tokenizer& tokenizer);
 
-// A freshly initialised model from trainer.seed.
+// A freshly initialised model from trainer.seed, or model.init_from's weights.
 model::Transformer build_model(const Recipe& recipe);
 
 // The sampler options for this recipe, for data-parallel rank `rank` of `ranks`.

@@ -11,6 +11,7 @@
 #include "core/hash.h"
 #include "data/arith.h"
 #include "data/tokenizer.h"
+#include "model/hf.h"
 #include "recipes/schema.h"
 
 namespace brigade::recipes {
@@ -127,9 +128,39 @@ void apply_override(const std::string& text, Entries& out) {
   out[path] = Entry{value, where};
 }
 
+// model.init_from: the Hugging Face config.json decides the architecture. A key the
+// recipe sets itself must agree with it (max_seq_len may differ: the weights do not
+// depend on it); data.tokenizer defaults to the directory's tokenizer.json.
+void apply_init_from(const Entries& entries, Recipe& recipe) {
+  const fs::path dir = recipe.model.init_from;
+  const std::string where = entries.at("model.init_from").where + ": model.init_from";
+  BRIGADE_CHECK(fs::is_directory(dir), where, ": ", dir.string(), " is not a directory");
+  BRIGADE_CHECK(fs::exists(dir / "config.json"), where, ": ", dir.string(),
+                " has no config.json (expected a Hugging Face checkpoint directory)");
+  Recipe from_config = recipe;
+  from_config.model = model::read_hf_config(dir / "config.json").options;
+  from_config.model.init_from = recipe.model.init_from;
+  for (const auto& f : schema()) {
+    if (f.path.rfind("model.", 0) != 0 || f.path == "model.init_from" || f.path == "model.init_std") continue;
+    const auto it = entries.find(f.path);
+    if (it == entries.end()) continue;
+    if (f.path == "model.max_seq_len") {
+      from_config.model.max_seq_len = recipe.model.max_seq_len;
+      continue;
+    }
+    const std::string mine = f.get(recipe).Scalar(), theirs = f.get(from_config).Scalar();
+    BRIGADE_CHECK(mine == theirs, it->second.where, ": ", f.path, " = ", mine, ", but model.init_from's ",
+                  (dir / "config.json").string(), " says ", theirs, " (leave the key out to take the checkpoint's)");
+  }
+  recipe.model = from_config.model;
+  if (!entries.contains("data.tokenizer") && fs::exists(dir / "tokenizer.json"))
+    recipe.data.tokenizer = (dir / "tokenizer.json").string();
+}
+
 Recipe build(const Entries& entries) {
   Recipe recipe;
   for (const auto& [path, entry] : entries) find_field(path)->set(recipe, entry.node, entry.where);
+  if (!recipe.model.init_from.empty()) apply_init_from(entries, recipe);
   validate(recipe);
   return recipe;
 }
@@ -198,6 +229,7 @@ std::string model_fingerprint(const Recipe& recipe) {
   // Balancing and capacity settings steer training, not what the weights mean: a
   // run may resume with different ones.
   static const std::set<std::string> training_only = {
+      "model.init_from",
       "model.moe.bias_update_rate", "model.moe.seq_aux_loss", "model.moe.batch_aux_loss", "model.moe.z_loss",
       "model.moe.dropless",         "model.moe.capacity_factor", "model.moe.drop_policy"};
   std::string out;

@@ -181,6 +181,7 @@ std::vector<Field> build_schema() {
   s.push_back(boolean("model.qkv_bias", REF(model.qkv_bias), "Bias on the q/k/v projections (Qwen2)."));
   s.push_back(boolean("model.qk_norm", REF(model.qk_norm), "RMSNorm on each head's q and k before RoPE (Qwen3)."));
   s.push_back(real("model.init_std", REF(model.init_std), "Standard deviation of the normal weight init (output projections are scaled by 1/sqrt(2 n_layers)).", 1e-9, 10.0));
+  s.push_back(text("model.init_from", REF(model.init_from), "A Hugging Face checkpoint directory (config.json + safetensors; llama, qwen2, qwen3) to start from: its config sets every architecture key (a key the recipe sets must agree; model.max_seq_len may differ), its weights replace the random init, and its tokenizer.json becomes data.tokenizer unless that is set. Empty: random init."));
   s.push_back(integer<int64_t>("model.moe.num_experts", REF(model.moe.num_experts), "Routed experts per MoE layer. 0 = dense model (no MoE layers).", 0));
   s.push_back(integer<int64_t>("model.moe.top_k", REF(model.moe.top_k), "Routed experts per token; at most num_experts.", 1));
   s.push_back(integer<int64_t>("model.moe.num_shared_experts", REF(model.moe.num_shared_experts), "Always-on shared experts (computed as one SwiGLU of shared_d_ff).", 0));
@@ -202,7 +203,7 @@ std::vector<Field> build_schema() {
   s.push_back(choice("model.moe.drop_policy", REF(model.moe.drop_policy), "Which copies an over-capacity expert keeps: highest routing weight (probs) or earliest tokens (position).",
                      {"probs", "position"}, moe::parse_drop_policy, [](moe::DropPolicy v) { return moe::to_string(v); }));
 
-  s.push_back(text("data.tokenizer", REF(data.tokenizer), "Tokenizer: byte (byte-level with special tokens)."));
+  s.push_back(text("data.tokenizer", REF(data.tokenizer), "Tokenizer: byte (byte-level with special tokens), or the path of a Hugging Face byte-level BPE tokenizer.json (or of a directory holding one, with its tokenizer_config.json)."));
   s.push_back(integer<int64_t>("data.seq_len", REF(data.seq_len), "Tokens per training sequence; at most model.max_seq_len.", 1));
   s.push_back(choice("data.source", REF(data.source), "Training corpus: the built-in arithmetic reasoning generator, or token shards.",
                      {"synthetic", "shards"}, data::parse_data_source, [](DataSource v) { return data::to_string(v); }));

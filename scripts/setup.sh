@@ -17,7 +17,7 @@ if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null; then SUDO=sudo; fi
 
 # 1. Debian packages ------------------------------------------------------------
 PACKAGES=(build-essential cmake ccache git pkg-config libopenmpi-dev openmpi-bin libyaml-cpp-dev
-          libgtest-dev libcli11-dev nlohmann-json3-dev libcurl4-openssl-dev python3 python3-venv)
+          libgtest-dev libcli11-dev nlohmann-json3-dev libcurl4-openssl-dev libpcre2-dev libutf8proc-dev clang libclang-rt-dev python3 python3-venv)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -48,7 +48,7 @@ else
 fi
 # Independent implementations the tests and benchmarks compare against (pinned:
 # the MoE parity test relies on transformers 5's DeepSeek-V3 weight layout).
-PY_TOOLS=("transformers==5.23.0" "safetensors==0.8.0")
+PY_TOOLS=("transformers==5.23.0" "safetensors==0.8.0" "tokenizers==0.23.3" "gguf==0.19.0")
 if ! .venv/bin/python -c "
 import sys, importlib.metadata as m
 want = dict(s.split('==') for s in sys.argv[1:])
@@ -57,6 +57,18 @@ sys.exit(0 if all(m.version(k) == v for k, v in want.items()) else 1)" "${PY_TOO
   .venv/bin/pip install --progress-bar on "${PY_TOOLS[@]}"
 else
   step "${PY_TOOLS[*]}: present in .venv"
+fi
+# llama.cpp's Python binding runs brigade's GGUF exports in the tests. PyPI has only
+# its source: pip compiles llama.cpp for this CPU (about 5 minutes on 2 cores, once;
+# pip keeps the wheel in its cache).
+LLAMA_CPP="llama-cpp-python==0.3.36"
+if ! .venv/bin/python -c "import importlib.metadata as m, sys; sys.exit(0 if m.version('llama_cpp_python') == '${LLAMA_CPP#*==}' else 1)" 2>/dev/null; then
+  step "building $LLAMA_CPP into .venv (llama.cpp, the reference GGUF runtime for the tests)"
+  CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_OPENMP=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
+    .venv/bin/pip install --progress-bar on "$LLAMA_CPP"
+else
+  step "$LLAMA_CPP: present in .venv"
 fi
 
 # 3. Configure and build ----------------------------------------------------------

@@ -1,0 +1,92 @@
+// `brigade export`: a checkpoint as a Hugging Face directory or a GGUF file.
+#include <filesystem>
+#include <iostream>
+#include <unistd.h>
+
+#include "core/error.h"
+#include "core/fs.h"
+#include "core/log.h"
+#include "data/bpe.h"
+#include "launch/commands.h"
+#include "model/gguf_export.h"
+#include "model/hf.h"
+
+namespace brigade::launch {
+namespace fs = std::filesystem;
+namespace {
+
+// The tokenizer.json a recipe's data.tokenizer names (a file or a directory holding
+// one); empty for the byte tokenizer.
+fs::path tokenizer_file(const std::string& name) {
+  if (name == "byte") return {};
+  const fs::path path = fs::is_directory(name) ? fs::path(name) / "tokenizer.json" : fs::path(name);
+  BRIGADE_CHECK(fs::exists(path), "the checkpoint's tokenizer ", path.string(), " no longer exists");
+  return path;
+}
+
+// The tokenizer files beside the weights: the source tokenizer.json (and its
+// tokenizer_config.json) copied as they are, or the byte tokenizer written as a
+// byte-level BPE with the ChatML template.
+void write_tokenizer_files(const fs::path& source, const data::BpeTokenizer& tokenizer, const fs::path& dir) {
+  if (source.empty()) {
+    tokenizer.save(dir, data::chat_template_jinja("chatml"));
+    return;
+  }
+  const fs::path config = source.parent_path() / "tokenizer_config.json";
+  if (fs::exists(config)) fs::copy_file(config, dir / "tokenizer_config.json");
+  else tokenizer.save(dir);  // tokenizer_config.json with the special-token roles
+  fs::copy_file(source, dir / "tokenizer.json", fs::copy_options::overwrite_existing);
+}
+
+// A fresh temporary path beside `out`, renamed over it at the end: a failed export
+// leaves nothing that looks finished.
+fs::path staging_path(const fs::path& out) {
+  fs::path tmp = out;
+  tmp += ".tmp-" + std::to_string(::getpid());
+  fs::remove_all(tmp);
+  return tmp;
+}
+
+}  // namespace
+
+int export_command(const ExportArgs& args) {
+  BRIGADE_CHECK(args.format == "hf" || args.format == "gguf", "--format must be hf or gguf, got '", args.format, "'");
+  BRIGADE_CHECK(!args.out.empty(), "--out is required");
+  BRIGADE_CHECK(!fs::exists(args.out) || (fs::is_directory(args.out) && fs::is_empty(args.out)), "--out ",
+                args.out.string(), " already exists (brigade export does not overwrite)");
+  if (args.out.has_parent_path()) fs::create_directories(args.out.parent_path());
+  LoadedModel loaded = load_model(args.checkpoint, args.overrides);
+  const auto& options = loaded.model->options();
+  const model::HfFamily family = model::family_of(options);
+  const fs::path tok_source = tokenizer_file(loaded.recipe.data.tokenizer);
+  const data::BpeTokenizer tokenizer =
+      tok_source.empty() ? data::BpeTokenizer::from_byte_tokenizer() : data::BpeTokenizer::load(tok_source);
+  BRIGADE_CHECK(tokenizer.vocab_size() <= options.vocab_size, "the tokenizer has ", tokenizer.vocab_size(),
+                " tokens but the model only ", options.vocab_size, " embedding rows");
+  const std::string name = args.name.empty() ? loaded.recipe.name : args.name;
+  const fs::path tmp = staging_path(args.out);
+  try {
+    if (args.format == "hf") {
+      BRIGADE_CHECK(args.quant.empty(), "--quant is for --format gguf; Hugging Face exports take --dtype");
+      fs::create_directories(tmp);
+      model::save_hf_checkpoint(*loaded.model, tmp, args.dtype, static_cast<uint64_t>(args.max_shard_mb) << 20,
+                                tokenizer.bos_id(), tokenizer.eos_id());
+      write_tokenizer_files(tok_source, tokenizer, tmp);
+      if (fs::exists(args.out)) fs::remove(args.out);  // the empty directory checked above
+    } else {
+      const auto quant = model::parse_gguf_quant(args.quant.empty() ? "f16" : args.quant);
+      model::export_gguf(*loaded.model, family, tokenizer, quant, tmp, name);
+    }
+    fs::rename(tmp, args.out);
+    fsync_dir(args.out.has_parent_path() ? args.out.parent_path() : fs::path("."));
+  } catch (...) {
+    fs::remove_all(tmp);
+    throw;
+  }
+  std::cout << "exported " << model::family_name(family) << " model '" << name << "' ("
+            << loaded.model->parameter_count().total << " parameters) as "
+            << (args.format == "hf" ? "a Hugging Face directory" : "GGUF") << ": " << args.out.string() << "\n";
+  return 0;
+}
+
+}  // namespace brigade::launch

@@ -1,0 +1,58 @@
+// Hugging Face checkpoints: config.json <-> TransformerOptions for the llama, qwen2
+// and qwen3 families, weight names ("model.layers.3.self_attn.q_proj.weight" <->
+// brigade's "layers.3.self_attn.q_proj.weight"), tied embeddings, and sharded
+// safetensors (model.safetensors.index.json).
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <string>
+
+#include "model/transformer.h"
+
+namespace brigade::model {
+
+// A Hugging Face model family brigade reads and writes.
+enum class HfFamily { kLlama, kQwen2, kQwen3 };
+
+// "llama", "qwen2", "qwen3" (config.json's model_type and llama.cpp's general.architecture).
+std::string family_name(HfFamily family);
+
+// The family whose architecture these options describe: q/k norm -> qwen3, QKV bias
+// -> qwen2, else llama. MoE options have no Hugging Face family yet (an Error).
+HfFamily family_of(const TransformerOptions& options);
+
+struct HfConfig {
+  HfFamily family = HfFamily::kLlama;
+  TransformerOptions options;
+  std::string torch_dtype = "float32";
+  int64_t bos_token_id = -1;  // -1: not set
+  int64_t eos_token_id = -1;
+};
+
+// Parses config.json; unknown model_type or architecture features brigade does not
+// have (rope_scaling, sliding windows, MoE) are Errors naming the file and field.
+HfConfig read_hf_config(const std::filesystem::path& config_json);
+// config.json text for `config` (architectures, model_type, sizes, rope, dtype).
+std::string hf_config_text(const HfConfig& config);
+// The Hugging Face config describing a brigade model (family from family_of()).
+HfConfig hf_config_for(const TransformerOptions& options);
+
+// The model's weights under Hugging Face names ("model.layers.0...", "lm_head.weight"
+// unless tied), aliasing the model's tensors.
+NamedTensors hf_state_dict(const TransformerImpl& model);
+
+// Copies a Hugging Face checkpoint directory's weights (model.safetensors or a
+// sharded index) into `model`, converting dtypes. Missing, unexpected or misshapen
+// tensors are Errors naming the file and tensor; the model is untouched then. A tied
+// model ignores an lm_head.weight the file may carry; rotary inv_freq buffers are skipped.
+void load_hf_weights(TransformerImpl& model, const std::filesystem::path& dir);
+
+// Writes config.json and the weights (`dtype`: float32, bfloat16 or float16;
+// sharded above `max_shard_bytes`) into `dir`, which must exist. Tokenizer files are
+// the caller's.
+// bos/eos ids (-1: unset) go into config.json.
+void save_hf_checkpoint(const TransformerImpl& model, const std::filesystem::path& dir, const std::string& dtype,
+                        uint64_t max_shard_bytes, int64_t bos_token_id = -1, int64_t eos_token_id = -1);
+
+}  // namespace brigade::model

@@ -1,0 +1,75 @@
+"""transformers' side of the Hugging Face parity tests (tests/model/hf_test.cpp).
+
+  make FAMILY DIR [--tied] [--shard-kb N] [--dtype float32|bfloat16]
+      builds a tiny random FAMILY (llama, qwen2, qwen3) model, saves it to DIR with
+      save_pretrained, and writes DIR/reference.safetensors: "ids" [2, 24] int64 and
+      "logits" [2, 24, vocab] float32 from transformers' forward.
+  logits DIR IDS OUT
+      loads DIR with AutoModelForCausalLM (float32) and writes its logits for the
+      "ids" tensor of IDS into OUT.
+
+Exit code 3: transformers is missing (the test skips).
+"""
+import sys
+
+try:
+    import torch
+    import transformers
+    from safetensors.torch import load_file, save_file
+except ImportError as e:  # pragma: no cover
+    print(f"missing: {e}")
+    sys.exit(3)
+
+VOCAB = 300
+
+
+def make(family, out, tied, shard_kb, dtype):
+    torch.manual_seed({"llama": 1, "qwen2": 2, "qwen3": 3}[family])
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                  rms_norm_eps=1e-6, tie_word_embeddings=tied, rope_theta=50000.0)
+    if family == "llama":
+        config = transformers.LlamaConfig(**common)
+    elif family == "qwen2":
+        config = transformers.Qwen2Config(**common)
+    else:
+        config = transformers.Qwen3Config(head_dim=32, **common)  # head_dim != hidden/heads
+    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():  # random norms and biases, so their mapping is exercised
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    kwargs = {}
+    if shard_kb:
+        kwargs["max_shard_size"] = f"{shard_kb}KB"
+    if dtype == "bfloat16":
+        model = model.to(torch.bfloat16)
+    model.save_pretrained(out, **kwargs)
+    model = model.float()
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        logits = model(ids).logits.float()
+    save_file({"ids": ids, "logits": logits.contiguous()}, f"{out}/reference.safetensors")
+
+
+def logits(model_dir, ids_file, out):
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = load_file(ids_file)["ids"]
+    with torch.no_grad():
+        result = model(ids).logits.float()
+    save_file({"logits": result.contiguous(), "model_type": torch.tensor([0])}, out)
+    print(type(model).__name__, model.config.model_type)
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    if args[0] == "make":
+        shard = int(args[args.index("--shard-kb") + 1]) if "--shard-kb" in args else 0
+        dtype = args[args.index("--dtype") + 1] if "--dtype" in args else "float32"
+        make(args[1], args[2], "--tied" in args, shard, dtype)
+    elif args[0] == "logits":
+        logits(args[1], args[2], args[3])
+    else:
+        sys.exit(f"unknown mode {args[0]}")

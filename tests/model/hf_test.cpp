@@ -1,0 +1,262 @@
+// Hugging Face checkpoints against transformers: import, export, sharding, dtypes,
+// model.init_from, and bad checkpoints.
+#include <fstream>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include "core/fs.h"
+#include "launch/commands.h"
+#include "model/hf.h"
+#include "model/safetensors.h"
+#include "recipes/build.h"
+#include "recipes/recipe.h"
+#include "testing.h"
+
+namespace brigade::model {
+namespace {
+namespace fs = std::filesystem;
+using testing::TempDir;
+
+const std::string kScript = std::string(BRIGADE_SOURCE_DIR) + "/tests/model/hf_reference.py";
+
+// Runs the transformers side; skips the test when transformers is missing.
+#define RUN_REFERENCE(args)                                                                 \
+  do {                                                                                      \
+    auto run_ = testing::run_command(std::string(BRIGADE_VENV_PYTHON) + " " + kScript + " " + \
+                                     (args) + " 2>&1");                                     \
+    if (run_.exit_code == 3) GTEST_SKIP() << "transformers missing from .venv: " << run_.output; \
+    ASSERT_EQ(run_.exit_code, 0) << run_.output;                                            \
+  } while (0)
+
+Transformer import_dir(const fs::path& dir) {
+  const HfConfig config = read_hf_config(dir / "config.json");
+  torch::manual_seed(0);
+  Transformer model(config.options);
+  load_hf_weights(*model, dir);
+  model->eval();
+  return model;
+}
+
+torch::Tensor logits_of(Transformer& model, const torch::Tensor& ids) {
+  torch::NoGradGuard no_grad;
+  return model->forward(ids);
+}
+
+double max_diff(const torch::Tensor& a, const torch::Tensor& b) {
+  EXPECT_EQ(a.sizes(), b.sizes());
+  return (a - b).abs().max().item<double>();
+}
+
+class HfFamilies : public ::testing::TestWithParam<std::tuple<std::string, bool>> {};
+
+TEST_P(HfFamilies, ImportMatchesTransformersAndExportLoadsBack) {
+  const auto [family, tied] = GetParam();
+  TempDir dir;
+  const fs::path src = dir / "hf";
+  RUN_REFERENCE("make " + family + " " + src.string() + (tied ? " --tied" : ""));
+  const HfConfig config = read_hf_config(src / "config.json");
+  EXPECT_EQ(family_name(config.family), family);
+  EXPECT_EQ(config.options.tie_embeddings, tied);
+  EXPECT_EQ(config.options.rope_theta, 50000.0);
+
+  Transformer model = import_dir(src);
+  auto reference = load_safetensors(src / "reference.safetensors");
+  const auto& ids = reference.tensors.at("ids");
+  const auto ours = logits_of(model, ids);
+  const double import_diff = max_diff(ours, reference.tensors.at("logits"));
+  EXPECT_LE(import_diff, 1e-4) << family << " import";
+
+  // Export (sharded, to cover the index) and have transformers load it.
+  const fs::path out = dir / "exported";
+  fs::create_directories(out);
+  save_hf_checkpoint(*model, out, "float32", /*max_shard_bytes=*/64 << 10);
+  EXPECT_TRUE(fs::exists(out / "model.safetensors.index.json"));
+  EXPECT_EQ(family_of(model->options()), config.family);
+  RUN_REFERENCE("logits " + out.string() + " " + (src / "reference.safetensors").string() + " " +
+                (dir / "back.safetensors").string());
+  const double export_diff = max_diff(load_safetensors(dir / "back.safetensors").tensors.at("logits"), ours);
+  EXPECT_LE(export_diff, 1e-4) << family << " export";
+  std::cout << "[ measured ] " << family << (tied ? " tied" : "") << ": import max|diff| " << import_diff
+            << ", export max|diff| " << export_diff << "\n";
+}
+
+INSTANTIATE_TEST_SUITE_P(Families, HfFamilies,
+                         ::testing::Values(std::tuple{"llama", false}, std::tuple{"llama", true},
+                                           std::tuple{"qwen2", false}, std::tuple{"qwen2", true},
+                                           std::tuple{"qwen3", false}, std::tuple{"qwen3", true}),
+                         [](const auto& info) {
+                           return std::get<0>(info.param) + (std::get<1>(info.param) ? "Tied" : "Untied");
+                         });
+
+TEST(HfCheckpoint, ShardedBfloat16CheckpointFromTransformersLoads) {
+  TempDir dir;
+  RUN_REFERENCE("make qwen2 " + (dir / "hf").string() + " --shard-kb 100 --dtype bfloat16");
+  ASSERT_TRUE(fs::exists(dir / "hf" / "model.safetensors.index.json"));
+  Transformer model = import_dir(dir / "hf");
+  auto reference = load_safetensors(dir / "hf" / "reference.safetensors");
+  // The reference ran the same bfloat16-rounded weights in float32.
+  EXPECT_LE(max_diff(logits_of(model, reference.tensors.at("ids")), reference.tensors.at("logits")), 1e-4);
+}
+
+// Rewrites config.json with `edit` applied.
+void edit_config(const fs::path& dir, const std::function<void(nlohmann::json&)>& edit) {
+  auto j = nlohmann::json::parse(read_file(dir / "config.json"));
+  edit(j);
+  write_file_atomic(dir / "config.json", j.dump(2));
+}
+
+TEST(HfCheckpoint, BadConfigsAndWeightsAreErrorsNamingFileAndField) {
+  TempDir dir;
+  const fs::path src = dir / "hf";
+  RUN_REFERENCE("make llama " + src.string());
+  const fs::path config = src / "config.json";
+  const std::string original = read_file(config);
+  auto restore = [&] { write_file_atomic(config, original); };
+
+  edit_config(src, [](auto& j) { j["model_type"] = "gpt_neox"; });
+  EXPECT_BRIGADE_ERROR(read_hf_config(config), "model_type 'gpt_neox' is not supported");
+  edit_config(src, [](auto& j) { j["model_type"] = "qwen3_moe"; });
+  EXPECT_BRIGADE_ERROR(read_hf_config(config), "Mixture-of-Experts checkpoints cannot be imported yet");
+  restore();
+  edit_config(src, [](auto& j) { j.erase("hidden_size"); });
+  EXPECT_BRIGADE_ERROR(read_hf_config(config), "missing field 'hidden_size'");
+  restore();
+  edit_config(src, [](auto& j) { j["num_attention_heads"] = "four"; });
+  EXPECT_BRIGADE_ERROR(read_hf_config(config), "field 'num_attention_heads' must be a non-negative integer");
+  restore();
+  edit_config(src, [](auto& j) { j["rope_parameters"] = {{"rope_type", "yarn"}, {"factor", 4.0}}; });
+  EXPECT_BRIGADE_ERROR(read_hf_config(config), "rope_type' is 'yarn'");
+  restore();
+  edit_config(src, [](auto& j) { j["attention_bias"] = true; });
+  EXPECT_BRIGADE_ERROR(read_hf_config(config), "field 'attention_bias' is true");
+  restore();
+  edit_config(src, [](auto& j) { j["num_key_value_heads"] = 3; });
+  EXPECT_BRIGADE_ERROR(read_hf_config(config), "config.json: model.n_kv_heads (3) must divide model.n_heads (4)");
+  restore();
+  write_file_atomic(config, original.substr(0, original.size() / 2));
+  EXPECT_BRIGADE_ERROR(read_hf_config(config), "config.json: not valid JSON");
+  restore();
+
+  // Weights that disagree with config.json name the tensor; the model is left as it was.
+  edit_config(src, [](auto& j) { j["intermediate_size"] = 128; });
+  {
+    Transformer model(read_hf_config(config).options);
+    const auto before = model->layers[0]->as<BlockImpl>()->self_attn->q_proj->weight.clone();
+    EXPECT_BRIGADE_ERROR(load_hf_weights(*model, src), "tensor 'model.layers.0.mlp.gate_proj.weight' has shape");
+    EXPECT_TRUE(torch::equal(before, model->layers[0]->as<BlockImpl>()->self_attn->q_proj->weight));
+  }
+  restore();
+  auto weights = load_safetensors(src / "model.safetensors");
+  NamedTensors fewer;
+  for (const auto& [name, t] : weights.tensors)
+    if (name != "model.norm.weight") fewer.emplace_back(name, t.clone());
+  save_safetensors(src / "model.safetensors", fewer);
+  {
+    Transformer model(read_hf_config(config).options);
+    EXPECT_BRIGADE_ERROR(load_hf_weights(*model, src), "no tensor 'model.norm.weight'");
+  }
+  fewer.emplace_back("model.extra.weight", torch::zeros({2}));
+  fewer.emplace_back("model.norm.weight", torch::ones({64}));
+  save_safetensors(src / "model.safetensors", fewer);
+  {
+    Transformer model(read_hf_config(config).options);
+    EXPECT_BRIGADE_ERROR(load_hf_weights(*model, src), "unexpected tensor 'model.extra.weight'");
+  }
+  fs::remove(src / "model.safetensors");
+  {
+    Transformer model(read_hf_config(config).options);
+    EXPECT_BRIGADE_ERROR(load_hf_weights(*model, src), "has neither model.safetensors.index.json nor model.safetensors");
+  }
+}
+
+TEST(HfCheckpoint, ShardIndexMustAgreeWithTheShards) {
+  TempDir dir;
+  NamedTensors tensors;
+  for (int i = 0; i < 6; ++i) tensors.emplace_back("t" + std::to_string(i), torch::full({256}, float(i)));
+  const auto files = save_safetensors_sharded(dir.path(), tensors, 2048);
+  ASSERT_EQ(files.size(), 4u);  // three shards of two tensors, and the index
+  auto loaded = load_safetensors_dir(dir.path());
+  ASSERT_EQ(loaded.tensors.size(), 6u);
+  for (const auto& [name, t] : tensors) EXPECT_TRUE(torch::equal(loaded.tensors.at(name), t)) << name;
+
+  const fs::path index = dir / "model.safetensors.index.json";
+  const std::string original = read_file(index);
+  auto j = nlohmann::json::parse(original);
+  j["weight_map"]["t0"] = "model-00002-of-00003.safetensors";
+  write_file_atomic(index, j.dump());
+  EXPECT_BRIGADE_ERROR(load_safetensors_dir(dir.path()), "which does not hold it");
+  j = nlohmann::json::parse(original);
+  j["weight_map"]["t0"] = "../elsewhere.safetensors";
+  write_file_atomic(index, j.dump());
+  EXPECT_BRIGADE_ERROR(load_safetensors_dir(dir.path()), "is not a file name in the same directory");
+  j = nlohmann::json::parse(original);
+  j["weight_map"].erase("t5");
+  write_file_atomic(index, j.dump());
+  EXPECT_BRIGADE_ERROR(load_safetensors_dir(dir.path()), "holds 't5', which weight_map does not put there");
+  write_file_atomic(index, original);
+  fs::remove(dir / "model-00003-of-00003.safetensors");
+  EXPECT_BRIGADE_ERROR(load_safetensors_dir(dir.path()), "model-00003-of-00003.safetensors: cannot open");
+}
+
+TEST(HfCheckpoint, Float8WeightsRoundTrip) {
+  TempDir dir;
+  auto w = (torch::randn({4, 8}) * 3).to(torch::kFloat8_e4m3fn);
+  auto g = torch::randn({3}).to(torch::kFloat8_e5m2);
+  save_safetensors(dir / "f8.safetensors", {{"w", w}, {"g", g}});
+  auto file = load_safetensors(dir / "f8.safetensors");
+  EXPECT_EQ(file.tensors.at("w").scalar_type(), torch::kFloat8_e4m3fn);
+  EXPECT_TRUE(torch::equal(file.tensors.at("w").to(torch::kFloat), w.to(torch::kFloat)));
+  EXPECT_TRUE(torch::equal(file.tensors.at("g").to(torch::kFloat), g.to(torch::kFloat)));
+}
+
+TEST(HfCheckpoint, RecipeInitFromTakesTheArchitectureAndWeights) {
+  TempDir dir;
+  const fs::path src = dir / "hf";
+  RUN_REFERENCE("make qwen3 " + src.string());
+  const std::string init = " --set model.init_from=" + src.string();
+  const std::string recipe = std::string(BRIGADE_SOURCE_DIR) + "/recipes/tiny-dense.yaml";
+  auto r = recipes::load_recipe(recipe, {"model.init_from=" + src.string(), "model.max_seq_len=64"});
+  EXPECT_EQ(r.model.d_model, 64);
+  EXPECT_EQ(r.model.head_dim, 32);
+  EXPECT_TRUE(r.model.qk_norm);
+  EXPECT_EQ(r.model.max_seq_len, 64);  // may differ from the checkpoint's
+  EXPECT_EQ(r.data.tokenizer, "byte");  // no tokenizer.json in the directory
+  auto model = recipes::build_model(r);
+  model->eval();
+  auto reference = load_safetensors(src / "reference.safetensors");
+  EXPECT_LE(max_diff(logits_of(model, reference.tensors.at("ids")), reference.tensors.at("logits")), 1e-4);
+
+  EXPECT_BRIGADE_ERROR(recipes::load_recipe(recipe, {"model.init_from=" + src.string(), "model.d_model=128"}),
+                       "model.d_model = 128, but model.init_from's");
+  EXPECT_BRIGADE_ERROR(recipes::load_recipe(recipe, {"model.init_from=" + (dir / "nope").string()}),
+                       "is not a directory");
+
+  // Train from it, export, and have transformers read the trained weights.
+  const fs::path run = dir / "run";
+  auto train = testing::run_brigade("train " + recipe + init + " --set model.max_seq_len=64 --set data.seq_len=32" +
+                                    " --set trainer.max_steps=3 --set trainer.micro_batch_size=2" +
+                                    " --set data.synthetic.num_problems=200 --run-dir " + run.string());
+  ASSERT_EQ(train.exit_code, 0) << train.output;
+  const fs::path out = dir / "export";
+  auto exp = testing::run_brigade("export --checkpoint " + run.string() + " --format hf --out " + out.string());
+  ASSERT_EQ(exp.exit_code, 0) << exp.output;
+  EXPECT_NE(exp.output.find("exported qwen3 model"), std::string::npos) << exp.output;
+  for (const char* f : {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"})
+    EXPECT_TRUE(fs::exists(out / f)) << f;
+  auto again = testing::run_brigade("export --checkpoint " + run.string() + " --format hf --out " + out.string());
+  EXPECT_NE(again.exit_code, 0);
+  EXPECT_NE(again.output.find("already exists"), std::string::npos) << again.output;
+
+  RUN_REFERENCE("logits " + out.string() + " " + (src / "reference.safetensors").string() + " " +
+                (dir / "trained.safetensors").string());
+  auto trained = launch::load_model(run, {});
+  trained.model->eval();
+  const auto ours = logits_of(trained.model, reference.tensors.at("ids"));
+  EXPECT_LE(max_diff(load_safetensors(dir / "trained.safetensors").tensors.at("logits"), ours), 1e-4);
+  EXPECT_GT(max_diff(ours, reference.tensors.at("logits")), 1e-3);  // training moved the weights
+}
+
+}  // namespace
+}  // namespace brigade::model
