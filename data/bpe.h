@@ -1,9 +1,9 @@
 // Byte-level BPE tokenizers in Hugging Face's tokenizer.json format (GPT-2, Llama 3,
 // Qwen2/Qwen3 families), a BPE trainer, and chat templates.
 //
-// What load() reads from tokenizer.json (anything else is an Error naming the file and
-// the field; nothing is silently ignored except the cosmetic keys `version`,
-// `truncation`, `padding`, `trim_offsets`, `fuse_unk`):
+// What load() reads from tokenizer.json (an unsupported value in these fields is an
+// Error naming the file and the field; `version`, `truncation`, `padding` and the
+// offset options are ignored: encode() never truncates or pads):
 //   model           type "BPE"; vocab {token: id}; merges as ["a b", ...] or
 //                   [["a", "b"], ...]; ignore_merges; unk_token; dropout null/0;
 //                   no continuing_subword_prefix / end_of_word_suffix / byte_fallback.

@@ -131,12 +131,18 @@ int run_cli(int argc, char** argv) {
   auto* prep_cmd = data_cmd->add_subcommand("prepare", "Tokenize text or JSONL files into token shards");
   prep_cmd->add_option("--input", prep.inputs, "Input .txt or .jsonl files")->required();
   prep_cmd->add_option("--out", prep.output_dir, "Output directory for shard_XXXXX.bin")->required();
-  prep_cmd->add_option("--tokenizer", prep_tokenizer, "Tokenizer name")->capture_default_str();
+  prep_cmd->add_option("--tokenizer", prep_tokenizer, "byte, or a tokenizer.json (or its directory)")->capture_default_str();
   prep_cmd->add_option("--text-field", prep.text_field, "JSONL field with the document text")->capture_default_str();
   prep_cmd->add_option("--prompt-field", prep.prompt_field, "JSONL prompt field (masked out of the loss)");
   prep_cmd->add_option("--completion-field", prep.completion_field, "JSONL completion field (trained on)");
   prep_cmd->add_option("--tokens-per-shard", prep.tokens_per_shard, "Tokens per shard file")->capture_default_str();
   add_set_option(prep_cmd, prep_overrides);
+  TokenizerTrainArgs tok;
+  auto* tok_cmd = data_cmd->add_subcommand("tokenizer", "Train a byte-level BPE tokenizer (Hugging Face tokenizer.json) on text");
+  tok_cmd->add_option("--input", tok.inputs, "Input .txt or .jsonl files")->required();
+  tok_cmd->add_option("--out", tok.out, "Output directory (tokenizer.json, tokenizer_config.json)")->required();
+  tok_cmd->add_option("--vocab-size", tok.vocab_size, "Tokens in all: 256 bytes + merges + 3 specials")->capture_default_str();
+  tok_cmd->add_option("--text-field", tok.text_field, "JSONL field with the text")->capture_default_str();
 
   try {
     app.parse(argc, argv);
@@ -166,6 +172,7 @@ int run_cli(int argc, char** argv) {
       std::cout << recipes::schema_markdown();
       return 0;
     }
+    if (*tok_cmd) return tokenizer_train_command(tok);
     if (*prep_cmd) {
       BRIGADE_CHECK(prep_overrides.empty(), "data prepare takes no recipe, so --set has nothing to override");
       BRIGADE_CHECK(prep.tokens_per_shard > 0, "--tokens-per-shard must be positive");

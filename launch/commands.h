@@ -75,6 +75,15 @@ struct ExportArgs {
 // Writes a dense llama/qwen2/qwen3 checkpoint for Hugging Face or llama.cpp.
 int export_command(const ExportArgs& args);
 
+struct TokenizerTrainArgs {
+  std::vector<std::filesystem::path> inputs;  // .txt (whole file) or .jsonl (text_field per line)
+  std::filesystem::path out;                  // directory for tokenizer.json + tokenizer_config.json
+  int64_t vocab_size = 8192;
+  std::string text_field = "text";
+};
+// Trains a byte-level BPE (Qwen2 pre-tokenizer, ChatML specials and template).
+int tokenizer_train_command(const TokenizerTrainArgs& args);
+
 // runs/<recipe name>, or `requested` when given.
 std::filesystem::path default_run_dir(const recipes::Recipe& recipe, const std::filesystem::path& requested);
 

@@ -75,7 +75,7 @@ int export_command(const ExportArgs& args) {
       if (fs::exists(args.out)) fs::remove(args.out);  // the empty directory checked above
     } else {
       const auto quant = model::parse_gguf_quant(args.quant.empty() ? "f16" : args.quant);
-      model::export_gguf(*loaded.model, family, tokenizer, quant, tmp, name);
+      model::export_gguf(loaded.model, family, tokenizer, quant, tmp, name);
     }
     fs::rename(tmp, args.out);
     fsync_dir(args.out.has_parent_path() ? args.out.parent_path() : fs::path("."));

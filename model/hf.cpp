@@ -7,6 +7,7 @@
 #include "core/error.h"
 #include "core/fs.h"
 #include "model/safetensors.h"
+#include "moe/options.h"
 
 namespace brigade::model {
 namespace {
@@ -22,6 +23,7 @@ constexpr FamilyInfo kFamilies[] = {
     {HfFamily::kLlama, "llama", "LlamaForCausalLM"},
     {HfFamily::kQwen2, "qwen2", "Qwen2ForCausalLM"},
     {HfFamily::kQwen3, "qwen3", "Qwen3ForCausalLM"},
+    {HfFamily::kQwen3Moe, "qwen3_moe", "Qwen3MoeForCausalLM"},
 };
 
 const FamilyInfo& info(HfFamily family) {
@@ -74,6 +76,36 @@ class ConfigReader {
   std::string where_;
 };
 
+// qwen3_moe: softmax top-k routing over fused experts, no shared experts; the
+// layers in mlp_only_layers (which must be the first k) keep a dense MLP.
+void read_qwen3_moe(const ConfigReader& r, const json& j, const std::string& where, TransformerOptions& o) {
+  auto& m = o.moe;
+  m.num_experts = r.has("num_experts") ? r.integer("num_experts") : r.integer("num_local_experts");
+  BRIGADE_CHECK(m.num_experts > 0, where, ": field 'num_experts' must be positive");
+  m.top_k = r.integer("num_experts_per_tok");
+  m.expert_d_ff = r.integer("moe_intermediate_size");
+  m.num_shared_experts = 0;
+  m.score_function = moe::ScoreFunction::kSoftmax;
+  m.num_groups = 1;
+  m.topk_group = 1;
+  m.normalize_topk = r.boolean("norm_topk_prob", false);
+  m.routed_scaling = 1.0;
+  m.bias_update_rate = 0.0;  // qwen3_moe has no selection bias to learn
+  m.batch_aux_loss = r.real("router_aux_loss_coef", 0.0);
+  m.dropless = true;
+  BRIGADE_CHECK(r.integer("decoder_sparse_step", 1) == 1, where,
+                ": field 'decoder_sparse_step' must be 1 (brigade's MoE layers are every layer after the first dense ones)");
+  m.first_k_dense = 0;
+  if (r.has("mlp_only_layers")) {
+    const json& dense = j["mlp_only_layers"];
+    BRIGADE_CHECK(dense.is_array(), where, ": field 'mlp_only_layers' must be a list of layer indices");
+    for (size_t i = 0; i < dense.size(); ++i)
+      BRIGADE_CHECK(dense[i].is_number_integer() && dense[i].get<int64_t>() == static_cast<int64_t>(i), where,
+                    ": field 'mlp_only_layers' is ", dense.dump(), "; brigade keeps dense MLPs in the first layers only ([0, 1, ..., k-1])");
+    m.first_k_dense = static_cast<int64_t>(dense.size());
+  }
+}
+
 std::string hf_name(const std::string& brigade_name) {
   return brigade_name == "lm_head.weight" ? brigade_name : "model." + brigade_name;
 }
@@ -83,8 +115,19 @@ std::string hf_name(const std::string& brigade_name) {
 std::string family_name(HfFamily family) { return info(family).model_type; }
 
 HfFamily family_of(const TransformerOptions& o) {
-  BRIGADE_CHECK(!o.moe.enabled(), "Mixture-of-Experts models have no Hugging Face export yet (brigade's "
-                "DeepSeekMoE layers with standard attention match no transformers architecture); dense models only");
+  if (o.moe.enabled()) {
+    const auto& m = o.moe;
+    const char* why = nullptr;
+    if (m.score_function != moe::ScoreFunction::kSoftmax) why = "model.moe.score_function is not softmax";
+    else if (m.num_shared_experts > 0) why = "model.moe.num_shared_experts > 0";
+    else if (m.num_groups != 1) why = "model.moe.num_groups != 1";
+    else if (m.routed_scaling != 1.0) why = "model.moe.routed_scaling != 1";
+    else if (!o.qk_norm || o.qkv_bias) why = "the attention is not Qwen3's (q/k norm, no bias)";
+    BRIGADE_CHECK(why == nullptr, "this Mixture-of-Experts model has no Hugging Face equivalent: ", why,
+                  " (exportable MoE models route like qwen3_moe: softmax scores, no shared experts, no groups, "
+                  "no scaling, Qwen3 attention)");
+    return HfFamily::kQwen3Moe;
+  }
   if (o.qk_norm) {
     BRIGADE_CHECK(!o.qkv_bias, "a model with both q/k norm and QKV bias matches no Hugging Face family "
                   "(qwen3 has q/k norm without bias, qwen2 bias without norm)");
@@ -108,9 +151,9 @@ HfConfig read_hf_config(const std::filesystem::path& config_json) {
   bool known = false;
   for (const auto& f : kFamilies)
     if (model_type == f.model_type) c.family = f.family, known = true;
-  BRIGADE_CHECK(known, where, ": model_type '", model_type, "' is not supported (supported: llama, qwen2, qwen3",
-                model_type == "qwen3_moe" || model_type == "deepseek_v3" || model_type == "qwen2_moe"
-                    ? "; Mixture-of-Experts checkpoints cannot be imported yet"
+  BRIGADE_CHECK(known, where, ": model_type '", model_type, "' is not supported (supported: llama, qwen2, qwen3, qwen3_moe",
+                model_type == "deepseek_v3" || model_type == "deepseek_v2"
+                    ? "; DeepSeek's multi-head latent attention is not in brigade yet"
                     : "",
                 ")");
   const std::string act = r.text("hidden_act", "silu");
@@ -122,14 +165,16 @@ HfConfig read_hf_config(const std::filesystem::path& config_json) {
   o.n_heads = r.integer("num_attention_heads");
   o.n_kv_heads = r.integer("num_key_value_heads", o.n_heads);
   BRIGADE_CHECK(o.n_heads > 0, where, ": field 'num_attention_heads' must be positive");
-  o.head_dim = r.integer("head_dim", c.family == HfFamily::kQwen3 ? 128 : o.d_model / o.n_heads);
+  o.head_dim = r.integer("head_dim", c.family == HfFamily::kLlama || c.family == HfFamily::kQwen2
+                                         ? o.d_model / o.n_heads : 128);
   if (o.head_dim * o.n_heads == o.d_model) o.head_dim = 0;  // brigade's default says the same
   o.d_ff = r.integer("intermediate_size");
   o.max_seq_len = r.integer("max_position_embeddings", 2048);
   o.norm_eps = r.real("rms_norm_eps", 1e-6);
   o.tie_embeddings = r.boolean("tie_word_embeddings", false);
   o.qkv_bias = c.family == HfFamily::kQwen2;
-  o.qk_norm = c.family == HfFamily::kQwen3;
+  o.qk_norm = c.family == HfFamily::kQwen3 || c.family == HfFamily::kQwen3Moe;
+  if (c.family == HfFamily::kQwen3Moe) read_qwen3_moe(r, j, where, o);
   o.init_std = r.real("initializer_range", 0.02);
   if (c.family != HfFamily::kQwen2) r.require_false("attention_bias", "attention biases on llama/qwen3 (o_proj has none)");
   r.require_false("mlp_bias", "MLP biases");
@@ -187,6 +232,18 @@ std::string hf_config_text(const HfConfig& c) {
   // Both spellings: transformers 5 reads rope_parameters, 4.x rope_theta.
   j["rope_theta"] = o.rope_theta;
   j["rope_parameters"] = {{"rope_type", "default"}, {"rope_theta", o.rope_theta}};
+  if (c.family == HfFamily::kQwen3Moe) {
+    const auto& m = o.moe;
+    j["num_experts"] = m.num_experts;
+    j["num_experts_per_tok"] = m.top_k;
+    j["moe_intermediate_size"] = m.expert_size(o.ff_size());
+    j["norm_topk_prob"] = m.normalize_topk;
+    j["decoder_sparse_step"] = 1;
+    std::vector<int64_t> dense;
+    for (int64_t i = 0; i < m.first_k_dense; ++i) dense.push_back(i);
+    j["mlp_only_layers"] = dense;
+    j["router_aux_loss_coef"] = m.batch_aux_loss;
+  }
   if (c.family != HfFamily::kQwen2) j["attention_bias"] = false;
   if (c.family == HfFamily::kLlama) j["mlp_bias"] = false;
   if (c.family != HfFamily::kLlama) j["use_sliding_window"] = false;
@@ -197,15 +254,52 @@ std::string hf_config_text(const HfConfig& c) {
   return j.dump(2) + "\n";
 }
 
+namespace {
+
+// Fused expert weights as the Hub stores them, one expert at a time: views of
+// gate_up_proj [E, 2F, D] -> experts.e.{gate,up}_proj.weight [F, D], and of
+// down_proj [E, D, F] -> experts.e.down_proj.weight [D, F]. Other tensors pass.
+void add_unfused(NamedTensors& out, const std::string& name, const torch::Tensor& tensor) {
+  const std::string gate_up = "mlp.experts.gate_up_proj", down = "mlp.experts.down_proj";
+  const bool is_gate_up = name.ends_with(gate_up) && tensor.dim() == 3;
+  const bool is_down = name.ends_with(down) && tensor.dim() == 3;
+  if (!is_gate_up && !is_down) {
+    out.emplace_back(name, tensor);
+    return;
+  }
+  const std::string prefix = name.substr(0, name.size() - (is_gate_up ? gate_up : down).size()) + "mlp.experts.";
+  for (int64_t e = 0; e < tensor.size(0); ++e) {
+    const std::string expert = prefix + std::to_string(e) + ".";
+    if (is_down) {
+      out.emplace_back(expert + "down_proj.weight", tensor[e]);
+      continue;
+    }
+    const int64_t ff = tensor.size(1) / 2;
+    out.emplace_back(expert + "gate_proj.weight", tensor[e].narrow(0, 0, ff));
+    out.emplace_back(expert + "up_proj.weight", tensor[e].narrow(0, ff, ff));
+  }
+}
+
+}  // namespace
+
 NamedTensors hf_state_dict(const TransformerImpl& model) {
   NamedTensors out;
-  for (const auto& [name, tensor] : model.state_dict()) out.emplace_back(hf_name(name), tensor);
+  for (const auto& [name, tensor] : model.state_dict()) {
+    // The aux-loss-free selection bias has no place in qwen3_moe; a checkpoint whose
+    // bias moved is refused by save_hf_checkpoint.
+    if (name.ends_with(".e_score_correction_bias")) continue;
+    add_unfused(out, hf_name(name), tensor);
+  }
   return out;
 }
 
 void load_hf_weights(TransformerImpl& model, const std::filesystem::path& dir) {
-  const SafetensorsFile file = load_safetensors_dir(dir);
+  SafetensorsFile file = load_safetensors_dir(dir);
   const std::string where = "Hugging Face checkpoint " + dir.string();
+  // transformers 5 keeps experts fused in memory, the Hub one per expert: accept both.
+  NamedTensors unfused;
+  for (const auto& [name, tensor] : file.tensors) add_unfused(unfused, name, tensor);
+  file.tensors = std::map<std::string, torch::Tensor>(unfused.begin(), unfused.end());
   torch::NoGradGuard no_grad;
   std::set<std::string> expected;
   const NamedTensors target = hf_state_dict(model);
@@ -238,6 +332,10 @@ void save_hf_checkpoint(const TransformerImpl& model, const std::filesystem::pat
   config.torch_dtype = dtype;
   config.bos_token_id = bos_token_id;
   config.eos_token_id = eos_token_id;
+  for (const auto& [name, tensor] : model.state_dict())
+    BRIGADE_CHECK(!name.ends_with(".e_score_correction_bias") || tensor.abs().max().item<double>() == 0.0,
+                  "Hugging Face export: ", name, " is not zero (aux-loss-free balancing moved it), and qwen3_moe "
+                  "routes without a selection bias; train with model.moe.bias_update_rate=0 to export");
   NamedTensors tensors;
   for (const auto& [name, tensor] : hf_state_dict(model)) tensors.emplace_back(name, tensor.detach().to(torch::kCPU, type));
   save_safetensors_sharded(dir, tensors, max_shard_bytes, {{"format", "pt"}});

@@ -1,5 +1,5 @@
-// Hugging Face checkpoints: config.json <-> TransformerOptions for the llama, qwen2
-// and qwen3 families, weight names ("model.layers.3.self_attn.q_proj.weight" <->
+// Hugging Face checkpoints: config.json <-> TransformerOptions for the llama, qwen2,
+// qwen3 and qwen3_moe families, weight names ("model.layers.3.self_attn.q_proj.weight" <->
 // brigade's "layers.3.self_attn.q_proj.weight"), tied embeddings, and sharded
 // safetensors (model.safetensors.index.json).
 #pragma once
@@ -13,13 +13,15 @@
 namespace brigade::model {
 
 // A Hugging Face model family brigade reads and writes.
-enum class HfFamily { kLlama, kQwen2, kQwen3 };
+enum class HfFamily { kLlama, kQwen2, kQwen3, kQwen3Moe };
 
-// "llama", "qwen2", "qwen3" (config.json's model_type and llama.cpp's general.architecture).
+// config.json's model_type: "llama", "qwen2", "qwen3", "qwen3_moe".
 std::string family_name(HfFamily family);
 
 // The family whose architecture these options describe: q/k norm -> qwen3, QKV bias
-// -> qwen2, else llama. MoE options have no Hugging Face family yet (an Error).
+// -> qwen2, else llama; MoE layers -> qwen3_moe when they route like it (softmax
+// scores, no shared experts, no groups, no scaling, q/k norm), else an Error saying
+// which setting has no Hugging Face equivalent.
 HfFamily family_of(const TransformerOptions& options);
 
 struct HfConfig {
@@ -39,11 +41,13 @@ std::string hf_config_text(const HfConfig& config);
 HfConfig hf_config_for(const TransformerOptions& options);
 
 // The model's weights under Hugging Face names ("model.layers.0...", "lm_head.weight"
-// unless tied), aliasing the model's tensors.
+// unless tied), aliasing the model's tensors; fused MoE experts appear one expert at
+// a time as the Hub stores them (model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight).
 NamedTensors hf_state_dict(const TransformerImpl& model);
 
 // Copies a Hugging Face checkpoint directory's weights (model.safetensors or a
-// sharded index) into `model`, converting dtypes. Missing, unexpected or misshapen
+// sharded index) into `model`, converting dtypes; experts may be stored one by one
+// or fused (gate_up_proj / down_proj). Missing, unexpected or misshapen
 // tensors are Errors naming the file and tensor; the model is untouched then. A tied
 // model ignores an lm_head.weight the file may carry; rotary inv_freq buffers are skipped.
 void load_hf_weights(TransformerImpl& model, const std::filesystem::path& dir);

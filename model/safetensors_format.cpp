@@ -36,9 +36,10 @@ SafetensorsHeader parse_safetensors_header(std::span<const uint8_t> file, const 
   BRIGADE_CHECK(file.size() >= 8, where, ": truncated (", file.size(), " bytes; the 8-byte header length is missing)");
   uint64_t n = 0;
   std::memcpy(&n, file.data(), 8);
+  BRIGADE_CHECK(n <= kMaxHeaderBytes, where, ": header length ", n, " exceeds the ", kMaxHeaderBytes,
+                "-byte limit (not a safetensors file, or a corrupt one)");
   BRIGADE_CHECK(n <= file.size() - 8, where, ": header length ", n, " runs past the end of the ", file.size(),
                 "-byte file (truncated?)");
-  BRIGADE_CHECK(n <= kMaxHeaderBytes, where, ": header length ", n, " exceeds the ", kMaxHeaderBytes, "-byte limit");
   const std::string_view text(reinterpret_cast<const char*>(file.data()) + 8, n);
 
   // Duplicate top-level keys would silently shadow each other: reject them.

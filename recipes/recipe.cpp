@@ -128,9 +128,20 @@ void apply_override(const std::string& text, Entries& out) {
   out[path] = Entry{value, where};
 }
 
+// Model keys that steer training, not what the weights mean: a run may resume with
+// different ones, and a recipe starting from a Hugging Face checkpoint may set them.
+const std::set<std::string>& training_only_keys() {
+  static const std::set<std::string> keys = {
+      "model.init_from",           "model.moe.bias_update_rate", "model.moe.seq_aux_loss",
+      "model.moe.batch_aux_loss",  "model.moe.z_loss",           "model.moe.dropless",
+      "model.moe.capacity_factor", "model.moe.drop_policy"};
+  return keys;
+}
+
 // model.init_from: the Hugging Face config.json decides the architecture. A key the
-// recipe sets itself must agree with it (max_seq_len may differ: the weights do not
-// depend on it); data.tokenizer defaults to the directory's tokenizer.json.
+// recipe sets itself must agree with it, except model.max_seq_len (the weights do not
+// depend on it) and the training-only keys; data.tokenizer defaults to the
+// directory's tokenizer.json.
 void apply_init_from(const Entries& entries, Recipe& recipe) {
   const fs::path dir = recipe.model.init_from;
   const std::string where = entries.at("model.init_from").where + ": model.init_from";
@@ -144,8 +155,8 @@ void apply_init_from(const Entries& entries, Recipe& recipe) {
     if (f.path.rfind("model.", 0) != 0 || f.path == "model.init_from" || f.path == "model.init_std") continue;
     const auto it = entries.find(f.path);
     if (it == entries.end()) continue;
-    if (f.path == "model.max_seq_len") {
-      from_config.model.max_seq_len = recipe.model.max_seq_len;
+    if (f.path == "model.max_seq_len" || training_only_keys().contains(f.path)) {
+      f.set(from_config, it->second.node, it->second.where);  // the recipe's choice wins
       continue;
     }
     const std::string mine = f.get(recipe).Scalar(), theirs = f.get(from_config).Scalar();
@@ -226,15 +237,9 @@ std::string dump_recipe(const Recipe& recipe) {
 }
 
 std::string model_fingerprint(const Recipe& recipe) {
-  // Balancing and capacity settings steer training, not what the weights mean: a
-  // run may resume with different ones.
-  static const std::set<std::string> training_only = {
-      "model.init_from",
-      "model.moe.bias_update_rate", "model.moe.seq_aux_loss", "model.moe.batch_aux_loss", "model.moe.z_loss",
-      "model.moe.dropless",         "model.moe.capacity_factor", "model.moe.drop_policy"};
   std::string out;
   for (const auto& f : schema()) {
-    if (f.path.rfind("model.", 0) != 0 || training_only.contains(f.path)) continue;
+    if (f.path.rfind("model.", 0) != 0 || training_only_keys().contains(f.path)) continue;
     YAML::Emitter e;
     e << f.get(recipe);
     out += f.path + ": " + e.c_str() + "\n";

@@ -1,7 +1,7 @@
 """transformers' side of the Hugging Face parity tests (tests/model/hf_test.cpp).
 
   make FAMILY DIR [--tied] [--shard-kb N] [--dtype float32|bfloat16]
-      builds a tiny random FAMILY (llama, qwen2, qwen3) model, saves it to DIR with
+      builds a tiny random FAMILY (llama, qwen2, qwen3, qwen3_moe) model, saves it to DIR with
       save_pretrained, and writes DIR/reference.safetensors: "ids" [2, 24] int64 and
       "logits" [2, 24, vocab] float32 from transformers' forward.
   logits DIR IDS OUT
@@ -24,7 +24,7 @@ VOCAB = 300
 
 
 def make(family, out, tied, shard_kb, dtype):
-    torch.manual_seed({"llama": 1, "qwen2": 2, "qwen3": 3}[family])
+    torch.manual_seed({"llama": 1, "qwen2": 2, "qwen3": 3, "qwen3_moe": 4}[family])
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                   rms_norm_eps=1e-6, tie_word_embeddings=tied, rope_theta=50000.0)
@@ -32,8 +32,12 @@ def make(family, out, tied, shard_kb, dtype):
         config = transformers.LlamaConfig(**common)
     elif family == "qwen2":
         config = transformers.Qwen2Config(**common)
-    else:
+    elif family == "qwen3":
         config = transformers.Qwen3Config(head_dim=32, **common)  # head_dim != hidden/heads
+    else:  # qwen3_moe: 4 experts, top-2, the first layer dense
+        config = transformers.Qwen3MoeConfig(head_dim=16, num_experts=4, num_experts_per_tok=2,
+                                             moe_intermediate_size=32, norm_topk_prob=True,
+                                             mlp_only_layers=[0], **common)
     model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
     with torch.no_grad():  # random norms and biases, so their mapping is exercised
         for name, p in model.named_parameters():

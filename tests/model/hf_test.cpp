@@ -12,7 +12,7 @@
 #include "model/safetensors.h"
 #include "recipes/build.h"
 #include "recipes/recipe.h"
-#include "testing.h"
+#include "tests/testing.h"
 
 namespace brigade::model {
 namespace {
@@ -85,7 +85,8 @@ TEST_P(HfFamilies, ImportMatchesTransformersAndExportLoadsBack) {
 INSTANTIATE_TEST_SUITE_P(Families, HfFamilies,
                          ::testing::Values(std::tuple{"llama", false}, std::tuple{"llama", true},
                                            std::tuple{"qwen2", false}, std::tuple{"qwen2", true},
-                                           std::tuple{"qwen3", false}, std::tuple{"qwen3", true}),
+                                           std::tuple{"qwen3", false}, std::tuple{"qwen3", true},
+                                           std::tuple{"qwen3_moe", false}),
                          [](const auto& info) {
                            return std::get<0>(info.param) + (std::get<1>(info.param) ? "Tied" : "Untied");
                          });
@@ -117,8 +118,8 @@ TEST(HfCheckpoint, BadConfigsAndWeightsAreErrorsNamingFileAndField) {
 
   edit_config(src, [](auto& j) { j["model_type"] = "gpt_neox"; });
   EXPECT_BRIGADE_ERROR(read_hf_config(config), "model_type 'gpt_neox' is not supported");
-  edit_config(src, [](auto& j) { j["model_type"] = "qwen3_moe"; });
-  EXPECT_BRIGADE_ERROR(read_hf_config(config), "Mixture-of-Experts checkpoints cannot be imported yet");
+  edit_config(src, [](auto& j) { j["model_type"] = "deepseek_v3"; });
+  EXPECT_BRIGADE_ERROR(read_hf_config(config), "multi-head latent attention is not in brigade yet");
   restore();
   edit_config(src, [](auto& j) { j.erase("hidden_size"); });
   EXPECT_BRIGADE_ERROR(read_hf_config(config), "missing field 'hidden_size'");
@@ -186,7 +187,7 @@ TEST(HfCheckpoint, ShardIndexMustAgreeWithTheShards) {
   auto j = nlohmann::json::parse(original);
   j["weight_map"]["t0"] = "model-00002-of-00003.safetensors";
   write_file_atomic(index, j.dump());
-  EXPECT_BRIGADE_ERROR(load_safetensors_dir(dir.path()), "which does not hold it");
+  EXPECT_BRIGADE_ERROR(load_safetensors_dir(dir.path()), "holds 't0', which weight_map does not put there");
   j = nlohmann::json::parse(original);
   j["weight_map"]["t0"] = "../elsewhere.safetensors";
   write_file_atomic(index, j.dump());
@@ -215,9 +216,12 @@ TEST(HfCheckpoint, RecipeInitFromTakesTheArchitectureAndWeights) {
   TempDir dir;
   const fs::path src = dir / "hf";
   RUN_REFERENCE("make qwen3 " + src.string());
-  const std::string init = " --set model.init_from=" + src.string();
-  const std::string recipe = std::string(BRIGADE_SOURCE_DIR) + "/recipes/tiny-dense.yaml";
-  auto r = recipes::load_recipe(recipe, {"model.init_from=" + src.string(), "model.max_seq_len=64"});
+  // A recipe that leaves the architecture to the checkpoint.
+  const fs::path recipe = dir / "finetune.yaml";
+  write_file_atomic(recipe, "model:\n  init_from: " + src.string() + "\n  max_seq_len: 64\n"
+                            "data:\n  seq_len: 32\n  synthetic:\n    num_problems: 200\n    eval_problems: 20\n"
+                            "trainer:\n  max_steps: 3\n  warmup_steps: 1\n  micro_batch_size: 2\n  lr: 1.0e-3\n");
+  auto r = recipes::load_recipe(recipe);
   EXPECT_EQ(r.model.d_model, 64);
   EXPECT_EQ(r.model.head_dim, 32);
   EXPECT_TRUE(r.model.qk_norm);
@@ -228,16 +232,16 @@ TEST(HfCheckpoint, RecipeInitFromTakesTheArchitectureAndWeights) {
   auto reference = load_safetensors(src / "reference.safetensors");
   EXPECT_LE(max_diff(logits_of(model, reference.tensors.at("ids")), reference.tensors.at("logits")), 1e-4);
 
-  EXPECT_BRIGADE_ERROR(recipes::load_recipe(recipe, {"model.init_from=" + src.string(), "model.d_model=128"}),
-                       "model.d_model = 128, but model.init_from's");
+  EXPECT_BRIGADE_ERROR(recipes::load_recipe(recipe, {"model.d_model=128"}), "model.d_model = 128, but model.init_from's");
   EXPECT_BRIGADE_ERROR(recipes::load_recipe(recipe, {"model.init_from=" + (dir / "nope").string()}),
                        "is not a directory");
+  const std::string shipped = std::string(BRIGADE_SOURCE_DIR) + "/recipes/tiny-dense.yaml";
+  EXPECT_BRIGADE_ERROR(recipes::load_recipe(shipped, {"model.init_from=" + src.string()}),
+                       "tiny-dense.yaml:7: model.vocab_size = 264, but model.init_from's");
 
   // Train from it, export, and have transformers read the trained weights.
   const fs::path run = dir / "run";
-  auto train = testing::run_brigade("train " + recipe + init + " --set model.max_seq_len=64 --set data.seq_len=32" +
-                                    " --set trainer.max_steps=3 --set trainer.micro_batch_size=2" +
-                                    " --set data.synthetic.num_problems=200 --run-dir " + run.string());
+  auto train = testing::run_brigade("train " + recipe.string() + " --run-dir " + run.string());
   ASSERT_EQ(train.exit_code, 0) << train.output;
   const fs::path out = dir / "export";
   auto exp = testing::run_brigade("export --checkpoint " + run.string() + " --format hf --out " + out.string());

@@ -172,19 +172,19 @@ class SafetensorsCorrupt : public ::testing::Test {
 };
 
 TEST_F(SafetensorsCorrupt, TruncatedBelowEightBytes) {
-  expect_error("", "truncated (0 bytes, no header)");
-  expect_error(std::string("\x05\x00\x00", 3), "truncated (3 bytes, no header)");
+  expect_error("", "truncated (0 bytes; the 8-byte header length is missing)");
+  expect_error(std::string("\x05\x00\x00", 3), "truncated (3 bytes; the 8-byte header length is missing)");
 }
 
 TEST_F(SafetensorsCorrupt, HeaderLengthBeyondFile) {
   std::string bytes = make_file("{}", "");
   const uint64_t n = 1000;
   std::memcpy(bytes.data(), &n, 8);
-  expect_error(bytes, "header length 1000 exceeds the file size 10");
+  expect_error(bytes, "header length 1000 runs past the end of the 10-byte file");
   std::string huge = make_file("{}", "");
   const uint64_t max = ~uint64_t{0};  // must not wrap around when added to 8
   std::memcpy(huge.data(), &max, 8);
-  expect_error(huge, "exceeds the file size");
+  expect_error(huge, "exceeds the 100000000-byte limit");
 }
 
 TEST_F(SafetensorsCorrupt, InvalidJson) {
@@ -205,9 +205,9 @@ TEST_F(SafetensorsCorrupt, OffsetsOutsideData) {
 
 TEST_F(SafetensorsCorrupt, ByteCountMismatchForShape) {
   expect_error(make_file(R"({"a":{"dtype":"F32","shape":[3],"data_offsets":[0,16]}})", four_floats_),
-               "tensor 'a': 16 bytes for shape [3] needs 12");
+               "tensor 'a': data_offsets hold 16 bytes but F32 shape [3] needs 12");
   expect_error(make_file(R"({"a":{"dtype":"F64","shape":[2,2],"data_offsets":[0,16]}})", four_floats_),
-               "16 bytes for shape [2,2] needs 32");
+               "16 bytes but F64 shape [2,2] needs 32");
   expect_error(make_file(R"({"a":{"dtype":"F32","shape":[-4],"data_offsets":[0,16]}})", four_floats_),
                "shape entries must be non-negative integers");
 }
@@ -232,19 +232,38 @@ TEST_F(SafetensorsCorrupt, OverlappingRanges) {
   expect_error(make_file(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
                          R"("b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})",
                          four_floats_),
-               "tensor data ranges overlap");
+               "the data of tensors 'a' and 'b' overlap");
   expect_error(make_file(R"({"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},)"
                          R"("b":{"dtype":"I32","shape":[2],"data_offsets":[4,12]}})",
                          four_floats_),
-               "tensor data ranges overlap");
+               "the data of tensors 'a' and 'b' overlap");
+}
+
+TEST_F(SafetensorsCorrupt, DuplicateNamesAndHugeHeaders) {
+  expect_error(make_file(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
+                         R"("a":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}})",
+                         four_floats_),
+               "header names 'a' twice");
+  std::string bytes(64, ' ');
+  const uint64_t n = 200'000'000;
+  std::memcpy(bytes.data(), &n, 8);
+  expect_error(bytes, "header length 200000000 exceeds the 100000000-byte limit");
+}
+
+// Every prefix of a valid file fails cleanly (a truncated download).
+TEST_F(SafetensorsCorrupt, EveryTruncationIsAnError) {
+  const std::string whole = make_file(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
+                                      R"("b":{"dtype":"BF16","shape":[4],"data_offsets":[8,16]}})",
+                                      four_floats_);
+  for (size_t cut = 0; cut < whole.size(); cut += 3) expect_error(whole.substr(0, cut), "");
 }
 
 TEST_F(SafetensorsCorrupt, MissingFieldsAndBadMetadata) {
   expect_error(make_file(R"({"a":{"dtype":"F32","shape":[4]}})", four_floats_),
                "tensor 'a' needs dtype, shape and data_offsets");
   expect_error(make_file(R"({"a":[1,2]})", four_floats_), "needs dtype, shape and data_offsets");
-  expect_error(make_file(R"({"__metadata__":{"step":3}})", ""), "metadata value for 'step' is not a string");
-  expect_error(make_file(R"({"__metadata__":[1]})", ""), "__metadata__ must be an object");
+  expect_error(make_file(R"({"__metadata__":{"step":3}})", ""), "__metadata__['step'] is not a string");
+  expect_error(make_file(R"({"__metadata__":[1]})", ""), "__metadata__ must be an object of strings");
   expect_error(make_file(R"({"a":{"dtype":"F32","shape":4,"data_offsets":[0,4]}})", four_floats_),
                "shape is not an array");
 }

@@ -1,0 +1,148 @@
+#include "model/gguf.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+
+#include "core/error.h"
+
+namespace brigade::model {
+
+void GgufWriter::set(const std::string& key, gguf::Value value) {
+  for (auto& [k, v] : metadata_) {
+    if (k == key) {
+      v = std::move(value);
+      return;
+    }
+  }
+  metadata_.emplace_back(key, std::move(value));
+}
+
+void GgufWriter::add_tensor(const std::string& name, const torch::Tensor& tensor, gguf::GgmlType type) {
+  BRIGADE_CHECK(tensor.device().is_cpu(), "GGUF: tensor ", name, " is not on the CPU");
+  BRIGADE_CHECK(tensor.is_floating_point(), "GGUF: tensor ", name, " is not a floating-point tensor");
+  BRIGADE_CHECK(tensor.dim() >= 1 && tensor.dim() <= gguf::kMaxDims, "GGUF: tensor ", name, " has ",
+                tensor.dim(), " dims (1..4 supported)");
+  const torch::Tensor values = tensor.detach().to(torch::kFloat32).contiguous();
+  BRIGADE_CHECK(gguf::ggml_block_size(type) == 1 || values.size(-1) % gguf::kBlockSize == 0, "GGUF: tensor ",
+                name, " has rows of ", values.size(-1), " values, which ", gguf::ggml_type_name(type),
+                " cannot store (a multiple of ", gguf::kBlockSize, " is needed)");
+  gguf::EncodedTensor encoded;
+  encoded.name = name;
+  encoded.ne.assign(values.sizes().rbegin(), values.sizes().rend());
+  encoded.type = type;
+  encoded.data = gguf::encode(type, {values.data_ptr<float>(), static_cast<size_t>(values.numel())});
+  for (auto& t : tensors_) {
+    if (t.name == name) {
+      t = std::move(encoded);
+      return;
+    }
+  }
+  tensors_.push_back(std::move(encoded));
+}
+
+void GgufWriter::write(const std::filesystem::path& path) const {
+  std::vector<gguf::TensorInfo> infos;
+  for (const auto& t : tensors_) infos.push_back(gguf::info_of(t));
+  uint64_t alignment = 0;
+  const std::vector<uint8_t> header = gguf::serialize_header(metadata_, infos, alignment);
+
+  std::filesystem::path tmp = path;
+  tmp += ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    BRIGADE_CHECK(out.good(), "cannot write GGUF file ", tmp.string());
+    out.write(reinterpret_cast<const char*>(header.data()), static_cast<std::streamsize>(header.size()));
+    const std::vector<char> zeros(alignment, 0);
+    for (const auto& t : tensors_) {
+      out.write(reinterpret_cast<const char*>(t.data.data()), static_cast<std::streamsize>(t.data.size()));
+      const uint64_t pad = (alignment - t.data.size() % alignment) % alignment;
+      out.write(zeros.data(), static_cast<std::streamsize>(pad));
+    }
+    out.flush();
+    BRIGADE_CHECK(out.good(), "failed writing GGUF file ", tmp.string());
+  }
+  std::error_code ec;
+  std::filesystem::rename(tmp, path, ec);
+  BRIGADE_CHECK(!ec, "cannot rename ", tmp.string(), " to ", path.string(), ": ", ec.message());
+}
+
+GgufReader::GgufReader(const std::filesystem::path& path) : path_(path), where_("GGUF file " + path.string()) {
+  const int fd = ::open(path.c_str(), O_RDONLY);
+  BRIGADE_CHECK(fd >= 0, where_, ": cannot open: ", std::strerror(errno));
+  struct stat st {};
+  const bool stat_ok = ::fstat(fd, &st) == 0;
+  const int stat_errno = errno;
+  if (!stat_ok || !S_ISREG(st.st_mode)) ::close(fd);
+  BRIGADE_CHECK(stat_ok, where_, ": cannot stat: ", std::strerror(stat_errno));
+  BRIGADE_CHECK(S_ISREG(st.st_mode), where_, ": not a regular file");
+  bytes_ = static_cast<uint64_t>(st.st_size);
+  if (bytes_ > 0) {
+    void* map = ::mmap(nullptr, bytes_, PROT_READ, MAP_PRIVATE, fd, 0);
+    const int map_errno = errno;
+    ::close(fd);  // the mapping keeps the file
+    BRIGADE_CHECK(map != MAP_FAILED, where_, ": mmap failed: ", std::strerror(map_errno));
+    base_ = static_cast<const uint8_t*>(map);
+  } else {
+    ::close(fd);
+  }
+  // The destructor does not run when the constructor throws, so unmap here.
+  try {
+    file_ = gguf::parse_gguf({base_, static_cast<size_t>(bytes_)}, where_);
+  } catch (...) {
+    if (base_ != nullptr) ::munmap(const_cast<uint8_t*>(base_), bytes_);
+    throw;
+  }
+}
+
+GgufReader::~GgufReader() {
+  if (base_ != nullptr) ::munmap(const_cast<uint8_t*>(base_), bytes_);
+}
+
+const gguf::Value& GgufReader::metadata(const std::string& key) const {
+  const gguf::Value* value = file_.find(key);
+  BRIGADE_CHECK(value != nullptr, where_, ": no metadata key '", key, "'");
+  return *value;
+}
+
+const gguf::TensorInfo& GgufReader::info(const std::string& name) const {
+  const gguf::TensorInfo* info = file_.find_tensor(name);
+  BRIGADE_CHECK(info != nullptr, where_, ": no tensor '", name, "'");
+  return *info;
+}
+
+std::span<const uint8_t> GgufReader::raw(const std::string& name) const {
+  const gguf::TensorInfo& t = info(name);
+  return {base_ + file_.data_offset + t.offset, static_cast<size_t>(t.nbytes)};
+}
+
+torch::Tensor GgufReader::tensor(const std::string& name) const {
+  const gguf::TensorInfo& t = info(name);
+  torch::Tensor out = torch::empty(t.shape(), torch::kFloat32);
+  gguf::decode(t.type, raw(name), {out.data_ptr<float>(), static_cast<size_t>(out.numel())});
+  return out;
+}
+
+GgufQuant parse_gguf_quant(const std::string& name) {
+  for (GgufQuant q : {GgufQuant::kF32, GgufQuant::kF16, GgufQuant::kQ8_0, GgufQuant::kQ4_0}) {
+    if (name == gguf_quant_name(q)) return q;
+  }
+  BRIGADE_FAIL("unknown GGUF quantization '", name, "' (choices: f32, f16, q8_0, q4_0)");
+}
+
+std::string gguf_quant_name(GgufQuant quant) {
+  switch (quant) {
+    case GgufQuant::kF32: return "f32";
+    case GgufQuant::kF16: return "f16";
+    case GgufQuant::kQ8_0: return "q8_0";
+    case GgufQuant::kQ4_0: return "q4_0";
+  }
+  BRIGADE_ASSERT(false, "unknown GgufQuant");
+}
+
+}  // namespace brigade::model

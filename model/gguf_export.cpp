@@ -1,0 +1,227 @@
+#include "model/gguf_export.h"
+
+#include <map>
+#include <regex>
+
+#include "core/error.h"
+
+namespace brigade::model {
+namespace {
+
+using gguf::GgmlType;
+using gguf::Scalar;
+using gguf::Value;
+using gguf::ValueType;
+
+// llama.cpp's llama_ftype for general.file_type.
+uint32_t file_type(GgufQuant quant) {
+  switch (quant) {
+    case GgufQuant::kF32: return 0;   // ALL_F32
+    case GgufQuant::kF16: return 1;   // MOSTLY_F16
+    case GgufQuant::kQ4_0: return 2;  // MOSTLY_Q4_0
+    case GgufQuant::kQ8_0: return 7;  // MOSTLY_Q8_0
+  }
+  BRIGADE_ASSERT(false, "unknown GgufQuant");
+}
+
+// The storage type of one tensor: norms and biases stay F32 (as llama.cpp's converter
+// and quantizer keep them); rows that do not fill whole 32-value blocks fall back to F16.
+GgmlType storage_type(const torch::Tensor& tensor, GgufQuant quant) {
+  if (tensor.dim() < 2 || quant == GgufQuant::kF32) return GgmlType::kF32;
+  if (quant == GgufQuant::kF16) return GgmlType::kF16;
+  if (tensor.size(-1) % gguf::kBlockSize != 0) return GgmlType::kF16;
+  return quant == GgufQuant::kQ8_0 ? GgmlType::kQ8_0 : GgmlType::kQ4_0;
+}
+
+// llama.cpp's tokenizer.ggml.pre name for a BpeTokenizer::pre_tokenizer() family.
+std::string llama_cpp_pre(const std::string& family) {
+  if (family == "gpt2") return "gpt-2";
+  if (family == "llama-bpe" || family == "qwen2") return family;
+  BRIGADE_FAIL("GGUF export: tokenizer pre-tokenizer '", family,
+               "' has no llama.cpp equivalent (gpt2, llama-bpe, qwen2 are supported)");
+}
+
+// llama.cpp's general.architecture (the same names as HF's model_type; spelled out
+// here so the export needs nothing from the HF config code).
+std::string architecture(HfFamily family) {
+  switch (family) {
+    case HfFamily::kLlama: return "llama";
+    case HfFamily::kQwen2: return "qwen2";
+    case HfFamily::kQwen3: return "qwen3";
+  }
+  BRIGADE_ASSERT(false, "unknown HfFamily");
+}
+
+void check_family(const TransformerOptions& o, HfFamily family) {
+  const std::string name = architecture(family);
+  switch (family) {
+    case HfFamily::kLlama:
+      BRIGADE_CHECK(!o.qk_norm && !o.qkv_bias, "GGUF export as ", name,
+                    ": the model has ", o.qk_norm ? "q/k norm (a qwen3 feature)" : "QKV bias (a qwen2 feature)");
+      break;
+    case HfFamily::kQwen2:
+      BRIGADE_CHECK(o.qkv_bias && !o.qk_norm, "GGUF export as ", name,
+                    ": qwen2 has QKV bias and no q/k norm; the model has qkv_bias=", o.qkv_bias,
+                    " qk_norm=", o.qk_norm);
+      break;
+    case HfFamily::kQwen3:
+      BRIGADE_CHECK(o.qk_norm && !o.qkv_bias, "GGUF export as ", name,
+                    ": qwen3 has q/k norm and no QKV bias; the model has qkv_bias=", o.qkv_bias,
+                    " qk_norm=", o.qk_norm);
+      break;
+  }
+}
+
+uint32_t u32(int64_t v, const char* what) {
+  BRIGADE_CHECK(v >= 0 && v <= static_cast<int64_t>(UINT32_MAX), "GGUF export: ", what, " = ", v,
+                " does not fit a uint32");
+  return static_cast<uint32_t>(v);
+}
+
+}  // namespace
+
+std::string gguf_tensor_name(const std::string& name) {
+  static const std::map<std::string, std::string> kGlobal = {
+      {"embed_tokens.weight", "token_embd.weight"},
+      {"norm.weight", "output_norm.weight"},
+      {"lm_head.weight", "output.weight"},
+  };
+  static const std::map<std::string, std::string> kLayer = {
+      {"input_layernorm.weight", "attn_norm.weight"},
+      {"self_attn.q_proj.weight", "attn_q.weight"},
+      {"self_attn.k_proj.weight", "attn_k.weight"},
+      {"self_attn.v_proj.weight", "attn_v.weight"},
+      {"self_attn.q_proj.bias", "attn_q.bias"},
+      {"self_attn.k_proj.bias", "attn_k.bias"},
+      {"self_attn.v_proj.bias", "attn_v.bias"},
+      {"self_attn.o_proj.weight", "attn_output.weight"},
+      {"self_attn.q_norm.weight", "attn_q_norm.weight"},
+      {"self_attn.k_norm.weight", "attn_k_norm.weight"},
+      {"post_attention_layernorm.weight", "ffn_norm.weight"},
+      {"mlp.gate_proj.weight", "ffn_gate.weight"},
+      {"mlp.up_proj.weight", "ffn_up.weight"},
+      {"mlp.down_proj.weight", "ffn_down.weight"},
+  };
+  if (auto it = kGlobal.find(name); it != kGlobal.end()) return it->second;
+  static const std::regex kLayerName(R"(layers\.(\d+)\.(.+))");
+  std::smatch m;
+  if (std::regex_match(name, m, kLayerName)) {
+    if (auto it = kLayer.find(m[2].str()); it != kLayer.end()) return "blk." + m[1].str() + "." + it->second;
+  }
+  BRIGADE_FAIL("GGUF export: no llama.cpp tensor name for '", name, "'");
+}
+
+torch::Tensor permute_for_interleaved_rope(const torch::Tensor& weight, int64_t heads) {
+  const int64_t rows = weight.size(0);
+  BRIGADE_ASSERT(rows % (2 * heads) == 0, "q/k rows ", rows, " do not split into ", heads, " heads of pairs");
+  std::vector<int64_t> shape = {heads, 2, rows / heads / 2};
+  for (int64_t d = 1; d < weight.dim(); ++d) shape.push_back(weight.size(d));
+  return weight.reshape(shape).transpose(1, 2).reshape(weight.sizes()).contiguous();
+}
+
+void export_gguf(const Transformer& model, HfFamily family, const data::BpeTokenizer& tokenizer,
+                 GgufQuant quant, const std::filesystem::path& out, const std::string& model_name) {
+  const TransformerOptions& o = model->options();
+  BRIGADE_CHECK(!o.moe.enabled(), "GGUF export covers dense llama/qwen2/qwen3 models only; this model has ",
+                o.moe.num_experts, " routed experts (MoE)");
+  check_family(o, family);
+  const std::string arch = architecture(family);
+
+  GgufWriter writer;
+  writer.set("general.architecture", Scalar(arch));
+  writer.set("general.name", Scalar(model_name));
+  writer.set("general.file_type", Scalar(file_type(quant)));
+  writer.set("general.quantization_version", Scalar(uint32_t{2}));
+  writer.set("general.alignment", Scalar(static_cast<uint32_t>(gguf::kDefaultAlignment)));
+  writer.set(arch + ".vocab_size", Scalar(u32(o.vocab_size, "vocab_size")));
+  writer.set(arch + ".context_length", Scalar(u32(o.max_seq_len, "max_seq_len")));
+  writer.set(arch + ".embedding_length", Scalar(u32(o.d_model, "d_model")));
+  writer.set(arch + ".block_count", Scalar(u32(o.n_layers, "n_layers")));
+  writer.set(arch + ".feed_forward_length", Scalar(u32(o.ff_size(), "d_ff")));
+  writer.set(arch + ".attention.head_count", Scalar(u32(o.n_heads, "n_heads")));
+  writer.set(arch + ".attention.head_count_kv", Scalar(u32(o.kv_heads(), "n_kv_heads")));
+  writer.set(arch + ".attention.key_length", Scalar(u32(o.head_size(), "head_dim")));
+  writer.set(arch + ".attention.value_length", Scalar(u32(o.head_size(), "head_dim")));
+  writer.set(arch + ".attention.layer_norm_rms_epsilon", Scalar(static_cast<float>(o.norm_eps)));
+  writer.set(arch + ".rope.dimension_count", Scalar(u32(o.head_size(), "head_dim")));
+  writer.set(arch + ".rope.freq_base", Scalar(static_cast<float>(o.rope_theta)));
+
+  // Vocabulary: the tokenizer's tokens, padded to the embedding's rows with unused
+  // placeholders (llama.cpp requires one token per row).
+  const std::vector<std::string>& tokenizer_tokens = tokenizer.tokens();
+  const auto n_tokens = static_cast<int64_t>(tokenizer_tokens.size());
+  BRIGADE_CHECK(n_tokens <= o.vocab_size, "GGUF export: the tokenizer has ", n_tokens,
+                " tokens but the model only ", o.vocab_size, " embedding rows (model.vocab_size)");
+  std::vector<Scalar> tokens;
+  std::vector<Scalar> token_types;
+  tokens.reserve(o.vocab_size);
+  token_types.reserve(o.vocab_size);
+  for (int64_t id = 0; id < o.vocab_size; ++id) {
+    int32_t type = 5;  // unused
+    if (id < n_tokens) {
+      tokens.emplace_back(tokenizer_tokens[id]);
+      type = tokenizer.is_special(id) ? 3 : tokenizer.is_added(id) ? 4 : 1;  // control, user-defined, normal
+    } else {
+      tokens.emplace_back("[PAD" + std::to_string(id) + "]");
+    }
+    token_types.emplace_back(type);
+  }
+  writer.set("tokenizer.ggml.model", Scalar(std::string("gpt2")));
+  writer.set("tokenizer.ggml.pre", Scalar(llama_cpp_pre(tokenizer.pre_tokenizer())));
+  writer.set("tokenizer.ggml.tokens", Value::array(ValueType::kString, std::move(tokens)));
+  writer.set("tokenizer.ggml.token_type", Value::array(ValueType::kInt32, std::move(token_types)));
+  writer.set("tokenizer.ggml.merges", Value::strings(tokenizer.merges()));
+  const std::pair<std::string_view, const char*> roles[] = {
+      {data::kBosToken, "tokenizer.ggml.bos_token_id"},
+      {data::kEosToken, "tokenizer.ggml.eos_token_id"},
+      {data::kPadToken, "tokenizer.ggml.padding_token_id"},
+  };
+  for (const auto& [token, key] : roles) {
+    if (std::optional<int64_t> id = tokenizer.special_id(token)) writer.set(key, Scalar(u32(*id, key)));
+  }
+  // brigade's prompts carry their own special tokens: llama.cpp must not add any.
+  writer.set("tokenizer.ggml.add_bos_token", Scalar(false));
+  writer.set("tokenizer.ggml.add_eos_token", Scalar(false));
+
+  // Weights, in llama.cpp's order: embedding, then each block, then the output head.
+  std::map<std::string, torch::Tensor> state;
+  for (const auto& [name, tensor] : model->state_dict()) state.emplace(name, tensor);
+  torch::NoGradGuard no_grad;
+  auto add = [&](const std::string& name) {
+    auto it = state.find(name);
+    BRIGADE_ASSERT(it != state.end(), "state_dict has no ", name);
+    torch::Tensor t = it->second.detach().to(torch::kCPU, torch::kFloat32);
+    if (family == HfFamily::kLlama) {
+      if (name.ends_with("self_attn.q_proj.weight")) t = permute_for_interleaved_rope(t, o.n_heads);
+      if (name.ends_with("self_attn.k_proj.weight")) t = permute_for_interleaved_rope(t, o.kv_heads());
+    }
+    writer.add_tensor(gguf_tensor_name(name), t, storage_type(t, quant));
+    state.erase(it);
+  };
+  add("embed_tokens.weight");
+  for (int64_t layer = 0; layer < o.n_layers; ++layer) {
+    const std::string p = "layers." + std::to_string(layer) + ".";
+    add(p + "input_layernorm.weight");
+    for (const char* proj : {"q_proj", "k_proj", "v_proj"}) {
+      add(p + "self_attn." + proj + ".weight");
+      if (o.qkv_bias) add(p + "self_attn." + proj + ".bias");
+    }
+    if (o.qk_norm) {
+      add(p + "self_attn.q_norm.weight");
+      add(p + "self_attn.k_norm.weight");
+    }
+    add(p + "self_attn.o_proj.weight");
+    add(p + "post_attention_layernorm.weight");
+    add(p + "mlp.gate_proj.weight");
+    add(p + "mlp.up_proj.weight");
+    add(p + "mlp.down_proj.weight");
+  }
+  add("norm.weight");
+  if (!o.tie_embeddings) add("lm_head.weight");
+  // Anything left is a parameter this exporter does not know: losing it silently
+  // would write a model that computes something else.
+  if (!state.empty()) BRIGADE_FAIL("GGUF export: unexpected tensor '", state.begin()->first, "' in the model");
+  writer.write(out);
+}
+
+}  // namespace brigade::model

@@ -1,0 +1,147 @@
+"""Python oracles for brigade's GGUF tests (tests/model/gguf_test.cpp).
+
+  gguf_check.py quant FILE      gguf-py's reference quantizers vs brigade's bytes: for
+                                every F32 tensor NAME with siblings NAME.q8_0 / NAME.q4_0,
+                                prints {"NAME.q8_0": {"blocks": n, "mismatched_blocks": m}, ...}
+  gguf_check.py inspect FILE    what gguf-py's GGUFReader sees: {"metadata": {key: value},
+                                "types": {key: value type}, "tensors": [{name, shape (ne
+                                order), type}]}
+  gguf_check.py write FILE      writes a file with gguf-py's GGUFWriter (read back by
+                                GgufFormat.ReadsGgufPyFile)
+  gguf_check.py llama JOB.json  runs llama.cpp (llama-cpp-python) on each model of the job:
+                                [{"path", "prompt": [ids], "new_tokens": n, "sequence": [ids]}]
+                                -> [{"greedy": [ids], "argmax": [per-position argmax of
+                                sequence]}]
+
+Exit code 3: a package is missing (the test skips).
+"""
+import json
+import sys
+
+
+def need(module):
+    try:
+        return __import__(module)
+    except ImportError as e:
+        print(f"missing python package: {e}")
+        sys.exit(3)
+
+
+def cmd_quant(path):
+    need("gguf")
+    import numpy as np
+    from gguf import GGUFReader, GGMLQuantizationType
+    from gguf.quants import quantize
+
+    reader = GGUFReader(path)
+    tensors = {t.name: t for t in reader.tensors}
+    result = {}
+    for name, t in tensors.items():
+        if t.tensor_type != GGMLQuantizationType.F32:
+            continue
+        # GGUFReader gives the data in torch order already (shape reversed from ne).
+        x = np.array(t.data, dtype=np.float32)
+        for suffix, qtype in (("q8_0", GGMLQuantizationType.Q8_0), ("q4_0", GGMLQuantizationType.Q4_0)):
+            other = tensors.get(f"{name}.{suffix}")
+            if other is None:
+                continue
+            assert other.tensor_type == qtype, (other.name, other.tensor_type)
+            ref = quantize(x, qtype).reshape(-1)
+            ours = np.array(other.data, dtype=np.uint8).reshape(-1)
+            assert ref.size == ours.size, (ref.size, ours.size)
+            block = 34 if qtype == GGMLQuantizationType.Q8_0 else 18
+            diff = (ref.reshape(-1, block) != ours.reshape(-1, block)).any(axis=1)
+            result[other.name] = {"blocks": int(diff.size), "mismatched_blocks": int(diff.sum())}
+    print(json.dumps(result))
+
+
+def cmd_inspect(path):
+    need("gguf")
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    metadata, types = {}, {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):  # the reader's pseudo-fields (version, counts)
+            continue
+        value = field.contents()
+        if hasattr(value, "item"):
+            value = value.item()
+        metadata[key] = value
+        types[key] = "/".join(t.name for t in field.types)
+    tensors = [
+        {"name": t.name, "shape": [int(d) for d in t.shape], "type": t.tensor_type.name}
+        for t in reader.tensors
+    ]
+    print(json.dumps({"metadata": metadata, "types": types, "tensors": tensors}))
+
+
+def cmd_write(path):
+    gguf = need("gguf")
+    import numpy as np
+
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_uint32("x.u32", 7)
+    w.add_int64("x.i64", -5)
+    w.add_float32("x.f32", 0.25)
+    w.add_bool("x.bool", True)
+    w.add_string("x.str", "héllo")
+    w.add_array("x.ints", [1, 2, 3])
+    w.add_array("x.strs", ["a", "bc"])
+    w.add_tensor("f32", np.arange(12, dtype=np.float32).reshape(3, 4))
+    w.add_tensor("f16", np.arange(6, dtype=np.float16).reshape(2, 3))
+    x = np.linspace(-1, 1, 64, dtype=np.float32).reshape(2, 32)
+    for name, qtype in (("q8", gguf.GGMLQuantizationType.Q8_0), ("q4", gguf.GGMLQuantizationType.Q4_0)):
+        w.add_tensor(name, gguf.quants.quantize(x, qtype), raw_dtype=qtype)
+        w.add_tensor(name + ".ref", gguf.quants.dequantize(gguf.quants.quantize(x, qtype), qtype))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    print("ok")
+
+
+def cmd_llama(job_path):
+    need("numpy")
+    llama_cpp = need("llama_cpp")
+    import numpy as np
+
+    with open(job_path) as f:
+        job = json.load(f)
+    out = []
+    for item in job:
+        # F32 KV cache: llama.cpp's default F16 cache would round K and V.
+        llm = llama_cpp.Llama(model_path=item["path"], n_ctx=item.get("n_ctx", 256), n_batch=256,
+                              logits_all=True, verbose=False, n_threads=1, n_threads_batch=1,
+                              type_k=0, type_v=0, seed=0)
+        result = {}
+        prompt = item.get("prompt")
+        if prompt:
+            llm.reset()
+            llm.eval(prompt)
+            greedy = []
+            for _ in range(item["new_tokens"]):
+                token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+                greedy.append(token)
+                llm.eval([token])
+            result["greedy"] = greedy
+        sequence = item.get("sequence")
+        if sequence:
+            llm.reset()
+            llm.eval(sequence)
+            result["argmax"] = [int(i) for i in np.argmax(llm.scores[: len(sequence)], axis=-1)]
+        out.append(result)
+        del llm
+    print(json.dumps(out))
+
+
+def main():
+    if len(sys.argv) != 3:
+        print(__doc__)
+        sys.exit(2)
+    command, arg = sys.argv[1], sys.argv[2]
+    {"quant": cmd_quant, "inspect": cmd_inspect, "write": cmd_write, "llama": cmd_llama}[command](arg)
+
+
+if __name__ == "__main__":
+    main()
