@@ -3,6 +3,8 @@
 #include <iostream>
 #include <unistd.h>
 
+#include <nlohmann/json.hpp>
+
 #include "core/error.h"
 #include "core/fs.h"
 #include "core/log.h"
@@ -36,6 +38,24 @@ void write_tokenizer_files(const fs::path& source, const data::BpeTokenizer& tok
   if (fs::exists(config)) fs::copy_file(config, dir / "tokenizer_config.json");
   else tokenizer.save(dir);  // tokenizer_config.json with the special-token roles
   fs::copy_file(source, dir / "tokenizer.json", fs::copy_options::overwrite_existing);
+}
+
+// brigade trains every document as <bos> text <eos>: the exported tokenizer.json's
+// post-processor puts the BOS token first, so transformers users feed the model
+// what it was trained on (tokenizer(text) and apply_chat_template(tokenize=True)).
+void prepend_bos(const fs::path& tokenizer_json, const data::BpeTokenizer& tokenizer) {
+  const auto bos = tokenizer.special_id(data::kBosToken);
+  if (!bos) return;
+  const std::string token = tokenizer.tokens()[static_cast<size_t>(*bos)];
+  auto root = nlohmann::ordered_json::parse(read_file(tokenizer_json));
+  const nlohmann::ordered_json special = {{"SpecialToken", {{"id", token}, {"type_id", 0}}}};
+  root["post_processor"] = {
+      {"type", "TemplateProcessing"},
+      {"single", {special, {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}}},
+      {"pair", {special, {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}, special,
+                {{"Sequence", {{"id", "B"}, {"type_id", 1}}}}}},
+      {"special_tokens", {{token, {{"id", token}, {"ids", {*bos}}, {"tokens", {token}}}}}}};
+  write_file_atomic(tokenizer_json, root.dump(2) + "\n");
 }
 
 // A fresh temporary path beside `out`, renamed over it at the end: a failed export
@@ -72,6 +92,7 @@ int export_command(const ExportArgs& args) {
       model::save_hf_checkpoint(*loaded.model, tmp, args.dtype, static_cast<uint64_t>(args.max_shard_mb) << 20,
                                 tokenizer.bos_id(), tokenizer.eos_id());
       write_tokenizer_files(tok_source, tokenizer, tmp);
+      prepend_bos(tmp / "tokenizer.json", tokenizer);
       if (fs::exists(args.out)) fs::remove(args.out);  // the empty directory checked above
     } else {
       const auto quant = model::parse_gguf_quant(args.quant.empty() ? "f16" : args.quant);

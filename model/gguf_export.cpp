@@ -4,6 +4,7 @@
 #include <regex>
 
 #include "core/error.h"
+#include "moe/options.h"
 
 namespace brigade::model {
 namespace {
@@ -24,10 +25,14 @@ uint32_t file_type(GgufQuant quant) {
   BRIGADE_ASSERT(false, "unknown GgufQuant");
 }
 
-// The storage type of one tensor: norms and biases stay F32 (as llama.cpp's converter
-// and quantizer keep them); rows that do not fill whole 32-value blocks fall back to F16.
-GgmlType storage_type(const torch::Tensor& tensor, GgufQuant quant) {
-  if (tensor.dim() < 2 || quant == GgufQuant::kF32) return GgmlType::kF32;
+// The storage type of one tensor: norms, biases and the MoE router (ffn_gate_inp)
+// stay F32, as llama.cpp's converter and quantizer keep them (routing flips on small
+// perturbations of the router logits); rows that do not fill whole 32-value blocks fall
+// back to F16. 3-D expert tensors are quantized along their innermost dimension, like
+// 2-D ones.
+GgmlType storage_type(const std::string& gguf_name, const torch::Tensor& tensor, GgufQuant quant) {
+  if (tensor.dim() < 2 || quant == GgufQuant::kF32 || gguf_name.ends_with("ffn_gate_inp.weight"))
+    return GgmlType::kF32;
   if (quant == GgufQuant::kF16) return GgmlType::kF16;
   if (tensor.size(-1) % gguf::kBlockSize != 0) return GgmlType::kF16;
   return quant == GgufQuant::kQ8_0 ? GgmlType::kQ8_0 : GgmlType::kQ4_0;
@@ -48,12 +53,43 @@ std::string architecture(HfFamily family) {
     case HfFamily::kLlama: return "llama";
     case HfFamily::kQwen2: return "qwen2";
     case HfFamily::kQwen3: return "qwen3";
+    case HfFamily::kQwen3Moe: return "qwen3moe";
   }
   BRIGADE_ASSERT(false, "unknown HfFamily");
 }
 
+// llama.cpp's qwen3moe (src/models/qwen3moe.cpp) is Qwen3 attention with every
+// layer's MLP replaced by softmax top-k routing over SwiGLU experts: the top-k
+// weights are always renormalised to sum 1 (norm_w = true, no metadata key turns it
+// off), there are no shared experts, no expert groups, no selection bias, no
+// dense layers (ffn_gate_inp / *_exps are required in every block), and no weight
+// scaling. Anything else would load and silently compute another function.
+void check_qwen3moe(const TransformerOptions& o) {
+  const auto& m = o.moe;
+  BRIGADE_CHECK(m.enabled(), "GGUF export as qwen3moe: the model has no MoE layers (model.moe.num_experts = 0); "
+                "export dense models as llama, qwen2 or qwen3");
+  const char* why = nullptr;
+  if (!o.qk_norm || o.qkv_bias) why = "the attention is not Qwen3's (q/k norm, no QKV bias)";
+  else if (m.score_function != moe::ScoreFunction::kSoftmax) why = "model.moe.score_function is not softmax";
+  else if (m.num_shared_experts > 0) why = "model.moe.num_shared_experts > 0 (qwen3moe has no shared experts)";
+  else if (m.num_groups != 1) why = "model.moe.num_groups != 1 (qwen3moe has no group-limited routing)";
+  else if (m.routed_scaling != 1.0) why = "model.moe.routed_scaling != 1";
+  else if (!m.normalize_topk)
+    why = "model.moe.normalize_topk is false, but llama.cpp's qwen3moe always renormalises the top-k weights";
+  else if (m.first_k_dense > 0)
+    why = "model.moe.first_k_dense > 0, but llama.cpp's qwen3moe has MoE in every layer (no dense "
+          "layers / mlp_only_layers)";
+  BRIGADE_CHECK(why == nullptr, "GGUF export as qwen3moe: ", why);
+}
+
 void check_family(const TransformerOptions& o, HfFamily family) {
   const std::string name = architecture(family);
+  if (family == HfFamily::kQwen3Moe) {
+    check_qwen3moe(o);
+    return;
+  }
+  BRIGADE_CHECK(!o.moe.enabled(), "GGUF export covers dense llama/qwen2/qwen3 models only (MoE models export as "
+                "qwen3moe); exporting as ", name, " a model with ", o.moe.num_experts, " routed experts (MoE)");
   switch (family) {
     case HfFamily::kLlama:
       BRIGADE_CHECK(!o.qk_norm && !o.qkv_bias, "GGUF export as ", name,
@@ -69,6 +105,7 @@ void check_family(const TransformerOptions& o, HfFamily family) {
                     ": qwen3 has q/k norm and no QKV bias; the model has qkv_bias=", o.qkv_bias,
                     " qk_norm=", o.qk_norm);
       break;
+    case HfFamily::kQwen3Moe: break;  // handled above
   }
 }
 
@@ -101,6 +138,8 @@ std::string gguf_tensor_name(const std::string& name) {
       {"mlp.gate_proj.weight", "ffn_gate.weight"},
       {"mlp.up_proj.weight", "ffn_up.weight"},
       {"mlp.down_proj.weight", "ffn_down.weight"},
+      {"mlp.gate.weight", "ffn_gate_inp.weight"},
+      {"mlp.experts.down_proj", "ffn_down_exps.weight"},
   };
   if (auto it = kGlobal.find(name); it != kGlobal.end()) return it->second;
   static const std::regex kLayerName(R"(layers\.(\d+)\.(.+))");
@@ -122,8 +161,6 @@ torch::Tensor permute_for_interleaved_rope(const torch::Tensor& weight, int64_t 
 void export_gguf(const Transformer& model, HfFamily family, const data::BpeTokenizer& tokenizer,
                  GgufQuant quant, const std::filesystem::path& out, const std::string& model_name) {
   const TransformerOptions& o = model->options();
-  BRIGADE_CHECK(!o.moe.enabled(), "GGUF export covers dense llama/qwen2/qwen3 models only; this model has ",
-                o.moe.num_experts, " routed experts (MoE)");
   check_family(o, family);
   const std::string arch = architecture(family);
 
@@ -145,6 +182,12 @@ void export_gguf(const Transformer& model, HfFamily family, const data::BpeToken
   writer.set(arch + ".attention.layer_norm_rms_epsilon", Scalar(static_cast<float>(o.norm_eps)));
   writer.set(arch + ".rope.dimension_count", Scalar(u32(o.head_size(), "head_dim")));
   writer.set(arch + ".rope.freq_base", Scalar(static_cast<float>(o.rope_theta)));
+  if (o.moe.enabled()) {
+    writer.set(arch + ".expert_count", Scalar(u32(o.moe.num_experts, "moe.num_experts")));
+    writer.set(arch + ".expert_used_count", Scalar(u32(o.moe.top_k, "moe.top_k")));
+    writer.set(arch + ".expert_feed_forward_length",
+               Scalar(u32(o.moe.expert_size(o.ff_size()), "moe.expert_d_ff")));
+  }
 
   // Vocabulary: the tokenizer's tokens, padded to the embedding's rows with unused
   // placeholders (llama.cpp requires one token per row).
@@ -179,24 +222,32 @@ void export_gguf(const Transformer& model, HfFamily family, const data::BpeToken
   for (const auto& [token, key] : roles) {
     if (std::optional<int64_t> id = tokenizer.special_id(token)) writer.set(key, Scalar(u32(*id, key)));
   }
-  // brigade's prompts carry their own special tokens: llama.cpp must not add any.
-  writer.set("tokenizer.ggml.add_bos_token", Scalar(false));
+  // brigade trains every document as <bos> text <eos> (data prepare, the synthetic
+  // tasks, distill build): llama.cpp starts each prompt with the BOS token the same way.
+  writer.set("tokenizer.ggml.add_bos_token", Scalar(tokenizer.special_id(data::kBosToken).has_value()));
   writer.set("tokenizer.ggml.add_eos_token", Scalar(false));
 
   // Weights, in llama.cpp's order: embedding, then each block, then the output head.
   std::map<std::string, torch::Tensor> state;
   for (const auto& [name, tensor] : model->state_dict()) state.emplace(name, tensor);
   torch::NoGradGuard no_grad;
-  auto add = [&](const std::string& name) {
+  auto take = [&](const std::string& name) {
     auto it = state.find(name);
     BRIGADE_ASSERT(it != state.end(), "state_dict has no ", name);
     torch::Tensor t = it->second.detach().to(torch::kCPU, torch::kFloat32);
+    state.erase(it);
+    return t;
+  };
+  auto put = [&](const std::string& gguf_name, const torch::Tensor& t) {
+    writer.add_tensor(gguf_name, t, storage_type(gguf_name, t, quant));
+  };
+  auto add = [&](const std::string& name) {
+    torch::Tensor t = take(name);
     if (family == HfFamily::kLlama) {
       if (name.ends_with("self_attn.q_proj.weight")) t = permute_for_interleaved_rope(t, o.n_heads);
       if (name.ends_with("self_attn.k_proj.weight")) t = permute_for_interleaved_rope(t, o.kv_heads());
     }
-    writer.add_tensor(gguf_tensor_name(name), t, storage_type(t, quant));
-    state.erase(it);
+    put(gguf_tensor_name(name), t);
   };
   add("embed_tokens.weight");
   for (int64_t layer = 0; layer < o.n_layers; ++layer) {
@@ -212,9 +263,27 @@ void export_gguf(const Transformer& model, HfFamily family, const data::BpeToken
     }
     add(p + "self_attn.o_proj.weight");
     add(p + "post_attention_layernorm.weight");
-    add(p + "mlp.gate_proj.weight");
-    add(p + "mlp.up_proj.weight");
-    add(p + "mlp.down_proj.weight");
+    if (o.moe.enabled()) {
+      // qwen3moe has no selection bias; a bias moved by aux-loss-free balancing
+      // changes which experts brigade picks, so dropping it would change the model.
+      const torch::Tensor bias = take(p + "mlp.gate.e_score_correction_bias");  // [E]
+      BRIGADE_CHECK(bias.abs().max().item<double>() == 0.0, "GGUF export: ", p,
+                    "mlp.gate.e_score_correction_bias is not zero (aux-loss-free balancing moved it), and "
+                    "qwen3moe routes without a selection bias; train with model.moe.bias_update_rate=0 to export");
+      add(p + "mlp.gate.weight");  // [E, D] -> ffn_gate_inp, ne [D, E]
+      // gate_up_proj [E, 2F, D] holds each expert's gate rows, then its up rows;
+      // llama.cpp wants them as two tensors of ne [D, F, E].
+      const torch::Tensor gate_up = take(p + "mlp.experts.gate_up_proj");
+      const int64_t ff = gate_up.size(1) / 2;
+      const std::string blk = "blk." + std::to_string(layer) + ".";
+      put(blk + "ffn_gate_exps.weight", gate_up.narrow(1, 0, ff).contiguous());
+      put(blk + "ffn_up_exps.weight", gate_up.narrow(1, ff, ff).contiguous());
+      add(p + "mlp.experts.down_proj");  // [E, D, F] -> ffn_down_exps, ne [F, D, E]
+    } else {
+      add(p + "mlp.gate_proj.weight");
+      add(p + "mlp.up_proj.weight");
+      add(p + "mlp.down_proj.weight");
+    }
   }
   add("norm.weight");
   if (!o.tie_embeddings) add("lm_head.weight");

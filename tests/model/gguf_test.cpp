@@ -671,7 +671,7 @@ TEST(GgufExport, ReaderAndGgufPySeeTheModel) {
   EXPECT_EQ(md["tokenizer.ggml.bos_token_id"], tokenizer.bos_id());
   EXPECT_EQ(md["tokenizer.ggml.eos_token_id"], tokenizer.eos_id());
   EXPECT_EQ(md["tokenizer.ggml.padding_token_id"], tokenizer.pad_id());
-  EXPECT_EQ(md["tokenizer.ggml.add_bos_token"], false);
+  EXPECT_EQ(md["tokenizer.ggml.add_bos_token"], true);  // brigade trains every document BOS-first
   EXPECT_TRUE(md.contains("tokenizer.ggml.merges"));
 
   std::map<std::string, std::pair<nlohmann::json, std::string>> tensors;
