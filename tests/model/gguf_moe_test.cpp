@@ -1,0 +1,319 @@
+// GGUF export of Qwen3-MoE-style brigade models as llama.cpp's "qwen3moe": the
+// expert metadata, the fused experts split into ffn_{gate,up,down}_exps as gguf-py
+// and brigade's reader see them, the settings llama.cpp cannot express refused, and
+// llama.cpp's greedy continuation equal to brigade's.
+#include <gtest/gtest.h>
+
+#include <torch/torch.h>
+
+#include <iostream>
+#include <map>
+#include <set>
+
+#include <nlohmann/json.hpp>
+
+#include "core/fs.h"
+#include "data/bpe.h"
+#include "model/generate.h"
+#include "model/gguf.h"
+#include "model/gguf_export.h"
+#include "tests/testing.h"
+
+namespace brigade::model {
+namespace {
+
+namespace fs = std::filesystem;
+using gguf::GgmlType;
+using testing::TempDir;
+
+const std::string kCheckScript = std::string(BRIGADE_SOURCE_DIR) + "/tests/model/gguf_check.py";
+
+// Runs `gguf_check.py command arg`; exit code 3 means a python package is missing.
+testing::CommandResult run_check(const std::string& command, const fs::path& arg) {
+  return testing::run_command(std::string(BRIGADE_VENV_PYTHON) + " " + kCheckScript + " " + command + " " +
+                              arg.string());
+}
+
+// The JSON document on the last non-empty line of the output (python may warn above it).
+nlohmann::json last_json_line(const std::string& output) {
+  size_t end = output.find_last_not_of("\n ");
+  size_t begin = output.rfind('\n', end);
+  return nlohmann::json::parse(output.substr(begin == std::string::npos ? 0 : begin + 1, end + 1 - (begin + 1)));
+}
+
+constexpr int64_t kExperts = 4;
+constexpr int64_t kTopK = 2;
+constexpr int64_t kExpertFF = 64;
+
+// Two blocks of Qwen3 attention, each with a qwen3_moe MLP: 4 experts of width 64,
+// 2 per token, softmax scores renormalised over the top 2 (llama.cpp's qwen3moe
+// always renormalises), no shared experts, no learned selection bias.
+TransformerOptions moe_options(bool tied) {
+  TransformerOptions o;
+  o.vocab_size = 264;
+  o.d_model = 64;
+  o.n_layers = 2;
+  o.n_heads = 4;
+  o.n_kv_heads = 2;
+  o.max_seq_len = 256;
+  o.tie_embeddings = tied;
+  o.qk_norm = true;
+  o.rope_theta = 10000.0;
+  o.norm_eps = 1e-6;
+  o.init_std = 0.3;  // large weights: decisive routing and varied continuations
+  o.moe.num_experts = kExperts;
+  o.moe.top_k = kTopK;
+  o.moe.expert_d_ff = kExpertFF;
+  o.moe.num_shared_experts = 0;
+  o.moe.score_function = moe::ScoreFunction::kSoftmax;
+  o.moe.normalize_topk = true;
+  o.moe.routed_scaling = 1.0;
+  o.moe.first_k_dense = 0;
+  o.moe.bias_update_rate = 0.0;
+  return o;
+}
+
+// A seeded random model whose norm weights are not the trivial 1 (a wrong export of
+// them shows).
+Transformer make_model(const TransformerOptions& o, uint64_t seed) {
+  torch::manual_seed(seed);
+  Transformer model(o);
+  torch::NoGradGuard no_grad;
+  for (auto& [name, t] : model->state_dict()) {
+    if (name.ends_with("norm.weight")) t.uniform_(0.6, 1.4);
+  }
+  model->eval();
+  return model;
+}
+
+torch::Tensor state_tensor(const Transformer& model, const std::string& name) {
+  for (const auto& [n, t] : model->state_dict()) {
+    if (n == name) return t;
+  }
+  ADD_FAILURE() << "no " << name << " in the state_dict";
+  return {};
+}
+
+TEST(GgufMoe, TensorNames) {
+  EXPECT_EQ(gguf_tensor_name("layers.1.mlp.gate.weight"), "blk.1.ffn_gate_inp.weight");
+  EXPECT_EQ(gguf_tensor_name("layers.1.mlp.experts.down_proj"), "blk.1.ffn_down_exps.weight");
+  // One brigade tensor, two GGUF ones (ffn_gate_exps, ffn_up_exps): no single name.
+  EXPECT_BRIGADE_ERROR(gguf_tensor_name("layers.0.mlp.experts.gate_up_proj"), "no llama.cpp tensor name");
+  EXPECT_BRIGADE_ERROR(gguf_tensor_name("layers.0.mlp.gate.e_score_correction_bias"), "no llama.cpp tensor name");
+}
+
+TEST(GgufMoe, RefusesWhatQwen3MoeCannotExpress) {
+  TempDir dir;
+  const auto tokenizer = data::BpeTokenizer::from_byte_tokenizer();
+  const fs::path out = dir / "m.gguf";
+  auto refuse = [&](const TransformerOptions& o, HfFamily family, const std::string& message) {
+    Transformer model = make_model(o, 1);
+    EXPECT_BRIGADE_ERROR(export_gguf(model, family, tokenizer, GgufQuant::kF32, out, "m"), message);
+  };
+  {
+    // A selection bias moved by aux-loss-free balancing changes brigade's routing.
+    Transformer model = make_model(moe_options(true), 1);
+    torch::NoGradGuard no_grad;
+    state_tensor(model, "layers.1.mlp.gate.e_score_correction_bias")[2] = 0.01f;
+    EXPECT_BRIGADE_ERROR(export_gguf(model, HfFamily::kQwen3Moe, tokenizer, GgufQuant::kF32, out, "m"),
+                         "layers.1.mlp.gate.e_score_correction_bias is not zero");
+  }
+  auto o = moe_options(true);
+  o.moe.first_k_dense = 1;
+  refuse(o, HfFamily::kQwen3Moe, "first_k_dense > 0, but llama.cpp's qwen3moe has MoE in every layer");
+  o = moe_options(true);
+  o.moe.score_function = moe::ScoreFunction::kSigmoid;
+  refuse(o, HfFamily::kQwen3Moe, "model.moe.score_function is not softmax");
+  o = moe_options(true);
+  o.moe.normalize_topk = false;
+  refuse(o, HfFamily::kQwen3Moe, "llama.cpp's qwen3moe always renormalises the top-k weights");
+  o = moe_options(true);
+  o.moe.num_shared_experts = 1;
+  refuse(o, HfFamily::kQwen3Moe, "num_shared_experts > 0");
+  o = moe_options(true);
+  o.moe.routed_scaling = 2.5;
+  refuse(o, HfFamily::kQwen3Moe, "routed_scaling != 1");
+  o = moe_options(true);
+  o.qk_norm = false;
+  refuse(o, HfFamily::kQwen3Moe, "the attention is not Qwen3's");
+  refuse(moe_options(true), HfFamily::kQwen3, "GGUF export covers dense llama/qwen2/qwen3 models only");
+  o = moe_options(true);
+  o.moe.num_experts = 0;
+  refuse(o, HfFamily::kQwen3Moe, "qwen3moe: the model has no MoE layers");
+  EXPECT_FALSE(fs::exists(out));
+}
+
+TEST(GgufMoe, ReaderAndGgufPySeeTheModel) {
+  TempDir dir;
+  const auto tokenizer = data::BpeTokenizer::from_byte_tokenizer();
+  Transformer model = make_model(moe_options(false), 5);
+  export_gguf(model, HfFamily::kQwen3Moe, tokenizer, GgufQuant::kF32, dir / "f32.gguf", "tiny-qwen3moe");
+  export_gguf(model, HfFamily::kQwen3Moe, tokenizer, GgufQuant::kQ8_0, dir / "q8.gguf", "tiny-qwen3moe");
+
+  // brigade's reader: the F32 file holds the model's tensors exactly, the fused
+  // gate_up_proj [E, 2F, D] split into its gate rows and its up rows.
+  GgufReader reader(dir / "f32.gguf");
+  EXPECT_EQ(reader.metadata("general.architecture").as_string("a"), "qwen3moe");
+  for (int layer = 0; layer < 2; ++layer) {
+    const std::string p = "layers." + std::to_string(layer) + ".mlp.";
+    const std::string b = "blk." + std::to_string(layer) + ".";
+    const torch::Tensor gate_up = state_tensor(model, p + "experts.gate_up_proj");
+    EXPECT_TRUE(torch::equal(reader.tensor(b + "ffn_gate_exps.weight"), gate_up.narrow(1, 0, kExpertFF))) << layer;
+    EXPECT_TRUE(torch::equal(reader.tensor(b + "ffn_up_exps.weight"), gate_up.narrow(1, kExpertFF, kExpertFF)))
+        << layer;
+    EXPECT_TRUE(torch::equal(reader.tensor(b + "ffn_down_exps.weight"), state_tensor(model, p + "experts.down_proj")));
+    EXPECT_TRUE(torch::equal(reader.tensor(b + "ffn_gate_inp.weight"), state_tensor(model, p + "gate.weight")));
+  }
+  // Q8_0: the 3-D experts quantized along their rows (D = 64 and F = 64 values: whole
+  // blocks), the router kept F32 as llama.cpp's converter and quantizer keep it.
+  GgufReader q8(dir / "q8.gguf");
+  EXPECT_EQ(q8.info("blk.0.ffn_gate_exps.weight").type, GgmlType::kQ8_0);
+  EXPECT_EQ(q8.info("blk.0.ffn_up_exps.weight").type, GgmlType::kQ8_0);
+  EXPECT_EQ(q8.info("blk.0.ffn_down_exps.weight").type, GgmlType::kQ8_0);
+  EXPECT_EQ(q8.info("blk.0.ffn_gate_inp.weight").type, GgmlType::kF32);
+  const torch::Tensor down = state_tensor(model, "layers.1.mlp.experts.down_proj");
+  EXPECT_LE((q8.tensor("blk.1.ffn_down_exps.weight") - down).abs().max().item<double>(),
+            0.01 * down.abs().max().item<double>());
+
+  auto run = run_check("inspect", dir / "q8.gguf");
+  if (run.exit_code == 3) GTEST_SKIP() << "gguf python package missing: " << run.output;
+  ASSERT_EQ(run.exit_code, 0) << run.output;
+  const auto seen = last_json_line(run.output);
+  const auto& md = seen["metadata"];
+  EXPECT_EQ(md["general.architecture"], "qwen3moe");
+  EXPECT_EQ(md["general.name"], "tiny-qwen3moe");
+  EXPECT_EQ(md["general.file_type"], 7);
+  EXPECT_EQ(md["qwen3moe.block_count"], 2);
+  EXPECT_EQ(md["qwen3moe.embedding_length"], 64);
+  EXPECT_EQ(md["qwen3moe.attention.head_count"], 4);
+  EXPECT_EQ(md["qwen3moe.attention.head_count_kv"], 2);
+  EXPECT_EQ(md["qwen3moe.attention.key_length"], 16);
+  EXPECT_EQ(md["qwen3moe.expert_count"], kExperts);
+  EXPECT_EQ(md["qwen3moe.expert_used_count"], kTopK);
+  EXPECT_EQ(md["qwen3moe.expert_feed_forward_length"], kExpertFF);
+  EXPECT_EQ(seen["types"]["qwen3moe.expert_count"], "UINT32");
+  EXPECT_EQ(seen["types"]["qwen3moe.expert_used_count"], "UINT32");
+  EXPECT_EQ(seen["types"]["qwen3moe.expert_feed_forward_length"], "UINT32");
+
+  std::map<std::string, std::pair<nlohmann::json, std::string>> tensors;
+  for (const auto& t : seen["tensors"]) tensors[t["name"]] = {t["shape"], t["type"]};
+  // Per block: attn_norm, q, k, v, q_norm, k_norm, output, ffn_norm, and the four MoE
+  // tensors; no dense ffn_{gate,up,down}.
+  EXPECT_EQ(tensors.size(), 3u + 2 * 12);
+  EXPECT_FALSE(tensors.count("blk.0.ffn_gate.weight"));
+  // ne is innermost first: torch [E, F, D] is ne [D, F, E].
+  EXPECT_EQ(tensors["blk.1.ffn_gate_inp.weight"], std::make_pair(nlohmann::json({64, 4}), std::string("F32")));
+  EXPECT_EQ(tensors["blk.1.ffn_gate_exps.weight"], std::make_pair(nlohmann::json({64, 64, 4}), std::string("Q8_0")));
+  EXPECT_EQ(tensors["blk.1.ffn_up_exps.weight"], std::make_pair(nlohmann::json({64, 64, 4}), std::string("Q8_0")));
+  EXPECT_EQ(tensors["blk.1.ffn_down_exps.weight"], std::make_pair(nlohmann::json({64, 64, 4}), std::string("Q8_0")));
+  EXPECT_EQ(tensors["blk.0.attn_q_norm.weight"], std::make_pair(nlohmann::json({16}), std::string("F32")));
+}
+
+TEST(GgufMoe, ExpertShapesFollowExpertWidth) {
+  // F != D, so a transposed expert tensor would show in the shape: gate/up [E, F, D] is
+  // ne [D, F, E], down [E, D, F] ne [F, D, E].
+  TempDir dir;
+  auto o = moe_options(true);
+  o.moe.expert_d_ff = 96;
+  Transformer model = make_model(o, 3);
+  export_gguf(model, HfFamily::kQwen3Moe, data::BpeTokenizer::from_byte_tokenizer(), GgufQuant::kF16,
+              dir / "m.gguf", "m");
+  GgufReader reader(dir / "m.gguf");
+  EXPECT_EQ(reader.info("blk.0.ffn_gate_exps.weight").ne, (std::vector<int64_t>{64, 96, 4}));
+  EXPECT_EQ(reader.info("blk.0.ffn_up_exps.weight").ne, (std::vector<int64_t>{64, 96, 4}));
+  EXPECT_EQ(reader.info("blk.0.ffn_down_exps.weight").ne, (std::vector<int64_t>{96, 64, 4}));
+  EXPECT_EQ(reader.info("blk.0.ffn_down_exps.weight").type, GgmlType::kF16);
+  EXPECT_EQ(reader.info("blk.0.ffn_gate_inp.weight").type, GgmlType::kF32);
+  EXPECT_EQ(reader.metadata("qwen3moe.expert_feed_forward_length").as_int("f"), 96);
+}
+
+// Rounds the matrices an F16 export stores as fp16 (every one but the router, which
+// stays F32) in place: the weights llama.cpp runs.
+void round_to_fp16(Transformer& model) {
+  torch::NoGradGuard no_grad;
+  for (auto& [name, t] : model->state_dict()) {
+    if (t.dim() >= 2 && !name.ends_with("mlp.gate.weight")) t.copy_(t.to(torch::kHalf).to(torch::kFloat32));
+  }
+}
+
+// The greedy continuation after swapping experts 0 and 2 of every layer (the router
+// left as is): when it differs from the original's, the continuation depends on
+// which expert the router picks, so llama.cpp matching it checks the expert order.
+std::vector<int64_t> greedy_with_swapped_experts(const TransformerOptions& o, uint64_t seed,
+                                                 const std::vector<int64_t>& prompt, const SamplingOptions& greedy) {
+  Transformer model = make_model(o, seed);
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& [name, t] : model->state_dict()) {
+      if (!name.ends_with("experts.gate_up_proj") && !name.ends_with("experts.down_proj")) continue;
+      const torch::Tensor first = t[0].clone();
+      t[0].copy_(t[2]);
+      t[2].copy_(first);
+    }
+  }
+  return generate(model, prompt, greedy).tokens;
+}
+
+// F32 and F16 files (tied and untied) continue a prompt in llama.cpp with the same 32
+// greedy tokens as brigade's generate (F16 against brigade on the fp16-rounded weights).
+TEST(GgufMoe, LlamaCppMatchesBrigade) {
+  const fs::path python = BRIGADE_VENV_PYTHON;
+  if (testing::run_command(python.string() + " -c 'import llama_cpp'").exit_code != 0) {
+    GTEST_SKIP() << "llama-cpp-python is not installed in .venv (scripts/setup.sh installs it); "
+                    "llama.cpp parity not checked";
+  }
+  // One torch thread: OpenMP workers spinning between parallel regions would compete
+  // with llama.cpp for a small machine's cores.
+  const int threads = torch::get_num_threads();
+  torch::set_num_threads(1);
+  struct RestoreThreads {
+    int n;
+    ~RestoreThreads() { torch::set_num_threads(n); }
+  } restore{threads};
+  TempDir dir;
+  const auto tokenizer = data::BpeTokenizer::from_byte_tokenizer();
+  const std::vector<int64_t> prompt = {72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100};  // "Hello, world"
+  constexpr int64_t kNew = 32;
+
+  struct Case {
+    std::string label;
+    std::vector<int64_t> expected;
+  };
+  std::vector<Case> cases;
+  nlohmann::json job = nlohmann::json::array();
+  for (bool tied : {true, false}) {
+    for (GgufQuant quant : {GgufQuant::kF32, GgufQuant::kF16}) {
+      const std::string file = std::string(tied ? "tied" : "untied") + "_" + gguf_quant_name(quant) + ".gguf";
+      Transformer model = make_model(moe_options(tied), tied ? 31 : 32);
+      export_gguf(model, HfFamily::kQwen3Moe, tokenizer, quant, dir / file, "parity");
+      if (quant == GgufQuant::kF16) round_to_fp16(model);
+      SamplingOptions greedy;
+      greedy.max_new_tokens = kNew;
+      cases.push_back({"qwen3moe " + file, generate(model, prompt, greedy).tokens});
+      if (quant == GgufQuant::kF32) {
+        EXPECT_NE(greedy_with_swapped_experts(moe_options(tied), tied ? 31 : 32, prompt, greedy),
+                  cases.back().expected)
+            << file << ": the continuation does not depend on the routing";
+      }
+      job.push_back({{"path", (dir / file).string()}, {"n_ctx", 256}, {"prompt", prompt}, {"new_tokens", kNew}});
+    }
+  }
+  write_file_atomic(dir / "job.json", job.dump());
+  auto run = run_check("llama", dir / "job.json");
+  if (run.exit_code == 3) GTEST_SKIP() << run.output;
+  ASSERT_EQ(run.exit_code, 0) << run.output;
+  const auto results = last_json_line(run.output);
+  ASSERT_EQ(results.size(), cases.size()) << run.output;
+  for (size_t i = 0; i < cases.size(); ++i) {
+    const Case& c = cases[i];
+    const std::vector<int64_t> theirs = results[i]["greedy"].get<std::vector<int64_t>>();
+    const std::set<int64_t> distinct(c.expected.begin(), c.expected.end());
+    std::cout << "[gguf parity] " << c.label << ": greedy " << (c.expected == theirs ? "equal" : "DIFFERENT") << " ("
+              << distinct.size() << " distinct tokens of " << kNew << ")\n";
+    EXPECT_EQ(c.expected, theirs) << c.label;
+    EXPECT_GE(distinct.size(), 8u) << c.label << ": the continuation is too repetitive to test much";
+  }
+}
+
+}  // namespace
+}  // namespace brigade::model
