@@ -1,6 +1,6 @@
 // Tokenizers. `Tokenizer` is the interface the rest of brigade uses; the byte-level
-// tokenizer here needs no vocabulary file, and a BPE tokenizer (issue: HF interop)
-// implements the same interface later.
+// tokenizer here needs no vocabulary file, and data/bpe.h's BpeTokenizer (Hugging
+// Face tokenizer.json, byte-level BPE) implements the same interface.
 #pragma once
 
 #include <cstdint>
@@ -54,7 +54,8 @@ class ByteTokenizer final : public Tokenizer {
   std::vector<std::string> specials_;
 };
 
-// Factory by recipe name ("byte"); an unknown name is an Error listing the known ones.
+// Factory by recipe name: "byte", or the path of a tokenizer.json (or of a directory
+// holding one) for a BpeTokenizer; anything else is an Error saying what is accepted.
 std::unique_ptr<Tokenizer> make_tokenizer(const std::string& name);
 
 }  // namespace brigade::data

@@ -17,6 +17,7 @@
 #include "model/generate.h"
 #include "model/gguf.h"
 #include "model/gguf_export.h"
+#include "tests/model/gguf_testing.h"
 #include "tests/testing.h"
 
 namespace brigade::model {
@@ -25,21 +26,7 @@ namespace {
 namespace fs = std::filesystem;
 using gguf::GgmlType;
 using testing::TempDir;
-
-const std::string kCheckScript = std::string(BRIGADE_SOURCE_DIR) + "/tests/model/gguf_check.py";
-
-// Runs `gguf_check.py command arg`; exit code 3 means a python package is missing.
-testing::CommandResult run_check(const std::string& command, const fs::path& arg) {
-  return testing::run_command(std::string(BRIGADE_VENV_PYTHON) + " " + kCheckScript + " " + command + " " +
-                              arg.string());
-}
-
-// The JSON document on the last non-empty line of the output (python may warn above it).
-nlohmann::json last_json_line(const std::string& output) {
-  size_t end = output.find_last_not_of("\n ");
-  size_t begin = output.rfind('\n', end);
-  return nlohmann::json::parse(output.substr(begin == std::string::npos ? 0 : begin + 1, end + 1 - (begin + 1)));
-}
+using namespace gguf_testing;
 
 constexpr int64_t kExperts = 4;
 constexpr int64_t kTopK = 2;
@@ -71,19 +58,6 @@ TransformerOptions moe_options(bool tied) {
   o.moe.first_k_dense = 0;
   o.moe.bias_update_rate = 0.0;
   return o;
-}
-
-// A seeded random model whose norm weights are not the trivial 1 (a wrong export of
-// them shows).
-Transformer make_model(const TransformerOptions& o, uint64_t seed) {
-  torch::manual_seed(seed);
-  Transformer model(o);
-  torch::NoGradGuard no_grad;
-  for (auto& [name, t] : model->state_dict()) {
-    if (name.ends_with("norm.weight")) t.uniform_(0.6, 1.4);
-  }
-  model->eval();
-  return model;
 }
 
 torch::Tensor state_tensor(const Transformer& model, const std::string& name) {
@@ -225,15 +199,6 @@ TEST(GgufMoe, ExpertShapesFollowExpertWidth) {
   EXPECT_EQ(reader.info("blk.0.ffn_down_exps.weight").type, GgmlType::kF16);
   EXPECT_EQ(reader.info("blk.0.ffn_gate_inp.weight").type, GgmlType::kF32);
   EXPECT_EQ(reader.metadata("qwen3moe.expert_feed_forward_length").as_int("f"), 96);
-}
-
-// Rounds the matrices an F16 export stores as fp16 (every one but the router, which
-// stays F32) in place: the weights llama.cpp runs.
-void round_to_fp16(Transformer& model) {
-  torch::NoGradGuard no_grad;
-  for (auto& [name, t] : model->state_dict()) {
-    if (t.dim() >= 2 && !name.ends_with("mlp.gate.weight")) t.copy_(t.to(torch::kHalf).to(torch::kFloat32));
-  }
 }
 
 // The greedy continuation after swapping experts 0 and 2 of every layer (the router

@@ -19,6 +19,7 @@
 #include "model/generate.h"
 #include "model/gguf.h"
 #include "model/gguf_export.h"
+#include "tests/model/gguf_testing.h"
 #include "tests/testing.h"
 
 namespace brigade::model {
@@ -30,21 +31,7 @@ using gguf::Scalar;
 using gguf::Value;
 using gguf::ValueType;
 using testing::TempDir;
-
-const std::string kCheckScript = std::string(BRIGADE_SOURCE_DIR) + "/tests/model/gguf_check.py";
-
-// Runs `gguf_check.py command arg`; exit code 3 means a python package is missing.
-testing::CommandResult run_check(const std::string& command, const fs::path& arg) {
-  return testing::run_command(std::string(BRIGADE_VENV_PYTHON) + " " + kCheckScript + " " + command + " " +
-                              arg.string());
-}
-
-// The JSON document on the last non-empty line of the output (python may warn above it).
-nlohmann::json last_json_line(const std::string& output) {
-  size_t end = output.find_last_not_of("\n ");
-  size_t begin = output.rfind('\n', end);
-  return nlohmann::json::parse(output.substr(begin == std::string::npos ? 0 : begin + 1, end + 1 - (begin + 1)));
-}
+using namespace gguf_testing;
 
 void write_bytes(const fs::path& path, std::span<const uint8_t> bytes) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
@@ -541,20 +528,6 @@ TransformerOptions small_options(HfFamily family, bool tied) {
   return o;
 }
 
-// A seeded random model whose norms and biases are not the trivial 1 / 0 (so a
-// wrong export of those shows), with weights large enough for varied continuations.
-Transformer make_model(const TransformerOptions& o, uint64_t seed) {
-  torch::manual_seed(seed);
-  Transformer model(o);
-  torch::NoGradGuard no_grad;
-  for (auto& [name, t] : model->state_dict()) {
-    if (name.ends_with("norm.weight")) t.uniform_(0.6, 1.4);
-    if (name.ends_with(".bias")) t.normal_(0.0, 0.3);
-  }
-  model->eval();
-  return model;
-}
-
 std::string expected_pre(const data::BpeTokenizer& tokenizer) {
   const std::string pre = tokenizer.pre_tokenizer();
   return pre == "gpt2" ? "gpt-2" : pre;
@@ -694,15 +667,6 @@ TEST(GgufExport, ReaderAndGgufPySeeTheModel) {
 
 // ---------------------------------------------------------------------------------
 // llama.cpp runs the exported models.
-
-// Rounds every matrix to fp16 in place (norms and biases stay float32): the weights
-// an F16 export holds.
-void round_to_fp16(Transformer& model) {
-  torch::NoGradGuard no_grad;
-  for (auto& [name, t] : model->state_dict()) {
-    if (t.dim() >= 2) t.copy_(t.to(torch::kHalf).to(torch::kFloat32));
-  }
-}
 
 // A few Adam steps on "the next token is f(the previous token)", f(x) = 5x + 3 mod
 // 256, over random tokens: a previous-token attention head, so RoPE and the q/k
