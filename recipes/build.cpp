@@ -8,6 +8,7 @@
 #include "core/hash.h"
 #include "core/log.h"
 #include "data/arith.h"
+#include "model/gguf_import.h"
 #include "model/hf.h"
 #include "distill/kd_objective.h"
 
@@ -43,7 +44,11 @@ Corpora build_corpora(const Recipe& r, const data::Tokenizer& tokenizer) {
 model::Transformer build_model(const Recipe& r) {
   torch::manual_seed(r.trainer.seed);
   model::Transformer model(r.model);
-  if (!r.model.init_from.empty()) model::load_hf_weights(*model, r.model.init_from);
+  if (!r.model.init_from.empty()) {
+    const std::filesystem::path from = r.model.init_from;
+    if (from.extension() == ".gguf") model::load_gguf_weights(*model, from);
+    else model::load_hf_weights(*model, from);
+  }
   model->enable_fp8(r.precision.fp8);
   return model;
 }

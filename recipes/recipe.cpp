@@ -11,6 +11,7 @@
 #include "core/hash.h"
 #include "data/arith.h"
 #include "data/tokenizer.h"
+#include "model/gguf_import.h"
 #include "model/hf.h"
 #include "recipes/schema.h"
 
@@ -138,18 +139,30 @@ const std::set<std::string>& training_only_keys() {
   return keys;
 }
 
-// model.init_from: the Hugging Face config.json decides the architecture. A key the
+// model.init_from: the Hugging Face config.json (or the GGUF file's metadata) decides
+// the architecture. A key the
 // recipe sets itself must agree with it, except model.max_seq_len (the weights do not
 // depend on it) and the training-only keys; data.tokenizer defaults to the
 // directory's tokenizer.json.
 void apply_init_from(const Entries& entries, Recipe& recipe) {
   const fs::path dir = recipe.model.init_from;
   const std::string where = entries.at("model.init_from").where + ": model.init_from";
-  BRIGADE_CHECK(fs::is_directory(dir), where, ": ", dir.string(), " is not a directory");
-  BRIGADE_CHECK(fs::exists(dir / "config.json"), where, ": ", dir.string(),
+  const bool gguf = fs::is_regular_file(dir) && dir.extension() == ".gguf";
+  BRIGADE_CHECK(gguf || fs::is_directory(dir), where, ": ", dir.string(),
+                " is neither a directory nor a .gguf file");
+  BRIGADE_CHECK(gguf || fs::exists(dir / "config.json"), where, ": ", dir.string(),
                 " has no config.json (expected a Hugging Face checkpoint directory)");
+  const fs::path config = gguf ? dir : dir / "config.json";
   Recipe from_config = recipe;
-  from_config.model = model::read_hf_config(dir / "config.json").options;
+  if (gguf) {
+    const auto info = model::read_gguf_model_info(dir);
+    from_config.model = info.options;
+    BRIGADE_CHECK(info.byte_vocabulary || entries.contains("data.tokenizer"), where, ": ", dir.string(),
+                  " carries a BPE vocabulary, which brigade does not rebuild from GGUF: set data.tokenizer to the "
+                  "model's tokenizer.json");
+  } else {
+    from_config.model = model::read_hf_config(config).options;
+  }
   from_config.model.init_from = recipe.model.init_from;
   for (const auto& f : schema()) {
     if (f.path.rfind("model.", 0) != 0 || f.path == "model.init_from" || f.path == "model.init_std") continue;
@@ -161,10 +174,10 @@ void apply_init_from(const Entries& entries, Recipe& recipe) {
     }
     const std::string mine = f.get(recipe).Scalar(), theirs = f.get(from_config).Scalar();
     BRIGADE_CHECK(mine == theirs, it->second.where, ": ", f.path, " = ", mine, ", but model.init_from's ",
-                  (dir / "config.json").string(), " says ", theirs, " (leave the key out to take the checkpoint's)");
+                  config.string(), " says ", theirs, " (leave the key out to take the checkpoint's)");
   }
   recipe.model = from_config.model;
-  if (!entries.contains("data.tokenizer") && fs::exists(dir / "tokenizer.json"))
+  if (!gguf && !entries.contains("data.tokenizer") && fs::exists(dir / "tokenizer.json"))
     recipe.data.tokenizer = (dir / "tokenizer.json").string();
 }
 

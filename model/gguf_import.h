@@ -1,0 +1,36 @@
+// Reading a GGUF model back into brigade (`model.init_from: FILE.gguf`): the
+// architectures brigade exports (llama, qwen2, qwen3, qwen3moe), their metadata
+// mapped to TransformerOptions and their tensors (dequantized to float32, llama's
+// q/k rows un-permuted to the Hugging Face RoPE layout, qwen3moe's gate/up experts
+// fused) copied into a model. The inverse of model/gguf_export.h.
+#pragma once
+
+#include <filesystem>
+#include <optional>
+#include <string>
+
+#include "model/hf.h"
+#include "model/transformer.h"
+
+namespace brigade::model {
+
+struct GgufModelInfo {
+  HfFamily family = HfFamily::kLlama;
+  TransformerOptions options;
+  // The file's vocabulary is brigade's byte tokenizer (256 byte tokens, then <|bos|>,
+  // <|eos|>, <|pad|>, <|im_start|>, <|im_end|>, no merges): "byte" serves it.
+  bool byte_vocabulary = false;
+};
+
+// The architecture in a GGUF file's metadata; an unknown architecture, a missing key
+// or a feature brigade lacks (RoPE scaling, per-layer head counts) is an Error naming
+// the file and the key.
+GgufModelInfo read_gguf_model_info(const std::filesystem::path& path);
+
+// Copies the file's tensors into `model` (built from read_gguf_model_info's options).
+// Missing, unexpected or misshapen tensors are Errors naming the file and tensor; the
+// model is untouched then. Quantized tensors are dequantized: a q8_0 file gives the
+// q8_0-rounded weights.
+void load_gguf_weights(TransformerImpl& model, const std::filesystem::path& path);
+
+}  // namespace brigade::model
