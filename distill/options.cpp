@@ -1,5 +1,7 @@
 #include "distill/options.h"
 
+#include <nlohmann/json.hpp>
+
 #include "core/error.h"
 
 namespace brigade::distill {
@@ -19,6 +21,18 @@ void DistillOptions::validate() const {
     BRIGADE_CHECK(t.retries >= 0 && t.retries <= 20, "distill.teacher.retries must be in 0..20, got ", t.retries);
     BRIGADE_CHECK(t.backoff >= 0, "distill.teacher.backoff must be >= 0 seconds, got ", t.backoff);
     BRIGADE_CHECK(t.checkpoint.empty(), "distill.teacher: set url (a remote teacher) or checkpoint, not both");
+    if (!t.extra_body.empty()) {
+      nlohmann::json extra;
+      try {
+        extra = nlohmann::json::parse(t.extra_body);
+      } catch (const nlohmann::json::exception& e) {
+        BRIGADE_FAIL("distill.teacher.extra_body is not valid JSON: ", e.what());
+      }
+      BRIGADE_CHECK(extra.is_object(), "distill.teacher.extra_body must be a JSON object, got ", extra.dump());
+      for (const char* key : {"prompt", "messages", "n", "logprobs", "top_logprobs"})
+        BRIGADE_CHECK(!extra.contains(key), "distill.teacher.extra_body sets '", key,
+                      "', which brigade sets itself (distill.generate.* and the prompts)");
+    }
   }
   for (const auto& s : generate.stop) BRIGADE_CHECK(!s.empty(), "distill.generate.stop has an empty string");
   BRIGADE_CHECK(num_prompts >= 0, "distill.num_prompts must be >= 0, got ", num_prompts);

@@ -31,6 +31,9 @@ struct TeacherOptions {
   double timeout = 120.0;           // seconds per request, connecting included
   int64_t retries = 3;              // retries of a failed request (errors, timeouts, HTTP 408/429/5xx)
   double backoff = 1.0;             // seconds before the first retry, doubled for each further one
+  // A JSON object merged into every request body (server-specific sampling fields,
+  // e.g. llama.cpp's {"repeat_penalty": 1.0}); empty: none.
+  std::string extra_body;
 
   bool remote() const { return !url.empty(); }
 };

@@ -117,6 +117,7 @@ nlohmann::json remote_request(const TeacherOptions& teacher, const GenerateOptio
     body["prompt"] = prompt.prompt;
     if (options.logprobs > 0) body["logprobs"] = options.logprobs;
   }
+  if (!teacher.extra_body.empty()) body.update(nlohmann::json::parse(teacher.extra_body));  // checked in validate()
   return body;
 }
 

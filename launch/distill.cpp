@@ -141,7 +141,8 @@ int distill_command(const DistillArgs& args) {
   if (args.stage == "teacher") return 0;
   const uint64_t teacher_hash =
       d.teacher.remote()
-          ? hash_json(0x72656d6f, {{"url", d.teacher.url}, {"api", d.teacher.api}, {"model", d.teacher.model}})
+          ? hash_json(0x72656d6f, {{"url", d.teacher.url}, {"api", d.teacher.api}, {"model", d.teacher.model},
+                                     {"extra_body", d.teacher.extra_body}})
           : hash_combine(fnv1a(fs::absolute(teacher_ck).string()), fnv1a(read_file(teacher_ck / "trainer_state.json")));
 
   // prompts

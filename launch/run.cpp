@@ -232,7 +232,10 @@ int demo_command(const DemoArgs& args) {
               << (ok ? "  [correct]" : "  [wrong: expected " + problem.answer + "]") << "\n";
   }
   std::cout << "----------------------------------------\n"
-            << "run directory: " << run_dir.string() << " (teacher/, distill/<stage>/, distill/eval.json)\n";
+            << "run directory: " << run_dir.string() << " (teacher/, distill/<stage>/, distill/eval.json)\n"
+            << "take the student to llama.cpp / Ollama or transformers (docs/formats.md):\n"
+            << "  brigade export --checkpoint " << student.string() << " --format gguf --quant q8_0 --out student.gguf\n"
+            << "  brigade export --checkpoint " << student.string() << " --format hf --out student-hf/\n";
   return 0;
 }
 

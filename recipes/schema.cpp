@@ -4,6 +4,8 @@
 #include <cmath>
 #include <limits>
 
+#include <nlohmann/json.hpp>
+
 #include "core/error.h"
 #include "data/tokenizer.h"
 #include "moe/options.h"
@@ -130,6 +132,63 @@ Field choice(std::string path, Ref ref, std::string doc, std::vector<std::string
   return f;
 }
 
+// A YAML value as JSON: mappings, lists, and scalars as numbers, booleans, null or
+// strings (a quoted scalar stays a string).
+nlohmann::json yaml_to_json(const YAML::Node& node) {
+  if (node.IsMap()) {
+    nlohmann::json out = nlohmann::json::object();
+    for (const auto& item : node) out[item.first.Scalar()] = yaml_to_json(item.second);
+    return out;
+  }
+  if (node.IsSequence()) {
+    nlohmann::json out = nlohmann::json::array();
+    for (const auto& item : node) out.push_back(yaml_to_json(item));
+    return out;
+  }
+  if (!node.IsScalar()) return nullptr;
+  const std::string& text = node.Scalar();
+  if (node.Tag() == "!") return text;  // quoted
+  int64_t i = 0;
+  if (YAML::convert<int64_t>::decode(node, i) && text.find_first_of(".eE") == std::string::npos) return i;
+  double d = 0;
+  if (YAML::convert<double>::decode(node, d)) return d;
+  bool b = false;
+  if (YAML::convert<bool>::decode(node, b)) return b;
+  if (text == "null" || text == "~") return nullptr;
+  return text;
+}
+
+// A JSON object kept as its text: written in YAML as a mapping ({repeat_penalty: 1.0})
+// or as a string holding JSON.
+template <typename Ref>
+Field json_object(std::string path, Ref ref, std::string doc) {
+  Field f;
+  f.path = path;
+  f.type = "mapping";
+  f.doc = std::move(doc);
+  f.set = [path, ref](Recipe& r, const YAML::Node& node, const std::string& where) {
+    if (node.IsNull() || (node.IsScalar() && node.Scalar().empty())) {
+      ref(r).clear();
+    } else if (node.IsMap()) {
+      ref(r) = node.size() == 0 ? std::string() : yaml_to_json(node).dump();
+    } else if (node.IsScalar()) {
+      ref(r) = node.Scalar();  // JSON text; the module's validate() parses it
+    } else {
+      type_error(where, path, "a mapping", node);
+    }
+  };
+  f.get = [ref](const Recipe& r) {
+    const std::string& text = ref(const_cast<Recipe&>(r));
+    if (text.empty()) return YAML::Node(YAML::NodeType::Map);
+    try {
+      return YAML::Load(text);  // JSON is YAML
+    } catch (const YAML::Exception&) {
+      return YAML::Node(text);
+    }
+  };
+  return f;
+}
+
 template <typename Ref>
 Field text_list(std::string path, Ref ref, std::string doc) {
   Field f;
@@ -251,6 +310,7 @@ std::vector<Field> build_schema() {
   s.push_back(integer<int64_t>("distill.teacher.concurrency", REF(distill.teacher.concurrency), "Remote teacher: requests in flight at once.", 1));
   s.push_back(real("distill.teacher.timeout", REF(distill.teacher.timeout), "Remote teacher: seconds per request (connecting included) before it counts as failed.", 1e-3, 1e6));
   s.push_back(integer<int64_t>("distill.teacher.retries", REF(distill.teacher.retries), "Remote teacher: retries of a request after a connection error, timeout or HTTP 408/409/429/5xx; then the sample is stored as failed and retried by the next run."));
+  s.push_back(json_object("distill.teacher.extra_body", REF(distill.teacher.extra_body), "Remote teacher: fields merged into every request body (server-specific sampling settings, e.g. {repeat_penalty: 1.0} for llama.cpp's server, whose default 1.1 penalises repeats even at temperature 0); empty: none."));
   s.push_back(real("distill.teacher.backoff", REF(distill.teacher.backoff), "Remote teacher: seconds before the first retry, doubled for each further one (a Retry-After header wins).", 0.0, 3600.0));
   s.push_back(text("distill.prompts", REF(distill.prompts), "Prompts JSONL ({\"id\", \"prompt\", \"answer\"} per line); empty: the built-in arithmetic problems of data.synthetic."));
   s.push_back(integer<int64_t>("distill.num_prompts", REF(distill.num_prompts), "Use the first N prompts (0: all; the built-in set has data.synthetic.num_problems)."));

@@ -61,8 +61,9 @@ fi
 # llama.cpp's Python binding runs brigade's GGUF exports in the tests. PyPI has only
 # its source: pip compiles llama.cpp for this CPU (about 5 minutes on 2 cores, once;
 # pip keeps the wheel in its cache).
-LLAMA_CPP="llama-cpp-python==0.3.36"
-if ! .venv/bin/python -c "import importlib.metadata as m, sys; sys.exit(0 if m.version('llama_cpp_python') == '${LLAMA_CPP#*==}' else 1)" 2>/dev/null; then
+# Its OpenAI-compatible server (the [server] extra) is a remote teacher in the tests.
+LLAMA_CPP="llama-cpp-python[server]==0.3.36"
+if ! .venv/bin/python -c "import importlib.metadata as m, sys, llama_cpp.server.app; sys.exit(0 if m.version('llama_cpp_python') == '${LLAMA_CPP#*==}' else 1)" 2>/dev/null; then
   step "building $LLAMA_CPP into .venv (llama.cpp, the reference GGUF runtime for the tests)"
   CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
   CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_OPENMP=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \

@@ -4,6 +4,8 @@
 // or demands a key.
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
 #include <fstream>
 #include <map>
 #include <sstream>
@@ -143,6 +145,75 @@ TEST(CliDistillRemote, BrigadeServeAnswersLikeTheLocalTeacher) {
     EXPECT_FALSE(leaks(run, r.output + refused.output, key));
   }
   EXPECT_TRUE(server.running()) << read_file(dir / "serve.log");
+}
+
+// llama.cpp's OpenAI-compatible server (llama-cpp-python's llama_cpp.server) running
+// the teacher exported as GGUF: greedy samples and top-k logprobs must match the
+// local teacher's, so the export and the remote client agree with the format's tools.
+TEST(CliDistillRemote, LlamaCppServerServesTheExportedTeacher) {
+  const std::string python = BRIGADE_VENV_PYTHON;
+  if (run_command(python + " -c 'import llama_cpp.server.app' 2>&1").exit_code != 0)
+    GTEST_SKIP() << "llama-cpp-python[server] missing from .venv (scripts/setup.sh installs it)";
+  TempDir dir;
+  auto teacher = run_brigade("train " + std::string(BRIGADE_SOURCE_DIR) + "/recipes/tiny-dense.yaml" + kSmall +
+                             " --set trainer.lr=0.01 --set trainer.max_steps=300 --run-dir " + (dir / "teacher").string());
+  ASSERT_EQ(teacher.exit_code, 0) << teacher.output;
+  auto exported = run_brigade("export --checkpoint " + (dir / "teacher").string() + " --format gguf --quant f32 --out " +
+                              (dir / "teacher.gguf").string());
+  ASSERT_EQ(exported.exit_code, 0) << exported.output;
+  write_prompts(dir / "prompts.jsonl", 6);
+
+  // A port of our own (llama_cpp.server has no port-file option): probe for a free one.
+  std::string port;
+  for (int attempt = 0; attempt < 20 && port.empty(); ++attempt) {
+    const std::string p = std::to_string(20000 + (getpid() * 7 + attempt * 131) % 30000);
+    if (run_command("python3 -c 'import socket; socket.socket().bind((\"127.0.0.1\", " + p + "))' 2>&1").exit_code == 0)
+      port = p;
+  }
+  ASSERT_FALSE(port.empty());
+  Background server(python + " -m llama_cpp.server --model " + (dir / "teacher.gguf").string() +
+                        " --host 127.0.0.1 --port " + port + " --n_threads 1 --n_ctx 512" +
+                        " --type_k 0 --type_v 0",  // an F32 KV cache (the default F16 moves logprobs ~1e-3)
+                    dir / "llama_server.log");
+  ASSERT_TRUE(wait_for([&] {
+    return run_command("curl -sf http://127.0.0.1:" + port + "/v1/models >/dev/null 2>&1").exit_code == 0;
+  }, 120)) << read_file(dir / "llama_server.log");
+
+  const std::string common = "distill " + kRecipe + kSmall + " --set distill.prompts=" + (dir / "prompts.jsonl").string() +
+                             " --set distill.generate.samples=1 --set distill.generate.max_new_tokens=40"
+                             " --set distill.generate.logprobs=3 --set distill.generate.temperature=0"
+                             " --stage generate";
+  auto local = run_brigade(common + " --set distill.teacher.checkpoint=" + (dir / "teacher").string() + " --run-dir " +
+                           (dir / "local").string());
+  ASSERT_EQ(local.exit_code, 0) << local.output;
+  // llama_cpp.server penalises repeated tokens by default (repeat_penalty 1.1), even
+  // greedy: turn it off for plain greedy decoding.
+  auto remote = run_brigade(common + " --set distill.teacher.url=http://127.0.0.1:" + port + "/v1" +
+                            " --set 'distill.teacher.extra_body={repeat_penalty: 1.0}' --run-dir " +
+                            (dir / "remote").string());
+  ASSERT_EQ(remote.exit_code, 0) << remote.output << read_file(dir / "llama_server.log");
+  const auto local_traces = by_sample(lines(dir / "local" / "distill" / "generate" / "traces.jsonl"));
+  const auto remote_traces = by_sample(lines(dir / "remote" / "distill" / "generate" / "traces.jsonl"));
+  ASSERT_EQ(local_traces.size(), 6u);
+  ASSERT_EQ(remote_traces.size(), 6u);
+  const distill::TopkSidecar local_topk(dir / "local" / "distill" / "generate" / "traces.topk.bin");
+  const distill::TopkSidecar remote_topk(dir / "remote" / "distill" / "generate" / "traces.topk.bin");
+  double worst = 0;
+  for (const auto& [id, want] : local_traces) {
+    const auto& got = remote_traces.at(id);
+    EXPECT_EQ(got["text"], want["text"]) << id.first;
+    EXPECT_EQ(got["finish_reason"], want["finish_reason"]) << id.first;
+    ASSERT_TRUE(got.contains("topk")) << got.dump();
+    const int64_t positions = std::min(got["topk"]["positions"].get<int64_t>(), want["topk"]["positions"].get<int64_t>());
+    EXPECT_GE(positions, want["topk"]["positions"].get<int64_t>() - 1);  // at most the EOS row is missing
+    const auto [got_ids, got_lp] = remote_topk.read({got["topk"]["offset"].get<int64_t>(), positions});
+    const auto [want_ids, want_lp] = local_topk.read({want["topk"]["offset"].get<int64_t>(), positions});
+    // The best candidate is the token both chose; the others may swap where they tie.
+    EXPECT_TRUE(torch::equal(got_ids.select(1, 0), want_ids.select(1, 0))) << id.first;
+    worst = std::max(worst, (got_lp.select(1, 0) - want_lp.select(1, 0)).abs().max().item<double>());
+  }
+  EXPECT_LT(worst, 1e-4);
+  std::cout << "[ measured ] llama.cpp server vs local teacher: max |top-1 logprob diff| " << worst << "\n";
 }
 
 // The faulty server on a fixed port, so a rerun asks the same URL (same stage inputs).
