@@ -159,7 +159,7 @@ nlohmann::json yaml_to_json(const YAML::Node& node) {
 }
 
 // A JSON object kept as its text: written in YAML as a mapping ({repeat_penalty: 1.0})
-// or as a string holding JSON.
+// or as a string holding JSON; quoted scalars stay strings.
 template <typename Ref>
 Field json_object(std::string path, Ref ref, std::string doc) {
   Field f;
@@ -177,15 +177,9 @@ Field json_object(std::string path, Ref ref, std::string doc) {
       type_error(where, path, "a mapping", node);
     }
   };
-  f.get = [ref](const Recipe& r) {
-    const std::string& text = ref(const_cast<Recipe&>(r));
-    if (text.empty()) return YAML::Node(YAML::NodeType::Map);
-    try {
-      return YAML::Load(text);  // JSON is YAML
-    } catch (const YAML::Exception&) {
-      return YAML::Node(text);
-    }
-  };
+  // Dumped as the JSON text (a string): YAML's emitter would write a string "7" in
+  // a mapping as the number 7.
+  f.get = [ref](const Recipe& r) { return YAML::Node(ref(const_cast<Recipe&>(r))); };
   return f;
 }
 

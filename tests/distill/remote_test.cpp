@@ -6,6 +6,7 @@
 
 #include "data/tokenizer.h"
 #include "distill/remote.h"
+#include "recipes/recipe.h"
 #include "tests/testing.h"
 
 namespace brigade::distill {
@@ -139,6 +140,34 @@ TEST(RemoteTeacher, OptionsAreValidated) {
   EXPECT_BRIGADE_ERROR(o.validate(), "not both");
   o.teacher.checkpoint.clear();
   o.validate();
+  o.teacher.extra_body = "{\"repeat_penalty\": 1.0";
+  EXPECT_BRIGADE_ERROR(o.validate(), "distill.teacher.extra_body is not valid JSON");
+  o.teacher.extra_body = "[1, 2]";
+  EXPECT_BRIGADE_ERROR(o.validate(), "distill.teacher.extra_body must be a JSON object");
+  o.teacher.extra_body = "{\"prompt\": \"x\"}";
+  EXPECT_BRIGADE_ERROR(o.validate(), "extra_body sets 'prompt', which brigade sets itself");
+  o.teacher.extra_body = "{\"repeat_penalty\": 1.0, \"top_p\": 0.5}";
+  o.validate();
+}
+
+TEST(RemoteTeacher, ExtraBodyIsMergedIntoEveryRequest) {
+  Fixture f;
+  f.teacher.extra_body = "{\"repeat_penalty\": 1.0, \"top_p\": 0.5}";
+  auto body = remote_request(f.teacher, f.options, Prompt{"p1", "Problem: 1+2\n", "3"}, 5);
+  EXPECT_EQ(body["repeat_penalty"], 1.0);
+  EXPECT_EQ(body["top_p"], 0.5);  // the server-specific value wins
+  EXPECT_EQ(body["prompt"], "Problem: 1+2\n");
+}
+
+// A mapping in YAML or a JSON string: both become the same JSON text.
+TEST(RemoteTeacher, ExtraBodyReadsFromYaml) {
+  auto r = recipes::parse_recipe("distill:\n  teacher:\n    url: http://x/v1\n    extra_body: {repeat_penalty: 1.0, tag: \"7\", on: true}\n",
+                                 "inline");
+  EXPECT_EQ(nlohmann::json::parse(r.distill.teacher.extra_body),
+            nlohmann::json({{"repeat_penalty", 1.0}, {"tag", "7"}, {"on", true}}));
+  auto again = recipes::parse_recipe(recipes::dump_recipe(r), "dump");
+  EXPECT_EQ(nlohmann::json::parse(again.distill.teacher.extra_body), nlohmann::json::parse(r.distill.teacher.extra_body));
+  EXPECT_TRUE(recipes::parse_recipe("", "empty").distill.teacher.extra_body.empty());
 }
 
 }  // namespace
