@@ -234,7 +234,7 @@ TEST(HfCheckpoint, RecipeInitFromTakesTheArchitectureAndWeights) {
 
   EXPECT_BRIGADE_ERROR(recipes::load_recipe(recipe, {"model.d_model=128"}), "model.d_model = 128, but model.init_from's");
   EXPECT_BRIGADE_ERROR(recipes::load_recipe(recipe, {"model.init_from=" + (dir / "nope").string()}),
-                       "is not a directory");
+                       "is neither a directory nor a .gguf file");
   const std::string shipped = std::string(BRIGADE_SOURCE_DIR) + "/recipes/tiny-dense.yaml";
   EXPECT_BRIGADE_ERROR(recipes::load_recipe(shipped, {"model.init_from=" + src.string()}),
                        "tiny-dense.yaml:7: model.vocab_size = 264, but model.init_from's");
