@@ -15,9 +15,17 @@ step() { printf '\n==> %s\n' "$*"; }
 SUDO=""
 if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null; then SUDO=sudo; fi
 
+# Building the tests or benchmarks also needs the reference tools they compare
+# against (clang's libFuzzer, llama.cpp); the demo alone does not.
+FOR_TESTS=0
+for t in "$@"; do
+  case "$t" in brigade_tests|bench_*) FOR_TESTS=1 ;; esac
+done
+
 # 1. Debian packages ------------------------------------------------------------
 PACKAGES=(build-essential cmake ccache git pkg-config libopenmpi-dev openmpi-bin libyaml-cpp-dev
-          libgtest-dev libcli11-dev nlohmann-json3-dev libcurl4-openssl-dev libpcre2-dev libutf8proc-dev clang libclang-rt-dev python3 python3-venv)
+          libgtest-dev libcli11-dev nlohmann-json3-dev libcurl4-openssl-dev libpcre2-dev libutf8proc-dev python3 python3-venv)
+[ "$FOR_TESTS" = 1 ] && PACKAGES+=(clang libclang-rt-dev)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -63,7 +71,9 @@ fi
 # pip keeps the wheel in its cache).
 # Its OpenAI-compatible server (the [server] extra) is a remote teacher in the tests.
 LLAMA_CPP="llama-cpp-python[server]==0.3.36"
-if ! .venv/bin/python -c "import importlib.metadata as m, sys, llama_cpp.server.app; sys.exit(0 if m.version('llama_cpp_python') == '${LLAMA_CPP#*==}' else 1)" 2>/dev/null; then
+if [ "$FOR_TESTS" != 1 ]; then
+  : # the demo does not run llama.cpp
+elif ! .venv/bin/python -c "import importlib.metadata as m, sys, llama_cpp.server.app; sys.exit(0 if m.version('llama_cpp_python') == '${LLAMA_CPP#*==}' else 1)" 2>/dev/null; then
   step "building $LLAMA_CPP into .venv (llama.cpp, the reference GGUF runtime for the tests)"
   CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
   CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_OPENMP=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
