@@ -110,6 +110,10 @@ class BpeTokenizer final : public Tokenizer {
   std::shared_ptr<const Impl> impl_;  // immutable once built: copies share it
 };
 
+// The tokenizer.json a tokenizer name refers to: the file itself, or the
+// tokenizer.json inside a directory; empty when `name` is neither ("byte", a typo).
+std::filesystem::path find_tokenizer_json(const std::string& name);
+
 // Trains a byte-level BPE vocabulary of `vocab_size` ids (the 256 byte tokens, the
 // merges, then `special_tokens` as added tokens) on `corpus` with the pre-tokenizer
 // regex `pattern` (empty: the Qwen2 pattern) and an NFC normaliser, like Qwen2.

@@ -76,12 +76,18 @@ std::optional<int64_t> ByteTokenizer::special_id(std::string_view name) const {
 std::unique_ptr<Tokenizer> make_tokenizer(const std::string& name) {
   if (name == "byte") return std::make_unique<ByteTokenizer>();
   // A Hugging Face tokenizer: a tokenizer.json, or a model directory holding one.
-  const std::filesystem::path path(name);
-  if (std::filesystem::is_directory(path) && std::filesystem::is_regular_file(path / "tokenizer.json"))
-    return std::make_unique<BpeTokenizer>(BpeTokenizer::load(path / "tokenizer.json"));
-  if (std::filesystem::is_regular_file(path)) return std::make_unique<BpeTokenizer>(BpeTokenizer::load(path));
+  if (const auto path = find_tokenizer_json(name); !path.empty())
+    return std::make_unique<BpeTokenizer>(BpeTokenizer::load(path));
   BRIGADE_FAIL("unknown tokenizer '", name,
                "' (known: byte), and no Hugging Face tokenizer.json at that path (a file, or a directory holding one)");
+}
+
+std::filesystem::path find_tokenizer_json(const std::string& name) {
+  const std::filesystem::path path(name);
+  if (std::filesystem::is_directory(path) && std::filesystem::is_regular_file(path / "tokenizer.json"))
+    return path / "tokenizer.json";
+  if (std::filesystem::is_regular_file(path)) return path;
+  return {};
 }
 
 }  // namespace brigade::data

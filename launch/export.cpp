@@ -17,15 +17,6 @@ namespace brigade::launch {
 namespace fs = std::filesystem;
 namespace {
 
-// The tokenizer.json a recipe's data.tokenizer names (a file or a directory holding
-// one); empty for the byte tokenizer.
-fs::path tokenizer_file(const std::string& name) {
-  if (name == "byte") return {};
-  const fs::path path = fs::is_directory(name) ? fs::path(name) / "tokenizer.json" : fs::path(name);
-  BRIGADE_CHECK(fs::exists(path), "the checkpoint's tokenizer ", path.string(), " no longer exists");
-  return path;
-}
-
 // The tokenizer files beside the weights: the source tokenizer.json (and its
 // tokenizer_config.json) copied as they are, or the byte tokenizer written as a
 // byte-level BPE with the ChatML template.
@@ -78,7 +69,10 @@ int export_command(const ExportArgs& args) {
   LoadedModel loaded = load_model(args.checkpoint, args.overrides);
   const auto& options = loaded.model->options();
   const model::HfFamily family = model::family_of(options);
-  const fs::path tok_source = tokenizer_file(loaded.recipe.data.tokenizer);
+  const std::string& tok_name = loaded.recipe.data.tokenizer;
+  const fs::path tok_source = tok_name == "byte" ? fs::path() : data::find_tokenizer_json(tok_name);
+  BRIGADE_CHECK(tok_name == "byte" || !tok_source.empty(), "the checkpoint's tokenizer ", tok_name,
+                " no longer exists");
   const data::BpeTokenizer tokenizer =
       tok_source.empty() ? data::BpeTokenizer::from_byte_tokenizer() : data::BpeTokenizer::load(tok_source);
   BRIGADE_CHECK(tokenizer.vocab_size() <= options.vocab_size, "the tokenizer has ", tokenizer.vocab_size(),

@@ -153,7 +153,8 @@ int train_command(const TrainArgs& args) {
   }
 
   configure_threads(recipe.trainer.threads);
-  auto trainer = recipes::build_trainer(recipe, run_dir, world.get());
+  // Resuming: the checkpoint replaces every weight, so model.init_from is not read.
+  auto trainer = recipes::build_trainer(recipe, run_dir, world.get(), checkpoint.has_value());
   if (checkpoint) trainer->resume(*checkpoint);
   log_model(recipe, trainer->model());
 

@@ -1,12 +1,5 @@
 #include "model/gguf.h"
 
-#include <fcntl.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
-
-#include <cerrno>
-#include <cstring>
 #include <fstream>
 
 #include "core/error.h"
@@ -72,37 +65,12 @@ void GgufWriter::write(const std::filesystem::path& path) const {
   BRIGADE_CHECK(!ec, "cannot rename ", tmp.string(), " to ", path.string(), ": ", ec.message());
 }
 
-GgufReader::GgufReader(const std::filesystem::path& path) : path_(path), where_("GGUF file " + path.string()) {
-  const int fd = ::open(path.c_str(), O_RDONLY);
-  BRIGADE_CHECK(fd >= 0, where_, ": cannot open: ", std::strerror(errno));
-  struct stat st {};
-  const bool stat_ok = ::fstat(fd, &st) == 0;
-  const int stat_errno = errno;
-  if (!stat_ok || !S_ISREG(st.st_mode)) ::close(fd);
-  BRIGADE_CHECK(stat_ok, where_, ": cannot stat: ", std::strerror(stat_errno));
-  BRIGADE_CHECK(S_ISREG(st.st_mode), where_, ": not a regular file");
-  bytes_ = static_cast<uint64_t>(st.st_size);
-  if (bytes_ > 0) {
-    void* map = ::mmap(nullptr, bytes_, PROT_READ, MAP_PRIVATE, fd, 0);
-    const int map_errno = errno;
-    ::close(fd);  // the mapping keeps the file
-    BRIGADE_CHECK(map != MAP_FAILED, where_, ": mmap failed: ", std::strerror(map_errno));
-    base_ = static_cast<const uint8_t*>(map);
-  } else {
-    ::close(fd);
-  }
-  // The destructor does not run when the constructor throws, so unmap here.
-  try {
-    file_ = gguf::parse_gguf({base_, static_cast<size_t>(bytes_)}, where_);
-  } catch (...) {
-    if (base_ != nullptr) ::munmap(const_cast<uint8_t*>(base_), bytes_);
-    throw;
-  }
+GgufReader::GgufReader(const std::filesystem::path& path)
+    : path_(path), where_("GGUF file " + path.string()), mapped_(path, where_) {
+  file_ = gguf::parse_gguf(mapped_.bytes(), where_);
 }
 
-GgufReader::~GgufReader() {
-  if (base_ != nullptr) ::munmap(const_cast<uint8_t*>(base_), bytes_);
-}
+GgufReader::~GgufReader() = default;
 
 const gguf::Value& GgufReader::metadata(const std::string& key) const {
   const gguf::Value* value = file_.find(key);
@@ -118,7 +86,7 @@ const gguf::TensorInfo& GgufReader::info(const std::string& name) const {
 
 std::span<const uint8_t> GgufReader::raw(const std::string& name) const {
   const gguf::TensorInfo& t = info(name);
-  return {base_ + file_.data_offset + t.offset, static_cast<size_t>(t.nbytes)};
+  return mapped_.bytes().subspan(file_.data_offset + t.offset, static_cast<size_t>(t.nbytes));
 }
 
 torch::Tensor GgufReader::tensor(const std::string& name) const {

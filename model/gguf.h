@@ -14,6 +14,7 @@
 
 #include <torch/types.h>
 
+#include "core/fs.h"
 #include "model/gguf_format.h"
 
 namespace brigade::model {
@@ -59,8 +60,7 @@ class GgufReader {
  private:
   std::filesystem::path path_;
   std::string where_;
-  const uint8_t* base_ = nullptr;
-  uint64_t bytes_ = 0;
+  MappedFile mapped_;
   gguf::File file_;
 };
 

@@ -150,10 +150,10 @@ std::string gguf_tensor_name(const std::string& name) {
   BRIGADE_FAIL("GGUF export: no llama.cpp tensor name for '", name, "'");
 }
 
-torch::Tensor permute_for_interleaved_rope(const torch::Tensor& weight, int64_t heads) {
+torch::Tensor permute_for_interleaved_rope(const torch::Tensor& weight, int64_t heads, bool inverse) {
   const int64_t rows = weight.size(0);
   BRIGADE_ASSERT(rows % (2 * heads) == 0, "q/k rows ", rows, " do not split into ", heads, " heads of pairs");
-  std::vector<int64_t> shape = {heads, 2, rows / heads / 2};
+  std::vector<int64_t> shape = {heads, inverse ? rows / heads / 2 : 2, inverse ? 2 : rows / heads / 2};
   for (int64_t d = 1; d < weight.dim(); ++d) shape.push_back(weight.size(d));
   return weight.reshape(shape).transpose(1, 2).reshape(weight.sizes()).contiguous();
 }

@@ -37,7 +37,8 @@ std::string gguf_tensor_name(const std::string& brigade_name);
 
 // The interleaved-RoPE row order llama.cpp expects for a "llama" q_proj / k_proj
 // weight [heads * head_dim, d_model] (or bias [heads * head_dim]): within each head,
-// rows (i, i + head_dim/2) become neighbours (2i, 2i + 1).
-torch::Tensor permute_for_interleaved_rope(const torch::Tensor& weight, int64_t heads);
+// rows (i, i + head_dim/2) become neighbours (2i, 2i + 1). `inverse` undoes it (GGUF
+// import).
+torch::Tensor permute_for_interleaved_rope(const torch::Tensor& weight, int64_t heads, bool inverse = false);
 
 }  // namespace brigade::model

@@ -22,15 +22,6 @@ constexpr Arch kArchs[] = {{"llama", HfFamily::kLlama},
                            {"qwen3", HfFamily::kQwen3},
                            {"qwen3moe", HfFamily::kQwen3Moe}};
 
-// The inverse of permute_for_interleaved_rope: llama.cpp's interleaved (GPT-J) row
-// order back to Hugging Face's halves.
-torch::Tensor unpermute_interleaved_rope(const torch::Tensor& weight, int64_t heads) {
-  const int64_t rows = weight.size(0);
-  std::vector<int64_t> shape = {heads, rows / heads / 2, 2};
-  for (int64_t d = 1; d < weight.dim(); ++d) shape.push_back(weight.size(d));
-  return weight.reshape(shape).transpose(1, 2).reshape(weight.sizes()).contiguous();
-}
-
 }  // namespace
 
 GgufModelInfo read_gguf_model_info(const std::filesystem::path& path) {
@@ -141,8 +132,10 @@ void load_gguf_weights(TransformerImpl& model, const std::filesystem::path& path
       continue;
     }
     torch::Tensor t = read(gguf_tensor_name(name), target.sizes());
-    if (arch == "llama" && name.ends_with("self_attn.q_proj.weight")) t = unpermute_interleaved_rope(t, o.n_heads);
-    if (arch == "llama" && name.ends_with("self_attn.k_proj.weight")) t = unpermute_interleaved_rope(t, o.kv_heads());
+    if (arch == "llama" && name.ends_with("self_attn.q_proj.weight"))
+      t = permute_for_interleaved_rope(t, o.n_heads, /*inverse=*/true);
+    if (arch == "llama" && name.ends_with("self_attn.k_proj.weight"))
+      t = permute_for_interleaved_rope(t, o.kv_heads(), /*inverse=*/true);
     copies.emplace_back(target, t);
   }
   for (const auto& t : reader.file().tensors) {

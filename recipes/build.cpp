@@ -41,10 +41,10 @@ Corpora build_corpora(const Recipe& r, const data::Tokenizer& tokenizer) {
   return c;
 }
 
-model::Transformer build_model(const Recipe& r) {
+model::Transformer build_model(const Recipe& r, bool with_init_from) {
   torch::manual_seed(r.trainer.seed);
   model::Transformer model(r.model);
-  if (!r.model.init_from.empty()) {
+  if (with_init_from && !r.model.init_from.empty()) {
     const std::filesystem::path from = r.model.init_from;
     if (from.extension() == ".gguf") model::load_gguf_weights(*model, from);
     else model::load_hf_weights(*model, from);
@@ -66,7 +66,7 @@ data::SamplerOptions sampler_options(const Recipe& r, bool eval, int rank, int r
 }
 
 std::unique_ptr<trainer::Trainer> build_trainer(const Recipe& r, const std::filesystem::path& run_dir,
-                                                parallel::Communicator* data_parallel) {
+                                                parallel::Communicator* data_parallel, bool resuming) {
   const bool kd = r.distill.kd.loss != distill::KdLoss::kNone;
   BRIGADE_CHECK(!kd || (r.data.source == data::DataSource::kShards && r.data.packed && !r.data.kd_file.empty()),
                 "distill.kd.loss is ", distill::to_string(r.distill.kd.loss),
@@ -94,7 +94,7 @@ std::unique_ptr<trainer::Trainer> build_trainer(const Recipe& r, const std::file
   const int rank = data_parallel ? data_parallel->rank() : 0, ranks = data_parallel ? data_parallel->size() : 1;
   // Evaluation uses the same held-out batches on every rank (rank 0 reports them).
   auto t = std::make_unique<trainer::Trainer>(
-      r.trainer, r.precision, build_model(r),
+      r.trainer, r.precision, build_model(r, /*with_init_from=*/!resuming),
       data::BatchSampler(std::move(corpora.train), sampler_options(r, false, rank, ranks)),
       data::BatchSampler(std::move(corpora.eval), sampler_options(r, true)), std::move(context));
   t->add_default_hooks();

@@ -7,6 +7,7 @@
 
 #include "core/fs.h"
 #include "data/bpe.h"
+#include "tests/model/gguf_testing.h"
 #include "tests/testing.h"
 
 namespace brigade {
@@ -28,13 +29,9 @@ std::optional<nlohmann::json> reference(const std::string& args) {
   auto r = run_command(std::string(BRIGADE_VENV_PYTHON) + " " + kScript + " " + args + " 2>/dev/null");
   if (r.exit_code == 3) return std::nullopt;
   EXPECT_EQ(r.exit_code, 0) << r.output;
-  // The JSON is the last line; libraries may print before it.
-  std::string out = r.output;
-  while (!out.empty() && out.back() == '\n') out.pop_back();
-  const std::string last = out.substr(out.rfind('\n') == std::string::npos ? 0 : out.rfind('\n') + 1);
   if (r.exit_code != 0) return nlohmann::json();
   try {
-    return nlohmann::json::parse(last);
+    return model::gguf_testing::last_json_line(r.output);  // libraries may print before it
   } catch (const nlohmann::json::exception&) {
     ADD_FAILURE() << "not JSON: " << r.output;
     return nlohmann::json();

@@ -222,19 +222,11 @@ std::vector<int64_t> greedy_with_swapped_experts(const TransformerOptions& o, ui
 // F32 and F16 files (tied and untied) continue a prompt in llama.cpp with the same 32
 // greedy tokens as brigade's generate (F16 against brigade on the fp16-rounded weights).
 TEST(GgufMoe, LlamaCppMatchesBrigade) {
-  const fs::path python = BRIGADE_VENV_PYTHON;
-  if (testing::run_command(python.string() + " -c 'import llama_cpp'").exit_code != 0) {
+  if (!have_llama_cpp()) {
     GTEST_SKIP() << "llama-cpp-python is not installed in .venv (scripts/setup.sh installs it); "
                     "llama.cpp parity not checked";
   }
-  // One torch thread: OpenMP workers spinning between parallel regions would compete
-  // with llama.cpp for a small machine's cores.
-  const int threads = torch::get_num_threads();
-  torch::set_num_threads(1);
-  struct RestoreThreads {
-    int n;
-    ~RestoreThreads() { torch::set_num_threads(n); }
-  } restore{threads};
+  const OneTorchThread one_thread;
   TempDir dir;
   const auto tokenizer = data::BpeTokenizer::from_byte_tokenizer();
   const std::vector<int64_t> prompt = {72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100};  // "Hello, world"

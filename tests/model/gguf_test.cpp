@@ -701,19 +701,11 @@ std::vector<int64_t> argmax_per_position(Transformer& model, const std::vector<i
 // fp16-rounded weights for F16); Q8_0 must agree with brigade's float32 top-1 at
 // >= 95% of 200 positions; Q4_0 is reported.
 void llama_cpp_parity(HfFamily family, const std::string& family_label) {
-  const fs::path python = BRIGADE_VENV_PYTHON;
-  if (testing::run_command(python.string() + " -c 'import llama_cpp'").exit_code != 0) {
+  if (!have_llama_cpp()) {
     GTEST_SKIP() << "llama-cpp-python is not installed in .venv (scripts/setup.sh installs it); "
                     "llama.cpp parity not checked";
   }
-  // One torch thread for these tiny models: OpenMP workers spinning between
-  // parallel regions would compete with llama.cpp for a small machine's cores.
-  const int threads = torch::get_num_threads();
-  torch::set_num_threads(1);
-  struct RestoreThreads {
-    int n;
-    ~RestoreThreads() { torch::set_num_threads(n); }
-  } restore{threads};
+  const OneTorchThread one_thread;
   TempDir dir;
   const auto tokenizer = data::BpeTokenizer::from_byte_tokenizer();
   const std::vector<int64_t> prompt = {72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100};  // "Hello, world"

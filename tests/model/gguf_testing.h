@@ -50,4 +50,19 @@ inline void round_to_fp16(Transformer& model) {
   }
 }
 
+// Whether the venv has llama-cpp-python (scripts/setup.sh builds it for the tests).
+inline bool have_llama_cpp() {
+  return testing::run_command(std::string(BRIGADE_VENV_PYTHON) + " -c 'import llama_cpp'").exit_code == 0;
+}
+
+// One torch thread while alive: OpenMP workers spinning between parallel regions
+// would compete with llama.cpp for a small machine's cores.
+struct OneTorchThread {
+  int saved = torch::get_num_threads();
+  OneTorchThread() { torch::set_num_threads(1); }
+  ~OneTorchThread() { torch::set_num_threads(saved); }
+  OneTorchThread(const OneTorchThread&) = delete;
+  OneTorchThread& operator=(const OneTorchThread&) = delete;
+};
+
 }  // namespace brigade::model::gguf_testing

@@ -260,6 +260,13 @@ TEST(HfCheckpoint, RecipeInitFromTakesTheArchitectureAndWeights) {
   const auto ours = logits_of(trained.model, reference.tensors.at("ids"));
   EXPECT_LE(max_diff(load_safetensors(dir / "trained.safetensors").tensors.at("logits"), ours), 1e-4);
   EXPECT_GT(max_diff(ours, reference.tensors.at("logits")), 1e-3);  // training moved the weights
+
+  // Resuming restores the run's own checkpoint: the Hugging Face weights are not read
+  // again (here they are unreadable), only config.json is.
+  write_file_atomic(src / "model.safetensors", "not a safetensors file");
+  auto resumed = testing::run_brigade("train " + recipe.string() + " --resume --set trainer.max_steps=5 --run-dir " +
+                                      run.string());
+  EXPECT_EQ(resumed.exit_code, 0) << resumed.output;
 }
 
 }  // namespace
