@@ -14,6 +14,7 @@ BatchSampler::BatchSampler(TokenCorpus corpus, SamplerOptions options)
   BRIGADE_CHECK(options_.seq_len >= 1, "sampler: seq_len must be >= 1, got ", options_.seq_len);
   BRIGADE_CHECK(options_.micro_batch_size >= 1, "sampler: micro_batch_size must be >= 1, got ",
                 options_.micro_batch_size);
+  BRIGADE_CHECK(options_.micro_batches >= 1, "sampler: micro_batches must be >= 1, got ", options_.micro_batches);
   BRIGADE_CHECK(options_.world_size >= 1, "sampler: world_size must be >= 1, got ",
                 options_.world_size);
   BRIGADE_CHECK(options_.rank >= 0 && options_.rank < options_.world_size, "sampler: rank ",
@@ -26,6 +27,7 @@ BatchSampler::BatchSampler(TokenCorpus corpus, SamplerOptions options)
 }
 
 Batch BatchSampler::batch(int64_t step, int64_t micro) const {
+  BRIGADE_ASSERT(micro >= 0 && micro < options_.micro_batches, "micro-batch ", micro, " of ", options_.micro_batches);
   const int64_t rows = options_.micro_batch_size;
   const int64_t T = options_.seq_len;
   // Windows of T+1 tokens start at 0 .. size-T-1 (packed: at whole rows).
@@ -50,12 +52,13 @@ Batch BatchSampler::batch(int64_t step, int64_t micro) const {
   for (int64_t row = 0; row < rows; ++row) {
     uint64_t h = options_.seed;
     h = hash_combine(h, static_cast<uint64_t>(step));
-    h = hash_combine(h, static_cast<uint64_t>(micro));
-    // Rows are numbered across the global batch (rank r holds rows r*b .. r*b+b-1),
-    // so N ranks x b rows see exactly the rows of 1 rank x N*b. (The 0 keeps the
-    // stream of single-rank runs unchanged from before data parallelism.)
+    // Rows are numbered across the step (rank r's micro-batch m holds rows
+    // (r * micro_batches + m) * b ..), so N ranks x b rows, 1 rank x N*b rows and
+    // 1 rank x N micro-batches of b see the same rows. (The two zeros keep the
+    // stream of single-rank runs without accumulation unchanged from before.)
     h = hash_combine(h, 0);
-    h = hash_combine(h, static_cast<uint64_t>(options_.rank * rows + row));
+    h = hash_combine(h, 0);
+    h = hash_combine(h, static_cast<uint64_t>((options_.rank * options_.micro_batches + micro) * rows + row));
     const auto offset = static_cast<int64_t>(h % starts) * (packed ? T + 1 : 1);
     offsets[row] = offset;
     corpus_.read(offset, T + 1, window.data(), mask.data());

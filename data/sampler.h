@@ -16,6 +16,7 @@ inline constexpr int64_t kIgnoreIndex = -100;  // target ids the loss skips
 struct SamplerOptions {
   int64_t seq_len = 128;          // tokens per row
   int64_t micro_batch_size = 8;   // rows per micro-batch per rank
+  int64_t micro_batches = 1;      // micro-batches per step per rank (gradient accumulation)
   uint64_t seed = 0;
   int rank = 0;                   // this rank's index in the data-parallel group
   int world_size = 1;
@@ -42,9 +43,10 @@ class BatchSampler {
  public:
   // The corpus must hold at least seq_len + 1 tokens (an Error says how many it has).
   BatchSampler(TokenCorpus corpus, SamplerOptions options);
-  // Rows are windows of seq_len+1 tokens at offsets drawn from hash(seed, step, micro,
-  // global row), global row = rank * micro_batch_size + row; inputs are the first
-  // seq_len tokens, targets the last seq_len.
+  // Rows are windows of seq_len+1 tokens at offsets drawn from hash(seed, step,
+  // global row); inputs are the first seq_len tokens, targets the last seq_len.
+  // Global row = (rank * micro_batches + micro) * micro_batch_size + row: a step's
+  // rows are the same for any split into ranks and micro-batches.
   Batch batch(int64_t step, int64_t micro) const;
   const SamplerOptions& options() const { return options_; }
   const TokenCorpus& corpus() const { return corpus_; }

@@ -4,5 +4,6 @@
 
 #include "parallel/communicator.h"
 #include "parallel/options.h"
+#include "parallel/ordered_sum.h"
 #include "parallel/reducer.h"
 #include "parallel/world.h"

@@ -3,63 +3,156 @@
 #include <algorithm>
 #include <chrono>
 #include <mutex>
+#include <optional>
 
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/variable.h>
 
 #include "core/error.h"
+#include "parallel/ordered_sum.h"
 
 namespace brigade::parallel {
 
+BucketLayout make_bucket_layout(const std::vector<int64_t>& numels, int64_t bucket_bytes, int ranks) {
+  BRIGADE_CHECK(bucket_bytes > 0, "gradient bucket size must be positive, got ", bucket_bytes, " bytes");
+  BRIGADE_ASSERT(ranks >= 1, "bucket layout for ", ranks, " ranks");
+  BucketLayout layout;
+  layout.ranks = ranks;
+  layout.bucket_of.resize(numels.size());
+  // Reverse registration order: the output side of the model finishes backward first.
+  for (size_t i = numels.size(); i-- > 0;) {
+    const int64_t bytes = numels[i] * 4;
+    auto& buckets = layout.buckets;
+    if (buckets.empty() || (buckets.back().numel * 4 + bytes > bucket_bytes && !buckets.back().params.empty())) {
+      buckets.emplace_back();
+    }
+    auto& b = buckets.back();
+    b.params.push_back(i);
+    b.offsets.push_back(b.numel);
+    b.numel += numels[i];
+    layout.bucket_of[i] = buckets.size() - 1;
+  }
+  // Shards start on norm-block boundaries, so a block is never split between ranks.
+  const int64_t unit = kNormBlock * ranks;
+  for (auto& b : layout.buckets) b.shard = std::max<int64_t>(1, (b.numel + unit - 1) / unit) * kNormBlock;
+  return layout;
+}
+
+namespace {
+
+// Adds block sums [blocks] float64 into `total` in order.
+void add_blocks(const torch::Tensor& sums, double& total) {
+  const double* s = sums.data_ptr<double>();
+  for (int64_t i = 0; i < sums.numel(); ++i) total += s[i];
+}
+
+}  // namespace
+
+double square_norm(const BucketLayout& layout, const std::vector<torch::Tensor>& grads) {
+  torch::NoGradGuard no_grad;
+  double total = 0.0;
+  torch::Tensor flat;  // one bucket at a time
+  for (const auto& b : layout.buckets) {
+    bool any = false;
+    for (size_t p : b.params) any = any || grads[p].defined();
+    if (!any) continue;  // zero blocks add nothing
+    std::optional<torch::Device> device;
+    for (size_t p : b.params) {
+      if (grads[p].defined()) device = grads[p].device();
+    }
+    const int64_t size = b.shard * layout.ranks;
+    if (!flat.defined() || flat.numel() < size || flat.device() != *device) {
+      flat = torch::empty({size}, torch::TensorOptions().dtype(torch::kFloat).device(*device));
+    }
+    auto bucket = flat.narrow(0, 0, size);
+    bucket.zero_();
+    for (size_t k = 0; k < b.params.size(); ++k) {
+      const auto& g = grads[b.params[k]];
+      if (g.defined()) bucket.narrow(0, b.offsets[k], g.numel()).copy_(g.reshape({-1}));
+    }
+    add_blocks(block_squares(bucket).cpu(), total);
+  }
+  return total;
+}
+
 struct GradientReducer::State {
+  enum class Phase { kIdle, kExchange, kGather, kDone };
   struct Bucket {
-    std::vector<size_t> params;   // indices into State::params
-    std::vector<int64_t> offsets;  // each parameter's place in `flat`
-    int64_t numel = 0;             // parameters' elements (flat is padded past them when sharded)
-    torch::Tensor flat;            // [numel, or padded to a multiple of the group size] float32
-    torch::Tensor shard;           // sharded: [flat numel / group size], this rank's part
-    int64_t waiting = 0;           // parameters not ready yet in this backward
+    torch::Tensor flat;   // [ranks * shard] float32: this rank's gradients, then (unsharded) the sums
+    torch::Tensor recv;   // [ranks * shard] float32: piece `rank` of every rank's flat, in rank order
+    torch::Tensor shard;  // [shard] float32: this rank's piece of the sums
+    int64_t waiting = 0;  // parameters not ready yet in this backward
+    Phase phase = Phase::kIdle;
     Handle handle;
   };
   std::vector<std::pair<std::string, torch::Tensor>> params;
-  std::vector<size_t> bucket_of;  // parameter -> bucket
+  BucketLayout layout;
   std::vector<bool> ready;
   std::vector<Bucket> buckets;
   Communicator* group = nullptr;
+  ReducerOptions options;
   std::vector<std::shared_ptr<torch::autograd::Node>> accumulators;  // keep the hooked nodes alive
   std::mutex mutex;
-  bool sharded = false;
   bool reducing = false;  // this backward's gradients are reduced
   bool alive = true;      // false once the reducer is gone (hooks then do nothing)
   size_t next = 0;        // next bucket to start
   int64_t started_in_backward = 0;
 
-  void start(Bucket& b) {
-    for (size_t k = 0; k < b.params.size(); ++k) {
-      const auto& p = params[b.params[k]].second;
-      auto slot = b.flat.narrow(0, b.offsets[k], p.numel());
+  void start(size_t index) {
+    // Every rank must issue its collectives in the same order: bucket k-1's
+    // all-gather goes right before bucket k's exchange, whatever the timing (this
+    // waits for k-1's exchange, which had bucket k's backward to finish in).
+    if (index > 0 && !options.sharded) advance(index - 1);
+    auto& b = buckets[index];
+    const auto& spec = layout.buckets[index];
+    for (size_t k = 0; k < spec.params.size(); ++k) {
+      if (options.before_reduce) options.before_reduce(spec.params[k]);
+      const auto& p = params[spec.params[k]].second;
+      auto slot = b.flat.narrow(0, spec.offsets[k], p.numel());
       if (p.grad().defined()) slot.copy_(p.grad().reshape({-1}));
       else slot.zero_();
     }
-    if (!sharded) {
-      b.handle = group->all_reduce(b.flat, ReduceOp::kSum);
-      return;
+    b.flat.narrow(0, spec.numel, b.flat.numel() - spec.numel).zero_();  // padding
+    const std::vector<int64_t> rows(group->size(), spec.shard);
+    b.handle = group->all_to_all(b.flat, rows, b.recv, rows);
+    b.phase = Phase::kExchange;
+  }
+
+  // Waits for a bucket's communication and moves it on (exchange -> sum -> gather -> done).
+  void advance(size_t index) {
+    auto& b = buckets[index];
+    if (b.phase == Phase::kExchange) {
+      b.handle.wait();
+      // Every rank's piece of this rank's shard, added in rank order.
+      torch::NoGradGuard no_grad;
+      PairwiseSum sum;
+      const int64_t shard = layout.buckets[index].shard;
+      for (int r = 0; r < group->size(); ++r) sum.add(b.recv.narrow(0, r * shard, shard));
+      b.shard.copy_(sum.take());
+      if (options.sharded) {
+        b.phase = Phase::kDone;
+        return;
+      }
+      b.handle = group->all_gather(b.shard, b.flat);
+      b.phase = Phase::kGather;
     }
-    b.flat.narrow(0, b.numel, b.flat.numel() - b.numel).zero_();  // padding
-    b.handle = group->reduce_scatter(b.flat, b.shard, ReduceOp::kSum);
+    if (b.phase == Phase::kGather) {
+      b.handle.wait();
+      b.phase = Phase::kDone;
+    }
   }
 
   // Starts every bucket from `next` on that is complete, in order.
   void start_ready() {
-    while (next < buckets.size() && buckets[next].waiting == 0) start(buckets[next++]);
+    while (next < buckets.size() && buckets[next].waiting == 0) start(next++);
   }
 
   void on_ready(size_t index) {
     std::lock_guard<std::mutex> lock(mutex);
     if (!alive || !reducing || ready[index]) return;
     ready[index] = true;
-    buckets[bucket_of[index]].waiting -= 1;
+    buckets[layout.bucket_of[index]].waiting -= 1;
     const size_t before = next;
     start_ready();
     started_in_backward += static_cast<int64_t>(next - before);
@@ -89,35 +182,26 @@ class ReadyHook final : public torch::autograd::FunctionPostHook {
 }  // namespace
 
 GradientReducer::GradientReducer(std::vector<std::pair<std::string, torch::Tensor>> params, Communicator& group,
-                                 int64_t bucket_bytes, bool sharded)
+                                 ReducerOptions options)
     : state_(std::make_shared<State>()) {
-  BRIGADE_CHECK(bucket_bytes > 0, "gradient bucket size must be positive, got ", bucket_bytes, " bytes");
   auto& s = *state_;
   s.params = std::move(params);
   s.group = &group;
-  s.sharded = sharded;
-  s.bucket_of.resize(s.params.size());
-  s.ready.assign(s.params.size(), false);
-  // Reverse registration order: the output side of the model finishes backward first.
-  for (size_t i = s.params.size(); i-- > 0;) {
-    const auto& [name, p] = s.params[i];
+  s.options = std::move(options);
+  std::vector<int64_t> numels;
+  for (const auto& [name, p] : s.params) {
     BRIGADE_CHECK(p.scalar_type() == torch::kFloat && p.requires_grad() && p.is_leaf(), "data-parallel parameter ",
                   name, " must be a float32 leaf that requires grad");
-    const int64_t bytes = p.numel() * 4;
-    if (s.buckets.empty() || (s.buckets.back().numel * 4 + bytes > bucket_bytes && !s.buckets.back().params.empty())) {
-      s.buckets.emplace_back();
-    }
-    auto& b = s.buckets.back();
-    b.params.push_back(i);
-    b.offsets.push_back(b.numel);
-    b.numel += p.numel();
-    s.bucket_of[i] = s.buckets.size() - 1;
+    numels.push_back(p.numel());
   }
-  const int64_t ranks = group.size();
-  for (auto& b : s.buckets) {
-    const int64_t shard = (b.numel + ranks - 1) / ranks;
-    b.flat = torch::empty({sharded ? shard * ranks : b.numel});  // filled per step
-    if (sharded) b.shard = torch::empty({shard});
+  s.layout = make_bucket_layout(numels, s.options.bucket_bytes, group.size());
+  s.ready.assign(s.params.size(), false);
+  const auto on = s.params.empty() ? torch::TensorOptions() : s.params.front().second.options();
+  for (const auto& spec : s.layout.buckets) {
+    auto& b = s.buckets.emplace_back();
+    b.flat = torch::empty({spec.shard * group.size()}, on.requires_grad(false));  // filled per step
+    b.recv = torch::empty_like(b.flat);
+    b.shard = torch::empty({spec.shard}, on.requires_grad(false));
   }
   for (size_t i = 0; i < s.params.size(); ++i) {
     auto accumulator = torch::autograd::impl::grad_accumulator(s.params[i].second);
@@ -134,18 +218,18 @@ GradientReducer::~GradientReducer() {
 }
 
 int64_t GradientReducer::bucket_count() const { return static_cast<int64_t>(state_->buckets.size()); }
-bool GradientReducer::sharded() const { return state_->sharded; }
+bool GradientReducer::sharded() const { return state_->options.sharded; }
 const std::vector<std::pair<std::string, torch::Tensor>>& GradientReducer::params() const { return state_->params; }
+const BucketLayout& GradientReducer::layout() const { return state_->layout; }
 
 std::vector<ShardSegment> GradientReducer::shard_segments(int rank) const {
   const auto& s = *state_;
-  BRIGADE_ASSERT(s.sharded, "shard_segments() of an unsharded reducer");
+  BRIGADE_ASSERT(s.options.sharded, "shard_segments() of an unsharded reducer");
   if (rank < 0) rank = s.group->rank();
   std::vector<ShardSegment> out;
-  for (size_t bi = 0; bi < s.buckets.size(); ++bi) {
-    const auto& b = s.buckets[bi];
-    const int64_t shard = b.shard.numel();
-    const int64_t lo = rank * shard, hi = lo + shard;  // owned range of the bucket
+  for (size_t bi = 0; bi < s.layout.buckets.size(); ++bi) {
+    const auto& b = s.layout.buckets[bi];
+    const int64_t lo = rank * b.shard, hi = lo + b.shard;  // owned range of the bucket
     for (size_t k = 0; k < b.params.size(); ++k) {
       const int64_t start = b.offsets[k], end = start + s.params[b.params[k]].second.numel();
       const int64_t a = std::max(start, lo), z = std::min(end, hi);
@@ -156,13 +240,13 @@ std::vector<ShardSegment> GradientReducer::shard_segments(int rank) const {
 }
 
 const torch::Tensor& GradientReducer::shard_gradient(size_t bucket) const {
-  BRIGADE_ASSERT(state_->sharded && bucket < state_->buckets.size(), "no shard ", bucket);
+  BRIGADE_ASSERT(state_->options.sharded && bucket < state_->buckets.size(), "no shard ", bucket);
   return state_->buckets[bucket].shard;
 }
 
 void GradientReducer::gather_parameters() {
   auto& s = *state_;
-  BRIGADE_ASSERT(s.sharded, "gather_parameters() of an unsharded reducer");
+  BRIGADE_ASSERT(s.options.sharded, "gather_parameters() of an unsharded reducer");
   torch::NoGradGuard no_grad;
   const auto mine = shard_segments();
   for (auto& b : s.buckets) b.shard.zero_();  // padding and pieces of no parameter
@@ -172,13 +256,42 @@ void GradientReducer::gather_parameters() {
   }
   // Every bucket in flight at once, then copied out in order.
   for (auto& b : s.buckets) b.handle = s.group->all_gather(b.shard, b.flat);
-  for (auto& b : s.buckets) {
+  for (size_t bi = 0; bi < s.buckets.size(); ++bi) {
+    auto& b = s.buckets[bi];
+    const auto& spec = s.layout.buckets[bi];
     b.handle.wait();
-    for (size_t k = 0; k < b.params.size(); ++k) {
-      auto& p = s.params[b.params[k]].second;
-      p.view({-1}).copy_(b.flat.narrow(0, b.offsets[k], p.numel()));
+    for (size_t k = 0; k < spec.params.size(); ++k) {
+      auto& p = s.params[spec.params[k]].second;
+      p.view({-1}).copy_(b.flat.narrow(0, spec.offsets[k], p.numel()));
     }
   }
+}
+
+double GradientReducer::square_norm() const {
+  const auto& s = *state_;
+  torch::NoGradGuard no_grad;
+  double total = 0.0;
+  if (!s.options.sharded) {
+    // Every rank holds every sum: the blocks of each bucket in order.
+    for (const auto& b : s.buckets) add_blocks(block_squares(b.flat).cpu(), total);
+    return total;
+  }
+  // Each rank has the block sums of its shards; gathered, they are added in the
+  // unsharded order (bucket by bucket, rank by rank within a bucket).
+  std::vector<torch::Tensor> mine;
+  for (const auto& b : s.buckets) mine.push_back(block_squares(b.shard));
+  auto local = torch::cat(mine);
+  const int ranks = s.group->size();
+  auto all = torch::empty({ranks * local.numel()}, local.options());
+  s.group->all_gather(local, all).wait();
+  auto host = all.cpu().view({ranks, local.numel()});
+  int64_t offset = 0;
+  for (const auto& spec : s.layout.buckets) {
+    const int64_t blocks = spec.shard / kNormBlock;
+    for (int r = 0; r < ranks; ++r) add_blocks(host[r].narrow(0, offset, blocks), total);
+    offset += blocks;
+  }
+  return total;
 }
 
 void GradientReducer::begin_backward(bool reduce) {
@@ -189,7 +302,10 @@ void GradientReducer::begin_backward(bool reduce) {
   s.next = 0;
   s.started_in_backward = 0;
   std::fill(s.ready.begin(), s.ready.end(), false);
-  for (auto& b : s.buckets) b.waiting = static_cast<int64_t>(b.params.size());
+  for (size_t bi = 0; bi < s.buckets.size(); ++bi) {
+    s.buckets[bi].waiting = static_cast<int64_t>(s.layout.buckets[bi].params.size());
+    s.buckets[bi].phase = State::Phase::kIdle;
+  }
 }
 
 ReduceStats GradientReducer::finish() {
@@ -200,15 +316,17 @@ ReduceStats GradientReducer::finish() {
   stats.buckets = static_cast<int64_t>(s.buckets.size());
   stats.started_in_backward = s.started_in_backward;
   // Parameters that got no gradient (unused this step) leave their bucket waiting.
-  while (s.next < s.buckets.size()) s.start(s.buckets[s.next++]);
+  while (s.next < s.buckets.size()) s.start(s.next++);
   const auto start = std::chrono::steady_clock::now();
   torch::NoGradGuard no_grad;
-  for (auto& b : s.buckets) {
-    b.handle.wait();
-    if (s.sharded) continue;  // the sums stay in the shards
-    for (size_t k = 0; k < b.params.size(); ++k) {
-      auto& p = s.params[b.params[k]].second;
-      auto sum = b.flat.narrow(0, b.offsets[k], p.numel()).view(p.sizes());
+  for (size_t bi = 0; bi < s.buckets.size(); ++bi) {
+    s.advance(bi);
+    if (s.options.sharded) continue;  // the sums stay in the shards
+    const auto& spec = s.layout.buckets[bi];
+    const auto& flat = s.buckets[bi].flat;
+    for (size_t k = 0; k < spec.params.size(); ++k) {
+      auto& p = s.params[spec.params[k]].second;
+      auto sum = flat.narrow(0, spec.offsets[k], p.numel()).view(p.sizes());
       if (p.grad().defined()) p.mutable_grad().copy_(sum);
       else p.mutable_grad() = sum.clone();
     }

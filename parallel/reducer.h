@@ -3,21 +3,28 @@
 // order (roughly the order backward produces their gradients), into buckets of
 // about `bucket_bytes`. A hook on each parameter's gradient accumulator marks it
 // ready; when a bucket's parameters are all ready its gradients are copied into
-// one flat buffer and an asynchronous all-reduce (sum) starts, while backward goes
-// on with earlier layers. Buckets start strictly in index order, so every rank
-// issues the same collectives in the same order whatever its own timing.
-// finish() starts what is left (a parameter that got no gradient this step
-// contributes zeros), waits, and writes the sums back as the gradients.
+// one flat buffer and its reduction starts, while backward goes on with earlier
+// layers. Buckets start strictly in index order, so every rank issues the same
+// collectives in the same order whatever its own timing. finish() starts what is
+// left (a parameter that got no gradient this step contributes zeros), waits,
+// and writes the sums back as the gradients.
 //
-// Sharded (ZeRO-1): each bucket's buffer is padded to a multiple of the group size
-// and split into equal shards; rank r owns shard r of every bucket. The bucket's
-// reduce-scatter (instead of an all-reduce) leaves rank r only the summed gradient
-// of its shard, the optimizer updates only the parameter elements it owns
-// (shard_segments()), and gather_parameters() all-gathers the updated shards so
-// every rank holds every parameter again.
+// The reduction is reproducible across rank counts (parallel/ordered_sum.h): a
+// bucket's buffer is padded to ranks x shard elements (the shard a multiple of
+// kNormBlock) and exchanged by all-to-all, so rank r receives every rank's piece r;
+// it adds them in rank order with PairwiseSum, and an all-gather brings the sums
+// to every rank. The traffic is a ring all-reduce's (reduce-scatter plus
+// all-gather volume); the cost is one more bucket-sized receive buffer.
+//
+// Sharded (ZeRO-1): rank r owns shard r of every bucket. The all-gather of sums
+// is skipped: rank r keeps only the summed gradient of its shard, the optimizer
+// updates only the parameter elements it owns (shard_segments()), and
+// gather_parameters() all-gathers the updated shards so every rank holds every
+// parameter again.
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <utility>
@@ -46,12 +53,42 @@ struct ShardSegment {
   int64_t offset = 0;
 };
 
+// Which parameter elements go into which bucket; depends only on the parameters'
+// sizes, the bucket size and the number of ranks, so a process alone can lay out
+// the buckets a data-parallel run would (for the same gradient norm).
+struct BucketLayout {
+  struct Bucket {
+    std::vector<size_t> params;    // indices into the parameter list
+    std::vector<int64_t> offsets;  // each parameter's place in the bucket
+    int64_t numel = 0;             // parameters' elements; padded past them to ranks * shard
+    int64_t shard = 0;             // elements per rank, a multiple of kNormBlock
+  };
+  std::vector<Bucket> buckets;
+  std::vector<size_t> bucket_of;  // parameter -> bucket
+  int ranks = 1;                  // a bucket's buffer is ranks * shard elements
+};
+BucketLayout make_bucket_layout(const std::vector<int64_t>& numels, int64_t bucket_bytes, int ranks);
+
+// The squared L2 norm of `grads` (undefined: zeros), laid out as `layout` says,
+// summed in the order of parallel/ordered_sum.h: the same bits as a data-parallel
+// reducer's square_norm() with the same parameters and bucket size.
+double square_norm(const BucketLayout& layout, const std::vector<torch::Tensor>& grads);
+
+struct ReducerOptions {
+  int64_t bucket_bytes = 25 << 20;
+  bool sharded = false;  // ZeRO-1
+  // Called for each parameter (its index in the reducer's list) just before its
+  // gradient is copied into a bucket, on the thread that runs backward: the
+  // trainer folds the earlier micro-batches' gradients in there.
+  std::function<void(size_t)> before_reduce;
+};
+
 class GradientReducer {
  public:
   // params: float32 leaf tensors that require gradients, with their names; group:
-  // the data-parallel communicator (must outlive the reducer). `sharded`: ZeRO-1.
+  // the data-parallel communicator (must outlive the reducer).
   GradientReducer(std::vector<std::pair<std::string, torch::Tensor>> params, Communicator& group,
-                  int64_t bucket_bytes, bool sharded = false);
+                  ReducerOptions options);
   ~GradientReducer();
   GradientReducer(const GradientReducer&) = delete;
   GradientReducer& operator=(const GradientReducer&) = delete;
@@ -77,6 +114,11 @@ class GradientReducer {
   // All-gathers every bucket's owned elements (as the parameters hold them now) so
   // every rank's parameters equal the owners' values.
   void gather_parameters();
+  // After finish(): the squared L2 norm of the summed gradients (sharded: of every
+  // rank's shards; collective then), the same bits on every rank and for any
+  // number of ranks (square_norm() with this reducer's layout, for one process).
+  double square_norm() const;
+  const BucketLayout& layout() const;
 
   struct State;  // shared with the gradient hooks
 

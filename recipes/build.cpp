@@ -59,6 +59,7 @@ data::SamplerOptions sampler_options(const Recipe& r, bool eval, int rank, int r
   o.world_size = ranks;
   o.seq_len = r.data.seq_len;
   o.micro_batch_size = r.trainer.micro_batch_size;
+  if (!eval) o.micro_batches = r.trainer.grad_accum_steps;
   if (r.data.packed) o.document_start = data::make_tokenizer(r.data.tokenizer)->bos_id();
   // Eval batches come from a different stream so they never mirror training batches.
   o.seed = eval ? mix64(r.trainer.seed ^ 0x65766131ULL) : r.trainer.seed;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <map>
 #include <sstream>
 
 #include <ATen/CPUGeneratorImpl.h>
@@ -10,6 +11,7 @@
 #include "core/error.h"
 #include "core/log.h"
 #include "core/progress.h"
+#include "parallel/ordered_sum.h"
 
 namespace brigade::trainer {
 namespace {
@@ -96,12 +98,34 @@ Trainer::Trainer(TrainerOptions options, precision::PrecisionOptions precision, 
   for (const auto& name : model_->expert_parallel_parameters()) expert_names_.insert(name);
   model::NamedTensors dense, experts;
   for (const auto& [name, p] : params_) (expert_names_.contains(name) ? experts : dense).emplace_back(name, p);
+  std::vector<torch::Tensor> all;
+  std::map<std::string, size_t> index;
+  for (const auto& [name, p] : params_) {
+    index[name] = all.size();
+    all.push_back(p);
+  }
+  micro_grads_ = std::make_unique<parallel::MicroBatchGradients>(all);
+  // A reducer folds each parameter's earlier micro-batches in just before the
+  // parameter's gradient goes into its bucket.
+  auto reducer_options = [&](const model::NamedTensors& group, bool sharded) {
+    std::vector<size_t> to_trainer;
+    for (const auto& [name, p] : group) to_trainer.push_back(index.at(name));
+    auto* sums = micro_grads_.get();
+    return parallel::ReducerOptions{.bucket_bytes = context_.bucket_bytes,
+                                    .sharded = sharded,
+                                    .before_reduce = [sums, to_trainer](size_t i) { sums->finish(to_trainer[i]); }};
+  };
   if (dp_size() > 1) {
-    reducer_ = std::make_unique<parallel::GradientReducer>(dense, *context_.data_parallel, context_.bucket_bytes,
-                                                           context_.zero);
+    reducer_ = std::make_unique<parallel::GradientReducer>(dense, *context_.data_parallel,
+                                                           reducer_options(dense, context_.zero));
+  } else {
+    std::vector<int64_t> numels;
+    for (const auto& [name, p] : params_) numels.push_back(p.numel());
+    layout_ = parallel::make_bucket_layout(numels, context_.bucket_bytes, 1);  // for the same gradient norm
   }
   if (!experts.empty() && expert_replicas_->size() > 1) {
-    expert_reducer_ = std::make_unique<parallel::GradientReducer>(experts, *expert_replicas_, context_.bucket_bytes);
+    expert_reducer_ = std::make_unique<parallel::GradientReducer>(experts, *expert_replicas_,
+                                                                  reducer_options(experts, false));
   }
   const auto decay = weight_decay_mask(params_, options_);
   const AdamWOptions adamw{options_.beta1, options_.beta2, options_.eps, options_.weight_decay,
@@ -237,27 +261,31 @@ StepResult Trainer::step() {
   // them directly instead of accumulating into zeros.
   for (auto& [name, p] : params_) p.mutable_grad() = torch::Tensor();
 
-  // This rank's slice of every micro-batch, and each micro-batch's trained targets
-  // over all ranks: the mean loss of a micro-batch is over the whole global batch.
+  // This rank's micro-batches, and the step's trained targets over all of them and
+  // all ranks: the loss is the mean over the whole step, the same for any split of
+  // its rows into ranks and micro-batches.
   std::vector<data::Batch> batches;
-  auto global_tokens = torch::empty({options_.grad_accum_steps}, torch::kLong);
-  int64_t* tokens = global_tokens.data_ptr<int64_t>();
+  auto step_tokens = torch::zeros({1}, torch::kLong);
   for (int64_t micro = 0; micro < options_.grad_accum_steps; ++micro) {
     batches.push_back(train_data_.batch(state_.step, micro));
-    tokens[micro] = batches.back().trained_tokens;
+    step_tokens[0] += batches.back().trained_tokens;
     result.tokens += batches.back().inputs.numel() * dp_size();
   }
-  if (reducer_) context_.data_parallel->all_reduce(global_tokens, parallel::ReduceOp::kSum).wait();
+  if (reducer_) context_.data_parallel->all_reduce(step_tokens, parallel::ReduceOp::kSum).wait();
+  const int64_t tokens = step_tokens.item<int64_t>();
 
   double loss = 0.0, objective = 0.0;  // this rank's shares of the step's means
   for (int64_t micro = 0; micro < options_.grad_accum_steps; ++micro) {
     const bool last = micro + 1 == options_.grad_accum_steps;
     if (reducer_) reducer_->begin_backward(/*reduce=*/last);
     if (expert_reducer_) expert_reducer_->begin_backward(/*reduce=*/last);
-    const LossShares shares = forward_backward(batches[micro], tokens[micro]);
-    loss += shares.loss / static_cast<double>(options_.grad_accum_steps);
-    objective += shares.objective / static_cast<double>(options_.grad_accum_steps);
+    const LossShares shares = forward_backward(batches[micro], tokens);
+    loss += shares.loss;
+    objective += shares.objective;
+    // Micro-batch gradients are added in the canonical order (parallel/ordered_sum.h).
+    if (!last) micro_grads_->stash();
   }
+  micro_grads_->finish_all();  // what no reducer folded in
   if (reducer_) {
     result.reduce = reducer_->finish();  // gradients are now sums over the group
     if (expert_reducer_) {
@@ -309,12 +337,12 @@ torch::Tensor Trainer::token_loss_sum(const torch::Tensor& logits, const data::B
       torch::nn::functional::CrossEntropyFuncOptions().ignore_index(data::kIgnoreIndex).reduction(torch::kSum));
 }
 
-Trainer::LossShares Trainer::forward_backward(const data::Batch& batch, int64_t global_tokens) {
+Trainer::LossShares Trainer::forward_backward(const data::Batch& batch, int64_t step_tokens) {
   // Every target masked here: nothing to learn from this slice (the reducer still
   // contributes zeros for this rank). With expert parallelism the forward and
   // backward still run: the other ranks' tokens may need this rank's experts.
   if (batch.trained_tokens == 0 && !ep_group_) return {};
-  const auto denominator = static_cast<double>(std::max<int64_t>(global_tokens, 1));
+  const auto denominator = static_cast<double>(std::max<int64_t>(step_tokens, 1));
   const auto logits = forward(batch);
   auto loss = token_loss_sum(logits, batch) / denominator;
   torch::Tensor objective;
@@ -324,10 +352,12 @@ Trainer::LossShares Trainer::forward_backward(const data::Batch& batch, int64_t 
     objective = o->loss_sum(logits, batch) / denominator;
     loss = (1.0 - o->weight()) * loss + o->weight() * objective;
   }
-  // MoE balance / z-loss terms of this forward, if any: each rank's are averaged.
+  // MoE balance / z-loss terms of this forward, if any: averaged over the step's
+  // micro-batches on all ranks.
   auto aux = model_->aux_loss();
-  auto total = aux.defined() ? loss + aux / static_cast<double>(dp_size()) : loss;
-  (total / static_cast<double>(options_.grad_accum_steps)).backward();
+  const auto micro_batches = static_cast<double>(dp_size() * options_.grad_accum_steps);
+  auto total = aux.defined() ? loss + aux / micro_batches : loss;
+  total.backward();
   return {loss.item<double>(), objective.defined() ? objective.item<double>() : 0.0};
 }
 
@@ -337,24 +367,23 @@ double Trainer::clip_gradients() {
     if (g.defined()) grads.push_back(g);
   }
   torch::NoGradGuard no_grad;
+  // The norm is summed in a fixed order over fixed blocks (parallel/ordered_sum.h):
+  // the same bits for one process, any number of data-parallel ranks, and ZeRO-1.
   double total = 0.0;
-  if (sharded()) {
-    // Each rank holds a disjoint piece of the summed gradient: add the squares.
-    auto squares = torch::zeros({1}, torch::kDouble);
-    if (!grads.empty()) squares += torch::stack(torch::_foreach_norm(grads)).to(torch::kDouble).square().sum();
-    context_.data_parallel->all_reduce(squares, parallel::ReduceOp::kSum).wait();
-    total = std::sqrt(squares.item<double>());
-  } else if (ep_group_) {
+  if (ep_group_) {
     // Every rank holds the same summed dense gradients and its own experts'.
-    auto squares = torch::zeros({2}, torch::kDouble);  // dense, experts
+    auto experts = torch::zeros({1}, torch::kDouble);
     for (const auto& [name, g] : update_gradients()) {
-      if (g.defined()) squares[expert_names_.contains(name) ? 1 : 0] += g.to(torch::kDouble).square().sum();
+      if (g.defined() && expert_names_.contains(name)) experts += g.to(torch::kDouble).square().sum();
     }
-    auto experts = squares.narrow(0, 1, 1).clone();
     ep_group_->all_reduce(experts, parallel::ReduceOp::kSum).wait();
-    total = std::sqrt(squares[0].item<double>() + experts.item<double>());
-  } else if (!grads.empty()) {
-    total = torch::linalg_vector_norm(torch::stack(torch::_foreach_norm(grads)), 2).item<double>();
+    total = std::sqrt(reducer_->square_norm() + experts.item<double>());
+  } else if (reducer_) {
+    total = std::sqrt(reducer_->square_norm());
+  } else {
+    std::vector<torch::Tensor> own;
+    for (const auto& [name, p] : params_) own.push_back(p.grad());
+    total = std::sqrt(parallel::square_norm(layout_, own));
   }
   if (grads.empty()) return total;
   if (options_.grad_clip > 0 && std::isfinite(total) && total > options_.grad_clip) {

@@ -13,6 +13,7 @@
 #include "data/sampler.h"
 #include "model/transformer.h"
 #include "parallel/communicator.h"
+#include "parallel/ordered_sum.h"
 #include "parallel/reducer.h"
 #include "precision/precision.h"
 #include "trainer/checkpoint.h"
@@ -50,7 +51,7 @@ struct RunContext {
 
 struct StepResult {
   int64_t step = 0;          // steps completed after this one
-  double loss = 0.0;         // mean over micro-batches (with an objective: the mixed loss)
+  double loss = 0.0;         // mean over the step's trained tokens (with an objective: the mixed loss)
   double objective = 0.0;    // with an objective: its per-token mean, unweighted
   double lr = 0.0;
   double grad_norm = 0.0;    // before clipping
@@ -115,15 +116,15 @@ class Trainer {
   torch::Tensor forward(const data::Batch& batch);
   // Cross-entropy summed over the batch's trained targets.
   torch::Tensor token_loss_sum(const torch::Tensor& logits, const data::Batch& batch) const;
-  // This rank's shares of a micro-batch's per-token means (sums over `global_tokens`,
-  // the micro-batch's trained targets on all ranks).
+  // This rank's shares of the step's per-token means (sums over `step_tokens`, the
+  // trained targets of all of the step's micro-batches on all ranks).
   struct LossShares {
     double loss = 0.0;       // what is minimised: CE, or (1 - w) * CE + w * objective
     double objective = 0.0;  // the objective's own share, unweighted (0 without one)
   };
   // Backward of this rank's share of the micro-batch's loss; returns the shares.
   // MoE auxiliary losses join the gradient only.
-  LossShares forward_backward(const data::Batch& batch, int64_t global_tokens);
+  LossShares forward_backward(const data::Batch& batch, int64_t step_tokens);
   int dp_size() const { return context_.data_parallel ? context_.data_parallel->size() : 1; }
   bool is_main_rank() const { return !context_.data_parallel || context_.data_parallel->rank() == 0; }
   bool sharded() const { return reducer_ && reducer_->sharded(); }
@@ -153,6 +154,9 @@ class Trainer {
   std::unique_ptr<parallel::GradientReducer> reducer_;  // data parallel only (all but EP-sharded parameters)
   std::unique_ptr<parallel::GradientReducer> expert_reducer_;  // EP-sharded parameters over expert_replicas_
   std::vector<torch::Tensor> shard_grads_;           // ZeRO-1: the optimizer's pieces' gradients
+  // Gradient accumulation in the canonical order, one sum per parameter of params_.
+  std::unique_ptr<parallel::MicroBatchGradients> micro_grads_;
+  parallel::BucketLayout layout_;  // one process: the buckets a reducer would use (gradient norm)
   std::unique_ptr<AdamW> optimizer_;
   CosineSchedule schedule_;
   CheckpointStore checkpoints_;

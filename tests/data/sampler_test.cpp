@@ -2,6 +2,7 @@
 
 #include <numeric>
 #include <set>
+#include <tuple>
 
 #include <torch/torch.h>
 
@@ -29,6 +30,7 @@ SamplerOptions options(int64_t seq_len, int64_t rows, uint64_t seed = 7, int ran
   o.seed = seed;
   o.rank = rank;
   o.world_size = world;
+  o.micro_batches = 4;
   return o;
 }
 
@@ -71,6 +73,33 @@ TEST(BatchSampler, IsAPureFunctionOfItsArguments) {
   EXPECT_FALSE(torch::equal(rank1.batch(11, 2).inputs, x.inputs));  // another rank
   BatchSampler reseeded(corpus, options(32, 8, /*seed=*/8));
   EXPECT_FALSE(torch::equal(reseeded.batch(11, 2).inputs, x.inputs));  // another seed
+}
+
+// A step's rows do not depend on how they are split into ranks and micro-batches
+// (data-parallel runs reproduce one process bit for bit from this).
+TEST(BatchSampler, AStepHasTheSameRowsForAnySplit) {
+  TokenCorpus corpus = counting_corpus(5000, true);
+  auto split = [&](int world, int64_t micro_batches, int64_t rows) {
+    std::vector<torch::Tensor> inputs, targets;
+    for (int rank = 0; rank < world; ++rank) {
+      auto o = options(16, rows, 7, rank, world);
+      o.micro_batches = micro_batches;
+      BatchSampler sampler(corpus, o);
+      for (int64_t m = 0; m < micro_batches; ++m) {
+        auto b = sampler.batch(9, m);
+        inputs.push_back(b.inputs);
+        targets.push_back(b.targets);
+      }
+    }
+    return std::make_pair(torch::cat(inputs), torch::cat(targets));
+  };
+  const auto whole = split(1, 1, 8);
+  for (const auto& [world, micro, rows] : {std::tuple{1, 4, 2}, {2, 2, 2}, {4, 1, 2}, {2, 1, 4}, {1, 8, 1}}) {
+    const auto parts = split(world, micro, rows);
+    EXPECT_TRUE(torch::equal(parts.first, whole.first)) << world << " ranks x " << micro << " x " << rows;
+    EXPECT_TRUE(torch::equal(parts.second, whole.second)) << world << " ranks x " << micro << " x " << rows;
+  }
+  EXPECT_FALSE(torch::equal(split(1, 1, 8).first, split(1, 1, 16).first.narrow(0, 8, 8)));
 }
 
 TEST(BatchSampler, RowsDiffer) {
