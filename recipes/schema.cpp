@@ -331,7 +331,7 @@ std::vector<Field> build_schema() {
   s.push_back(real("distill.kd.beta", REF(distill.kd.beta), "jsd: the mixture's teacher weight, in (0, 1) (0.5: symmetric JSD).", 1e-6, 1.0 - 1e-6));
   s.push_back(integer<int64_t>("trainer.max_steps", REF(trainer.max_steps), "Optimizer steps; also where the cosine schedule ends.", 1));
   s.push_back(integer<int64_t>("trainer.micro_batch_size", REF(trainer.micro_batch_size), "Sequences per micro-batch per rank.", 1));
-  s.push_back(integer<int64_t>("trainer.grad_accum_steps", REF(trainer.grad_accum_steps), "Micro-batches accumulated per optimizer step.", 1));
+  s.push_back(integer<int64_t>("trainer.grad_accum_steps", REF(trainer.grad_accum_steps), "Micro-batches accumulated per optimizer step (a power of two keeps runs on different rank counts bit-identical: docs/distributed.md).", 1));
   s.push_back(real("trainer.lr", REF(trainer.lr), "Peak learning rate.", 1e-12, 10.0));
   s.push_back(real("trainer.min_lr", REF(trainer.min_lr), "Learning-rate floor at the end of the cosine decay.", 0.0, 10.0));
   s.push_back(integer<int64_t>("trainer.warmup_steps", REF(trainer.warmup_steps), "Linear warmup steps from 0 to lr."));
