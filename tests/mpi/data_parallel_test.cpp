@@ -128,7 +128,8 @@ void expect_identical(const model::NamedTensors& a, const model::NamedTensors& b
 // where the gradient is large, and by up to lr where it is near 0 and its sign
 // flips. Over 5 steps at lr 0.01 on weights of norm ~1 that is ~5 * 0.01 * 6e-5 =
 // 3e-6 from rounding, and the rare sign flips of near-zero gradients add at most
-// lr * sqrt(flipped elements / all elements); measured 6e-8 to 4e-7 (below). A lost or
+// lr * sqrt(flipped elements / all elements); measured 3.5e-8 to 7.1e-8 at 2 and 4 ranks
+// (2026-12-02, AVX-512 machine, and under every scripts/portable.sh configuration). A lost or
 // double-counted micro-batch is ~1e-2.
 constexpr double kExpertParallelBound = 3e-5;
 
