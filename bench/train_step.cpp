@@ -32,9 +32,11 @@
 #include <unistd.h>
 
 #include <nlohmann/json.hpp>
+#include <torch/cuda.h>
 #include <torch/torch.h>
 
 #include "bench/op_profile.h"
+#include "core/device.h"
 #include "core/error.h"
 #include "launch/commands.h"
 #include "recipes/build.h"
@@ -69,18 +71,27 @@ double median(std::vector<double> values) {
   return n % 2 == 1 ? values[n / 2] : 0.5 * (values[n / 2 - 1] + values[n / 2]);
 }
 
-// GFLOP/s of an fp32 n x n x n torch::matmul on the configured threads: the
-// denominator of MFU. Median of 5 repetitions after one untimed warm-up.
-double matmul_peak_gflops(int64_t n) {
+// Waits for the GPU's queued work, so a host clock brackets it (nothing on the CPU).
+void sync(c10::Device device) {
+  if (device.is_cuda()) torch::cuda::synchronize(device.index());
+}
+
+// GFLOP/s of an n x n x n torch::matmul: the denominator of MFU. On the CPU in
+// float32 on the configured threads; on a GPU in the recipe's compute dtype there.
+// Median of 5 repetitions after one untimed warm-up.
+double matmul_peak_gflops(int64_t n, c10::Device device, torch::ScalarType dtype) {
   torch::NoGradGuard no_grad;
-  auto a = torch::randn({n, n});
-  auto b = torch::randn({n, n});
-  auto c = torch::empty({n, n});
+  const auto on = torch::TensorOptions().device(device).dtype(device.is_cuda() ? dtype : torch::kFloat);
+  auto a = torch::randn({n, n}, on);
+  auto b = torch::randn({n, n}, on);
+  auto c = torch::empty({n, n}, on);
   torch::matmul_out(c, a, b);
   std::vector<double> rates;
   for (int rep = 0; rep < 5; ++rep) {
+    sync(device);
     const auto start = Clock::now();
     torch::matmul_out(c, a, b);
+    sync(device);
     rates.push_back(2.0 * static_cast<double>(n * n * n) / seconds_since(start) / 1e9);
   }
   return median(rates);
@@ -95,12 +106,15 @@ struct Window {
 Window run_window(brigade::trainer::Trainer& trainer, int64_t steps) {
   Window w;
   int64_t tokens = 0;
+  const auto device = trainer.context().device;
+  sync(device);
   const auto start = Clock::now();
   for (int64_t i = 0; i < steps; ++i) {
     const auto result = trainer.step();
     tokens += result.tokens;
     w.last_loss = result.loss;
   }
+  sync(device);
   w.seconds = seconds_since(start);
   w.tokens_per_sec = static_cast<double>(tokens) / w.seconds;
   return w;
@@ -108,13 +122,15 @@ Window run_window(brigade::trainer::Trainer& trainer, int64_t steps) {
 
 // What the driver needs to build the same model and optimizer in PyTorch eager.
 json describe(const brigade::recipes::Recipe& r, brigade::model::Transformer& model, const Args& args,
-              double peak_gflops) {
+              double peak_gflops, c10::Device device) {
   const auto& m = r.model;
   const auto& t = r.trainer;
   const auto count = model->parameter_count();
   return json{
       {"recipe", r.name},
       {"threads", args.threads},
+      {"device", device.str()},
+      {"gpu", device.is_cuda() ? brigade::cuda_device_name(device.index()) : std::string()},
       {"warmup_steps", args.warmup},
       {"steps_per_window", args.steps},
       {"compute_dtype", brigade::precision::to_string(r.precision.compute_dtype)},
@@ -188,14 +204,16 @@ int run(const Args& args) {
   const auto recipe = brigade::recipes::load_recipe(args.recipe, args.overrides);
   brigade::launch::configure_allocator();  // as the brigade binary does
   brigade::launch::configure_threads(args.threads);
-  const double peak = matmul_peak_gflops(args.matmul_size);
 
   // The trainer writes nothing unless a hook or checkpoint asks; the directory is
   // only a place for it to point at.
   const fs::path run_dir = fs::temp_directory_path() / ("brigade-bench-" + std::to_string(::getpid()));
   auto trainer = brigade::recipes::build_trainer(recipe, run_dir);
   trainer->model()->train();
-  json info = describe(recipe, trainer->model(), args, peak);
+  const c10::Device device = trainer->context().device;
+  const auto dtype = brigade::precision::to_scalar_type(recipe.precision.compute_dtype);
+  const double peak = matmul_peak_gflops(args.matmul_size, device, dtype);
+  json info = describe(recipe, trainer->model(), args, peak, device);
 
   for (int64_t i = 0; i < args.warmup; ++i) trainer->step();
   if (args.profile > 0) info["profile"] = profile_steps(*trainer, args.profile);
@@ -205,7 +223,7 @@ int run(const Args& args) {
     std::string line;
     for (int64_t i = 0; std::getline(std::cin, line);) {
       if (line == "matmul") {  // the driver re-measures the peak every round
-        std::cout << json{{"matmul_peak_gflops", matmul_peak_gflops(args.matmul_size)}}.dump() << std::endl;
+        std::cout << json{{"matmul_peak_gflops", matmul_peak_gflops(args.matmul_size, device, dtype)}}.dump() << std::endl;
         continue;
       }
       if (line.rfind("profile ", 0) == 0) {

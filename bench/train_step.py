@@ -161,12 +161,16 @@ class EagerTrainer:
     """The training step as a PyTorch user writes it: default AdamW, clip_grad_norm_."""
 
     def __init__(self, info, adamw="default"):
-        if info["compute_dtype"] != "float32":
-            raise SystemExit(f"train_step.py compares float32 compute only, recipe has {info['compute_dtype']}")
+        # The device brigade computes on (trainer.device); on a GPU, BF16 is autocast
+        # over FP32 parameters, as brigade does.
+        self.device = torch.device(info.get("device", "cpu"))
+        self.autocast = info["compute_dtype"] == "bfloat16"
+        if self.autocast and self.device.type != "cuda":
+            raise SystemExit(f"train_step.py compares float32 compute on CPUs, recipe has {info['compute_dtype']}")
         m, t = info["model"], info["trainer"]
         self.t = t
         torch.manual_seed(t["seed"])
-        self.model = Transformer(m)
+        self.model = Transformer(m).to(self.device)
         self.model.train()
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
@@ -185,7 +189,7 @@ class EagerTrainer:
 
     def batch(self):
         # Random token windows of the recipe's shape; making them costs microseconds.
-        rows = torch.randint(0, self.vocab, (self.shape[0], self.shape[1] + 1))
+        rows = torch.randint(0, self.vocab, (self.shape[0], self.shape[1] + 1)).to(self.device)
         return rows[:, :-1], rows[:, 1:]
 
     def step(self):
@@ -194,7 +198,8 @@ class EagerTrainer:
         loss_sum = 0.0
         for _ in range(t["grad_accum_steps"]):
             inputs, targets = self.batch()
-            logits = self.model(inputs)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                logits = self.model(inputs)
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
                                    ignore_index=-100)
             (loss / t["grad_accum_steps"]).backward()
@@ -209,9 +214,13 @@ class EagerTrainer:
 
     def window(self, steps):
         tokens_per_step = self.shape[0] * self.shape[1] * self.t["grad_accum_steps"]
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         start = time.perf_counter()
         for _ in range(steps):
             loss = self.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
         return {"tokens_per_sec": steps * tokens_per_step / seconds, "seconds": seconds, "loss": loss}
 

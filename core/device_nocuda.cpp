@@ -2,7 +2,10 @@
 
 namespace brigade {
 
+bool cuda_built() { return false; }
 int cuda_device_count() { return 0; }
 std::string describe_devices() { return "CUDA: not built"; }
+int cuda_capability(int) { return 0; }
+std::string cuda_device_name(int) { return {}; }
 
 }  // namespace brigade

@@ -44,15 +44,19 @@ torch::Tensor KdObjective::loss_sum(const torch::Tensor& logits, const data::Bat
   // Corpus position of every input token, then the positions that count: trained
   // targets with a teacher record.
   const auto positions = (batch.offsets.unsqueeze(1) + torch::arange(T, torch::kInt64)).reshape({-1});  // [rows*T]
-  const auto counted = batch.targets.reshape({-1}).ne(data::kIgnoreIndex)
+  // The teacher's records live in host memory: the selection is made there and only
+  // the picked rows travel to the logits' device.
+  const auto counted = batch.targets.reshape({-1}).to(torch::kCPU).ne(data::kIgnoreIndex)
                            .logical_and(targets_.valid.index_select(0, positions).to(torch::kBool));
   const auto picked = counted.nonzero().reshape({-1});  // [n] indices into rows*T
   const int64_t n = picked.size(0);
   if (n == 0) return torch::zeros({}, logits.options().dtype(torch::kFloat32));
   const auto where = positions.index_select(0, picked);
   const auto student = logits.reshape({rows * T, logits.size(-1)}).index_select(0, picked.to(logits.device()));
-  const auto mean = kd_loss(student, targets_.ids.index_select(0, where), targets_.logprobs.index_select(0, where),
-                            torch::ones({n}, torch::kBool), options_);
+  const auto device = logits.device();
+  const auto mean = kd_loss(student, targets_.ids.index_select(0, where).to(device),
+                            targets_.logprobs.index_select(0, where).to(device),
+                            torch::ones({n}, torch::TensorOptions().dtype(torch::kBool).device(device)), options_);
   return mean * static_cast<double>(n);
 }
 

@@ -109,27 +109,38 @@ void configure_threads(int64_t threads) {
 // Every rank must train the same recipe: rank 0's hash (16 hex digits) is compared
 // with everyone's.
 void check_same_recipe(parallel::Communicator& world, const std::string& hash) {
-  auto mine = torch::tensor({static_cast<int64_t>(std::stoull(hash, nullptr, 16))}, torch::kLong);
-  auto all = torch::empty({world.size()}, torch::kLong);
+  const auto on = torch::TensorOptions().dtype(torch::kLong).device(world.device());
+  auto mine = torch::full({1}, static_cast<int64_t>(std::stoull(hash, nullptr, 16)), on);
+  auto all = torch::empty({world.size()}, on);
   world.all_gather(mine, all).wait();
+  const auto hashes = all.cpu();
   for (int r = 1; r < world.size(); ++r) {
-    BRIGADE_CHECK(all[r].item<int64_t>() == all[0].item<int64_t>(), "rank ", r,
+    BRIGADE_CHECK(hashes[r].item<int64_t>() == hashes[0].item<int64_t>(), "rank ", r,
                   " runs a different recipe than rank 0 (after --set overrides): every rank must train the same one");
   }
 }
 
 int train_command(const TrainArgs& args) {
-  // Ranks first: a multi-rank job (mpirun, srun, brigade launch) talks over MPI.
+  // Ranks first: a multi-rank job (mpirun, srun, brigade launch) talks over MPI on
+  // CPUs and NCCL on GPUs.
   const DetectedWorld detected = detect_world();
   std::unique_ptr<parallel::Communicator> world;
-  // Everything that can reject the input runs before the run directory is touched.
+  // Everything that can reject the input runs before the run directory is touched,
+  // the device and back end included (cuda without a GPU, nccl on CPUs, ...).
   const recipes::Recipe recipe = recipes::load_recipe(args.recipe, args.overrides);
   if (detected.world.size > 1) {
     set_log_rank(detected.world.rank);
     set_error_rank(detected.world.rank);
+  }
+  const recipes::Placement placement = recipes::plan_placement(recipe, recipes::this_machine(detected.world));
+  log_info("device: ", placement.device.str(), " (trainer.device=", to_string(recipe.trainer.device), ")");
+  if (detected.world.size > 1) {
     world = parallel::make_world_communicator(
-        detected.world, {parallel::Backend::kMpi, std::chrono::seconds(recipe.parallel.timeout_s)});
-    std::string layout = "data parallel over MPI";
+        detected.world, {placement.backend, std::chrono::seconds(recipe.parallel.timeout_s)});
+    BRIGADE_CHECK(world->device() == placement.device, "rank ", detected.world.rank, " computes on ",
+                  placement.device.str(), " but its ", parallel::to_string(placement.backend),
+                  " communicator moves tensors on ", world->device().str());
+    std::string layout = "data parallel over " + parallel::to_string(placement.backend);
     if (recipe.parallel.zero_stage == 1) layout += ", ZeRO-1 optimizer sharding";
     if (recipe.parallel.expert_parallel > 1) {
       layout += detail::concat(", expert parallel in groups of ", recipe.parallel.expert_parallel,
@@ -152,7 +163,7 @@ int train_command(const TrainArgs& args) {
     check_fresh_run_dir(run_dir);
   }
 
-  configure_threads(recipe.trainer.threads);
+  configure_threads(placement.threads);
   // Resuming: the checkpoint replaces every weight, so model.init_from is not read.
   auto trainer = recipes::build_trainer(recipe, run_dir, world.get(), checkpoint.has_value());
   if (checkpoint) trainer->resume(*checkpoint);

@@ -78,7 +78,7 @@ std::vector<Generation> generate_batch(Transformer& model, const std::vector<std
   const auto device = model->embed_tokens->weight.device();
   // Left padding: every row's last prompt token sits at position longest - 1.
   auto input = torch::zeros({batch, longest}, torch::kLong);
-  if (padded) cache.valid = torch::ones({batch, capacity}, torch::kBool);
+  if (padded) cache.valid = torch::ones({batch, capacity}, torch::TensorOptions().dtype(torch::kBool).device(device));
   for (int64_t i = 0; i < batch; ++i) {
     const auto& prompt = prompts[static_cast<size_t>(i)];
     const int64_t pad = longest - static_cast<int64_t>(prompt.size());

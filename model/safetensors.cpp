@@ -52,7 +52,8 @@ void save_safetensors(const std::filesystem::path& path, const NamedTensors& ten
   for (const auto& [name, tensor] : tensors) {
     BRIGADE_CHECK(tensor.device().is_cpu(), "safetensors: tensor ", name, " is not on the CPU");
     BRIGADE_CHECK(!header.contains(name), "safetensors: tensor name ", name, " given twice for ", path.string());
-    auto t = tensor.detach().contiguous();
+    // Device tensors are copied out here, so callers hand over what they hold.
+    auto t = tensor.detach().to(torch::kCPU).contiguous();
     const uint64_t bytes = static_cast<uint64_t>(t.numel()) * t.element_size();
     header[name] = {{"dtype", dtype_name(t.scalar_type())},
                     {"shape", t.sizes().vec()},

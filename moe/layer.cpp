@@ -111,16 +111,19 @@ LayerStepStats MoELayerImpl::end_step(bool update_bias, parallel::Communicator* 
   if (group != nullptr && group->size() > 1) {
     // One message: [experts] loads, then copies and drops (all int64), and the aux
     // terms averaged over ranks.
-    auto counts = torch::cat({load_.to(torch::kCPU), torch::tensor({copies_, dropped_}, torch::kLong)});
-    auto aux = aux_sums_.to(torch::kCPU, torch::kDouble).contiguous();
+    // On the group's device (NCCL takes GPU tensors only).
+    const auto device = group->device();
+    auto counts = torch::cat({load_.to(device), torch::tensor({copies_, dropped_}, torch::kLong).to(device)});
+    auto aux = aux_sums_.to(device, torch::kDouble).contiguous();
     auto h1 = group->all_reduce(counts, parallel::ReduceOp::kSum);
     auto h2 = group->all_reduce(aux, parallel::ReduceOp::kSum);
     h1.wait();
     h2.wait();
     const int64_t experts = load_.size(0);
     load_ = counts.narrow(0, 0, experts).to(load_.device());
-    copies_ = counts[experts].item<int64_t>();
-    dropped_ = counts[experts + 1].item<int64_t>();
+    const auto totals = counts.narrow(0, experts, 2).cpu();
+    copies_ = totals[0].item<int64_t>();
+    dropped_ = totals[1].item<int64_t>();
     aux_sums_ = (aux / static_cast<double>(group->size())).to(aux_sums_.options());
   }
   auto load = load_.to(torch::kFloat);

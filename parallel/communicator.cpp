@@ -88,6 +88,7 @@ class SingleCommunicator final : public Communicator {
  public:
   SingleCommunicator(std::string name, std::chrono::seconds timeout) : Communicator(0, 1, std::move(name), timeout) {}
   Backend backend() const override { return Backend::kSingle; }
+  c10::Device device() const override { return c10::Device(c10::kCPU); }
   Handle all_reduce(torch::Tensor&, ReduceOp) override { return {}; }
   Handle reduce_scatter(const torch::Tensor& input, torch::Tensor& output, ReduceOp) override {
     check_reduce_scatter(input, output);

@@ -67,6 +67,9 @@ class Communicator {
   const std::string& name() const { return name_; }
   std::chrono::seconds timeout() const { return timeout_; }
   virtual Backend backend() const = 0;
+  // Where this back end's tensors live: every tensor passed to it, control scalars
+  // included, is made there (the CPU for MPI and single-process, the rank's GPU for NCCL).
+  virtual c10::Device device() const = 0;
 
   // In place: every rank ends with op over all ranks' `tensor`.
   virtual Handle all_reduce(torch::Tensor& tensor, ReduceOp op) = 0;

@@ -114,6 +114,7 @@ class MpiCommunicator final : public Communicator {
     if (owned_ && !finalized) MPI_Comm_free(&comm_);
   }
   Backend backend() const override { return Backend::kMpi; }
+  c10::Device device() const override { return c10::Device(c10::kCPU); }
 
   Handle all_reduce(torch::Tensor& tensor, ReduceOp op) override {
     check_cpu(tensor, "all_reduce");

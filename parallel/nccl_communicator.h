@@ -13,6 +13,8 @@
 
 namespace brigade::parallel {
 
+// Whether brigade was compiled with NCCL.
+bool nccl_built();
 std::unique_ptr<Communicator> make_nccl_world(const World& world, std::chrono::seconds timeout);
 
 }  // namespace brigade::parallel

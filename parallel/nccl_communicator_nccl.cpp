@@ -103,6 +103,7 @@ class NcclCommunicator final : public Communicator {
       : Communicator(rank, size, std::move(name), timeout), comm_(comm), device_(device) {}
   ~NcclCommunicator() override { ncclCommDestroy(comm_); }
   Backend backend() const override { return Backend::kNccl; }
+  c10::Device device() const override { return c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(device_)); }
 
   Handle all_reduce(torch::Tensor& tensor, ReduceOp op) override {
     check_cuda(tensor, "all_reduce");
@@ -228,6 +229,8 @@ class NcclCommunicator final : public Communicator {
 };
 
 }  // namespace
+
+bool nccl_built() { return true; }
 
 std::unique_ptr<Communicator> make_nccl_world(const World& world, std::chrono::seconds timeout) {
   const int devices = cuda_device_count();

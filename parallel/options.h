@@ -2,10 +2,21 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
+
+#include <c10/core/Device.h>
+
+#include "parallel/communicator.h"
 
 namespace brigade::parallel {
 
+// `parallel.backend`: auto is NCCL for GPU tensors and MPI for CPU ones.
+enum class BackendRequest { kAuto, kMpi, kNccl };
+std::string to_string(BackendRequest request);
+BackendRequest parse_backend_request(const std::string& name);
+
 struct ParallelOptions {
+  BackendRequest backend = BackendRequest::kAuto;  // how ranks talk (docs/distributed.md)
   int64_t timeout_s = 300;  // a collective not finished by then stops the job with an error
   double bucket_mb = 25.0;  // data-parallel gradient bucket size (MiB)
   int64_t zero_stage = 0;   // 1: ZeRO-1 (optimizer state sharded over the data-parallel group)
@@ -15,5 +26,10 @@ struct ParallelOptions {
   void validate() const;
   int64_t bucket_bytes() const { return static_cast<int64_t>(bucket_mb * 1024.0 * 1024.0); }
 };
+
+// The world communicator's back end for a job of `world_size` ranks computing on
+// `device`: one process alone needs none (kSingle); NCCL moves GPU tensors and MPI
+// CPU ones, so the other pairings are an Error naming parallel.backend.
+Backend choose_backend(BackendRequest request, c10::Device device, int world_size, bool nccl_built);
 
 }  // namespace brigade::parallel

@@ -53,6 +53,7 @@ double square_norm(const BucketLayout& layout, const std::vector<torch::Tensor>&
   torch::NoGradGuard no_grad;
   double total = 0.0;
   torch::Tensor flat;  // one bucket at a time
+  std::vector<torch::Tensor> sums;  // per bucket: [blocks] float64
   for (const auto& b : layout.buckets) {
     bool any = false;
     for (size_t p : b.params) any = any || grads[p].defined();
@@ -71,8 +72,10 @@ double square_norm(const BucketLayout& layout, const std::vector<torch::Tensor>&
       const auto& g = grads[b.params[k]];
       if (g.defined()) bucket.narrow(0, b.offsets[k], g.numel()).copy_(g.reshape({-1}));
     }
-    add_blocks(block_squares(bucket).cpu(), total);
+    sums.push_back(block_squares(bucket));
   }
+  // One read of every bucket's block sums (one host sync on a GPU), added in order.
+  if (!sums.empty()) add_blocks(torch::cat(sums).cpu(), total);
   return total;
 }
 
@@ -273,7 +276,9 @@ double GradientReducer::square_norm() const {
   double total = 0.0;
   if (!s.options.sharded) {
     // Every rank holds every sum: the blocks of each bucket in order.
-    for (const auto& b : s.buckets) add_blocks(block_squares(b.flat).cpu(), total);
+    std::vector<torch::Tensor> sums;
+    for (const auto& b : s.buckets) sums.push_back(block_squares(b.flat));
+    if (!sums.empty()) add_blocks(torch::cat(sums).cpu(), total);
     return total;
   }
   // Each rank has the block sums of its shards; gathered, they are added in the

@@ -9,6 +9,7 @@ struct World {
   int rank = 0;        // global rank
   int size = 1;        // number of ranks
   int local_rank = 0;  // rank within this node (picks the GPU)
+  int local_size = 1;  // ranks on this node
   bool is_main() const { return rank == 0; }
 };
 

@@ -34,6 +34,9 @@ struct Fp8Options {
   // Module kinds whose GEMMs run in FP8. The rest (and always the embedding,
   // norms, router and attention core) stay in the compute dtype.
   std::vector<std::string> modules = {"attention", "mlp", "experts"};
+  // On CUDA, FP8 runs brigade's own quantize kernels and cuBLASLt GEMMs: opt-in until
+  // they have passed their *_CUDA tests on a GPU (docs/gpu.md).
+  bool cuda_kernels = false;
 
   bool enabled() const { return recipe != Fp8Recipe::kNone; }
   bool covers(const std::string& module_kind) const;

@@ -29,14 +29,20 @@ c10::ScalarType autocast_dtype_for(const torch::Tensor& x) {
 AutocastGuard::AutocastGuard(ComputeDtype dtype) {
   if (dtype == ComputeDtype::kFloat32) return;
   active_ = true;
+  // Both device types: the guard does not know where the module's tensors live, and
+  // enabling autocast for a device with no tensors in the forward costs nothing.
   previous_cpu_ = at::autocast::is_autocast_enabled(at::kCPU);
-  at::autocast::set_autocast_enabled(at::kCPU, true);
-  at::autocast::set_autocast_dtype(at::kCPU, to_scalar_type(dtype));
+  previous_cuda_ = at::autocast::is_autocast_enabled(at::kCUDA);
+  for (const auto device : {at::kCPU, at::kCUDA}) {
+    at::autocast::set_autocast_enabled(device, true);
+    at::autocast::set_autocast_dtype(device, to_scalar_type(dtype));
+  }
 }
 
 AutocastGuard::~AutocastGuard() {
   if (!active_) return;
   at::autocast::set_autocast_enabled(at::kCPU, previous_cpu_);
+  at::autocast::set_autocast_enabled(at::kCUDA, previous_cuda_);
   // Autocast caches casted weights per forward; drop them so updated weights are seen.
   at::autocast::clear_cache();
 }

@@ -43,6 +43,7 @@ class AutocastGuard {
  private:
   bool active_ = false;
   bool previous_cpu_ = false;
+  bool previous_cuda_ = false;
 };
 
 }  // namespace brigade::precision

@@ -4,6 +4,9 @@
 
 #include <torch/torch.h>
 
+#include <thread>
+
+#include "core/device.h"
 #include "core/error.h"
 #include "core/hash.h"
 #include "core/log.h"
@@ -11,6 +14,7 @@
 #include "model/gguf_import.h"
 #include "model/hf.h"
 #include "distill/kd_objective.h"
+#include "parallel/nccl_communicator.h"
 
 namespace brigade::recipes {
 
@@ -66,6 +70,41 @@ data::SamplerOptions sampler_options(const Recipe& r, bool eval, int rank, int r
   return o;
 }
 
+Placement plan_placement(const Recipe& r, const MachineFacts& m) {
+  Placement p;
+  p.device = choose_device(r.trainer.device, m.devices, "trainer.device");
+  p.backend = parallel::choose_backend(r.parallel.backend, p.device, m.world.size, m.nccl_built);
+  if (p.device.is_cuda()) {
+    const int gpu = p.device.index();
+    const int capability = m.devices.capabilities.at(gpu);
+    const bool fp8 = r.precision.fp8.enabled() || r.parallel.ep_fp8_dispatch;
+    const std::string what = r.precision.fp8.enabled() ? "precision.fp8_recipe is " + precision::to_string(r.precision.fp8.recipe)
+                                                       : std::string("parallel.ep_fp8_dispatch is true");
+    BRIGADE_CHECK(!fp8 || capability >= 89, what, " but GPU ", gpu, " is sm_", capability,
+                  ", which has no FP8 tensor cores (sm_89 or newer: Ada, Hopper, Blackwell); "
+                  "set precision.fp8_recipe=none and parallel.ep_fp8_dispatch=false, or use trainer.device=cpu (emulated FP8)");
+    BRIGADE_CHECK(!fp8 || r.precision.fp8.cuda_kernels, what,
+                  " on CUDA: FP8 there runs brigade's own quantize kernels and cuBLASLt GEMMs, which have not yet "
+                  "passed their *_CUDA tests on a GPU (docs/gpu.md); set precision.fp8_cuda_kernels=true to use them "
+                  "anyway, or precision.fp8_recipe=none for BF16");
+  }
+  const int64_t per_node = std::max(1, m.world.local_size);
+  p.threads = r.trainer.threads > 0 ? r.trainer.threads : std::max<int64_t>(1, m.cores / per_node);
+  return p;
+}
+
+MachineFacts this_machine(const parallel::World& world) {
+  MachineFacts m;
+  m.world = world;
+  m.devices.local_rank = world.local_rank;
+  m.devices.local_ranks = world.local_size;
+  m.devices.cuda_built = cuda_built();
+  for (int i = 0; i < cuda_device_count(); ++i) m.devices.capabilities.push_back(cuda_capability(i));
+  m.cores = std::max(1u, std::thread::hardware_concurrency());
+  m.nccl_built = parallel::nccl_built();
+  return m;
+}
+
 std::unique_ptr<trainer::Trainer> build_trainer(const Recipe& r, const std::filesystem::path& run_dir,
                                                 parallel::Communicator* data_parallel, bool resuming) {
   const bool kd = r.distill.kd.loss != distill::KdLoss::kNone;
@@ -77,6 +116,8 @@ std::unique_ptr<trainer::Trainer> build_trainer(const Recipe& r, const std::file
   Corpora corpora = build_corpora(r, *tokenizer);
   trainer::RunContext context{run_dir, dump_recipe(r), recipe_hash(r), model_fingerprint(r)};
   context.data_parallel = data_parallel;
+  context.device = data_parallel && data_parallel->size() > 1 ? data_parallel->device()
+                                                               : plan_placement(r, this_machine()).device;
   context.bucket_bytes = r.parallel.bucket_bytes();
   context.zero = r.parallel.zero_stage == 1;
   context.expert_parallel = r.parallel.expert_parallel;

@@ -284,12 +284,15 @@ std::vector<Field> build_schema() {
   s.push_back(choice("precision.fp8_formats", REF(precision.fp8.formats), "FP8 formats: e4m3 for every operand (DeepSeek-V3), or hybrid (E4M3 forward, E5M2 gradients).",
                      {"e4m3", "hybrid"}, precision::parse_fp8_formats, [](precision::Fp8Formats v) { return precision::to_string(v); }));
   s.push_back(text_list("precision.fp8_modules", REF(precision.fp8.modules), "Module kinds whose GEMMs run in FP8: attention (q/k/v/o projections), mlp (dense MLPs and shared experts), experts (routed experts), lm_head. Embedding, norms, router and attention core always stay high precision."));
+  s.push_back(boolean("precision.fp8_cuda_kernels", REF(precision.fp8.cuda_kernels), "On CUDA, run FP8 through brigade's own quantize kernels and cuBLASLt GEMMs. Opt-in until they have passed their *_CUDA tests on a GPU (docs/gpu.md); without it FP8 on CUDA is refused."));
   s.push_back(boolean("precision.fp8_power_of_two_scales", REF(precision.fp8.power_of_two_scales), "Round every FP8 scale up to a power of two."));
   s.push_back(integer<int64_t>("precision.fp8_amax_history", REF(precision.fp8.amax_history), "Delayed scaling: steps of amax kept per tensor.", 1));
   s.push_back(real("precision.fp8_margin", REF(precision.fp8.margin), "Delayed scaling: scales get 2^margin headroom.", 0.0, 64.0));
   s.push_back(choice("precision.fp8_amax_algorithm", REF(precision.fp8.amax_algorithm), "Delayed scaling: scale from the history's maximum or its most recent amax.",
                      {"max", "most_recent"}, precision::parse_amax_algorithm, [](precision::DelayedScaling::Algorithm v) { return precision::to_string(v); }));
 
+  s.push_back(choice("parallel.backend", REF(parallel.backend), "How ranks talk: nccl (GPU tensors), mpi (CPU tensors), or auto (nccl on GPUs, mpi on CPUs). MPI also starts NCCL.",
+                     {"auto", "mpi", "nccl"}, parallel::parse_backend_request, [](parallel::BackendRequest v) { return parallel::to_string(v); }));
   s.push_back(integer<int64_t>("parallel.timeout_s", REF(parallel.timeout_s), "Seconds a collective may take before the job stops with an error naming the rank and operation (a rank died or hangs).", 1));
   s.push_back(real("parallel.bucket_mb", REF(parallel.bucket_mb), "Data-parallel gradient bucket size in MiB: each full bucket's all-reduce starts during backward.", 1e-6, 1e6));
   s.push_back(integer<int64_t>("parallel.zero_stage", REF(parallel.zero_stage), "0: every rank keeps the whole AdamW state; 1 (ZeRO-1): the state is sharded over the data-parallel ranks (gradients reduce-scattered, updated shards all-gathered; checkpoints hold one optimizer file per rank and reshard on resume).", 0, 1));
@@ -348,7 +351,9 @@ std::vector<Field> build_schema() {
   s.push_back(integer<int64_t>("trainer.checkpoint_every", REF(trainer.checkpoint_every), "Steps between checkpoints; 0 = only at the end."));
   s.push_back(integer<int64_t>("trainer.keep_checkpoints", REF(trainer.keep_checkpoints), "Most recent checkpoints kept.", 1));
   s.push_back(integer<uint64_t>("trainer.seed", REF(trainer.seed), "Seed for model init and data order."));
-  s.push_back(integer<int64_t>("trainer.threads", REF(trainer.threads), "CPU threads for compute; 0 = all cores."));
+  s.push_back(integer<int64_t>("trainer.threads", REF(trainer.threads), "CPU threads for compute; 0 = the node's cores divided by its ranks."));
+  s.push_back(choice("trainer.device", REF(trainer.device), "Where the model, optimizer state and batches live: cuda (one GPU per rank: local rank i on visible GPU i), cpu, or auto (cuda when a GPU is visible). See docs/gpu.md.",
+                     {"auto", "cpu", "cuda"}, parse_device_kind, [](DeviceKind v) { return brigade::to_string(v); }));
   s.push_back(choice("trainer.on_nonfinite", REF(trainer.on_nonfinite), "On a NaN/Inf loss or gradient: abort with the step and parameter, or skip the update.",
                      {"abort", "skip"}, trainer::parse_nonfinite_policy, [](NonFinitePolicy v) { return trainer::to_string(v); }));
   s.push_back(integer<int64_t>("trainer.stop_after", REF(trainer.stop_after), "Stop at this step (with a checkpoint) without changing the schedule; 0 = run to max_steps."));

@@ -21,7 +21,9 @@ AdamW::AdamW(model::NamedTensors params, std::vector<bool> decay, AdamWOptions o
     const auto& p = params_[i].second;
     exp_avg_.push_back(torch::zeros_like(p, options_.state_dtype));
     exp_avg_sq_.push_back(torch::zeros_like(p, options_.state_dtype));
-    steps_.push_back(torch::zeros({}, torch::kFloat));
+    // On the parameter's device: the fused CUDA kernel reads the count there, and
+    // advancing it needs no host round trip.
+    steps_.push_back(torch::zeros({}, p.options().dtype(torch::kFloat)));
     groups_[decay[i] ? 0 : 1].index.push_back(i);
   }
 }
@@ -54,7 +56,7 @@ void AdamW::step(double lr, const std::vector<torch::Tensor>& grads) {
     }
     if (p.empty()) continue;
     // The fused kernel reads the step count for bias correction but does not advance it.
-    for (auto& step : s) step.add_(1);
+    torch::_foreach_add_(s, 1);
     auto update = [&](at::TensorList p, at::TensorList g, at::TensorList m, at::TensorList v, at::TensorList s) {
       at::_fused_adamw_(p, g, m, v, /*max_exp_avg_sqs=*/{}, s, lr, options_.beta1, options_.beta2,
                         group.weight_decay, options_.eps, /*amsgrad=*/false, /*maximize=*/false);

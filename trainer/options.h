@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <string>
 
+#include "core/device.h"
+
 namespace brigade::trainer {
 
 enum class NonFinitePolicy { kAbort, kSkip };
@@ -29,7 +31,8 @@ struct TrainerOptions {
   int64_t checkpoint_every = 200;   // 0: only at the end
   int64_t keep_checkpoints = 3;     // most recent K step directories kept
   uint64_t seed = 1234;             // model init and data order
-  int64_t threads = 0;              // intra-op CPU threads; 0 = all cores
+  int64_t threads = 0;              // intra-op CPU threads; 0 = the node's cores / its ranks
+  DeviceKind device = DeviceKind::kAuto;  // auto: the rank's GPU when one is visible, else the CPU
   NonFinitePolicy on_nonfinite = NonFinitePolicy::kAbort;
   int64_t stop_after = 0;           // stop (with a checkpoint) at this step without changing the schedule; 0 = run to max_steps
 

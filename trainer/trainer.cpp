@@ -40,6 +40,23 @@ std::string first_difference(const std::string& checkpoint, const std::string& r
   }
 }
 
+// Pinned host memory, so the copy to the GPU can run without blocking the host.
+void pin(data::Batch& b) {
+  for (auto* t : {&b.inputs, &b.targets, &b.segments}) {
+    if (t->defined()) *t = t->pin_memory();
+  }
+}
+
+// The batch's model inputs on `device`. Row offsets stay on the host: they index
+// host-side data (the teacher's top-k for logit distillation).
+data::Batch on_device(data::Batch b, c10::Device device) {
+  if (device.is_cpu()) return b;
+  for (auto* t : {&b.inputs, &b.targets, &b.segments}) {
+    if (t->defined()) *t = t->to(device, /*non_blocking=*/t->is_pinned());
+  }
+  return b;
+}
+
 }  // namespace
 
 std::vector<bool> weight_decay_mask(const model::NamedTensors& params, const TrainerOptions& options) {
@@ -64,6 +81,12 @@ Trainer::Trainer(TrainerOptions options, precision::PrecisionOptions precision, 
       schedule_{options.lr, options.min_lr, options.warmup_steps, options.max_steps},
       checkpoints_(context_.run_dir / "checkpoints", options.keep_checkpoints) {
   options_.validate();
+  BRIGADE_CHECK(dp_size() == 1 || context_.data_parallel->device() == context_.device, "the trainer computes on ",
+                context_.device.str(), " but its data-parallel group ", context_.data_parallel->describe(), " moves ",
+                context_.data_parallel->device().str(), " tensors");
+  // Everything the trainer owns follows the model: parameters, buffers (RoPE tables,
+  // expert biases), then gradients, reducer buckets and optimizer state made from them.
+  model_->to(context_.device);
   state_.model_fingerprint = context_.model_fingerprint;
   state_.recipe_hash = context_.recipe_hash;
   const int64_t ep = context_.expert_parallel;
@@ -221,6 +244,12 @@ void Trainer::resume(const LoadedCheckpoint& ck) {
   BRIGADE_CHECK(rng != ck.rng.tensors.end(), source, ": rng.safetensors has no 'cpu' state");
   at::Generator generator = at::detail::getDefaultCPUGenerator();  // a handle to the shared generator
   generator.set_state(rng->second);
+  // The GPU's generator, when both runs had one (a CPU checkpoint resumed on a GPU
+  // starts the GPU's stream from its seed).
+  if (auto gpu = ck.rng.tensors.find("cuda"); gpu != ck.rng.tensors.end() && context_.device.is_cuda()) {
+    at::Generator on_gpu = at::globalContext().defaultGenerator(context_.device);  // a handle, as above
+    on_gpu.set_state(gpu->second);
+  }
   state_.step = ck.state.step;
   state_.tokens_seen = ck.state.tokens_seen;
   state_.skipped_steps = ck.state.skipped_steps;
@@ -254,6 +283,31 @@ void Trainer::run() {
   for (auto& hook : hooks_) hook->on_end(*this);
 }
 
+std::vector<data::Batch> Trainer::step_batches() {
+  const int64_t step = state_.step, micro_batches = options_.grad_accum_steps;
+  auto sample = [this, micro_batches](int64_t at, bool pinned) {
+    std::vector<data::Batch> out;
+    for (int64_t micro = 0; micro < micro_batches; ++micro) {
+      out.push_back(train_data_.batch(at, micro));
+      if (pinned) pin(out.back());
+    }
+    return out;
+  };
+  if (context_.device.is_cpu()) return sample(step, false);  // the cores are busy computing
+  std::vector<data::Batch> batches;
+  if (prefetched_.valid()) {  // always collected, so no sampling runs beside another
+    auto ready = prefetched_.get();
+    if (prefetched_step_ == step) batches = std::move(ready);
+  }
+  if (batches.empty()) batches = sample(step, true);
+  // The next step's rows depend only on its number (data/sampler.h): sample them while
+  // this step computes on the GPU.
+  prefetched_step_ = step + 1;
+  prefetched_ = std::async(std::launch::async, sample, step + 1, true);
+  for (auto& b : batches) b = on_device(std::move(b), context_.device);
+  return batches;
+}
+
 StepResult Trainer::step() {
   const auto start = std::chrono::steady_clock::now();
   StepResult result;
@@ -263,25 +317,28 @@ StepResult Trainer::step() {
 
   // This rank's micro-batches, and the step's trained targets over all of them and
   // all ranks: the loss is the mean over the whole step, the same for any split of
-  // its rows into ranks and micro-batches.
-  std::vector<data::Batch> batches;
-  auto step_tokens = torch::zeros({1}, torch::kLong);
-  for (int64_t micro = 0; micro < options_.grad_accum_steps; ++micro) {
-    batches.push_back(train_data_.batch(state_.step, micro));
-    step_tokens[0] += batches.back().trained_tokens;
-    result.tokens += batches.back().inputs.numel() * dp_size();
+  // its rows into ranks and micro-batches. The count stays on the device (float64
+  // holds it exactly), so no rank waits for it.
+  const std::vector<data::Batch> batches = step_batches();
+  int64_t trained = 0;
+  for (const auto& b : batches) {
+    trained += b.trained_tokens;
+    result.tokens += b.inputs.numel() * dp_size();
   }
+  const auto scalars = torch::TensorOptions().dtype(torch::kDouble).device(context_.device);
+  auto step_tokens = torch::full({1}, static_cast<double>(trained), scalars);
   if (reducer_) context_.data_parallel->all_reduce(step_tokens, parallel::ReduceOp::kSum).wait();
-  const int64_t tokens = step_tokens.item<int64_t>();
+  // float32, as the loss sums it divides (a float64 scalar tensor would promote them).
+  const auto denominator = step_tokens.clamp_min(1.0).to(torch::kFloat).reshape({});
 
-  double loss = 0.0, objective = 0.0;  // this rank's shares of the step's means
+  auto shares = torch::zeros({2}, scalars);  // this rank's shares of the step's means: loss, objective
   for (int64_t micro = 0; micro < options_.grad_accum_steps; ++micro) {
     const bool last = micro + 1 == options_.grad_accum_steps;
     if (reducer_) reducer_->begin_backward(/*reduce=*/last);
     if (expert_reducer_) expert_reducer_->begin_backward(/*reduce=*/last);
-    const LossShares shares = forward_backward(batches[micro], tokens);
-    loss += shares.loss;
-    objective += shares.objective;
+    const LossTensors part = forward_backward(batches[micro], denominator);
+    if (part.loss.defined()) shares[0] += part.loss;
+    if (part.objective.defined()) shares[1] += part.objective;
     // Micro-batch gradients are added in the canonical order (parallel/ordered_sum.h).
     if (!last) micro_grads_->stash();
   }
@@ -294,12 +351,13 @@ StepResult Trainer::step() {
       result.reduce.started_in_backward += experts.started_in_backward;
       result.reduce.wait_seconds += experts.wait_seconds;
     }
-    auto shares = torch::tensor({loss, objective}, torch::kDouble);
     context_.data_parallel->all_reduce(shares, parallel::ReduceOp::kSum).wait();
-    loss = shares[0].item<double>();
-    objective = shares[1].item<double>();
   }
+  // The step's host reads: the gradient norm (clipping, and the skip decision), then
+  // the loss shares.
   const double grad_norm = clip_gradients();
+  const auto host = shares.cpu();
+  const double loss = host[0].item<double>(), objective = host[1].item<double>();
   const double lr = schedule_(state_.step);
 
   const bool finite = std::isfinite(loss) && std::isfinite(grad_norm);
@@ -337,12 +395,11 @@ torch::Tensor Trainer::token_loss_sum(const torch::Tensor& logits, const data::B
       torch::nn::functional::CrossEntropyFuncOptions().ignore_index(data::kIgnoreIndex).reduction(torch::kSum));
 }
 
-Trainer::LossShares Trainer::forward_backward(const data::Batch& batch, int64_t step_tokens) {
+Trainer::LossTensors Trainer::forward_backward(const data::Batch& batch, const torch::Tensor& denominator) {
   // Every target masked here: nothing to learn from this slice (the reducer still
   // contributes zeros for this rank). With expert parallelism the forward and
   // backward still run: the other ranks' tokens may need this rank's experts.
   if (batch.trained_tokens == 0 && !ep_group_) return {};
-  const auto denominator = static_cast<double>(std::max<int64_t>(step_tokens, 1));
   const auto logits = forward(batch);
   auto loss = token_loss_sum(logits, batch) / denominator;
   torch::Tensor objective;
@@ -358,7 +415,7 @@ Trainer::LossShares Trainer::forward_backward(const data::Batch& batch, int64_t 
   const auto micro_batches = static_cast<double>(dp_size() * options_.grad_accum_steps);
   auto total = aux.defined() ? loss + aux / micro_batches : loss;
   total.backward();
-  return {loss.item<double>(), objective.defined() ? objective.item<double>() : 0.0};
+  return {loss.detach().to(torch::kDouble), objective.defined() ? objective.detach().to(torch::kDouble) : torch::Tensor()};
 }
 
 double Trainer::clip_gradients() {
@@ -372,7 +429,7 @@ double Trainer::clip_gradients() {
   double total = 0.0;
   if (ep_group_) {
     // Every rank holds the same summed dense gradients and its own experts'.
-    auto experts = torch::zeros({1}, torch::kDouble);
+    auto experts = torch::zeros({1}, torch::TensorOptions().dtype(torch::kDouble).device(context_.device));
     for (const auto& [name, g] : update_gradients()) {
       if (g.defined() && expert_names_.contains(name)) experts += g.to(torch::kDouble).square().sum();
     }
@@ -424,14 +481,18 @@ EvalResult Trainer::evaluate() {
     const bool counted = i < options_.eval_batches;
     if (!counted && !ep_group_) break;
     // The same held-out batches every time, so evaluations are comparable.
-    data::Batch batch = eval_data_.batch(counted ? i : 0, 0);
+    data::Batch batch = on_device(eval_data_.batch(counted ? i : 0, 0), context_.device);
     if (batch.trained_tokens == 0 && !ep_group_) continue;
     const double loss = token_loss_sum(forward(batch), batch).item<double>();
     if (!counted || batch.trained_tokens == 0) continue;
     sum[0] += loss / static_cast<double>(batch.trained_tokens);
     sum[1] += 1.0;
   }
-  if (ranks > 1) context_.data_parallel->all_reduce(sums, parallel::ReduceOp::kSum).wait();
+  if (ranks > 1) {
+    auto shared = sums.to(context_.data_parallel->device());
+    context_.data_parallel->all_reduce(shared, parallel::ReduceOp::kSum).wait();
+    sums.copy_(shared);
+  }
   if (was_training) model_->train();
   EvalResult result;
   result.step = state_.step;
@@ -456,6 +517,7 @@ std::filesystem::path Trainer::save_checkpoint() {
     }
   }
   data.rng = {{"cpu", at::detail::getDefaultCPUGenerator().get_state()}};
+  if (context_.device.is_cuda()) data.rng.emplace_back("cuda", at::globalContext().defaultGenerator(context_.device).get_state());
   data.precision = model_->fp8_state();
   data.state = state_;
   data.recipe_yaml = context_.recipe_yaml;
@@ -481,7 +543,7 @@ std::filesystem::path Trainer::save_checkpoint() {
       failure = e.what();
     }
   }
-  auto failed = torch::tensor({failure.empty() ? 0 : 1}, torch::kInt);
+  auto failed = torch::tensor({failure.empty() ? 0 : 1}, torch::kInt).to(group.device());
   group.all_reduce(failed, parallel::ReduceOp::kSum).wait();
   BRIGADE_CHECK(failure.empty(), "writing this rank's optimizer shard into ", staged.string(), " failed: ", failure);
   BRIGADE_CHECK(failed.item<int>() == 0, failed.item<int>(), " rank(s) could not write their optimizer shard into ",

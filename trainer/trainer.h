@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cstdint>
 #include <filesystem>
+#include <future>
 #include <memory>
 #include <set>
 #include <string>
@@ -35,6 +36,9 @@ struct RunContext {
   // rank trains on its own slice of the global batch; gradients are summed over
   // the group in buckets of `bucket_bytes` during backward.
   parallel::Communicator* data_parallel = nullptr;
+  // Where the model, the optimizer state and the batches live (with a data-parallel
+  // group: its device, a rank's GPU for NCCL).
+  c10::Device device{c10::kCPU};
   int64_t bucket_bytes = 25 << 20;
   // ZeRO-1: the AdamW state is sharded over the data-parallel group; each rank
   // updates the parameter elements it owns and all-gathers the rest.
@@ -116,15 +120,20 @@ class Trainer {
   torch::Tensor forward(const data::Batch& batch);
   // Cross-entropy summed over the batch's trained targets.
   torch::Tensor token_loss_sum(const torch::Tensor& logits, const data::Batch& batch) const;
-  // This rank's shares of the step's per-token means (sums over `step_tokens`, the
-  // trained targets of all of the step's micro-batches on all ranks).
-  struct LossShares {
-    double loss = 0.0;       // what is minimised: CE, or (1 - w) * CE + w * objective
-    double objective = 0.0;  // the objective's own share, unweighted (0 without one)
+  // This rank's shares of the step's per-token means (sums over the trained targets
+  // of all of the step's micro-batches on all ranks): `loss` is what is minimised (CE,
+  // or (1 - w) * CE + w * objective), `objective` the objective's own share, unweighted.
+  // Backward of this rank's share of the micro-batch's loss (`step_tokens`: a float64
+  // scalar on the device); returns the shares as float64 scalars on the device (undefined
+  // when the slice trains nothing), so nothing is read back per micro-batch. MoE
+  // auxiliary losses join the gradient only.
+  struct LossTensors {
+    torch::Tensor loss, objective;
   };
-  // Backward of this rank's share of the micro-batch's loss; returns the shares.
-  // MoE auxiliary losses join the gradient only.
-  LossShares forward_backward(const data::Batch& batch, int64_t step_tokens);
+  LossTensors forward_backward(const data::Batch& batch, const torch::Tensor& step_tokens);
+  // This rank's micro-batches of the step, on the device. On a GPU the next step's are
+  // sampled into pinned host memory on a helper thread while this one computes.
+  std::vector<data::Batch> step_batches();
   int dp_size() const { return context_.data_parallel ? context_.data_parallel->size() : 1; }
   bool is_main_rank() const { return !context_.data_parallel || context_.data_parallel->rank() == 0; }
   bool sharded() const { return reducer_ && reducer_->sharded(); }
@@ -163,6 +172,9 @@ class Trainer {
   std::unique_ptr<MetricsLog> metrics_;
   TrainerState state_;
   std::vector<std::unique_ptr<TrainerHook>> hooks_;
+  // GPU runs: the next step's micro-batches, being sampled into pinned memory.
+  std::future<std::vector<data::Batch>> prefetched_;
+  int64_t prefetched_step_ = -1;
 };
 
 // Which parameters get weight decay under `options` (norm weights, biases and

@@ -86,6 +86,22 @@ TEST(LaunchWorld, ReadsSlurmAndPmiAndRejectsNonsense) {
     EXPECT_EQ(d.world.rank, 3);
     EXPECT_EQ(d.world.size, 8);
     EXPECT_EQ(d.world.local_rank, 1);
+    EXPECT_EQ(d.world.local_size, 2);  // no per-node count: as many as the local rank implies
+  }
+  {
+    ScopedEnv env({{"SLURM_PROCID", "5"}, {"SLURM_NTASKS", "8"}, {"SLURM_LOCALID", "1"},
+                   {"SLURM_STEP_TASKS_PER_NODE", "4(x2)"}});
+    EXPECT_EQ(launch::detect_world().world.local_size, 4);
+  }
+  {
+    ScopedEnv env({{"LOCAL_RANK", "1"}, {"LOCAL_WORLD_SIZE", "2"}});
+    auto d = launch::detect_world();
+    EXPECT_EQ(d.world.local_rank, 1);
+    EXPECT_EQ(d.world.local_size, 2);
+  }
+  {
+    ScopedEnv env({{"LOCAL_RANK", "2"}, {"LOCAL_WORLD_SIZE", "2"}});
+    EXPECT_BRIGADE_ERROR(launch::detect_world(), "local rank 2 of 2 ranks on this node");
   }
   if (std::getenv("SLURM_PROCID") == nullptr) {
     ScopedEnv env({{"PMI_RANK", "1"}, {"PMI_SIZE", "2"}, {"MPI_LOCALRANKID", "1"}});

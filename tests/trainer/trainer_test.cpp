@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
+#include "core/device.h"
 #include "core/fs.h"
 #include "recipes/build.h"
 #include "recipes/recipe.h"
@@ -27,7 +28,8 @@ name: unit
 model: {vocab_size: 264, d_model: 32, n_layers: 2, n_heads: 4, n_kv_heads: 2, d_ff: 64, max_seq_len: 64}
 data: {seq_len: 32, synthetic: {num_problems: 500, eval_problems: 50}}
 trainer: {max_steps: 40, micro_batch_size: 4, warmup_steps: 5, lr: 0.01, log_every: 5,
-          eval_every: 10, eval_batches: 2, checkpoint_every: 10, keep_checkpoints: 2, threads: 1}
+          eval_every: 10, eval_batches: 2, checkpoint_every: 10, keep_checkpoints: 2, threads: 1,
+          device: cpu}
 )";
   return recipes::parse_recipe(yaml, "unit.yaml", overrides);
 }
@@ -97,6 +99,46 @@ TEST(TrainerTest, ResumeIsBitwiseExact) {
   }
   std::vector<int64_t> expected{5, 10, 15, 20, 25, 30, 35, 40};
   EXPECT_EQ(steps, expected);
+}
+
+// The same run on the GPU: every parameter and optimizer moment on cuda, the losses
+// those of the CPU run up to float32 reduction order, and a split run resumed on the
+// GPU (CUDA generator state included) equal to the straight one bit for bit.
+TEST(TrainerTest, TrainsOnTheGpuAsOnTheCpuAndResumesBitwise_CUDA) {
+  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device (or brigade built without CUDA)";
+  TempDir dir;
+  const std::vector<std::string> cuda = {"trainer.device=cuda", "trainer.max_steps=20", "trainer.checkpoint_every=10"};
+  auto with = [&](std::vector<std::string> extra) {
+    extra.insert(extra.begin(), cuda.begin(), cuda.end());
+    return small_recipe(extra);
+  };
+  const auto on_cpu = train(small_recipe({"trainer.max_steps=20"}), dir / "cpu", false);
+  std::vector<double> straight;
+  {
+    auto t = recipes::build_trainer(with({}), dir / "straight");
+    t->add_hook(std::make_unique<LossRecorder>(&straight));
+    t->run();
+    for (const auto& p : t->model()->parameters()) EXPECT_TRUE(p.is_cuda());
+  }
+  ASSERT_EQ(straight.size(), 20u);
+  ASSERT_EQ(on_cpu.size(), 20u);
+  EXPECT_NEAR(straight[0], on_cpu[0], 1e-4 * on_cpu[0]);
+  for (size_t i = 0; i < 20; ++i) EXPECT_NEAR(straight[i], on_cpu[i], 2e-2 * on_cpu[i]) << "step " << i + 1;
+  const auto first = train(with({"trainer.stop_after=10"}), dir / "split", false);
+  const auto second = train(with({}), dir / "split", true);
+  ASSERT_EQ(first.size() + second.size(), 20u);
+  for (size_t i = 0; i < 10; ++i) EXPECT_EQ(straight[i], first[i]) << "step " << i + 1;
+  for (size_t i = 0; i < 10; ++i) EXPECT_EQ(straight[10 + i], second[i]) << "step " << 11 + i;
+}
+
+TEST(TrainerTest, Bfloat16AutocastOnTheGpuTrains_CUDA) {
+  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device (or brigade built without CUDA)";
+  TempDir dir;
+  const auto losses = train(small_recipe({"trainer.device=cuda", "precision.compute_dtype=bfloat16",
+                                          "trainer.max_steps=20"}), dir.path(), false);
+  ASSERT_EQ(losses.size(), 20u);
+  for (double l : losses) EXPECT_TRUE(std::isfinite(l));
+  EXPECT_LT(losses.back(), 0.8 * losses.front());
 }
 
 // A small MoE variant: experts, shared expert, bias balancing, seq aux loss, z-loss.
