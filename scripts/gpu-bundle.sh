@@ -16,10 +16,11 @@ LIMIT_MIB=60
 BINARIES=(brigade tests/brigade_tests bench/bench_train_step bench/bench_fp8_gemm)
 
 scripts/setup.sh brigade brigade_tests bench_train_step bench_fp8_gemm
-arch=$(sed -n 's/^CMAKE_CUDA_ARCHITECTURES:[A-Z]*=//p' build/CMakeCache.txt)
-case " ${arch//;/ } " in
-  *" 90 "*|*" 90a "*|*" 90-real "*|*" 90a-real "*) ;;
-  *) echo "gpu-bundle: build/ compiles CUDA for '${arch:-none}', not sm_90 (cmake -DCMAKE_CUDA_ARCHITECTURES=90)" >&2; exit 1 ;;
+# The CUDA flags CMake compiled brigade's kernels with (cmake/Dependencies.cmake).
+arch=$(grep -ho 'arch=compute_[0-9a-z]*,code=sm_[0-9a-z]*' build/CMakeFiles/brigade_core.dir/flags.make 2>/dev/null | sort -u | tr '\n' ' ')
+case "$arch" in
+  *code=sm_90*) ;;
+  *) echo "gpu-bundle: build/ compiles CUDA for '${arch:-nothing}', not sm_90 (a CUDA toolkit in /usr/local/cuda, CMAKE_CUDA_ARCHITECTURES=90)" >&2; exit 1 ;;
 esac
 
 rm -rf "$DIR"
