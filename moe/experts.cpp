@@ -1,6 +1,7 @@
 #include "moe/experts.h"
 
 #include <ATen/autocast_mode.h>
+#include <ATen/ops/_grouped_mm.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/mul.h>
 #include <ATen/ops/silu_backward.h>
@@ -15,8 +16,11 @@
 namespace brigade::moe {
 namespace {
 
-// Forward and backward are loops of per-expert GEMMs over contiguous row slices,
-// with the elementwise SwiGLU done once over all rows. One autograd node for all
+// Every expert GEMM of a pass is one grouped GEMM (at::_grouped_mm: CUTLASS on
+// Hopper in BF16, LibTorch's per-group loop elsewhere, bit-identical to it on the
+// CPU), with the elementwise SwiGLU done once over all rows. Shapes whose rows are
+// not 16-byte aligned (d_model or d_ff not a multiple of 16 bytes / element), and
+// float64, run the same GEMMs as a loop of at::mm. One autograd node for all
 // experts: per-expert autograd on slices of the stacked weights would make every
 // expert's backward materialise a full-size gradient of the stacked tensor.
 class GroupedSwiGLU : public torch::autograd::Function<GroupedSwiGLU> {
@@ -45,23 +49,18 @@ class GroupedSwiGLU : public torch::autograd::Function<GroupedSwiGLU> {
     auto w1q = q(w1, GemmOperand::kWeight, GemmPass::kForward, "gate_up", false);
     auto w2q = q(w2, GemmOperand::kWeight, GemmPass::kForward, "down", false);
     const int64_t ff = w2.size(2);
-    auto h = torch::empty({xc.size(0), 2 * ff}, xc.options());  // [rows, 2 ff]: gate | up
-    for_each_expert(counts, [&](int64_t e, int64_t start, int64_t n) {
-      auto out = h.narrow(0, start, n);
-      at::mm_out(out, xq.narrow(0, start, n), w1q[e].t());
-    });
+    const auto ends = grouped_ends(counts, xc, ff);  // undefined: loop of at::mm
+    // [rows, 2 ff]: gate | up
+    auto h = rows_times_experts(xq, w1q.transpose(1, 2), counts, ends);
     auto act = torch::silu(h.narrow(1, 0, ff)).mul_(h.narrow(1, ff, ff)).mul_(wc);  // [rows, ff], weighted
     auto aq = q(act, GemmOperand::kInput, GemmPass::kForward, "act", true);
-    auto y = torch::empty({xc.size(0), w2.size(1)}, xc.options());
-    for_each_expert(counts, [&](int64_t e, int64_t start, int64_t n) {
-      auto out = y.narrow(0, start, n);
-      at::mm_out(out, aq.narrow(0, start, n), w2q[e].t());
-    });
+    auto y = rows_times_experts(aq, w2q.transpose(1, 2), counts, ends);
     // Per-tensor FP8 recipes reuse the forward's quantized operands in Wgrad;
     // blockwise re-tiles the raw ones (128x1), so it keeps those.
     const bool reuse = fp8 && fp8->options().recipe != precision::Fp8Recipe::kBlockwise;
     ctx->save_for_backward({reuse ? xq : xc, wc, h, w1q, w2q, reuse ? aq : torch::Tensor()});
     ctx->saved_data["counts"] = c10::IValue(counts);
+    ctx->saved_data["ends"] = ends;
     ctx->saved_data["fp8"] = reinterpret_cast<int64_t>(fp8);  // owned by the experts module, outlives the graph
     ctx->saved_data["x_dtype"] = c10::IValue(x.scalar_type());
     ctx->saved_data["rw_dtype"] = c10::IValue(row_weights.scalar_type());
@@ -77,6 +76,7 @@ class GroupedSwiGLU : public torch::autograd::Function<GroupedSwiGLU> {
     auto saved = ctx->get_saved_variables();
     const auto &xs = saved[0], &wc = saved[1], &h = saved[2], &w1 = saved[3], &w2 = saved[4], &aq_saved = saved[5];
     const auto counts = ctx->saved_data["counts"].toIntVector();
+    const auto ends = ctx->saved_data["ends"].toTensor();  // undefined: the loop
     auto* fp8 = reinterpret_cast<precision::Fp8GemmState*>(ctx->saved_data["fp8"].toInt());
     std::optional<precision::Fp8BackwardScope> backward_scope;
     if (fp8) backward_scope.emplace(*fp8);
@@ -96,14 +96,8 @@ class GroupedSwiGLU : public torch::autograd::Function<GroupedSwiGLU> {
     auto dyq = q(dy, GemmOperand::kGradOutput, GemmPass::kDgrad, "grad_down");
     auto dy_t = blockwise ? q(dy, GemmOperand::kGradOutput, GemmPass::kWgrad, "grad_down") : dyq;
     auto act_t = blockwise ? q(act_w, GemmOperand::kInput, GemmPass::kWgrad, "act") : (fp8 ? aq_saved : act_w);
-    auto dact_w = torch::empty_like(act);
-    auto dw2 = empty_expert_grad(w2, counts);
-    for_each_expert(counts, [&](int64_t e, int64_t start, int64_t n) {
-      auto out = dact_w.narrow(0, start, n);
-      at::mm_out(out, dyq.narrow(0, start, n), w2[e]);  // [n, ff]
-      auto dw = dw2[e];
-      at::mm_out(dw, dy_t.narrow(0, start, n).t(), act_t.narrow(0, start, n));  // [d, ff]
-    });
+    auto dact_w = rows_times_experts(dyq, w2, counts, ends);                 // [rows, ff]
+    auto dw2 = expert_weight_grads(dy_t, act_t, counts, ends, w2.sizes());  // [experts, d, ff]
     auto drow = (dact_w * act).sum(1);  // [rows]: d/d routing weight
     auto dact = dact_w.mul_(wc);
     auto dh = torch::empty_like(h);  // [rows, 2 ff]: d gate | d up
@@ -114,14 +108,8 @@ class GroupedSwiGLU : public torch::autograd::Function<GroupedSwiGLU> {
     auto dhq = q(dh, GemmOperand::kGradOutput, GemmPass::kDgrad, "grad_gate_up");
     auto dh_t = blockwise ? q(dh, GemmOperand::kGradOutput, GemmPass::kWgrad, "grad_gate_up") : dhq;
     auto x_t = blockwise ? q(xs, GemmOperand::kInput, GemmPass::kWgrad, "input") : xs;
-    auto dx = torch::empty_like(xs);
-    auto dw1 = empty_expert_grad(w1, counts);
-    for_each_expert(counts, [&](int64_t e, int64_t start, int64_t n) {
-      auto out = dx.narrow(0, start, n);
-      at::mm_out(out, dhq.narrow(0, start, n), w1[e]);  // [n, d]
-      auto dw = dw1[e];
-      at::mm_out(dw, dh_t.narrow(0, start, n).t(), x_t.narrow(0, start, n));  // [2 ff, d]
-    });
+    auto dx = rows_times_experts(dhq, w1, counts, ends);                    // [rows, d]
+    auto dw1 = expert_weight_grads(dh_t, x_t, counts, ends, w1.sizes());  // [experts, 2 ff, d]
     const auto x_dtype = ctx->saved_data["x_dtype"].toScalarType();
     const auto rw_dtype = ctx->saved_data["rw_dtype"].toScalarType();
     const auto w_dtype = ctx->saved_data["w_dtype"].toScalarType();
@@ -138,10 +126,47 @@ class GroupedSwiGLU : public torch::autograd::Function<GroupedSwiGLU> {
       start += counts[e];
     }
   }
-  // A gradient buffer for stacked expert weights: GEMMs overwrite the slices of
-  // experts with rows; only idle experts need zeros (saves a full-size fill).
-  static torch::Tensor empty_expert_grad(const torch::Tensor& weight, const std::vector<int64_t>& counts) {
-    auto grad = torch::empty_like(weight);
+  // The group ends at::_grouped_mm takes (int32, on the rows' device), or an
+  // undefined tensor when the shapes do not meet its 16-byte alignment.
+  static torch::Tensor grouped_ends(const std::vector<int64_t>& counts, const torch::Tensor& x, int64_t ff) {
+    const auto dtype = x.scalar_type();
+    if (dtype != torch::kFloat && dtype != torch::kBFloat16 && dtype != torch::kHalf) return {};  // float64 references
+    const int64_t align = 16 / static_cast<int64_t>(x.element_size());
+    const bool aligned = x.size(1) % align == 0 && ff % align == 0 &&
+                         reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
+    if (!aligned) return {};
+    std::vector<int32_t> ends;
+    int64_t end = 0;
+    for (int64_t c : counts) ends.push_back(static_cast<int32_t>(end += c));
+    return torch::tensor(ends, torch::kInt).to(x.device(), /*non_blocking=*/true);
+  }
+  // Row r of expert e's slice times w[e] ([experts, k, n], any strides): [rows, n].
+  static torch::Tensor rows_times_experts(const torch::Tensor& x, const torch::Tensor& w,
+                                          const std::vector<int64_t>& counts, const torch::Tensor& ends) {
+    if (ends.defined()) return at::_grouped_mm(x, w, ends);
+    auto out = torch::empty({x.size(0), w.size(2)}, x.options());
+    for_each_expert(counts, [&](int64_t e, int64_t start, int64_t n) {
+      auto slice = out.narrow(0, start, n);
+      at::mm_out(slice, x.narrow(0, start, n), w[e]);
+    });
+    return out;
+  }
+  // Stacked expert weight gradients: dw[e] = g_e^T a_e over expert e's rows. Idle
+  // experts get zeros (the output is not zero-filled, and a group with no rows has
+  // nothing to write).
+  static torch::Tensor expert_weight_grads(const torch::Tensor& g, const torch::Tensor& a,
+                                           const std::vector<int64_t>& counts, const torch::Tensor& ends,
+                                           c10::IntArrayRef shape) {
+    torch::Tensor grad;
+    if (ends.defined()) {
+      grad = at::_grouped_mm(g.t(), a, ends);
+    } else {
+      grad = torch::empty(shape, g.options());
+      for_each_expert(counts, [&](int64_t e, int64_t start, int64_t n) {
+        auto dw = grad[e];
+        at::mm_out(dw, g.narrow(0, start, n).t(), a.narrow(0, start, n));
+      });
+    }
     for (size_t e = 0; e < counts.size(); ++e) {
       if (counts[e] == 0) grad[static_cast<int64_t>(e)].zero_();
     }

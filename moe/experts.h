@@ -2,9 +2,9 @@
 // DeepSeek-V3 layout), computed over a token buffer already sorted by expert.
 //
 // ExpertsImpl is the one interface for "run every expert over its contiguous slice";
-// GroupedExperts is the implementation on one device (a loop of per-expert GEMMs
-// inside one autograd node). Grouped-GEMM kernels, FP8 experts and expert-parallel
-// dispatch implement the same forward().
+// GroupedExperts is the implementation on one device: one grouped GEMM per pass
+// (at::_grouped_mm) inside one autograd node, FP8 experts through the same node.
+// Expert-parallel dispatch wraps the same forward().
 #pragma once
 
 #include <cstdint>
