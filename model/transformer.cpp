@@ -368,8 +368,19 @@ torch::Tensor TransformerImpl::aux_loss() const {
 }
 
 std::vector<moe::LayerStepStats> TransformerImpl::end_moe_step(bool update_bias, parallel::Communicator* group) {
-  std::vector<moe::LayerStepStats> stats;
-  for (auto& layer : moe_layers()) stats.push_back(layer->end_step(update_bias, group));
+  // Every layer's statistics stay on the device until one read for all of them.
+  std::vector<torch::Tensor> rows;
+  for (auto& layer : moe_layers()) rows.push_back(layer->end_step_on_device(update_bias, group));
+  std::vector<moe::LayerStepStats> stats(rows.size());
+  std::vector<torch::Tensor> ran;
+  for (const auto& r : rows) {
+    if (r.defined()) ran.push_back(r);
+  }
+  if (ran.empty()) return stats;
+  const auto host = torch::stack(ran).cpu();
+  for (size_t i = 0, k = 0; i < rows.size(); ++i) {
+    if (rows[i].defined()) stats[i] = moe::MoELayerImpl::stats_from(host[static_cast<int64_t>(k++)]);
+  }
   return stats;
 }
 

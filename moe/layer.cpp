@@ -105,35 +105,42 @@ void MoELayerImpl::record(const Routing& r, const DispatchPlan& plan, int64_t ba
 }
 
 LayerStepStats MoELayerImpl::end_step(bool update_bias, parallel::Communicator* group) {
-  LayerStepStats stats;
-  if (micro_batches_ == 0) return stats;
+  const auto stats = end_step_on_device(update_bias, group);
+  return stats.defined() ? stats_from(stats.cpu()) : LayerStepStats{};
+}
+
+LayerStepStats MoELayerImpl::stats_from(const torch::Tensor& row) {
+  const auto v = row.to(torch::kDouble).contiguous();
+  const double* x = v.data_ptr<double>();
+  return {x[0], x[1], x[2], x[3], x[4]};
+}
+
+torch::Tensor MoELayerImpl::end_step_on_device(bool update_bias, parallel::Communicator* group) {
+  if (micro_batches_ == 0) return {};
   torch::NoGradGuard no_grad;
+  const auto device = load_.device();
+  // [experts] loads, then copies and drops (all int64), and the aux terms summed.
+  auto counts = torch::cat({load_, torch::tensor({copies_, dropped_}, torch::kLong).to(device)});
+  auto aux = aux_sums_.to(torch::kDouble);
   if (group != nullptr && group->size() > 1) {
-    // One message: [experts] loads, then copies and drops (all int64), and the aux
-    // terms averaged over ranks.
-    // On the group's device (NCCL takes GPU tensors only).
-    const auto device = group->device();
-    auto counts = torch::cat({load_.to(device), torch::tensor({copies_, dropped_}, torch::kLong).to(device)});
-    auto aux = aux_sums_.to(device, torch::kDouble).contiguous();
-    auto h1 = group->all_reduce(counts, parallel::ReduceOp::kSum);
-    auto h2 = group->all_reduce(aux, parallel::ReduceOp::kSum);
+    // Combined over the group's ranks, on its device (NCCL takes GPU tensors only),
+    // so every rank sees the global statistics and keeps identical biases.
+    const auto on = group->device();
+    auto shared_counts = counts.to(on).contiguous();
+    auto shared_aux = aux.to(on).contiguous();
+    auto h1 = group->all_reduce(shared_counts, parallel::ReduceOp::kSum);
+    auto h2 = group->all_reduce(shared_aux, parallel::ReduceOp::kSum);
     h1.wait();
     h2.wait();
-    const int64_t experts = load_.size(0);
-    load_ = counts.narrow(0, 0, experts).to(load_.device());
-    const auto totals = counts.narrow(0, experts, 2).cpu();
-    copies_ = totals[0].item<int64_t>();
-    dropped_ = totals[1].item<int64_t>();
-    aux_sums_ = (aux / static_cast<double>(group->size())).to(aux_sums_.options());
+    counts = shared_counts.to(device);
+    aux = shared_aux.to(device) / static_cast<double>(group->size());
   }
-  auto load = load_.to(torch::kFloat);
+  const int64_t experts = load_.size(0);
+  auto load = counts.narrow(0, 0, experts).to(torch::kFloat);
+  const auto totals = counts.narrow(0, experts, 2).to(torch::kDouble);
   const auto mean = load.mean();
-  stats.max_load_ratio = (load.max() / mean).item<double>();
-  stats.dropped_fraction = static_cast<double>(dropped_) / static_cast<double>(copies_);
-  auto aux = (aux_sums_ / static_cast<double>(micro_batches_)).to(torch::kCPU);
-  stats.seq_aux_loss = aux[0].item<double>();
-  stats.batch_aux_loss = aux[1].item<double>();
-  stats.z_loss = aux[2].item<double>();
+  auto stats = torch::cat({(load.max() / mean).to(torch::kDouble).reshape({1}), (totals[1] / totals[0]).reshape({1}),
+                           aux / static_cast<double>(micro_batches_)});
   if (update_bias && options_.bias_update_rate > 0) {
     gate->e_score_correction_bias.add_(torch::sign(mean - load), options_.bias_update_rate);
   }

@@ -45,6 +45,12 @@ class MoELayerImpl : public torch::nn::Module {
   // data-parallel `group`, loads, drops and aux terms are first combined over its
   // ranks, so every rank sees the global statistics and keeps identical biases.
   LayerStepStats end_step(bool update_bias, parallel::Communicator* group = nullptr);
+  // The same, with the statistics left on the layer's device as float64
+  // [max_load_ratio, dropped_fraction, seq_aux_loss, batch_aux_loss, z_loss]
+  // (undefined when the layer ran no forward this step), so a model reads all its
+  // layers' statistics in one host read (stats_from()).
+  torch::Tensor end_step_on_device(bool update_bias, parallel::Communicator* group = nullptr);
+  static LayerStepStats stats_from(const torch::Tensor& host_row);
 
   // Expert parallelism over `ep` (null or a group of 1: off). Keeps this rank's
   // slice of the routed experts (rank j: experts [j*E/P, (j+1)*E/P); the weights
