@@ -121,8 +121,8 @@ QuantizedTensor quantize_pass(const torch::Tensor& xf, const QuantizeOptions& o,
   auto scale_of = [&](float amax) { return std::isfinite(amax) ? scale_for(amax, o.format, o.power_of_two_scales) : 1.0f; };
   auto check_finite = [&](bool finite) {
     // amax is NaN or infinite exactly when x holds a NaN or infinity.
-    BRIGADE_CHECK(finite, "non-finite value (NaN or Inf) in ", o.name, " reached the FP8 quantizer (", to_string(o.mode),
-                  ")");
+    if (auto* deferred = DeferredFiniteCheck::active()) return deferred->record(finite, nonfinite_site(o));
+    BRIGADE_CHECK(finite, "non-finite value (NaN or Inf) in ", nonfinite_site(o));
   };
   std::atomic<bool> finite{true};
   switch (o.mode) {
@@ -227,6 +227,52 @@ QuantizedTensor quantize_pass(const torch::Tensor& xf, const QuantizeOptions& o,
 }
 
 }  // namespace
+
+std::string nonfinite_site(const QuantizeOptions& o) {
+  return detail::concat(o.name, " reached the FP8 quantizer (", to_string(o.mode), ")");
+}
+
+namespace {
+std::atomic<DeferredFiniteCheck*> active_check{nullptr};
+}  // namespace
+
+DeferredFiniteCheck::DeferredFiniteCheck() {
+  DeferredFiniteCheck* none = nullptr;
+  BRIGADE_ASSERT(active_check.compare_exchange_strong(none, this), "a DeferredFiniteCheck is already active");
+}
+
+DeferredFiniteCheck::~DeferredFiniteCheck() { active_check.store(nullptr); }
+
+DeferredFiniteCheck* DeferredFiniteCheck::active() { return active_check.load(); }
+
+int DeferredFiniteCheck::site_id(const std::string& site) {
+  auto [it, added] = ids_.try_emplace(site, static_cast<int>(sites_.size()) + 1);
+  if (added) sites_.push_back(site);
+  return it->second;
+}
+
+void DeferredFiniteCheck::record(const torch::Tensor& nonfinite, const std::string& site) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const int id = site_id(site);
+  if (!first_.defined()) first_ = torch::zeros({}, nonfinite.options().dtype(torch::kInt));
+  // Queued on the device: keeps the first site that saw a NaN or infinity.
+  first_ = torch::where(first_.eq(0).logical_and(nonfinite.ne(0)), id, first_);
+}
+
+void DeferredFiniteCheck::record(bool finite, const std::string& site) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const int id = site_id(site);
+  if (!finite && host_first_ == 0) host_first_ = id;
+}
+
+void DeferredFiniteCheck::check() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const int device_first = first_.defined() ? first_.item<int>() : 0;
+  const int first = host_first_ != 0 ? host_first_ : device_first;
+  first_ = torch::Tensor();
+  host_first_ = 0;
+  BRIGADE_CHECK(first == 0, "non-finite value (NaN or Inf) in ", sites_.at(static_cast<size_t>(first - 1)));
+}
 
 QuantizedTensor quantize(const torch::Tensor& x, const QuantizeOptions& o, DelayedScaling* delayed, bool record) {
   QuantizedTensor q;

@@ -15,7 +15,10 @@
 #pragma once
 
 #include <cstdint>
+#include <mutex>
 #include <string>
+#include <unordered_map>
+#include <vector>
 
 #include <torch/types.h>
 
@@ -76,9 +79,12 @@ class DelayedScaling {
 // The scale for one group's amax under the options (s = amax / max, 1 for amax 0,
 // optionally rounded up to a power of two).
 float scale_for(float amax, Fp8Format format, bool power_of_two);
+// "NAME reached the FP8 quantizer (MODE)": what an Error about a NaN or infinity names.
+std::string nonfinite_site(const QuantizeOptions& options);
 
-// x: 2-D float32 or bfloat16 on the CPU. A NaN or infinity in x is an Error naming
-// options.name (never saturated into a finite number). kPerTensorDelayed needs
+// x: 2-D float32 or bfloat16 (CPU, or CUDA through quantize_cuda_host.h). A NaN or
+// infinity in x is an Error naming options.name (never saturated into a finite
+// number), raised here or, under a DeferredFiniteCheck, by its check(). kPerTensorDelayed needs
 // `delayed` (its current scale is used, then this tensor's amax is recorded unless
 // `record` is false: evaluation must not move the training state).
 QuantizedTensor quantize(const torch::Tensor& x, const QuantizeOptions& options, DelayedScaling* delayed = nullptr,
@@ -93,5 +99,34 @@ void quantize_into(const torch::Tensor& x, const QuantizeOptions& options, Quant
 // FP8 operands of the CPU emulation. Same checks, same history bookkeeping.
 torch::Tensor fake_quantize(const torch::Tensor& x, const QuantizeOptions& options, DelayedScaling* delayed = nullptr,
                             bool record = true);
+
+// While one is alive, quantize() and fake_quantize() do not stop at a NaN or
+// infinity: each call records, on its input's device and without waiting for the
+// device, whether it saw one, and the first such tensor is kept. check() then
+// raises the Error the first such call would have raised, with one host read for
+// all of them (a training step holds one over its forward and backward passes,
+// instead of one blocking read per quantize call on a GPU). One at a time per
+// process; calls from autograd's backward threads are recorded too.
+class DeferredFiniteCheck {
+ public:
+  DeferredFiniteCheck();
+  ~DeferredFiniteCheck();
+  DeferredFiniteCheck(const DeferredFiniteCheck&) = delete;
+  DeferredFiniteCheck& operator=(const DeferredFiniteCheck&) = delete;
+  // The one read: an Error naming the first tensor that held a NaN or infinity.
+  void check();
+  static DeferredFiniteCheck* active();
+  // `nonfinite`: an int tensor (any device), non-zero when the call saw one.
+  void record(const torch::Tensor& nonfinite, const std::string& site);
+  void record(bool finite, const std::string& site);  // a call that knows on the host
+
+ private:
+  int site_id(const std::string& site);
+  std::mutex mutex_;
+  torch::Tensor first_;  // int32 scalar on the device: 0, or 1 + index into sites_
+  int host_first_ = 0;   // the same for host-side checks
+  std::vector<std::string> sites_;
+  std::unordered_map<std::string, int> ids_;
+};
 
 }  // namespace brigade::precision

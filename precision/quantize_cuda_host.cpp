@@ -107,8 +107,11 @@ Result run(const torch::Tensor& x, const QuantizeOptions& o, DelayedScaling* del
   a.nonfinite = nonfinite.data_ptr<int>();
   fp8_cuda::quantize(a, current_stream(xc.device()));
 
-  BRIGADE_CHECK(nonfinite.item<int>() == 0, "non-finite value (NaN or Inf) in ", o.name, " reached the FP8 quantizer (",
-                to_string(o.mode), ")");
+  if (auto* deferred = DeferredFiniteCheck::active()) {
+    deferred->record(nonfinite, nonfinite_site(o));  // read once, by the step
+  } else {
+    BRIGADE_CHECK(nonfinite.item<int>() == 0, "non-finite value (NaN or Inf) in ", nonfinite_site(o));
+  }
   if (o.mode == ScalingMode::kPerTensorDelayed && record) delayed->record(r.q.amax.item<float>());
   return r;
 }

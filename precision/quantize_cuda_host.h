@@ -10,9 +10,9 @@
 //   128x128  [R, L] as a view of a [R, round_up(L, 4)] buffer (row stride a multiple of 4)
 //
 // The NaN/Inf check reads one int back from the device, so each call waits for
-// its kernels: the error contract (an Error naming the tensor, raised by the
-// quantize call itself) needs it. Delayed scaling also reads the amax back to
-// record it, as on the CPU.
+// its kernels, unless a DeferredFiniteCheck is active (the trainer's steps): then
+// the flag is only folded into the check's device flag and read once per step.
+// Delayed scaling still reads the amax back to record it, as on the CPU.
 #pragma once
 
 #include <torch/types.h>

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <map>
+#include <optional>
 #include <sstream>
 
 #include <ATen/CPUGeneratorImpl.h>
@@ -12,6 +13,7 @@
 #include "core/log.h"
 #include "core/progress.h"
 #include "parallel/ordered_sum.h"
+#include "precision/quantize.h"
 
 namespace brigade::trainer {
 namespace {
@@ -332,6 +334,10 @@ StepResult Trainer::step() {
   const auto denominator = step_tokens.clamp_min(1.0).to(torch::kFloat).reshape({});
 
   auto shares = torch::zeros({2}, scalars);  // this rank's shares of the step's means: loss, objective
+  // FP8: a NaN or infinity reaching a quantizer is noted on the device and read once,
+  // after the backward passes (not once per quantize call).
+  std::optional<precision::DeferredFiniteCheck> fp8_finite;
+  if (precision_.fp8.enabled()) fp8_finite.emplace();
   for (int64_t micro = 0; micro < options_.grad_accum_steps; ++micro) {
     const bool last = micro + 1 == options_.grad_accum_steps;
     if (reducer_) reducer_->begin_backward(/*reduce=*/last);
@@ -342,6 +348,8 @@ StepResult Trainer::step() {
     // Micro-batch gradients are added in the canonical order (parallel/ordered_sum.h).
     if (!last) micro_grads_->stash();
   }
+  if (fp8_finite) fp8_finite->check();
+  fp8_finite.reset();
   micro_grads_->finish_all();  // what no reducer folded in
   if (reducer_) {
     result.reduce = reducer_->finish();  // gradients are now sums over the group

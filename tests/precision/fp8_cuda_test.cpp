@@ -136,6 +136,22 @@ void expect_close_to_reference(const torch::Tensor& d, const QuantizedTensor& a,
   EXPECT_GT(ref.abs().max().item<double>(), 0.0);
 }
 
+// Deferred on the GPU: the calls queue their flags without waiting; check() reads
+// once and names the first tensor that held a NaN or infinity.
+TEST(Fp8Cuda, DeferredCheckNamesTheFirstNonFiniteTensor_CUDA) {
+  SKIP_WITHOUT_GPU();
+  auto good = torch::ones({130, 256}, torch::kCUDA);
+  auto bad = good.clone();
+  bad[129][7] = std::numeric_limits<float>::infinity();
+  DeferredFiniteCheck deferred;
+  quantize(good, {Fp8Format::kE4M3, ScalingMode::kTile1x128, false, "first"});
+  fake_quantize(bad, {Fp8Format::kE4M3, ScalingMode::kTile128x1, false, "second"});
+  quantize(bad, {Fp8Format::kE4M3, ScalingMode::kBlock128x128, false, "third"});
+  EXPECT_BRIGADE_ERROR(deferred.check(), "non-finite value (NaN or Inf) in second reached the FP8 quantizer");
+  quantize(good, {Fp8Format::kE4M3, ScalingMode::kBlock128x128, false, "fourth"});
+  EXPECT_NO_THROW(deferred.check());
+}
+
 TEST(Fp8Cuda, GemmMatchesFloat64ProductsOfTheDequantizedOperands_CUDA) {
   SKIP_WITHOUT_GPU();
   torch::manual_seed(5);

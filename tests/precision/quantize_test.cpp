@@ -132,6 +132,23 @@ TEST(Fp8Quantize, NonFiniteInputIsAnErrorNamingTheTensor) {
   }
 }
 
+// Deferred: no call stops; check() names the first tensor that held a NaN or
+// infinity, once, and starts clean.
+TEST(Fp8Quantize, DeferredCheckNamesTheFirstNonFiniteTensorOnce) {
+  auto good = torch::ones({4, 256});
+  auto bad = torch::ones({4, 256});
+  bad[1][200] = std::numeric_limits<float>::quiet_NaN();
+  DeferredFiniteCheck deferred;
+  EXPECT_EQ(DeferredFiniteCheck::active(), &deferred);
+  EXPECT_NO_THROW(quantize(good, {Fp8Format::kE4M3, ScalingMode::kTile1x128, false, "layers.0.attn input"}));
+  EXPECT_NO_THROW(fake_quantize(bad, {Fp8Format::kE4M3, ScalingMode::kBlock128x128, false, "layers.1.mlp weight"}));
+  EXPECT_NO_THROW(quantize(bad, {Fp8Format::kE5M2, ScalingMode::kTile128x1, false, "layers.2.mlp grad"}));
+  EXPECT_BRIGADE_ERROR(deferred.check(), "non-finite value (NaN or Inf) in layers.1.mlp weight reached the FP8 quantizer (128x128 blocks)");
+  EXPECT_NO_THROW(deferred.check());
+  EXPECT_NO_THROW(quantize(good, {Fp8Format::kE4M3, ScalingMode::kPerTensorCurrent, false, "x"}));
+  EXPECT_NO_THROW(deferred.check());
+}
+
 TEST(Fp8Quantize, DelayedScalingUsesTheHistory) {
   DelayedScaling max_algo(3, 1.0, DelayedScaling::Algorithm::kMax);
   DelayedScaling recent(3, 0.0, DelayedScaling::Algorithm::kMostRecent);
