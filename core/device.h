@@ -4,6 +4,7 @@
 // (device.cpp) is plain logic over those facts, so it is tested without a GPU.
 #pragma once
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -23,6 +24,14 @@ std::string describe_devices();
 int cuda_capability(int index);
 // The device's marketing name ("NVIDIA H200"); empty when there is no such device.
 std::string cuda_device_name(int index);
+
+// What the caching allocator holds on a GPU (zeros without one).
+struct GpuMemory {
+  int64_t peak_allocated_bytes = 0;  // most bytes in live tensors since the process started
+  int64_t reserved_bytes = 0;        // held by LibTorch's caching allocator now
+  int64_t total_bytes = 0;           // the device's memory
+};
+GpuMemory cuda_memory(int index);
 
 // `trainer.device`: auto is CUDA when a GPU is visible, else the CPU.
 enum class DeviceKind { kAuto, kCpu, kCuda };

@@ -2,6 +2,8 @@
 
 #include <cuda_runtime.h>
 
+#include <c10/cuda/CUDACachingAllocator.h>
+
 namespace brigade {
 
 bool cuda_built() { return true; }
@@ -43,6 +45,22 @@ std::string cuda_device_name(int index) {
     return {};
   }
   return prop.name;
+}
+
+GpuMemory cuda_memory(int index) {
+  GpuMemory m;
+  if (index < 0 || index >= cuda_device_count()) return m;
+  size_t free = 0, total = 0;
+  if (cudaSetDevice(index) == cudaSuccess && cudaMemGetInfo(&free, &total) == cudaSuccess) {
+    m.total_bytes = static_cast<int64_t>(total);
+  } else {
+    cudaGetLastError();
+  }
+  const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(static_cast<c10::DeviceIndex>(index));
+  const auto all = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+  m.peak_allocated_bytes = stats.allocated_bytes[all].peak;
+  m.reserved_bytes = stats.reserved_bytes[all].current;
+  return m;
 }
 
 }  // namespace brigade

@@ -310,7 +310,37 @@ std::vector<data::Batch> Trainer::step_batches() {
   return batches;
 }
 
+std::string out_of_memory_message(int64_t step, c10::Device device, const GpuMemory& memory,
+                                  const std::string& allocator_message) {
+  const std::string first_line = allocator_message.substr(0, allocator_message.find('\n'));
+  auto gib = [](int64_t bytes) { return detail::concat(std::round(static_cast<double>(bytes) / (1 << 30) * 10) / 10, " GiB"); };
+  std::string where = device.str();
+  if (device.is_cuda() && memory.total_bytes > 0) {
+    where += detail::concat(" (peak ", gib(memory.peak_allocated_bytes), " in tensors, ", gib(memory.reserved_bytes),
+                            " reserved, of ", gib(memory.total_bytes), ")");
+  }
+  return detail::concat("out of memory at step ", step, " on ", where, ": ", first_line,
+                        "; to cut memory lower trainer.micro_batch_size (raise trainer.grad_accum_steps to keep "
+                        "the batch) or data.seq_len, or set precision.compute_dtype=bfloat16, "
+                        "precision.optimizer_state_dtype=bfloat16, parallel.zero_stage=1 (several ranks)");
+}
+
 StepResult Trainer::step() {
+  try {
+    return run_step();
+  } catch (const c10::OutOfMemoryError& e) {  // the CUDA caching allocator
+    const auto memory = context_.device.is_cuda() ? cuda_memory(context_.device.index()) : GpuMemory{};
+    BRIGADE_FAIL(out_of_memory_message(state_.step + 1, context_.device, memory, e.what_without_backtrace()));
+  } catch (const c10::Error& e) {
+    // LibTorch's CPU allocator reports a refused allocation as a plain c10::Error.
+    const std::string what = e.what_without_backtrace();
+    const auto at = what.find("can't allocate memory");
+    if (at == std::string::npos) throw;
+    BRIGADE_FAIL(out_of_memory_message(state_.step + 1, context_.device, {}, what.substr(what.rfind(':', at) + 1)));
+  }
+}
+
+StepResult Trainer::run_step() {
   const auto start = std::chrono::steady_clock::now();
   StepResult result;
   // Dropping the gradients (rather than zeroing them) lets the first backward write

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "core/device.h"
 #include "data/sampler.h"
 #include "model/transformer.h"
 #include "parallel/communicator.h"
@@ -72,6 +73,12 @@ struct EvalResult {
   double perplexity = 0.0;
 };
 
+// The one line a run stops with when a step runs out of memory: the step, the
+// device, what the allocator reported first, the GPU's peak and total memory, and
+// the recipe keys that cut memory.
+std::string out_of_memory_message(int64_t step, c10::Device device, const GpuMemory& memory,
+                                  const std::string& allocator_message);
+
 class Trainer;
 
 class TrainerHook {
@@ -93,6 +100,7 @@ class Trainer {
   // Runs steps until trainer.max_steps (or trainer.stop_after), calling the hooks.
   void run();
   // One optimizer step: micro-batches, forward, backward, clip, schedule, update.
+  // Running out of memory ends it with an Error of one line (out_of_memory_message).
   StepResult step();
   // Mean loss over trainer.eval_batches fixed held-out batches (collective in a
   // multi-rank run: the ranks share the batches and all get the result).
@@ -130,6 +138,7 @@ class Trainer {
   struct LossTensors {
     torch::Tensor loss, objective;
   };
+  StepResult run_step();
   LossTensors forward_backward(const data::Batch& batch, const torch::Tensor& step_tokens);
   // This rank's micro-batches of the step, on the device. On a GPU the next step's are
   // sampled into pinned host memory on a helper thread while this one computes.

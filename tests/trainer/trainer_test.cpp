@@ -287,6 +287,30 @@ TEST(TrainerTest, NonFiniteSkipLeavesParametersUnchanged) {
   EXPECT_TRUE(torch::equal(before, t->model()->norm->weight));
 }
 
+// A step whose logits cannot be allocated (8192 x 32 x 2^20 float32: 1 TiB) stops
+// the run with one line naming the step, the device and the keys that cut memory.
+TEST(TrainerTest, OutOfMemoryIsOneLineNamingTheStepAndTheKeys) {
+  TempDir dir;
+  auto t = recipes::build_trainer(small_recipe({"model.vocab_size=1048576", "trainer.micro_batch_size=8192",
+                                                "data.synthetic.num_problems=20000"}), dir.path());
+  try {
+    t->step();
+    ADD_FAILURE() << "a 1 TiB allocation succeeded";
+  } catch (const Error& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("out of memory at step 1 on cpu: "), std::string::npos) << what;
+    EXPECT_NE(what.find("you tried to allocate"), std::string::npos) << what;
+    EXPECT_NE(what.find("trainer.micro_batch_size"), std::string::npos) << what;
+    EXPECT_EQ(what.find('\n'), std::string::npos) << what;
+  }
+  const GpuMemory h200{75LL << 30, 80LL << 30, 141LL << 30};
+  const std::string gpu =
+      trainer::out_of_memory_message(7, c10::Device(c10::kCUDA, 1), h200, "CUDA out of memory. Tried to allocate 2.00 GiB\nmore");
+  EXPECT_EQ(gpu.rfind("out of memory at step 7 on cuda:1 (peak 75 GiB in tensors, 80 GiB reserved, of 141 GiB): "
+                      "CUDA out of memory. Tried to allocate 2.00 GiB; to cut memory", 0), 0u) << gpu;
+  EXPECT_EQ(gpu.find("more"), std::string::npos) << gpu;
+}
+
 TEST(ScheduleTest, WarmupThenCosineToFloor) {
   trainer::CosineSchedule s{1.0, 0.1, 10, 110};
   EXPECT_DOUBLE_EQ(s(0), 0.1);
