@@ -93,12 +93,15 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
   k = apply_rope(k.transpose(1, 2), cos, sin);
 
   torch::Tensor out;
-  if (cache == nullptr && mask.defined()) {
-    out = at::scaled_dot_product_attention(q, k, v, mask, 0.0, /*is_causal=*/false, std::nullopt,
-                                           /*enable_gqa=*/n_kv_heads_ != n_heads_);
-  } else if (cache == nullptr) {
-    out = at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true, std::nullopt,
-                                           /*enable_gqa=*/n_kv_heads_ != n_heads_);
+  if (cache == nullptr) {
+    const bool gqa = n_kv_heads_ != n_heads_;
+    auto core = [mask, gqa](const std::vector<torch::Tensor>& in) {
+      return mask.defined() ? at::scaled_dot_product_attention(in[0], in[1], in[2], mask, 0.0, /*is_causal=*/false,
+                                                               std::nullopt, gqa)
+                            : at::scaled_dot_product_attention(in[0], in[1], in[2], {}, 0.0, /*is_causal=*/true,
+                                                               std::nullopt, gqa);
+    };
+    out = checkpoint_core && is_training() ? checkpointed(core, {q, k, v}) : core({q, k, v});
   } else {
     const int64_t past = cache->length;
     BRIGADE_CHECK(past + seq <= cache->capacity(), "KV cache full: ", past, " + ", seq,
@@ -225,14 +228,29 @@ torch::Tensor TransformerImpl::forward(const torch::Tensor& tokens, KVCache* cac
   auto sin = rope_sin_.narrow(0, start, seq);
   auto h = embed_tokens(tokens);
   int64_t index = 0;
+  const bool full = checkpointing_ == Checkpointing::kFull && is_training() && cache == nullptr;
   for (const auto& layer : *layers) {
-    h = layer->as<BlockImpl>()->forward(h, cos, sin, cache, index++, mask);
+    auto* block = layer->as<BlockImpl>();
+    const int64_t i = index++;
+    if (full) {
+      // Only the block's input is kept; the block runs again in backward.
+      h = checkpointed([block, cos, sin, mask, i](const std::vector<torch::Tensor>& in) {
+        return block->forward(in[0], cos, sin, nullptr, i, mask);
+      }, {h});
+    } else {
+      h = block->forward(h, cos, sin, cache, i, mask);
+    }
   }
   if (cache) cache->length += seq;
   h = norm(h);
   if (lm_head) return lm_head(h);
   if (tied_head_fp8_) return precision::fp8_linear(h, embed_tokens->weight, {}, *tied_head_fp8_);
   return torch::nn::functional::linear(h, embed_tokens->weight);
+}
+
+void TransformerImpl::set_checkpointing(Checkpointing mode) {
+  checkpointing_ = mode;
+  for (const auto& layer : *layers) layer->as<BlockImpl>()->self_attn->checkpoint_core = mode == Checkpointing::kSelective;
 }
 
 KVCache TransformerImpl::make_cache(int64_t batch, int64_t capacity) const {

@@ -19,6 +19,7 @@
 
 #include "model/safetensors.h"
 #include "precision/linear.h"
+#include "core/recompute.h"
 #include "moe/layer.h"
 #include "moe/swiglu.h"
 
@@ -89,6 +90,8 @@ class AttentionImpl : public torch::nn::Module {
 
   precision::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
   RMSNorm q_norm{nullptr}, k_norm{nullptr};
+  // Selective activation checkpointing: the attention core is recomputed in backward.
+  bool checkpoint_core = false;
 
  private:
   int64_t n_heads_, n_kv_heads_, head_dim_;
@@ -163,6 +166,11 @@ class TransformerImpl : public torch::nn::Module {
   NamedTensors fp8_state() const;
   void load_fp8_state(const std::map<std::string, torch::Tensor>& tensors, const std::string& source);
 
+  // trainer.activation_checkpointing (core/recompute.h): applies in training
+  // forwards with grad mode on; evaluation and generation are unchanged.
+  void set_checkpointing(Checkpointing mode);
+  Checkpointing checkpointing() const { return checkpointing_; }
+
   torch::nn::Embedding embed_tokens{nullptr};
   torch::nn::ModuleList layers{nullptr};
   RMSNorm norm{nullptr};
@@ -173,6 +181,7 @@ class TransformerImpl : public torch::nn::Module {
   // Every FP8 GEMM site with its checkpoint name prefix.
   std::vector<std::pair<std::string, precision::Fp8GemmState*>> fp8_sites() const;
   TransformerOptions options_;
+  Checkpointing checkpointing_ = Checkpointing::kNone;
   std::unique_ptr<precision::Fp8GemmState> tied_head_fp8_;  // the tied output head's FP8 state
   torch::Tensor rope_cos_;  // [max_seq_len, head_dim] (buffer, not a parameter)
   torch::Tensor rope_sin_;  // sign-folded: [-sin, sin] over the two halves (see apply_rope)

@@ -1,6 +1,7 @@
 #include "moe/layer.h"
 
 #include "core/error.h"
+#include "core/recompute.h"
 #include "moe/expert_parallel.h"
 #include "precision/precision.h"
 
@@ -71,7 +72,8 @@ torch::Tensor MoELayerImpl::forward(const torch::Tensor& x) {
   auto y = unpermute(rows, plan);
   if (shared_experts) y = y + shared_experts(flat);
   aux_loss_ = torch::Tensor();
-  if (is_training()) record(routing, plan, batch, seq);
+  // Recorded once per forward: not again when activation checkpointing recomputes it.
+  if (is_training() && !recomputing()) record(routing, plan, batch, seq);
   return y.view({batch, seq, d});
 }
 

@@ -352,6 +352,8 @@ std::vector<Field> build_schema() {
   s.push_back(integer<int64_t>("trainer.keep_checkpoints", REF(trainer.keep_checkpoints), "Most recent checkpoints kept.", 1));
   s.push_back(integer<uint64_t>("trainer.seed", REF(trainer.seed), "Seed for model init and data order."));
   s.push_back(integer<int64_t>("trainer.threads", REF(trainer.threads), "CPU threads for compute; 0 = the node's cores divided by its ranks."));
+  s.push_back(choice("trainer.activation_checkpointing", REF(trainer.activation_checkpointing), "Activation memory for compute: none; selective (the attention core is recomputed in backward: no [batch, heads, seq, seq] intermediates kept); full (each transformer block is recomputed; only block inputs are kept; about one more forward per step). Full is refused with MoE aux losses and expert parallelism (not supported yet).",
+                     {"none", "selective", "full"}, parse_checkpointing, [](Checkpointing v) { return brigade::to_string(v); }));
   s.push_back(choice("trainer.device", REF(trainer.device), "Where the model, optimizer state and batches live: cuda (one GPU per rank: local rank i on visible GPU i), cpu, or auto (cuda when a GPU is visible). See docs/gpu.md.",
                      {"auto", "cpu", "cuda"}, parse_device_kind, [](DeviceKind v) { return brigade::to_string(v); }));
   s.push_back(choice("trainer.on_nonfinite", REF(trainer.on_nonfinite), "On a NaN/Inf loss or gradient: abort with the step and parameter, or skip the update.",

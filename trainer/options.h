@@ -6,6 +6,7 @@
 #include <string>
 
 #include "core/device.h"
+#include "core/recompute.h"
 
 namespace brigade::trainer {
 
@@ -33,6 +34,7 @@ struct TrainerOptions {
   uint64_t seed = 1234;             // model init and data order
   int64_t threads = 0;              // intra-op CPU threads; 0 = the node's cores / its ranks
   DeviceKind device = DeviceKind::kAuto;  // auto: the rank's GPU when one is visible, else the CPU
+  Checkpointing activation_checkpointing = Checkpointing::kNone;  // what backward recomputes (core/recompute.h)
   NonFinitePolicy on_nonfinite = NonFinitePolicy::kAbort;
   int64_t stop_after = 0;           // stop (with a checkpoint) at this step without changing the schedule; 0 = run to max_steps
 

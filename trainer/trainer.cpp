@@ -89,6 +89,15 @@ Trainer::Trainer(TrainerOptions options, precision::PrecisionOptions precision, 
   // Everything the trainer owns follows the model: parameters, buffers (RoPE tables,
   // expert biases), then gradients, reducer buckets and optimizer state made from them.
   model_->to(context_.device);
+  const auto& routing = model_->options().moe;
+  BRIGADE_CHECK(options_.activation_checkpointing != Checkpointing::kFull ||
+                    (routing.seq_aux_loss == 0 && routing.batch_aux_loss == 0 && routing.z_loss == 0),
+                "trainer.activation_checkpointing=full does not yet carry the MoE aux losses' gradients "
+                "(model.moe.seq_aux_loss, batch_aux_loss, z_loss); set them to 0 or use selective");
+  BRIGADE_CHECK(options_.activation_checkpointing != Checkpointing::kFull || context_.expert_parallel <= 1,
+                "trainer.activation_checkpointing=full is not supported with parallel.expert_parallel > 1 yet; "
+                "use selective");
+  model_->set_checkpointing(options_.activation_checkpointing);
   state_.model_fingerprint = context_.model_fingerprint;
   state_.recipe_hash = context_.recipe_hash;
   const int64_t ep = context_.expert_parallel;

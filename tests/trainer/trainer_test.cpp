@@ -8,6 +8,7 @@
 
 #include "core/device.h"
 #include "core/fs.h"
+#include "core/recompute.h"
 #include "recipes/build.h"
 #include "recipes/recipe.h"
 #include "tests/testing.h"
@@ -309,6 +310,66 @@ TEST(TrainerTest, OutOfMemoryIsOneLineNamingTheStepAndTheKeys) {
   EXPECT_EQ(gpu.rfind("out of memory at step 7 on cuda:1 (peak 75 GiB in tensors, 80 GiB reserved, of 141 GiB): "
                       "CUDA out of memory. Tried to allocate 2.00 GiB; to cut memory", 0), 0u) << gpu;
   EXPECT_EQ(gpu.find("more"), std::string::npos) << gpu;
+}
+
+// The piece runs again in backward (recomputing() true then) and gives the
+// gradients plain autograd gives, into its input and the weights it closes over.
+TEST(RecomputeTest, PieceRunsAgainInBackwardWithTheSameGradients) {
+  auto w = torch::randn({8, 8}, torch::requires_grad());
+  auto x = torch::randn({4, 8}, torch::requires_grad());
+  int calls = 0, recomputed = 0;
+  Piece piece = [&](const std::vector<torch::Tensor>& in) {
+    ++calls;
+    recomputed += recomputing() ? 1 : 0;
+    return torch::tanh(torch::mm(in[0], w)).square();
+  };
+  checkpointed(piece, {x}).sum().backward();
+  EXPECT_EQ(calls, 2);
+  EXPECT_EQ(recomputed, 1);
+  const auto dx = x.grad().clone(), dw = w.grad().clone();
+  x.mutable_grad() = torch::Tensor();
+  w.mutable_grad() = torch::Tensor();
+  piece({x}).sum().backward();
+  EXPECT_TRUE(torch::equal(x.grad(), dx));
+  EXPECT_TRUE(torch::equal(w.grad(), dw));
+  {
+    torch::NoGradGuard no_grad;
+    checkpointed(piece, {x});
+  }
+  EXPECT_EQ(calls, 4);  // without grad mode: once, nothing kept
+}
+
+// Recomputing activations in backward changes memory, not numbers: the same losses
+// bit for bit, for the attention core (selective) and whole blocks (full), dense and
+// MoE (loads recorded once: the expert biases move identically), FP8 blockwise too.
+TEST(TrainerTest, ActivationCheckpointingKeepsTheLossesBitwise) {
+  TempDir dir;
+  at::set_num_threads(1);
+  const std::vector<std::string> short_run = {"trainer.max_steps=8", "trainer.eval_every=0", "trainer.checkpoint_every=0"};
+  auto with = [&](std::vector<std::string> extra) {
+    extra.insert(extra.end(), short_run.begin(), short_run.end());
+    return extra;
+  };
+  const std::vector<std::string> no_aux = {"model.moe.seq_aux_loss=0", "model.moe.z_loss=0"};
+  for (const auto& variant : std::vector<std::vector<std::string>>{
+           {}, {"precision.compute_dtype=bfloat16"}, {"precision.fp8_recipe=blockwise", "precision.fp8_modules=[attention, mlp]"}}) {
+    SCOPED_TRACE(variant.empty() ? "float32" : variant[0]);
+    const auto plain = train(small_recipe(with(variant)), dir / "plain", false);
+    for (const char* mode : {"selective", "full"}) {
+      auto v = with(variant);
+      v.push_back(std::string("trainer.activation_checkpointing=") + mode);
+      const auto recomputed = train(small_recipe(v), dir / mode, false);
+      EXPECT_EQ(recomputed, plain) << mode;
+      std::filesystem::remove_all(dir / mode);
+    }
+    std::filesystem::remove_all(dir / "plain");
+  }
+  auto moe = no_aux;
+  moe.push_back("trainer.activation_checkpointing=full");
+  const auto plain_moe = train(small_moe_recipe(with(no_aux)), dir / "moe-plain", false);
+  EXPECT_EQ(train(small_moe_recipe(with(moe)), dir / "moe-full", false), plain_moe);
+  EXPECT_BRIGADE_ERROR(recipes::build_trainer(small_moe_recipe({"trainer.activation_checkpointing=full"}), dir / "x"),
+                       "trainer.activation_checkpointing=full does not yet carry the MoE aux losses");
 }
 
 TEST(ScheduleTest, WarmupThenCosineToFloor) {
