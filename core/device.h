@@ -33,6 +33,28 @@ struct GpuMemory {
 };
 GpuMemory cuda_memory(int index);
 
+// Counts, while it lives, the CUDA operations that make the host wait for the GPU
+// (LibTorch's CUDA sync-debug mode set to warn, its warnings counted here instead of
+// printed; the autograd engine replays its threads' warnings on the calling thread,
+// so backward's count too). What the *_CUDA test of the sync-free step asserts.
+// Without CUDA it counts nothing. One at a time per process.
+class HostSyncCounter {
+ public:
+  HostSyncCounter();
+  ~HostSyncCounter();
+  HostSyncCounter(const HostSyncCounter&) = delete;
+  HostSyncCounter& operator=(const HostSyncCounter&) = delete;
+  int64_t count() const;
+  // Where each one was raised (brigade's frames of the stack), for a failing test to print.
+  std::vector<std::string> sites() const;
+  void reset();
+
+  struct Impl;
+
+ private:
+  Impl* impl_;
+};
+
 // `trainer.device`: auto is CUDA when a GPU is visible, else the CPU.
 enum class DeviceKind { kAuto, kCpu, kCuda };
 std::string to_string(DeviceKind kind);

@@ -9,4 +9,11 @@ int cuda_capability(int) { return 0; }
 std::string cuda_device_name(int) { return {}; }
 GpuMemory cuda_memory(int) { return {}; }
 
+struct HostSyncCounter::Impl {};
+HostSyncCounter::HostSyncCounter() : impl_(nullptr) {}
+HostSyncCounter::~HostSyncCounter() = default;
+int64_t HostSyncCounter::count() const { return 0; }
+std::vector<std::string> HostSyncCounter::sites() const { return {}; }
+void HostSyncCounter::reset() {}
+
 }  // namespace brigade

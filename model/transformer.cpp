@@ -385,21 +385,21 @@ torch::Tensor TransformerImpl::aux_loss() const {
   return total;
 }
 
-std::vector<moe::LayerStepStats> TransformerImpl::end_moe_step(bool update_bias, parallel::Communicator* group) {
-  // Every layer's statistics stay on the device until one read for all of them.
+torch::Tensor TransformerImpl::moe_step_stats(parallel::Communicator* group) {
   std::vector<torch::Tensor> rows;
-  for (auto& layer : moe_layers()) rows.push_back(layer->end_step_on_device(update_bias, group));
-  std::vector<moe::LayerStepStats> stats(rows.size());
-  std::vector<torch::Tensor> ran;
-  for (const auto& r : rows) {
-    if (r.defined()) ran.push_back(r);
-  }
-  if (ran.empty()) return stats;
-  const auto host = torch::stack(ran).cpu();
-  for (size_t i = 0, k = 0; i < rows.size(); ++i) {
-    if (rows[i].defined()) stats[i] = moe::MoELayerImpl::stats_from(host[static_cast<int64_t>(k++)]);
-  }
+  for (auto& layer : moe_layers()) rows.push_back(layer->step_stats(group));
+  return rows.empty() ? torch::Tensor() : torch::stack(rows);
+}
+
+std::vector<moe::LayerStepStats> TransformerImpl::moe_stats_from(const torch::Tensor& host) {
+  std::vector<moe::LayerStepStats> stats;
+  if (!host.defined()) return stats;
+  for (int64_t i = 0; i < host.size(0); ++i) stats.push_back(moe::MoELayerImpl::stats_from(host[i]));
   return stats;
+}
+
+void TransformerImpl::end_moe_step(bool update_bias) {
+  for (auto& layer : moe_layers()) layer->finish_step(update_bias);
 }
 
 double ParameterCount::train_flops_per_token(const TransformerOptions& o, int64_t seq_len) const {

@@ -147,9 +147,15 @@ class TransformerImpl : public torch::nn::Module {
   std::vector<moe::MoELayer> moe_layers() const;
   // Sum of the MoE auxiliary losses of the last training forward; undefined when none.
   torch::Tensor aux_loss() const;
-  // Closes an optimizer step in every MoE layer (bias update when `update_bias`),
-  // returning each layer's statistics.
-  std::vector<moe::LayerStepStats> end_moe_step(bool update_bias, parallel::Communicator* group = nullptr);
+  // Closing an optimizer step in every MoE layer, in two halves so the statistics
+  // join the step's one host read: moe_step_stats() combines the layers' counters
+  // over `group` ([MoE layers, 5] float64 on the device, MoELayerImpl::step_stats();
+  // undefined for a dense model), moe_stats_from() turns a host copy into per-layer
+  // statistics, and end_moe_step() moves the expert biases (when `update_bias`) and
+  // resets the counters.
+  torch::Tensor moe_step_stats(parallel::Communicator* group = nullptr);
+  static std::vector<moe::LayerStepStats> moe_stats_from(const torch::Tensor& host);
+  void end_moe_step(bool update_bias);
 
   // Expert parallelism over `ep` in every MoE layer (MoELayerImpl::set_expert_parallel:
   // null or a group of 1 is off). Call once, after the weights are initialised

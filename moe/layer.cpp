@@ -107,8 +107,9 @@ void MoELayerImpl::record(const Routing& r, const DispatchPlan& plan, int64_t ba
 }
 
 LayerStepStats MoELayerImpl::end_step(bool update_bias, parallel::Communicator* group) {
-  const auto stats = end_step_on_device(update_bias, group);
-  return stats.defined() ? stats_from(stats.cpu()) : LayerStepStats{};
+  const auto stats = step_stats(group);
+  finish_step(update_bias);
+  return stats_from(stats.cpu());
 }
 
 LayerStepStats MoELayerImpl::stats_from(const torch::Tensor& row) {
@@ -117,12 +118,14 @@ LayerStepStats MoELayerImpl::stats_from(const torch::Tensor& row) {
   return {x[0], x[1], x[2], x[3], x[4]};
 }
 
-torch::Tensor MoELayerImpl::end_step_on_device(bool update_bias, parallel::Communicator* group) {
-  if (micro_batches_ == 0) return {};
+torch::Tensor MoELayerImpl::step_stats(parallel::Communicator* group) {
   torch::NoGradGuard no_grad;
-  const auto device = load_.device();
+  const auto device = gate->e_score_correction_bias.device();
+  if (micro_batches_ == 0) return torch::zeros({5}, torch::TensorOptions().dtype(torch::kDouble).device(device));
   // [experts] loads, then copies and drops (all int64), and the aux terms summed.
-  auto counts = torch::cat({load_, torch::tensor({copies_, dropped_}, torch::kLong).to(device)});
+  // (Filled on the device: copying host values to a GPU would make the host wait.)
+  const auto longs = torch::TensorOptions().dtype(torch::kLong).device(device);
+  auto counts = torch::cat({load_, torch::full({1}, copies_, longs), torch::full({1}, dropped_, longs)});
   auto aux = aux_sums_.to(torch::kDouble);
   if (group != nullptr && group->size() > 1) {
     // Combined over the group's ranks, on its device (NCCL takes GPU tensors only),
@@ -138,19 +141,22 @@ torch::Tensor MoELayerImpl::end_step_on_device(bool update_bias, parallel::Commu
     aux = shared_aux.to(device) / static_cast<double>(group->size());
   }
   const int64_t experts = load_.size(0);
-  auto load = counts.narrow(0, 0, experts).to(torch::kFloat);
+  step_load_ = counts.narrow(0, 0, experts).to(torch::kFloat);
   const auto totals = counts.narrow(0, experts, 2).to(torch::kDouble);
-  const auto mean = load.mean();
-  auto stats = torch::cat({(load.max() / mean).to(torch::kDouble).reshape({1}), (totals[1] / totals[0]).reshape({1}),
-                           aux / static_cast<double>(micro_batches_)});
-  if (update_bias && options_.bias_update_rate > 0) {
-    gate->e_score_correction_bias.add_(torch::sign(mean - load), options_.bias_update_rate);
+  const auto mean = step_load_.mean();
+  return torch::cat({(step_load_.max() / mean).to(torch::kDouble).reshape({1}), (totals[1] / totals[0]).reshape({1}),
+                     aux / static_cast<double>(micro_batches_)});
+}
+
+void MoELayerImpl::finish_step(bool update_bias) {
+  torch::NoGradGuard no_grad;
+  if (update_bias && options_.bias_update_rate > 0 && step_load_.defined()) {
+    gate->e_score_correction_bias.add_(torch::sign(step_load_.mean() - step_load_), options_.bias_update_rate);
   }
-  load_ = torch::Tensor();
+  load_ = step_load_ = torch::Tensor();
   aux_sums_ = torch::Tensor();
   aux_loss_ = torch::Tensor();
   micro_batches_ = copies_ = dropped_ = 0;
-  return stats;
 }
 
 }  // namespace brigade::moe

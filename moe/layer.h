@@ -45,11 +45,14 @@ class MoELayerImpl : public torch::nn::Module {
   // data-parallel `group`, loads, drops and aux terms are first combined over its
   // ranks, so every rank sees the global statistics and keeps identical biases.
   LayerStepStats end_step(bool update_bias, parallel::Communicator* group = nullptr);
-  // The same, with the statistics left on the layer's device as float64
-  // [max_load_ratio, dropped_fraction, seq_aux_loss, batch_aux_loss, z_loss]
-  // (undefined when the layer ran no forward this step), so a model reads all its
-  // layers' statistics in one host read (stats_from()).
-  torch::Tensor end_step_on_device(bool update_bias, parallel::Communicator* group = nullptr);
+  // The two halves of end_step(), so a model reads all its layers' statistics in one
+  // host read: step_stats() combines the step's counters over `group` and returns
+  // float64 [5] on the layer's device, [max_load_ratio, dropped_fraction,
+  // seq_aux_loss, batch_aux_loss, z_loss] (zeros when the layer ran no forward this
+  // step); finish_step() then moves the biases (when `update_bias`, from the
+  // combined load) and resets the counters.
+  torch::Tensor step_stats(parallel::Communicator* group = nullptr);
+  void finish_step(bool update_bias);
   static LayerStepStats stats_from(const torch::Tensor& host_row);
 
   // Expert parallelism over `ep` (null or a group of 1: off). Keeps this rank's
@@ -78,6 +81,7 @@ class MoELayerImpl : public torch::nn::Module {
   torch::Tensor aux_loss_;
   // Step accumulators (reset by end_step).
   torch::Tensor load_;       // [experts] int64 routed copies
+  torch::Tensor step_load_;  // [experts] float32: load_ combined over the group (step_stats())
   torch::Tensor aux_sums_;   // [3] float32: seq aux, batch aux, z-loss (detached)
   int64_t micro_batches_ = 0;
   int64_t copies_ = 0;

@@ -93,4 +93,17 @@ torch::Tensor block_squares(const torch::Tensor& flat) {
   return out;
 }
 
+torch::Tensor tree_sum(const torch::Tensor& values) {
+  BRIGADE_ASSERT(values.dim() == 1 && values.scalar_type() == torch::kDouble, "tree_sum needs [n] float64, got ",
+                 values.sizes(), " ", values.scalar_type());
+  if (values.numel() == 0) return torch::zeros({1}, values.options());
+  auto level = values;
+  while (level.numel() > 1) {
+    if (level.numel() % 2 == 1) level = torch::cat({level, torch::zeros({1}, level.options())});
+    const auto pairs = level.reshape({-1, 2});
+    level = pairs.select(1, 0) + pairs.select(1, 1);
+  }
+  return level.reshape({1});
+}
+
 }  // namespace brigade::parallel

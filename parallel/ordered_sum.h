@@ -18,7 +18,8 @@
 //
 // The gradient norm is made the same way: squares are summed in float64 over
 // fixed blocks of kNormBlock elements of the gradient buckets (ZeRO shards start
-// on block boundaries), and the block sums are added in bucket order.
+// on block boundaries), and the block sums, in bucket order, are added by a fixed
+// pairwise tree on the device (tree_sum), so the norm needs no host read.
 #pragma once
 
 #include <cstdint>
@@ -76,5 +77,10 @@ inline constexpr int64_t kNormBlock = 4096;
 // each block, always added in the same order within a block (eight float64
 // lanes, then a fixed tree), so a block's value depends only on its elements.
 torch::Tensor block_squares(const torch::Tensor& flat);
+
+// values: [n] float64 -> [1] float64 on the same device: adjacent pairs added level
+// by level (an odd level's last value paired with 0), so the result depends only on
+// the values and their order, on any device and for any thread count.
+torch::Tensor tree_sum(const torch::Tensor& values);
 
 }  // namespace brigade::parallel

@@ -41,31 +41,31 @@ BucketLayout make_bucket_layout(const std::vector<int64_t>& numels, int64_t buck
 
 namespace {
 
-// Adds block sums [blocks] float64 into `total` in order.
-void add_blocks(const torch::Tensor& sums, double& total) {
-  const double* s = sums.data_ptr<double>();
-  for (int64_t i = 0; i < sums.numel(); ++i) total += s[i];
-}
+// The blocks of a bucket that hold parameter elements; the rest are padding (zeros),
+// and how much padding there is depends on the number of ranks.
+int64_t real_blocks(const BucketLayout::Bucket& b) { return (b.numel + kNormBlock - 1) / kNormBlock; }
 
 }  // namespace
 
-double square_norm(const BucketLayout& layout, const std::vector<torch::Tensor>& grads) {
+torch::Tensor square_norm(const BucketLayout& layout, const std::vector<torch::Tensor>& grads) {
   torch::NoGradGuard no_grad;
-  double total = 0.0;
-  torch::Tensor flat;  // one bucket at a time
-  std::vector<torch::Tensor> sums;  // per bucket: [blocks] float64
+  std::optional<torch::Device> device;
+  for (const auto& g : grads) {
+    if (g.defined()) device = g.device();
+  }
+  if (!device) return torch::zeros({1}, torch::kDouble);
+  const auto doubles = torch::TensorOptions().dtype(torch::kDouble).device(*device);
+  torch::Tensor flat;               // one bucket at a time
+  std::vector<torch::Tensor> sums;  // per bucket: [real blocks] float64
   for (const auto& b : layout.buckets) {
     bool any = false;
     for (size_t p : b.params) any = any || grads[p].defined();
-    if (!any) continue;  // zero blocks add nothing
-    std::optional<torch::Device> device;
-    for (size_t p : b.params) {
-      if (grads[p].defined()) device = grads[p].device();
+    if (!any) {  // a reducer would sum zeros there
+      sums.push_back(torch::zeros({real_blocks(b)}, doubles));
+      continue;
     }
-    const int64_t size = b.shard * layout.ranks;
-    if (!flat.defined() || flat.numel() < size || flat.device() != *device) {
-      flat = torch::empty({size}, torch::TensorOptions().dtype(torch::kFloat).device(*device));
-    }
+    const int64_t size = real_blocks(b) * kNormBlock;
+    if (!flat.defined() || flat.numel() < size) flat = torch::empty({size}, doubles.dtype(torch::kFloat));
     auto bucket = flat.narrow(0, 0, size);
     bucket.zero_();
     for (size_t k = 0; k < b.params.size(); ++k) {
@@ -74,9 +74,7 @@ double square_norm(const BucketLayout& layout, const std::vector<torch::Tensor>&
     }
     sums.push_back(block_squares(bucket));
   }
-  // One read of every bucket's block sums (one host sync on a GPU), added in order.
-  if (!sums.empty()) add_blocks(torch::cat(sums).cpu(), total);
-  return total;
+  return sums.empty() ? torch::zeros({1}, doubles) : tree_sum(torch::cat(sums));
 }
 
 struct GradientReducer::State {
@@ -270,33 +268,36 @@ void GradientReducer::gather_parameters() {
   }
 }
 
-double GradientReducer::square_norm() const {
+torch::Tensor GradientReducer::square_norm() const {
   const auto& s = *state_;
   torch::NoGradGuard no_grad;
-  double total = 0.0;
   if (!s.options.sharded) {
     // Every rank holds every sum: the blocks of each bucket in order.
     std::vector<torch::Tensor> sums;
-    for (const auto& b : s.buckets) sums.push_back(block_squares(b.flat));
-    if (!sums.empty()) add_blocks(torch::cat(sums).cpu(), total);
-    return total;
+    for (size_t bi = 0; bi < s.buckets.size(); ++bi) {
+      sums.push_back(block_squares(s.buckets[bi].flat).narrow(0, 0, real_blocks(s.layout.buckets[bi])));
+    }
+    if (sums.empty()) return torch::zeros({1}, torch::TensorOptions().dtype(torch::kDouble).device(s.group->device()));
+    return tree_sum(torch::cat(sums));
   }
-  // Each rank has the block sums of its shards; gathered, they are added in the
-  // unsharded order (bucket by bucket, rank by rank within a bucket).
+  // Each rank has the block sums of its shards; gathered, they are put in the
+  // unsharded order (bucket by bucket, rank by rank within a bucket) and the
+  // padding blocks dropped.
   std::vector<torch::Tensor> mine;
   for (const auto& b : s.buckets) mine.push_back(block_squares(b.shard));
   auto local = torch::cat(mine);
   const int ranks = s.group->size();
   auto all = torch::empty({ranks * local.numel()}, local.options());
   s.group->all_gather(local, all).wait();
-  auto host = all.cpu().view({ranks, local.numel()});
+  const auto by_rank = all.view({ranks, local.numel()});
+  std::vector<torch::Tensor> ordered;
   int64_t offset = 0;
   for (const auto& spec : s.layout.buckets) {
     const int64_t blocks = spec.shard / kNormBlock;
-    for (int r = 0; r < ranks; ++r) add_blocks(host[r].narrow(0, offset, blocks), total);
+    ordered.push_back(by_rank.narrow(1, offset, blocks).reshape({-1}).narrow(0, 0, real_blocks(spec)));
     offset += blocks;
   }
-  return total;
+  return tree_sum(torch::cat(ordered));
 }
 
 void GradientReducer::begin_backward(bool reduce) {

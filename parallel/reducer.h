@@ -71,8 +71,9 @@ BucketLayout make_bucket_layout(const std::vector<int64_t>& numels, int64_t buck
 
 // The squared L2 norm of `grads` (undefined: zeros), laid out as `layout` says,
 // summed in the order of parallel/ordered_sum.h: the same bits as a data-parallel
-// reducer's square_norm() with the same parameters and bucket size.
-double square_norm(const BucketLayout& layout, const std::vector<torch::Tensor>& grads);
+// reducer's square_norm() with the same parameters and bucket size. Float64 [1] on
+// the gradients' device; no host read.
+torch::Tensor square_norm(const BucketLayout& layout, const std::vector<torch::Tensor>& grads);
 
 struct ReducerOptions {
   int64_t bucket_bytes = 25 << 20;
@@ -117,7 +118,8 @@ class GradientReducer {
   // After finish(): the squared L2 norm of the summed gradients (sharded: of every
   // rank's shards; collective then), the same bits on every rank and for any
   // number of ranks (square_norm() with this reducer's layout, for one process).
-  double square_norm() const;
+  // Float64 [1] on the group's device; no host read.
+  torch::Tensor square_norm() const;
   const BucketLayout& layout() const;
 
   struct State;  // shared with the gradient hooks

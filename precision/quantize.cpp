@@ -266,8 +266,17 @@ void DeferredFiniteCheck::record(bool finite, const std::string& site) {
 }
 
 void DeferredFiniteCheck::check() {
+  torch::Tensor flag = device_flag();
+  check(flag.defined() ? flag.item<int>() : 0);
+}
+
+torch::Tensor DeferredFiniteCheck::device_flag() {
   std::lock_guard<std::mutex> lock(mutex_);
-  const int device_first = first_.defined() ? first_.item<int>() : 0;
+  return first_;
+}
+
+void DeferredFiniteCheck::check(int device_first) {
+  std::lock_guard<std::mutex> lock(mutex_);
   const int first = host_first_ != 0 ? host_first_ : device_first;
   first_ = torch::Tensor();
   host_first_ = 0;

@@ -115,6 +115,11 @@ class DeferredFiniteCheck {
   DeferredFiniteCheck& operator=(const DeferredFiniteCheck&) = delete;
   // The one read: an Error naming the first tensor that held a NaN or infinity.
   void check();
+  // For a caller that folds the flag into a host read of its own: the flag (int32 []
+  // on the device, undefined when no device call recorded one), then check() with
+  // its value as read.
+  torch::Tensor device_flag();
+  void check(int device_flag_value);
   static DeferredFiniteCheck* active();
   // `nonfinite`: an int tensor (any device), non-zero when the call saw one.
   void record(const torch::Tensor& nonfinite, const std::string& site);

@@ -14,6 +14,7 @@
 #include "core/progress.h"
 #include "parallel/ordered_sum.h"
 #include "precision/quantize.h"
+#include "trainer/cross_entropy.h"
 
 namespace brigade::trainer {
 namespace {
@@ -83,12 +84,6 @@ Trainer::Trainer(TrainerOptions options, precision::PrecisionOptions precision, 
       schedule_{options.lr, options.min_lr, options.warmup_steps, options.max_steps},
       checkpoints_(context_.run_dir / "checkpoints", options.keep_checkpoints) {
   options_.validate();
-  BRIGADE_CHECK(dp_size() == 1 || context_.data_parallel->device() == context_.device, "the trainer computes on ",
-                context_.device.str(), " but its data-parallel group ", context_.data_parallel->describe(), " moves ",
-                context_.data_parallel->device().str(), " tensors");
-  // Everything the trainer owns follows the model: parameters, buffers (RoPE tables,
-  // expert biases), then gradients, reducer buckets and optimizer state made from them.
-  model_->to(context_.device);
   const auto& routing = model_->options().moe;
   BRIGADE_CHECK(options_.activation_checkpointing != Checkpointing::kFull ||
                     (routing.seq_aux_loss == 0 && routing.batch_aux_loss == 0 && routing.z_loss == 0),
@@ -97,130 +92,43 @@ Trainer::Trainer(TrainerOptions options, precision::PrecisionOptions precision, 
   BRIGADE_CHECK(options_.activation_checkpointing != Checkpointing::kFull || context_.expert_parallel <= 1,
                 "trainer.activation_checkpointing=full is not supported with parallel.expert_parallel > 1 yet; "
                 "use selective");
+  parallel_ = std::make_unique<parallel::ParallelState>(
+      parallel::ParallelStateOptions{.data_parallel = context_.data_parallel,
+                                     .device = context_.device,
+                                     .bucket_bytes = context_.bucket_bytes,
+                                     .zero = context_.zero,
+                                     .expert_parallel = context_.expert_parallel,
+                                     .num_experts = routing.enabled() ? routing.num_experts : 0});
+  // Everything the trainer owns follows the model: parameters, buffers (RoPE tables,
+  // expert biases), then gradients, reducer buckets and optimizer state made from them.
+  model_->to(context_.device);
   model_->set_checkpointing(options_.activation_checkpointing);
   state_.model_fingerprint = context_.model_fingerprint;
   state_.recipe_hash = context_.recipe_hash;
-  const int64_t ep = context_.expert_parallel;
-  const auto& moe = model_->options().moe;
-  BRIGADE_CHECK(ep == 1 || moe.enabled(), "parallel.expert_parallel is ", ep,
-                " but the model has no MoE layers (model.moe.num_experts is 0)");
-  BRIGADE_CHECK(ep >= 1 && dp_size() % ep == 0, "parallel.expert_parallel (", ep,
-                ") must divide the number of ranks (", dp_size(), ")");
-  BRIGADE_CHECK(ep == 1 || moe.num_experts % ep == 0, "model.moe.num_experts (", moe.num_experts,
-                ") must be divisible by parallel.expert_parallel (", ep, ")");
-  BRIGADE_CHECK(ep == 1 || !context_.zero,
-                "parallel.zero_stage=1 together with parallel.expert_parallel > 1 is not supported yet; "
-                "use one of them");
-  if (dp_size() > 1) {
+  {
     // Every rank starts from rank 0's weights (and expert biases), whatever its own init.
-    torch::NoGradGuard no_grad;
-    for (auto& [name, t] : model_->state_dict()) {
-      auto owned = t.contiguous();
-      context_.data_parallel->broadcast(owned, 0).wait();
-      if (!owned.is_same(t)) t.copy_(owned);
-    }
+    std::vector<torch::Tensor> state;
+    for (auto& [name, t] : model_->state_dict()) state.push_back(t);
+    parallel_->broadcast_from_main(state);
   }
-  if (ep > 1) {
-    // EP groups are runs of consecutive ranks; the ranks at the same place in every
-    // group hold the same experts.
-    auto& world = *context_.data_parallel;
-    ep_group_ = world.split(world.rank() / static_cast<int>(ep), world.rank(), "ep");
-    expert_replicas_ = world.split(world.rank() % static_cast<int>(ep), world.rank(), "expert-dp");
-    model_->set_expert_parallel(ep_group_.get(), context_.ep_fp8_dispatch);
-  }
+  if (auto* ep = parallel_->expert_group()) model_->set_expert_parallel(ep, context_.ep_fp8_dispatch);
   params_ = trainable_parameters(*model_);
-  for (const auto& name : model_->expert_parallel_parameters()) expert_names_.insert(name);
-  model::NamedTensors dense, experts;
-  for (const auto& [name, p] : params_) (expert_names_.contains(name) ? experts : dense).emplace_back(name, p);
-  std::vector<torch::Tensor> all;
-  std::map<std::string, size_t> index;
-  for (const auto& [name, p] : params_) {
-    index[name] = all.size();
-    all.push_back(p);
-  }
-  micro_grads_ = std::make_unique<parallel::MicroBatchGradients>(all);
-  // A reducer folds each parameter's earlier micro-batches in just before the
-  // parameter's gradient goes into its bucket.
-  auto reducer_options = [&](const model::NamedTensors& group, bool sharded) {
-    std::vector<size_t> to_trainer;
-    for (const auto& [name, p] : group) to_trainer.push_back(index.at(name));
-    auto* sums = micro_grads_.get();
-    return parallel::ReducerOptions{.bucket_bytes = context_.bucket_bytes,
-                                    .sharded = sharded,
-                                    .before_reduce = [sums, to_trainer](size_t i) { sums->finish(to_trainer[i]); }};
-  };
-  if (dp_size() > 1) {
-    reducer_ = std::make_unique<parallel::GradientReducer>(dense, *context_.data_parallel,
-                                                           reducer_options(dense, context_.zero));
-  } else {
-    std::vector<int64_t> numels;
-    for (const auto& [name, p] : params_) numels.push_back(p.numel());
-    layout_ = parallel::make_bucket_layout(numels, context_.bucket_bytes, 1);  // for the same gradient norm
-  }
-  if (!experts.empty() && expert_replicas_->size() > 1) {
-    expert_reducer_ = std::make_unique<parallel::GradientReducer>(experts, *expert_replicas_,
-                                                                  reducer_options(experts, false));
-  }
+  parallel_->attach(params_, model_->expert_parallel_parameters());
+
   const auto decay = weight_decay_mask(params_, options_);
   const AdamWOptions adamw{options_.beta1, options_.beta2, options_.eps, options_.weight_decay,
                            precision::to_scalar_type(precision_.optimizer_state_dtype)};
-  if (!sharded()) {
-    // An expert-parallel slice is a run of elements of the whole parameter.
-    std::vector<int64_t> begins;
-    for (const auto& [name, p] : params_) begins.push_back(expert_names_.contains(name) ? ep_rank() * p.numel() : 0);
-    optimizer_ = std::make_unique<AdamW>(params_, decay, adamw, std::move(begins));
-    return;
-  }
-  // ZeRO-1: AdamW over flat views of the elements this rank owns; their summed
-  // gradients are views into the reducer's shards.
-  model::NamedTensors pieces;
+  auto pieces = parallel_->optimizer_pieces();
   std::vector<bool> piece_decay;
-  std::vector<int64_t> begins;
-  for (const auto& seg : reducer_->shard_segments()) {
-    const auto& [name, p] = reducer_->params()[seg.param];
-    pieces.emplace_back(name, p.detach().view({-1}).narrow(0, seg.begin, seg.length));
-    piece_decay.push_back(decay[seg.param]);
-    begins.push_back(seg.begin);
-    shard_grads_.push_back(reducer_->shard_gradient(seg.bucket).narrow(0, seg.offset, seg.length));
-  }
-  optimizer_ = std::make_unique<AdamW>(std::move(pieces), std::move(piece_decay), adamw, std::move(begins));
-}
-
-std::vector<int64_t> Trainer::full_shape(const std::string& name, const torch::Tensor& tensor) const {
-  auto shape = tensor.sizes().vec();
-  if (expert_names_.contains(name)) shape[0] *= ep_group_->size();
-  return shape;
-}
-
-torch::Tensor Trainer::gather_experts(const torch::Tensor& slice) const {
-  auto shape = slice.sizes().vec();
-  shape[0] *= ep_group_->size();
-  auto full = torch::empty(shape, slice.options());
-  ep_group_->all_gather(slice.contiguous(), full).wait();
-  return full;
-}
-
-std::vector<std::pair<std::string, torch::Tensor>> Trainer::update_gradients() const {
-  std::vector<std::pair<std::string, torch::Tensor>> out;
-  if (sharded()) {
-    for (size_t i = 0; i < shard_grads_.size(); ++i) out.emplace_back(optimizer_->params()[i].first, shard_grads_[i]);
-  } else {
-    for (const auto& [name, p] : params_) out.emplace_back(name, p.grad());
-  }
-  return out;
+  for (size_t i : pieces.param) piece_decay.push_back(decay[i]);
+  optimizer_ = std::make_unique<AdamW>(std::move(pieces.pieces), std::move(piece_decay), adamw, std::move(pieces.begins));
 }
 
 OptimizerShards Trainer::optimizer_layout() const {
   OptimizerShards layout;
   for (const auto& [name, p] : params_) layout.shapes[name] = p.sizes().vec();
-  const int ranks = dp_size();
-  for (int r = 0; r < ranks; ++r) {
-    OptimizerShard shard{optimizer_shard_file(r, ranks), {}};
-    for (const auto& seg : reducer_->shard_segments(r)) {
-      shard.ranges[reducer_->params()[seg.param].first] = {seg.begin, seg.begin + seg.length};
-    }
-    layout.shards.push_back(std::move(shard));
-  }
+  const auto ranges = parallel_->shard_ranges();
+  for (int r = 0; r < dp_size(); ++r) layout.shards.push_back({optimizer_shard_file(r, dp_size()), ranges[r]});
   return layout;
 }
 
@@ -234,19 +142,19 @@ void Trainer::resume(const LoadedCheckpoint& ck) {
   auto weights = model_->state_dict();
   std::vector<std::pair<torch::Tensor, torch::Tensor>> slices;  // (this rank's slice, the whole tensor)
   for (auto& [name, t] : weights) {
-    if (!expert_names_.contains(name)) continue;
-    auto full = torch::empty(full_shape(name, t), t.options());
+    if (!parallel_->is_expert_slice(name)) continue;
+    auto full = torch::empty(parallel_->full_shape(name, t), t.options());
     slices.emplace_back(t, full);
     t = full;
   }
   load_weights(weights, ck.model, source);
   {
     torch::NoGradGuard no_grad;
-    for (auto& [slice, full] : slices) slice.copy_(full.narrow(0, ep_rank() * slice.size(0), slice.size(0)));
+    for (auto& [slice, full] : slices) slice.copy_(parallel_->expert_slice(full));
   }
   model_->load_fp8_state(ck.precision.tensors, source);
   std::map<std::string, std::vector<int64_t>> shapes;
-  for (const auto& [name, p] : params_) shapes[name] = full_shape(name, p);
+  for (const auto& [name, p] : params_) shapes[name] = parallel_->full_shape(name, p);
   std::vector<std::vector<int64_t>> piece_shapes;
   for (const auto& [name, piece] : optimizer_->params()) piece_shapes.push_back(shapes.at(name));
   // Any layout: unsharded, or sharded over any number of ranks (resharded here).
@@ -349,74 +257,106 @@ StepResult Trainer::step() {
   }
 }
 
+namespace {
+
+// The step's one host read: the values the host needs after a step's passes (loss
+// shares, gradient norm, FP8 non-finite flag, MoE statistics) are joined on the
+// device and copied back together, instead of a blocking read for each.
+class HostRead {
+ public:
+  explicit HostRead(c10::Device device) : device_(device) {}
+  // Queues `t` (any shape and dtype, on the device; undefined: `empty` zeros) and
+  // returns its place for at().
+  size_t add(const torch::Tensor& t, int64_t empty = 1) {
+    const auto doubles = torch::TensorOptions().dtype(torch::kDouble).device(device_);
+    parts_.push_back(t.defined() ? t.reshape({-1}).to(doubles) : torch::zeros({empty}, doubles));
+    return parts_.size() - 1;
+  }
+  void read() {
+    const auto host = torch::cat(parts_).cpu();
+    int64_t offset = 0;
+    for (auto& p : parts_) {
+      const int64_t n = p.numel();
+      p = host.narrow(0, offset, n);
+      offset += n;
+    }
+  }
+  const torch::Tensor& at(size_t i) const { return parts_[i]; }
+  double value(size_t i, int64_t k = 0) const { return parts_[i].data_ptr<double>()[k]; }
+
+ private:
+  c10::Device device_;
+  std::vector<torch::Tensor> parts_;
+};
+
+}  // namespace
+
+torch::Tensor Trainer::step_denominator(const std::vector<data::Batch>& batches, int64_t& tokens) {
+  int64_t trained = 0;
+  for (const auto& b : batches) {
+    trained += b.trained_tokens;
+    tokens += b.inputs.numel() * dp_size();
+  }
+  // float64 holds the count exactly; float32 is what the loss sums are (a float64
+  // scalar tensor would promote them).
+  auto step_tokens = torch::full({1}, static_cast<double>(trained), torch::TensorOptions().dtype(torch::kDouble).device(context_.device));
+  parallel_->sum_over_ranks(step_tokens);
+  return step_tokens.clamp_min(1.0).to(torch::kFloat).reshape({});
+}
+
 StepResult Trainer::run_step() {
   const auto start = std::chrono::steady_clock::now();
   StepResult result;
   // Dropping the gradients (rather than zeroing them) lets the first backward write
   // them directly instead of accumulating into zeros.
   for (auto& [name, p] : params_) p.mutable_grad() = torch::Tensor();
-
-  // This rank's micro-batches, and the step's trained targets over all of them and
-  // all ranks: the loss is the mean over the whole step, the same for any split of
-  // its rows into ranks and micro-batches. The count stays on the device (float64
-  // holds it exactly), so no rank waits for it.
+  // The loss is the mean over the step's trained targets on all ranks: the same for
+  // any split of its rows into ranks and micro-batches.
   const std::vector<data::Batch> batches = step_batches();
-  int64_t trained = 0;
-  for (const auto& b : batches) {
-    trained += b.trained_tokens;
-    result.tokens += b.inputs.numel() * dp_size();
-  }
-  const auto scalars = torch::TensorOptions().dtype(torch::kDouble).device(context_.device);
-  auto step_tokens = torch::full({1}, static_cast<double>(trained), scalars);
-  if (reducer_) context_.data_parallel->all_reduce(step_tokens, parallel::ReduceOp::kSum).wait();
-  // float32, as the loss sums it divides (a float64 scalar tensor would promote them).
-  const auto denominator = step_tokens.clamp_min(1.0).to(torch::kFloat).reshape({});
-
-  auto shares = torch::zeros({2}, scalars);  // this rank's shares of the step's means: loss, objective
-  // FP8: a NaN or infinity reaching a quantizer is noted on the device and read once,
-  // after the backward passes (not once per quantize call).
+  const auto denominator = step_denominator(batches, result.tokens);
+  // This rank's shares of the step's means (loss, objective), and how many ranks saw
+  // a NaN or infinity reach an FP8 quantizer (noted on the device, not read per call).
+  auto shares = torch::zeros({3}, torch::TensorOptions().dtype(torch::kDouble).device(context_.device));
   std::optional<precision::DeferredFiniteCheck> fp8_finite;
   if (precision_.fp8.enabled()) fp8_finite.emplace();
+
   for (int64_t micro = 0; micro < options_.grad_accum_steps; ++micro) {
     const bool last = micro + 1 == options_.grad_accum_steps;
-    if (reducer_) reducer_->begin_backward(/*reduce=*/last);
-    if (expert_reducer_) expert_reducer_->begin_backward(/*reduce=*/last);
+    parallel_->begin_micro_batch(last);
     const LossTensors part = forward_backward(batches[micro], denominator);
     if (part.loss.defined()) shares[0] += part.loss;
     if (part.objective.defined()) shares[1] += part.objective;
-    // Micro-batch gradients are added in the canonical order (parallel/ordered_sum.h).
-    if (!last) micro_grads_->stash();
+    parallel_->end_micro_batch(last);
   }
-  if (fp8_finite) fp8_finite->check();
-  fp8_finite.reset();
-  micro_grads_->finish_all();  // what no reducer folded in
-  if (reducer_) {
-    result.reduce = reducer_->finish();  // gradients are now sums over the group
-    if (expert_reducer_) {
-      const auto experts = expert_reducer_->finish();
-      result.reduce.buckets += experts.buckets;
-      result.reduce.started_in_backward += experts.started_in_backward;
-      result.reduce.wait_seconds += experts.wait_seconds;
-    }
-    context_.data_parallel->all_reduce(shares, parallel::ReduceOp::kSum).wait();
-  }
-  // The step's host reads: the gradient norm (clipping, and the skip decision), then
-  // the loss shares.
-  const double grad_norm = clip_gradients();
-  const auto host = shares.cpu();
-  const double loss = host[0].item<double>(), objective = host[1].item<double>();
-  const double lr = schedule_(state_.step);
+  const torch::Tensor fp8_flag = fp8_finite ? fp8_finite->device_flag() : torch::Tensor();
+  if (fp8_flag.defined()) shares[2] += fp8_flag.ne(0).to(torch::kDouble);
+  result.reduce = parallel_->finish_gradients();  // gradients are now sums over the ranks
+  parallel_->sum_over_ranks(shares);
 
+  // The step's one host read.
+  HostRead host(context_.device);
+  const size_t shared = host.add(shares), norm = host.add(parallel_->grad_square_norm());
+  const size_t flag = host.add(fp8_flag), moe = host.add(model_->moe_step_stats(parallel_->data_parallel()), 0);
+  host.read();
+  if (fp8_finite) {
+    fp8_finite->check(static_cast<int>(host.value(flag)));  // this rank's first site, if any
+    fp8_finite.reset();
+    BRIGADE_CHECK(host.value(shared, 2) == 0, "non-finite value (NaN or Inf) reached an FP8 quantizer on ",
+                  host.value(shared, 2), " other rank(s) at step ", state_.step + 1, " (their errors name it)");
+  }
+  const double loss = host.value(shared, 0), objective = host.value(shared, 1);
+  const double grad_norm = std::sqrt(host.value(norm));
+  const double lr = schedule_(state_.step);
   const bool finite = std::isfinite(loss) && std::isfinite(grad_norm);
   if (!finite) handle_nonfinite(std::isfinite(loss) ? "gradient norm" : "loss", std::isfinite(loss) ? grad_norm : loss);
-  if (finite && sharded()) {
-    optimizer_->step(lr, shard_grads_);
-    reducer_->gather_parameters();  // every rank's parameters from their owners' updates
-  } else if (finite) {
-    optimizer_->step(lr);
+  if (finite) {
+    clip_gradients(grad_norm);
+    optimizer_->step(lr, parallel_->optimizer_gradients());
+    parallel_->after_update();
   }
   // Aux-loss-free balancing: expert biases move after the update, from this step's load.
-  result.moe = model_->end_moe_step(/*update_bias=*/finite, context_.data_parallel);
+  result.moe = model::TransformerImpl::moe_stats_from(host.at(moe).numel() > 0 ? host.at(moe).view({-1, 5}) : torch::Tensor());
+  model_->end_moe_step(/*update_bias=*/finite);
 
   state_.step += 1;
   state_.tokens_seen += result.tokens;
@@ -437,16 +377,16 @@ torch::Tensor Trainer::forward(const data::Batch& batch) {
 }
 
 torch::Tensor Trainer::token_loss_sum(const torch::Tensor& logits, const data::Batch& batch) const {
-  return torch::nn::functional::cross_entropy(
-      logits.reshape({-1, logits.size(-1)}).to(torch::kFloat), batch.targets.reshape({-1}),
-      torch::nn::functional::CrossEntropyFuncOptions().ignore_index(data::kIgnoreIndex).reduction(torch::kSum));
+  // A chunk of rows at a time: no float32 copy of the whole logits (trainer/cross_entropy.h).
+  return chunked_cross_entropy_sum(logits.reshape({-1, logits.size(-1)}), batch.targets.reshape({-1}),
+                                   data::kIgnoreIndex);
 }
 
 Trainer::LossTensors Trainer::forward_backward(const data::Batch& batch, const torch::Tensor& denominator) {
   // Every target masked here: nothing to learn from this slice (the reducer still
   // contributes zeros for this rank). With expert parallelism the forward and
   // backward still run: the other ranks' tokens may need this rank's experts.
-  if (batch.trained_tokens == 0 && !ep_group_) return {};
+  if (batch.trained_tokens == 0 && !parallel_->expert_group()) return {};
   const auto logits = forward(batch);
   auto loss = token_loss_sum(logits, batch) / denominator;
   torch::Tensor objective;
@@ -465,42 +405,22 @@ Trainer::LossTensors Trainer::forward_backward(const data::Batch& batch, const t
   return {loss.detach().to(torch::kDouble), objective.defined() ? objective.detach().to(torch::kDouble) : torch::Tensor()};
 }
 
-double Trainer::clip_gradients() {
+void Trainer::clip_gradients(double grad_norm) {
+  if (options_.grad_clip <= 0 || grad_norm <= options_.grad_clip) return;
   std::vector<torch::Tensor> grads;
-  for (const auto& [name, g] : update_gradients()) {
+  for (const auto& g : parallel_->optimizer_gradients()) {
     if (g.defined()) grads.push_back(g);
   }
   torch::NoGradGuard no_grad;
-  // The norm is summed in a fixed order over fixed blocks (parallel/ordered_sum.h):
-  // the same bits for one process, any number of data-parallel ranks, and ZeRO-1.
-  double total = 0.0;
-  if (ep_group_) {
-    // Every rank holds the same summed dense gradients and its own experts'.
-    auto experts = torch::zeros({1}, torch::TensorOptions().dtype(torch::kDouble).device(context_.device));
-    for (const auto& [name, g] : update_gradients()) {
-      if (g.defined() && expert_names_.contains(name)) experts += g.to(torch::kDouble).square().sum();
-    }
-    ep_group_->all_reduce(experts, parallel::ReduceOp::kSum).wait();
-    total = std::sqrt(reducer_->square_norm() + experts.item<double>());
-  } else if (reducer_) {
-    total = std::sqrt(reducer_->square_norm());
-  } else {
-    std::vector<torch::Tensor> own;
-    for (const auto& [name, p] : params_) own.push_back(p.grad());
-    total = std::sqrt(parallel::square_norm(layout_, own));
-  }
-  if (grads.empty()) return total;
-  if (options_.grad_clip > 0 && std::isfinite(total) && total > options_.grad_clip) {
-    torch::_foreach_mul_(grads, options_.grad_clip / (total + 1e-6));
-  }
-  return total;
+  if (!grads.empty()) torch::_foreach_mul_(grads, options_.grad_clip / (grad_norm + 1e-6));
 }
 
 void Trainer::handle_nonfinite(const std::string& what, double value) {
   std::string culprit = sharded() ? "(none among this rank's pieces)" : "(none: the loss itself)";
-  for (const auto& [name, g] : update_gradients()) {
-    if (g.defined() && !torch::isfinite(g).all().item<bool>()) {
-      culprit = name;
+  const auto grads = parallel_->optimizer_gradients();
+  for (size_t i = 0; i < grads.size(); ++i) {
+    if (grads[i].defined() && !torch::isfinite(grads[i]).all().item<bool>()) {
+      culprit = optimizer_->params()[i].first;
       break;
     }
   }
@@ -516,30 +436,29 @@ EvalResult Trainer::evaluate() {
   torch::NoGradGuard no_grad;
   const bool was_training = model_->is_training();
   model_->eval();
-  // The ranks share the batches (rank r takes batches r, r + ranks, ...) and add up.
-  const int ranks = dp_size(), rank = context_.data_parallel ? context_.data_parallel->rank() : 0;
-  auto sums = torch::zeros({2}, torch::kDouble);  // per-batch mean losses, batches counted
-  double* sum = sums.data_ptr<double>();
+  // The ranks share the batches (rank r takes batches r, r + ranks, ...) and add up,
+  // on the device: one host read for the whole evaluation.
+  const int ranks = dp_size(), rank = parallel_->rank();
+  const bool ep = parallel_->expert_group() != nullptr;
+  auto sums = torch::zeros({2}, torch::TensorOptions().dtype(torch::kDouble).device(context_.device));  // per-batch mean losses, batches counted
   // With expert parallelism every rank runs the same number of forwards (the last
   // round's extra ones are not counted).
   const int64_t rounds = (options_.eval_batches + ranks - 1) / ranks;
   for (int64_t round = 0; round < rounds; ++round) {
     const int64_t i = round * ranks + rank;
     const bool counted = i < options_.eval_batches;
-    if (!counted && !ep_group_) break;
+    if (!counted && !ep) break;
     // The same held-out batches every time, so evaluations are comparable.
     data::Batch batch = on_device(eval_data_.batch(counted ? i : 0, 0), context_.device);
-    if (batch.trained_tokens == 0 && !ep_group_) continue;
-    const double loss = token_loss_sum(forward(batch), batch).item<double>();
+    if (batch.trained_tokens == 0 && !ep) continue;
+    const auto loss = token_loss_sum(forward(batch), batch);
     if (!counted || batch.trained_tokens == 0) continue;
-    sum[0] += loss / static_cast<double>(batch.trained_tokens);
-    sum[1] += 1.0;
+    sums[0] += loss.to(torch::kDouble) / static_cast<double>(batch.trained_tokens);
+    sums[1] += 1.0;
   }
-  if (ranks > 1) {
-    auto shared = sums.to(context_.data_parallel->device());
-    context_.data_parallel->all_reduce(shared, parallel::ReduceOp::kSum).wait();
-    sums.copy_(shared);
-  }
+  parallel_->sum_over_ranks(sums);
+  const auto host = sums.cpu();
+  const double* sum = host.data_ptr<double>();
   if (was_training) model_->train();
   EvalResult result;
   result.step = state_.step;
@@ -551,16 +470,17 @@ EvalResult Trainer::evaluate() {
 std::filesystem::path Trainer::save_checkpoint() {
   CheckpointData data;
   data.model = model_->state_dict();
-  if (ep_group_) {
+  const bool ep = parallel_->expert_group() != nullptr;
+  if (ep) {
     // Whole expert tensors in the checkpoint (every EP group gathers; rank 0 writes):
     // any expert-parallel size, or none, can resume from it.
     for (auto& [name, t] : data.model) {
-      if (expert_names_.contains(name)) t = gather_experts(t);
+      if (parallel_->is_expert_slice(name)) t = parallel_->gather_experts(t);
     }
     data.optimizer = optimizer_->state();
     for (auto& [key, t] : data.optimizer) {
       const auto param = key.substr(key.find('.') + 1);  // exp_avg.NAME, exp_avg_sq.NAME, step.NAME
-      if (!key.starts_with("step.") && expert_names_.contains(param)) t = gather_experts(t);
+      if (!key.starts_with("step.") && parallel_->is_expert_slice(param)) t = parallel_->gather_experts(t);
     }
   }
   data.rng = {{"cpu", at::detail::getDefaultCPUGenerator().get_state()}};
@@ -571,7 +491,7 @@ std::filesystem::path Trainer::save_checkpoint() {
   if (!sharded()) {
     // Every rank holds the same state: rank 0 writes it.
     if (!is_main_rank()) return {};
-    if (!ep_group_) data.optimizer = optimizer_->state();
+    if (!ep) data.optimizer = optimizer_->state();
     return checkpoints_.save(data);
   }
   // ZeRO-1: every rank writes its optimizer shard into the staging directory rank 0

@@ -15,8 +15,8 @@
 #include "data/sampler.h"
 #include "model/transformer.h"
 #include "parallel/communicator.h"
-#include "parallel/ordered_sum.h"
 #include "parallel/reducer.h"
+#include "parallel/state.h"
 #include "precision/precision.h"
 #include "trainer/checkpoint.h"
 #include "trainer/metrics.h"
@@ -143,18 +143,14 @@ class Trainer {
   // This rank's micro-batches of the step, on the device. On a GPU the next step's are
   // sampled into pinned host memory on a helper thread while this one computes.
   std::vector<data::Batch> step_batches();
-  int dp_size() const { return context_.data_parallel ? context_.data_parallel->size() : 1; }
-  bool is_main_rank() const { return !context_.data_parallel || context_.data_parallel->rank() == 0; }
-  bool sharded() const { return reducer_ && reducer_->sharded(); }
-  int ep_rank() const { return ep_group_ ? ep_group_->rank() : 0; }
-  // A tensor's shape in checkpoints: an expert-parallel rank holds a slice on dim 0.
-  std::vector<int64_t> full_shape(const std::string& name, const torch::Tensor& tensor) const;
-  // Expert parallelism: this rank's expert slices joined over the EP group (dim 0).
-  torch::Tensor gather_experts(const torch::Tensor& slice) const;
-  // The gradients the optimizer applies, by name: the parameters' own, or (ZeRO-1)
-  // this rank's pieces of the summed gradients.
-  std::vector<std::pair<std::string, torch::Tensor>> update_gradients() const;
-  double clip_gradients();                            // returns the pre-clip global norm
+  // The step's trained targets over all its micro-batches and ranks, as the float32
+  // scalar the loss sums are divided by (on the device: no rank waits for it);
+  // adds the step's input tokens (all ranks) to `tokens`.
+  torch::Tensor step_denominator(const std::vector<data::Batch>& batches, int64_t& tokens);
+  int dp_size() const { return parallel_->size(); }
+  bool is_main_rank() const { return parallel_->is_main(); }
+  bool sharded() const { return parallel_->sharded(); }
+  void clip_gradients(double grad_norm);
   trainer::OptimizerShards optimizer_layout() const;  // ZeRO-1 checkpoints
   void handle_nonfinite(const std::string& what, double value);
 
@@ -164,17 +160,9 @@ class Trainer {
   data::BatchSampler train_data_;
   data::BatchSampler eval_data_;
   RunContext context_;
-  // Expert parallelism: the EP group, and the ranks holding the same experts (their
-  // gradients are summed over it); null when off.
-  std::unique_ptr<parallel::Communicator> ep_group_, expert_replicas_;
-  model::NamedTensors params_;                       // trainable parameters
-  std::set<std::string> expert_names_;               // tensors sharded on dim 0 over the EP group
-  std::unique_ptr<parallel::GradientReducer> reducer_;  // data parallel only (all but EP-sharded parameters)
-  std::unique_ptr<parallel::GradientReducer> expert_reducer_;  // EP-sharded parameters over expert_replicas_
-  std::vector<torch::Tensor> shard_grads_;           // ZeRO-1: the optimizer's pieces' gradients
-  // Gradient accumulation in the canonical order, one sum per parameter of params_.
-  std::unique_ptr<parallel::MicroBatchGradients> micro_grads_;
-  parallel::BucketLayout layout_;  // one process: the buckets a reducer would use (gradient norm)
+  // Groups, reducers, ZeRO-1 shards and expert placement (parallel/state.h).
+  std::unique_ptr<parallel::ParallelState> parallel_;
+  model::NamedTensors params_;  // trainable parameters
   std::unique_ptr<AdamW> optimizer_;
   CosineSchedule schedule_;
   CheckpointStore checkpoints_;

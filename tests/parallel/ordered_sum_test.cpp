@@ -111,8 +111,8 @@ TEST(SquareNorm, IsTheSameForAnyPaddingAndCloseToFloat64) {
   std::vector<torch::Tensor> grads = {torch::randn({64, 33}), torch::randn({5000}), torch::Tensor(), torch::randn({7})};
   std::vector<int64_t> numels = {64 * 33, 5000, 12, 7};
   const int64_t bucket_bytes = 3000 * 4;  // the 5000-element gradient is a bucket of its own
-  const double one = square_norm(make_bucket_layout(numels, bucket_bytes, 1), grads);
-  const double four = square_norm(make_bucket_layout(numels, bucket_bytes, 4), grads);
+  const double one = square_norm(make_bucket_layout(numels, bucket_bytes, 1), grads).item<double>();
+  const double four = square_norm(make_bucket_layout(numels, bucket_bytes, 4), grads).item<double>();
   EXPECT_EQ(one, four);
   double reference = 0.0;
   for (const auto& g : grads) {
@@ -125,6 +125,40 @@ TEST(SquareNorm, IsTheSameForAnyPaddingAndCloseToFloat64) {
     EXPECT_EQ(b.shard % kNormBlock, 0);
     EXPECT_GE(b.shard * 4, b.numel);
   }
+}
+
+// The fixed tree: adjacent pairs level by level, an odd level's last value paired
+// with zero; the same bits on every call and device, whatever the thread count.
+TEST(TreeSum, AddsAdjacentPairsLevelByLevel) {
+  auto v = torch::tensor({1e16, 1.0, -1e16, 1.0, 3.0}, torch::kDouble);
+  const double a = 1e16, b = 1.0, c = -1e16, d = 1.0, e = 3.0;
+  const double expected = ((a + b) + (c + d)) + ((e + 0.0) + 0.0);
+  EXPECT_EQ(tree_sum(v).item<double>(), expected);
+  EXPECT_EQ(tree_sum(torch::zeros({0}, torch::kDouble)).item<double>(), 0.0);
+  EXPECT_EQ(tree_sum(torch::tensor({2.5}, torch::kDouble)).item<double>(), 2.5);
+  at::set_num_threads(2);
+  const auto many = torch::randn({100003}, torch::kDouble);
+  const double two = tree_sum(many).item<double>();
+  at::set_num_threads(1);
+  EXPECT_EQ(tree_sum(many).item<double>(), two);
+}
+
+// A bucket whose parameters got no gradient this step counts as the zeros a reducer
+// would sum there, so one process and any number of ranks still agree to the bit.
+TEST(SquareNorm, ABucketWithoutGradientsIsZerosNotSkipped) {
+  torch::manual_seed(3);
+  std::vector<torch::Tensor> grads = {torch::randn({3000}), torch::Tensor(), torch::randn({2500}), torch::randn({9})};
+  std::vector<int64_t> numels = {3000, 6000, 2500, 9};
+  const int64_t bucket_bytes = 3000 * 4;
+  const auto one = square_norm(make_bucket_layout(numels, bucket_bytes, 1), grads).item<double>();
+  for (int ranks : {2, 3, 4}) {
+    EXPECT_EQ(square_norm(make_bucket_layout(numels, bucket_bytes, ranks), grads).item<double>(), one) << ranks;
+  }
+  double reference = 0.0;
+  for (const auto& g : grads) {
+    if (g.defined()) reference += g.to(torch::kDouble).square().sum().item<double>();
+  }
+  EXPECT_NEAR(one, reference, 1e-12 * reference);
 }
 
 }  // namespace

@@ -142,6 +142,25 @@ TEST(TrainerTest, Bfloat16AutocastOnTheGpuTrains_CUDA) {
   EXPECT_LT(losses.back(), 0.8 * losses.front());
 }
 
+// The sync-free step: after warm-up, a dense step on the GPU makes the host wait
+// once (the step's one read of loss, gradient norm and flags), counted by LibTorch's
+// CUDA sync-debug mode; prefetching, clipping, the update and logging add none.
+TEST(TrainerTest, OneHostSyncPerDenseStep_CUDA) {
+  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device (or brigade built without CUDA)";
+  TempDir dir;
+  for (const std::string compute : {"float32", "bfloat16"}) {
+    auto t = recipes::build_trainer(small_recipe({"trainer.device=cuda", "precision.compute_dtype=" + compute,
+                                                  "trainer.grad_accum_steps=2"}), dir / compute);
+    t->step();
+    t->step();  // warm-up: allocator pools, pinned buffers, cuBLAS handles
+    HostSyncCounter syncs;
+    for (int i = 0; i < 3; ++i) t->step();
+    std::string sites;
+    for (const auto& s : syncs.sites()) sites += "\n  " + s;
+    EXPECT_LE(syncs.count(), 3) << compute << ": host syncs in 3 steps:" << sites;
+  }
+}
+
 // A small MoE variant: experts, shared expert, bias balancing, seq aux loss, z-loss.
 recipes::Recipe small_moe_recipe(std::vector<std::string> overrides = {}) {
   std::vector<std::string> moe = {"model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.expert_d_ff=16",
@@ -149,6 +168,23 @@ recipes::Recipe small_moe_recipe(std::vector<std::string> overrides = {}) {
                                   "model.moe.seq_aux_loss=0.001", "model.moe.z_loss=0.0001"};
   moe.insert(moe.end(), overrides.begin(), overrides.end());
   return small_recipe(moe);
+}
+
+// MoE on the GPU: the step's one read, plus today one read per MoE layer and
+// micro-batch (the per-expert row counts, plan_dispatch); the bound is asserted so
+// that any new wait fails here.
+TEST(TrainerTest, HostSyncsPerMoEStepAreBounded_CUDA) {
+  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device (or brigade built without CUDA)";
+  TempDir dir;
+  auto t = recipes::build_trainer(small_moe_recipe({"trainer.device=cuda"}), dir.path());
+  t->step();
+  t->step();
+  const auto layers = static_cast<int64_t>(t->model()->moe_layers().size());
+  HostSyncCounter syncs;
+  t->step();
+  std::string sites;
+  for (const auto& s : syncs.sites()) sites += "\n  " + s;
+  EXPECT_LE(syncs.count(), 1 + layers * t->options().grad_accum_steps) << "host syncs in one step:" << sites;
 }
 
 TEST(TrainerTest, MoEResumeIsBitwiseExactBiasesIncluded) {
@@ -271,6 +307,44 @@ TEST(TrainerTest, NonFiniteLossAbortsNamingStepAndHint) {
     EXPECT_NE(msg.find("in parameter embed_tokens.weight"), std::string::npos) << msg;
     EXPECT_NE(msg.find("trainer.on_nonfinite=skip"), std::string::npos) << msg;
   }
+}
+
+// FP8: a NaN reaching a quantizer is noted on the device during the passes and
+// reported from the step's one host read, naming the tensor, whatever the
+// on_nonfinite policy (an FP8 scale computed from a NaN is no number to skip past).
+TEST(TrainerTest, Fp8NonFiniteIsReportedFromTheStepsReadNamingTheTensor) {
+  TempDir dir;
+  auto t = recipes::build_trainer(small_recipe({"precision.fp8_recipe=blockwise", "trainer.on_nonfinite=skip"}),
+                                  dir.path());
+  t->step();
+  {
+    torch::NoGradGuard no_grad;
+    t->model()->layers[1]->as<model::BlockImpl>()->mlp->up_proj->weight[0][0] = NAN;
+  }
+  EXPECT_BRIGADE_ERROR(t->step(), "non-finite value (NaN or Inf) in layers.1.mlp.up_proj");
+}
+
+// Skipped steps leave the MoE expert biases where they were (the bias update waits
+// for the step's one read, which says whether the step counts).
+TEST(TrainerTest, NonFiniteSkipLeavesMoEBiasesUnchanged) {
+  TempDir dir;
+  auto t = recipes::build_trainer(small_moe_recipe({"trainer.on_nonfinite=skip"}), dir.path());
+  auto biases = [&] {
+    std::vector<torch::Tensor> out;
+    for (const auto& layer : t->model()->moe_layers()) out.push_back(layer->gate->e_score_correction_bias.clone());
+    return out;
+  };
+  t->step();
+  const auto moved = biases();
+  {
+    torch::NoGradGuard no_grad;
+    t->model()->embed_tokens->weight[3][0] = NAN;
+  }
+  const auto r = t->step();
+  EXPECT_TRUE(r.skipped);
+  const auto after = biases();
+  ASSERT_FALSE(after.empty());
+  for (size_t i = 0; i < after.size(); ++i) EXPECT_TRUE(torch::equal(after[i], moved[i])) << "layer " << i;
 }
 
 TEST(TrainerTest, NonFiniteSkipLeavesParametersUnchanged) {

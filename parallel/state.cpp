@@ -1,0 +1,199 @@
+#include "parallel/state.h"
+
+#include <torch/torch.h>
+
+#include "core/error.h"
+
+namespace brigade::parallel {
+
+ParallelState::ParallelState(ParallelStateOptions options) : options_(options) {
+  const int64_t ep = options_.expert_parallel;
+  BRIGADE_CHECK(size() == 1 || options_.data_parallel->device() == options_.device, "the trainer computes on ",
+                options_.device.str(), " but its data-parallel group ", options_.data_parallel->describe(),
+                " moves ", options_.data_parallel->device().str(), " tensors");
+  BRIGADE_CHECK(ep == 1 || options_.num_experts > 0, "parallel.expert_parallel is ", ep,
+                " but the model has no MoE layers (model.moe.num_experts is 0)");
+  BRIGADE_CHECK(ep >= 1 && size() % ep == 0, "parallel.expert_parallel (", ep, ") must divide the number of ranks (",
+                size(), ")");
+  BRIGADE_CHECK(ep == 1 || options_.num_experts % ep == 0, "model.moe.num_experts (", options_.num_experts,
+                ") must be divisible by parallel.expert_parallel (", ep, ")");
+  BRIGADE_CHECK(ep == 1 || !options_.zero,
+                "parallel.zero_stage=1 together with parallel.expert_parallel > 1 is not supported yet; "
+                "use one of them");
+  if (ep > 1) {
+    auto& world = *options_.data_parallel;
+    ep_group_ = world.split(world.rank() / static_cast<int>(ep), world.rank(), "ep");
+    expert_replicas_ = world.split(world.rank() % static_cast<int>(ep), world.rank(), "expert-dp");
+  }
+}
+
+ParallelState::~ParallelState() = default;
+
+void ParallelState::broadcast_from_main(const std::vector<torch::Tensor>& tensors) const {
+  if (size() == 1) return;
+  torch::NoGradGuard no_grad;
+  for (const auto& t : tensors) {
+    auto owned = t.contiguous();
+    options_.data_parallel->broadcast(owned, 0).wait();
+    if (!owned.is_same(t)) t.copy_(owned);
+  }
+}
+
+void ParallelState::attach(NamedParams params, const std::vector<std::string>& expert_slices) {
+  BRIGADE_ASSERT(params_.empty(), "ParallelState::attach called twice");
+  params_ = std::move(params);
+  expert_slices_ = {expert_slices.begin(), expert_slices.end()};
+  NamedParams dense, experts;
+  std::vector<size_t> dense_index, expert_index;
+  std::vector<torch::Tensor> all;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const auto& [name, p] = params_[i];
+    const bool expert = expert_slices_.contains(name);
+    (expert ? experts : dense).emplace_back(name, p);
+    (expert ? expert_index : dense_index).push_back(i);
+    all.push_back(p);
+  }
+  micro_grads_ = std::make_unique<MicroBatchGradients>(all);
+  // A reducer folds each parameter's earlier micro-batches in just before the
+  // parameter's gradient goes into its bucket.
+  auto reducer_options = [&](const std::vector<size_t>& to_state, bool sharded) {
+    auto* sums = micro_grads_.get();
+    return ReducerOptions{.bucket_bytes = options_.bucket_bytes,
+                          .sharded = sharded,
+                          .before_reduce = [sums, to_state](size_t i) { sums->finish(to_state[i]); }};
+  };
+  if (size() > 1) {
+    reducer_ = std::make_unique<GradientReducer>(dense, *options_.data_parallel,
+                                                 reducer_options(dense_index, options_.zero));
+  } else {
+    std::vector<int64_t> numels;
+    for (const auto& [name, p] : params_) numels.push_back(p.numel());
+    layout_ = make_bucket_layout(numels, options_.bucket_bytes, 1);  // for the same gradient norm
+  }
+  if (!experts.empty() && expert_replicas_ && expert_replicas_->size() > 1) {
+    expert_reducer_ = std::make_unique<GradientReducer>(experts, *expert_replicas_, reducer_options(expert_index, false));
+  }
+  if (!sharded()) return;
+  for (const auto& seg : reducer_->shard_segments()) {
+    shard_grads_.push_back(reducer_->shard_gradient(seg.bucket).narrow(0, seg.offset, seg.length));
+  }
+}
+
+void ParallelState::sum_over_ranks(torch::Tensor& t) const {
+  if (size() > 1) options_.data_parallel->all_reduce(t, ReduceOp::kSum).wait();
+}
+
+void ParallelState::begin_micro_batch(bool last) {
+  if (reducer_) reducer_->begin_backward(/*reduce=*/last);
+  if (expert_reducer_) expert_reducer_->begin_backward(/*reduce=*/last);
+}
+
+void ParallelState::end_micro_batch(bool last) {
+  // Micro-batch gradients are added in the canonical order (parallel/ordered_sum.h).
+  if (!last) micro_grads_->stash();
+}
+
+ReduceStats ParallelState::finish_gradients() {
+  micro_grads_->finish_all();  // what no reducer folded in
+  if (!reducer_) return {};
+  ReduceStats stats = reducer_->finish();
+  if (expert_reducer_) {
+    const auto experts = expert_reducer_->finish();
+    stats.buckets += experts.buckets;
+    stats.started_in_backward += experts.started_in_backward;
+    stats.wait_seconds += experts.wait_seconds;
+  }
+  return stats;
+}
+
+torch::Tensor ParallelState::grad_square_norm() const {
+  torch::NoGradGuard no_grad;
+  // The norm is summed in a fixed order over fixed blocks (parallel/ordered_sum.h):
+  // the same bits for one process, any number of data-parallel ranks, and ZeRO-1.
+  if (!reducer_) {
+    std::vector<torch::Tensor> own;
+    for (const auto& [name, p] : params_) own.push_back(p.grad());
+    return square_norm(layout_, own).to(options_.device);
+  }
+  auto total = reducer_->square_norm();
+  if (!ep_group_) return total;
+  // Every rank holds the same summed dense gradients and its own experts'.
+  auto experts = torch::zeros({1}, total.options());
+  for (const auto& [name, p] : params_) {
+    if (p.grad().defined() && expert_slices_.contains(name)) experts += p.grad().to(torch::kDouble).square().sum();
+  }
+  ep_group_->all_reduce(experts, ReduceOp::kSum).wait();
+  return total + experts;
+}
+
+ParallelState::OptimizerPieces ParallelState::optimizer_pieces() const {
+  OptimizerPieces out;
+  if (!sharded()) {
+    // An expert-parallel slice is a run of elements of the whole parameter.
+    for (size_t i = 0; i < params_.size(); ++i) {
+      const auto& [name, p] = params_[i];
+      out.pieces.emplace_back(name, p);
+      out.begins.push_back(expert_slices_.contains(name) ? ep_rank() * p.numel() : 0);
+      out.param.push_back(i);
+    }
+    return out;
+  }
+  // ZeRO-1: flat views of the elements this rank owns; their summed gradients are
+  // views into the reducer's shards. The reducer holds every parameter (no EP).
+  for (const auto& seg : reducer_->shard_segments()) {
+    const auto& [name, p] = reducer_->params()[seg.param];
+    out.pieces.emplace_back(name, p.detach().view({-1}).narrow(0, seg.begin, seg.length));
+    out.begins.push_back(seg.begin);
+    out.param.push_back(seg.param);
+  }
+  return out;
+}
+
+std::vector<torch::Tensor> ParallelState::optimizer_gradients() const {
+  if (sharded()) return shard_grads_;
+  std::vector<torch::Tensor> grads;
+  for (const auto& [name, p] : params_) grads.push_back(p.grad());
+  return grads;
+}
+
+void ParallelState::after_update() {
+  if (sharded()) reducer_->gather_parameters();
+}
+
+std::vector<int64_t> ParallelState::full_shape(const std::string& name, const torch::Tensor& tensor) const {
+  auto shape = tensor.sizes().vec();
+  if (expert_slices_.contains(name)) shape[0] *= ep_group_->size();
+  return shape;
+}
+
+torch::Tensor ParallelState::gather_experts(const torch::Tensor& slice) const {
+  auto shape = slice.sizes().vec();
+  shape[0] *= ep_group_->size();
+  auto full = torch::empty(shape, slice.options());
+  ep_group_->all_gather(slice.contiguous(), full).wait();
+  return full;
+}
+
+torch::Tensor ParallelState::expert_slice(const torch::Tensor& whole) const {
+  const int64_t rows = whole.size(0) / ep_group_->size();
+  return whole.narrow(0, ep_rank() * rows, rows);
+}
+
+std::vector<ShardRanges> ParallelState::shard_ranges() const {
+  BRIGADE_ASSERT(sharded(), "shard_ranges() without ZeRO-1");
+  std::vector<ShardRanges> out;
+  for (int r = 0; r < size(); ++r) {
+    ShardRanges ranges;
+    for (const auto& seg : reducer_->shard_segments(r)) {
+      ranges[reducer_->params()[seg.param].first] = {seg.begin, seg.begin + seg.length};
+    }
+    out.push_back(std::move(ranges));
+  }
+  return out;
+}
+
+void ParallelState::barrier() const {
+  if (size() > 1) options_.data_parallel->barrier().wait();
+}
+
+}  // namespace brigade::parallel

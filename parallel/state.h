@@ -1,0 +1,134 @@
+// The parallel state of a training run, in one object: the data-parallel group,
+// the expert-parallel groups made from it, the gradient reducers, the ZeRO-1
+// shards the optimizer owns, and what checkpoints need to gather expert slices
+// and lay out optimizer shards. The trainer holds one and asks it, at fixed
+// points of a step, to do the parallel part:
+//
+//   begin_micro_batch(last)  ... forward + backward ...  end_micro_batch(last)
+//   finish_gradients()       gradients are sums over the ranks (ZeRO-1: owned shards)
+//   grad_square_norm()       on the device, the same bits for any number of ranks
+//   optimizer_gradients()    what AdamW applies, piece by piece
+//   after_update()           ZeRO-1: every rank's parameters from their owners
+//
+// Layout. Ranks 0..N-1 of the data-parallel group train on slices of the batch.
+// With expert parallelism P, runs of P consecutive ranks form an EP group whose
+// ranks hold disjoint slices of the routed experts (dim 0 of each expert tensor);
+// the ranks at the same place in every EP group hold the same experts and sum
+// their gradients over an "expert-replica" group. Dense parameters are reduced
+// over the whole data-parallel group. Alone (no group or a group of 1) nothing is
+// communicated, and the gradient norm is still summed over the buckets a reducer
+// would use, so it has the bits of any data-parallel run.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <set>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <c10/core/Device.h>
+#include <torch/types.h>
+
+#include "parallel/communicator.h"
+#include "parallel/ordered_sum.h"
+#include "parallel/reducer.h"
+
+namespace brigade::parallel {
+
+using NamedParams = std::vector<std::pair<std::string, torch::Tensor>>;
+
+struct ParallelStateOptions {
+  // The data-parallel group (not owned; must outlive the state). Null or size 1:
+  // this process alone.
+  Communicator* data_parallel = nullptr;
+  c10::Device device{c10::kCPU};  // where parameters, gradients and control tensors live
+  int64_t bucket_bytes = 25 << 20;
+  bool zero = false;             // ZeRO-1: optimizer state sharded over the data-parallel group
+  int64_t expert_parallel = 1;   // ranks per EP group (1: off)
+  int64_t num_experts = 0;       // routed experts per MoE layer (0: the model has none)
+};
+
+// The elements of one parameter a rank's optimizer owns: [begin, end) of it flattened.
+using ShardRanges = std::map<std::string, std::pair<int64_t, int64_t>>;
+
+class ParallelState {
+ public:
+  // Validates the layout against the group and the model (each failure names the
+  // recipe key) and makes the EP groups; attach() completes it.
+  explicit ParallelState(ParallelStateOptions options);
+  ~ParallelState();
+  ParallelState(const ParallelState&) = delete;
+  ParallelState& operator=(const ParallelState&) = delete;
+
+  // The EP group the model's MoE layers dispatch over (null when off).
+  Communicator* expert_group() const { return ep_group_.get(); }
+  // Every rank's `tensors` become rank 0's (weights and buffers at start-up).
+  void broadcast_from_main(const std::vector<torch::Tensor>& tensors) const;
+  // The trainable parameters, after the model's experts were sliced for this rank;
+  // `expert_slices`: the names of those sliced on dim 0 over the EP group.
+  void attach(NamedParams params, const std::vector<std::string>& expert_slices);
+
+  int size() const { return options_.data_parallel ? options_.data_parallel->size() : 1; }
+  int rank() const { return options_.data_parallel ? options_.data_parallel->rank() : 0; }
+  bool is_main() const { return rank() == 0; }
+  bool sharded() const { return reducer_ && reducer_->sharded(); }
+  Communicator* data_parallel() const { return options_.data_parallel; }
+
+  // `t` (on the device) summed over the data-parallel group, in place; alone: unchanged.
+  void sum_over_ranks(torch::Tensor& t) const;
+
+  // Around each micro-batch's backward. `last`: the step's last, whose gradients
+  // are reduced during backward; the others are only accumulated (in the canonical
+  // order of parallel/ordered_sum.h).
+  void begin_micro_batch(bool last);
+  void end_micro_batch(bool last);
+  // After the last backward: gradients summed over the ranks.
+  ReduceStats finish_gradients();
+  // The squared L2 norm of the summed gradients, float64 [1] on the device; a
+  // collective with ZeRO-1 or expert parallelism. No host read.
+  torch::Tensor grad_square_norm() const;
+
+  // What the optimizer updates: whole parameters, or (ZeRO-1) flat views of the
+  // elements this rank owns. begins[i]: where pieces[i] starts in its flattened
+  // parameter (an EP slice starts at its rank's place in the whole tensor);
+  // param[i]: its index in the attached parameters.
+  struct OptimizerPieces {
+    NamedParams pieces;
+    std::vector<int64_t> begins;
+    std::vector<size_t> param;
+  };
+  OptimizerPieces optimizer_pieces() const;
+  // The gradients of those pieces, in the same order (undefined: no gradient).
+  std::vector<torch::Tensor> optimizer_gradients() const;
+  // After the optimizer step. ZeRO-1: all-gathers the owned elements so every rank
+  // holds every parameter again.
+  void after_update();
+
+  // Checkpoints hold whole tensors: a tensor's shape there, and an expert slice
+  // joined over the EP group (collective).
+  bool is_expert_slice(const std::string& name) const { return expert_slices_.contains(name); }
+  std::vector<int64_t> full_shape(const std::string& name, const torch::Tensor& tensor) const;
+  torch::Tensor gather_experts(const torch::Tensor& slice) const;
+  // This rank's slice of a whole expert tensor.
+  torch::Tensor expert_slice(const torch::Tensor& whole) const;
+  // ZeRO-1: the elements every rank's optimizer owns, by rank.
+  std::vector<ShardRanges> shard_ranges() const;
+  void barrier() const;
+
+ private:
+  int ep_rank() const { return ep_group_ ? ep_group_->rank() : 0; }
+
+  ParallelStateOptions options_;
+  std::unique_ptr<Communicator> ep_group_, expert_replicas_;  // null when EP is off
+  NamedParams params_;
+  std::set<std::string> expert_slices_;
+  std::unique_ptr<MicroBatchGradients> micro_grads_;
+  std::unique_ptr<GradientReducer> reducer_;         // data parallel: all but the expert slices
+  std::unique_ptr<GradientReducer> expert_reducer_;  // expert slices over the expert replicas
+  std::vector<torch::Tensor> shard_grads_;           // ZeRO-1: the owned pieces' summed gradients
+  BucketLayout layout_;                              // alone: the buckets a reducer would use
+};
+
+}  // namespace brigade::parallel
