@@ -94,6 +94,7 @@ int run_cli(int argc, char** argv) {
   serve_cmd->add_option("--port-file", serve.port_file, "Write the port here once listening");
   serve_cmd->add_option("--api-key-env", serve.api_key_env, "Require the key in this environment variable (Bearer token)");
   serve_cmd->add_option("--model-name", serve.model_name, "The model name reported (default: the recipe's name)");
+  add_set_option(serve_cmd, serve.overrides);
 
   ExportArgs exp;
   auto* export_cmd = app.add_subcommand("export", "Export a checkpoint as a Hugging Face directory or a GGUF file (llama.cpp, Ollama)");

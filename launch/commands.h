@@ -58,6 +58,7 @@ struct ServeArgs {
   std::filesystem::path port_file;   // written with the port once listening
   std::string api_key_env;           // require this variable's value as a Bearer token
   std::string model_name;            // the "model" reported (default: the recipe's name)
+  std::vector<std::string> overrides;  // --set on the checkpoint's recipe (trainer.device=cpu, say)
 };
 // Runs until killed.
 int serve_command(const ServeArgs& args);
@@ -95,6 +96,7 @@ struct LoadedModel {
 // `overrides` after one that clears model.init_from: what parsing a checkpoint's
 // own recipe.yaml needs.
 std::vector<std::string> checkpoint_overrides(const std::vector<std::string>& overrides);
+// The model is placed on the recipe's trainer.device (plan_placement's checks).
 LoadedModel load_model(const std::filesystem::path& checkpoint, const std::vector<std::string>& overrides);
 
 // Finds a shipped recipe ("recipes/tiny-dense.yaml") from the working directory or

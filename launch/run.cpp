@@ -79,6 +79,15 @@ LoadedModel load_model(const fs::path& checkpoint, const std::vector<std::string
   out.model = model::Transformer(out.recipe.model);
   out.model->enable_fp8(out.recipe.precision.fp8);
   trainer::load_weights(out.model->state_dict(), ck.model, "checkpoint " + dir.string());
+  // Generation, serving, evaluation and the distillation teacher compute where the
+  // recipe's trainer.device says (auto: the GPU when one is visible; --set
+  // trainer.device=cpu overrides a checkpoint trained on a GPU), checked as a training
+  // run is checked before any work.
+  const auto device = recipes::plan_placement(out.recipe, recipes::this_machine()).device;
+  if (!device.is_cpu()) {
+    out.model->to(device);
+    log_info("model on ", device.str(), " (trainer.device=", to_string(out.recipe.trainer.device), ")");
+  }
   return out;
 }
 

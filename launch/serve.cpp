@@ -362,7 +362,7 @@ class Server {
 int serve_command(const ServeArgs& args) {
   const std::string api_key = args.api_key_env.empty() ? "" : distill::read_api_key(args.api_key_env, "serve: --api-key-env");
   const auto checkpoint = trainer::resolve_checkpoint(args.checkpoint);
-  LoadedModel loaded = load_model(checkpoint, {});
+  LoadedModel loaded = load_model(checkpoint, args.overrides);
   const std::string name = args.model_name.empty() ? loaded.recipe.name : args.model_name;
   Server server(std::move(loaded), name, api_key);
 

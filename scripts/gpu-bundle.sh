@@ -13,9 +13,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${1:-.gpu-bundle}
 LIMIT_MIB=60
-BINARIES=(brigade tests/brigade_tests bench/bench_train_step bench/bench_fp8_gemm)
+BINARIES=(brigade tests/brigade_tests bench/bench_train_step bench/bench_fp8_gemm bench/bench_cross_entropy)
 
-scripts/setup.sh brigade brigade_tests bench_train_step bench_fp8_gemm
+scripts/setup.sh brigade brigade_tests bench_train_step bench_fp8_gemm bench_cross_entropy
 # The CUDA flags CMake compiled brigade's kernels with (cmake/Dependencies.cmake).
 arch=$(grep -ho 'arch=compute_[0-9a-z]*,code=sm_[0-9a-z]*' build/CMakeFiles/brigade_core.dir/flags.make 2>/dev/null | sort -u | tr '\n' ' ')
 case "$arch" in

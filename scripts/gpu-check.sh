@@ -36,6 +36,7 @@ DEST=$(cd "$DEST" && pwd)
 if [ -n "$BUNDLE" ]; then
   BIN="$ROOT/$BUNDLE/bin"
   TESTS="$BIN/brigade_tests"; BRIGADE="$BIN/brigade"; TRAIN_STEP="$BIN/bench_train_step"; FP8_GEMM="$BIN/bench_fp8_gemm"
+  CROSS_ENTROPY="$BIN/bench_cross_entropy"
   libs="$ROOT/$BUNDLE/lib"
   # The PyTorch wheel's LibTorch and the NVIDIA wheels beside it (cuBLAS, NCCL, ...).
   site=$(python3 -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))' 2>/dev/null || true)
@@ -50,9 +51,10 @@ else
   RUN=(env)
   TESTS="$ROOT/build/tests/brigade_tests"; BRIGADE="$ROOT/build/brigade"
   TRAIN_STEP="$ROOT/build/bench/bench_train_step"; FP8_GEMM="$ROOT/build/bench/bench_fp8_gemm"
+  CROSS_ENTROPY="$ROOT/build/bench/bench_cross_entropy"
 fi
-for b in "$TESTS" "$BRIGADE" "$TRAIN_STEP" "$FP8_GEMM"; do
-  [ -x "$b" ] || { echo "gpu-check: $b is missing (scripts/gpu-bundle.sh, or scripts/setup.sh brigade_tests bench_train_step bench_fp8_gemm)" >&2; exit 2; }
+for b in "$TESTS" "$BRIGADE" "$TRAIN_STEP" "$FP8_GEMM" "$CROSS_ENTROPY"; do
+  [ -x "$b" ] || { echo "gpu-check: $b is missing (scripts/gpu-bundle.sh, or scripts/setup.sh brigade_tests bench_train_step bench_fp8_gemm bench_cross_entropy)" >&2; exit 2; }
 done
 
 STEPS="$DEST/steps.tsv"
@@ -77,10 +79,12 @@ if [ "$MODE" = cuda ]; then
   DEVICE=cuda; DENSE=recipes/gpu-1b-dense.yaml; MOE=recipes/gpu-moe.yaml
   BENCH=(--warmup 2 --steps 3 --windows 3 --matmul-size 8192 --threads 4)
   GEMM=(--reps 10)
+  CE=(--device cuda --tokens 16384 --vocab 131072 --reps 5)
 else
   DEVICE=cpu; DENSE=recipes/tiny-dense.yaml; MOE=recipes/tiny-moe.yaml
   BENCH=(--warmup 1 --steps 2 --windows 2 --matmul-size 256 --threads 1)
   GEMM=(--reps 2 --hidden 256 --tokens 256)
+  CE=(--device cpu --tokens 512 --vocab 4096 --reps 1 --threads 1)
 fi
 
 # 1. The *_CUDA tests (the device-generic placement logic too, so a CPU run tests something).
@@ -99,6 +103,7 @@ step resume 180 "${RUN[@]}" "$BRIGADE" "${TRAIN[@]}" --resume
 step bench_dense 240 "${RUN[@]}" "$TRAIN_STEP" --recipe "$DENSE" --set trainer.device=$DEVICE "${BENCH[@]}"
 step bench_moe 240 "${RUN[@]}" "$TRAIN_STEP" --recipe "$MOE" --set trainer.device=$DEVICE "${BENCH[@]}"
 step bench_fp8_gemm 180 "${RUN[@]}" "$FP8_GEMM" "${GEMM[@]}"
+step bench_cross_entropy 120 "${RUN[@]}" "$CROSS_ENTROPY" "${CE[@]}"
 
 python3 - "$DEST" "$MODE" <<'EOF'
 import json, pathlib, sys, time
@@ -137,9 +142,10 @@ for bench in ("bench_dense", "bench_moe"):
         summary[bench] = {k: info.get(k) for k in ("recipe", "device", "gpu", "compute_dtype", "params_total",
                                                    "tokens_per_step", "median_tokens_per_sec", "mfu",
                                                    "matmul_peak_gflops")}
-log = dest / "bench_fp8_gemm.log"
-if log.exists():
-    summary["bench_fp8_gemm"] = log.read_text().splitlines()[-40:]
+for bench in ("bench_fp8_gemm", "bench_cross_entropy"):
+    log = dest / f"{bench}.log"
+    if log.exists():
+        summary[bench] = log.read_text().splitlines()[-40:]
 ok = summary["train"]["ok"] and not summary.get("tests", {"failed": ["(no tests.json)"]})["failed"]
 summary["ok"] = ok and all(s["status"] == 0 for s in summary["steps"].values())
 (dest / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
