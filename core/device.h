@@ -47,7 +47,6 @@ class HostSyncCounter {
   int64_t count() const;
   // Where each one was raised (brigade's frames of the stack), for a failing test to print.
   std::vector<std::string> sites() const;
-  void reset();
 
   struct Impl;
 

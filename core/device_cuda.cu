@@ -115,9 +115,4 @@ std::vector<std::string> HostSyncCounter::sites() const {
   return impl_->sites;
 }
 
-void HostSyncCounter::reset() {
-  std::lock_guard<std::mutex> lock(impl_->mutex);
-  impl_->sites.clear();
-}
-
 }  // namespace brigade

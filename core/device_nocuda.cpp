@@ -14,6 +14,5 @@ HostSyncCounter::HostSyncCounter() : impl_(nullptr) {}
 HostSyncCounter::~HostSyncCounter() = default;
 int64_t HostSyncCounter::count() const { return 0; }
 std::vector<std::string> HostSyncCounter::sites() const { return {}; }
-void HostSyncCounter::reset() {}
 
 }  // namespace brigade
