@@ -54,6 +54,8 @@ std::string architecture(HfFamily family) {
     case HfFamily::kQwen2: return "qwen2";
     case HfFamily::kQwen3: return "qwen3";
     case HfFamily::kQwen3Moe: return "qwen3moe";
+    case HfFamily::kDeepseekV2:
+    case HfFamily::kDeepseekV3: return "deepseek2";
   }
   BRIGADE_ASSERT(false, "unknown HfFamily");
 }
@@ -84,6 +86,11 @@ void check_qwen3moe(const TransformerOptions& o) {
 
 void check_family(const TransformerOptions& o, HfFamily family) {
   const std::string name = architecture(family);
+  BRIGADE_CHECK(!o.is_mla(), "GGUF export: multi-head latent attention (model.attention: mla, llama.cpp's deepseek2) "
+                "is not written to GGUF yet; export it to Hugging Face (brigade export --format hf) instead");
+  BRIGADE_CHECK(!o.rope_scaling.enabled(), "GGUF export: model.rope_scaling.type is ",
+                to_string(o.rope_scaling.type), ", and brigade writes GGUF with plain RoPE only so far; "
+                "export it to Hugging Face instead");
   if (family == HfFamily::kQwen3Moe) {
     check_qwen3moe(o);
     return;
@@ -105,7 +112,9 @@ void check_family(const TransformerOptions& o, HfFamily family) {
                     ": qwen3 has q/k norm and no QKV bias; the model has qkv_bias=", o.qkv_bias,
                     " qk_norm=", o.qk_norm);
       break;
-    case HfFamily::kQwen3Moe: break;  // handled above
+    case HfFamily::kQwen3Moe:
+    case HfFamily::kDeepseekV2:
+    case HfFamily::kDeepseekV3: break;  // handled above
   }
 }
 

@@ -24,7 +24,11 @@ constexpr FamilyInfo kFamilies[] = {
     {HfFamily::kQwen2, "qwen2", "Qwen2ForCausalLM"},
     {HfFamily::kQwen3, "qwen3", "Qwen3ForCausalLM"},
     {HfFamily::kQwen3Moe, "qwen3_moe", "Qwen3MoeForCausalLM"},
+    {HfFamily::kDeepseekV2, "deepseek_v2", "DeepseekV2ForCausalLM"},
+    {HfFamily::kDeepseekV3, "deepseek_v3", "DeepseekV3ForCausalLM"},
 };
+
+bool is_deepseek(HfFamily f) { return f == HfFamily::kDeepseekV2 || f == HfFamily::kDeepseekV3; }
 
 const FamilyInfo& info(HfFamily family) {
   for (const auto& f : kFamilies)
@@ -106,6 +110,148 @@ void read_qwen3_moe(const ConfigReader& r, const json& j, const std::string& whe
   }
 }
 
+// The rotary base and scaling: rope_parameters (transformers 5) or rope_scaling
+// (earlier; rope_parameters wins when both are there), resolved as transformers'
+// standardize_rope_params and rope init functions do.
+void read_rope(const ConfigReader& r, const std::string& where, TransformerOptions& o) {
+  o.rope_theta = r.real("rope_theta", 10000.0);
+  const int64_t max_pos = r.integer("max_position_embeddings", 2048);
+  for (const char* key : {"rope_scaling", "rope_parameters"}) {
+    if (!r.has(key)) continue;
+    const json& rope = r.node(key);
+    BRIGADE_CHECK(rope.is_object(), where, ": field '", key, "' must be an object, got ", rope.dump());
+    const ConfigReader p(rope, where + ": field '" + key + "'");
+    const std::string type = p.text("rope_type", p.text("type", "default"));
+    if (p.has("rope_theta")) o.rope_theta = p.real("rope_theta");
+    auto& s = o.rope_scaling;
+    s = RopeScaling{};
+    // A top-level original_max_position_embeddings takes priority (as transformers has it).
+    const int64_t original = r.has("original_max_position_embeddings")
+                                 ? r.integer("original_max_position_embeddings")
+                                 : p.integer("original_max_position_embeddings", max_pos);
+    if (type == "default") continue;
+    if (type == "linear") {
+      s.type = RopeScalingType::kLinear;
+      s.factor = p.real("factor");
+    } else if (type == "llama3") {
+      s.type = RopeScalingType::kLlama3;
+      s.factor = p.real("factor");
+      s.low_freq_factor = p.real("low_freq_factor");
+      s.high_freq_factor = p.real("high_freq_factor");
+      s.original_max_seq_len = p.integer("original_max_position_embeddings");
+    } else if (type == "yarn") {
+      s.type = RopeScalingType::kYarn;
+      s.original_max_seq_len = original;
+      s.factor = p.has("factor") ? p.real("factor") : static_cast<double>(max_pos) / static_cast<double>(original);
+      // 0 or null mean the default in transformers (`or 32`, `or 1`), and "unset" for the mscales.
+      s.beta_fast = p.real("beta_fast", 0.0) != 0.0 ? p.real("beta_fast") : 32.0;
+      s.beta_slow = p.real("beta_slow", 0.0) != 0.0 ? p.real("beta_slow") : 1.0;
+      s.mscale = p.real("mscale", 0.0);
+      s.mscale_all_dim = p.real("mscale_all_dim", 0.0);
+      s.attention_factor = p.real("attention_factor", 0.0);
+      s.truncate = p.boolean("truncate", true);
+    } else {
+      BRIGADE_FAIL(where, ": field '", key, ".rope_type' is '", type,
+                   "'; brigade implements default, linear, llama3 and yarn RoPE");
+    }
+    try {
+      s.validate();
+    } catch (const Error& e) {
+      BRIGADE_FAIL(where, ": field '", key, "': ", e.message());
+    }
+  }
+}
+
+// deepseek_v2 / deepseek_v3: multi-head latent attention; MoE after the first
+// first_k_dense_replace layers (none: a dense model), routed as the family does.
+// Fallbacks are transformers' config defaults.
+void read_deepseek(const ConfigReader& r, const json& j, const std::string& where, HfConfig& c) {
+  auto& o = c.options;
+  const bool v3 = c.family == HfFamily::kDeepseekV3;
+  o.attention = AttentionKind::kMla;
+  o.head_dim = 0;
+  BRIGADE_CHECK(o.n_kv_heads == o.n_heads, where, ": field 'num_key_value_heads' (", o.n_kv_heads,
+                ") must equal num_attention_heads (", o.n_heads, ") for multi-head latent attention");
+  o.n_kv_heads = 0;
+  auto& a = o.mla;
+  a.q_lora_rank = j.contains("q_lora_rank") ? (j["q_lora_rank"].is_null() ? 0 : r.integer("q_lora_rank")) : 1536;
+  a.kv_lora_rank = r.integer("kv_lora_rank", 512);
+  a.qk_nope_head_dim = r.integer("qk_nope_head_dim", 128);
+  a.qk_rope_head_dim = r.integer("qk_rope_head_dim", 64);
+  a.v_head_dim = r.integer("v_head_dim", 128);
+  r.require_false("attention_bias", "attention biases in multi-head latent attention");
+  c.rope_interleaved = !v3 || r.boolean("rope_interleave", true);
+  c.mtp_layers = v3 ? r.integer("num_nextn_predict_layers", r.integer("num_mtp_layers", 0)) : 0;
+
+  auto& m = o.moe;
+  const int64_t routed = r.integer("n_routed_experts", v3 ? 256 : 64);
+  const int64_t first_dense = r.integer("first_k_dense_replace", v3 ? 3 : 0);
+  if (routed == 0 || first_dense >= o.n_layers) {
+    m.num_experts = 0;  // every layer dense
+    return;
+  }
+  m.num_experts = routed;
+  m.top_k = r.integer("num_experts_per_tok", v3 ? 8 : 6);
+  m.expert_d_ff = r.integer("moe_intermediate_size", v3 ? 2048 : 1407);
+  m.num_shared_experts = r.integer("n_shared_experts", v3 ? 1 : 2);
+  m.shared_d_ff = 0;
+  m.first_k_dense = first_dense;
+  m.routed_scaling = r.real("routed_scaling_factor", v3 ? 2.5 : 1.0);
+  m.dropless = true;
+  if (v3) {  // noaux_tc: sigmoid scores, the selection bias, groups ranked by top-2 sums
+    m.score_function = moe::ScoreFunction::kSigmoid;
+    m.num_groups = r.has("n_group") ? r.integer("n_group") : 1;
+    m.topk_group = r.has("topk_group") ? r.integer("topk_group") : 1;
+    m.group_score = moe::GroupScore::kTopTwoSum;
+    m.normalize_topk = r.boolean("norm_topk_prob", true);
+    return;
+  }
+  // deepseek_v2: softmax scores, no selection bias; transformers ignores norm_topk_prob.
+  m.score_function = moe::ScoreFunction::kSoftmax;
+  m.normalize_topk = false;
+  m.bias_update_rate = 0.0;
+  const std::string method = r.text("topk_method", "greedy");
+  if (method == "greedy") {
+    m.num_groups = m.topk_group = 1;
+  } else if (method == "group_limited_greedy") {
+    m.num_groups = r.integer("n_group");
+    m.topk_group = r.integer("topk_group");
+    m.group_score = moe::GroupScore::kMax;
+  } else {
+    BRIGADE_FAIL(where, ": field 'topk_method' is '", method, "'; deepseek_v2 routes greedy or group_limited_greedy");
+  }
+}
+
+// Rows of a DeepSeek projection that feed RoPE: per head the last qk_rope_head_dim
+// of each query head, and the shared rope key after the KV latent.
+struct RopeRows {
+  int64_t blocks = 0, stride = 0, offset = 0;
+};
+std::optional<RopeRows> rope_rows(const std::string& name, const TransformerOptions& o) {
+  if (!o.is_mla()) return std::nullopt;
+  const auto& a = o.mla;
+  if (name.ends_with("self_attn.q_proj.weight") || name.ends_with("self_attn.q_b_proj.weight"))
+    return RopeRows{o.n_heads, a.qk_head_dim(), a.qk_nope_head_dim};
+  if (name.ends_with("self_attn.kv_a_proj_with_mqa.weight")) return RopeRows{1, a.cache_width(), a.kv_lora_rank};
+  return std::nullopt;
+}
+
+// Interleaved rotary rows (pairs 2i, 2i+1, DeepSeek's layout) <-> rotate-half rows
+// (brigade's: first the even, then the odd members). Other tensors pass unchanged.
+torch::Tensor convert_rope_rows(const std::string& name, const torch::Tensor& t, const TransformerOptions& o,
+                                bool to_interleaved) {
+  const auto rows = rope_rows(name, o);
+  if (!rows) return t;
+  const int64_t dr = o.mla.qk_rope_head_dim;
+  auto out = t.clone();
+  for (int64_t b = 0; b < rows->blocks; ++b) {
+    auto block = t.narrow(0, b * rows->stride + rows->offset, dr);
+    auto moved = to_interleaved ? block.reshape({2, dr / 2, -1}).transpose(0, 1) : block.reshape({dr / 2, 2, -1}).transpose(0, 1);
+    out.narrow(0, b * rows->stride + rows->offset, dr).copy_(moved.reshape(block.sizes()));
+  }
+  return out;
+}
+
 std::string hf_name(const std::string& brigade_name) {
   return brigade_name == "lm_head.weight" ? brigade_name : "model." + brigade_name;
 }
@@ -115,6 +261,25 @@ std::string hf_name(const std::string& brigade_name) {
 std::string family_name(HfFamily family) { return info(family).model_type; }
 
 HfFamily family_of(const TransformerOptions& o) {
+  if (o.is_mla()) {
+    const auto& m = o.moe;
+    if (!m.enabled()) return HfFamily::kDeepseekV3;
+    const bool sigmoid = m.score_function == moe::ScoreFunction::kSigmoid;
+    const int64_t ff = o.ff_size();
+    const char* why = nullptr;
+    if (m.num_shared_experts == 0) why = "model.moe.num_shared_experts is 0 (deepseek_v2/v3 always have shared experts)";
+    else if (m.shared_size(ff) != m.expert_size(ff) * m.num_shared_experts)
+      why = "model.moe.shared_d_ff is not expert_d_ff * num_shared_experts";
+    else if (sigmoid && m.num_groups > 1 && m.group_score != moe::GroupScore::kTopTwoSum)
+      why = "model.moe.group_score is max with sigmoid scores (deepseek_v3 ranks groups by their top-2 sums)";
+    else if (sigmoid && m.num_groups > 1 && m.num_experts / m.num_groups < 2)
+      why = "groups of one expert (deepseek_v3 sums each group's two best scores)";
+    else if (!sigmoid && m.normalize_topk) why = "model.moe.normalize_topk with softmax scores (deepseek_v2 does not renormalise)";
+    else if (!sigmoid && m.num_groups > 1 && m.group_score != moe::GroupScore::kMax)
+      why = "model.moe.group_score is top2_sum with softmax scores (deepseek_v2 ranks groups by their best score)";
+    BRIGADE_CHECK(why == nullptr, "this multi-head latent attention MoE model has no Hugging Face equivalent: ", why);
+    return sigmoid ? HfFamily::kDeepseekV3 : HfFamily::kDeepseekV2;
+  }
   if (o.moe.enabled()) {
     const auto& m = o.moe;
     const char* why = nullptr;
@@ -151,11 +316,8 @@ HfConfig read_hf_config(const std::filesystem::path& config_json) {
   bool known = false;
   for (const auto& f : kFamilies)
     if (model_type == f.model_type) c.family = f.family, known = true;
-  BRIGADE_CHECK(known, where, ": model_type '", model_type, "' is not supported (supported: llama, qwen2, qwen3, qwen3_moe",
-                model_type == "deepseek_v3" || model_type == "deepseek_v2"
-                    ? "; DeepSeek's multi-head latent attention is not in brigade yet"
-                    : "",
-                ")");
+  BRIGADE_CHECK(known, where, ": model_type '", model_type,
+                "' is not supported (supported: llama, qwen2, qwen3, qwen3_moe, deepseek_v2, deepseek_v3)");
   const std::string act = r.text("hidden_act", "silu");
   BRIGADE_CHECK(act == "silu", where, ": field 'hidden_act' is '", act, "'; brigade's MLP is SwiGLU (silu)");
   auto& o = c.options;
@@ -165,8 +327,10 @@ HfConfig read_hf_config(const std::filesystem::path& config_json) {
   o.n_heads = r.integer("num_attention_heads");
   o.n_kv_heads = r.integer("num_key_value_heads", o.n_heads);
   BRIGADE_CHECK(o.n_heads > 0, where, ": field 'num_attention_heads' must be positive");
-  o.head_dim = r.integer("head_dim", c.family == HfFamily::kLlama || c.family == HfFamily::kQwen2
-                                         ? o.d_model / o.n_heads : 128);
+  // deepseek configs carry head_dim = qk_rope_head_dim; MLA sizes its heads by the mla fields.
+  o.head_dim = is_deepseek(c.family) ? 0
+               : r.integer("head_dim", c.family == HfFamily::kLlama || c.family == HfFamily::kQwen2
+                                           ? o.d_model / o.n_heads : 128);
   if (o.head_dim * o.n_heads == o.d_model) o.head_dim = 0;  // brigade's default says the same
   o.d_ff = r.integer("intermediate_size");
   o.max_seq_len = r.integer("max_position_embeddings", 2048);
@@ -175,24 +339,13 @@ HfConfig read_hf_config(const std::filesystem::path& config_json) {
   o.qkv_bias = c.family == HfFamily::kQwen2;
   o.qk_norm = c.family == HfFamily::kQwen3 || c.family == HfFamily::kQwen3Moe;
   if (c.family == HfFamily::kQwen3Moe) read_qwen3_moe(r, j, where, o);
+  if (is_deepseek(c.family)) read_deepseek(r, j, where, c);
   o.init_std = r.real("initializer_range", 0.02);
   if (c.family != HfFamily::kQwen2) r.require_false("attention_bias", "attention biases on llama/qwen3 (o_proj has none)");
   r.require_false("mlp_bias", "MLP biases");
   r.require_false("use_sliding_window", "sliding-window attention");
   // RoPE: transformers 5 writes rope_parameters, earlier versions rope_theta/rope_scaling.
-  o.rope_theta = r.real("rope_theta", 10000.0);
-  for (const char* key : {"rope_parameters", "rope_scaling"}) {
-    if (!r.has(key)) continue;
-    const json& rope = r.node(key);
-    BRIGADE_CHECK(rope.is_object(), where, ": field '", key, "' must be an object, got ", rope.dump());
-    const std::string type = rope.value("rope_type", rope.value("type", std::string("default")));
-    BRIGADE_CHECK(type == "default", where, ": field '", key, ".rope_type' is '", type,
-                  "'; brigade implements plain RoPE (default) only");
-    if (rope.contains("rope_theta")) {
-      BRIGADE_CHECK(rope["rope_theta"].is_number(), where, ": field '", key, ".rope_theta' must be a number");
-      o.rope_theta = rope["rope_theta"].get<double>();
-    }
-  }
+  read_rope(r, where, o);
   c.torch_dtype = r.text("dtype", r.text("torch_dtype", "float32"));
   if (r.has("bos_token_id") && j["bos_token_id"].is_number_integer()) c.bos_token_id = j["bos_token_id"].get<int64_t>();
   if (r.has("eos_token_id") && j["eos_token_id"].is_number_integer()) c.eos_token_id = j["eos_token_id"].get<int64_t>();
@@ -211,6 +364,73 @@ HfConfig hf_config_for(const TransformerOptions& options) {
   return c;
 }
 
+namespace {
+
+nlohmann::ordered_json rope_parameters_json(const TransformerOptions& o) {
+  const auto& s = o.rope_scaling;
+  nlohmann::ordered_json rope;
+  rope["rope_type"] = s.enabled() ? to_string(s.type) : "default";
+  rope["rope_theta"] = o.rope_theta;
+  if (!s.enabled()) return rope;
+  rope["factor"] = s.factor;
+  const int64_t original = s.original_max_seq_len > 0 ? s.original_max_seq_len : o.max_seq_len;
+  if (s.type == RopeScalingType::kLlama3) {
+    rope["low_freq_factor"] = s.low_freq_factor;
+    rope["high_freq_factor"] = s.high_freq_factor;
+    rope["original_max_position_embeddings"] = original;
+  }
+  if (s.type == RopeScalingType::kYarn) {
+    rope["original_max_position_embeddings"] = original;
+    rope["beta_fast"] = s.beta_fast;
+    rope["beta_slow"] = s.beta_slow;
+    if (s.mscale > 0) rope["mscale"] = s.mscale;
+    if (s.mscale_all_dim > 0) rope["mscale_all_dim"] = s.mscale_all_dim;
+    if (s.attention_factor > 0) rope["attention_factor"] = s.attention_factor;
+    rope["truncate"] = s.truncate;
+  }
+  return rope;
+}
+
+// deepseek_v2/v3 fields: MLA sizes, the MoE layout and routing; a dense model is
+// written as every layer dense (first_k_dense_replace = layers).
+void add_deepseek_fields(const HfConfig& c, nlohmann::ordered_json& j) {
+  const auto& o = c.options;
+  const auto& a = o.mla;
+  const auto& m = o.moe;
+  const bool v3 = c.family == HfFamily::kDeepseekV3;
+  if (a.q_lora_rank > 0) j["q_lora_rank"] = a.q_lora_rank;
+  else j["q_lora_rank"] = nullptr;
+  j["kv_lora_rank"] = a.kv_lora_rank;
+  j["qk_nope_head_dim"] = a.qk_nope_head_dim;
+  j["qk_rope_head_dim"] = a.qk_rope_head_dim;
+  j["v_head_dim"] = a.v_head_dim;
+  if (v3) j["rope_interleave"] = true;  // save_hf_checkpoint writes the rotary rows interleaved
+  if (m.enabled()) {
+    j["n_routed_experts"] = m.num_experts;
+    j["num_experts_per_tok"] = m.top_k;
+    j["moe_intermediate_size"] = m.expert_size(o.ff_size());
+    j["n_shared_experts"] = m.num_shared_experts;
+    j["first_k_dense_replace"] = m.first_k_dense;
+    j["n_group"] = m.num_groups;
+    j["topk_group"] = m.topk_group;
+    j["routed_scaling_factor"] = m.routed_scaling;
+    j["norm_topk_prob"] = m.normalize_topk;
+    j["topk_method"] = v3 ? "noaux_tc" : (m.num_groups > 1 ? "group_limited_greedy" : "greedy");
+  } else {
+    // No layer builds an MoE, so these only have to be valid.
+    j["n_routed_experts"] = 1;
+    j["num_experts_per_tok"] = 1;
+    j["moe_intermediate_size"] = o.ff_size();
+    j["n_shared_experts"] = 1;
+    j["first_k_dense_replace"] = o.n_layers;
+    j["n_group"] = 1;
+    j["topk_group"] = 1;
+  }
+  if (v3) j["num_nextn_predict_layers"] = 0;
+}
+
+}  // namespace
+
 std::string hf_config_text(const HfConfig& c) {
   const auto& o = c.options;
   const auto& f = info(c.family);
@@ -222,8 +442,8 @@ std::string hf_config_text(const HfConfig& c) {
   j["intermediate_size"] = o.ff_size();
   j["num_hidden_layers"] = o.n_layers;
   j["num_attention_heads"] = o.n_heads;
-  j["num_key_value_heads"] = o.kv_heads();
-  j["head_dim"] = o.head_size();
+  j["num_key_value_heads"] = o.is_mla() ? o.n_heads : o.kv_heads();
+  if (!o.is_mla()) j["head_dim"] = o.head_size();
   j["hidden_act"] = "silu";
   j["max_position_embeddings"] = o.max_seq_len;
   j["rms_norm_eps"] = o.norm_eps;
@@ -231,7 +451,8 @@ std::string hf_config_text(const HfConfig& c) {
   j["tie_word_embeddings"] = o.tie_embeddings;
   // Both spellings: transformers 5 reads rope_parameters, 4.x rope_theta.
   j["rope_theta"] = o.rope_theta;
-  j["rope_parameters"] = {{"rope_type", "default"}, {"rope_theta", o.rope_theta}};
+  j["rope_parameters"] = rope_parameters_json(o);
+  if (is_deepseek(c.family)) add_deepseek_fields(c, j);
   if (c.family == HfFamily::kQwen3Moe) {
     const auto& m = o.moe;
     j["num_experts"] = m.num_experts;
@@ -246,7 +467,7 @@ std::string hf_config_text(const HfConfig& c) {
   }
   if (c.family != HfFamily::kQwen2) j["attention_bias"] = false;
   if (c.family == HfFamily::kLlama) j["mlp_bias"] = false;
-  if (c.family != HfFamily::kLlama) j["use_sliding_window"] = false;
+  if (c.family != HfFamily::kLlama && !is_deepseek(c.family)) j["use_sliding_window"] = false;
   if (c.bos_token_id >= 0) j["bos_token_id"] = c.bos_token_id;
   if (c.eos_token_id >= 0) j["eos_token_id"] = c.eos_token_id;
   j["dtype"] = c.torch_dtype;
@@ -283,22 +504,48 @@ void add_unfused(NamedTensors& out, const std::string& name, const torch::Tensor
 }  // namespace
 
 NamedTensors hf_state_dict(const TransformerImpl& model) {
+  // deepseek_v3 keeps the aux-loss-free selection bias as mlp.gate.e_score_correction_bias;
+  // qwen3_moe and deepseek_v2 route without one (save_hf_checkpoint refuses a bias that moved).
+  const bool keep_bias = model.options().moe.enabled() && family_of(model.options()) == HfFamily::kDeepseekV3;
   NamedTensors out;
   for (const auto& [name, tensor] : model.state_dict()) {
-    // The aux-loss-free selection bias has no place in qwen3_moe; a checkpoint whose
-    // bias moved is refused by save_hf_checkpoint.
-    if (name.ends_with(".e_score_correction_bias")) continue;
+    if (name.ends_with(".e_score_correction_bias") && !keep_bias) continue;
     add_unfused(out, hf_name(name), tensor);
   }
   return out;
 }
 
+namespace {
+
+// model.layers.N.* with N >= layers: DeepSeek-V3's multi-token prediction modules.
+bool is_mtp_tensor(const std::string& name, int64_t layers) {
+  const std::string prefix = "model.layers.";
+  if (!name.starts_with(prefix)) return false;
+  const auto end = name.find('.', prefix.size());
+  if (end == std::string::npos) return false;
+  const std::string index = name.substr(prefix.size(), end - prefix.size());
+  return !index.empty() && index.find_first_not_of("0123456789") == std::string::npos && std::stoll(index) >= layers;
+}
+
+}  // namespace
+
 void load_hf_weights(TransformerImpl& model, const std::filesystem::path& dir) {
   SafetensorsFile file = load_safetensors_dir(dir);
   const std::string where = "Hugging Face checkpoint " + dir.string();
+  const auto& options = model.options();
+  // DeepSeek's rotary layout and MTP modules are described by config.json.
+  HfConfig config;
+  if (options.is_mla()) {
+    BRIGADE_CHECK(std::filesystem::exists(dir / "config.json"), where,
+                  ": no config.json (a multi-head latent attention checkpoint needs it for its rotary layout)");
+    config = read_hf_config(dir / "config.json");
+  }
   // transformers 5 keeps experts fused in memory, the Hub one per expert: accept both.
   NamedTensors unfused;
-  for (const auto& [name, tensor] : file.tensors) add_unfused(unfused, name, tensor);
+  for (const auto& [name, tensor] : file.tensors) {
+    if (config.mtp_layers > 0 && is_mtp_tensor(name, options.n_layers)) continue;  // no MTP in brigade yet
+    add_unfused(unfused, name, tensor);
+  }
   file.tensors = std::map<std::string, torch::Tensor>(unfused.begin(), unfused.end());
   torch::NoGradGuard no_grad;
   std::set<std::string> expected;
@@ -314,11 +561,14 @@ void load_hf_weights(TransformerImpl& model, const std::filesystem::path& dir) {
   }
   for (const auto& [name, tensor] : file.tensors) {
     if (expected.contains(name) || name.ends_with("rotary_emb.inv_freq")) continue;
-    if (name == "lm_head.weight" && model.options().tie_embeddings) continue;
+    if (name == "lm_head.weight" && options.tie_embeddings) continue;
     BRIGADE_FAIL(where, ": unexpected tensor '", name, "' (config.json describes a model without it)");
   }
   // Copy only after every check passed, so a rejected checkpoint leaves the model as it was.
-  for (const auto& [name, tensor] : target) tensor.copy_(file.tensors.at(name));
+  for (const auto& [name, tensor] : target) {
+    const auto& stored = file.tensors.at(name);
+    tensor.copy_(config.rope_interleaved ? convert_rope_rows(name, stored, options, /*to_interleaved=*/false) : stored);
+  }
 }
 
 void save_hf_checkpoint(const TransformerImpl& model, const std::filesystem::path& dir, const std::string& dtype,
@@ -332,12 +582,22 @@ void save_hf_checkpoint(const TransformerImpl& model, const std::filesystem::pat
   config.torch_dtype = dtype;
   config.bos_token_id = bos_token_id;
   config.eos_token_id = eos_token_id;
-  for (const auto& [name, tensor] : model.state_dict())
-    BRIGADE_CHECK(!name.ends_with(".e_score_correction_bias") || tensor.abs().max().item<double>() == 0.0,
-                  "Hugging Face export: ", name, " is not zero (aux-loss-free balancing moved it), and qwen3_moe "
-                  "routes without a selection bias; train with model.moe.bias_update_rate=0 to export");
+  if (config.family != HfFamily::kDeepseekV3) {
+    for (const auto& [name, tensor] : model.state_dict())
+      BRIGADE_CHECK(!name.ends_with(".e_score_correction_bias") || tensor.abs().max().item<double>() == 0.0,
+                    "Hugging Face export: ", name, " is not zero (aux-loss-free balancing moved it), and ",
+                    family_name(config.family), " routes without a selection bias; train with "
+                    "model.moe.bias_update_rate=0 to export (deepseek_v3 keeps the bias)");
+  }
+  // DeepSeek checkpoints store the rotary rows interleaved (vLLM and DeepSeek's own
+  // code assume it); config.json says so with rope_interleave.
+  const bool interleave = is_deepseek(config.family);
   NamedTensors tensors;
-  for (const auto& [name, tensor] : hf_state_dict(model)) tensors.emplace_back(name, tensor.detach().to(torch::kCPU, type));
+  for (const auto& [name, tensor] : hf_state_dict(model)) {
+    auto t = tensor.detach().to(torch::kCPU);
+    if (interleave) t = convert_rope_rows(name, t, model.options(), /*to_interleaved=*/true);
+    tensors.emplace_back(name, t.to(type));
+  }
   save_safetensors_sharded(dir, tensors, max_shard_bytes, {{"format", "pt"}});
   write_file_atomic(dir / "config.json", hf_config_text(config));
 }

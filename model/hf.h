@@ -1,5 +1,6 @@
 // Hugging Face checkpoints: config.json <-> TransformerOptions for the llama, qwen2,
-// qwen3 and qwen3_moe families, weight names ("model.layers.3.self_attn.q_proj.weight" <->
+// qwen3, qwen3_moe, deepseek_v2 and deepseek_v3 families (rope_parameters with
+// default, linear, llama3 or yarn scaling), weight names ("model.layers.3.self_attn.q_proj.weight" <->
 // brigade's "layers.3.self_attn.q_proj.weight"), tied embeddings, and sharded
 // safetensors (model.safetensors.index.json).
 #pragma once
@@ -13,15 +14,17 @@
 namespace brigade::model {
 
 // A Hugging Face model family brigade reads and writes.
-enum class HfFamily { kLlama, kQwen2, kQwen3, kQwen3Moe };
+enum class HfFamily { kLlama, kQwen2, kQwen3, kQwen3Moe, kDeepseekV2, kDeepseekV3 };
 
-// config.json's model_type: "llama", "qwen2", "qwen3", "qwen3_moe".
+// config.json's model_type: "llama", "qwen2", "qwen3", "qwen3_moe", "deepseek_v2", "deepseek_v3".
 std::string family_name(HfFamily family);
 
 // The family whose architecture these options describe: q/k norm -> qwen3, QKV bias
 // -> qwen2, else llama; MoE layers -> qwen3_moe when they route like it (softmax
 // scores, no shared experts, no groups, no scaling, q/k norm), else an Error saying
-// which setting has no Hugging Face equivalent.
+// which setting has no Hugging Face equivalent. Multi-head latent attention ->
+// deepseek_v3 (dense, or sigmoid routing with top-2-sum groups and normalised
+// weights) or deepseek_v2 (softmax routing, max groups, no normalisation).
 HfFamily family_of(const TransformerOptions& options);
 
 struct HfConfig {
@@ -30,6 +33,11 @@ struct HfConfig {
   std::string torch_dtype = "float32";
   int64_t bos_token_id = -1;  // -1: not set
   int64_t eos_token_id = -1;
+  // deepseek_v3's multi-token prediction modules (model.layers.N... for N >= layers):
+  // not part of brigade's model yet, so skipped on import.
+  int64_t mtp_layers = 0;
+  // DeepSeek: the checkpoint's rotary rows are interleaved (see load_hf_weights).
+  bool rope_interleaved = false;
 };
 
 // Parses config.json; unknown model_type or architecture features brigade does not
@@ -50,6 +58,9 @@ NamedTensors hf_state_dict(const TransformerImpl& model);
 // or fused (gate_up_proj / down_proj). Missing, unexpected or misshapen
 // tensors are Errors naming the file and tensor; the model is untouched then. A tied
 // model ignores an lm_head.weight the file may carry; rotary inv_freq buffers are skipped.
+// DeepSeek's rotary rows are stored interleaved (pairs 2i, 2i+1; deepseek_v2 always,
+// deepseek_v3 unless rope_interleave is false) and are permuted into brigade's
+// rotate-half order; save_hf_checkpoint permutes them back and writes rope_interleave.
 void load_hf_weights(TransformerImpl& model, const std::filesystem::path& dir);
 
 // Writes config.json and the weights (`dtype`: float32, bfloat16 or float16;

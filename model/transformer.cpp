@@ -2,13 +2,20 @@
 
 #include <cmath>
 
-#include <ATen/ops/rms_norm.h>
 #include <ATen/ops/scaled_dot_product_attention.h>
 #include <torch/nn/init.h>
 
 #include "core/error.h"
 
 namespace brigade::model {
+
+std::string to_string(AttentionKind kind) { return kind == AttentionKind::kMla ? "mla" : "gqa"; }
+
+AttentionKind parse_attention_kind(const std::string& name) {
+  if (name == "gqa") return AttentionKind::kGqa;
+  if (name == "mla") return AttentionKind::kMla;
+  BRIGADE_FAIL("model.attention '", name, "' is not one of gqa, mla");
+}
 
 int64_t TransformerOptions::ff_size() const {
   if (d_ff > 0) return d_ff;
@@ -22,12 +29,22 @@ void TransformerOptions::validate() const {
   BRIGADE_CHECK(n_layers > 0, "model.n_layers must be positive, got ", n_layers);
   BRIGADE_CHECK(n_heads > 0, "model.n_heads must be positive, got ", n_heads);
   BRIGADE_CHECK(n_kv_heads >= 0, "model.n_kv_heads must be >= 0 (0 = n_heads), got ", n_kv_heads);
-  BRIGADE_CHECK(head_dim > 0 || d_model % n_heads == 0, "model.n_heads (", n_heads,
-                ") must divide model.d_model (", d_model, ") unless model.head_dim is set");
-  BRIGADE_CHECK(n_heads % kv_heads() == 0, "model.n_kv_heads (", kv_heads(),
-                ") must divide model.n_heads (", n_heads, ")");
-  BRIGADE_CHECK(head_size() % 2 == 0, "the head dimension (", head_size(),
-                ") must be even for rotary embeddings");
+  if (is_mla()) {
+    mla.validate();
+    // MLA sizes its heads by model.mla.*; GQA-only keys left at a value would be silently ignored.
+    BRIGADE_CHECK(!qkv_bias && !qk_norm, "model.qkv_bias and model.qk_norm are grouped-query attention options; "
+                  "multi-head latent attention (model.attention: mla) has neither");
+    BRIGADE_CHECK(n_kv_heads == 0 || n_kv_heads == n_heads, "model.n_kv_heads (", n_kv_heads,
+                  ") applies to grouped-query attention only; with model.attention: mla leave it 0");
+  } else {
+    BRIGADE_CHECK(head_dim > 0 || d_model % n_heads == 0, "model.n_heads (", n_heads,
+                  ") must divide model.d_model (", d_model, ") unless model.head_dim is set");
+    BRIGADE_CHECK(n_heads % kv_heads() == 0, "model.n_kv_heads (", kv_heads(),
+                  ") must divide model.n_heads (", n_heads, ")");
+    BRIGADE_CHECK(head_size() % 2 == 0, "the head dimension (", head_size(),
+                  ") must be even for rotary embeddings");
+  }
+  rope_scaling.validate();
   BRIGADE_CHECK(max_seq_len > 0, "model.max_seq_len must be positive, got ", max_seq_len);
   BRIGADE_CHECK(rope_theta > 0, "model.rope_theta must be positive, got ", rope_theta);
   BRIGADE_CHECK(norm_eps > 0, "model.norm_eps must be positive, got ", norm_eps);
@@ -36,30 +53,8 @@ void TransformerOptions::validate() const {
 }
 
 // ---------------------------------------------------------------------------------
-RMSNormImpl::RMSNormImpl(int64_t dim, double eps) : eps_(eps) {
-  weight = register_parameter("weight", torch::ones({dim}));
-}
-
-torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
-  // Normalise in FP32 whatever the compute dtype: the mean of squares is where BF16 loses.
-  auto y = at::rms_norm(x.to(torch::kFloat), {weight.size(0)}, weight.to(torch::kFloat), eps_);
-  return y.to(x.scalar_type());
-}
-
 // ---------------------------------------------------------------------------------
 namespace {
-
-// Rotary embedding in the "rotate half" convention (Llama/Qwen in transformers):
-// x * cos + rotate_half(x) * sin, with cos/sin repeated over both halves.
-// The sign of rotate_half's first half is folded into the sin table (sin_signed =
-// [-sin, sin]), which saves a negation forward and backward; the result is identical.
-torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin_signed) {
-  // x: [batch, heads, seq, head_dim]; cos/sin_signed: [seq, head_dim]
-  auto half = x.size(-1) / 2;
-  auto x1 = x.narrow(-1, 0, half);
-  auto x2 = x.narrow(-1, half, half);
-  return x * cos + torch::cat({x2, x1}, -1) * sin_signed;
-}
 
 precision::Linear make_linear(int64_t in, int64_t out, bool bias) { return precision::Linear(in, out, bias); }
 
@@ -110,23 +105,9 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
     cache->values[layer].narrow(2, past, seq).copy_(v);
     auto keys = cache->keys[layer].narrow(2, 0, past + seq);
     auto values = cache->values[layer].narrow(2, 0, past + seq);
-    std::optional<torch::Tensor> mask;
-    if (seq > 1 || cache->valid.defined()) {
-      // Query i (absolute position past+i) sees keys 0..past+i ...
-      auto index = torch::TensorOptions().dtype(torch::kLong).device(q.device());
-      auto qpos = torch::arange(past, past + seq, index).unsqueeze(1);
-      auto kpos = torch::arange(0, past + seq, index).unsqueeze(0);
-      auto causal = kpos <= qpos;  // [seq, keys]
-      if (cache->valid.defined()) {
-        // ... except padding; a padding query sees itself (its output is unused,
-        // but a row with no key at all would be NaN).
-        auto keys_ok = cache->valid.narrow(1, 0, past + seq).to(q.device()).unsqueeze(1);  // [batch, 1, keys]
-        causal = ((causal.unsqueeze(0) & keys_ok) | (kpos == qpos).unsqueeze(0)).unsqueeze(1);  // [batch, 1, seq, keys]
-      }
-      mask = causal;
-    }
+    auto decode_mask = cache_attention_mask(*cache, seq, q.device());
     out = at::scaled_dot_product_attention(q, keys.to(q.scalar_type()), values.to(q.scalar_type()),
-                                           mask, 0.0, false, std::nullopt,
+                                           decode_mask, 0.0, false, std::nullopt,
                                            n_kv_heads_ != n_heads_);
   }
   out = out.transpose(1, 2).reshape({batch, seq, n_heads_ * head_dim_});
@@ -136,7 +117,12 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
 // ---------------------------------------------------------------------------------
 BlockImpl::BlockImpl(const TransformerOptions& o, int64_t layer) {
   input_layernorm = register_module("input_layernorm", RMSNorm(o.d_model, o.norm_eps));
-  self_attn = register_module("self_attn", Attention(o));
+  if (o.is_mla()) {
+    const double scale = o.rope_scaling.softmax_scale_factor() / std::sqrt(static_cast<double>(o.mla.qk_head_dim()));
+    mla = register_module("self_attn", MLAttention(o.d_model, o.n_heads, o.mla, scale));
+  } else {
+    self_attn = register_module("self_attn", Attention(o));
+  }
   post_attention_layernorm =
       register_module("post_attention_layernorm", RMSNorm(o.d_model, o.norm_eps));
   if (o.is_moe_layer(layer)) {
@@ -149,7 +135,8 @@ BlockImpl::BlockImpl(const TransformerOptions& o, int64_t layer) {
 torch::Tensor BlockImpl::forward(const torch::Tensor& x, const torch::Tensor& cos,
                                  const torch::Tensor& sin, KVCache* cache, int64_t layer,
                                  const torch::Tensor& mask) {
-  auto h = x + self_attn(input_layernorm(x), cos, sin, cache, layer, mask);
+  auto normed_in = input_layernorm(x);
+  auto h = x + (mla ? mla(normed_in, cos, sin, cache, layer, mask) : self_attn(normed_in, cos, sin, cache, layer, mask));
   auto normed = post_attention_layernorm(h);
   return h + (mlp ? mlp(normed) : moe(normed));
 }
@@ -164,14 +151,9 @@ TransformerImpl::TransformerImpl(TransformerOptions options) : options_(std::mov
   norm = register_module("norm", RMSNorm(o.d_model, o.norm_eps));
   if (!o.tie_embeddings) lm_head = register_module("lm_head", make_linear(o.d_model, o.vocab_size, false));
 
-  // RoPE tables in float64 then cast, so long contexts keep their precision.
-  const int64_t hd = o.head_size();
-  auto inv_freq = 1.0 / torch::pow(o.rope_theta, torch::arange(0, hd, 2, torch::kDouble) / hd);
-  auto pos = torch::arange(0, o.max_seq_len, torch::kDouble);
-  auto angles = torch::outer(pos, inv_freq);
-  auto full = torch::cat({angles, angles}, -1);
-  rope_cos_ = register_buffer("rope_cos", full.cos().to(torch::kFloat));
-  rope_sin_ = register_buffer("rope_sin", torch::cat({-angles.sin(), angles.sin()}, -1).to(torch::kFloat));
+  auto rope = rope_tables(o.rope_dim(), o.max_seq_len, o.rope_theta, o.rope_scaling, o.max_seq_len);
+  rope_cos_ = register_buffer("rope_cos", rope.cos);
+  rope_sin_ = register_buffer("rope_sin", rope.sin_signed);
   init_weights();
 }
 
@@ -189,11 +171,15 @@ void TransformerImpl::init_weights() {
   embed_tokens->weight.normal_(0.0, std);
   for (const auto& layer : *layers) {
     auto block = layer->as<BlockImpl>();
-    for (auto* lin : {&block->self_attn->q_proj, &block->self_attn->k_proj, &block->self_attn->v_proj}) {
-      (*lin)->weight.normal_(0.0, std);
-      if ((*lin)->bias.defined()) (*lin)->bias.zero_();
+    if (block->mla) {
+      for (auto [lin, name] : block->mla->projections()) (*lin)->weight.normal_(0.0, lin == &block->mla->o_proj ? out_std : std);
+    } else {
+      for (auto* lin : {&block->self_attn->q_proj, &block->self_attn->k_proj, &block->self_attn->v_proj}) {
+        (*lin)->weight.normal_(0.0, std);
+        if ((*lin)->bias.defined()) (*lin)->bias.zero_();
+      }
+      block->self_attn->o_proj->weight.normal_(0.0, out_std);
     }
-    block->self_attn->o_proj->weight.normal_(0.0, out_std);
     if (block->mlp) {
       init_swiglu(*block->mlp);
       continue;
@@ -250,17 +236,25 @@ torch::Tensor TransformerImpl::forward(const torch::Tensor& tokens, KVCache* cac
 
 void TransformerImpl::set_checkpointing(Checkpointing mode) {
   checkpointing_ = mode;
-  for (const auto& layer : *layers) layer->as<BlockImpl>()->self_attn->checkpoint_core = mode == Checkpointing::kSelective;
+  for (const auto& layer : *layers) {
+    auto* block = layer->as<BlockImpl>();
+    (block->mla ? block->mla->checkpoint_core : block->self_attn->checkpoint_core) = mode == Checkpointing::kSelective;
+  }
 }
 
 KVCache TransformerImpl::make_cache(int64_t batch, int64_t capacity) const {
   BRIGADE_CHECK(capacity <= options_.max_seq_len, "KV cache capacity ", capacity,
                 " exceeds model.max_seq_len ", options_.max_seq_len);
   KVCache cache;
+  const auto dtype = embed_tokens->weight.options();
   for (int64_t i = 0; i < options_.n_layers; ++i) {
+    if (options_.is_mla()) {  // one latent row per position, no values (model/mla.h)
+      cache.keys.push_back(torch::zeros({batch, 1, capacity, options_.mla.cache_width()}, dtype));
+      continue;
+    }
     auto shape = std::vector<int64_t>{batch, options_.kv_heads(), capacity, options_.head_size()};
-    cache.keys.push_back(torch::zeros(shape, embed_tokens->weight.options()));
-    cache.values.push_back(torch::zeros(shape, embed_tokens->weight.options()));
+    cache.keys.push_back(torch::zeros(shape, dtype));
+    cache.values.push_back(torch::zeros(shape, dtype));
   }
   return cache;
 }
@@ -310,7 +304,9 @@ void TransformerImpl::enable_fp8(const precision::Fp8Options& options) {
   for (const auto& layer : *layers) {
     auto block = layer->as<BlockImpl>();
     const std::string prefix = "layers." + std::to_string(index++);
-    if (options.covers("attention")) {
+    if (block->mla && options.covers("attention")) {
+      for (auto [lin, name] : block->mla->projections()) (*lin)->enable_fp8(options, prefix + ".self_attn." + name);
+    } else if (options.covers("attention")) {
       auto& a = *block->self_attn;
       for (auto [lin, name] : {std::pair{&a.q_proj, "q_proj"}, {&a.k_proj, "k_proj"}, {&a.v_proj, "v_proj"},
                                {&a.o_proj, "o_proj"}}) {
@@ -403,8 +399,9 @@ void TransformerImpl::end_moe_step(bool update_bias) {
 }
 
 double ParameterCount::train_flops_per_token(const TransformerOptions& o, int64_t seq_len) const {
-  return 6.0 * static_cast<double>(matmul) +
-         12.0 * static_cast<double>(o.n_layers * seq_len * o.n_heads * o.head_size());
+  const int64_t qk = o.is_mla() ? o.mla.qk_head_dim() : o.head_size();
+  const int64_t v = o.is_mla() ? o.mla.v_head_dim : o.head_size();
+  return 6.0 * static_cast<double>(matmul) + 6.0 * static_cast<double>(o.n_layers * seq_len * o.n_heads * (qk + v));
 }
 
 }  // namespace brigade::model

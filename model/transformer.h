@@ -1,5 +1,6 @@
-// The decoder-only transformer: RMSNorm, RoPE, grouped-query causal attention
-// (LibTorch's scaled_dot_product_attention), SwiGLU MLP, optional tied embeddings,
+// The decoder-only transformer: RMSNorm, RoPE (with linear, llama3 or YaRN scaling),
+// grouped-query causal attention (LibTorch's scaled_dot_product_attention) or
+// multi-head latent attention (model/mla.h), SwiGLU MLP, optional tied embeddings,
 // optional QKV bias (Qwen2) and q/k norm (Qwen3), and DeepSeekMoE feed-forward
 // layers after the first model.moe.first_k_dense blocks when model.moe.num_experts > 0.
 //
@@ -17,6 +18,10 @@
 #include <torch/nn/module.h>
 #include <torch/nn/modules/container/modulelist.h>
 
+#include "model/kv_cache.h"
+#include "model/mla.h"
+#include "model/norm.h"
+#include "model/rope.h"
 #include "model/safetensors.h"
 #include "precision/linear.h"
 #include "core/recompute.h"
@@ -24,6 +29,13 @@
 #include "moe/swiglu.h"
 
 namespace brigade::model {
+
+enum class AttentionKind {
+  kGqa,  // grouped-query attention (multi-head when n_kv_heads = n_heads)
+  kMla,  // multi-head latent attention (DeepSeek-V2/V3), sized by TransformerOptions::mla
+};
+std::string to_string(AttentionKind kind);
+AttentionKind parse_attention_kind(const std::string& name);
 
 struct TransformerOptions {
   int64_t vocab_size = 264;
@@ -35,6 +47,9 @@ struct TransformerOptions {
   int64_t d_ff = 0;         // 0: 8/3 d_model rounded up to a multiple of 64
   int64_t max_seq_len = 256;
   double rope_theta = 10000.0;
+  RopeScaling rope_scaling;  // context extension of the rotary frequencies; none by default
+  AttentionKind attention = AttentionKind::kGqa;
+  MlaOptions mla;            // attention = mla only; n_kv_heads, head_dim, qkv_bias and qk_norm are GQA's
   double norm_eps = 1e-5;
   bool tie_embeddings = true;
   bool qkv_bias = false;    // Qwen2
@@ -50,34 +65,13 @@ struct TransformerOptions {
   int64_t kv_heads() const { return n_kv_heads > 0 ? n_kv_heads : n_heads; }
   int64_t head_size() const { return head_dim > 0 ? head_dim : d_model / n_heads; }
   int64_t ff_size() const;
+  bool is_mla() const { return attention == AttentionKind::kMla; }
+  // The rotary dimension: the head size, or MLA's qk_rope_head_dim.
+  int64_t rope_dim() const { return is_mla() ? mla.qk_rope_head_dim : head_size(); }
   bool is_moe_layer(int64_t layer) const { return moe.enabled() && layer >= moe.first_k_dense; }
   // Throws an Error naming the key ("model.n_heads ...") when a cross-field rule fails.
   void validate() const;
 };
-
-// Per-layer key/value cache for incremental decoding.
-struct KVCache {
-  std::vector<torch::Tensor> keys;    // per layer [batch, kv_heads, capacity, head_dim]
-  std::vector<torch::Tensor> values;  // per layer [batch, kv_heads, capacity, head_dim]
-  // [batch, capacity] bool, false at left padding (batched prompts of different
-  // lengths); undefined: every position is real. Padding is never attended to,
-  // and RoPE makes attention depend on relative positions only, so a left-padded
-  // prompt continues as it would alone.
-  torch::Tensor valid;
-  int64_t length = 0;                 // positions filled so far
-  int64_t capacity() const { return keys.empty() ? 0 : keys[0].size(2); }
-};
-
-class RMSNormImpl : public torch::nn::Module {
- public:
-  RMSNormImpl(int64_t dim, double eps);
-  torch::Tensor forward(const torch::Tensor& x);  // [..., dim]
-  torch::Tensor weight;                           // [dim]
-
- private:
-  double eps_;
-};
-TORCH_MODULE(RMSNorm);
 
 class AttentionImpl : public torch::nn::Module {
  public:
@@ -104,7 +98,9 @@ class BlockImpl : public torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
                         KVCache* cache, int64_t layer, const torch::Tensor& mask = {});
   RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
-  Attention self_attn{nullptr};
+  // Exactly one attention is set; either is registered under the name "self_attn".
+  Attention self_attn{nullptr};  // GQA
+  MLAttention mla{nullptr};      // MLA
   // Exactly one feed-forward is set; either is registered under the name "mlp".
   moe::SwiGLU mlp{nullptr};     // dense layers
   moe::MoELayer moe{nullptr};   // MoE layers
@@ -116,8 +112,9 @@ struct ParameterCount {
   int64_t activated = 0;      // parameters one token uses: total minus the routed experts it skips
   int64_t embedding = 0;      // the token embedding table
   int64_t matmul = 0;         // weights one token uses in matmuls, the LM head included
-  // Training FLOPs per token: 6 * matmul + 12 * layers * seq_len * n_heads * head_dim
-  // (forward + backward, attention scores counted in full; the PaLM convention).
+  // Training FLOPs per token: 6 * matmul + 6 * layers * seq_len * n_heads * (qk_dim + v_dim)
+  // (forward + backward, attention scores counted in full; the PaLM convention, which
+  // is 12 * layers * seq_len * n_heads * head_dim when q, k and v heads have one size).
   double train_flops_per_token(const TransformerOptions& options, int64_t seq_len) const;
 };
 
@@ -189,7 +186,7 @@ class TransformerImpl : public torch::nn::Module {
   TransformerOptions options_;
   Checkpointing checkpointing_ = Checkpointing::kNone;
   std::unique_ptr<precision::Fp8GemmState> tied_head_fp8_;  // the tied output head's FP8 state
-  torch::Tensor rope_cos_;  // [max_seq_len, head_dim] (buffer, not a parameter)
+  torch::Tensor rope_cos_;  // [max_seq_len, rope_dim()] (buffer, not a parameter)
   torch::Tensor rope_sin_;  // sign-folded: [-sin, sin] over the two halves (see apply_rope)
 };
 TORCH_MODULE(Transformer);

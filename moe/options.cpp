@@ -39,6 +39,14 @@ ScoreFunction parse_score_function(const std::string& name) {
   BRIGADE_FAIL("unknown router score function '", name, "' (expected softmax or sigmoid)");
 }
 
+std::string to_string(GroupScore g) { return g == GroupScore::kMax ? "max" : "top2_sum"; }
+
+GroupScore parse_group_score(const std::string& name) {
+  if (name == "top2_sum") return GroupScore::kTopTwoSum;
+  if (name == "max") return GroupScore::kMax;
+  BRIGADE_FAIL("unknown group score '", name, "' (expected top2_sum or max)");
+}
+
 std::string to_string(DropPolicy p) { return p == DropPolicy::kProbs ? "probs" : "position"; }
 
 DropPolicy parse_drop_policy(const std::string& name) {

@@ -9,6 +9,11 @@
 namespace brigade::moe {
 
 enum class ScoreFunction { kSoftmax, kSigmoid };
+// How group-limited routing ranks a group of experts.
+enum class GroupScore {
+  kTopTwoSum,  // the sum of its two best selection scores (DeepSeek-V3's noaux_tc)
+  kMax,        // its best score (DeepSeek-V2's group_limited_greedy)
+};
 // Which token copies an expert keeps when it receives more than its capacity.
 enum class DropPolicy {
   kProbs,     // the copies with the highest routing weight (Megatron-Core "probs")
@@ -25,6 +30,7 @@ struct MoEOptions {
   ScoreFunction score_function = ScoreFunction::kSigmoid;
   int64_t num_groups = 1;          // experts split into groups for group-limited routing
   int64_t topk_group = 1;          // groups a token may route to (<= num_groups)
+  GroupScore group_score = GroupScore::kTopTwoSum;
   bool normalize_topk = true;      // divide the top-k weights by their sum
   double routed_scaling = 1.0;     // multiplies the combine weights (DeepSeek-V3: 2.5)
   // Aux-loss-free balancing: bias += rate * sign(mean_load - load) after each step.
@@ -47,6 +53,8 @@ struct MoEOptions {
 
 std::string to_string(ScoreFunction f);
 ScoreFunction parse_score_function(const std::string& name);
+std::string to_string(GroupScore g);
+GroupScore parse_group_score(const std::string& name);
 std::string to_string(DropPolicy p);
 DropPolicy parse_drop_policy(const std::string& name);
 

@@ -36,11 +36,13 @@ ReferenceOutput reference_moe(const torch::Tensor& x, const ReferenceWeights& w,
     auto scores = o.score_function == ScoreFunction::kSoftmax ? logits.softmax(0) : logits.sigmoid();
     std::vector<double> choice(experts);
     for (int64_t e = 0; e < experts; ++e) choice[e] = scores[e].item<double>() + w.bias[e].item<double>();
-    // Group-limited routing: rank groups by the sum of their two best choice scores.
+    // Group-limited routing: rank groups by the sum of their two best choice scores
+    // (or by their best one, GroupScore::kMax).
     std::vector<double> group_score(o.num_groups, 0.0);
     for (int64_t g = 0; g < o.num_groups; ++g) {
       std::vector<double> members(choice.begin() + g * per_group, choice.begin() + (g + 1) * per_group);
-      for (int64_t i : best(members, std::min<int64_t>(2, per_group))) group_score[g] += members[i];
+      const int64_t counted = o.group_score == GroupScore::kMax ? 1 : std::min<int64_t>(2, per_group);
+      for (int64_t i : best(members, counted)) group_score[g] += members[i];
     }
     std::vector<bool> allowed(experts, false);
     for (int64_t g : best(group_score, o.topk_group)) {

@@ -15,7 +15,9 @@ torch::Tensor select_experts(const torch::Tensor& selection_scores, const MoEOpt
   if (o.num_groups > 1 && o.topk_group < o.num_groups) {
     const int64_t tokens = choice.size(0), per_group = o.num_experts / o.num_groups;
     auto grouped = choice.view({tokens, o.num_groups, per_group});
-    auto group_scores = std::get<0>(grouped.topk(std::min<int64_t>(2, per_group), -1)).sum(-1);  // [tokens, groups]
+    auto group_scores = o.group_score == GroupScore::kMax
+                            ? std::get<0>(grouped.max(-1))
+                            : std::get<0>(grouped.topk(std::min<int64_t>(2, per_group), -1)).sum(-1);  // [tokens, groups]
     auto best_groups = std::get<1>(group_scores.topk(o.topk_group, -1));                        // [tokens, topk_group]
     auto allowed = torch::zeros_like(group_scores, torch::kBool).scatter_(1, best_groups, true);
     choice = grouped.masked_fill(allowed.logical_not().unsqueeze(-1), -std::numeric_limits<float>::infinity())

@@ -21,7 +21,8 @@ struct Routing {
 
 // Selection only (no gradients): top_k experts per token from `selection_scores`
 // (scores + bias), limited to each token's best `topk_group` groups, a group ranked
-// by the sum of its two best selection scores (its best one when groups have size 1).
+// by the sum of its two best selection scores (its best one when groups have size 1)
+// or, with GroupScore::kMax, by its best score.
 torch::Tensor select_experts(const torch::Tensor& selection_scores, const MoEOptions& options);
 
 class RouterImpl : public torch::nn::Module {

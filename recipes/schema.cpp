@@ -229,6 +229,25 @@ std::vector<Field> build_schema() {
   s.push_back(integer<int64_t>("model.d_ff", REF(model.d_ff), "SwiGLU intermediate size. 0 = 8/3 d_model rounded up to a multiple of 64."));
   s.push_back(integer<int64_t>("model.max_seq_len", REF(model.max_seq_len), "Longest sequence (RoPE table and KV cache size).", 1));
   s.push_back(real("model.rope_theta", REF(model.rope_theta), "RoPE base frequency.", 1e-9));
+  s.push_back(choice("model.rope_scaling.type", REF(model.rope_scaling.type), "RoPE context extension: none, linear (positions divided by factor), llama3 (Llama 3.1's per-wavelength blend) or yarn (YaRN, DeepSeek-V2/V3), computed as transformers does.",
+                     {"none", "linear", "llama3", "yarn"}, model::parse_rope_scaling_type, [](model::RopeScalingType v) { return model::to_string(v); }));
+  s.push_back(real("model.rope_scaling.factor", REF(model.rope_scaling.factor), "Context extension ratio (linear, llama3, yarn; DeepSeek-V3: 40).", 1.0));
+  s.push_back(integer<int64_t>("model.rope_scaling.original_max_seq_len", REF(model.rope_scaling.original_max_seq_len), "The pretraining context that llama3 and yarn scale from (DeepSeek-V3: 4096). 0 = model.max_seq_len.", 0));
+  s.push_back(real("model.rope_scaling.beta_fast", REF(model.rope_scaling.beta_fast), "yarn: rotations over the original context above which frequencies are kept.", 1e-9));
+  s.push_back(real("model.rope_scaling.beta_slow", REF(model.rope_scaling.beta_slow), "yarn: rotations below which frequencies are divided by factor (a linear ramp between).", 1e-9));
+  s.push_back(real("model.rope_scaling.mscale", REF(model.rope_scaling.mscale), "yarn: numerator coefficient of the cos/sin attention factor, with mscale_all_dim. 0 = unset (factor 0.1 ln(factor) + 1).", 0.0));
+  s.push_back(real("model.rope_scaling.mscale_all_dim", REF(model.rope_scaling.mscale_all_dim), "yarn: denominator coefficient of the cos/sin attention factor; with MLA it also multiplies the softmax scale by (0.1 mscale_all_dim ln(factor) + 1)^2 (DeepSeek-V3: 1). 0 = unset.", 0.0));
+  s.push_back(real("model.rope_scaling.attention_factor", REF(model.rope_scaling.attention_factor), "yarn: multiplies cos and sin directly. 0 = derived from factor, mscale and mscale_all_dim.", 0.0));
+  s.push_back(boolean("model.rope_scaling.truncate", REF(model.rope_scaling.truncate), "yarn: round the correction range to whole dimensions (transformers' default)."));
+  s.push_back(real("model.rope_scaling.low_freq_factor", REF(model.rope_scaling.low_freq_factor), "llama3: wavelengths above original_max_seq_len / low_freq_factor are divided by factor.", 1e-9));
+  s.push_back(real("model.rope_scaling.high_freq_factor", REF(model.rope_scaling.high_freq_factor), "llama3: wavelengths below original_max_seq_len / high_freq_factor are kept.", 1e-9));
+  s.push_back(choice("model.attention", REF(model.attention), "Attention: gqa (grouped-query; n_kv_heads, head_dim, qkv_bias, qk_norm) or mla (DeepSeek-V2/V3 multi-head latent attention, sized by model.mla.*; generation caches only the latent).",
+                     {"gqa", "mla"}, model::parse_attention_kind, [](model::AttentionKind v) { return model::to_string(v); }));
+  s.push_back(integer<int64_t>("model.mla.q_lora_rank", REF(model.mla.q_lora_rank), "MLA query latent size (DeepSeek-V3: 1536). 0 = queries projected directly (DeepSeek-V2-Lite).", 0));
+  s.push_back(integer<int64_t>("model.mla.kv_lora_rank", REF(model.mla.kv_lora_rank), "MLA key/value latent size, what generation caches with the rope key (DeepSeek-V3: 512).", 1));
+  s.push_back(integer<int64_t>("model.mla.qk_nope_head_dim", REF(model.mla.qk_nope_head_dim), "MLA per-head query/key size without position (DeepSeek-V3: 128).", 1));
+  s.push_back(integer<int64_t>("model.mla.qk_rope_head_dim", REF(model.mla.qk_rope_head_dim), "MLA per-head rotary query size, and the size of the one rotary key all heads share (DeepSeek-V3: 64); even.", 2));
+  s.push_back(integer<int64_t>("model.mla.v_head_dim", REF(model.mla.v_head_dim), "MLA per-head value size (DeepSeek-V3: 128).", 1));
   s.push_back(real("model.norm_eps", REF(model.norm_eps), "RMSNorm epsilon.", 1e-12, 1.0));
   s.push_back(boolean("model.tie_embeddings", REF(model.tie_embeddings), "Share the token embedding with the output head."));
   s.push_back(boolean("model.qkv_bias", REF(model.qkv_bias), "Bias on the q/k/v projections (Qwen2)."));
@@ -244,7 +263,9 @@ std::vector<Field> build_schema() {
   s.push_back(choice("model.moe.score_function", REF(model.moe.score_function), "Router scores: sigmoid (DeepSeek-V3) or softmax (DeepSeek-V2, Mixtral).",
                      {"sigmoid", "softmax"}, moe::parse_score_function, [](moe::ScoreFunction v) { return moe::to_string(v); }));
   s.push_back(integer<int64_t>("model.moe.num_groups", REF(model.moe.num_groups), "Expert groups for group-limited routing; must divide num_experts. 1 = no grouping.", 1));
-  s.push_back(integer<int64_t>("model.moe.topk_group", REF(model.moe.topk_group), "Groups a token may route to, best first by the sum of each group's two best scores.", 1));
+  s.push_back(integer<int64_t>("model.moe.topk_group", REF(model.moe.topk_group), "Groups a token may route to, best first by model.moe.group_score.", 1));
+  s.push_back(choice("model.moe.group_score", REF(model.moe.group_score), "How group-limited routing ranks a group: top2_sum (sum of its two best scores; DeepSeek-V3's noaux_tc) or max (its best score; DeepSeek-V2's group_limited_greedy).",
+                     {"top2_sum", "max"}, moe::parse_group_score, [](moe::GroupScore v) { return moe::to_string(v); }));
   s.push_back(boolean("model.moe.normalize_topk", REF(model.moe.normalize_topk), "Divide the selected experts' scores by their sum before scaling."));
   s.push_back(real("model.moe.routed_scaling", REF(model.moe.routed_scaling), "Multiplies the routed experts' combine weights (DeepSeek-V3: 2.5).", 1e-9));
   s.push_back(real("model.moe.bias_update_rate", REF(model.moe.bias_update_rate), "Aux-loss-free balancing speed gamma: after each step bias += gamma * sign(mean_load - load). 0 = off.", 0.0));
