@@ -111,12 +111,14 @@ void read_qwen3_moe(const ConfigReader& r, const json& j, const std::string& whe
 }
 
 // The rotary base and scaling: rope_parameters (transformers 5) or rope_scaling
-// (earlier; rope_parameters wins when both are there), resolved as transformers'
-// standardize_rope_params and rope init functions do.
+// (earlier; it replaces rope_parameters when both are there and it is not empty, as
+// in transformers 5), resolved as transformers' standardize_rope_params and rope init
+// functions do.
 void read_rope(const ConfigReader& r, const std::string& where, TransformerOptions& o) {
   o.rope_theta = r.real("rope_theta", 10000.0);
   const int64_t max_pos = r.integer("max_position_embeddings", 2048);
-  for (const char* key : {"rope_scaling", "rope_parameters"}) {
+  const bool legacy = r.has("rope_scaling") && !(r.node("rope_scaling").is_object() && r.node("rope_scaling").empty());
+  for (const char* key : {legacy ? "rope_scaling" : "rope_parameters"}) {
     if (!r.has(key)) continue;
     const json& rope = r.node(key);
     BRIGADE_CHECK(rope.is_object(), where, ": field '", key, "' must be an object, got ", rope.dump());
@@ -200,8 +202,8 @@ void read_deepseek(const ConfigReader& r, const json& j, const std::string& wher
   m.dropless = true;
   if (v3) {  // noaux_tc: sigmoid scores, the selection bias, groups ranked by top-2 sums
     m.score_function = moe::ScoreFunction::kSigmoid;
-    m.num_groups = r.has("n_group") ? r.integer("n_group") : 1;
-    m.topk_group = r.has("topk_group") ? r.integer("topk_group") : 1;
+    m.num_groups = r.integer("n_group", 8);
+    m.topk_group = r.integer("topk_group", 4);
     m.group_score = moe::GroupScore::kTopTwoSum;
     m.normalize_topk = r.boolean("norm_topk_prob", true);
     return;
@@ -452,6 +454,12 @@ std::string hf_config_text(const HfConfig& c) {
   // Both spellings: transformers 5 reads rope_parameters, 4.x rope_theta.
   j["rope_theta"] = o.rope_theta;
   j["rope_parameters"] = rope_parameters_json(o);
+  if (o.rope_scaling.enabled()) {  // 4.x reads scaling from rope_scaling (5.x takes it over rope_parameters: the same)
+    auto legacy = j["rope_parameters"];
+    legacy.erase("rope_theta");
+    legacy["type"] = legacy["rope_type"];
+    j["rope_scaling"] = legacy;
+  }
   if (is_deepseek(c.family)) add_deepseek_fields(c, j);
   if (c.family == HfFamily::kQwen3Moe) {
     const auto& m = o.moe;
