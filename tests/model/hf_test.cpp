@@ -75,6 +75,63 @@ TEST_P(HfFamilies, ImportMatchesTransformersAndExportLoadsBack) {
   const double import_diff = max_diff(ours, reference.tensors.at("logits"));
   EXPECT_LE(import_diff, 1e-4) << family << " import";
 
+  // The variants' settings were read, and they matter at these positions: the same
+  // weights without the RoPE scaling (or with the selection bias zeroed) miss the
+  // import bound (1e-4; transformers' tiny init keeps the logits small) several times over.
+  const auto& o = config.options;
+  EXPECT_EQ(o.is_mla(), family.starts_with("deepseek")) << family;
+  const std::map<std::string, RopeScalingType> scaling = {{"llama_yarn", RopeScalingType::kYarn},
+                                                          {"llama_llama3rope", RopeScalingType::kLlama3},
+                                                          {"deepseek_v3", RopeScalingType::kYarn},
+                                                          {"deepseek_v2", RopeScalingType::kLinear}};
+  EXPECT_EQ(o.rope_scaling.type, scaling.contains(family) ? scaling.at(family) : RopeScalingType::kNone) << family;
+  if (o.rope_scaling.enabled()) {
+    HfConfig plain = config;
+    plain.options.rope_scaling = {};
+    torch::manual_seed(0);
+    Transformer unscaled(plain.options);
+    load_hf_weights(*unscaled, src);
+    unscaled->eval();
+    EXPECT_GT(max_diff(logits_of(unscaled, ids), ours), 5e-4) << family << ": RoPE scaling is within the import bound";
+  }
+  if (family == "deepseek_v3") {
+    EXPECT_EQ(o.mla.q_lora_rank, 24);
+    EXPECT_DOUBLE_EQ(o.rope_scaling.mscale_all_dim, 0.8);
+    ASSERT_TRUE(o.moe.enabled());
+    EXPECT_EQ(o.moe.first_k_dense, 1);
+    EXPECT_EQ(o.moe.num_groups, 2);
+    EXPECT_EQ(o.moe.score_function, moe::ScoreFunction::kSigmoid);
+    auto bias = model->named_buffers().find("layers.1.mlp.gate.e_score_correction_bias");
+    ASSERT_NE(bias, nullptr);
+    EXPECT_GT(bias->abs().max().item<double>(), 0.01);  // the random bias the reference set
+    Transformer unbiased = import_dir(src);
+    {
+      torch::NoGradGuard no_grad;
+      unbiased->named_buffers().find("layers.1.mlp.gate.e_score_correction_bias")->zero_();
+    }
+    EXPECT_GT(max_diff(logits_of(unbiased, ids), ours), 5e-4) << "the selection bias is within the import bound";
+  }
+  if (family == "deepseek_v3_nolora") {
+    EXPECT_EQ(o.mla.q_lora_rank, 0);
+    EXPECT_FALSE(o.moe.enabled());
+  }
+  if (family == "deepseek_v2") {
+    ASSERT_TRUE(o.moe.enabled());
+    EXPECT_EQ(o.moe.score_function, moe::ScoreFunction::kSoftmax);
+    EXPECT_EQ(o.moe.group_score, moe::GroupScore::kMax);
+    EXPECT_EQ(o.moe.num_shared_experts, 2);
+    HfConfig top2 = config;  // ranking groups by their two best scores instead routes differently
+    top2.options.moe.group_score = moe::GroupScore::kTopTwoSum;
+    Transformer other(top2.options);
+    {
+      torch::NoGradGuard no_grad;
+      auto imported = model->named_parameters();
+      for (auto& item : other->named_parameters()) item.value().copy_(imported[item.key()]);
+    }
+    other->eval();
+    EXPECT_GT(max_diff(logits_of(other, ids), ours), 5e-4) << "the group score is within the import bound";
+  }
+
   // Export (sharded, to cover the index) and have transformers load it.
   const fs::path out = dir / "exported";
   fs::create_directories(out);
