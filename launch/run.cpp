@@ -45,8 +45,15 @@ void check_fresh_run_dir(const fs::path& run_dir) {
 
 void log_model(const recipes::Recipe& r, model::Transformer& model) {
   const auto count = model->parameter_count();
-  log_info("model: ", r.model.n_layers, " layers, d_model ", r.model.d_model, ", ", r.model.n_heads, " heads (",
-           r.model.kv_heads(), " kv), d_ff ", r.model.ff_size(), ", vocab ", r.model.vocab_size);
+  const auto& mla = r.model.mla;
+  const std::string attention =
+      r.model.is_mla() ? " heads (MLA: kv latent " + std::to_string(mla.kv_lora_rank) + ", rope " +
+                             std::to_string(mla.qk_rope_head_dim) + ", q latent " + std::to_string(mla.q_lora_rank) + ")"
+                       : " heads (" + std::to_string(r.model.kv_heads()) + " kv)";
+  log_info("model: ", r.model.n_layers, " layers, d_model ", r.model.d_model, ", ", r.model.n_heads, attention,
+           ", d_ff ", r.model.ff_size(), ", vocab ", r.model.vocab_size);
+  if (r.model.rope_scaling.enabled())
+    log_info("rope scaling: ", model::to_string(r.model.rope_scaling.type), " x", r.model.rope_scaling.factor);
   if (r.model.moe.enabled()) {
     const auto& m = r.model.moe;
     log_info("moe: layers ", m.first_k_dense, "..", r.model.n_layers - 1, ", ", m.num_experts, " routed experts (top-",
