@@ -50,6 +50,8 @@ void TransformerOptions::validate() const {
   BRIGADE_CHECK(norm_eps > 0, "model.norm_eps must be positive, got ", norm_eps);
   BRIGADE_CHECK(init_std > 0, "model.init_std must be positive, got ", init_std);
   moe.validate(n_layers);
+  BRIGADE_CHECK(mtp.depth >= 0, "model.mtp.depth must be >= 0 (0 = off), got ", mtp.depth);
+  BRIGADE_CHECK(mtp.loss_weight >= 0, "model.mtp.loss_weight must be >= 0, got ", mtp.loss_weight);
 }
 
 // ---------------------------------------------------------------------------------
@@ -57,6 +59,14 @@ void TransformerOptions::validate() const {
 namespace {
 
 precision::Linear make_linear(int64_t in, int64_t out, bool bias) { return precision::Linear(in, out, bias); }
+
+// [batch, 1, seq, seq] bool: causal, and within a position's own document.
+torch::Tensor document_mask(const torch::Tensor& segments) {
+  const int64_t n = segments.size(1);
+  auto pos = torch::arange(n, torch::TensorOptions().dtype(torch::kLong).device(segments.device()));
+  auto causal = (pos.unsqueeze(1) >= pos.unsqueeze(0)).unsqueeze(0);  // [1, q, k]
+  return (causal & (segments.unsqueeze(2) == segments.unsqueeze(1))).unsqueeze(1);
+}
 
 }  // namespace
 
@@ -132,6 +142,14 @@ BlockImpl::BlockImpl(const TransformerOptions& o, int64_t layer) {
   }
 }
 
+MtpModuleImpl::MtpModuleImpl(const TransformerOptions& o, int64_t layer) {
+  enorm = register_module("enorm", RMSNorm(o.d_model, o.norm_eps));
+  hnorm = register_module("hnorm", RMSNorm(o.d_model, o.norm_eps));
+  eh_proj = register_module("eh_proj", make_linear(2 * o.d_model, o.d_model, false));
+  block = register_module("block", Block(o, layer));
+  norm = register_module("norm", RMSNorm(o.d_model, o.norm_eps));
+}
+
 torch::Tensor BlockImpl::forward(const torch::Tensor& x, const torch::Tensor& cos,
                                  const torch::Tensor& sin, KVCache* cache, int64_t layer,
                                  const torch::Tensor& mask) {
@@ -150,6 +168,10 @@ TransformerImpl::TransformerImpl(TransformerOptions options) : options_(std::mov
   for (int64_t i = 0; i < o.n_layers; ++i) layers->push_back(Block(o, i));
   norm = register_module("norm", RMSNorm(o.d_model, o.norm_eps));
   if (!o.tie_embeddings) lm_head = register_module("lm_head", make_linear(o.d_model, o.vocab_size, false));
+  if (o.mtp.enabled()) {
+    mtp = register_module("mtp", torch::nn::ModuleList());
+    for (int64_t k = 0; k < o.mtp.depth; ++k) mtp->push_back(MtpModule(o, o.n_layers + k));
+  }
 
   auto rope = rope_tables(o.rope_dim(), o.max_seq_len, o.rope_theta, o.rope_scaling, o.max_seq_len);
   rope_cos_ = register_buffer("rope_cos", rope.cos);
@@ -169,8 +191,7 @@ void TransformerImpl::init_weights() {
     f.down_proj->weight.normal_(0.0, out_std);
   };
   embed_tokens->weight.normal_(0.0, std);
-  for (const auto& layer : *layers) {
-    auto block = layer->as<BlockImpl>();
+  for (auto* block : blocks()) {
     if (block->mla) {
       for (auto [lin, name] : block->mla->projections()) (*lin)->weight.normal_(0.0, lin == &block->mla->o_proj ? out_std : std);
     } else {
@@ -191,6 +212,9 @@ void TransformerImpl::init_weights() {
     experts.down_proj.normal_(0.0, out_std);
     if (ffn.shared_experts) init_swiglu(*ffn.shared_experts);
   }
+  if (mtp) {
+    for (const auto& m : *mtp) m->as<MtpModuleImpl>()->eh_proj->weight.normal_(0.0, std);
+  }
   if (lm_head) lm_head->weight.normal_(0.0, std);
 }
 
@@ -200,11 +224,7 @@ torch::Tensor TransformerImpl::forward(const torch::Tensor& tokens, KVCache* cac
   if (segments.defined()) {
     BRIGADE_CHECK(cache == nullptr && segments.sizes() == tokens.sizes(), "segments ", segments.sizes(),
                   " must match tokens ", tokens.sizes(), " (and come without a KV cache)");
-    const int64_t n = tokens.size(1);
-    auto pos = torch::arange(n, torch::TensorOptions().dtype(torch::kLong).device(tokens.device()));
-    auto causal = (pos.unsqueeze(1) >= pos.unsqueeze(0)).unsqueeze(0);  // [1, q, k]
-    auto seg = segments.to(tokens.device());
-    mask = (causal & (seg.unsqueeze(2) == seg.unsqueeze(1))).unsqueeze(1);  // [batch, 1, q, k]
+    mask = document_mask(segments.to(tokens.device()));
   }
   const int64_t seq = tokens.size(1);
   const int64_t start = cache ? cache->length : 0;
@@ -214,30 +234,71 @@ torch::Tensor TransformerImpl::forward(const torch::Tensor& tokens, KVCache* cac
   auto sin = rope_sin_.narrow(0, start, seq);
   auto h = embed_tokens(tokens);
   int64_t index = 0;
-  const bool full = checkpointing_ == Checkpointing::kFull && is_training() && cache == nullptr;
   for (const auto& layer : *layers) {
-    auto* block = layer->as<BlockImpl>();
     const int64_t i = index++;
-    if (full) {
-      // Only the block's input is kept; the block runs again in backward.
-      h = checkpointed([block, cos, sin, mask, i](const std::vector<torch::Tensor>& in) {
-        return block->forward(in[0], cos, sin, nullptr, i, mask);
-      }, {h});
-    } else {
-      h = block->forward(h, cos, sin, cache, i, mask);
-    }
+    h = run_block(*layer->as<BlockImpl>(), h, cos, sin, cache, i, mask);
   }
   if (cache) cache->length += seq;
-  h = norm(h);
-  if (lm_head) return lm_head(h);
-  if (tied_head_fp8_) return precision::fp8_linear(h, embed_tokens->weight, {}, *tied_head_fp8_);
-  return torch::nn::functional::linear(h, embed_tokens->weight);
+  mtp_hidden_ = mtp_tokens_ = mtp_segments_ = torch::Tensor();
+  if (mtp && is_training() && cache == nullptr && torch::GradMode::is_enabled()) {
+    mtp_hidden_ = h, mtp_tokens_ = tokens, mtp_segments_ = segments.defined() ? segments.to(tokens.device()) : segments;
+  }
+  return head(norm(h));
+}
+
+torch::Tensor TransformerImpl::run_block(BlockImpl& block, const torch::Tensor& h, const torch::Tensor& cos,
+                                         const torch::Tensor& sin, KVCache* cache, int64_t layer,
+                                         const torch::Tensor& mask) {
+  if (checkpointing_ == Checkpointing::kFull && is_training() && cache == nullptr) {
+    // Only the block's input is kept; the block runs again in backward.
+    auto* b = &block;
+    return checkpointed([b, cos, sin, mask, layer](const std::vector<torch::Tensor>& in) {
+      return b->forward(in[0], cos, sin, nullptr, layer, mask);
+    }, {h});
+  }
+  return block.forward(h, cos, sin, cache, layer, mask);
+}
+
+torch::Tensor TransformerImpl::head(const torch::Tensor& normed) {
+  if (lm_head) return lm_head->forward(normed);
+  if (tied_head_fp8_) return precision::fp8_linear(normed, embed_tokens->weight, {}, *tied_head_fp8_);
+  return torch::nn::functional::linear(normed, embed_tokens->weight);
+}
+
+// Module k sees positions 0..seq-k-1: hidden state i of depth k-1 with the embedding
+// of token i + k, so its position i predicts token i + k + 1 (DeepSeek-V3 eq. 21-23).
+std::vector<torch::Tensor> TransformerImpl::mtp_logits() {
+  std::vector<torch::Tensor> out;
+  if (!mtp_hidden_.defined()) return out;
+  auto h = std::move(mtp_hidden_);
+  const auto tokens = std::move(mtp_tokens_), segments = std::move(mtp_segments_);
+  mtp_hidden_ = mtp_tokens_ = mtp_segments_ = torch::Tensor();
+  const int64_t seq = tokens.size(1);
+  for (int64_t k = 1; k <= options_.mtp.depth && k < seq; ++k) {
+    auto& m = *mtp[k - 1]->as<MtpModuleImpl>();
+    const int64_t n = seq - k;
+    auto embedded = m.enorm(embed_tokens(tokens.narrow(1, k, n)));
+    auto x = m.eh_proj(torch::cat({embedded, m.hnorm(h.narrow(1, 0, n))}, -1));
+    const auto mask = segments.defined() ? document_mask(segments.narrow(1, 0, n)) : torch::Tensor();
+    h = run_block(*m.block, x, rope_cos_.narrow(0, 0, n), rope_sin_.narrow(0, 0, n), nullptr,
+                  options_.n_layers + k - 1, mask);
+    out.push_back(head(m.norm(h)));
+  }
+  return out;
+}
+
+std::vector<BlockImpl*> TransformerImpl::blocks() const {
+  std::vector<BlockImpl*> out;
+  for (const auto& layer : *layers) out.push_back(layer->as<BlockImpl>());
+  if (mtp) {
+    for (const auto& m : *mtp) out.push_back(m->as<MtpModuleImpl>()->block.get());
+  }
+  return out;
 }
 
 void TransformerImpl::set_checkpointing(Checkpointing mode) {
   checkpointing_ = mode;
-  for (const auto& layer : *layers) {
-    auto* block = layer->as<BlockImpl>();
+  for (auto* block : blocks()) {
     (block->mla ? block->mla->checkpoint_core : block->self_attn->checkpoint_core) = mode == Checkpointing::kSelective;
   }
 }
@@ -300,10 +361,12 @@ NamedTensors TransformerImpl::state_dict() const {
 
 void TransformerImpl::enable_fp8(const precision::Fp8Options& options) {
   if (!options.enabled()) return;
-  int64_t index = 0;
-  for (const auto& layer : *layers) {
-    auto block = layer->as<BlockImpl>();
-    const std::string prefix = "layers." + std::to_string(index++);
+  const auto all = blocks();
+  for (size_t index = 0; index < all.size(); ++index) {
+    auto* block = all[index];
+    const auto i = static_cast<int64_t>(index);
+    const std::string prefix =
+        i < options_.n_layers ? "layers." + std::to_string(i) : "mtp." + std::to_string(i - options_.n_layers) + ".block";
     if (block->mla && options.covers("attention")) {
       for (auto [lin, name] : block->mla->projections()) (*lin)->enable_fp8(options, prefix + ".self_attn." + name);
     } else if (options.covers("attention")) {
@@ -320,6 +383,10 @@ void TransformerImpl::enable_fp8(const precision::Fp8Options& options) {
       }
       if (options.covers("experts")) block->moe->experts->enable_fp8(options, prefix + ".mlp.experts");
     }
+  }
+  if (mtp && options.covers("mlp")) {  // eh_proj: a projection like the MLP's (DeepSeek-V3 runs it in FP8)
+    for (size_t k = 0; k < mtp->size(); ++k)
+      mtp[k]->as<MtpModuleImpl>()->eh_proj->enable_fp8(options, "mtp." + std::to_string(k) + ".eh_proj");
   }
   if (options.covers("lm_head")) {
     if (lm_head) lm_head->enable_fp8(options, "lm_head");
@@ -365,8 +432,7 @@ std::vector<std::string> TransformerImpl::expert_parallel_parameters() const {
 
 std::vector<moe::MoELayer> TransformerImpl::moe_layers() const {
   std::vector<moe::MoELayer> out;
-  for (const auto& layer : *layers) {
-    auto block = layer->as<BlockImpl>();
+  for (auto* block : blocks()) {
     if (block->moe) out.push_back(block->moe);
   }
   return out;

@@ -37,6 +37,16 @@ enum class AttentionKind {
 std::string to_string(AttentionKind kind);
 AttentionKind parse_attention_kind(const std::string& name);
 
+// Multi-token prediction (DeepSeek-V3 section 2.2): `depth` sequential modules, the
+// k-th predicting the token k + 1 positions ahead from the previous depth's hidden
+// state and the embedding of the token k ahead, keeping the causal chain. Training
+// only: generation and evaluation run the main model alone.
+struct MtpOptions {
+  int64_t depth = 0;          // D; 0 = off (DeepSeek-V3: 1)
+  double loss_weight = 0.3;   // lambda: the modules' mean loss is added times this (DeepSeek-V3: 0.3, later 0.1)
+  bool enabled() const { return depth > 0; }
+};
+
 struct TransformerOptions {
   int64_t vocab_size = 264;
   int64_t d_model = 128;
@@ -60,6 +70,7 @@ struct TransformerOptions {
   // of the architecture: checkpoints do not depend on it.
   std::string init_from;
   moe::MoEOptions moe;      // num_experts = 0: every block is dense
+  MtpOptions mtp;           // depth 0: no multi-token prediction modules
 
   // Derived sizes with the 0 defaults resolved.
   int64_t kv_heads() const { return n_kv_heads > 0 ? n_kv_heads : n_heads; }
@@ -107,6 +118,20 @@ class BlockImpl : public torch::nn::Module {
 };
 TORCH_MODULE(Block);
 
+// One multi-token-prediction module (names as DeepSeek's checkpoints): the embedding
+// of the token k ahead (enorm) and the previous depth's hidden state (hnorm) are
+// concatenated in that order, projected back to d_model (eh_proj) and run through one
+// block (an MoE block when the main model's later layers are); `norm` precedes the
+// output head shared with the main model. The embedding is shared too.
+class MtpModuleImpl : public torch::nn::Module {
+ public:
+  MtpModuleImpl(const TransformerOptions& options, int64_t layer);
+  RMSNorm enorm{nullptr}, hnorm{nullptr}, norm{nullptr};
+  precision::Linear eh_proj{nullptr};
+  Block block{nullptr};
+};
+TORCH_MODULE(MtpModule);
+
 struct ParameterCount {
   int64_t total = 0;          // every parameter once (tied weights counted once)
   int64_t activated = 0;      // parameters one token uses: total minus the routed experts it skips
@@ -130,6 +155,12 @@ class TransformerImpl : public torch::nn::Module {
   // own document. RoPE depends on relative positions only, so a document reads as
   // it would alone. Not with a cache.
   torch::Tensor forward(const torch::Tensor& tokens, KVCache* cache = nullptr, const torch::Tensor& segments = {});
+
+  // Multi-token prediction on the last training forward (model.mtp.depth > 0, grad
+  // mode, no cache; otherwise empty): for k = 1..depth the logits
+  // [batch, seq - k, vocab] of module k, whose position i predicts targets[:, i + k]
+  // (token i + k + 1). Consumes what that forward kept; call once after it.
+  std::vector<torch::Tensor> mtp_logits();
 
   // An empty cache for `batch` sequences of up to `capacity` positions.
   KVCache make_cache(int64_t batch, int64_t capacity) const;
@@ -176,6 +207,7 @@ class TransformerImpl : public torch::nn::Module {
 
   torch::nn::Embedding embed_tokens{nullptr};
   torch::nn::ModuleList layers{nullptr};
+  torch::nn::ModuleList mtp{nullptr};  // MtpModule per depth; null without MTP
   RMSNorm norm{nullptr};
   precision::Linear lm_head{nullptr};  // null when embeddings are tied
 
@@ -185,6 +217,13 @@ class TransformerImpl : public torch::nn::Module {
   std::vector<std::pair<std::string, precision::Fp8GemmState*>> fp8_sites() const;
   TransformerOptions options_;
   Checkpointing checkpointing_ = Checkpointing::kNone;
+  torch::Tensor head(const torch::Tensor& normed);
+  // The main model's blocks, then the MTP modules' (MoE layers, FP8, checkpointing).
+  std::vector<BlockImpl*> blocks() const;
+  torch::Tensor run_block(BlockImpl& block, const torch::Tensor& h, const torch::Tensor& cos, const torch::Tensor& sin,
+                          KVCache* cache, int64_t layer, const torch::Tensor& mask);
+  // What the last training forward leaves for mtp_logits().
+  torch::Tensor mtp_hidden_, mtp_tokens_, mtp_segments_;
   std::unique_ptr<precision::Fp8GemmState> tied_head_fp8_;  // the tied output head's FP8 state
   torch::Tensor rope_cos_;  // [max_seq_len, rope_dim()] (buffer, not a parameter)
   torch::Tensor rope_sin_;  // sign-folded: [-sin, sin] over the two halves (see apply_rope)

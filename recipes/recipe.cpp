@@ -135,7 +135,7 @@ const std::set<std::string>& training_only_keys() {
   static const std::set<std::string> keys = {
       "model.init_from",           "model.moe.bias_update_rate", "model.moe.seq_aux_loss",
       "model.moe.batch_aux_loss",  "model.moe.z_loss",           "model.moe.dropless",
-      "model.moe.capacity_factor", "model.moe.drop_policy"};
+      "model.moe.capacity_factor", "model.moe.drop_policy",      "model.mtp.loss_weight"};
   return keys;
 }
 

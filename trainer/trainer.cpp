@@ -316,7 +316,7 @@ StepResult Trainer::run_step() {
   const auto denominator = step_denominator(batches, result.tokens);
   // This rank's shares of the step's means (loss, objective), and how many ranks saw
   // a NaN or infinity reach an FP8 quantizer (noted on the device, not read per call).
-  auto shares = torch::zeros({3}, torch::TensorOptions().dtype(torch::kDouble).device(context_.device));
+  auto shares = torch::zeros({4}, torch::TensorOptions().dtype(torch::kDouble).device(context_.device));
   std::optional<precision::DeferredFiniteCheck> fp8_finite;
   if (precision_.fp8.enabled()) fp8_finite.emplace();
 
@@ -326,6 +326,7 @@ StepResult Trainer::run_step() {
     const LossTensors part = forward_backward(batches[micro], denominator);
     if (part.loss.defined()) shares[0] += part.loss;
     if (part.objective.defined()) shares[1] += part.objective;
+    if (part.mtp.defined()) shares[3] += part.mtp;
     parallel_->end_micro_batch(last);
   }
   const torch::Tensor fp8_flag = fp8_finite ? fp8_finite->device_flag() : torch::Tensor();
@@ -364,6 +365,7 @@ StepResult Trainer::run_step() {
   result.step = state_.step;
   result.loss = loss;
   result.objective = objective;
+  result.mtp_loss = host.value(shared, 3);
   result.lr = lr;
   result.grad_norm = grad_norm;
   result.skipped = !finite;
@@ -380,6 +382,29 @@ torch::Tensor Trainer::token_loss_sum(const torch::Tensor& logits, const data::B
   // A chunk of rows at a time: no float32 copy of the whole logits (trainer/cross_entropy.h).
   return chunked_cross_entropy_sum(logits.reshape({-1, logits.size(-1)}), batch.targets.reshape({-1}),
                                    data::kIgnoreIndex);
+}
+
+// The MTP modules' cross-entropy, averaged over the depths, per trained token of the
+// step (undefined without MTP). Module k's position i predicts targets[:, i + k]; a
+// target in another packed document than position i is not a continuation of it.
+torch::Tensor Trainer::mtp_loss(const data::Batch& batch, const torch::Tensor& denominator) {
+  const auto logits = model_->mtp_logits();
+  if (logits.empty()) return {};
+  torch::Tensor sum;
+  const int64_t seq = batch.targets.size(1);
+  for (size_t i = 0; i < logits.size(); ++i) {
+    const auto k = static_cast<int64_t>(i) + 1;
+    auto targets = batch.targets.narrow(1, k, seq - k).to(logits[i].device());
+    if (batch.segments.defined()) {
+      const auto& seg = batch.segments;
+      auto same = (seg.narrow(1, k, seq - k) == seg.narrow(1, 0, seq - k)).to(targets.device());
+      targets = torch::where(same, targets, torch::full_like(targets, data::kIgnoreIndex));
+    }
+    auto part = chunked_cross_entropy_sum(logits[i].reshape({-1, logits[i].size(-1)}), targets.reshape({-1}),
+                                          data::kIgnoreIndex);
+    sum = sum.defined() ? sum + part : part;
+  }
+  return sum / (static_cast<double>(logits.size()) * denominator);
 }
 
 Trainer::LossTensors Trainer::forward_backward(const data::Batch& batch, const torch::Tensor& denominator) {
@@ -401,8 +426,11 @@ Trainer::LossTensors Trainer::forward_backward(const data::Batch& batch, const t
   auto aux = model_->aux_loss();
   const auto micro_batches = static_cast<double>(dp_size() * options_.grad_accum_steps);
   auto total = aux.defined() ? loss + aux / micro_batches : loss;
+  const auto mtp = mtp_loss(batch, denominator);
+  if (mtp.defined()) total = total + model_->options().mtp.loss_weight * mtp;
   total.backward();
-  return {loss.detach().to(torch::kDouble), objective.defined() ? objective.detach().to(torch::kDouble) : torch::Tensor()};
+  auto share = [](const torch::Tensor& t) { return t.defined() ? t.detach().to(torch::kDouble) : torch::Tensor(); };
+  return {share(loss), share(objective), share(mtp)};
 }
 
 void Trainer::clip_gradients(double grad_norm) {
@@ -573,6 +601,7 @@ class LoggingHook : public TrainerHook {
                            {"tokens_per_sec", rate_}, {"tokens_seen", t.state().tokens_seen},
                            {"skipped", r.skipped}};
     if (t.context().objective) line[t.context().objective->name()] = r.objective;
+    if (t.model()->options().mtp.enabled()) line["mtp_loss"] = r.mtp_loss;
     if (!r.moe.empty()) add_moe_metrics(line, r, t.model()->options().moe);
     line["step_seconds"] = r.seconds;
     if (r.reduce.buckets > 0) {

@@ -58,6 +58,7 @@ struct StepResult {
   int64_t step = 0;          // steps completed after this one
   double loss = 0.0;         // mean over the step's trained tokens (with an objective: the mixed loss)
   double objective = 0.0;    // with an objective: its per-token mean, unweighted
+  double mtp_loss = 0.0;     // with model.mtp.depth > 0: the MTP modules' mean cross-entropy, unweighted
   double lr = 0.0;
   double grad_norm = 0.0;    // before clipping
   int64_t tokens = 0;        // input tokens processed in this step (all data-parallel ranks)
@@ -136,8 +137,9 @@ class Trainer {
   // when the slice trains nothing), so nothing is read back per micro-batch. MoE
   // auxiliary losses join the gradient only.
   struct LossTensors {
-    torch::Tensor loss, objective;
+    torch::Tensor loss, objective, mtp;
   };
+  torch::Tensor mtp_loss(const data::Batch& batch, const torch::Tensor& denominator);
   StepResult run_step();
   LossTensors forward_backward(const data::Batch& batch, const torch::Tensor& step_tokens);
   // This rank's micro-batches of the step, on the device. On a GPU the next step's are
