@@ -221,6 +221,42 @@ TEST(TrainerTest, MoEResumeIsBitwiseExactBiasesIncluded) {
   EXPECT_EQ(lines, 8);
 }
 
+// The tiny DeepSeek-V3 shape: MLA, MoE with the selection bias, one MTP module, FP8
+// blockwise; loss falls, mtp_loss is logged, and a split run resumes bit for bit.
+TEST(TrainerTest, MlaMoEMtpFp8ResumeIsBitwiseExact) {
+  TempDir dir;
+  at::set_num_threads(1);
+  const std::vector<std::string> v3 = {"model.n_kv_heads=0", "model.attention=mla", "model.mla.q_lora_rank=16",
+                                       "model.mla.kv_lora_rank=16", "model.mla.qk_nope_head_dim=8",
+                                       "model.mla.qk_rope_head_dim=8", "model.mla.v_head_dim=8", "model.mtp.depth=1",
+                                       "precision.fp8_recipe=blockwise"};
+  auto with = [&](std::vector<std::string> more) {
+    more.insert(more.begin(), v3.begin(), v3.end());
+    return small_moe_recipe(more);
+  };
+  const auto straight = train(with({}), dir / "straight", false);
+  const auto first = train(with({"trainer.stop_after=20"}), dir / "split", false);
+  const auto second = train(with({}), dir / "split", true);
+  ASSERT_EQ(straight.size(), 40u);
+  ASSERT_EQ(second.size(), 20u);
+  for (size_t i = 0; i < 20; ++i) EXPECT_EQ(straight[i], first[i]) << "step " << i + 1;
+  for (size_t i = 0; i < 20; ++i) EXPECT_EQ(straight[20 + i], second[i]) << "step " << 21 + i;
+  EXPECT_LT(straight.back(), 0.7 * straight.front());
+
+  std::ifstream in(dir / "split" / "metrics.jsonl");
+  std::vector<double> mtp;
+  for (std::string line; std::getline(in, line);) {
+    auto j = nlohmann::json::parse(line);
+    if (!j.contains("loss")) continue;
+    ASSERT_TRUE(j.contains("mtp_loss")) << line;
+    mtp.push_back(j["mtp_loss"].get<double>());
+    EXPECT_EQ(j["moe_load_max_over_mean"].size(), 2u) << line;  // the MoE layer and the MTP module's
+  }
+  ASSERT_EQ(mtp.size(), 8u);
+  EXPECT_GT(mtp.front(), 0.0);
+  EXPECT_LT(mtp.back(), mtp.front());
+}
+
 TEST(TrainerTest, MoECapacityReportsDroppedTokens) {
   TempDir dir;
   auto t = recipes::build_trainer(small_moe_recipe({"model.moe.dropless=false", "model.moe.capacity_factor=0.5"}),
