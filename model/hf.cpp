@@ -517,6 +517,7 @@ NamedTensors hf_state_dict(const TransformerImpl& model) {
   const bool keep_bias = model.options().moe.enabled() && family_of(model.options()) == HfFamily::kDeepseekV3;
   NamedTensors out;
   for (const auto& [name, tensor] : model.state_dict()) {
+    if (name.starts_with("mtp.")) continue;  // MTP modules: not in the Hugging Face layout yet (docs/models.md)
     if (name.ends_with(".e_score_correction_bias") && !keep_bias) continue;
     add_unfused(out, hf_name(name), tensor);
   }

@@ -464,6 +464,49 @@ void TransformerImpl::end_moe_step(bool update_bias) {
   for (auto& layer : moe_layers()) layer->finish_step(update_bias);
 }
 
+ParameterCount count_parameters(const TransformerOptions& o) {
+  const int64_t d = o.d_model, heads = o.n_heads;
+  int64_t vectors = 0, matrices = 0, skipped = 0;  // 1-D weights, matmul weights, routed weights a token skips
+  auto swiglu = [&](int64_t ff) { matrices += 3 * d * ff; };
+  auto block = [&](int64_t layer) {
+    vectors += 2 * d;  // input and post-attention norms
+    if (o.is_mla()) {
+      const auto& a = o.mla;
+      if (a.q_lora_rank > 0) matrices += d * a.q_lora_rank + a.q_lora_rank * heads * a.qk_head_dim(), vectors += a.q_lora_rank;
+      else matrices += d * heads * a.qk_head_dim();
+      matrices += d * a.cache_width() + a.kv_lora_rank * heads * (a.qk_nope_head_dim + a.v_head_dim) +
+                  heads * a.v_head_dim * d;
+      vectors += a.kv_lora_rank;
+    } else {
+      const int64_t hd = o.head_size(), kv = o.kv_heads();
+      matrices += d * heads * hd + 2 * d * kv * hd + heads * hd * d;
+      if (o.qkv_bias) vectors += (heads + 2 * kv) * hd;
+      if (o.qk_norm) vectors += 2 * hd;
+    }
+    if (!o.is_moe_layer(layer)) return swiglu(o.ff_size());
+    const auto& m = o.moe;
+    const int64_t per_expert = 3 * d * m.expert_size(o.ff_size());
+    matrices += m.num_experts * d + m.num_experts * per_expert;  // router, routed experts
+    if (m.num_shared_experts > 0) swiglu(m.shared_size(o.ff_size()));
+    skipped += (m.num_experts - m.top_k) * per_expert;
+  };
+  for (int64_t i = 0; i < o.n_layers; ++i) block(i);
+  for (int64_t k = 0; k < o.mtp.depth; ++k) {
+    vectors += 3 * d;       // enorm, hnorm, norm
+    matrices += 2 * d * d;  // eh_proj
+    block(o.n_layers + k);
+  }
+  vectors += d;  // final norm
+  const int64_t head = o.vocab_size * d;
+  if (!o.tie_embeddings) matrices += head;
+  ParameterCount c;
+  c.embedding = head;
+  c.total = head + matrices + vectors;
+  c.activated = c.total - skipped;
+  c.matmul = matrices + (o.tie_embeddings ? head : 0) - skipped;
+  return c;
+}
+
 double ParameterCount::train_flops_per_token(const TransformerOptions& o, int64_t seq_len) const {
   const int64_t qk = o.is_mla() ? o.mla.qk_head_dim() : o.head_size();
   const int64_t v = o.is_mla() ? o.mla.v_head_dim : o.head_size();

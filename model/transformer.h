@@ -143,6 +143,10 @@ struct ParameterCount {
   double train_flops_per_token(const TransformerOptions& options, int64_t seq_len) const;
 };
 
+// The same counts as TransformerImpl::parameter_count() computed from the options
+// alone, without building the model (a 671B recipe can be sized on a laptop).
+ParameterCount count_parameters(const TransformerOptions& options);
+
 class TransformerImpl : public torch::nn::Module {
  public:
   // Parameters are initialised from the current torch RNG (seed it first).
