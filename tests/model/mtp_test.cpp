@@ -3,9 +3,13 @@
 // runs in training forwards only.
 #include <gtest/gtest.h>
 
+#include <iostream>
+#include <string>
+
 #include <torch/torch.h>
 
 #include "model/transformer.h"
+#include "recipes/recipe.h"
 #include "tests/testing.h"
 
 namespace brigade::model {
@@ -127,6 +131,64 @@ TEST_P(Mtp, RunsInTrainingForwardsOnly) {
 
 INSTANTIATE_TEST_SUITE_P(Attention, Mtp, ::testing::Values(false, true),
                          [](const auto& info) { return info.param ? "Mla" : "Gqa"; });
+
+}  // namespace
+}  // namespace brigade::model
+
+namespace brigade::model {
+namespace {
+
+void expect_same_count(const TransformerOptions& o, const std::string& what) {
+  torch::manual_seed(0);
+  Transformer built(o);
+  const auto want = built->parameter_count(), got = count_parameters(o);
+  EXPECT_EQ(got.total, want.total) << what;
+  EXPECT_EQ(got.activated, want.activated) << what;
+  EXPECT_EQ(got.embedding, want.embedding) << what;
+  EXPECT_EQ(got.matmul, want.matmul) << what;
+}
+
+TEST(CountParameters, MatchesTheBuiltModel) {
+  auto gqa = mtp_options(false);
+  expect_same_count(gqa, "gqa untied, mtp 2");
+  gqa.mtp.depth = 0;
+  gqa.tie_embeddings = true;
+  gqa.n_kv_heads = 2;
+  gqa.qkv_bias = true;
+  expect_same_count(gqa, "gqa tied, qkv bias");
+  gqa.qkv_bias = false;
+  gqa.qk_norm = true;
+  gqa.moe.num_experts = 4;
+  gqa.moe.top_k = 2;
+  gqa.moe.expert_d_ff = 16;
+  gqa.moe.num_shared_experts = 1;
+  gqa.moe.first_k_dense = 1;
+  expect_same_count(gqa, "gqa moe");
+  auto mla = mtp_options(true);
+  mla.moe = gqa.moe;
+  expect_same_count(mla, "mla moe, mtp 2");
+  mla.mla.q_lora_rank = 10;
+  expect_same_count(mla, "mla with query latent");
+}
+
+// The published sizes, from the shipped recipes (too large to build here).
+TEST(CountParameters, DeepSeekV3IsSixHundredSeventyOneBillion) {
+  auto r = recipes::load_recipe(std::string(BRIGADE_SOURCE_DIR) + "/recipes/deepseek-v3-671b.yaml");
+  auto main_model = r.model;
+  main_model.mtp.depth = 0;  // the report's 671B / 37B exclude the MTP module
+  const auto c = count_parameters(main_model);
+  EXPECT_NEAR(static_cast<double>(c.total) / 671e9, 1.0, 0.005) << c.total;
+  // "37B activated": 36.6B without the input embedding (a lookup, no matmul), 37.6B
+  // with it; the report rounds, so the bound is 2%.
+  EXPECT_NEAR(static_cast<double>(c.activated - c.embedding) / 37e9, 1.0, 0.02) << c.activated;
+  auto lite = recipes::load_recipe(std::string(BRIGADE_SOURCE_DIR) + "/recipes/deepseek-v2-lite.yaml").model;
+  const auto l = count_parameters(lite);
+  EXPECT_NEAR(static_cast<double>(l.total) / 15.7e9, 1.0, 0.005) << l.total;
+  EXPECT_NEAR(static_cast<double>(l.activated - l.embedding) / 2.4e9, 1.0, 0.03) << l.activated;
+  std::cout << "[ measured ] deepseek-v3-671b: " << c.total << " total, " << c.activated - c.embedding
+            << " activated (no input embedding); with MTP " << count_parameters(r.model).total
+            << "; deepseek-v2-lite: " << l.total << " total, " << l.activated - l.embedding << " activated\n";
+}
 
 }  // namespace
 }  // namespace brigade::model
