@@ -69,6 +69,9 @@ int run_cli(int argc, char** argv) {
   gen_cmd->add_option("--top-p", gen.top_p, "Nucleus sampling mass (1 = off)")->capture_default_str();
   gen_cmd->add_option("--seed", gen.seed, "Sampling seed")->capture_default_str();
   gen_cmd->add_flag("--raw", gen.raw, "Do not stop at the end-of-sequence token");
+  gen_cmd->add_option("--speculative", gen.speculative,
+                      "mtp: speculative decoding drafted by the model's MTP modules (greedy; same tokens, fewer forwards)")
+      ->check(CLI::IsMember({"mtp"}));
   add_set_option(gen_cmd, gen.overrides);
 
   DemoArgs demo;
@@ -106,6 +109,16 @@ int run_cli(int argc, char** argv) {
   export_cmd->add_option("--max-shard-mb", exp.max_shard_mb, "hf: shard the weights above this many MiB")->capture_default_str();
   export_cmd->add_option("--name", exp.name, "Model name in the metadata (default: the recipe's name)");
   add_set_option(export_cmd, exp.overrides);
+
+  PlanArgs plan;
+  auto* plan_cmd = app.add_subcommand(
+      "plan", "Parameters, FLOPs per token, memory per GPU and GPU-hours of a recipe, without running it");
+  plan_cmd->add_option("recipe", plan.recipe, "Recipe YAML file")->required();
+  add_set_option(plan_cmd, plan.overrides);
+  plan_cmd->add_option("--gpus", plan.gpus, "GPUs in the job (data parallel over all of them)")->capture_default_str();
+  plan_cmd->add_option("--gpu", plan.gpu, "h100, h200 or h800")->capture_default_str();
+  plan_cmd->add_option("--tokens", plan.tokens, "Training tokens, e.g. 14.8T (default: max_steps x global batch)");
+  plan_cmd->add_option("--mfu", plan.mfu, "Model FLOPs utilisation for the GPU-hours")->capture_default_str();
 
   LaunchArgs launch;
   auto* launch_cmd = app.add_subcommand("launch", "Start N ranks through mpirun: brigade launch -n 2 -- train RECIPE");
@@ -164,6 +177,7 @@ int run_cli(int argc, char** argv) {
     if (*serve_cmd) return serve_command(serve);
     if (*export_cmd) return export_command(exp);
     if (*launch_cmd) return launch_command(launch);
+    if (*plan_cmd) return plan_command(plan);
     if (*demo_cmd) return demo_command(demo);
     if (*show_cmd) {
       std::cout << recipes::dump_recipe(recipes::load_recipe(show_path, show_overrides));

@@ -32,6 +32,7 @@ struct GenerateArgs {
   double top_p = 1.0;
   uint64_t seed = 0;
   bool raw = false;  // do not stop at the end-of-sequence token
+  std::string speculative;  // "" or "mtp": draft with the model's MTP modules (greedy)
 };
 int generate_command(const GenerateArgs& args);
 
@@ -75,6 +76,18 @@ struct ExportArgs {
 };
 // Writes a dense llama/qwen2/qwen3 checkpoint for Hugging Face or llama.cpp.
 int export_command(const ExportArgs& args);
+
+struct PlanArgs {
+  std::filesystem::path recipe;
+  std::vector<std::string> overrides;
+  int64_t gpus = 1;
+  std::string gpu = "h100";
+  std::string tokens;  // "" = the recipe's; a number with an optional K, M, B or T suffix
+  double mfu = 0.4;
+};
+int plan_command(const PlanArgs& args);
+// "14.8T" -> 1.48e13 (suffixes K, M, B, T; none: the number itself); an Error naming `what` otherwise.
+double parse_count(const std::string& text, const std::string& what);
 
 struct TokenizerTrainArgs {
   std::vector<std::filesystem::path> inputs;  // .txt (whole file) or .jsonl (text_field per line)

@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <climits>
+#include <cmath>
 
 #include <iostream>
 #include <thread>
@@ -19,6 +20,7 @@
 #include "launch/world.h"
 #include "parallel/communicator.h"
 #include "model/generate.h"
+#include "model/speculative.h"
 #include "moe/options.h"
 #include "recipes/build.h"
 #include "recipes/recipe.h"
@@ -213,7 +215,16 @@ int generate_command(const GenerateArgs& args) {
   if (!args.raw) sampling.stop_ids = {tokenizer->eos_id()};
   std::vector<int64_t> prompt{tokenizer->bos_id()};
   for (int64_t id : tokenizer->encode(args.prompt)) prompt.push_back(id);
-  auto result = model::generate(loaded.model, prompt, sampling);
+  model::Generation result;
+  if (args.speculative == "mtp") {
+    model::SpeculativeStats stats;
+    result = model::generate_speculative(loaded.model, prompt, sampling, 0, &stats);
+    std::cerr << "speculative mtp: " << result.tokens.size() << " tokens in " << stats.rounds + 1
+              << " main-model forwards, " << stats.accepted << " of " << stats.drafted << " drafts accepted ("
+              << std::lround(100.0 * stats.acceptance()) << "%)\n";
+  } else {
+    result = model::generate(loaded.model, prompt, sampling);
+  }
   if (result.stopped) result.tokens.pop_back();  // the EOS itself is not text
   std::cout << args.prompt << tokenizer->decode(result.tokens) << std::endl;
   return 0;

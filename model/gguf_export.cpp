@@ -238,7 +238,9 @@ void export_gguf(const Transformer& model, HfFamily family, const data::BpeToken
 
   // Weights, in llama.cpp's order: embedding, then each block, then the output head.
   std::map<std::string, torch::Tensor> state;
-  for (const auto& [name, tensor] : model->state_dict()) state.emplace(name, tensor);
+  for (const auto& [name, tensor] : model->state_dict()) {
+    if (!name.starts_with("mtp.")) state.emplace(name, tensor);  // llama.cpp runs no MTP modules (docs/models.md)
+  }
   torch::NoGradGuard no_grad;
   auto take = [&](const std::string& name) {
     auto it = state.find(name);

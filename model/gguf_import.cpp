@@ -123,6 +123,7 @@ void load_gguf_weights(TransformerImpl& model, const std::filesystem::path& path
   };
   for (const auto& [name, target] : model.state_dict()) {
     if (name.ends_with(".e_score_correction_bias")) continue;  // qwen3moe has none: stays zero
+    if (name.starts_with("mtp.")) continue;  // llama.cpp files hold no MTP modules: they keep their initialisation
     if (name.ends_with("mlp.experts.gate_up_proj")) {
       const std::string blk = "blk." + name.substr(7, name.find(".mlp") - 7) + ".";
       const int64_t ff = target.size(1) / 2;

@@ -1,11 +1,14 @@
 #include "model/hf.h"
 
+#include <array>
+#include <optional>
 #include <set>
 
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
 #include "core/fs.h"
+#include "core/log.h"
 #include "model/safetensors.h"
 #include "moe/options.h"
 
@@ -118,49 +121,48 @@ void read_rope(const ConfigReader& r, const std::string& where, TransformerOptio
   o.rope_theta = r.real("rope_theta", 10000.0);
   const int64_t max_pos = r.integer("max_position_embeddings", 2048);
   const bool legacy = r.has("rope_scaling") && !(r.node("rope_scaling").is_object() && r.node("rope_scaling").empty());
-  for (const char* key : {legacy ? "rope_scaling" : "rope_parameters"}) {
-    if (!r.has(key)) continue;
-    const json& rope = r.node(key);
-    BRIGADE_CHECK(rope.is_object(), where, ": field '", key, "' must be an object, got ", rope.dump());
-    const ConfigReader p(rope, where + ": field '" + key + "'");
-    const std::string type = p.text("rope_type", p.text("type", "default"));
-    if (p.has("rope_theta")) o.rope_theta = p.real("rope_theta");
-    auto& s = o.rope_scaling;
-    s = RopeScaling{};
-    // A top-level original_max_position_embeddings takes priority (as transformers has it).
-    const int64_t original = r.has("original_max_position_embeddings")
-                                 ? r.integer("original_max_position_embeddings")
-                                 : p.integer("original_max_position_embeddings", max_pos);
-    if (type == "default") continue;
-    if (type == "linear") {
-      s.type = RopeScalingType::kLinear;
-      s.factor = p.real("factor");
-    } else if (type == "llama3") {
-      s.type = RopeScalingType::kLlama3;
-      s.factor = p.real("factor");
-      s.low_freq_factor = p.real("low_freq_factor");
-      s.high_freq_factor = p.real("high_freq_factor");
-      s.original_max_seq_len = p.integer("original_max_position_embeddings");
-    } else if (type == "yarn") {
-      s.type = RopeScalingType::kYarn;
-      s.original_max_seq_len = original;
-      s.factor = p.has("factor") ? p.real("factor") : static_cast<double>(max_pos) / static_cast<double>(original);
-      // 0 or null mean the default in transformers (`or 32`, `or 1`), and "unset" for the mscales.
-      s.beta_fast = p.real("beta_fast", 0.0) != 0.0 ? p.real("beta_fast") : 32.0;
-      s.beta_slow = p.real("beta_slow", 0.0) != 0.0 ? p.real("beta_slow") : 1.0;
-      s.mscale = p.real("mscale", 0.0);
-      s.mscale_all_dim = p.real("mscale_all_dim", 0.0);
-      s.attention_factor = p.real("attention_factor", 0.0);
-      s.truncate = p.boolean("truncate", true);
-    } else {
-      BRIGADE_FAIL(where, ": field '", key, ".rope_type' is '", type,
-                   "'; brigade implements default, linear, llama3 and yarn RoPE");
-    }
-    try {
-      s.validate();
-    } catch (const Error& e) {
-      BRIGADE_FAIL(where, ": field '", key, "': ", e.message());
-    }
+  const char* key = legacy ? "rope_scaling" : "rope_parameters";
+  if (!r.has(key)) return;
+  const json& rope = r.node(key);
+  BRIGADE_CHECK(rope.is_object(), where, ": field '", key, "' must be an object, got ", rope.dump());
+  const ConfigReader p(rope, where + ": field '" + key + "'");
+  const std::string type = p.text("rope_type", p.text("type", "default"));
+  if (p.has("rope_theta")) o.rope_theta = p.real("rope_theta");
+  auto& s = o.rope_scaling;
+  s = RopeScaling{};
+  // A top-level original_max_position_embeddings takes priority (as transformers has it).
+  const int64_t original = r.has("original_max_position_embeddings")
+                               ? r.integer("original_max_position_embeddings")
+                               : p.integer("original_max_position_embeddings", max_pos);
+  if (type == "default") return;
+  if (type == "linear") {
+    s.type = RopeScalingType::kLinear;
+    s.factor = p.real("factor");
+  } else if (type == "llama3") {
+    s.type = RopeScalingType::kLlama3;
+    s.factor = p.real("factor");
+    s.low_freq_factor = p.real("low_freq_factor");
+    s.high_freq_factor = p.real("high_freq_factor");
+    s.original_max_seq_len = p.integer("original_max_position_embeddings");
+  } else if (type == "yarn") {
+    s.type = RopeScalingType::kYarn;
+    s.original_max_seq_len = original;
+    s.factor = p.has("factor") ? p.real("factor") : static_cast<double>(max_pos) / static_cast<double>(original);
+    // 0 or null mean the default in transformers (`or 32`, `or 1`), and "unset" for the mscales.
+    s.beta_fast = p.real("beta_fast", 0.0) != 0.0 ? p.real("beta_fast") : 32.0;
+    s.beta_slow = p.real("beta_slow", 0.0) != 0.0 ? p.real("beta_slow") : 1.0;
+    s.mscale = p.real("mscale", 0.0);
+    s.mscale_all_dim = p.real("mscale_all_dim", 0.0);
+    s.attention_factor = p.real("attention_factor", 0.0);
+    s.truncate = p.boolean("truncate", true);
+  } else {
+    BRIGADE_FAIL(where, ": field '", key, ".rope_type' is '", type,
+                 "'; brigade implements default, linear, llama3 and yarn RoPE");
+  }
+  try {
+    s.validate();
+  } catch (const Error& e) {
+    BRIGADE_FAIL(where, ": field '", key, "': ", e.message());
   }
 }
 
@@ -184,6 +186,7 @@ void read_deepseek(const ConfigReader& r, const json& j, const std::string& wher
   r.require_false("attention_bias", "attention biases in multi-head latent attention");
   c.rope_interleaved = !v3 || r.boolean("rope_interleave", true);
   c.mtp_layers = v3 ? r.integer("num_nextn_predict_layers", r.integer("num_mtp_layers", 0)) : 0;
+  o.mtp.depth = c.mtp_layers;
 
   auto& m = o.moe;
   const int64_t routed = r.integer("n_routed_experts", v3 ? 256 : 64);
@@ -428,7 +431,7 @@ void add_deepseek_fields(const HfConfig& c, nlohmann::ordered_json& j) {
     j["n_group"] = 1;
     j["topk_group"] = 1;
   }
-  if (v3) j["num_nextn_predict_layers"] = 0;
+  if (v3) j["num_nextn_predict_layers"] = o.mtp.depth;
 }
 
 }  // namespace
@@ -511,29 +514,134 @@ void add_unfused(NamedTensors& out, const std::string& name, const torch::Tensor
 
 }  // namespace
 
+namespace {
+
+// deepseek_v3 checkpoints keep multi-token prediction module k as decoder layer
+// num_hidden_layers + k: enorm, hnorm, eh_proj, shared_head.norm, the block's own
+// tensors under the usual layer names, and copies of the shared embedding
+// (embed_tokens) and head (shared_head.head). brigade's "mtp.k.<rest>" maps there.
+std::string mtp_layer_prefix(int64_t layers, int64_t k) { return "model.layers." + std::to_string(layers + k) + "."; }
+
+std::string mtp_hf_name(const std::string& name, int64_t layers) {
+  const auto dot = name.find('.', 4);  // "mtp.<k>.<rest>"
+  const int64_t k = std::stoll(name.substr(4, dot - 4));
+  std::string rest = name.substr(dot + 1);
+  if (rest.starts_with("block.")) rest = rest.substr(6);
+  else if (rest == "norm.weight") rest = "shared_head.norm.weight";
+  return mtp_layer_prefix(layers, k) + rest;
+}
+
+// The layer index of "model.layers.N.<rest>", if the name has that form.
+std::optional<int64_t> layer_index(const std::string& name) {
+  const std::string prefix = "model.layers.";
+  if (!name.starts_with(prefix)) return std::nullopt;
+  const auto end = name.find('.', prefix.size());
+  if (end == std::string::npos) return std::nullopt;
+  const std::string index = name.substr(prefix.size(), end - prefix.size());
+  if (index.empty() || index.size() > 9 || index.find_first_not_of("0123456789") != std::string::npos) return std::nullopt;
+  return std::stoll(index);
+}
+
+// An MTP layer's copy of the shared embedding or head: the main tensor it repeats.
+std::optional<std::string> shared_copy_of(const std::string& name, const TransformerOptions& o) {
+  const auto layer = layer_index(name);
+  if (!layer || *layer < o.n_layers) return std::nullopt;
+  if (name.ends_with(".embed_tokens.weight")) return "model.embed_tokens.weight";
+  if (name.ends_with(".shared_head.head.weight")) return o.tie_embeddings ? "model.embed_tokens.weight" : "lm_head.weight";
+  return std::nullopt;
+}
+
+}  // namespace
+
 NamedTensors hf_state_dict(const TransformerImpl& model) {
+  const auto& o = model.options();
+  const HfFamily family = family_of(o);
   // deepseek_v3 keeps the aux-loss-free selection bias as mlp.gate.e_score_correction_bias;
   // qwen3_moe and deepseek_v2 route without one (save_hf_checkpoint refuses a bias that moved).
-  const bool keep_bias = model.options().moe.enabled() && family_of(model.options()) == HfFamily::kDeepseekV3;
+  const bool keep_bias = o.moe.enabled() && family == HfFamily::kDeepseekV3;
+  // Only deepseek_v3 has a place for MTP modules; other families leave them out (docs/models.md).
+  const bool keep_mtp = family == HfFamily::kDeepseekV3;
   NamedTensors out;
   for (const auto& [name, tensor] : model.state_dict()) {
-    if (name.starts_with("mtp.")) continue;  // MTP modules: not in the Hugging Face layout yet (docs/models.md)
     if (name.ends_with(".e_score_correction_bias") && !keep_bias) continue;
+    if (name.starts_with("mtp.")) {
+      if (keep_mtp) add_unfused(out, mtp_hf_name(name, o.n_layers), tensor);
+      continue;
+    }
     add_unfused(out, hf_name(name), tensor);
+  }
+  for (int64_t k = 0; keep_mtp && k < o.mtp.depth; ++k) {
+    const auto& head = o.tie_embeddings ? model.embed_tokens->weight : model.lm_head->weight;
+    out.emplace_back(mtp_layer_prefix(o.n_layers, k) + "embed_tokens.weight", model.embed_tokens->weight);
+    out.emplace_back(mtp_layer_prefix(o.n_layers, k) + "shared_head.head.weight", head);
   }
   return out;
 }
 
 namespace {
 
-// model.layers.N.* with N >= layers: DeepSeek-V3's multi-token prediction modules.
-bool is_mtp_tensor(const std::string& name, int64_t layers) {
-  const std::string prefix = "model.layers.";
-  if (!name.starts_with(prefix)) return false;
-  const auto end = name.find('.', prefix.size());
-  if (end == std::string::npos) return false;
-  const std::string index = name.substr(prefix.size(), end - prefix.size());
-  return !index.empty() && index.find_first_not_of("0123456789") == std::string::npos && std::stoll(index) >= layers;
+// DeepSeek's released FP8 checkpoints (quantization_config.quant_method "fp8"): an
+// F8_E4M3 `X.weight` [out, in] with `X.weight_scale_inv` [ceil(out/bo), ceil(in/bi)]
+// float32, one scale per bo x bi block (128 x 128); weight = fp8 * scale. Replaced here
+// by the float32 weight (an FP8 recipe quantizes it again with its own scales).
+void dequantize_block_fp8(std::map<std::string, torch::Tensor>& tensors, const std::string& where,
+                          std::array<int64_t, 2> block) {
+  const std::string suffix = ".weight_scale_inv";
+  std::vector<std::string> scales;
+  for (const auto& [name, t] : tensors)
+    if (name.ends_with(suffix)) scales.push_back(name);
+  for (const auto& scale_name : scales) {
+    const std::string weight_name = scale_name.substr(0, scale_name.size() - suffix.size()) + ".weight";
+    const auto it = tensors.find(weight_name);
+    BRIGADE_CHECK(it != tensors.end(), where, ": tensor '", scale_name, "' has no '", weight_name, "' to scale");
+    const torch::Tensor w = it->second, scale = tensors.at(scale_name);
+    BRIGADE_CHECK(w.dim() == 2, where, ": tensor '", weight_name, "' has shape ", w.sizes(),
+                  "; a block-scaled FP8 weight is a matrix");
+    const int64_t rows = (w.size(0) + block[0] - 1) / block[0], cols = (w.size(1) + block[1] - 1) / block[1];
+    BRIGADE_CHECK(scale.dim() == 2 && scale.size(0) == rows && scale.size(1) == cols, where, ": tensor '", scale_name,
+                  "' has shape ", scale.sizes(), " but its weight ", w.sizes(), " in ", block[0], "x", block[1],
+                  " blocks needs [", rows, ", ", cols, "]");
+    BRIGADE_CHECK(scale.is_floating_point(), where, ": tensor '", scale_name, "' has dtype ",
+                  c10::toString(scale.scalar_type()), "; expected floating point scales");
+    const auto expanded = scale.to(torch::kFloat32)
+                              .repeat_interleave(block[0], 0)
+                              .repeat_interleave(block[1], 1)
+                              .narrow(0, 0, w.size(0))
+                              .narrow(1, 0, w.size(1));
+    it->second = w.to(torch::kFloat32) * expanded;
+    tensors.erase(scale_name);
+  }
+}
+
+// quantization_config.weight_block_size of an fp8 checkpoint ([128, 128] when absent);
+// any other quantization method is an Error naming it.
+std::optional<std::array<int64_t, 2>> fp8_block_size(const std::filesystem::path& config_json) {
+  if (!std::filesystem::exists(config_json)) return std::nullopt;
+  const std::string where = config_json.string();
+  json j;
+  try {
+    j = json::parse(read_file(config_json));
+  } catch (const json::exception& e) {
+    BRIGADE_FAIL(where, ": not valid JSON: ", e.what());
+  }
+  if (!j.is_object() || !j.contains("quantization_config") || j["quantization_config"].is_null()) return std::nullopt;
+  const json& q = j["quantization_config"];
+  BRIGADE_CHECK(q.is_object(), where, ": field 'quantization_config' must be an object");
+  const ConfigReader r(q, where + ": field 'quantization_config'");
+  const std::string method = r.text("quant_method", "");
+  BRIGADE_CHECK(method == "fp8", where, ": field 'quantization_config.quant_method' is '", method,
+                "'; brigade reads unquantized checkpoints and DeepSeek's block-scaled fp8");
+  const std::string fmt = r.text("fmt", "e4m3");
+  BRIGADE_CHECK(fmt == "e4m3", where, ": field 'quantization_config.fmt' is '", fmt, "'; brigade reads e4m3");
+  std::array<int64_t, 2> block{128, 128};
+  if (r.has("weight_block_size")) {
+    const json& b = q["weight_block_size"];
+    BRIGADE_CHECK(b.is_array() && b.size() == 2 && b[0].is_number_integer() && b[1].is_number_integer() &&
+                      b[0].get<int64_t>() > 0 && b[1].get<int64_t>() > 0,
+                  where, ": field 'quantization_config.weight_block_size' must be two positive integers, got ", b.dump());
+    block = {b[0].get<int64_t>(), b[1].get<int64_t>()};
+  }
+  return block;
 }
 
 }  // namespace
@@ -549,16 +657,38 @@ void load_hf_weights(TransformerImpl& model, const std::filesystem::path& dir) {
                   ": no config.json (a multi-head latent attention checkpoint needs it for its rotary layout)");
     config = read_hf_config(dir / "config.json");
   }
+  if (const auto block = fp8_block_size(dir / "config.json")) dequantize_block_fp8(file.tensors, where, *block);
+  // MTP layers: the model's first mtp.depth come from the file where it has them;
+  // the file's further ones are left out, and modules it lacks keep their
+  // initialisation. (transformers runs no MTP: checkpoints it saves announce
+  // num_nextn_predict_layers but hold none.)
+  auto mtp_depth_of = [&](const std::string& name) -> std::optional<int64_t> {
+    const auto layer = layer_index(name);
+    if (!layer || *layer < options.n_layers) return std::nullopt;
+    return *layer - options.n_layers;
+  };
+  int64_t mtp_in_file = 0;
+  for (const auto& [name, tensor] : file.tensors) {
+    if (const auto k = mtp_depth_of(name); k && *k < config.mtp_layers) mtp_in_file = std::max(mtp_in_file, *k + 1);
+  }
+  const int64_t mtp_from_file = std::min(options.mtp.depth, mtp_in_file);
+  if (mtp_from_file < options.mtp.depth)
+    log_info(where, ": ", options.mtp.depth - mtp_from_file, " of the model's ", options.mtp.depth,
+             " MTP modules are not in the checkpoint and start from their initialisation");
   // transformers 5 keeps experts fused in memory, the Hub one per expert: accept both.
   NamedTensors unfused;
   for (const auto& [name, tensor] : file.tensors) {
-    if (config.mtp_layers > 0 && is_mtp_tensor(name, options.n_layers)) continue;  // no MTP in brigade yet
+    if (const auto k = mtp_depth_of(name); k && config.mtp_layers > 0 && *k >= mtp_from_file) continue;
     add_unfused(unfused, name, tensor);
   }
   file.tensors = std::map<std::string, torch::Tensor>(unfused.begin(), unfused.end());
   torch::NoGradGuard no_grad;
   std::set<std::string> expected;
-  const NamedTensors target = hf_state_dict(model);
+  NamedTensors target;
+  for (auto& [name, tensor] : hf_state_dict(model)) {
+    if (const auto k = mtp_depth_of(name); k && *k >= mtp_from_file) continue;  // not in the file: stays initialised
+    target.emplace_back(name, tensor);
+  }
   for (const auto& [name, tensor] : target) {
     expected.insert(name);
     auto it = file.tensors.find(name);
@@ -567,6 +697,13 @@ void load_hf_weights(TransformerImpl& model, const std::filesystem::path& dir) {
                   " but config.json implies ", tensor.sizes());
     BRIGADE_CHECK(it->second.is_floating_point(), where, ": tensor '", name, "' has dtype ",
                   c10::toString(it->second.scalar_type()), "; expected floating point weights");
+    // brigade shares one embedding and head between the model and its MTP modules.
+    if (const auto main = shared_copy_of(name, options)) {
+      const auto m = file.tensors.find(*main);
+      BRIGADE_CHECK(m != file.tensors.end() && torch::equal(m->second, it->second), where, ": tensor '", name,
+                    "' is not a copy of '", *main, "'; brigade's MTP modules share the model's embedding and head "
+                    "(set model.mtp.depth=0 to load without them)");
+    }
   }
   for (const auto& [name, tensor] : file.tensors) {
     if (expected.contains(name) || name.ends_with("rotary_emb.inv_freq")) continue;
@@ -575,6 +712,7 @@ void load_hf_weights(TransformerImpl& model, const std::filesystem::path& dir) {
   }
   // Copy only after every check passed, so a rejected checkpoint leaves the model as it was.
   for (const auto& [name, tensor] : target) {
+    if (shared_copy_of(name, options)) continue;  // the main tensor, checked equal above
     const auto& stored = file.tensors.at(name);
     tensor.copy_(config.rope_interleaved ? convert_rope_rows(name, stored, options, /*to_interleaved=*/false) : stored);
   }

@@ -33,8 +33,8 @@ struct HfConfig {
   std::string torch_dtype = "float32";
   int64_t bos_token_id = -1;  // -1: not set
   int64_t eos_token_id = -1;
-  // deepseek_v3's multi-token prediction modules (model.layers.N... for N >= layers):
-  // not part of brigade's model yet, so skipped on import.
+  // deepseek_v3's multi-token prediction modules in the checkpoint (num_nextn_predict_layers;
+  // model.layers.N... for N >= layers); options.mtp.depth starts equal to it.
   int64_t mtp_layers = 0;
   // DeepSeek: the checkpoint's rotary rows are interleaved (see load_hf_weights).
   bool rope_interleaved = false;
@@ -51,6 +51,9 @@ HfConfig hf_config_for(const TransformerOptions& options);
 // The model's weights under Hugging Face names ("model.layers.0...", "lm_head.weight"
 // unless tied), aliasing the model's tensors; fused MoE experts appear one expert at
 // a time as the Hub stores them (model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight).
+// deepseek_v3 MTP module k is layer num_hidden_layers + k as DeepSeek lays it out
+// (enorm, hnorm, eh_proj, shared_head.norm, the block's tensors, and aliases of the
+// shared embed_tokens and shared_head.head); other families leave MTP modules out.
 NamedTensors hf_state_dict(const TransformerImpl& model);
 
 // Copies a Hugging Face checkpoint directory's weights (model.safetensors or a
@@ -58,6 +61,12 @@ NamedTensors hf_state_dict(const TransformerImpl& model);
 // or fused (gate_up_proj / down_proj). Missing, unexpected or misshapen
 // tensors are Errors naming the file and tensor; the model is untouched then. A tied
 // model ignores an lm_head.weight the file may carry; rotary inv_freq buffers are skipped.
+// MTP modules: the first options.mtp.depth the file has are loaded (their embedding and
+// head copies must equal the main ones), the file's further ones are left out, and
+// modules the file lacks keep their initialisation. An fp8 quantization_config
+// (DeepSeek's released checkpoints: F8_E4M3 weights with a weight_scale_inv per
+// 128x128 block) is dequantized to float32; a scale whose shape disagrees with its
+// weight is an Error naming both.
 // DeepSeek's rotary rows are stored interleaved (pairs 2i, 2i+1; deepseek_v2 always,
 // deepseek_v3 unless rope_interleave is false) and are permuted into brigade's
 // rotate-half order; save_hf_checkpoint permutes them back and writes rope_interleave.

@@ -218,45 +218,80 @@ void TransformerImpl::init_weights() {
   if (lm_head) lm_head->weight.normal_(0.0, std);
 }
 
+torch::Tensor TransformerImpl::decode_hidden(const torch::Tensor& tokens, KVCache& cache) {
+  BRIGADE_CHECK(tokens.dim() == 2, "tokens must be [batch, seq], got ", tokens.sizes());
+  const int64_t seq = tokens.size(1), start = cache.length;
+  BRIGADE_CHECK(start + seq <= options_.max_seq_len, "sequence of ", start + seq,
+                " positions exceeds model.max_seq_len ", options_.max_seq_len);
+  auto cos = rope_cos_.narrow(0, start, seq), sin = rope_sin_.narrow(0, start, seq);
+  auto h = embed_tokens(tokens);
+  int64_t index = 0;
+  for (const auto& layer : *layers) h = layer->as<BlockImpl>()->forward(h, cos, sin, &cache, index++);
+  cache.length += seq;
+  return h;
+}
+
+torch::Tensor TransformerImpl::decode_logits(const torch::Tensor& hidden) { return head(norm(hidden)); }
+
+MtpModuleImpl& TransformerImpl::mtp_module(int64_t k) {
+  BRIGADE_CHECK(mtp && k >= 1 && k <= options_.mtp.depth, "MTP module ", k, " does not exist (model.mtp.depth is ",
+                options_.mtp.depth, ")");
+  return *mtp[k - 1]->as<MtpModuleImpl>();
+}
+
+torch::Tensor TransformerImpl::mtp_decode_hidden(int64_t k, const torch::Tensor& previous, const torch::Tensor& ahead,
+                                                 KVCache& cache) {
+  auto& m = mtp_module(k);
+  const int64_t seq = ahead.size(1), start = cache.length;
+  BRIGADE_CHECK(previous.dim() == 3 && previous.size(1) == seq, "MTP module ", k, ": hidden ", previous.sizes(),
+                " and tokens ", ahead.sizes(), " disagree");
+  auto x = m.eh_proj(torch::cat({m.enorm(embed_tokens(ahead)), m.hnorm(previous)}, -1));
+  auto h = m.block->forward(x, rope_cos_.narrow(0, start, seq), rope_sin_.narrow(0, start, seq), &cache, 0);
+  cache.length += seq;
+  return h;
+}
+
+torch::Tensor TransformerImpl::mtp_decode_logits(int64_t k, const torch::Tensor& hidden) {
+  return head(mtp_module(k).norm(hidden));
+}
+
 torch::Tensor TransformerImpl::forward(const torch::Tensor& tokens, KVCache* cache, const torch::Tensor& segments) {
   BRIGADE_CHECK(tokens.dim() == 2, "tokens must be [batch, seq], got ", tokens.sizes());
+  mtp_hidden_ = mtp_tokens_ = mtp_segments_ = torch::Tensor();
+  if (cache != nullptr) {
+    BRIGADE_CHECK(!segments.defined(), "segments come without a KV cache");
+    return decode_logits(decode_hidden(tokens, *cache));
+  }
   torch::Tensor mask;
   if (segments.defined()) {
-    BRIGADE_CHECK(cache == nullptr && segments.sizes() == tokens.sizes(), "segments ", segments.sizes(),
-                  " must match tokens ", tokens.sizes(), " (and come without a KV cache)");
+    BRIGADE_CHECK(segments.sizes() == tokens.sizes(), "segments ", segments.sizes(), " must match tokens ",
+                  tokens.sizes());
     mask = document_mask(segments.to(tokens.device()));
   }
   const int64_t seq = tokens.size(1);
-  const int64_t start = cache ? cache->length : 0;
-  BRIGADE_CHECK(start + seq <= options_.max_seq_len, "sequence of ", start + seq,
-                " positions exceeds model.max_seq_len ", options_.max_seq_len);
-  auto cos = rope_cos_.narrow(0, start, seq);
-  auto sin = rope_sin_.narrow(0, start, seq);
+  BRIGADE_CHECK(seq <= options_.max_seq_len, "sequence of ", seq, " positions exceeds model.max_seq_len ",
+                options_.max_seq_len);
+  auto cos = rope_cos_.narrow(0, 0, seq);
+  auto sin = rope_sin_.narrow(0, 0, seq);
   auto h = embed_tokens(tokens);
   int64_t index = 0;
-  for (const auto& layer : *layers) {
-    const int64_t i = index++;
-    h = run_block(*layer->as<BlockImpl>(), h, cos, sin, cache, i, mask);
-  }
-  if (cache) cache->length += seq;
-  mtp_hidden_ = mtp_tokens_ = mtp_segments_ = torch::Tensor();
-  if (mtp && is_training() && cache == nullptr && torch::GradMode::is_enabled()) {
+  for (const auto& layer : *layers) h = run_block(*layer->as<BlockImpl>(), h, cos, sin, index++, mask);
+  if (mtp && is_training() && torch::GradMode::is_enabled()) {
     mtp_hidden_ = h, mtp_tokens_ = tokens, mtp_segments_ = segments.defined() ? segments.to(tokens.device()) : segments;
   }
   return head(norm(h));
 }
 
 torch::Tensor TransformerImpl::run_block(BlockImpl& block, const torch::Tensor& h, const torch::Tensor& cos,
-                                         const torch::Tensor& sin, KVCache* cache, int64_t layer,
-                                         const torch::Tensor& mask) {
-  if (checkpointing_ == Checkpointing::kFull && is_training() && cache == nullptr) {
+                                         const torch::Tensor& sin, int64_t layer, const torch::Tensor& mask) {
+  if (checkpointing_ == Checkpointing::kFull && is_training()) {
     // Only the block's input is kept; the block runs again in backward.
     auto* b = &block;
     return checkpointed([b, cos, sin, mask, layer](const std::vector<torch::Tensor>& in) {
       return b->forward(in[0], cos, sin, nullptr, layer, mask);
     }, {h});
   }
-  return block.forward(h, cos, sin, cache, layer, mask);
+  return block.forward(h, cos, sin, nullptr, layer, mask);
 }
 
 torch::Tensor TransformerImpl::head(const torch::Tensor& normed) {
@@ -280,8 +315,7 @@ std::vector<torch::Tensor> TransformerImpl::mtp_logits() {
     auto embedded = m.enorm(embed_tokens(tokens.narrow(1, k, n)));
     auto x = m.eh_proj(torch::cat({embedded, m.hnorm(h.narrow(1, 0, n))}, -1));
     const auto mask = segments.defined() ? document_mask(segments.narrow(1, 0, n)) : torch::Tensor();
-    h = run_block(*m.block, x, rope_cos_.narrow(0, 0, n), rope_sin_.narrow(0, 0, n), nullptr,
-                  options_.n_layers + k - 1, mask);
+    h = run_block(*m.block, x, rope_cos_.narrow(0, 0, n), rope_sin_.narrow(0, 0, n), options_.n_layers + k - 1, mask);
     out.push_back(head(m.norm(h)));
   }
   return out;
@@ -304,11 +338,20 @@ void TransformerImpl::set_checkpointing(Checkpointing mode) {
 }
 
 KVCache TransformerImpl::make_cache(int64_t batch, int64_t capacity) const {
+  return cache_of(batch, capacity, options_.n_layers);
+}
+
+KVCache TransformerImpl::make_mtp_cache(int64_t batch, int64_t capacity) const {
+  BRIGADE_CHECK(mtp, "the model has no MTP modules (model.mtp.depth is 0)");
+  return cache_of(batch, capacity, 1);
+}
+
+KVCache TransformerImpl::cache_of(int64_t batch, int64_t capacity, int64_t layers) const {
   BRIGADE_CHECK(capacity <= options_.max_seq_len, "KV cache capacity ", capacity,
                 " exceeds model.max_seq_len ", options_.max_seq_len);
   KVCache cache;
   const auto dtype = embed_tokens->weight.options();
-  for (int64_t i = 0; i < options_.n_layers; ++i) {
+  for (int64_t i = 0; i < layers; ++i) {
     if (options_.is_mla()) {  // one latent row per position, no values (model/mla.h)
       cache.keys.push_back(torch::zeros({batch, 1, capacity, options_.mla.cache_width()}, dtype));
       continue;
@@ -342,6 +385,7 @@ ParameterCount TransformerImpl::parameter_count() const {
   count.activated = count.total;
   for (const auto& layer : moe_layers()) {
     const auto& o = layer->options();
+    count.routed += o.num_experts * layer->experts->parameters_per_expert();
     const int64_t skipped = (o.num_experts - o.top_k) * layer->experts->parameters_per_expert();
     count.activated -= skipped;
     count.matmul -= skipped;
@@ -466,7 +510,7 @@ void TransformerImpl::end_moe_step(bool update_bias) {
 
 ParameterCount count_parameters(const TransformerOptions& o) {
   const int64_t d = o.d_model, heads = o.n_heads;
-  int64_t vectors = 0, matrices = 0, skipped = 0;  // 1-D weights, matmul weights, routed weights a token skips
+  int64_t vectors = 0, matrices = 0, skipped = 0, routed = 0;  // 1-D, matmul, skipped by a token, routed experts
   auto swiglu = [&](int64_t ff) { matrices += 3 * d * ff; };
   auto block = [&](int64_t layer) {
     vectors += 2 * d;  // input and post-attention norms
@@ -489,6 +533,7 @@ ParameterCount count_parameters(const TransformerOptions& o) {
     matrices += m.num_experts * d + m.num_experts * per_expert;  // router, routed experts
     if (m.num_shared_experts > 0) swiglu(m.shared_size(o.ff_size()));
     skipped += (m.num_experts - m.top_k) * per_expert;
+    routed += m.num_experts * per_expert;
   };
   for (int64_t i = 0; i < o.n_layers; ++i) block(i);
   for (int64_t k = 0; k < o.mtp.depth; ++k) {
@@ -504,6 +549,7 @@ ParameterCount count_parameters(const TransformerOptions& o) {
   c.total = head + matrices + vectors;
   c.activated = c.total - skipped;
   c.matmul = matrices + (o.tie_embeddings ? head : 0) - skipped;
+  c.routed = routed;
   return c;
 }
 

@@ -137,6 +137,7 @@ struct ParameterCount {
   int64_t activated = 0;      // parameters one token uses: total minus the routed experts it skips
   int64_t embedding = 0;      // the token embedding table
   int64_t matmul = 0;         // weights one token uses in matmuls, the LM head included
+  int64_t routed = 0;         // the routed experts' weights, every expert (what expert parallelism splits)
   // Training FLOPs per token: 6 * matmul + 6 * layers * seq_len * n_heads * (qk_dim + v_dim)
   // (forward + backward, attention scores counted in full; the PaLM convention, which
   // is 12 * layers * seq_len * n_heads * head_dim when q, k and v heads have one size).
@@ -168,6 +169,21 @@ class TransformerImpl : public torch::nn::Module {
 
   // An empty cache for `batch` sequences of up to `capacity` positions.
   KVCache make_cache(int64_t batch, int64_t capacity) const;
+
+  // Incremental decoding in pieces, for speculative decoding (model/speculative.h).
+  // decode_hidden: forward() with a cache, stopping at the last block's output
+  // [batch, seq, d_model]; decode_logits(h) finishes it (forward() = both).
+  torch::Tensor decode_hidden(const torch::Tensor& tokens, KVCache& cache);
+  torch::Tensor decode_logits(const torch::Tensor& hidden);
+  // MTP module k (1..mtp.depth) at positions cache.length.. of its own sequence, as
+  // in training (mtp_logits): `previous` [batch, seq, d_model] is depth k-1's hidden
+  // state there (the main model's for k = 1), `ahead` [batch, seq] the tokens k
+  // positions later. Returns module k's hidden state; mtp_decode_logits gives its
+  // logits (predicting the tokens k + 1 later). `cache` comes from make_mtp_cache.
+  torch::Tensor mtp_decode_hidden(int64_t k, const torch::Tensor& previous, const torch::Tensor& ahead, KVCache& cache);
+  torch::Tensor mtp_decode_logits(int64_t k, const torch::Tensor& hidden);
+  // A one-block cache for an MTP module's block.
+  KVCache make_mtp_cache(int64_t batch, int64_t capacity) const;
 
   const TransformerOptions& options() const { return options_; }
   ParameterCount parameter_count() const;
@@ -217,6 +233,8 @@ class TransformerImpl : public torch::nn::Module {
 
  private:
   void init_weights();
+  KVCache cache_of(int64_t batch, int64_t capacity, int64_t layers) const;
+  MtpModuleImpl& mtp_module(int64_t k);
   // Every FP8 GEMM site with its checkpoint name prefix.
   std::vector<std::pair<std::string, precision::Fp8GemmState*>> fp8_sites() const;
   TransformerOptions options_;
@@ -224,8 +242,9 @@ class TransformerImpl : public torch::nn::Module {
   torch::Tensor head(const torch::Tensor& normed);
   // The main model's blocks, then the MTP modules' (MoE layers, FP8, checkpointing).
   std::vector<BlockImpl*> blocks() const;
+  // A block of a forward without cache (checkpointed when activation checkpointing says so).
   torch::Tensor run_block(BlockImpl& block, const torch::Tensor& h, const torch::Tensor& cos, const torch::Tensor& sin,
-                          KVCache* cache, int64_t layer, const torch::Tensor& mask);
+                          int64_t layer, const torch::Tensor& mask);
   // What the last training forward leaves for mtp_logits().
   torch::Tensor mtp_hidden_, mtp_tokens_, mtp_segments_;
   std::unique_ptr<precision::Fp8GemmState> tied_head_fp8_;  // the tied output head's FP8 state

@@ -142,7 +142,8 @@ const std::set<std::string>& training_only_keys() {
 // model.init_from: the Hugging Face config.json (or the GGUF file's metadata) decides
 // the architecture. A key the
 // recipe sets itself must agree with it, except model.max_seq_len (the weights do not
-// depend on it) and the training-only keys; data.tokenizer defaults to the
+// depend on it), model.mtp.depth (drop the checkpoint's MTP modules or add fresh
+// ones) and the training-only keys; data.tokenizer defaults to the
 // directory's tokenizer.json.
 void apply_init_from(const Entries& entries, Recipe& recipe) {
   const fs::path dir = recipe.model.init_from;
@@ -168,7 +169,8 @@ void apply_init_from(const Entries& entries, Recipe& recipe) {
     if (f.path.rfind("model.", 0) != 0 || f.path == "model.init_from" || f.path == "model.init_std") continue;
     const auto it = entries.find(f.path);
     if (it == entries.end()) continue;
-    if (f.path == "model.max_seq_len" || training_only_keys().contains(f.path)) {
+    // model.mtp.depth: modules the checkpoint has are loaded, further ones start fresh.
+    if (f.path == "model.max_seq_len" || f.path == "model.mtp.depth" || training_only_keys().contains(f.path)) {
       f.set(from_config, it->second.node, it->second.where);  // the recipe's choice wins
       continue;
     }

@@ -338,6 +338,162 @@ TEST(HfCheckpoint, RecipeInitFromTakesTheArchitectureAndWeights) {
   EXPECT_EQ(resumed.exit_code, 0) << resumed.output;
 }
 
+// tiny-deepseek-v3 shrunk, with `depth` MTP modules and random (non-initial) weights.
+TransformerOptions tiny_deepseek_v3(int64_t depth) {
+  const std::string recipe = std::string(BRIGADE_SOURCE_DIR) + "/recipes/tiny-deepseek-v3.yaml";
+  auto o = recipes::load_recipe(recipe, {"model.d_model=32", "model.n_layers=2", "model.d_ff=64",
+                                         "model.moe.expert_d_ff=16", "model.max_seq_len=64", "data.seq_len=32"})
+               .model;
+  o.mtp.depth = depth;
+  return o;
+}
+
+NamedTensors weights_of(const Transformer& model) {
+  NamedTensors out;
+  for (const auto& [name, t] : model->state_dict()) out.emplace_back(name, t.detach().clone());
+  return out;
+}
+
+// DeepSeek-V3 stores MTP module k as layer num_hidden_layers + k with its own copies
+// of the embedding and head; brigade writes that layout and reads it back, and a
+// recipe may keep fewer modules or add fresh ones.
+TEST(HfCheckpoint, DeepseekV3MtpLayersRoundTripInDeepseeksLayout) {
+  TempDir dir;
+  torch::manual_seed(21);
+  Transformer model(tiny_deepseek_v3(1));
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& p : model->parameters()) p.add_(0.05 * torch::randn_like(p));
+    model->named_buffers().find("mtp.0.block.mlp.gate.e_score_correction_bias")->normal_();
+  }
+  const fs::path out = dir / "hf";
+  fs::create_directories(out);
+  save_hf_checkpoint(*model, out, "float32", 1ull << 30);
+  const auto config = nlohmann::json::parse(read_file(out / "config.json"));
+  EXPECT_EQ(config["num_nextn_predict_layers"], 1);
+  EXPECT_EQ(config["num_hidden_layers"], 2);
+  auto file = load_safetensors(out / "model.safetensors");
+  for (const char* name : {"model.layers.2.enorm.weight", "model.layers.2.hnorm.weight", "model.layers.2.eh_proj.weight",
+                           "model.layers.2.shared_head.norm.weight", "model.layers.2.shared_head.head.weight",
+                           "model.layers.2.embed_tokens.weight", "model.layers.2.input_layernorm.weight",
+                           "model.layers.2.self_attn.kv_a_proj_with_mqa.weight", "model.layers.2.mlp.gate.weight",
+                           "model.layers.2.mlp.gate.e_score_correction_bias",
+                           "model.layers.2.mlp.experts.7.down_proj.weight", "model.layers.2.mlp.shared_experts.up_proj.weight"})
+    EXPECT_TRUE(file.tensors.contains(name)) << name;
+  for (const auto& [name, t] : file.tensors) EXPECT_FALSE(name.starts_with("mtp.")) << name;
+  EXPECT_TRUE(torch::equal(file.tensors.at("model.layers.2.embed_tokens.weight"), model->embed_tokens->weight));
+
+  const HfConfig read = read_hf_config(out / "config.json");
+  EXPECT_EQ(read.options.mtp.depth, 1);
+  torch::manual_seed(99);
+  Transformer back(read.options);
+  load_hf_weights(*back, out);
+  const auto original = weights_of(model);
+  auto loaded = back->state_dict();
+  ASSERT_EQ(loaded.size(), original.size());
+  for (size_t i = 0; i < original.size(); ++i) {
+    EXPECT_EQ(loaded[i].first, original[i].first);
+    EXPECT_TRUE(torch::equal(loaded[i].second, original[i].second)) << original[i].first;
+  }
+
+  // Fewer modules: the checkpoint's extra layer is left out. More: the new one keeps its initialisation.
+  torch::manual_seed(5);
+  Transformer none(tiny_deepseek_v3(0));
+  load_hf_weights(*none, out);
+  EXPECT_TRUE(torch::equal(none->embed_tokens->weight, model->embed_tokens->weight));
+  torch::manual_seed(5);
+  Transformer two(tiny_deepseek_v3(2));
+  const auto fresh = weights_of(two);
+  load_hf_weights(*two, out);
+  const auto two_loaded = two->state_dict();
+  for (size_t i = 0; i < fresh.size(); ++i) {
+    const auto& name = fresh[i].first;
+    if (name.starts_with("mtp.1.")) EXPECT_TRUE(torch::equal(two_loaded[i].second, fresh[i].second)) << name;
+    if (name.starts_with("mtp.0.")) EXPECT_FALSE(torch::equal(two_loaded[i].second, fresh[i].second)) << name;
+  }
+
+  // brigade shares the embedding: a copy that differs is refused, naming the tensor.
+  NamedTensors edited;  // copies: the file is mapped, and is about to be rewritten
+  for (const auto& [name, t] : file.tensors)
+    edited.emplace_back(name, name == "model.layers.2.embed_tokens.weight" ? t + 1 : t.clone());
+  save_safetensors(out / "model.safetensors", edited);
+  EXPECT_BRIGADE_ERROR(load_hf_weights(*back, out), "'model.layers.2.embed_tokens.weight' is not a copy of");
+  torch::manual_seed(5);
+  Transformer dropped(tiny_deepseek_v3(0));
+  load_hf_weights(*dropped, out);  // without MTP modules the copy is not read
+}
+
+// DeepSeek's released checkpoints are FP8: an F8_E4M3 weight and a float32
+// weight_scale_inv per block (128x128 there, 24x24 here so the tiny matrices hold
+// several blocks, some partial). They load as the dequantized float32 weights.
+TEST(HfCheckpoint, DeepseekFp8BlockScaledCheckpointIsDequantized) {
+  TempDir dir;
+  torch::manual_seed(3);
+  Transformer model(tiny_deepseek_v3(0));
+  const fs::path plain = dir / "plain", fp8 = dir / "fp8";
+  fs::create_directories(plain);
+  fs::create_directories(fp8);
+  save_hf_checkpoint(*model, fp8, "float32", 1ull << 30);
+  auto file = load_safetensors(fp8 / "model.safetensors");
+  for (auto& [name, t] : file.tensors) t = t.clone();  // the mapped file is rewritten below
+  const int64_t block = 24;
+  NamedTensors quantized, dequantized;
+  int64_t scaled = 0;
+  for (const auto& [name, w] : file.tensors) {
+    const bool quantize = w.dim() == 2 && name.ends_with("proj.weight");
+    if (!quantize) {
+      quantized.emplace_back(name, w);
+      dequantized.emplace_back(name, w);
+      continue;
+    }
+    const int64_t rows = (w.size(0) + block - 1) / block, cols = (w.size(1) + block - 1) / block;
+    auto q = torch::empty(w.sizes(), torch::kFloat8_e4m3fn);
+    auto scale = torch::empty({rows, cols});
+    auto back = torch::empty(w.sizes());
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c = 0; c < cols; ++c) {
+        const int64_t h = std::min(block, w.size(0) - r * block), wd = std::min(block, w.size(1) - c * block);
+        auto tile = w.narrow(0, r * block, h).narrow(1, c * block, wd);
+        const float s = tile.abs().max().item<float>() / 448.0f;
+        scale[r][c] = s;
+        auto qt = (tile / s).to(torch::kFloat8_e4m3fn);
+        q.narrow(0, r * block, h).narrow(1, c * block, wd).copy_(qt);
+        back.narrow(0, r * block, h).narrow(1, c * block, wd).copy_(qt.to(torch::kFloat) * s);
+      }
+    }
+    scaled += (w.size(0) % block != 0 || w.size(1) % block != 0) ? 1 : 0;
+    quantized.emplace_back(name, q);
+    quantized.emplace_back(name + "_scale_inv", scale);
+    dequantized.emplace_back(name, back);
+  }
+  EXPECT_GT(scaled, 0) << "no weight has a partial block";
+  save_safetensors(fp8 / "model.safetensors", quantized);
+  save_safetensors(plain / "model.safetensors", dequantized);
+  auto config = nlohmann::json::parse(read_file(fp8 / "config.json"));
+  fs::copy_file(fp8 / "config.json", plain / "config.json");
+  config["quantization_config"] = {{"quant_method", "fp8"}, {"fmt", "e4m3"}, {"activation_scheme", "dynamic"},
+                                   {"weight_block_size", {block, block}}};
+  write_file_atomic(fp8 / "config.json", config.dump(2));
+
+  Transformer expected = import_dir(plain), got = import_dir(fp8);
+  const auto a = expected->state_dict(), b = got->state_dict();
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(torch::equal(a[i].second, b[i].second)) << a[i].first;
+  const auto ids = torch::randint(0, 261, {1, 12}, torch::kLong);
+  const double fp8_error = max_diff(logits_of(got, ids), logits_of(model, ids));
+  EXPECT_GT(fp8_error, 0.0);  // the weights really went through FP8
+  std::cout << "[ measured ] tiny deepseek_v3 through 24x24 block FP8: max|logit diff| " << fp8_error << "\n";
+
+  // A scale of the wrong shape, and a quantization brigade does not read.
+  auto bad = quantized;
+  for (auto& [name, t] : bad)
+    if (name == "model.layers.0.self_attn.q_a_proj.weight_scale_inv") t = torch::ones({1, 1});
+  save_safetensors(fp8 / "model.safetensors", bad);
+  EXPECT_BRIGADE_ERROR(import_dir(fp8), "'model.layers.0.self_attn.q_a_proj.weight_scale_inv' has shape [1, 1]");
+  config["quantization_config"]["quant_method"] = "gptq";
+  write_file_atomic(fp8 / "config.json", config.dump(2));
+  EXPECT_BRIGADE_ERROR(import_dir(fp8), "quantization_config.quant_method' is 'gptq'");
+}
+
 // The shipped DeepSeek-V3-shaped recipe (MLA, shared + routed experts, sigmoid
 // routing with its aux-loss-free bias) trained a few steps, shrunk, through the CLI:
 // the export is a deepseek_v3 checkpoint whose logits transformers reproduces, and
@@ -358,8 +514,13 @@ TEST(HfCheckpoint, TrainedTinyDeepseekV3ExportsToTransformers) {
   ASSERT_EQ(exp.exit_code, 0) << exp.output;
   EXPECT_NE(exp.output.find("exported deepseek_v3 model"), std::string::npos) << exp.output;
 
-  auto trained = launch::load_model(run, {});
+  // The recipe trains with FP8 GEMMs; the exported weights are the FP32 masters, so
+  // compare with brigade computing in full precision too.
+  auto trained = launch::load_model(run, {"precision.fp8_recipe=none"});
   trained.model->eval();
+  EXPECT_GT(trained.model->options().mtp.depth, 0);
+  const auto exported = load_safetensors_dir(out).tensors;
+  EXPECT_TRUE(exported.contains("model.layers.2.eh_proj.weight")) << "the MTP module was not exported";
   auto bias = trained.model->named_buffers().find("layers.1.mlp.gate.e_score_correction_bias");
   ASSERT_NE(bias, nullptr);
   EXPECT_GT(bias->abs().max().item<double>(), 0.0) << "balancing never moved the bias: its export is untested";
@@ -375,6 +536,18 @@ TEST(HfCheckpoint, TrainedTinyDeepseekV3ExportsToTransformers) {
 
   auto gen = testing::run_brigade("generate --checkpoint " + run.string() + " --prompt 'Q: 1+2=' --max-new-tokens 8");
   EXPECT_EQ(gen.exit_code, 0) << gen.output;
+  auto spec = testing::run_brigade("generate --checkpoint " + run.string() +
+                                   " --prompt 'Q: 1+2=' --max-new-tokens 8 --speculative mtp");
+  EXPECT_EQ(spec.exit_code, 0) << spec.output;
+  EXPECT_NE(spec.output.find("speculative mtp: "), std::string::npos) << spec.output;
+  auto text_of = [](const std::string& output) {  // the line with the prompt and its continuation
+    const auto at = output.find("Q: 1+2=");
+    return at == std::string::npos ? std::string() : output.substr(at, output.find('\n', at) - at);
+  };
+  EXPECT_FALSE(text_of(gen.output).empty()) << gen.output;
+  EXPECT_EQ(text_of(spec.output), text_of(gen.output));
+  // The imported checkpoint keeps its MTP module: the reloaded model drafts the same.
+  EXPECT_EQ(read_hf_config(out / "config.json").options.mtp.depth, 1);
 }
 
 }  // namespace

@@ -8,6 +8,8 @@
 
 #include <torch/torch.h>
 
+#include "model/generate.h"
+#include "model/speculative.h"
 #include "model/transformer.h"
 #include "recipes/recipe.h"
 #include "tests/testing.h"
@@ -129,6 +131,104 @@ TEST_P(Mtp, RunsInTrainingForwardsOnly) {
   EXPECT_BRIGADE_ERROR(depth0.validate(), "model.mtp.depth");
 }
 
+// The decoding pieces speculative decoding uses (caches, chunks of positions, the
+// absorbed MLA form) compute what the training chain computes.
+TEST_P(Mtp, IncrementalDecodePiecesMatchTheTrainingChain) {
+  const auto o = mtp_options(GetParam());
+  torch::manual_seed(4);
+  Transformer model(o);
+  randomize(model);
+  model->train();
+  const auto tokens = torch::randint(0, o.vocab_size, {1, 10}, torch::kLong);
+  const auto main_logits = model->forward(tokens).detach();
+  const auto want = model->mtp_logits();
+  model->eval();
+  torch::NoGradGuard no_grad;
+  auto cache = model->make_cache(1, 10);
+  std::vector<torch::Tensor> parts;
+  for (auto [from, n] : {std::pair<int64_t, int64_t>{0, 4}, {4, 1}, {5, 5}})
+    parts.push_back(model->decode_hidden(tokens.narrow(1, from, n), cache));
+  auto h = torch::cat(parts, 1);
+  const double scale = main_logits.abs().max().item<double>();
+  EXPECT_LE((model->decode_logits(h) - main_logits).abs().max().item<double>(), 1e-5 * scale);
+  for (int64_t k = 1; k <= 2; ++k) {
+    const int64_t n = 10 - k;
+    auto mtp_cache = model->make_mtp_cache(1, 10);
+    std::vector<torch::Tensor> g;
+    for (auto [from, len] : {std::pair<int64_t, int64_t>{0, 3}, {3, 1}, {4, n - 4}})
+      g.push_back(model->mtp_decode_hidden(k, h.narrow(1, from, len), tokens.narrow(1, from + k, len), mtp_cache));
+    h = torch::cat(g, 1);
+    const auto got = model->mtp_decode_logits(k, h);
+    EXPECT_LE((got - want[k - 1].detach()).abs().max().item<double>(), 1e-5 * scale) << "depth " << k;
+  }
+}
+
+// Speculative decoding drafted by the MTP modules emits greedy decoding's tokens, with
+// stop ids, the new-token limit and the context limit.
+TEST_P(Mtp, SpeculativeDecodingGivesTheGreedyTokens) {
+  auto o = mtp_options(GetParam());
+  torch::manual_seed(5);
+  Transformer model(o);
+  randomize(model);
+  int64_t accepted = 0;
+  for (int64_t depth : {1, 2}) {
+    for (int64_t prompt_len : {1, 3, 6}) {
+      std::vector<int64_t> prompt;
+      for (int64_t i = 0; i < prompt_len; ++i) prompt.push_back((7 * i + 3 * prompt_len) % o.vocab_size);
+      for (int64_t max_new : {1, 9, 40}) {  // 40 runs into max_seq_len (32)
+        SamplingOptions greedy;
+        greedy.max_new_tokens = max_new;
+        const auto plain = generate(model, prompt, greedy);
+        SpeculativeStats stats;
+        const auto spec = generate_speculative(model, prompt, greedy, depth, &stats);
+        EXPECT_EQ(spec.tokens, plain.tokens) << "depth " << depth << " prompt " << prompt_len << " max " << max_new;
+        EXPECT_EQ(static_cast<int64_t>(spec.tokens.size()), 1 + stats.rounds + stats.accepted);
+        accepted += stats.accepted;
+        if (plain.tokens.size() > 2) {  // stop at the third token
+          SamplingOptions stopping = greedy;
+          stopping.stop_ids = {plain.tokens[2]};
+          const auto a = generate(model, prompt, stopping), b = generate_speculative(model, prompt, stopping, depth);
+          EXPECT_EQ(b.tokens, a.tokens);
+          EXPECT_TRUE(b.stopped);
+        }
+      }
+    }
+  }
+  std::cout << "[ measured ] random " << (GetParam() ? "MLA" : "GQA") << " model: " << accepted
+            << " drafts accepted over the cases\n";
+
+  SamplingOptions hot;
+  hot.temperature = 0.7;
+  EXPECT_BRIGADE_ERROR(generate_speculative(model, {1, 2}, hot), "temperature must be 0");
+  o.mtp.depth = 0;
+  Transformer plain(o);
+  EXPECT_BRIGADE_ERROR(generate_speculative(plain, {1, 2}, {}), "needs MTP modules");
+}
+
+// A draft that is always right: with the final norms zeroed every logit is 0, so the
+// main model and both modules always choose token 0. Every round then keeps both
+// drafts and the choice after them.
+TEST_P(Mtp, SpeculativeDecodingKeepsEveryRightDraft) {
+  const auto o = mtp_options(GetParam());
+  torch::manual_seed(6);
+  Transformer model(o);
+  randomize(model);
+  {
+    torch::NoGradGuard no_grad;
+    model->norm->weight.zero_();
+    for (const auto& m : *model->mtp) m->as<MtpModuleImpl>()->norm->weight.zero_();
+  }
+  SamplingOptions greedy;
+  greedy.max_new_tokens = 19;
+  SpeculativeStats stats;
+  const auto out = generate_speculative(model, {4, 5}, greedy, 2, &stats);
+  EXPECT_EQ(out.tokens, std::vector<int64_t>(19, 0));
+  EXPECT_EQ(stats.rounds, 6);  // the prefill's token, then 6 rounds of 3
+  EXPECT_EQ(stats.accepted, 12);
+  EXPECT_DOUBLE_EQ(stats.acceptance(), 1.0);
+  EXPECT_DOUBLE_EQ(stats.tokens_per_round(), 3.0);
+}
+
 INSTANTIATE_TEST_SUITE_P(Attention, Mtp, ::testing::Values(false, true),
                          [](const auto& info) { return info.param ? "Mla" : "Gqa"; });
 
@@ -146,6 +246,7 @@ void expect_same_count(const TransformerOptions& o, const std::string& what) {
   EXPECT_EQ(got.activated, want.activated) << what;
   EXPECT_EQ(got.embedding, want.embedding) << what;
   EXPECT_EQ(got.matmul, want.matmul) << what;
+  EXPECT_EQ(got.routed, want.routed) << what;
 }
 
 TEST(CountParameters, MatchesTheBuiltModel) {

@@ -1,0 +1,117 @@
+// brigade plan: the published DeepSeek-V3 sizes and cost, the state memory of a
+// built model, and bad layouts.
+#include <gtest/gtest.h>
+
+#include <torch/torch.h>
+
+#include "launch/commands.h"
+#include "recipes/recipe.h"
+#include "tests/testing.h"
+#include "trainer/plan.h"
+
+namespace brigade::trainer {
+namespace {
+
+recipes::Recipe shipped(const std::string& name, const std::vector<std::string>& overrides = {}) {
+  return recipes::load_recipe(std::string(BRIGADE_SOURCE_DIR) + "/recipes/" + name, overrides);
+}
+
+TrainingPlan plan_of(const recipes::Recipe& r, const PlanOptions& options) {
+  return plan_training({r.model, r.precision, r.parallel, r.trainer, r.data.seq_len}, options);
+}
+
+double item(const TrainingPlan& p, const std::string& prefix) {
+  for (const auto& m : p.memory)
+    if (m.what.starts_with(prefix)) return m.bytes;
+  ADD_FAILURE() << "no memory item " << prefix;
+  return 0;
+}
+
+// DeepSeek-V3 (arXiv 2412.19437): 671B parameters, 37B activated; 14.8T training
+// tokens took 2.664M H800 GPU-hours (2.788M with context extension and post-training).
+TEST(Plan, DeepSeekV3AsPublished) {
+  const auto r = shipped("deepseek-v3-671b.yaml");
+  PlanOptions options;
+  options.gpus = 2048;
+  options.gpu = "h800";
+  options.tokens = 14.8e12;
+  const auto p = plan_of(r, options);
+  EXPECT_NEAR(static_cast<double>(p.main_params.total), 671e9, 0.005 * 671e9);
+  const double activated = static_cast<double>(p.main_params.activated - p.main_params.embedding);
+  EXPECT_NEAR(activated, 37e9, 0.02 * 37e9);  // 36.63B: the report rounds
+  // 6 x 36.6B activated matmul weights (+ the MTP module's) + attention over 4K positions.
+  EXPECT_GT(p.flops_per_token, 2.6e11);
+  EXPECT_LT(p.flops_per_token, 3.0e11);
+  // At the MFU the report's hours imply, the planner gives them back.
+  const double implied_mfu = 14.8e12 * p.flops_per_token / (2.664e6 * 3600.0 * 989.4e12);
+  options.mfu = implied_mfu;
+  EXPECT_NEAR(plan_of(r, options).gpu_hours, 2.664e6, 1e3);
+  EXPECT_GT(implied_mfu, 0.3);
+  EXPECT_LT(implied_mfu, 0.6);
+  std::cout << "[ measured ] DeepSeek-V3: " << p.main_params.total << " parameters, " << activated
+            << " activated; " << p.flops_per_token << " FLOPs/token; the report's 2.664M H800 GPU-hours imply "
+            << 100 * implied_mfu << "% MFU\n";
+  // Without pipeline parallelism 27B parameters per GPU cannot fit in 80 GB.
+  EXPECT_FALSE(p.fits());
+}
+
+// Weights, gradients and AdamW state against the parameters of the built model.
+TEST(Plan, StateMemoryMatchesTheBuiltModel) {
+  const auto r = shipped("tiny-deepseek-v3.yaml", {"parallel.expert_parallel=2", "parallel.zero_stage=1"});
+  torch::manual_seed(0);
+  model::Transformer built(r.model);
+  double numel = 0, routed = 0;
+  for (const auto& item : built->named_parameters()) {
+    numel += static_cast<double>(item.value().numel());
+    if (item.key().find("mlp.experts.") != std::string::npos) routed += static_cast<double>(item.value().numel());
+  }
+  PlanOptions options;
+  options.gpus = 4;
+  const auto p = plan_of(r, options);
+  const double held = numel - routed / 2;  // every dense weight, half the experts
+  EXPECT_DOUBLE_EQ(p.params_per_gpu, held);
+  EXPECT_DOUBLE_EQ(item(p, "weights"), 4 * held);
+  EXPECT_DOUBLE_EQ(item(p, "gradients"), 4 * held);
+  // ZeRO-1: dense moments over all 4 GPUs, expert moments over the 2 replicas of each slice.
+  EXPECT_DOUBLE_EQ(item(p, "AdamW"), 8 * ((numel - routed) / 4 + routed / 2 / 2));
+  EXPECT_GT(item(p, "MoE all-to-all"), 0.0);
+
+  // Activations grow with the micro batch; full checkpointing keeps much less.
+  const auto more = plan_of(shipped("tiny-deepseek-v3.yaml", {"parallel.expert_parallel=2", "trainer.micro_batch_size=32"}), options);
+  EXPECT_DOUBLE_EQ(item(more, "activations"), 2 * item(p, "activations"));
+  const auto full = plan_of(shipped("tiny-deepseek-v3.yaml", {"parallel.expert_parallel=2",
+                                                              "trainer.activation_checkpointing=full"}), options);
+  EXPECT_LT(item(full, "activations"), 0.7 * item(p, "activations"));
+}
+
+TEST(Plan, BadLayoutsAndOptionsAreErrors) {
+  const auto r = shipped("deepseek-v3-671b.yaml", {"parallel.expert_parallel=64"});
+  PlanOptions options;
+  options.gpus = 96;
+  EXPECT_BRIGADE_ERROR(plan_of(r, options), "parallel.expert_parallel (64) must divide --gpus (96)");
+  options.gpus = 64;
+  options.gpu = "a100";
+  EXPECT_BRIGADE_ERROR(plan_of(r, options), "--gpu 'a100'");
+  options.gpu = "h200";
+  options.mfu = 1.5;
+  EXPECT_BRIGADE_ERROR(plan_of(r, options), "--mfu");
+  EXPECT_DOUBLE_EQ(launch::parse_count("14.8T", "--tokens"), 14.8e12);
+  EXPECT_DOUBLE_EQ(launch::parse_count("2e9", "--tokens"), 2e9);
+  EXPECT_BRIGADE_ERROR(launch::parse_count("12X", "--tokens"), "unknown suffix 'X'");
+  EXPECT_BRIGADE_ERROR(launch::parse_count("lots", "--tokens"), "is not a number");
+}
+
+TEST(Plan, CommandPrintsThePlan) {
+  const std::string recipe = std::string(BRIGADE_SOURCE_DIR) + "/recipes/deepseek-v3-671b.yaml";
+  auto run = testing::run_brigade("plan " + recipe + " --gpus 2048 --gpu h800 --tokens 14.8T");
+  ASSERT_EQ(run.exit_code, 0) << run.output;
+  for (const char* want : {"671B total, 36.6B activated per token", "with MTP", "2048 x h800", "does not fit",
+                           "GPU-hours", "14.8T"})
+    EXPECT_NE(run.output.find(want), std::string::npos) << want << "\n" << run.output;
+  auto bad = testing::run_brigade("plan " + recipe + " --gpu v100");
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_NE(bad.output.find("--gpu 'v100'"), std::string::npos) << bad.output;
+}
+
+}  // namespace
+}  // namespace brigade::trainer

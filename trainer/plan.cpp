@@ -1,0 +1,187 @@
+#include "trainer/plan.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <sstream>
+
+#include "core/error.h"
+
+namespace brigade::trainer {
+namespace {
+
+constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+
+// Activation bytes one block keeps for backward, per token (see plan.h).
+double block_activation_bytes(const model::TransformerOptions& o, int64_t layer, double c) {
+  const double d = static_cast<double>(o.d_model), heads = static_cast<double>(o.n_heads);
+  double bytes = 2 * d * 4 + 2 * d * c;  // FP32 residual stream into both norms; both norm outputs
+  if (o.is_mla()) {
+    const auto& a = o.mla;
+    const double dn = static_cast<double>(a.qk_nope_head_dim), dr = static_cast<double>(a.qk_rope_head_dim);
+    const double dv = static_cast<double>(a.v_head_dim), r = static_cast<double>(a.kv_lora_rank);
+    const double q_latent = 2.0 * static_cast<double>(a.q_lora_rank);  // projected, normalised
+    bytes += c * (q_latent + 2 * heads * (dn + dr) /* q before and after RoPE */ + (r + dr) + r /* latent, normalised */ +
+                  heads * (dn + dv) /* expanded k_nope, v */ + heads * (dn + dr) /* k with the rope key */ +
+                  heads * dv /* attention output */);
+  } else {
+    const double hd = static_cast<double>(o.head_size()), kv = static_cast<double>(o.kv_heads());
+    bytes += c * (3 * heads * hd + 3 * kv * hd);  // q and k before and after RoPE, v, the output
+  }
+  const double ff = static_cast<double>(o.ff_size());
+  if (!o.is_moe_layer(layer)) return bytes + c * 3 * ff;  // gate, up, their product
+  const auto& m = o.moe;
+  const double experts = static_cast<double>(m.num_experts), k = static_cast<double>(m.top_k);
+  const double expert_ff = static_cast<double>(m.expert_size(o.ff_size()));
+  bytes += 2 * experts * 4;                         // router logits and scores, FP32
+  bytes += k * c * (2 * d + 3 * expert_ff);         // each routed copy: input, gate, up, product, output
+  if (m.num_shared_experts > 0) bytes += c * 3 * static_cast<double>(m.shared_size(o.ff_size()));
+  return bytes;
+}
+
+std::string human(double value, const char* const* units, int count, double step) {
+  int i = 0;
+  while (i + 1 < count && std::abs(value) >= step) value /= step, ++i;
+  char buf[64];
+  std::snprintf(buf, sizeof buf, value >= 100 ? "%.0f%s" : value >= 10 ? "%.1f%s" : "%.2f%s", value, units[i]);
+  return buf;
+}
+
+std::string count_text(double n) {
+  static const char* units[] = {"", "K", "M", "B", "T"};
+  return human(n, units, 5, 1000.0);
+}
+
+std::string gib(double bytes) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.2f GiB", bytes / kGiB);
+  return buf;
+}
+
+std::string fixed(double v, int digits) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.*f", digits, v);
+  return buf;
+}
+
+}  // namespace
+
+GpuSpec gpu_spec(const std::string& name) {
+  // Memory as the driver reports it (nvidia-smi's total), dense peaks from NVIDIA's
+  // datasheets (SXM parts, without sparsity).
+  if (name == "h100") return {"h100", 81559.0 * 1024 * 1024, 989.4e12, 1978.9e12};
+  if (name == "h800") return {"h800", 81559.0 * 1024 * 1024, 989.4e12, 1978.9e12};
+  if (name == "h200") return {"h200", 143771.0 * 1024 * 1024, 989.4e12, 1978.9e12};
+  BRIGADE_FAIL("--gpu '", name, "' is not one brigade knows (h100, h200, h800)");
+}
+
+void PlanOptions::validate() const {
+  BRIGADE_CHECK(gpus >= 1, "--gpus must be at least 1, got ", gpus);
+  BRIGADE_CHECK(tokens >= 0, "--tokens must be >= 0, got ", tokens);
+  BRIGADE_CHECK(mfu > 0 && mfu <= 1, "--mfu must be in (0, 1], got ", mfu);
+  gpu_spec(gpu);
+}
+
+double TrainingPlan::memory_total() const {
+  double total = 0;
+  for (const auto& item : memory) total += item.bytes;
+  return total;
+}
+
+TrainingPlan plan_training(const PlanInputs& in, const PlanOptions& options) {
+  options.validate();
+  const auto& o = in.model;
+  const int64_t ep = in.parallel.expert_parallel;
+  BRIGADE_CHECK(options.gpus % ep == 0, "parallel.expert_parallel (", ep, ") must divide --gpus (", options.gpus, ")");
+  BRIGADE_CHECK(!o.moe.enabled() || o.moe.num_experts % ep == 0, "parallel.expert_parallel (", ep,
+                ") must divide model.moe.num_experts (", o.moe.num_experts, ")");
+  BRIGADE_CHECK(in.seq_len > 0, "data.seq_len must be positive, got ", in.seq_len);
+  TrainingPlan p;
+  p.gpu = gpu_spec(options.gpu);
+  p.params = model::count_parameters(o);
+  auto main = o;
+  main.mtp.depth = 0;
+  p.main_params = model::count_parameters(main);
+  const double s = static_cast<double>(in.seq_len);
+  const int64_t qk = o.is_mla() ? o.mla.qk_head_dim() : o.head_size();
+  const int64_t v = o.is_mla() ? o.mla.v_head_dim : o.head_size();
+  const double blocks = static_cast<double>(o.n_layers + o.mtp.depth);
+  p.flops_per_token = 6.0 * static_cast<double>(p.params.matmul) +
+                      6.0 * blocks * s * static_cast<double>(o.n_heads) * static_cast<double>(qk + v);
+
+  const double routed = static_cast<double>(p.params.routed), dense = static_cast<double>(p.params.total) - routed;
+  p.params_per_gpu = dense + routed / static_cast<double>(ep);
+  const double state_bytes = in.precision.optimizer_state_dtype == precision::ComputeDtype::kBFloat16 ? 2.0 : 4.0;
+  const bool zero = in.parallel.zero_stage >= 1;
+  const double dense_shards = zero ? static_cast<double>(options.gpus) : 1.0;
+  const double expert_shards = zero ? static_cast<double>(options.gpus / ep) : 1.0;
+  p.memory.push_back({"weights (FP32 master)", 4 * p.params_per_gpu});
+  p.memory.push_back({"gradients (FP32)", 4 * p.params_per_gpu});
+  p.memory.push_back({std::string("AdamW moments (") + (state_bytes == 2 ? "bf16" : "fp32") +
+                          (zero ? ", ZeRO-1)" : ")"),
+                      2 * state_bytes * (dense / dense_shards + routed / static_cast<double>(ep) / expert_shards)});
+
+  const double c = in.precision.compute_dtype == precision::ComputeDtype::kBFloat16 ? 2.0 : 4.0;
+  const double tokens = s * static_cast<double>(in.trainer.micro_batch_size);
+  const double d = static_cast<double>(o.d_model), vocab = static_cast<double>(o.vocab_size);
+  double kept = 0, largest = 0;
+  for (int64_t layer = 0; layer < o.n_layers + o.mtp.depth; ++layer) {
+    const double block = block_activation_bytes(o, layer, c);
+    largest = std::max(largest, block);
+    kept += in.trainer.activation_checkpointing == Checkpointing::kFull ? d * 4 : block;
+  }
+  if (in.trainer.activation_checkpointing == Checkpointing::kFull) kept += largest;
+  kept += static_cast<double>(o.mtp.depth) * 2 * d * c;          // MTP: the concatenated inputs of eh_proj
+  kept += static_cast<double>(1 + o.mtp.depth) * vocab * 8;      // logits and their gradient, FP32, per head
+  p.memory.push_back({"activations (one micro batch)", kept * tokens});
+  if (ep > 1 && o.moe.enabled()) {
+    const double element = in.parallel.ep_fp8_dispatch ? 1.0 + 4.0 / 128.0 : c;
+    p.memory.push_back({"MoE all-to-all buffers", 4 * tokens * static_cast<double>(o.moe.top_k) * d * element});
+  }
+
+  p.global_batch_tokens = tokens * static_cast<double>(in.trainer.grad_accum_steps * options.gpus);
+  p.tokens = options.tokens > 0 ? options.tokens : p.global_batch_tokens * static_cast<double>(in.trainer.max_steps);
+  p.gpu_hours = p.tokens * p.flops_per_token / (p.gpu.bf16_flops * options.mfu) / 3600.0;
+  p.wall_hours = p.gpu_hours / static_cast<double>(options.gpus);
+  return p;
+}
+
+std::string format_plan(const TrainingPlan& p, const PlanInputs& in, const PlanOptions& options) {
+  const auto& o = in.model;
+  std::ostringstream out;
+  out << "GPUs              " << options.gpus << " x " << p.gpu.name << " (" << gib(p.gpu.memory_bytes) << ", "
+      << fixed(p.gpu.bf16_flops / 1e12, 0) << " TFLOP/s BF16 dense)\n";
+  const auto& mp = p.main_params;
+  out << "parameters        " << count_text(static_cast<double>(mp.total)) << " total, "
+      << count_text(static_cast<double>(mp.activated - mp.embedding)) << " activated per token ("
+      << count_text(static_cast<double>(mp.activated)) << " with the input embedding)\n";
+  if (o.mtp.depth > 0) {
+    out << "  with MTP        " << count_text(static_cast<double>(p.params.total)) << " total, "
+        << count_text(static_cast<double>(p.params.activated - p.params.embedding)) << " activated (" << o.mtp.depth
+        << (o.mtp.depth == 1 ? " module" : " modules") << ", training only)\n";
+  }
+  char flops[64];
+  std::snprintf(flops, sizeof flops, "%.3g", p.flops_per_token);
+  out << "training FLOPs    " << flops << " per token (forward + backward, " << in.seq_len << "-token sequences)\n";
+  out << "layout            data parallel " << options.gpus << ", expert parallel " << in.parallel.expert_parallel
+      << ", ZeRO-" << (in.parallel.zero_stage >= 1 ? "1" : "0") << "; micro batch " << in.trainer.micro_batch_size
+      << " x " << in.seq_len << " tokens, activation checkpointing " << to_string(in.trainer.activation_checkpointing)
+      << ", compute " << precision::to_string(in.precision.compute_dtype)
+      << (in.precision.fp8.enabled() ? " with FP8 GEMMs" : "") << "\n";
+  out << "memory per GPU    (" << count_text(p.params_per_gpu) << " parameters held)\n";
+  for (const auto& item : p.memory) {
+    std::string what = item.what;
+    what.resize(std::max<size_t>(what.size(), 34), ' ');
+    out << "  " << what << gib(item.bytes) << "\n";
+  }
+  std::string total = "total";
+  total.resize(34, ' ');
+  out << "  " << total << gib(p.memory_total()) << " of " << gib(p.gpu.memory_bytes) << ": "
+      << (p.fits() ? "fits" : "does not fit") << "\n";
+  out << "tokens            " << count_text(p.tokens) << " (global batch " << count_text(p.global_batch_tokens)
+      << " tokens per step)\n";
+  out << "GPU-hours         " << count_text(p.gpu_hours) << " at " << fixed(100 * options.mfu, 0) << "% MFU ("
+      << fixed(p.wall_hours / 24.0, 1) << " days on " << options.gpus << " GPUs)\n";
+  return out.str();
+}
+
+}  // namespace brigade::trainer
