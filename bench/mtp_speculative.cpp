@@ -8,7 +8,7 @@
 //
 //   brigade train recipes/tiny-deepseek-v3.yaml --run-dir runs/tiny-deepseek-v3
 //   bench_mtp_speculative --checkpoint runs/tiny-deepseek-v3 [--prompts 16] [--reps 5]
-//                         [--max-new-tokens 192] [--threads 2]
+//                         [--max-new-tokens 192] [--threads 2] [--set precision.fp8_recipe=none]
 #include <CLI/CLI.hpp>
 
 #include <algorithm>
@@ -49,6 +49,8 @@ int main(int argc, char** argv) {
   std::string checkpoint;
   int64_t prompts = 16, max_new = 192;
   int reps = 5, threads = 2;
+  std::vector<std::string> overrides;
+  app.add_option("--set", overrides, "recipe overrides for loading, e.g. precision.fp8_recipe=none");
   app.add_option("--checkpoint", checkpoint, "run, checkpoints or step directory of a model with MTP modules")->required();
   app.add_option("--prompts", prompts)->capture_default_str();
   app.add_option("--max-new-tokens", max_new)->capture_default_str();
@@ -57,7 +59,7 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
   try {
     at::set_num_threads(threads);
-    auto loaded = launch::load_model(checkpoint, {});
+    auto loaded = launch::load_model(checkpoint, overrides);
     const auto& r = loaded.recipe;
     auto tokenizer = data::make_tokenizer(r.data.tokenizer);
     std::vector<std::vector<int64_t>> inputs;

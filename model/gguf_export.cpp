@@ -84,18 +84,44 @@ void check_qwen3moe(const TransformerOptions& o) {
   BRIGADE_CHECK(why == nullptr, "GGUF export as qwen3moe: ", why);
 }
 
+// llama.cpp's deepseek2 (src/models/deepseek2.cpp): multi-head latent attention
+// over a latent cache (attn_k_b / attn_v_b), dense leading layers, then shared +
+// routed experts with softmax or sigmoid scores, the selection bias exp_probs_b,
+// groups ranked by the sum of their two best scores, optional renormalisation and a
+// routed scaling. What it cannot express is refused here.
+void check_deepseek2(const TransformerOptions& o) {
+  BRIGADE_CHECK(o.is_mla(), "GGUF export as deepseek2: the model has no multi-head latent attention (model.attention)");
+  // llama.cpp takes 26/27-layer models (and 48 layers with a 128256 vocabulary) for
+  // DeepSeek-V2-Lite and then ignores q_lora_rank.
+  const bool lite = o.n_layers == 26 || o.n_layers == 27 || (o.n_layers == 48 && o.vocab_size == 128256);
+  BRIGADE_CHECK(!lite || o.mla.q_lora_rank == 0, "GGUF export as deepseek2: llama.cpp treats a model of ", o.n_layers,
+                " layers as DeepSeek-V2-Lite and ignores its query compression (model.mla.q_lora_rank = ",
+                o.mla.q_lora_rank, "), so it would not load the file");
+  const auto& m = o.moe;
+  if (m.enabled() && m.num_groups > 1 && m.topk_group < m.num_groups) {
+    BRIGADE_CHECK(m.group_score == moe::GroupScore::kTopTwoSum,
+                  "GGUF export as deepseek2: llama.cpp ranks expert groups by the sum of their two best scores "
+                  "(model.moe.group_score: top2_sum); group_score max (deepseek_v2's group_limited_greedy) has no "
+                  "GGUF form");
+  }
+}
+
 void check_family(const TransformerOptions& o, HfFamily family) {
   const std::string name = architecture(family);
-  BRIGADE_CHECK(!o.is_mla(), "GGUF export: multi-head latent attention (model.attention: mla, llama.cpp's deepseek2) "
-                "is not written to GGUF yet; export it to Hugging Face (brigade export --format hf) instead");
   BRIGADE_CHECK(!o.rope_scaling.enabled(), "GGUF export: model.rope_scaling.type is ",
                 to_string(o.rope_scaling.type), ", and brigade writes GGUF with plain RoPE only so far; "
                 "export it to Hugging Face instead");
+  if (family == HfFamily::kDeepseekV2 || family == HfFamily::kDeepseekV3) {
+    check_deepseek2(o);
+    return;
+  }
+  BRIGADE_CHECK(!o.is_mla(), "GGUF export as ", name, ": the model has multi-head latent attention, which exports "
+                "as deepseek2");
   if (family == HfFamily::kQwen3Moe) {
     check_qwen3moe(o);
     return;
   }
-  BRIGADE_CHECK(!o.moe.enabled(), "GGUF export covers dense llama/qwen2/qwen3 models only (MoE models export as "
+  BRIGADE_CHECK(!o.moe.enabled(), "GGUF export covers dense llama/qwen2/qwen3 models only (MoE models export as deepseek2 or "
                 "qwen3moe); exporting as ", name, " a model with ", o.moe.num_experts, " routed experts (MoE)");
   switch (family) {
     case HfFamily::kLlama:
@@ -124,6 +150,38 @@ uint32_t u32(int64_t v, const char* what) {
   return static_cast<uint32_t>(v);
 }
 
+// deepseek2's keys (llama.cpp reads them in llama_model_deepseek2::load_arch_hparams):
+// the latent cache is one "kv head" of kv_lora_rank + qk_rope_head_dim keys and
+// kv_lora_rank values; the _mla lengths are the per-head query/key and value sizes.
+void add_deepseek2_metadata(GgufWriter& writer, const TransformerOptions& o) {
+  const std::string arch = "deepseek2";
+  const auto& a = o.mla;
+  const auto& m = o.moe;
+  writer.set(arch + ".attention.head_count_kv", Scalar(uint32_t{1}));
+  writer.set(arch + ".attention.key_length", Scalar(u32(a.cache_width(), "kv_lora_rank + qk_rope_head_dim")));
+  writer.set(arch + ".attention.value_length", Scalar(u32(a.kv_lora_rank, "mla.kv_lora_rank")));
+  writer.set(arch + ".attention.key_length_mla", Scalar(u32(a.qk_head_dim(), "qk_nope_head_dim + qk_rope_head_dim")));
+  writer.set(arch + ".attention.value_length_mla", Scalar(u32(a.v_head_dim, "mla.v_head_dim")));
+  writer.set(arch + ".attention.q_lora_rank", Scalar(u32(a.q_lora_rank, "mla.q_lora_rank")));
+  writer.set(arch + ".attention.kv_lora_rank", Scalar(u32(a.kv_lora_rank, "mla.kv_lora_rank")));
+  writer.set(arch + ".rope.dimension_count", Scalar(u32(a.qk_rope_head_dim, "mla.qk_rope_head_dim")));
+  // A dense model is every layer dense; llama.cpp still requires the expert sizes.
+  writer.set(arch + ".leading_dense_block_count", Scalar(u32(m.enabled() ? m.first_k_dense : o.n_layers, "first_k_dense")));
+  writer.set(arch + ".expert_feed_forward_length",
+             Scalar(u32(m.enabled() ? m.expert_size(o.ff_size()) : o.ff_size(), "moe.expert_d_ff")));
+  writer.set(arch + ".expert_shared_count", Scalar(u32(m.enabled() ? m.num_shared_experts : 0, "moe.num_shared_experts")));
+  if (!m.enabled()) return;
+  writer.set(arch + ".expert_weights_scale", Scalar(static_cast<float>(m.routed_scaling)));
+  writer.set(arch + ".expert_weights_norm", Scalar(m.normalize_topk));
+  const bool sigmoid = m.score_function == moe::ScoreFunction::kSigmoid;
+  writer.set(arch + ".expert_gating_func", Scalar(uint32_t{sigmoid ? 2u : 1u}));  // llama.cpp: 1 softmax, 2 sigmoid
+  // Groups that all stay selected route like no groups (llama.cpp asserts used < count).
+  if (m.num_groups > 1 && m.topk_group < m.num_groups) {
+    writer.set(arch + ".expert_group_count", Scalar(u32(m.num_groups, "moe.num_groups")));
+    writer.set(arch + ".expert_group_used_count", Scalar(u32(m.topk_group, "moe.topk_group")));
+  }
+}
+
 }  // namespace
 
 std::string gguf_tensor_name(const std::string& name) {
@@ -149,6 +207,15 @@ std::string gguf_tensor_name(const std::string& name) {
       {"mlp.down_proj.weight", "ffn_down.weight"},
       {"mlp.gate.weight", "ffn_gate_inp.weight"},
       {"mlp.experts.down_proj", "ffn_down_exps.weight"},
+      {"mlp.gate.e_score_correction_bias", "exp_probs_b.bias"},
+      {"mlp.shared_experts.gate_proj.weight", "ffn_gate_shexp.weight"},
+      {"mlp.shared_experts.up_proj.weight", "ffn_up_shexp.weight"},
+      {"mlp.shared_experts.down_proj.weight", "ffn_down_shexp.weight"},
+      {"self_attn.q_a_proj.weight", "attn_q_a.weight"},
+      {"self_attn.q_a_layernorm.weight", "attn_q_a_norm.weight"},
+      {"self_attn.q_b_proj.weight", "attn_q_b.weight"},
+      {"self_attn.kv_a_proj_with_mqa.weight", "attn_kv_a_mqa.weight"},
+      {"self_attn.kv_a_layernorm.weight", "attn_kv_a_norm.weight"},
   };
   if (auto it = kGlobal.find(name); it != kGlobal.end()) return it->second;
   static const std::regex kLayerName(R"(layers\.(\d+)\.(.+))");
@@ -185,12 +252,16 @@ void export_gguf(const Transformer& model, HfFamily family, const data::BpeToken
   writer.set(arch + ".block_count", Scalar(u32(o.n_layers, "n_layers")));
   writer.set(arch + ".feed_forward_length", Scalar(u32(o.ff_size(), "d_ff")));
   writer.set(arch + ".attention.head_count", Scalar(u32(o.n_heads, "n_heads")));
-  writer.set(arch + ".attention.head_count_kv", Scalar(u32(o.kv_heads(), "n_kv_heads")));
-  writer.set(arch + ".attention.key_length", Scalar(u32(o.head_size(), "head_dim")));
-  writer.set(arch + ".attention.value_length", Scalar(u32(o.head_size(), "head_dim")));
   writer.set(arch + ".attention.layer_norm_rms_epsilon", Scalar(static_cast<float>(o.norm_eps)));
-  writer.set(arch + ".rope.dimension_count", Scalar(u32(o.head_size(), "head_dim")));
   writer.set(arch + ".rope.freq_base", Scalar(static_cast<float>(o.rope_theta)));
+  if (o.is_mla()) {
+    add_deepseek2_metadata(writer, o);
+  } else {
+    writer.set(arch + ".attention.head_count_kv", Scalar(u32(o.kv_heads(), "n_kv_heads")));
+    writer.set(arch + ".attention.key_length", Scalar(u32(o.head_size(), "head_dim")));
+    writer.set(arch + ".attention.value_length", Scalar(u32(o.head_size(), "head_dim")));
+    writer.set(arch + ".rope.dimension_count", Scalar(u32(o.head_size(), "head_dim")));
+  }
   if (o.moe.enabled()) {
     writer.set(arch + ".expert_count", Scalar(u32(o.moe.num_experts, "moe.num_experts")));
     writer.set(arch + ".expert_used_count", Scalar(u32(o.moe.top_k, "moe.top_k")));
@@ -258,15 +329,38 @@ void export_gguf(const Transformer& model, HfFamily family, const data::BpeToken
       if (name.ends_with("self_attn.q_proj.weight")) t = permute_for_interleaved_rope(t, o.n_heads);
       if (name.ends_with("self_attn.k_proj.weight")) t = permute_for_interleaved_rope(t, o.kv_heads());
     }
+    // deepseek2 rotates interleaved pairs ("normal" RoPE), as DeepSeek's checkpoints store them.
+    if (o.is_mla()) t = convert_rope_rows(name, t, o, /*to_interleaved=*/true).contiguous();
     put(gguf_tensor_name(name), t);
+  };
+  // Multi-head latent attention as deepseek2 reads it: kv_b_proj [heads * (dn + dv), kv_lora]
+  // split per head into attn_k_b [heads, kv_lora, dn] (transposed) and attn_v_b [heads, dv, kv_lora].
+  auto add_mla = [&](const std::string& p, const std::string& blk) {
+    const auto& a = o.mla;
+    if (a.q_lora_rank > 0) {
+      for (const char* name : {"q_a_proj.weight", "q_a_layernorm.weight", "q_b_proj.weight"}) add(p + "self_attn." + name);
+    } else {
+      add(p + "self_attn.q_proj.weight");
+    }
+    add(p + "self_attn.kv_a_proj_with_mqa.weight");
+    add(p + "self_attn.kv_a_layernorm.weight");
+    const torch::Tensor kv_b =
+        take(p + "self_attn.kv_b_proj.weight").view({o.n_heads, a.qk_nope_head_dim + a.v_head_dim, a.kv_lora_rank});
+    put(blk + "attn_k_b.weight", kv_b.narrow(1, 0, a.qk_nope_head_dim).transpose(1, 2).contiguous());
+    put(blk + "attn_v_b.weight", kv_b.narrow(1, a.qk_nope_head_dim, a.v_head_dim).contiguous());
   };
   add("embed_tokens.weight");
   for (int64_t layer = 0; layer < o.n_layers; ++layer) {
     const std::string p = "layers." + std::to_string(layer) + ".";
+    const std::string blk = "blk." + std::to_string(layer) + ".";
     add(p + "input_layernorm.weight");
-    for (const char* proj : {"q_proj", "k_proj", "v_proj"}) {
-      add(p + "self_attn." + proj + ".weight");
-      if (o.qkv_bias) add(p + "self_attn." + proj + ".bias");
+    if (o.is_mla()) {
+      add_mla(p, blk);
+    } else {
+      for (const char* proj : {"q_proj", "k_proj", "v_proj"}) {
+        add(p + "self_attn." + proj + ".weight");
+        if (o.qkv_bias) add(p + "self_attn." + proj + ".bias");
+      }
     }
     if (o.qk_norm) {
       add(p + "self_attn.q_norm.weight");
@@ -274,22 +368,30 @@ void export_gguf(const Transformer& model, HfFamily family, const data::BpeToken
     }
     add(p + "self_attn.o_proj.weight");
     add(p + "post_attention_layernorm.weight");
-    if (o.moe.enabled()) {
-      // qwen3moe has no selection bias; a bias moved by aux-loss-free balancing
-      // changes which experts brigade picks, so dropping it would change the model.
-      const torch::Tensor bias = take(p + "mlp.gate.e_score_correction_bias");  // [E]
-      BRIGADE_CHECK(bias.abs().max().item<double>() == 0.0, "GGUF export: ", p,
-                    "mlp.gate.e_score_correction_bias is not zero (aux-loss-free balancing moved it), and "
-                    "qwen3moe routes without a selection bias; train with model.moe.bias_update_rate=0 to export");
+    if (o.is_moe_layer(layer)) {
+      if (o.moe.score_function == moe::ScoreFunction::kSigmoid && o.is_mla()) {
+        add(p + "mlp.gate.e_score_correction_bias");  // deepseek2's exp_probs_b: selection only, as brigade
+      } else {
+        // qwen3moe and softmax deepseek2 have no selection bias; a bias moved by
+        // aux-loss-free balancing changes which experts brigade picks, so dropping it
+        // would change the model.
+        const torch::Tensor bias = take(p + "mlp.gate.e_score_correction_bias");  // [E]
+        BRIGADE_CHECK(bias.abs().max().item<double>() == 0.0, "GGUF export: ", p,
+                      "mlp.gate.e_score_correction_bias is not zero (aux-loss-free balancing moved it), and ", arch,
+                      " with softmax scores routes without a selection bias; train with "
+                      "model.moe.bias_update_rate=0 to export");
+      }
       add(p + "mlp.gate.weight");  // [E, D] -> ffn_gate_inp, ne [D, E]
       // gate_up_proj [E, 2F, D] holds each expert's gate rows, then its up rows;
       // llama.cpp wants them as two tensors of ne [D, F, E].
       const torch::Tensor gate_up = take(p + "mlp.experts.gate_up_proj");
       const int64_t ff = gate_up.size(1) / 2;
-      const std::string blk = "blk." + std::to_string(layer) + ".";
       put(blk + "ffn_gate_exps.weight", gate_up.narrow(1, 0, ff).contiguous());
       put(blk + "ffn_up_exps.weight", gate_up.narrow(1, ff, ff).contiguous());
       add(p + "mlp.experts.down_proj");  // [E, D, F] -> ffn_down_exps, ne [F, D, E]
+      if (o.moe.num_shared_experts > 0) {
+        for (const char* proj : {"gate_proj", "up_proj", "down_proj"}) add(p + "mlp.shared_experts." + proj + ".weight");
+      }
     } else {
       add(p + "mlp.gate_proj.weight");
       add(p + "mlp.up_proj.weight");

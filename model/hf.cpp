@@ -241,8 +241,14 @@ std::optional<RopeRows> rope_rows(const std::string& name, const TransformerOpti
   return std::nullopt;
 }
 
-// Interleaved rotary rows (pairs 2i, 2i+1, DeepSeek's layout) <-> rotate-half rows
-// (brigade's: first the even, then the odd members). Other tensors pass unchanged.
+std::string hf_name(const std::string& brigade_name) {
+  return brigade_name == "lm_head.weight" ? brigade_name : "model." + brigade_name;
+}
+
+}  // namespace
+
+// Interleaved rotary rows (pairs 2i, 2i+1) <-> rotate-half rows (brigade's: first the
+// even, then the odd members).
 torch::Tensor convert_rope_rows(const std::string& name, const torch::Tensor& t, const TransformerOptions& o,
                                 bool to_interleaved) {
   const auto rows = rope_rows(name, o);
@@ -256,12 +262,6 @@ torch::Tensor convert_rope_rows(const std::string& name, const torch::Tensor& t,
   }
   return out;
 }
-
-std::string hf_name(const std::string& brigade_name) {
-  return brigade_name == "lm_head.weight" ? brigade_name : "model." + brigade_name;
-}
-
-}  // namespace
 
 std::string family_name(HfFamily family) { return info(family).model_type; }
 

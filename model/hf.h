@@ -72,6 +72,14 @@ NamedTensors hf_state_dict(const TransformerImpl& model);
 // rotate-half order; save_hf_checkpoint permutes them back and writes rope_interleave.
 void load_hf_weights(TransformerImpl& model, const std::filesystem::path& dir);
 
+// DeepSeek's rotary layout for a multi-head latent attention projection (brigade or
+// Hugging Face name ending in self_attn.q_proj / q_b_proj / kv_a_proj_with_mqa
+// .weight): the rope rows of each query head and of the shared rope key converted
+// between rotate-half order (brigade's) and interleaved pairs (DeepSeek's
+// checkpoints, llama.cpp's deepseek2). Other tensors come back unchanged.
+torch::Tensor convert_rope_rows(const std::string& name, const torch::Tensor& tensor, const TransformerOptions& options,
+                                bool to_interleaved);
+
 // Writes config.json and the weights (`dtype`: float32, bfloat16 or float16;
 // sharded above `max_shard_bytes`) into `dir`, which must exist. Tokenizer files are
 // the caller's.

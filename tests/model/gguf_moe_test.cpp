@@ -272,5 +272,141 @@ TEST(GgufMoe, LlamaCppMatchesBrigade) {
   }
 }
 
+// DeepSeek-shaped models (multi-head latent attention, dense first layer, shared +
+// routed experts) as llama.cpp's deepseek2. v3: query compression, sigmoid scores
+// with a random selection bias, 4 groups of which 2 are used, renormalised top-k and
+// routed scaling 2.5. v2: no query compression, softmax scores without groups or
+// renormalisation, tied embeddings.
+TransformerOptions deepseek_options(bool v3) {
+  TransformerOptions o;
+  o.vocab_size = 264;
+  o.d_model = 64;
+  o.n_layers = 3;
+  o.n_heads = 4;
+  o.n_kv_heads = 0;
+  o.head_dim = 0;
+  o.d_ff = 96;
+  o.max_seq_len = 256;
+  o.tie_embeddings = !v3;
+  o.rope_theta = 10000.0;
+  o.norm_eps = 1e-6;  // llama.cpp uses it for the latent norms too (brigade and transformers: 1e-6)
+  o.init_std = 0.3;
+  o.attention = AttentionKind::kMla;
+  o.mla.q_lora_rank = v3 ? 32 : 0;
+  o.mla.kv_lora_rank = 32;
+  o.mla.qk_nope_head_dim = 16;
+  o.mla.qk_rope_head_dim = 16;
+  o.mla.v_head_dim = 16;
+  auto& m = o.moe;
+  m.num_experts = 8;
+  m.top_k = 2;
+  m.expert_d_ff = 32;
+  m.num_shared_experts = 1;
+  m.first_k_dense = 1;
+  m.score_function = v3 ? moe::ScoreFunction::kSigmoid : moe::ScoreFunction::kSoftmax;
+  m.num_groups = v3 ? 4 : 1;
+  m.topk_group = v3 ? 2 : 1;
+  m.normalize_topk = v3;
+  m.routed_scaling = v3 ? 2.5 : 1.0;
+  m.bias_update_rate = 0.0;
+  return o;
+}
+
+Transformer deepseek_model(bool v3, uint64_t seed) {
+  Transformer model = make_model(deepseek_options(v3), seed);
+  if (v3) {
+    torch::NoGradGuard no_grad;
+    for (auto& [name, t] : model->state_dict())
+      if (name.ends_with("e_score_correction_bias")) t.normal_(0.0, 0.5);
+  }
+  return model;
+}
+
+TEST(GgufDeepseek2, TensorsAndMetadata) {
+  TempDir dir;
+  const auto tokenizer = data::BpeTokenizer::from_byte_tokenizer();
+  Transformer model = deepseek_model(true, 41);
+  export_gguf(model, HfFamily::kDeepseekV3, tokenizer, GgufQuant::kF32, dir / "m.gguf", "t");
+  GgufReader reader(dir / "m.gguf");
+  EXPECT_EQ(reader.metadata("general.architecture").as_string("a"), "deepseek2");
+  EXPECT_EQ(reader.metadata("deepseek2.attention.key_length").as_int("k"), 48);  // the latent row: 32 + 16
+  EXPECT_EQ(reader.metadata("deepseek2.attention.key_length_mla").as_int("k"), 32);
+  EXPECT_EQ(reader.metadata("deepseek2.expert_gating_func").as_int("k"), 2);
+  EXPECT_EQ(reader.metadata("deepseek2.expert_group_used_count").as_int("k"), 2);
+  EXPECT_EQ(reader.info("blk.1.attn_k_b.weight").ne, (std::vector<int64_t>{16, 32, 4}));
+  EXPECT_EQ(reader.info("blk.1.attn_v_b.weight").ne, (std::vector<int64_t>{32, 16, 4}));
+  EXPECT_EQ(reader.info("blk.1.ffn_gate_exps.weight").ne, (std::vector<int64_t>{64, 32, 8}));
+  EXPECT_EQ(reader.info("blk.1.ffn_up_shexp.weight").ne, (std::vector<int64_t>{64, 32}));
+  EXPECT_TRUE(torch::equal(reader.tensor("blk.2.exp_probs_b.bias"),
+                           state_tensor(model, "layers.2.mlp.gate.e_score_correction_bias")));
+  EXPECT_EQ(reader.file().find_tensor("blk.0.ffn_gate_inp.weight"), nullptr);  // the dense first layer
+  // The rotary rows are interleaved pairs: row dn + 2i of a head is brigade's row dn + i.
+  const auto q_b = state_tensor(model, "layers.0.self_attn.q_b_proj.weight");
+  const auto written = reader.tensor("blk.0.attn_q_b.weight");
+  EXPECT_TRUE(torch::equal(written[16 + 2], q_b[16 + 1]));
+  EXPECT_TRUE(torch::equal(written[16 + 3], q_b[16 + 8 + 1]));
+  EXPECT_TRUE(torch::equal(written[5], q_b[5]));  // a nope row stays
+
+  // What llama.cpp's deepseek2 cannot express.
+  auto o = deepseek_options(false);
+  o.moe.num_groups = 4;
+  o.moe.topk_group = 2;
+  o.moe.group_score = moe::GroupScore::kMax;
+  EXPECT_BRIGADE_ERROR(export_gguf(make_model(o, 1), HfFamily::kDeepseekV2, tokenizer, GgufQuant::kF32, dir / "x.gguf", "t"),
+                       "group_score max");
+  o = deepseek_options(true);
+  o.n_layers = 26;
+  EXPECT_BRIGADE_ERROR(export_gguf(make_model(o, 1), HfFamily::kDeepseekV3, tokenizer, GgufQuant::kF32, dir / "x.gguf", "t"),
+                       "treats a model of 26 layers as DeepSeek-V2-Lite");
+}
+
+TEST(GgufDeepseek2, LlamaCppMatchesBrigade) {
+  if (!have_llama_cpp()) {
+    GTEST_SKIP() << "llama-cpp-python is not installed in .venv (scripts/setup.sh installs it); "
+                    "llama.cpp parity not checked";
+  }
+  const OneTorchThread one_thread;
+  TempDir dir;
+  const auto tokenizer = data::BpeTokenizer::from_byte_tokenizer();
+  const std::vector<int64_t> prompt = {72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100};  // "Hello, world"
+  constexpr int64_t kNew = 32;
+  std::vector<std::pair<std::string, std::vector<int64_t>>> cases;
+  nlohmann::json job = nlohmann::json::array();
+  for (bool v3 : {true, false}) {
+    for (GgufQuant quant : {GgufQuant::kF32, GgufQuant::kF16}) {
+      const std::string file = std::string(v3 ? "v3" : "v2") + "_" + gguf_quant_name(quant) + ".gguf";
+      Transformer model = deepseek_model(v3, v3 ? 43 : 44);
+      export_gguf(model, v3 ? HfFamily::kDeepseekV3 : HfFamily::kDeepseekV2, tokenizer, quant, dir / file, "parity");
+      if (quant == GgufQuant::kF16) round_to_fp16(model);
+      SamplingOptions greedy;
+      greedy.max_new_tokens = kNew;
+      cases.emplace_back("deepseek2 " + file, generate(model, prompt, greedy).tokens);
+      if (v3 && quant == GgufQuant::kF32) {  // the selection bias decides the continuation, so it is tested
+        Transformer unbiased = deepseek_model(true, 43);
+        torch::NoGradGuard no_grad;
+        for (auto& [name, t] : unbiased->state_dict())
+          if (name.ends_with("e_score_correction_bias")) t.zero_();
+        EXPECT_NE(generate(unbiased, prompt, greedy).tokens, cases.back().second);
+      }
+      job.push_back({{"path", (dir / file).string()}, {"n_ctx", 256}, {"prompt", prompt}, {"new_tokens", kNew}});
+    }
+  }
+  write_file_atomic(dir / "job.json", job.dump());
+  auto run = run_check("llama", dir / "job.json");
+  if (run.exit_code == 3) GTEST_SKIP() << run.output;
+  ASSERT_EQ(run.exit_code, 0) << run.output;
+  const auto results = last_json_line(run.output);
+  ASSERT_EQ(results.size(), cases.size()) << run.output;
+  for (size_t i = 0; i < cases.size(); ++i) {
+    const auto& [label, expected] = cases[i];
+    const std::vector<int64_t> theirs = results[i]["greedy"].get<std::vector<int64_t>>();
+    const std::set<int64_t> distinct(expected.begin(), expected.end());
+    std::cout << "[gguf parity] " << label << ": greedy " << (expected == theirs ? "equal" : "DIFFERENT") << " ("
+              << distinct.size() << " distinct tokens of " << kNew << ")\n";
+    EXPECT_EQ(expected, theirs) << label;
+    EXPECT_GE(distinct.size(), 8u) << label << ": the continuation is too repetitive to test much";
+  }
+}
+
 }  // namespace
 }  // namespace brigade::model

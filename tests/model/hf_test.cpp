@@ -8,10 +8,13 @@
 
 #include "core/fs.h"
 #include "launch/commands.h"
+#include "data/tokenizer.h"
+#include "model/generate.h"
 #include "model/hf.h"
 #include "model/safetensors.h"
 #include "recipes/build.h"
 #include "recipes/recipe.h"
+#include "tests/model/gguf_testing.h"
 #include "tests/testing.h"
 
 namespace brigade::model {
@@ -546,8 +549,27 @@ TEST(HfCheckpoint, TrainedTinyDeepseekV3ExportsToTransformers) {
   };
   EXPECT_FALSE(text_of(gen.output).empty()) << gen.output;
   EXPECT_EQ(text_of(spec.output), text_of(gen.output));
-  // The imported checkpoint keeps its MTP module: the reloaded model drafts the same.
+  // The export keeps the MTP module.
   EXPECT_EQ(read_hf_config(out / "config.json").options.mtp.depth, 1);
+
+  // llama.cpp's deepseek2 runs the same model (without the MTP module): greedy equal.
+  if (!gguf_testing::have_llama_cpp()) GTEST_SKIP() << "llama-cpp-python is not installed in .venv";
+  const fs::path gguf = dir / "model.gguf";
+  auto to_gguf = testing::run_brigade("export --checkpoint " + run.string() + " --format gguf --quant f32 --out " +
+                                      gguf.string());
+  ASSERT_EQ(to_gguf.exit_code, 0) << to_gguf.output;
+  auto tokenizer = data::make_tokenizer("byte");
+  std::vector<int64_t> prompt{tokenizer->bos_id()};
+  for (int64_t id : tokenizer->encode("Problem: 12+35")) prompt.push_back(id);
+  SamplingOptions greedy;
+  greedy.max_new_tokens = 24;
+  const auto ours_greedy = generate(trained.model, prompt, greedy).tokens;
+  write_file_atomic(dir / "job.json", nlohmann::json::array({{{"path", gguf.string()}, {"n_ctx", 64}, {"prompt", prompt},
+                                                               {"new_tokens", 24}}}).dump());
+  const gguf_testing::OneTorchThread one_thread;
+  auto llama = gguf_testing::run_check("llama", dir / "job.json");
+  ASSERT_EQ(llama.exit_code, 0) << llama.output;
+  EXPECT_EQ(gguf_testing::last_json_line(llama.output)[0]["greedy"].get<std::vector<int64_t>>(), ours_greedy);
 }
 
 }  // namespace
