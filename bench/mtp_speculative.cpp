@@ -20,6 +20,7 @@
 
 #include <torch/torch.h>
 
+#include "bench/op_profile.h"
 #include "data/arith.h"
 #include "data/tokenizer.h"
 #include "launch/commands.h"
@@ -50,6 +51,8 @@ int main(int argc, char** argv) {
   int64_t prompts = 16, max_new = 192;
   int reps = 5, threads = 2;
   std::vector<std::string> overrides;
+  bool profile = false;
+  app.add_flag("--profile", profile, "print each side's op counts and top ops by self time (one pass, not timed)");
   app.add_option("--set", overrides, "recipe overrides for loading, e.g. precision.fp8_recipe=none");
   app.add_option("--checkpoint", checkpoint, "run, checkpoints or step directory of a model with MTP modules")->required();
   app.add_option("--prompts", prompts)->capture_default_str();
@@ -94,6 +97,25 @@ int main(int argc, char** argv) {
         total.accepted += stats.accepted;
       }
     });
+    if (profile) {
+      for (bool speculative : {false, true}) {
+        bench::OpProfile ops;
+        for (const auto& input : inputs) {
+          if (speculative) model::generate_speculative(loaded.model, input, greedy);
+          else model::generate(loaded.model, input, greedy);
+        }
+        auto stats = ops.ops();
+        std::sort(stats.begin(), stats.end(), [](const auto& a, const auto& b) { return a.self_seconds > b.self_seconds; });
+        int64_t calls = 0;
+        double self = 0;
+        for (const auto& op : stats) calls += op.calls, self += op.self_seconds;
+        std::printf("%s: %lld op calls, %.3f s inside LibTorch\n", speculative ? "speculative" : "greedy",
+                    static_cast<long long>(calls), self);
+        for (size_t i = 0; i < std::min<size_t>(12, stats.size()); ++i)
+          std::printf("  %-40s %8lld calls %8.1f ms\n", stats[i].name.c_str(), static_cast<long long>(stats[i].calls),
+                      1e3 * stats[i].self_seconds);
+      }
+    }
     int64_t same = 0;
     for (size_t i = 0; i < inputs.size(); ++i) same += plain[i] == drafted[i] ? 1 : 0;
     const auto& mo = loaded.model->options();

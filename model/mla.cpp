@@ -1,5 +1,7 @@
 #include "model/mla.h"
 
+#include <limits>
+
 #include <ATen/ops/scaled_dot_product_attention.h>
 
 #include "core/error.h"
@@ -84,20 +86,27 @@ torch::Tensor MLAttentionImpl::forward(const torch::Tensor& x, const torch::Tens
 // split per head into W_uk [dn, r] and W_uv [dv, r], a head's score
 // q_nope . (W_uk c) + q_rope . k_rope = (q_nope W_uk) . c + q_rope . k_rope, and its
 // output sum_j p_j W_uv c_j = W_uv (sum_j p_j c_j). So the queries move into latent
-// space, every head attends to the one shared row [c, k_rope] (SDPA's grouped-query
-// broadcast with a single kv head), and W_uv is applied to the attended latent.
+// space and every head attends to the one shared row [c, k_rope] per position: the
+// heads' queries stack into one batched GEMM against the rows (no per-head copy of
+// the cache, which SDPA's grouped-query path makes on CPU: 5-16x slower at 512-2048
+// positions, bench/mla_attention.py), and W_uv is applied to the attended latent.
 torch::Tensor MLAttentionImpl::absorbed(const torch::Tensor& q_nope, const torch::Tensor& q_rope, KVCache& cache,
                                         int64_t layer) {
   const auto& o = options_;
-  const int64_t dn = o.qk_nope_head_dim, dv = o.v_head_dim, r = o.kv_lora_rank, seq = q_nope.size(2);
+  const int64_t dn = o.qk_nope_head_dim, dv = o.v_head_dim, r = o.kv_lora_rank;
+  const int64_t batch = q_nope.size(0), seq = q_nope.size(2), keys = cache.length + seq;
   auto w = kv_b_proj->weight.view({n_heads_, dn + dv, r}).to(q_nope.scalar_type());
   auto w_uk = w.narrow(1, 0, dn);   // [heads, dn, r]
   auto w_uv = w.narrow(1, dn, dv);  // [heads, dv, r]
   auto q = torch::cat({torch::matmul(q_nope, w_uk), q_rope}, -1);  // [batch, heads, seq, r + dr]
-  auto rows = cache.keys[layer].narrow(2, 0, cache.length + seq).to(q.scalar_type());  // [batch, 1, keys, r + dr]
-  auto mask = cache_attention_mask(cache, seq, q.device());
-  auto context = at::scaled_dot_product_attention(q, rows, rows.narrow(-1, 0, r), mask, 0.0, false, scale_,
-                                                  /*enable_gqa=*/true);  // [batch, heads, seq, r]
+  auto rows = cache.keys[layer].narrow(2, 0, keys).squeeze(1).to(q.scalar_type());  // [batch, keys, r + dr]
+  auto scores = torch::bmm(q.reshape({batch, n_heads_ * seq, -1}), rows.transpose(1, 2))
+                    .view({batch, n_heads_, seq, keys}) * scale_;
+  if (auto mask = cache_attention_mask(cache, seq, q.device()))
+    scores = scores.masked_fill(mask->logical_not(), -std::numeric_limits<double>::infinity());
+  auto probs = torch::softmax(scores, -1);
+  auto context = torch::bmm(probs.view({batch, n_heads_ * seq, keys}), rows.narrow(-1, 0, r))
+                     .view({batch, n_heads_, seq, r});
   return torch::matmul(context, w_uv.transpose(1, 2));  // [batch, heads, seq, dv]
 }
 

@@ -98,6 +98,18 @@ TRAIN=(train recipes/tiny-dense.yaml --run-dir "$run_dir" --set trainer.device=$
 step train 180 "${RUN[@]}" "$BRIGADE" "${TRAIN[@]}" --set trainer.stop_after=30
 step resume 180 "${RUN[@]}" "$BRIGADE" "${TRAIN[@]}" --resume
 
+# 2b. DeepSeek-V3's architecture at CPU size (multi-head latent attention, shared +
+#     routed experts, an MTP module, FP8 blockwise GEMMs): stopped and resumed, then
+#     decoded with the MTP module as the draft.
+ds_dir="$DEST/run-deepseek"
+rm -rf "$ds_dir"
+DS=(train recipes/tiny-deepseek-v3.yaml --run-dir "$ds_dir" --set trainer.device=$DEVICE --set trainer.max_steps=40
+    --set trainer.log_every=10 --set trainer.eval_every=20 --set trainer.checkpoint_every=20)
+step deepseek_train 240 "${RUN[@]}" "$BRIGADE" "${DS[@]}" --set trainer.stop_after=20
+step deepseek_resume 240 "${RUN[@]}" "$BRIGADE" "${DS[@]}" --resume
+step deepseek_speculative 120 "${RUN[@]}" "$BRIGADE" generate --checkpoint "$ds_dir" --prompt "Problem: 12+35" \
+     --max-new-tokens 48 --speculative mtp --set trainer.device=$DEVICE
+
 # 3. Benchmarks: the dense and MoE training steps, then the FP8 kernels (GPU only;
 #    without one bench_fp8_gemm says so and exits 0).
 step bench_dense 240 "${RUN[@]}" "$TRAIN_STEP" --recipe "$DENSE" --set trainer.device=$DEVICE "${BENCH[@]}"
@@ -134,6 +146,20 @@ if metrics.exists():
     t["ok"] = t["steps_logged"] == [10, 20, 30, 40, 50, 60] and t["last_loss"] < 0.8 * t["first_loss"]
 else:
     summary["train"] = {"ok": False}
+# The DeepSeek-shaped run: every logged step once, the loss fell, MTP loss logged.
+metrics = dest / "run-deepseek" / "metrics.jsonl"
+if metrics.exists():
+    rows = [json.loads(l) for l in metrics.read_text().splitlines() if l.strip()]
+    train = [r for r in rows if "loss" in r]
+    d = summary["deepseek"] = {"steps_logged": [r["step"] for r in train],
+                               "first_loss": train[0]["loss"] if train else None,
+                               "last_loss": train[-1]["loss"] if train else None,
+                               "mtp_loss": [r.get("mtp_loss") for r in train]}
+    d["ok"] = d["steps_logged"] == [10, 20, 30, 40] and d["last_loss"] < 0.8 * d["first_loss"] and None not in d["mtp_loss"]
+else:
+    summary["deepseek"] = {"ok": False}
+spec = dest / "deepseek_speculative.log"
+summary["deepseek"]["speculative"] = [l for l in spec.read_text().splitlines() if l.startswith("speculative mtp")] if spec.exists() else []
 for bench in ("bench_dense", "bench_moe"):
     log = dest / f"{bench}.log"
     lines = [l for l in log.read_text().splitlines() if l.startswith("{")] if log.exists() else []
@@ -146,13 +172,14 @@ for bench in ("bench_fp8_gemm", "bench_cross_entropy"):
     log = dest / f"{bench}.log"
     if log.exists():
         summary[bench] = log.read_text().splitlines()[-40:]
-ok = summary["train"]["ok"] and not summary.get("tests", {"failed": ["(no tests.json)"]})["failed"]
+ok = summary["train"]["ok"] and summary["deepseek"]["ok"] and not summary.get("tests", {"failed": ["(no tests.json)"]})["failed"]
 summary["ok"] = ok and all(s["status"] == 0 for s in summary["steps"].values())
 (dest / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 print(f"\ngpu-check ({mode}): summary in {dest / 'summary.json'}")
 for name, s in summary["steps"].items():
     print(f"  {name:<16} status {s['status']:<4} {s['seconds']:>4} s")
 print(f"  train + resume: {'ok' if summary['train']['ok'] else 'FAILED'} {summary['train']}")
+print(f"  deepseek (MLA + MoE + MTP + FP8) train + resume: {'ok' if summary['deepseek']['ok'] else 'FAILED'} {summary['deepseek']}")
 if "tests" in summary:
     t = summary["tests"]
     print(f"  tests: {t['passed']} passed, {t['skipped']} skipped, {len(t['failed'])} failed {t['failed'] or ''}")

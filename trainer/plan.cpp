@@ -42,7 +42,8 @@ std::string human(double value, const char* const* units, int count, double step
   int i = 0;
   while (i + 1 < count && std::abs(value) >= step) value /= step, ++i;
   char buf[64];
-  std::snprintf(buf, sizeof buf, value >= 100 ? "%.0f%s" : value >= 10 ? "%.1f%s" : "%.2f%s", value, units[i]);
+  const char* format = value >= 100 ? "%.0f%s" : value >= 10 ? "%.1f%s" : value >= 1 || value == 0 ? "%.2f%s" : "%.2g%s";
+  std::snprintf(buf, sizeof buf, format, value, units[i]);
   return buf;
 }
 
