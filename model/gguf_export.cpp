@@ -106,11 +106,51 @@ void check_deepseek2(const TransformerOptions& o) {
   }
 }
 
+uint32_t u32(int64_t v, const char* what) {
+  BRIGADE_CHECK(v >= 0 && v <= static_cast<int64_t>(UINT32_MAX), "GGUF export: ", what, " = ", v,
+                " does not fit a uint32");
+  return static_cast<uint32_t>(v);
+}
+
+// The RoPE scaling llama.cpp's rope.scaling.* keys express as brigade computes it:
+// linear, and yarn with transformers' defaults for the rest (truncated correction
+// range, no explicit attention factor). llama.cpp scales cos/sin by 0.1 ln(factor) + 1
+// except for deepseek2, which instead scales the softmax by mscale(factor,
+// mscale_all_dim)^2 (yarn_log_multiplier): DeepSeek's configs, mscale = mscale_all_dim.
+void check_rope_scaling(const TransformerOptions& o) {
+  const auto& s = o.rope_scaling;
+  if (!s.enabled()) return;
+  const char* why = nullptr;
+  if (s.type == RopeScalingType::kLlama3) why = "llama3 scaling (llama.cpp keeps it in a rope_freqs tensor brigade does not write yet)";
+  else if (s.type == RopeScalingType::kYarn && (!s.truncate || s.attention_factor > 0))
+    why = "yarn with truncate false or an explicit attention_factor";
+  else if (s.type == RopeScalingType::kYarn && o.is_mla() && !(s.mscale > 0 && s.mscale == s.mscale_all_dim))
+    why = "yarn on multi-head latent attention without mscale = mscale_all_dim (DeepSeek's form, which llama.cpp assumes)";
+  else if (s.type == RopeScalingType::kYarn && !o.is_mla() && (s.mscale > 0 || s.mscale_all_dim > 0))
+    why = "yarn with mscale or mscale_all_dim on grouped-query attention";
+  BRIGADE_CHECK(why == nullptr, "GGUF export: model.rope_scaling has no llama.cpp equivalent: ", why,
+                "; export it to Hugging Face instead");
+}
+
+void add_rope_scaling(GgufWriter& writer, const std::string& arch, const TransformerOptions& o) {
+  const auto& s = o.rope_scaling;
+  if (!s.enabled()) return;
+  const std::string key = arch + ".rope.scaling.";
+  const bool yarn = s.type == RopeScalingType::kYarn;
+  writer.set(key + "type", Scalar(std::string(yarn ? "yarn" : "linear")));
+  writer.set(key + "factor", Scalar(static_cast<float>(s.factor)));
+  if (!yarn) return;
+  const int64_t original = s.original_max_seq_len > 0 ? s.original_max_seq_len : o.max_seq_len;
+  writer.set(key + "original_context_length", Scalar(u32(original, "rope_scaling.original_max_seq_len")));
+  writer.set(key + "yarn_beta_fast", Scalar(static_cast<float>(s.beta_fast)));
+  writer.set(key + "yarn_beta_slow", Scalar(static_cast<float>(s.beta_slow)));
+  // llama.cpp's convention (convert_hf_to_gguf): 0.1 * mscale_all_dim.
+  if (o.is_mla()) writer.set(key + "yarn_log_multiplier", Scalar(static_cast<float>(0.1 * s.mscale_all_dim)));
+}
+
 void check_family(const TransformerOptions& o, HfFamily family) {
   const std::string name = architecture(family);
-  BRIGADE_CHECK(!o.rope_scaling.enabled(), "GGUF export: model.rope_scaling.type is ",
-                to_string(o.rope_scaling.type), ", and brigade writes GGUF with plain RoPE only so far; "
-                "export it to Hugging Face instead");
+  check_rope_scaling(o);
   if (family == HfFamily::kDeepseekV2 || family == HfFamily::kDeepseekV3) {
     check_deepseek2(o);
     return;
@@ -142,12 +182,6 @@ void check_family(const TransformerOptions& o, HfFamily family) {
     case HfFamily::kDeepseekV2:
     case HfFamily::kDeepseekV3: break;  // handled above
   }
-}
-
-uint32_t u32(int64_t v, const char* what) {
-  BRIGADE_CHECK(v >= 0 && v <= static_cast<int64_t>(UINT32_MAX), "GGUF export: ", what, " = ", v,
-                " does not fit a uint32");
-  return static_cast<uint32_t>(v);
 }
 
 // deepseek2's keys (llama.cpp reads them in llama_model_deepseek2::load_arch_hparams):
@@ -254,6 +288,7 @@ void export_gguf(const Transformer& model, HfFamily family, const data::BpeToken
   writer.set(arch + ".attention.head_count", Scalar(u32(o.n_heads, "n_heads")));
   writer.set(arch + ".attention.layer_norm_rms_epsilon", Scalar(static_cast<float>(o.norm_eps)));
   writer.set(arch + ".rope.freq_base", Scalar(static_cast<float>(o.rope_theta)));
+  add_rope_scaling(writer, arch, o);
   if (o.is_mla()) {
     add_deepseek2_metadata(writer, o);
   } else {

@@ -1,5 +1,6 @@
 #include "model/gguf_import.h"
 
+#include <cmath>
 #include <map>
 #include <set>
 
@@ -20,9 +21,112 @@ struct Arch {
 constexpr Arch kArchs[] = {{"llama", HfFamily::kLlama},
                            {"qwen2", HfFamily::kQwen2},
                            {"qwen3", HfFamily::kQwen3},
-                           {"qwen3moe", HfFamily::kQwen3Moe}};
+                           {"qwen3moe", HfFamily::kQwen3Moe},
+                           {"deepseek2", HfFamily::kDeepseekV3}};
+
+// Metadata reads for one architecture, naming the file and key in every error.
+struct MetadataReader {
+  const GgufReader& reader;
+  const std::string& arch;
+  const std::string& where;
+  std::string key(const std::string& k) const { return arch + "." + k; }
+  bool has(const std::string& k) const { return reader.has(key(k)); }
+  int64_t integer(const std::string& k, std::optional<int64_t> fallback = std::nullopt) const {
+    if (!has(k)) {
+      BRIGADE_CHECK(fallback.has_value(), where, ": missing metadata key ", key(k));
+      return *fallback;
+    }
+    return reader.metadata(key(k)).as_int(key(k));
+  }
+  double real(const std::string& k, double fallback) const {
+    return has(k) ? reader.metadata(key(k)).as_float(key(k)) : fallback;
+  }
+};
+
+// rope.scaling.*: none, linear (factor) or yarn (factor, original context, betas; for
+// deepseek2 yarn_log_multiplier = 0.1 * mscale_all_dim, with cos/sin unscaled as
+// llama.cpp runs it: mscale = mscale_all_dim).
+void read_rope_scaling(const MetadataReader& m, TransformerOptions& o) {
+  if (!m.has("rope.scaling.type")) return;
+  const std::string type = m.reader.metadata(m.key("rope.scaling.type")).as_string(m.key("rope.scaling.type"));
+  auto& s = o.rope_scaling;
+  if (type == "none") return;
+  const double factor = m.real("rope.scaling.factor", 0.0);
+  if (type == "linear" && (factor == 0.0 || factor == 1.0)) return;  // llama.cpp's default: no scaling
+  BRIGADE_CHECK(type == "linear" || type == "yarn", m.where, ": ", m.key("rope.scaling.type"), " is '", type,
+                "'; brigade reads none, linear and yarn");
+  BRIGADE_CHECK(factor > 0, m.where, ": ", m.key("rope.scaling.factor"), " must be positive for ", type, " scaling");
+  s.type = type == "yarn" ? RopeScalingType::kYarn : RopeScalingType::kLinear;
+  s.factor = factor;
+  if (type == "yarn") {
+    s.original_max_seq_len = m.integer("rope.scaling.original_context_length", o.max_seq_len);
+    s.beta_fast = m.real("rope.scaling.yarn_beta_fast", 32.0);
+    s.beta_slow = m.real("rope.scaling.yarn_beta_slow", 1.0);
+    BRIGADE_CHECK(m.real("rope.scaling.attn_factor", 1.0) == 1.0, m.where, ": ", m.key("rope.scaling.attn_factor"),
+                  " other than 1 is not read");
+    if (o.is_mla()) {
+      // The file holds 0.1 * mscale_all_dim in float32; configs give it as a short
+      // decimal (DeepSeek: 1, 0.707), which six significant digits recover exactly.
+      const double all_dim = m.real("rope.scaling.yarn_log_multiplier", 0.0) / 0.1;
+      s.mscale = s.mscale_all_dim = std::round(all_dim * 1e6) / 1e6;
+    }
+  }
+  try {
+    s.validate();
+  } catch (const Error& e) {
+    BRIGADE_FAIL(m.where, ": ", e.message());
+  }
+}
+
+// deepseek2: multi-head latent attention in llama.cpp's absorbed form (the
+// attention.*_mla keys; the legacy attn_kv_b form is not read), dense leading
+// layers, shared + routed experts (docs/formats.md, "GGUF").
+void read_deepseek2(const MetadataReader& m, TransformerOptions& o) {
+  BRIGADE_CHECK(m.has("attention.key_length_mla") && m.has("attention.value_length_mla"), m.where,
+                ": deepseek2 without ", m.key("attention.key_length_mla"), " / value_length_mla (the older attn_kv_b "
+                "layout) is not read; convert the model with a current llama.cpp");
+  BRIGADE_CHECK(m.integer("attention.head_count_kv", 1) == 1, m.where, ": ", m.key("attention.head_count_kv"),
+                " must be 1 for multi-head latent attention");
+  o.attention = AttentionKind::kMla;
+  o.n_kv_heads = 0;
+  o.head_dim = 0;
+  auto& a = o.mla;
+  const bool lite = o.n_layers == 26 || o.n_layers == 27 || (o.n_layers == 48 && o.vocab_size == 128256);
+  a.q_lora_rank = lite ? 0 : m.integer("attention.q_lora_rank");  // llama.cpp ignores it for V2-Lite shapes
+  a.kv_lora_rank = m.integer("attention.kv_lora_rank");
+  a.qk_rope_head_dim = m.integer("rope.dimension_count");
+  a.qk_nope_head_dim = m.integer("attention.key_length_mla") - a.qk_rope_head_dim;
+  a.v_head_dim = m.integer("attention.value_length_mla");
+  const int64_t dense = m.integer("leading_dense_block_count", 0);
+  auto& e = o.moe;
+  if (m.integer("expert_count", 0) == 0 || dense >= o.n_layers) {
+    e.num_experts = 0;
+    return;
+  }
+  e.num_experts = m.integer("expert_count");
+  e.top_k = m.integer("expert_used_count");
+  e.expert_d_ff = m.integer("expert_feed_forward_length");
+  e.num_shared_experts = m.integer("expert_shared_count");
+  e.shared_d_ff = 0;
+  e.first_k_dense = dense;
+  const double scale = m.real("expert_weights_scale", 0.0);
+  e.routed_scaling = scale == 0.0 ? 1.0 : scale;
+  e.normalize_topk = m.has("expert_weights_norm") &&
+                     m.reader.metadata(m.key("expert_weights_norm")).as_bool(m.key("expert_weights_norm"));
+  const int64_t gating = m.integer("expert_gating_func", 1);  // llama.cpp: missing means softmax
+  BRIGADE_CHECK(gating == 1 || gating == 2, m.where, ": ", m.key("expert_gating_func"), " is ", gating,
+                "; brigade reads 1 (softmax) and 2 (sigmoid)");
+  e.score_function = gating == 2 ? moe::ScoreFunction::kSigmoid : moe::ScoreFunction::kSoftmax;
+  if (gating == 1) e.bias_update_rate = 0.0;  // no selection bias with softmax scores
+  e.num_groups = m.integer("expert_group_count", 1);
+  e.topk_group = m.integer("expert_group_used_count", e.num_groups);
+  if (e.num_groups <= 1) e.num_groups = e.topk_group = 1;
+  e.group_score = moe::GroupScore::kTopTwoSum;
+  e.dropless = true;
+}
 
 }  // namespace
+
 
 GgufModelInfo read_gguf_model_info(const std::filesystem::path& path) {
   const GgufReader reader(path);
@@ -33,23 +137,13 @@ GgufModelInfo read_gguf_model_info(const std::filesystem::path& path) {
   for (const auto& a : kArchs)
     if (arch == a.name) info.family = a.family, known = true;
   BRIGADE_CHECK(known, where, ": general.architecture '", arch,
-                "' cannot be imported (brigade reads llama, qwen2, qwen3 and qwen3moe)");
-  auto key = [&](const std::string& k) { return arch + "." + k; };
-  auto integer = [&](const std::string& k, std::optional<int64_t> fallback = std::nullopt) -> int64_t {
-    if (!reader.has(key(k))) {
-      BRIGADE_CHECK(fallback.has_value(), where, ": missing metadata key ", key(k));
-      return *fallback;
-    }
-    return reader.metadata(key(k)).as_int(key(k));
+                "' cannot be imported (brigade reads llama, qwen2, qwen3, qwen3moe and deepseek2)");
+  const MetadataReader meta{reader, arch, where};
+  auto key = [&](const std::string& k) { return meta.key(k); };
+  auto integer = [&](const std::string& k, std::optional<int64_t> fallback = std::nullopt) {
+    return meta.integer(k, fallback);
   };
-  auto real = [&](const std::string& k, double fallback) {
-    return reader.has(key(k)) ? reader.metadata(key(k)).as_float(key(k)) : fallback;
-  };
-  if (reader.has(key("rope.scaling.type"))) {
-    const std::string type = reader.metadata(key("rope.scaling.type")).as_string(key("rope.scaling.type"));
-    BRIGADE_CHECK(type == "none", where, ": ", key("rope.scaling.type"), " is '", type,
-                  "'; brigade implements plain RoPE only");
-  }
+  auto real = [&](const std::string& k, double fallback) { return meta.real(k, fallback); };
   auto& o = info.options;
   const auto& embedding = reader.info("token_embd.weight");
   BRIGADE_CHECK(embedding.ne.size() == 2, where, ": token_embd.weight must be 2-D");
@@ -58,14 +152,23 @@ GgufModelInfo read_gguf_model_info(const std::filesystem::path& path) {
   o.n_layers = integer("block_count");
   o.n_heads = integer("attention.head_count");
   BRIGADE_CHECK(o.n_heads > 0, where, ": ", key("attention.head_count"), " must be positive");
-  o.n_kv_heads = integer("attention.head_count_kv", o.n_heads);
-  o.head_dim = integer("attention.key_length", o.d_model / o.n_heads);
-  BRIGADE_CHECK(integer("attention.value_length", o.head_dim) == o.head_dim, where, ": ",
-                key("attention.value_length"), " differs from key_length; brigade's heads have one size");
-  if (o.head_dim * o.n_heads == o.d_model) o.head_dim = 0;
   o.d_ff = integer("feed_forward_length", 0);
   o.max_seq_len = integer("context_length");
   o.rope_theta = real("rope.freq_base", 10000.0);
+  if (arch == "deepseek2") {
+    read_deepseek2(meta, o);
+    // The Hugging Face family it would be: softmax routing is deepseek_v2's, the rest deepseek_v3's.
+    info.family = o.moe.enabled() && o.moe.score_function == moe::ScoreFunction::kSoftmax ? HfFamily::kDeepseekV2
+                                                                                          : HfFamily::kDeepseekV3;
+  } else {
+    o.n_kv_heads = integer("attention.head_count_kv", o.n_heads);
+    o.head_dim = integer("attention.key_length", o.d_model / o.n_heads);
+    BRIGADE_CHECK(integer("attention.value_length", o.head_dim) == o.head_dim, where, ": ",
+                  key("attention.value_length"), " differs from key_length; brigade's heads have one size");
+    if (o.head_dim * o.n_heads == o.d_model) o.head_dim = 0;
+  }
+  read_rope_scaling(meta, o);
+
   o.norm_eps = real("attention.layer_norm_rms_epsilon", 1e-5);
   o.tie_embeddings = reader.file().find_tensor("output.weight") == nullptr;
   o.qkv_bias = info.family == HfFamily::kQwen2;
@@ -121,9 +224,25 @@ void load_gguf_weights(TransformerImpl& model, const std::filesystem::path& path
                   " but the metadata implies ", shape);
     return t;
   };
+  const bool mla = o.is_mla();
   for (const auto& [name, target] : model.state_dict()) {
-    if (name.ends_with(".e_score_correction_bias")) continue;  // qwen3moe has none: stays zero
     if (name.starts_with("mtp.")) continue;  // llama.cpp files hold no MTP modules: they keep their initialisation
+    if (name.ends_with(".e_score_correction_bias")) {
+      // deepseek2's optional exp_probs_b; qwen3moe has none: it stays zero.
+      const std::string bias = gguf_tensor_name(name);
+      if (mla && reader.file().find_tensor(bias) != nullptr) copies.emplace_back(target, read(bias, target.sizes()));
+      continue;
+    }
+    if (mla && name.ends_with("self_attn.kv_b_proj.weight")) {
+      // attn_k_b [heads, kv_lora, dn] (transposed) and attn_v_b [heads, dv, kv_lora] back into
+      // kv_b_proj [heads * (dn + dv), kv_lora].
+      const std::string blk = "blk." + name.substr(7, name.find(".self_attn") - 7) + ".";
+      const auto& a = o.mla;
+      const auto k_b = read(blk + "attn_k_b.weight", {o.n_heads, a.kv_lora_rank, a.qk_nope_head_dim});
+      const auto v_b = read(blk + "attn_v_b.weight", {o.n_heads, a.v_head_dim, a.kv_lora_rank});
+      copies.emplace_back(target, torch::cat({k_b.transpose(1, 2), v_b}, 1).reshape(target.sizes()));
+      continue;
+    }
     if (name.ends_with("mlp.experts.gate_up_proj")) {
       const std::string blk = "blk." + name.substr(7, name.find(".mlp") - 7) + ".";
       const int64_t ff = target.size(1) / 2;
@@ -137,6 +256,7 @@ void load_gguf_weights(TransformerImpl& model, const std::filesystem::path& path
       t = permute_for_interleaved_rope(t, o.n_heads, /*inverse=*/true);
     if (arch == "llama" && name.ends_with("self_attn.k_proj.weight"))
       t = permute_for_interleaved_rope(t, o.kv_heads(), /*inverse=*/true);
+    if (mla) t = convert_rope_rows(name, t, o, /*to_interleaved=*/false);  // deepseek2's interleaved pairs
     copies.emplace_back(target, t);
   }
   for (const auto& t : reader.file().tensors) {

@@ -1,8 +1,10 @@
 // Reading a GGUF model back into brigade (`model.init_from: FILE.gguf`): the
-// architectures brigade exports (llama, qwen2, qwen3, qwen3moe), their metadata
-// mapped to TransformerOptions and their tensors (dequantized to float32, llama's
-// q/k rows un-permuted to the Hugging Face RoPE layout, qwen3moe's gate/up experts
-// fused) copied into a model. The inverse of model/gguf_export.h.
+// architectures brigade exports (llama, qwen2, qwen3, qwen3moe, deepseek2), their
+// metadata mapped to TransformerOptions (RoPE scaling none, linear or yarn) and their
+// tensors (dequantized to float32, llama's q/k rows un-permuted to the Hugging Face
+// RoPE layout, qwen3moe's gate/up experts fused, deepseek2's attn_k_b / attn_v_b
+// joined into kv_b_proj and its interleaved rope rows back to rotate-half) copied
+// into a model. The inverse of model/gguf_export.h.
 #pragma once
 
 #include <filesystem>
@@ -23,7 +25,7 @@ struct GgufModelInfo {
 };
 
 // The architecture in a GGUF file's metadata; an unknown architecture, a missing key
-// or a feature brigade lacks (RoPE scaling, per-layer head counts) is an Error naming
+// or a feature brigade lacks (llama3 RoPE scaling, per-layer head counts) is an Error naming
 // the file and the key.
 GgufModelInfo read_gguf_model_info(const std::filesystem::path& path);
 

@@ -35,6 +35,31 @@ TransformerOptions options_for(HfFamily family, bool tied) {
   o.tie_embeddings = tied;
   o.qkv_bias = family == HfFamily::kQwen2;
   o.qk_norm = family == HfFamily::kQwen3 || family == HfFamily::kQwen3Moe;
+  if (family == HfFamily::kDeepseekV3 || family == HfFamily::kDeepseekV2) {  // as llama.cpp's deepseek2
+    const bool v3 = family == HfFamily::kDeepseekV3;
+    o.attention = AttentionKind::kMla;
+    o.n_kv_heads = 0;
+    o.head_dim = 0;
+    o.n_layers = 3;
+    o.mla = {v3 ? 32 : 0, 32, 16, 16, 16};  // q_lora, kv_lora, nope, rope, v
+    o.moe.num_experts = 8;
+    o.moe.top_k = 2;
+    o.moe.expert_d_ff = 32;
+    o.moe.num_shared_experts = 1;
+    o.moe.first_k_dense = 1;
+    o.moe.score_function = v3 ? moe::ScoreFunction::kSigmoid : moe::ScoreFunction::kSoftmax;
+    o.moe.num_groups = v3 ? 4 : 1;
+    o.moe.topk_group = v3 ? 2 : 1;
+    o.moe.normalize_topk = v3;
+    o.moe.routed_scaling = v3 ? 2.5 : 1.0;
+    o.moe.bias_update_rate = v3 ? 0.001 : 0.0;
+    if (v3) {  // DeepSeek-V3's YaRN form
+      o.rope_scaling.type = RopeScalingType::kYarn;
+      o.rope_scaling.factor = 4.0;
+      o.rope_scaling.original_max_seq_len = 32;
+      o.rope_scaling.mscale = o.rope_scaling.mscale_all_dim = 0.8;
+    }
+  }
   if (family == HfFamily::kQwen3Moe) {
     o.moe.num_experts = 4;
     o.moe.top_k = 2;
@@ -54,6 +79,11 @@ TEST_P(GgufImport, ExportThenImportGivesTheSameModel) {
   TempDir dir;
   const TransformerOptions o = options_for(family, tied);
   Transformer original = gguf_testing::make_model(o, 11);
+  if (o.moe.score_function == moe::ScoreFunction::kSigmoid && o.moe.enabled()) {
+    torch::NoGradGuard no_grad;
+    for (auto& [name, t] : original->state_dict())
+      if (name.ends_with("e_score_correction_bias")) t.normal_(0.0, 0.5);  // exp_probs_b must travel
+  }
   const auto tokenizer = data::BpeTokenizer::from_byte_tokenizer();
   const auto ids = torch::randint(0, 261, {2, 20}, torch::TensorOptions().dtype(torch::kLong));
   torch::NoGradGuard no_grad;
@@ -75,6 +105,21 @@ TEST_P(GgufImport, ExportThenImportGivesTheSameModel) {
     EXPECT_EQ(info.options.qk_norm, o.qk_norm);
     EXPECT_DOUBLE_EQ(info.options.rope_theta, o.rope_theta);
     EXPECT_NEAR(info.options.norm_eps, o.norm_eps, 1e-12);
+    const auto& io = info.options;
+    EXPECT_EQ(io.attention, o.attention);
+    EXPECT_EQ(io.mla.q_lora_rank, o.mla.q_lora_rank);
+    EXPECT_EQ(io.mla.qk_nope_head_dim, o.mla.qk_nope_head_dim);
+    EXPECT_EQ(io.moe.num_groups, o.moe.num_groups);
+    EXPECT_EQ(io.moe.topk_group, o.moe.topk_group);
+    EXPECT_EQ(io.moe.first_k_dense, o.moe.first_k_dense);
+    EXPECT_EQ(io.moe.num_shared_experts, o.moe.num_shared_experts);
+    EXPECT_EQ(io.moe.score_function, o.moe.score_function);
+    EXPECT_EQ(io.moe.normalize_topk, o.moe.normalize_topk);
+    EXPECT_NEAR(io.moe.routed_scaling, o.moe.routed_scaling, 1e-6);
+    EXPECT_EQ(io.rope_scaling.type, o.rope_scaling.type);
+    EXPECT_NEAR(io.rope_scaling.factor, o.rope_scaling.factor, 1e-6);
+    EXPECT_NEAR(io.rope_scaling.mscale_all_dim, o.rope_scaling.mscale_all_dim, 1e-6);
+    EXPECT_EQ(io.rope_scaling.original_max_seq_len, o.rope_scaling.original_max_seq_len);
 
     torch::manual_seed(0);
     Transformer imported(info.options);
@@ -103,10 +148,40 @@ TEST_P(GgufImport, ExportThenImportGivesTheSameModel) {
 INSTANTIATE_TEST_SUITE_P(Families, GgufImport,
                          ::testing::Values(std::tuple{HfFamily::kLlama, false}, std::tuple{HfFamily::kLlama, true},
                                            std::tuple{HfFamily::kQwen2, true}, std::tuple{HfFamily::kQwen3, false},
-                                           std::tuple{HfFamily::kQwen3Moe, true}),
+                                           std::tuple{HfFamily::kQwen3Moe, true},
+                                           std::tuple{HfFamily::kDeepseekV3, false},
+                                           std::tuple{HfFamily::kDeepseekV2, true}),
                          [](const auto& info) {
                            return family_name(std::get<0>(info.param)) + (std::get<1>(info.param) ? "Tied" : "Untied");
                          });
+
+// A deepseek2 file without one of its MLA tensors, or in the older attn_kv_b form:
+// one line naming the file and the tensor or key.
+TEST(GgufImport, BadDeepseek2FilesNameTheFileAndField) {
+  TempDir dir;
+  const TransformerOptions o = options_for(HfFamily::kDeepseekV3, false);
+  Transformer original = gguf_testing::make_model(o, 12);
+  const auto tokenizer = data::BpeTokenizer::from_byte_tokenizer();
+  const fs::path good = dir / "good.gguf";
+  export_gguf(original, HfFamily::kDeepseekV3, tokenizer, GgufQuant::kF32, good, "m");
+  // Rewrites the file without one tensor or one metadata key.
+  auto without = [&](const std::string& tensor, const std::string& key, const fs::path& out) {
+    GgufReader reader(good);
+    GgufWriter writer;
+    for (const auto& [k, v] : reader.file().metadata)
+      if (k != key) writer.set(k, v);
+    for (const auto& t : reader.file().tensors)
+      if (t.name != tensor) writer.add_tensor(t.name, reader.tensor(t.name), t.type);
+    writer.write(out);
+  };
+  const fs::path no_k_b = dir / "no_k_b.gguf", legacy = dir / "legacy.gguf";
+  without("blk.1.attn_k_b.weight", "", no_k_b);
+  const GgufModelInfo info = read_gguf_model_info(no_k_b);
+  Transformer model(info.options);
+  EXPECT_BRIGADE_ERROR(load_gguf_weights(*model, no_k_b), "no_k_b.gguf: no tensor 'blk.1.attn_k_b.weight'");
+  without("", "deepseek2.attention.key_length_mla", legacy);
+  EXPECT_BRIGADE_ERROR(read_gguf_model_info(legacy), "legacy.gguf: deepseek2 without deepseek2.attention.key_length_mla");
+}
 
 TEST(GgufImportRecipe, InitFromAGgufFile) {
   TempDir dir;

@@ -408,5 +408,78 @@ TEST(GgufDeepseek2, LlamaCppMatchesBrigade) {
   }
 }
 
+// RoPE scaling through GGUF: linear and yarn on llama, DeepSeek's yarn (mscale =
+// mscale_all_dim, the softmax scaled) on deepseek2; llama.cpp's greedy tokens equal
+// brigade's, and the same model without the scaling continues differently.
+TEST(GgufRopeScaling, LlamaCppMatchesBrigade) {
+  if (!have_llama_cpp()) {
+    GTEST_SKIP() << "llama-cpp-python is not installed in .venv (scripts/setup.sh installs it); "
+                    "llama.cpp parity not checked";
+  }
+  const OneTorchThread one_thread;
+  TempDir dir;
+  const auto tokenizer = data::BpeTokenizer::from_byte_tokenizer();
+  std::vector<int64_t> prompt;
+  for (int i = 0; i < 40; ++i) prompt.push_back(72 + (i * 7) % 40);  // past the 32 original positions
+  constexpr int64_t kNew = 24;
+  struct Case {
+    std::string label;
+    TransformerOptions options;
+    HfFamily family;
+  };
+  TransformerOptions llama;
+  llama.vocab_size = 264;
+  llama.d_model = 64;
+  llama.n_layers = 2;
+  llama.n_heads = 4;
+  llama.n_kv_heads = 2;
+  llama.d_ff = 96;
+  llama.max_seq_len = 256;
+  llama.norm_eps = 1e-6;
+  llama.init_std = 0.3;
+  std::vector<Case> cases;
+  auto yarn = llama;
+  yarn.rope_scaling.type = RopeScalingType::kYarn;
+  yarn.rope_scaling.factor = 4.0;
+  yarn.rope_scaling.original_max_seq_len = 32;
+  cases.push_back({"llama yarn", yarn, HfFamily::kLlama});
+  auto linear = llama;
+  linear.rope_scaling.type = RopeScalingType::kLinear;
+  linear.rope_scaling.factor = 2.0;
+  cases.push_back({"llama linear", linear, HfFamily::kLlama});
+  auto deepseek = deepseek_options(true);
+  deepseek.rope_scaling = yarn.rope_scaling;
+  deepseek.rope_scaling.mscale = deepseek.rope_scaling.mscale_all_dim = 1.0;
+  cases.push_back({"deepseek2 yarn", deepseek, HfFamily::kDeepseekV3});
+
+  nlohmann::json job = nlohmann::json::array();
+  std::vector<std::vector<int64_t>> expected;
+  SamplingOptions greedy;
+  greedy.max_new_tokens = kNew;
+  for (size_t i = 0; i < cases.size(); ++i) {
+    const fs::path file = dir / ("case" + std::to_string(i) + ".gguf");
+    Transformer model = make_model(cases[i].options, 50 + i);
+    export_gguf(model, cases[i].family, tokenizer, GgufQuant::kF32, file, "parity");
+    expected.push_back(generate(model, prompt, greedy).tokens);
+    auto plain = cases[i].options;
+    plain.rope_scaling = {};
+    Transformer unscaled = make_model(plain, 50 + i);
+    EXPECT_NE(generate(unscaled, prompt, greedy).tokens, expected.back()) << cases[i].label << ": scaling not tested";
+    job.push_back({{"path", file.string()}, {"n_ctx", 256}, {"prompt", prompt}, {"new_tokens", kNew}});
+  }
+  write_file_atomic(dir / "job.json", job.dump());
+  auto run = run_check("llama", dir / "job.json");
+  if (run.exit_code == 3) GTEST_SKIP() << run.output;
+  ASSERT_EQ(run.exit_code, 0) << run.output;
+  const auto results = last_json_line(run.output);
+  ASSERT_EQ(results.size(), cases.size()) << run.output;
+  for (size_t i = 0; i < cases.size(); ++i) {
+    const std::vector<int64_t> theirs = results[i]["greedy"].get<std::vector<int64_t>>();
+    std::cout << "[gguf parity] " << cases[i].label << ": greedy " << (expected[i] == theirs ? "equal" : "DIFFERENT")
+              << "\n";
+    EXPECT_EQ(expected[i], theirs) << cases[i].label;
+  }
+}
+
 }  // namespace
 }  // namespace brigade::model
