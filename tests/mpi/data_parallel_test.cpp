@@ -17,6 +17,9 @@
 #include <nlohmann/json.hpp>
 
 #include "core/fs.h"
+#include "launch/commands.h"
+#include "model/hf.h"
+#include "model/safetensors.h"
 #include "parallel/communicator.h"
 #include "recipes/build.h"
 #include "recipes/recipe.h"
@@ -305,6 +308,58 @@ TEST(MpiExpertParallelTraining, ResumesWithAnotherExpertParallelSize) {
   const double diff = relative_difference(saved_weights(dir / "run", expected), expected, &worst);
   EXPECT_LE(diff, kExpertParallelBound) << worst;
   if (w->rank() == 0) std::printf("relative difference %.3g (worst tensor: %s)\n", diff, worst.c_str());
+}
+
+// A DeepSeek-V3-shaped run (MLA, shared + routed experts, sigmoid routing, an MTP
+// module) with EP = 2: the Hugging Face export from its checkpoint holds every
+// expert of every MoE layer (the MTP block's included), each equal to the slice
+// the rank that owned it trained.
+TEST(MpiExpertParallelTraining, HuggingFaceExportKeepsEveryExpert) {
+  auto* w = mpi_world();
+  if (w == nullptr) GTEST_SKIP() << "multi-rank test: run under mpirun";
+  at::set_num_threads(1);
+  SharedDir dir(*w);
+  auto settings = kMoE;
+  settings.insert(settings.end(), {"model.attention=mla", "model.n_kv_heads=0", "model.mla.kv_lora_rank=16",
+                                   "model.mla.qk_nope_head_dim=8", "model.mla.qk_rope_head_dim=8",
+                                   "model.mla.v_head_dim=8", "model.moe.num_shared_experts=1",
+                                   "model.moe.score_function=sigmoid", "model.mtp.depth=1",
+                                   "parallel.expert_parallel=2", "trainer.max_steps=3"});
+  auto trainer = recipes::build_trainer(recipe(2, settings), dir / "run", w);
+  trainer->run();
+  // Each rank's slice of the experts it trained: rank r holds experts [2r, 2r + 2) of its EP pair.
+  const int ep_rank = w->rank() % 2;
+  model::NamedTensors slices;
+  for (const auto& [name, t] : trainer->model()->state_dict())
+    if (name.find("mlp.experts.") != std::string::npos) slices.emplace_back(name, t.detach().clone());
+  if (w->rank() < 2) model::save_safetensors(dir / ("slice" + std::to_string(ep_rank) + ".safetensors"), slices);
+  w->barrier().wait();
+  if (w->rank() != 0) return;
+  auto loaded = launch::load_model(dir / "run", {});
+  std::filesystem::create_directories(dir / "hf");
+  model::save_hf_checkpoint(*loaded.model, dir / "hf", "float32", 1ull << 30);
+  const auto exported = model::load_safetensors_dir(dir / "hf").tensors;
+  int64_t checked = 0;
+  for (int r = 0; r < 2; ++r) {
+    const auto slice = model::load_safetensors(dir / ("slice" + std::to_string(r) + ".safetensors")).tensors;
+    for (const char* layer : {"layers.1", "mtp.0.block"}) {
+      const auto gate_up = slice.at(std::string(layer) + ".mlp.experts.gate_up_proj");  // [2, 2F, D]
+      const auto down = slice.at(std::string(layer) + ".mlp.experts.down_proj");        // [2, D, F]
+      ASSERT_EQ(gate_up.size(0), 2);
+      const std::string hf_layer = std::string(layer) == "layers.1" ? "model.layers.1" : "model.layers.2";
+      for (int64_t e = 0; e < 2; ++e) {
+        const std::string prefix = hf_layer + ".mlp.experts." + std::to_string(2 * r + e) + ".";
+        const int64_t ff = gate_up.size(1) / 2;
+        ASSERT_TRUE(exported.contains(prefix + "gate_proj.weight")) << prefix;
+        EXPECT_TRUE(torch::equal(exported.at(prefix + "gate_proj.weight"), gate_up[e].narrow(0, 0, ff))) << prefix;
+        EXPECT_TRUE(torch::equal(exported.at(prefix + "up_proj.weight"), gate_up[e].narrow(0, ff, ff))) << prefix;
+        EXPECT_TRUE(torch::equal(exported.at(prefix + "down_proj.weight"), down[e])) << prefix;
+        ++checked;
+      }
+    }
+  }
+  EXPECT_EQ(checked, 8);  // 4 experts in each of the two MoE blocks
+  EXPECT_FALSE(exported.contains("model.layers.1.mlp.experts.4.gate_proj.weight"));
 }
 
 TEST(MpiExpertParallelTraining, BadSizesAreClearErrorsBeforeTraining) {
