@@ -368,6 +368,8 @@ std::vector<Field> build_schema() {
   s.push_back(real("trainer.grad_clip", REF(trainer.grad_clip), "Clip the global gradient norm to this; 0 disables."));
   s.push_back(boolean("trainer.decay_norms_and_biases", REF(trainer.decay_norms_and_biases), "Apply weight decay to norm weights and biases."));
   s.push_back(boolean("trainer.decay_embeddings", REF(trainer.decay_embeddings), "Apply weight decay to the token embedding."));
+  s.push_back(boolean("trainer.tensorboard", REF(trainer.tensorboard),
+                      "Also write every metrics.jsonl value as TensorBoard scalars into RUN/tensorboard/ (rank 0)."));
   s.push_back(integer<int64_t>("trainer.log_every", REF(trainer.log_every), "Steps between metrics.jsonl lines (and plain progress lines).", 1));
   s.push_back(integer<int64_t>("trainer.eval_every", REF(trainer.eval_every), "Steps between evaluations; 0 = only at the end."));
   s.push_back(integer<int64_t>("trainer.eval_batches", REF(trainer.eval_batches), "Held-out micro-batches per evaluation.", 1));

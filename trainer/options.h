@@ -27,6 +27,7 @@ struct TrainerOptions {
   bool decay_norms_and_biases = false;
   bool decay_embeddings = false;
   int64_t log_every = 10;
+  bool tensorboard = true;  // metrics.jsonl's values also as TensorBoard events in RUN/tensorboard/
   int64_t eval_every = 100;         // 0 disables periodic eval (a final eval still runs)
   int64_t eval_batches = 8;
   int64_t checkpoint_every = 200;   // 0: only at the end

@@ -182,7 +182,8 @@ MetricsLog& Trainer::metrics() {
   if (!metrics_) {
     std::filesystem::create_directories(context_.run_dir);
     // Lines after the resumed step describe steps about to be redone: drop them.
-    metrics_ = std::make_unique<MetricsLog>(context_.run_dir / "metrics.jsonl", state_.step);
+    metrics_ = std::make_unique<MetricsLog>(context_.run_dir / "metrics.jsonl", state_.step,
+                                            options_.tensorboard ? context_.run_dir / "tensorboard" : std::filesystem::path());
   }
   return *metrics_;
 }

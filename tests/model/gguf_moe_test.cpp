@@ -73,7 +73,10 @@ TEST(GgufMoe, TensorNames) {
   EXPECT_EQ(gguf_tensor_name("layers.1.mlp.experts.down_proj"), "blk.1.ffn_down_exps.weight");
   // One brigade tensor, two GGUF ones (ffn_gate_exps, ffn_up_exps): no single name.
   EXPECT_BRIGADE_ERROR(gguf_tensor_name("layers.0.mlp.experts.gate_up_proj"), "no llama.cpp tensor name");
-  EXPECT_BRIGADE_ERROR(gguf_tensor_name("layers.0.mlp.gate.e_score_correction_bias"), "no llama.cpp tensor name");
+  // deepseek2's selection bias (qwen3moe has none: the exporter checks it is zero instead).
+  EXPECT_EQ(gguf_tensor_name("layers.0.mlp.gate.e_score_correction_bias"), "blk.0.exp_probs_b.bias");
+  EXPECT_EQ(gguf_tensor_name("layers.2.self_attn.kv_a_proj_with_mqa.weight"), "blk.2.attn_kv_a_mqa.weight");
+  EXPECT_BRIGADE_ERROR(gguf_tensor_name("layers.0.self_attn.kv_b_proj.weight"), "no llama.cpp tensor name");
 }
 
 TEST(GgufMoe, RefusesWhatQwen3MoeCannotExpress) {
