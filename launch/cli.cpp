@@ -10,6 +10,7 @@
 #include "data/prepare.h"
 #include "data/tokenizer.h"
 #include "launch/commands.h"
+#include "launch/report.h"
 #include "launch/launcher.h"
 #include "parallel/communicator.h"
 #include "recipes/recipe.h"
@@ -110,6 +111,12 @@ int run_cli(int argc, char** argv) {
   export_cmd->add_option("--name", exp.name, "Model name in the metadata (default: the recipe's name)");
   add_set_option(export_cmd, exp.overrides);
 
+  ReportArgs report;
+  auto* report_cmd = app.add_subcommand(
+      "report", "One self-contained HTML page of runs: curves overlaid, MoE balance, distillation tables");
+  report_cmd->add_option("runs", report.runs, "Run directories (training or distillation)")->required();
+  report_cmd->add_option("--out", report.out, "The HTML file to write")->capture_default_str();
+
   PlanArgs plan;
   auto* plan_cmd = app.add_subcommand(
       "plan", "Parameters, FLOPs per token, memory per GPU and GPU-hours of a recipe, without running it");
@@ -178,6 +185,7 @@ int run_cli(int argc, char** argv) {
     if (*export_cmd) return export_command(exp);
     if (*launch_cmd) return launch_command(launch);
     if (*plan_cmd) return plan_command(plan);
+    if (*report_cmd) return report_command(report);
     if (*demo_cmd) return demo_command(demo);
     if (*show_cmd) {
       std::cout << recipes::dump_recipe(recipes::load_recipe(show_path, show_overrides));

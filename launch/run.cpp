@@ -17,6 +17,7 @@
 #include "data/arith.h"
 #include "data/tokenizer.h"
 #include "launch/commands.h"
+#include "launch/report.h"
 #include "launch/world.h"
 #include "parallel/communicator.h"
 #include "model/generate.h"
@@ -247,6 +248,8 @@ int demo_command(const DemoArgs& args) {
             << "Finished stages are reused; an interrupted run continues where it stopped.\n\n"
             << std::flush;
   if (int rc = distill_command({recipe_path, overrides, run_dir, ""}); rc != 0) return rc;
+  // The run as a page: stage table, pass@k, teacher and student curves.
+  if (int rc = report_command({{run_dir}, run_dir / "report.html"}); rc != 0) return rc;
   if (args.samples <= 0) return 0;
 
   // A few of the student's greedy solutions to held-out problems.

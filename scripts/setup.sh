@@ -16,7 +16,8 @@ SUDO=""
 if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null; then SUDO=sudo; fi
 
 # Building the tests or benchmarks also needs the reference tools they compare
-# against (clang's libFuzzer, llama.cpp); the demo alone does not.
+# against (clang's libFuzzer, llama.cpp, headless Chromium for the report test); the
+# demo alone does not.
 FOR_TESTS=0
 for t in "$@"; do
   case "$t" in brigade_tests|bench_*) FOR_TESTS=1 ;; esac
@@ -25,7 +26,7 @@ done
 # 1. Debian packages ------------------------------------------------------------
 PACKAGES=(build-essential cmake ccache git pkg-config libopenmpi-dev openmpi-bin libyaml-cpp-dev
           libgtest-dev libcli11-dev nlohmann-json3-dev libcurl4-openssl-dev libpcre2-dev libutf8proc-dev python3 python3-venv)
-[ "$FOR_TESTS" = 1 ] && PACKAGES+=(clang libclang-rt-dev)
+[ "$FOR_TESTS" = 1 ] && PACKAGES+=(clang libclang-rt-dev chromium)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
