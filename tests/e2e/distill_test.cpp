@@ -256,6 +256,12 @@ TEST(CliDemo, RunsTheDistillationPipelineAndEndsWithTheTable) {
   // The teacher was trained by the demo, from the MoE recipe.
   EXPECT_TRUE(fs::exists(dir / "run" / "teacher" / "checkpoints" / "latest"));
   EXPECT_NE(read_file(dir / "run" / "teacher" / "recipe.yaml").find("num_experts: 8"), std::string::npos);
+  // It ends with the run as a page: stages, pass@k, teacher and student curves.
+  EXPECT_NE(r.output.find("report: " + (dir / "run" / "report.html").string()), std::string::npos) << r.output;
+  const std::string page = read_file(dir / "run" / "report.html");
+  for (const char* expected : {"class=\"stages\"", "<td>verify</td>", "class=\"eval\"", "student (SFT + KD forward_kl)",
+                               "data-run=\"run/teacher\"", "data-run=\"run/student\"", "teacher solution"})
+    EXPECT_NE(page.find(expected), std::string::npos) << expected;
 }
 
 TEST(CliDistill, BadStageRequestsAreClearErrors) {
