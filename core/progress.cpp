@@ -6,9 +6,9 @@
 
 namespace brigade {
 
-Progress::Progress(std::string label, int64_t total, bool interactive)
+Progress::Progress(std::string label, int64_t total, bool interactive, double quiet_seconds)
     : label_(std::move(label)), total_(total), interactive_(interactive),
-      start_(std::chrono::steady_clock::now()) {}
+      start_(std::chrono::steady_clock::now()), created_(start_), quiet_seconds_(quiet_seconds) {}
 
 void Progress::update(int64_t current, const std::string& status) {
   if (first_ < 0) {
@@ -35,6 +35,9 @@ void Progress::update(int64_t current, const std::string& status) {
 }
 
 void Progress::tick(int64_t current, const std::string& status) {
+  if (!interactive_ && quiet_seconds_ > 0 &&
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - created_).count() < quiet_seconds_)
+    return;
   if (!interactive_ && current < total_ && last_line_ >= 0 && (current - last_line_) * 10 < total_) return;
   last_line_ = current;
   update(current, status);

@@ -5,6 +5,8 @@
 #include <set>
 
 #include "core/error.h"
+#include "core/log.h"
+#include "core/progress.h"
 #include "data/bpe.h"
 #include "data/bpe_impl.h"
 
@@ -93,7 +95,9 @@ BpeTokenizer train_bpe(std::span<const std::string> corpus, int64_t vocab_size,
   const int64_t target = vocab_size - fixed;
   std::vector<std::pair<uint64_t, int64_t>> delta;
   std::vector<int32_t> merged;
+  Progress bar("tokenizer merges", target, stderr_is_terminal(), /*quiet_seconds=*/2.0);
   while (static_cast<int64_t>(merges.size()) < target && !heap.empty()) {
+    bar.tick(static_cast<int64_t>(merges.size()), "");
     Candidate top = heap.top();
     heap.pop();
     auto current = pair_count.find(top.pair);
@@ -145,6 +149,8 @@ BpeTokenizer train_bpe(std::span<const std::string> corpus, int64_t vocab_size,
     }
   }
 
+  bar.tick(static_cast<int64_t>(merges.size()), "");
+  bar.finish();
   auto impl = base_impl(special_tokens, pattern);
   impl->tokens = tokens;
   impl->merge_tokens = std::move(merges);

@@ -8,6 +8,7 @@
 
 #include "core/error.h"
 #include "core/log.h"
+#include "core/progress.h"
 #include "data/shard.h"
 
 namespace brigade::data {
@@ -112,14 +113,33 @@ std::string strip_cr(std::string line) {
   return line;
 }
 
+// Bytes of input read so far, shown as a bar on a terminal (lines otherwise).
+class InputProgress {
+ public:
+  explicit InputProgress(int64_t total) : bar_("prepare (input bytes)", total, stderr_is_terminal(), /*quiet_seconds=*/2.0) {}
+  void line(size_t bytes) {
+    done_ += static_cast<int64_t>(bytes) + 1;
+    if (++lines_ % 4096 == 0) bar_.tick(done_, std::to_string(lines_) + " lines");
+  }
+  void finish(int64_t total) {
+    bar_.tick(total, std::to_string(lines_) + " lines");
+    bar_.finish();
+  }
+
+ private:
+  Progress bar_;
+  int64_t done_ = 0, lines_ = 0;
+};
+
 // Documents are blocks of lines separated by empty lines.
-void read_text(const fs::path& path, ShardSequence& out) {
+void read_text(const fs::path& path, ShardSequence& out, InputProgress& progress) {
   std::ifstream in(path, std::ios::binary);
   BRIGADE_CHECK(in.good(), "data prepare: cannot open ", path.string());
   std::string line;
   RawDocument doc;
   bool open = false;
   while (std::getline(in, line)) {
+    progress.line(line.size());
     line = strip_cr(std::move(line));
     if (line.empty()) {
       if (open) out.add(doc);
@@ -141,7 +161,7 @@ std::optional<std::string> string_field(const nlohmann::json& object, const std:
   return it->get<std::string>();
 }
 
-void read_jsonl(const fs::path& path, const PrepareOptions& options, ShardSequence& out) {
+void read_jsonl(const fs::path& path, const PrepareOptions& options, ShardSequence& out, InputProgress& progress) {
   std::ifstream in(path, std::ios::binary);
   BRIGADE_CHECK(in.good(), "data prepare: cannot open ", path.string());
   const bool chat = !options.prompt_field.empty() && !options.completion_field.empty();
@@ -149,6 +169,7 @@ void read_jsonl(const fs::path& path, const PrepareOptions& options, ShardSequen
   int64_t number = 0;
   while (std::getline(in, line)) {
     ++number;
+    progress.line(line.size());
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
     const std::string where = path.string() + ":" + std::to_string(number);
     nlohmann::json object;
@@ -219,13 +240,17 @@ PrepareReport prepare_shards(const PrepareOptions& options, const Tokenizer& tok
 
   const bool with_mask = !options.prompt_field.empty() && !options.completion_field.empty();
   ShardSequence shards(options, tokenizer, with_mask);
+  int64_t total_bytes = 0;
+  for (const auto& input : options.inputs) total_bytes += static_cast<int64_t>(fs::file_size(input));
+  InputProgress progress(total_bytes);
   try {
     for (const auto& input : options.inputs) {
       if (input_kind(input) == InputKind::kText)
-        read_text(input, shards);
+        read_text(input, shards, progress);
       else
-        read_jsonl(input, options, shards);
+        read_jsonl(input, options, shards, progress);
     }
+    progress.finish(total_bytes);
     PrepareReport report = shards.finish();
     BRIGADE_CHECK(report.documents > 0, "data prepare: the inputs hold no documents");
     return report;

@@ -4,6 +4,8 @@
 #include <regex>
 
 #include "core/error.h"
+#include "core/log.h"
+#include "core/progress.h"
 #include "moe/options.h"
 
 namespace brigade::model {
@@ -348,9 +350,13 @@ void export_gguf(const Transformer& model, HfFamily family, const data::BpeToken
     if (!name.starts_with("mtp.")) state.emplace(name, tensor);  // llama.cpp runs no MTP modules (docs/models.md)
   }
   torch::NoGradGuard no_grad;
+  // Quantizing the weights is the long part: a bar over the model's tensors.
+  const auto tensors_total = static_cast<int64_t>(state.size());
+  Progress bar("export gguf (tensors)", tensors_total, stderr_is_terminal(), /*quiet_seconds=*/2.0);
   auto take = [&](const std::string& name) {
     auto it = state.find(name);
     BRIGADE_ASSERT(it != state.end(), "state_dict has no ", name);
+    bar.tick(tensors_total - static_cast<int64_t>(state.size()), gguf_quant_name(quant));
     torch::Tensor t = it->second.detach().to(torch::kCPU, torch::kFloat32);
     state.erase(it);
     return t;
@@ -438,6 +444,8 @@ void export_gguf(const Transformer& model, HfFamily family, const data::BpeToken
   // Anything left is a parameter this exporter does not know: losing it silently
   // would write a model that computes something else.
   if (!state.empty()) BRIGADE_FAIL("GGUF export: unexpected tensor '", state.begin()->first, "' in the model");
+  bar.tick(tensors_total, "writing");
+  bar.finish();
   writer.write(out);
 }
 

@@ -7,6 +7,8 @@
 #include <torch/torch.h>
 
 #include "core/error.h"
+#include "core/log.h"
+#include "core/progress.h"
 #include "data/bpe.h"
 #include "model/gguf.h"
 #include "model/gguf_export.h"
@@ -264,7 +266,13 @@ void load_gguf_weights(TransformerImpl& model, const std::filesystem::path& path
     BRIGADE_CHECK(used.contains(t.name), where, ": unexpected tensor '", t.name,
                   "' (the metadata describes a model without it)");
   }
-  for (auto& [target, source] : copies) target.copy_(source);
+  Progress bar("import gguf (tensors)", static_cast<int64_t>(copies.size()), stderr_is_terminal(), /*quiet_seconds=*/2.0);
+  int64_t copied = 0;
+  for (auto& [target, source] : copies) {
+    target.copy_(source);
+    bar.tick(++copied, "");
+  }
+  bar.finish();
 }
 
 }  // namespace brigade::model

@@ -9,6 +9,7 @@
 #include "core/error.h"
 #include "core/fs.h"
 #include "core/log.h"
+#include "core/progress.h"
 #include "model/safetensors.h"
 #include "moe/options.h"
 
@@ -711,11 +712,16 @@ void load_hf_weights(TransformerImpl& model, const std::filesystem::path& dir) {
     BRIGADE_FAIL(where, ": unexpected tensor '", name, "' (config.json describes a model without it)");
   }
   // Copy only after every check passed, so a rejected checkpoint leaves the model as it was.
+  Progress bar("import hf (tensors)", static_cast<int64_t>(target.size()), stderr_is_terminal(), /*quiet_seconds=*/2.0);
+  int64_t copied = 0;
   for (const auto& [name, tensor] : target) {
+    bar.tick(copied++, "");
     if (shared_copy_of(name, options)) continue;  // the main tensor, checked equal above
     const auto& stored = file.tensors.at(name);
     tensor.copy_(config.rope_interleaved ? convert_rope_rows(name, stored, options, /*to_interleaved=*/false) : stored);
   }
+  bar.tick(copied, "");
+  bar.finish();
 }
 
 void save_hf_checkpoint(const TransformerImpl& model, const std::filesystem::path& dir, const std::string& dtype,
@@ -740,11 +746,16 @@ void save_hf_checkpoint(const TransformerImpl& model, const std::filesystem::pat
   // code assume it); config.json says so with rope_interleave.
   const bool interleave = is_deepseek(config.family);
   NamedTensors tensors;
-  for (const auto& [name, tensor] : hf_state_dict(model)) {
+  const NamedTensors state = hf_state_dict(model);
+  Progress bar("export hf (tensors)", static_cast<int64_t>(state.size()), stderr_is_terminal(), /*quiet_seconds=*/2.0);
+  for (const auto& [name, tensor] : state) {
+    bar.tick(static_cast<int64_t>(tensors.size()), "");
     auto t = tensor.detach().to(torch::kCPU);
     if (interleave) t = convert_rope_rows(name, t, model.options(), /*to_interleaved=*/true);
     tensors.emplace_back(name, t.to(type));
   }
+  bar.tick(static_cast<int64_t>(tensors.size()), "writing");
+  bar.finish();
   save_safetensors_sharded(dir, tensors, max_shard_bytes, {{"format", "pt"}});
   write_file_atomic(dir / "config.json", hf_config_text(config));
 }
