@@ -103,7 +103,7 @@ step resume 180 "${RUN[@]}" "$BRIGADE" "${TRAIN[@]}" --resume
 #     decoded with the MTP module as the draft.
 ds_dir="$DEST/run-deepseek"
 rm -rf "$ds_dir"
-DS=(train recipes/tiny-deepseek-v3.yaml --run-dir "$ds_dir" --set trainer.device=$DEVICE --set trainer.max_steps=40
+DS=(train recipes/tiny-deepseek-v3.yaml --run-dir "$ds_dir" --set trainer.device=$DEVICE --set trainer.max_steps=40 --set trainer.warmup_steps=5
     --set trainer.log_every=10 --set trainer.eval_every=20 --set trainer.checkpoint_every=20)
 step deepseek_train 240 "${RUN[@]}" "$BRIGADE" "${DS[@]}" --set trainer.stop_after=20
 step deepseek_resume 240 "${RUN[@]}" "$BRIGADE" "${DS[@]}" --resume
