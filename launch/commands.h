@@ -20,7 +20,11 @@ struct TrainArgs {
   std::filesystem::path run_dir;  // empty: runs/<recipe name>
   bool resume = false;
 };
+// Exit 0 at max_steps (or stop_after); kExitRequeue after SIGTERM or SIGUSR1 stopped
+// the run at a step boundary with a checkpoint (docs/distributed.md, "Preemption").
 int train_command(const TrainArgs& args);
+// EX_TEMPFAIL: "try again later": a job script requeues on it.
+constexpr int kExitRequeue = 75;
 
 struct GenerateArgs {
   std::filesystem::path checkpoint;

@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <climits>
+#include <csignal>
 #include <cmath>
 
 #include <iostream>
@@ -139,6 +140,25 @@ void check_same_recipe(parallel::Communicator& world, const std::string& hash) {
   }
 }
 
+namespace {
+
+// Preemption (Slurm's SIGTERM before a time limit, --signal=USR1@N, a scheduler's
+// SIGUSR1): the handler only notes the signal; the trainer reads the note once per
+// step, the ranks agree through the step's all-reduce, and the run ends after that
+// step with a checkpoint. A second signal while saving just notes it again.
+volatile std::sig_atomic_t g_stop_signal = 0;
+extern "C" void note_stop_signal(int signal) { g_stop_signal = signal; }
+
+void install_stop_signals() {
+  struct sigaction action {};
+  action.sa_handler = note_stop_signal;
+  sigemptyset(&action.sa_mask);
+  action.sa_flags = SA_RESTART;  // system calls in flight (file writes, MPI) carry on
+  for (int signal : {SIGTERM, SIGUSR1}) sigaction(signal, &action, nullptr);
+}
+
+}  // namespace
+
 int train_command(const TrainArgs& args) {
   // Ranks first: a multi-rank job (mpirun, srun, brigade launch) talks over MPI on
   // CPUs and NCCL on GPUs.
@@ -197,10 +217,17 @@ int train_command(const TrainArgs& args) {
     log_info("already at step ", trainer->current_step(), ": nothing to train");
     return 0;
   }
+  install_stop_signals();
+  trainer->set_stop_request([] { return g_stop_signal != 0; });
   trainer->run();
   if (world) world->barrier().wait();  // rank 0's last checkpoint is written
-  log_info("done: step ", trainer->current_step(), ", checkpoint ",
-           trainer->checkpoints().latest().value_or("(none)").string());
+  const std::string latest = trainer->checkpoints().latest().value_or("(none)").string();
+  if (trainer->stopped_by_request()) {
+    log_info("stopped by a signal at step ", trainer->current_step(), ", checkpoint ", latest,
+             "; --resume continues (exit status ", kExitRequeue, ": requeue the job)");
+    return kExitRequeue;
+  }
+  log_info("done: step ", trainer->current_step(), ", checkpoint ", latest);
   return 0;
 }
 

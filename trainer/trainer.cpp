@@ -199,6 +199,12 @@ void Trainer::run() {
   while (!finished()) {
     StepResult result = step();
     for (auto& hook : hooks_) hook->on_step(*this, result);
+    if (result.stop_requested) {
+      // Preemption: the checkpoint hook writes this step's state in on_end.
+      stopped_by_request_ = true;
+      log_info("stop requested: ending at step ", state_.step, " with a checkpoint");
+      break;
+    }
   }
   for (auto& hook : hooks_) hook->on_end(*this);
 }
@@ -317,7 +323,8 @@ StepResult Trainer::run_step() {
   const auto denominator = step_denominator(batches, result.tokens);
   // This rank's shares of the step's means (loss, objective), and how many ranks saw
   // a NaN or infinity reach an FP8 quantizer (noted on the device, not read per call).
-  auto shares = torch::zeros({4}, torch::TensorOptions().dtype(torch::kDouble).device(context_.device));
+  // [4]: whether this rank was asked to stop (summed: any rank stops every rank).
+  auto shares = torch::zeros({5}, torch::TensorOptions().dtype(torch::kDouble).device(context_.device));
   std::optional<precision::DeferredFiniteCheck> fp8_finite;
   if (precision_.fp8.enabled()) fp8_finite.emplace();
 
@@ -333,6 +340,7 @@ StepResult Trainer::run_step() {
   const torch::Tensor fp8_flag = fp8_finite ? fp8_finite->device_flag() : torch::Tensor();
   if (fp8_flag.defined()) shares[2] += fp8_flag.ne(0).to(torch::kDouble);
   result.reduce = parallel_->finish_gradients();  // gradients are now sums over the ranks
+  if (stop_request_ && stop_request_()) shares[4] += 1.0;
   parallel_->sum_over_ranks(shares);
 
   // The step's one host read.
@@ -367,6 +375,7 @@ StepResult Trainer::run_step() {
   result.loss = loss;
   result.objective = objective;
   result.mtp_loss = host.value(shared, 3);
+  result.stop_requested = host.value(shared, 4) > 0;
   result.lr = lr;
   result.grad_norm = grad_norm;
   result.skipped = !finite;
@@ -643,7 +652,8 @@ class EvalHook : public TrainerHook {
     if (t.options().eval_every > 0 && r.step % t.options().eval_every == 0 && !t.finished()) run(t);
   }
   void on_end(Trainer& t) override {
-    if (last_step_ != t.current_step()) run(t);
+    // A preempted job saves its checkpoint and leaves; the resumed run evaluates.
+    if (last_step_ != t.current_step() && !t.stopped_by_request()) run(t);
   }
 
  private:

@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <future>
 #include <memory>
 #include <set>
@@ -64,6 +65,7 @@ struct StepResult {
   int64_t tokens = 0;        // input tokens processed in this step (all data-parallel ranks)
   double seconds = 0.0;
   bool skipped = false;      // non-finite values, step not applied (on_nonfinite: skip)
+  bool stop_requested = false;  // some rank asked to stop (Trainer::set_stop_request) before this step's read
   std::vector<moe::LayerStepStats> moe;  // per MoE layer: load balance, drops, aux terms
   parallel::ReduceStats reduce;          // data parallel: buckets, overlap, wait time
 };
@@ -98,8 +100,15 @@ class Trainer {
   // Restores weights, optimizer, RNG and step from a checkpoint of the same model.
   void resume(const LoadedCheckpoint& checkpoint);
 
-  // Runs steps until trainer.max_steps (or trainer.stop_after), calling the hooks.
+  // Runs steps until trainer.max_steps (or trainer.stop_after), calling the hooks;
+  // or until a stop is requested (set_stop_request): then the ranks agree at the next
+  // step boundary, write a checkpoint and return with stopped_by_request() true.
   void run();
+  // `requested` is asked once per step on every rank (a signal handler's flag, say);
+  // the step's one all-reduce carries the answers, so every rank stops after the same
+  // step when any rank asks. Null: never.
+  void set_stop_request(std::function<bool()> requested) { stop_request_ = std::move(requested); }
+  bool stopped_by_request() const { return stopped_by_request_; }
   // One optimizer step: micro-batches, forward, backward, clip, schedule, update.
   // Running out of memory ends it with an Error of one line (out_of_memory_message).
   StepResult step();
@@ -168,6 +177,8 @@ class Trainer {
   std::unique_ptr<AdamW> optimizer_;
   CosineSchedule schedule_;
   CheckpointStore checkpoints_;
+  std::function<bool()> stop_request_;
+  bool stopped_by_request_ = false;
   std::unique_ptr<MetricsLog> metrics_;
   TrainerState state_;
   std::vector<std::unique_ptr<TrainerHook>> hooks_;

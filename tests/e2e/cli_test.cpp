@@ -182,6 +182,41 @@ TEST(CliResume, KilledRunLeavesALoadableCheckpointAndResumes) {
   EXPECT_EQ(fs::read_symlink(run / "checkpoints" / "latest").string(), expected);
 }
 
+// Preemption as Slurm does it: SIGTERM (twice: the second arrives while the first is
+// being handled) to a running `brigade train`. It ends after the current step with a
+// checkpoint of that step, exits 75 (requeue), and --resume reaches the weights of
+// the uninterrupted run bit for bit.
+TEST(CliPreemption, SigtermWritesACheckpointExits75AndResumesBitwise) {
+  TempDir dir;
+  const std::string common = "train " + recipe() + kSmall +
+                             " --set trainer.max_steps=80 --set trainer.checkpoint_every=0 --set trainer.eval_every=0"
+                             " --set trainer.log_every=1 --run-dir ";
+  auto straight = run_brigade(common + (dir / "straight").string());
+  ASSERT_EQ(straight.exit_code, 0) << straight.output;
+  const fs::path run = dir / "run";
+  const std::string script = std::string(BRIGADE_BINARY) + " " + common + run.string() + " > " +
+                             (dir / "log").string() + " 2>&1 & pid=$!; m=" + (run / "metrics.jsonl").string() +
+                             "; for i in $(seq 600); do [ -f $m ] && [ $(wc -l < $m) -ge 5 ] && break; sleep 0.02; done;"
+                             " kill -TERM $pid; kill -TERM $pid; wait $pid; echo \"rc=$?\"";
+  auto stopped = testing::run_command("bash -c '" + script + "'");
+  const std::string log = read_file(dir / "log");
+  ASSERT_NE(stopped.output.find("rc=75"), std::string::npos) << stopped.output << log;
+  const auto at = log.find("stopped by a signal at step ");
+  ASSERT_NE(at, std::string::npos) << log;
+  const int64_t step = std::stoll(log.substr(at + 28));
+  EXPECT_GE(step, 5);
+  EXPECT_LT(step, 80) << "the run finished before the signal: nothing was tested";
+  char name[32];
+  std::snprintf(name, sizeof name, "step_%08lld", static_cast<long long>(step));
+  EXPECT_EQ(fs::read_symlink(run / "checkpoints" / "latest").string(), name);
+
+  auto resumed = run_brigade(common + run.string() + " --resume");
+  ASSERT_EQ(resumed.exit_code, 0) << resumed.output;
+  const auto a = read_file(run / "checkpoints" / "step_00000080" / "model.safetensors");
+  const auto b = read_file(dir / "straight" / "checkpoints" / "step_00000080" / "model.safetensors");
+  EXPECT_TRUE(a == b) << "the resumed run's weights differ from the uninterrupted run's";
+}
+
 }  // namespace
 }  // namespace brigade
 

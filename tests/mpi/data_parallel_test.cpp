@@ -362,6 +362,34 @@ TEST(MpiExpertParallelTraining, HuggingFaceExportKeepsEveryExpert) {
   EXPECT_FALSE(exported.contains("model.layers.1.mlp.experts.4.gate_proj.weight"));
 }
 
+// Preemption: the last rank alone is asked to stop (its signal) during step 3;
+// every rank ends after step 3, the checkpoint is of step 3, and resuming reaches
+// the uninterrupted run bit for bit.
+TEST(MpiPreemption, OneRankSignalledStopsEveryRankAtTheSameStep) {
+  auto* w = mpi_world();
+  if (w == nullptr) GTEST_SKIP() << "multi-rank test: run under mpirun";
+  at::set_num_threads(1);
+  SharedDir dir(*w);
+  testing::TempDir own;
+  auto reference = recipes::build_trainer(recipe(2, kMoE), own / "reference", w);
+  reference->run();
+  auto stopped = recipes::build_trainer(recipe(2, kMoE), dir / "run", w);
+  int asked = 0;
+  const bool me = w->rank() == w->size() - 1;
+  stopped->set_stop_request([&] { return me && ++asked == 3; });
+  stopped->run();
+  EXPECT_TRUE(stopped->stopped_by_request());
+  EXPECT_EQ(stopped->current_step(), 3);
+  w->barrier().wait();
+  auto resumed = recipes::build_trainer(recipe(2, kMoE), dir / "run", w);
+  const auto ck = trainer::load_checkpoint(trainer::resolve_checkpoint(dir / "run"));
+  EXPECT_EQ(ck.state.step, 3);
+  resumed->resume(ck);
+  resumed->run();
+  EXPECT_FALSE(resumed->stopped_by_request());
+  expect_identical(resumed->model()->state_dict(), reference->model()->state_dict(), "resumed after the stop");
+}
+
 TEST(MpiExpertParallelTraining, BadSizesAreClearErrorsBeforeTraining) {
   auto* w = mpi_world();
   if (w == nullptr) GTEST_SKIP() << "multi-rank test: run under mpirun";

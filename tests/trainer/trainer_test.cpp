@@ -223,6 +223,32 @@ TEST(TrainerTest, MoEResumeIsBitwiseExactBiasesIncluded) {
 
 // The tiny DeepSeek-V3 shape: MLA, MoE with the selection bias, one MTP module, FP8
 // blockwise; loss falls, mtp_loss is logged, and a split run resumes bit for bit.
+// A stop request (what SIGTERM / SIGUSR1 set in `brigade train`) ends the run after
+// the step it was noticed in, with a checkpoint of that step and no final eval; the
+// resumed run reaches the uninterrupted one's losses bit for bit.
+TEST(TrainerTest, StopRequestEndsAtAStepBoundaryWithACheckpointAndResumesBitwise) {
+  TempDir dir;
+  const auto recipe = small_moe_recipe();
+  const auto straight = train(recipe, dir / "straight", false);
+  std::vector<double> first;
+  {
+    auto t = recipes::build_trainer(recipe, dir / "stopped");
+    t->add_hook(std::make_unique<LossRecorder>(&first));
+    int asked = 0;
+    t->set_stop_request([&] { return ++asked == 13; });  // noticed during step 13
+    t->run();
+    EXPECT_TRUE(t->stopped_by_request());
+    EXPECT_EQ(t->current_step(), 13);
+    ASSERT_TRUE(t->checkpoints().latest().has_value());
+    EXPECT_EQ(t->checkpoints().latest()->filename(), "step_00000013");
+  }
+  const auto second = train(recipe, dir / "stopped", true);
+  ASSERT_EQ(first.size(), 13u);
+  ASSERT_EQ(first.size() + second.size(), straight.size());
+  for (size_t i = 0; i < first.size(); ++i) EXPECT_EQ(first[i], straight[i]) << "step " << i + 1;
+  for (size_t i = 0; i < second.size(); ++i) EXPECT_EQ(second[i], straight[13 + i]) << "step " << 14 + i;
+}
+
 TEST(TrainerTest, MlaMoEMtpFp8ResumeIsBitwiseExact) {
   TempDir dir;
   at::set_num_threads(1);
