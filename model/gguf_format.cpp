@@ -200,21 +200,40 @@ std::string ggml_type_name(GgmlType type) {
     case GgmlType::kF32: return "F32";
     case GgmlType::kF16: return "F16";
     case GgmlType::kQ4_0: return "Q4_0";
+    case GgmlType::kQ4_1: return "Q4_1";
+    case GgmlType::kQ5_0: return "Q5_0";
+    case GgmlType::kQ5_1: return "Q5_1";
     case GgmlType::kQ8_0: return "Q8_0";
+    case GgmlType::kQ2_K: return "Q2_K";
+    case GgmlType::kQ3_K: return "Q3_K";
+    case GgmlType::kQ4_K: return "Q4_K";
+    case GgmlType::kQ5_K: return "Q5_K";
+    case GgmlType::kQ6_K: return "Q6_K";
+    case GgmlType::kIQ4_NL: return "IQ4_NL";
+    case GgmlType::kIQ4_XS: return "IQ4_XS";
     case GgmlType::kBF16: return "BF16";
   }
   return "ggml type " + std::to_string(static_cast<uint32_t>(type));
 }
 
 std::optional<GgmlType> ggml_type_from_id(uint32_t id) {
-  for (GgmlType t : {GgmlType::kF32, GgmlType::kF16, GgmlType::kQ4_0, GgmlType::kQ8_0, GgmlType::kBF16}) {
+  for (GgmlType t : {GgmlType::kF32, GgmlType::kF16, GgmlType::kQ4_0, GgmlType::kQ4_1, GgmlType::kQ5_0, GgmlType::kQ5_1,
+                     GgmlType::kQ8_0, GgmlType::kQ2_K, GgmlType::kQ3_K, GgmlType::kQ4_K, GgmlType::kQ5_K,
+                     GgmlType::kQ6_K, GgmlType::kIQ4_NL, GgmlType::kIQ4_XS, GgmlType::kBF16}) {
     if (static_cast<uint32_t>(t) == id) return t;
   }
   return std::nullopt;
 }
 
 int64_t ggml_block_size(GgmlType type) {
-  return type == GgmlType::kQ4_0 || type == GgmlType::kQ8_0 ? kBlockSize : 1;
+  switch (type) {
+    case GgmlType::kF32: case GgmlType::kF16: case GgmlType::kBF16: return 1;
+    case GgmlType::kQ4_0: case GgmlType::kQ4_1: case GgmlType::kQ5_0: case GgmlType::kQ5_1: case GgmlType::kQ8_0:
+    case GgmlType::kIQ4_NL: return kBlockSize;
+    case GgmlType::kQ2_K: case GgmlType::kQ3_K: case GgmlType::kQ4_K: case GgmlType::kQ5_K: case GgmlType::kQ6_K:
+    case GgmlType::kIQ4_XS: return kSuperBlockSize;
+  }
+  return 1;
 }
 
 int64_t ggml_block_bytes(GgmlType type) {
@@ -222,7 +241,17 @@ int64_t ggml_block_bytes(GgmlType type) {
     case GgmlType::kF32: return 4;
     case GgmlType::kF16: case GgmlType::kBF16: return 2;
     case GgmlType::kQ4_0: return 2 + kBlockSize / 2;
+    case GgmlType::kQ4_1: return 4 + kBlockSize / 2;
+    case GgmlType::kQ5_0: return 2 + 4 + kBlockSize / 2;
+    case GgmlType::kQ5_1: return 4 + 4 + kBlockSize / 2;
     case GgmlType::kQ8_0: return 2 + kBlockSize;
+    case GgmlType::kIQ4_NL: return 2 + kBlockSize / 2;
+    case GgmlType::kQ2_K: return 16 + 64 + 4;
+    case GgmlType::kQ3_K: return 32 + 64 + 12 + 2;
+    case GgmlType::kQ4_K: return 4 + 12 + 128;
+    case GgmlType::kQ5_K: return 4 + 12 + 32 + 128;
+    case GgmlType::kQ6_K: return 128 + 64 + 16 + 2;
+    case GgmlType::kIQ4_XS: return 2 + 2 + 4 + 128;
   }
   return 0;
 }
@@ -401,7 +430,8 @@ File parse_gguf(std::span<const uint8_t> bytes, const std::string& where) {
     const uint32_t type_id = in.read<uint32_t>(field + " type");
     const std::optional<GgmlType> type = ggml_type_from_id(type_id);
     BRIGADE_CHECK(type.has_value(), where, ": ", field, " has ggml type ", type_id,
-                  ", which brigade does not read (F32 0, F16 1, Q4_0 2, Q8_0 8, BF16 30)");
+                  ", which brigade does not read (F32 0, F16 1, Q4_0 2, Q4_1 3, Q5_0 6, Q5_1 7, Q8_0 8, Q2_K 10, Q3_K 11, "
+                  "Q4_K 12, Q5_K 13, Q6_K 14, IQ4_NL 20, IQ4_XS 23, BF16 30)");
     t.type = *type;
     BRIGADE_CHECK(t.ne[0] % ggml_block_size(t.type) == 0, where, ": ", field, " of type ",
                   ggml_type_name(t.type), " has ne[0] = ", t.ne[0], ", not a multiple of the block size ",
@@ -583,6 +613,8 @@ std::vector<uint8_t> encode(GgmlType type, std::span<const float> values) {
         else quantize_block_q4_0(x, block);
       }
       break;
+    default:
+      BRIGADE_FAIL("GGUF: brigade reads ", ggml_type_name(type), " but does not write it (F32, F16, BF16, Q8_0, Q4_0)");
   }
   return out;
 }
@@ -627,6 +659,11 @@ void decode(GgmlType type, std::span<const uint8_t> bytes, std::span<float> out)
         }
       }
       break;
+    default: {
+      const int64_t block = ggml_block_size(type), block_bytes = ggml_block_bytes(type);
+      for (int64_t b = 0; b < count / block; ++b)
+        dequantize_block(type, p + b * block_bytes, out.data() + b * block);
+    }
   }
 }
 

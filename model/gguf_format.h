@@ -51,7 +51,8 @@ inline constexpr uint32_t kMagic = 0x46554747;  // "GGUF" read as a little-endia
 inline constexpr uint32_t kVersion = 3;
 inline constexpr uint64_t kDefaultAlignment = 32;
 inline constexpr int kMaxDims = 4;
-inline constexpr int64_t kBlockSize = 32;  // values per Q8_0 / Q4_0 block
+inline constexpr int64_t kBlockSize = 32;        // values per Q8_0 / Q4_0 block (and the other legacy ones)
+inline constexpr int64_t kSuperBlockSize = 256;  // values per K-quant (and IQ4_XS) super-block
 
 // Metadata value types (the type ids above).
 enum class ValueType : uint32_t {
@@ -61,7 +62,14 @@ enum class ValueType : uint32_t {
 std::string value_type_name(ValueType type);
 
 // ggml tensor types brigade handles.
-enum class GgmlType : uint32_t { kF32 = 0, kF16 = 1, kQ4_0 = 2, kQ8_0 = 8, kBF16 = 30 };
+// The legacy blocks of 32 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL) and the K-quant
+// super-blocks of 256 (Q2_K..Q6_K, IQ4_XS) are read, dequantized as gguf-py's
+// gguf.quants.dequantize does, bit for bit (model/gguf_quants.h); F32, F16, BF16,
+// Q8_0 and Q4_0 are also written.
+enum class GgmlType : uint32_t {
+  kF32 = 0, kF16 = 1, kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8,
+  kQ2_K = 10, kQ3_K = 11, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14, kIQ4_NL = 20, kIQ4_XS = 23, kBF16 = 30
+};
 std::string ggml_type_name(GgmlType type);  // "F32", "Q8_0", ...
 std::optional<GgmlType> ggml_type_from_id(uint32_t id);
 int64_t ggml_block_size(GgmlType type);   // values per block (1 for float types)
@@ -149,6 +157,10 @@ uint16_t fp32_to_fp16(float x);
 float fp16_to_fp32(uint16_t h);
 uint16_t fp32_to_bf16(float x);
 float bf16_to_fp32(uint16_t h);
+// One block of a quantized type other than Q8_0 / Q4_0: ggml_block_bytes(type) bytes in,
+// ggml_block_size(type) floats out, exactly as gguf-py's dequantize_blocks computes
+// them (float32 products and sums in its order).
+void dequantize_block(GgmlType type, const uint8_t* block, float* out);
 
 // Encodes `values` (a whole number of rows of ne[0] values; quantized types need a
 // multiple of 32) as `type`, bit for bit as ggml's reference quantizers.

@@ -101,6 +101,57 @@ def cmd_write(path):
     print("ok")
 
 
+# Each type: (block values, block bytes, byte offsets of its fp16 scales).
+QUANT_LAYOUTS = {
+    "Q4_1": (32, 20, (0, 2)), "Q5_0": (32, 22, (0,)), "Q5_1": (32, 24, (0, 2)), "IQ4_NL": (32, 18, (0,)),
+    "Q2_K": (256, 84, (80, 82)), "Q3_K": (256, 110, (108,)), "Q4_K": (256, 144, (0, 2)),
+    "Q5_K": (256, 176, (0, 2)), "Q6_K": (256, 210, (208,)), "IQ4_XS": (256, 136, (0,)),
+}
+
+
+def cmd_quants(path):
+    """Random blocks of every type brigade dequantizes (finite fp16 scales, every
+    other byte random), with gguf-py's dequantization of each as NAME.ref."""
+    gguf = need("gguf")
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    w = gguf.GGUFWriter(path, "llama")
+    for name, (values, nbytes, scales) in QUANT_LAYOUTS.items():
+        qtype = getattr(gguf.GGMLQuantizationType, name)
+        rows, blocks = 3, 2
+        raw = rng.integers(0, 256, size=(rows, blocks, nbytes), dtype=np.uint8)
+        for at in scales:
+            halves = (rng.standard_normal((rows, blocks)) * 0.05).astype(np.float16)
+            raw[:, :, at:at + 2] = halves.view(np.uint8).reshape(rows, blocks, 2)
+        raw = raw.reshape(rows, blocks * nbytes)
+        w.add_tensor(name, raw, raw_dtype=qtype)
+        w.add_tensor(name + ".ref", gguf.quants.dequantize(raw, qtype).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    print("ok")
+
+
+def cmd_llamaquant(job_path):
+    """llama.cpp's own quantizer on brigade's exports: job = [{"in", "out", "ftype"}]
+    (ftype: Q4_K_M, Q5_K_M, Q6_K, ...); prints each output's tensor types."""
+    llama_cpp = need("llama_cpp")
+    gguf = need("gguf")
+    out = []
+    for item in json.load(open(job_path)):
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_MOSTLY_" + item["ftype"])
+        params.nthread = 1
+        rc = llama_cpp.llama_model_quantize(item["in"].encode(), item["out"].encode(), params)
+        if rc != 0:
+            sys.exit(f"llama_model_quantize returned {rc} for {item}")
+        types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(item["out"]).tensors}
+        out.append({"out": item["out"], "types": types})
+    print(json.dumps(out))
+
+
 def cmd_llama(job_path):
     need("numpy")
     llama_cpp = need("llama_cpp")
@@ -140,7 +191,7 @@ def main():
         print(__doc__)
         sys.exit(2)
     command, arg = sys.argv[1], sys.argv[2]
-    {"quant": cmd_quant, "inspect": cmd_inspect, "write": cmd_write, "llama": cmd_llama}[command](arg)
+    {"quant": cmd_quant, "inspect": cmd_inspect, "write": cmd_write, "quants": cmd_quants, "llamaquant": cmd_llamaquant, "llama": cmd_llama}[command](arg)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,10 @@
 // same model (exactly for F32, within the quantization for Q8_0), and
 // model.init_from accepts a .gguf file.
 #include <gtest/gtest.h>
+
+#include <set>
+
+#include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
 #include "core/fs.h"
@@ -154,6 +158,68 @@ INSTANTIATE_TEST_SUITE_P(Families, GgufImport,
                          [](const auto& info) {
                            return family_name(std::get<0>(info.param)) + (std::get<1>(info.param) ? "Tied" : "Untied");
                          });
+
+// Files quantized by llama.cpp's own quantizer to the usual mixes (what people
+// download: Q4_K_M, Q5_K_M, Q6_K) import: the K-quant blocks dequantize (bit for bit
+// as gguf-py, GgufFormat.DequantizesEveryBlockTypeAsGgufPyBitForBit) and the model
+// stays close to the float32 original.
+TEST(GgufImport, LlamaCppQuantizedMixesImport) {
+  if (!gguf_testing::have_llama_cpp()) GTEST_SKIP() << "llama-cpp-python is not installed in .venv";
+  TempDir dir;
+  TransformerOptions o = options_for(HfFamily::kLlama, false);
+  o.d_model = 256;  // rows of 256: the K-quant super-block
+  o.d_ff = 512;
+  o.n_heads = 4;
+  o.n_kv_heads = 2;
+  o.init_std = 0.05;
+  Transformer original = gguf_testing::make_model(o, 21);
+  const auto tokenizer = data::BpeTokenizer::from_byte_tokenizer();
+  export_gguf(original, HfFamily::kLlama, tokenizer, GgufQuant::kF32, dir / "f32.gguf", "m");
+  nlohmann::json job = nlohmann::json::array();
+  // Bounds: llama.cpp's own rounding of these Gaussian weights is 7.1% (Q4_K), 3.6%
+  // (Q5_K) and 1.8% (Q6_K) RMS of the weights (gguf-py's dequantization of its files).
+  struct Mix {
+    std::string name, type;
+    double max_error, min_agreement;
+  };
+  const std::vector<Mix> mixes = {{"Q4_K_M", "Q4_K", 0.45, 0.6}, {"Q5_K_M", "Q5_K", 0.3, 0.75}, {"Q6_K", "Q6_K", 0.15, 0.85}};
+  for (const auto& m : mixes)
+    job.push_back({{"in", (dir / "f32.gguf").string()}, {"out", (dir / (m.name + ".gguf")).string()}, {"ftype", m.name}});
+  write_file_atomic(dir / "job.json", job.dump());
+  auto run = gguf_testing::run_check("llamaquant", dir / "job.json");
+  if (run.exit_code == 3) GTEST_SKIP() << run.output;
+  ASSERT_EQ(run.exit_code, 0) << run.output;
+  const auto results = gguf_testing::last_json_line(run.output);
+  const auto ids = torch::randint(0, 261, {2, 32}, torch::TensorOptions().dtype(torch::kLong));
+  torch::NoGradGuard no_grad;
+  const auto expected = original->forward(ids);
+  const double scale = expected.abs().max().item<double>();
+  double previous = 1e9;
+  for (size_t i = 0; i < mixes.size(); ++i) {
+    const std::string& mix = mixes[i].name;
+    const std::string& type = mixes[i].type;
+    std::set<std::string> types;
+    for (const auto& [name, t] : results[i]["types"].items()) types.insert(t.get<std::string>());
+    EXPECT_TRUE(types.contains(type)) << mix << " holds no " << type << " tensor";
+    const fs::path file = dir / (mix + ".gguf");
+    const GgufModelInfo info = read_gguf_model_info(file);
+    torch::manual_seed(0);
+    Transformer imported(info.options);
+    load_gguf_weights(*imported, file);
+    imported->eval();
+    const auto logits = imported->forward(ids);
+    const double error = (logits - expected).abs().max().item<double>() / scale;
+    const double agree = logits.argmax(-1).eq(expected.argmax(-1)).to(torch::kDouble).mean().item<double>();
+    std::string list;
+    for (const auto& t : types) list += t + " ";
+    std::cout << "[ measured ] " << mix << " (" << list << "): max|logit diff| / max|logit| " << error
+              << ", top-1 agreement " << agree << "\n";
+    EXPECT_LT(error, mixes[i].max_error) << mix;
+    EXPECT_GE(agree, mixes[i].min_agreement) << mix;
+    EXPECT_LT(error, previous * 1.5) << mix << " is not closer than the coarser mix";  // more bits, less error
+    previous = error;
+  }
+}
 
 // A deepseek2 file without one of its MLA tensors, or in the older attn_kv_b form:
 // one line naming the file and the tensor or key.

@@ -3,6 +3,8 @@
 // the exported models (greedy parity with brigade's own generation).
 #include <gtest/gtest.h>
 
+#include <map>
+
 #include <torch/torch.h>
 
 #include <cmath>
@@ -196,6 +198,33 @@ TEST(GgufFormat, ReadsGgufPyFile) {
     EXPECT_EQ(reader.info(name).type, std::string(name) == "q8" ? GgmlType::kQ8_0 : GgmlType::kQ4_0);
     // brigade's dequantization equals gguf-py's.
     EXPECT_TRUE(torch::equal(reader.tensor(name), reader.tensor(std::string(name) + ".ref"))) << name;
+  }
+}
+
+// Every other block type a published GGUF uses (the legacy Q4_1 / Q5_0 / Q5_1, the
+// K-quants Q2_K..Q6_K of the usual Q4_K_M / Q5_K_M / Q6_K mixes, IQ4_NL, IQ4_XS):
+// random blocks (finite fp16 scales, every other byte random) dequantize exactly as
+// gguf-py's gguf.quants.dequantize does, every value of every block.
+TEST(GgufFormat, DequantizesEveryBlockTypeAsGgufPyBitForBit) {
+  TempDir dir;
+  auto run = run_check("quants", dir / "q.gguf");
+  if (run.exit_code == 3) GTEST_SKIP() << "gguf python package missing: " << run.output;
+  ASSERT_EQ(run.exit_code, 0) << run.output;
+  GgufReader reader(dir / "q.gguf");
+  const std::map<std::string, GgmlType> types = {
+      {"Q4_1", GgmlType::kQ4_1}, {"Q5_0", GgmlType::kQ5_0}, {"Q5_1", GgmlType::kQ5_1}, {"IQ4_NL", GgmlType::kIQ4_NL},
+      {"Q2_K", GgmlType::kQ2_K}, {"Q3_K", GgmlType::kQ3_K}, {"Q4_K", GgmlType::kQ4_K}, {"Q5_K", GgmlType::kQ5_K},
+      {"Q6_K", GgmlType::kQ6_K}, {"IQ4_XS", GgmlType::kIQ4_XS}};
+  for (const auto& [name, type] : types) {
+    EXPECT_EQ(reader.info(name).type, type) << name;
+    const auto ours = reader.tensor(name), theirs = reader.tensor(name + ".ref");
+    ASSERT_EQ(ours.sizes(), theirs.sizes()) << name;
+    EXPECT_EQ(ours.size(0), 3) << name;
+    const int64_t differ = ours.ne(theirs).sum().item<int64_t>();
+    EXPECT_EQ(differ, 0) << name << ": " << differ << " of " << ours.numel() << " values differ";
+    EXPECT_GT(theirs.abs().max().item<float>(), 0.0f) << name;
+    // Writing these types is not offered: a clear error, not a wrong file.
+    EXPECT_BRIGADE_ERROR(gguf::encode(type, std::vector<float>(gguf::ggml_block_size(type), 0.5f)), "does not write it");
   }
 }
 
@@ -430,7 +459,7 @@ TEST_F(GgufCorrupt, BadTensorInfos) {
   expect_error(file("t", {4}, 0, 32, 40), "extends past the end of the file");
   expect_error(file("t", {4}, 0, ~uint64_t{0} - 31, 40), "extends past the end");  // no wrap-around near 2^64
   expect_error(file("t", {4}, 0, 8, 40), "tensor 't' has offset 8, not a multiple of the alignment 32");
-  expect_error(file("t", {4}, 3, 0, 16), "tensor 't' has ggml type 3, which brigade does not read");
+  expect_error(file("t", {4}, 16, 0, 16), "tensor 't' has ggml type 16, which brigade does not read");  // IQ2_XXS
   expect_error(file("t", {4}, 1000, 0, 16), "ggml type 1000");
   expect_error(file("t", {4, 1, 1, 1, 1}, 0, 0, 16), "tensor 't' has n_dims 5");
   expect_error(file("t", {}, 0, 0, 16), "tensor 't' has n_dims 0");
