@@ -604,12 +604,7 @@ void dequantize_block_fp8(std::map<std::string, torch::Tensor>& tensors, const s
                   " blocks needs [", rows, ", ", cols, "]");
     BRIGADE_CHECK(scale.is_floating_point(), where, ": tensor '", scale_name, "' has dtype ",
                   c10::toString(scale.scalar_type()), "; expected floating point scales");
-    const auto expanded = scale.to(torch::kFloat32)
-                              .repeat_interleave(block[0], 0)
-                              .repeat_interleave(block[1], 1)
-                              .narrow(0, 0, w.size(0))
-                              .narrow(1, 0, w.size(1));
-    it->second = w.to(torch::kFloat32) * expanded;
+    it->second = dequantize_block_scaled(w, scale, block);
     tensors.erase(scale_name);
   }
 }
@@ -646,6 +641,16 @@ std::optional<std::array<int64_t, 2>> fp8_block_size(const std::filesystem::path
 }
 
 }  // namespace
+
+torch::Tensor dequantize_block_scaled(const torch::Tensor& weight, const torch::Tensor& scale_inv,
+                                      std::array<int64_t, 2> block) {
+  const auto expanded = scale_inv.to(torch::kFloat32)
+                            .repeat_interleave(block[0], 0)
+                            .repeat_interleave(block[1], 1)
+                            .narrow(0, 0, weight.size(0))
+                            .narrow(1, 0, weight.size(1));
+  return weight.to(torch::kFloat32) * expanded;
+}
 
 void load_hf_weights(TransformerImpl& model, const std::filesystem::path& dir) {
   SafetensorsFile file = load_safetensors_dir(dir);

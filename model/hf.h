@@ -5,6 +5,7 @@
 // safetensors (model.safetensors.index.json).
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <filesystem>
 #include <string>
@@ -71,6 +72,13 @@ NamedTensors hf_state_dict(const TransformerImpl& model);
 // deepseek_v3 unless rope_interleave is false) and are permuted into brigade's
 // rotate-half order; save_hf_checkpoint permutes them back and writes rope_interleave.
 void load_hf_weights(TransformerImpl& model, const std::filesystem::path& dir);
+
+// A block-scaled FP8 weight as DeepSeek releases it: `weight` [out, in] (F8_E4M3)
+// times `scale_inv` [ceil(out/b0), ceil(in/b1)], one float32 scale per b0 x b1 block,
+// as float32. (An FP8 blockwise recipe quantizing the result with 128x128 blocks gets
+// the checkpoint's codes back: tests/model/hf_test.cpp.)
+torch::Tensor dequantize_block_scaled(const torch::Tensor& weight, const torch::Tensor& scale_inv,
+                                      std::array<int64_t, 2> block);
 
 // DeepSeek's rotary layout for a multi-head latent attention projection (brigade or
 // Hugging Face name ending in self_attn.q_proj / q_b_proj / kv_a_proj_with_mqa

@@ -12,6 +12,7 @@
 #include "model/generate.h"
 #include "model/hf.h"
 #include "model/safetensors.h"
+#include "precision/quantize.h"
 #include "recipes/build.h"
 #include "recipes/recipe.h"
 #include "tests/model/gguf_testing.h"
@@ -495,6 +496,36 @@ TEST(HfCheckpoint, DeepseekFp8BlockScaledCheckpointIsDequantized) {
   config["quantization_config"]["quant_method"] = "gptq";
   write_file_atomic(fp8 / "config.json", config.dump(2));
   EXPECT_BRIGADE_ERROR(import_dir(fp8), "quantization_config.quant_method' is 'gptq'");
+}
+
+// DeepSeek's FP8 weights survive the trip: dequantized on import, then quantized by
+// brigade's own blockwise recipe (128x128 weight blocks, scale = amax / 448), they give
+// back the checkpoint's FP8 codes exactly, and its scales to within a rounding of
+// amax / 448. So an FP8 recipe starts from the released FP8 weights, not from a
+// re-rounded copy of them.
+TEST(HfCheckpoint, DeepseekFp8WeightsRequantizeToTheSameCodes) {
+  torch::manual_seed(8);
+  const auto w = torch::randn({256, 320}) * 0.02;  // a partial last column block
+  const int64_t rows = 2, cols = 3;
+  auto scale = torch::empty({rows, cols});
+  auto codes = torch::empty({256, 320}, torch::kFloat8_e4m3fn);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) {  // DeepSeek's quantizer: amax / 448 per block
+      const int64_t h = std::min<int64_t>(128, 256 - r * 128), wd = std::min<int64_t>(128, 320 - c * 128);
+      auto tile = w.narrow(0, r * 128, h).narrow(1, c * 128, wd);
+      const float s = tile.abs().max().item<float>() / 448.0f;
+      scale[r][c] = s;
+      codes.narrow(0, r * 128, h).narrow(1, c * 128, wd).copy_((tile / s).to(torch::kFloat8_e4m3fn));
+    }
+  }
+  const auto dequantized = dequantize_block_scaled(codes, scale, {128, 128});
+  precision::QuantizeOptions options;
+  options.mode = precision::ScalingMode::kBlock128x128;
+  const auto again = precision::quantize(dequantized, options);
+  const auto released = codes.view(torch::kUInt8);
+  EXPECT_TRUE(torch::equal(again.data, released)) << "codes differ: "
+                                                   << again.data.ne(released).sum().item<int64_t>();
+  EXPECT_LE(((again.scales - scale).abs() / scale).max().item<double>(), 2.4e-7);
 }
 
 // The shipped DeepSeek-V3-shaped recipe (MLA, shared + routed experts, sigmoid
