@@ -24,6 +24,7 @@
 #include "data/arith.h"
 #include "data/tokenizer.h"
 #include "launch/commands.h"
+#include "recipes/build.h"
 #include "model/generate.h"
 #include "model/speculative.h"
 
@@ -64,7 +65,7 @@ int main(int argc, char** argv) {
     at::set_num_threads(threads);
     auto loaded = launch::load_model(checkpoint, overrides);
     const auto& r = loaded.recipe;
-    auto tokenizer = data::make_tokenizer(r.data.tokenizer);
+    auto tokenizer = recipes::make_tokenizer(r.data.tokenizer);
     std::vector<std::vector<int64_t>> inputs;
     for (int64_t i = 0; i < prompts; ++i) {
       auto problem = data::make_arithmetic_problem(r.data.synthetic, static_cast<uint64_t>(r.data.synthetic.num_problems + i));

@@ -601,6 +601,13 @@ bool BpeTokenizer::is_added(int64_t id) const {
 }
 std::string BpeTokenizer::pre_tokenizer() const { return impl_->family(); }
 
+std::string pre_tokenizer_pattern(std::string_view family) {
+  if (family == "qwen2") return std::string(kQwen2Pattern);
+  if (family == "llama-bpe") return std::string(kLlama3Pattern);
+  if (family == "gpt2") return std::string(kGpt2Pattern);
+  return {};
+}
+
 std::string BpeTokenizer::Impl::family() const {
   for (const PreTokenizerStep& step : pre) {
     if (step.kind != PreTokenizerStep::Kind::kSplit) continue;
@@ -838,9 +845,9 @@ std::vector<PreTokenizerStep> read_pre_tokenizer(const JsonFile& f, const json& 
 }
 
 // bos_token etc. from tokenizer_config.json: a string, {"content": ...} or null.
-void read_config_roles(const fs::path& config, BpeTokenizer::Impl& impl) {
-  JsonFile f{config.string()};
-  json root = f.parse(read_file(config));
+void read_config_roles(const std::string& text, const std::string& source, BpeTokenizer::Impl& impl) {
+  JsonFile f{source};
+  json root = f.parse(text);
   f.object(root, "(top level)");
   const std::pair<const char*, std::string_view> fields[] = {
       {"bos_token", kBosToken}, {"eos_token", kEosToken}, {"pad_token", kPadToken}};
@@ -859,11 +866,18 @@ void read_config_roles(const fs::path& config, BpeTokenizer::Impl& impl) {
 }  // namespace
 
 BpeTokenizer BpeTokenizer::load(const fs::path& tokenizer_json) {
-  JsonFile f{tokenizer_json.string()};
-  json root = f.parse(read_file(tokenizer_json));
+  const fs::path config = tokenizer_json.parent_path() / "tokenizer_config.json";
+  return parse(read_file(tokenizer_json), tokenizer_json.string(), fs::exists(config) ? read_file(config) : "",
+               config.string());
+}
+
+BpeTokenizer BpeTokenizer::parse(const std::string& text, const std::string& source,
+                                 const std::string& config_text, const std::string& config_source) {
+  JsonFile f{source};
+  json root = f.parse(text);
   f.object(root, "(top level)");
   auto impl = std::make_shared<Impl>();
-  impl->source = tokenizer_json.string();
+  impl->source = source;
 
   const json& model = f.object(f.need(root, "", "model"), "model");
   if (const json* type = JsonFile::find(model, "type")) {
@@ -975,8 +989,7 @@ BpeTokenizer BpeTokenizer::load(const fs::path& tokenizer_json) {
 
   // build() turns merge strings into ids; the roles need the added-token index first.
   BpeTokenizer tokenizer = make_bpe_tokenizer(impl);
-  fs::path config = tokenizer_json.parent_path() / "tokenizer_config.json";
-  if (fs::exists(config)) read_config_roles(config, *impl);
+  if (!config_text.empty()) read_config_roles(config_text, config_source.empty() ? source : config_source, *impl);
   return tokenizer;
 }
 

@@ -73,6 +73,10 @@ class BpeTokenizer final : public Tokenizer {
   // else from well-known names. Any malformed field is an Error naming the file and
   // the field.
   static BpeTokenizer load(const std::filesystem::path& tokenizer_json);
+  // The same from tokenizer.json text (`source` names it in errors) and, when not
+  // empty, tokenizer_config.json text for the special-token roles.
+  static BpeTokenizer parse(const std::string& tokenizer_json, const std::string& source,
+                            const std::string& tokenizer_config = {}, const std::string& config_source = {});
 
   // brigade's byte tokenizer as a byte-level BPE without merges: the same ids
   // (bytes 0..255, then the special tokens at 256..), so a model trained with the
@@ -109,6 +113,10 @@ class BpeTokenizer final : public Tokenizer {
   friend BpeTokenizer make_bpe_tokenizer(std::shared_ptr<Impl> impl);
   std::shared_ptr<const Impl> impl_;  // immutable once built: copies share it
 };
+
+// The split regex of a pre-tokenizer family ("gpt2", "llama-bpe", "qwen2", as
+// pre_tokenizer() names them); empty for any other name.
+std::string pre_tokenizer_pattern(std::string_view family);
 
 // The tokenizer.json a tokenizer name refers to: the file itself, or the
 // tokenizer.json inside a directory; empty when `name` is neither ("byte", a typo).

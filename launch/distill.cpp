@@ -33,6 +33,7 @@
 #include "distill/remote.h"
 #include "distill/verify.h"
 #include "launch/commands.h"
+#include "recipes/build.h"
 #include "trainer/checkpoint.h"
 
 namespace brigade::launch {
@@ -118,7 +119,7 @@ int distill_command(const DistillArgs& args) {
   const fs::path run_dir = default_run_dir(recipe, args.run_dir);
   const fs::path work = run_dir / "distill";
   auto want = [&](const std::string& stage) { return args.stage.empty() || args.stage == stage; };
-  auto tokenizer = data::make_tokenizer(recipe.data.tokenizer);
+  auto tokenizer = recipes::make_tokenizer(recipe.data.tokenizer);
 
   // teacher
   fs::path teacher_ck;  // empty with a remote teacher
@@ -258,7 +259,7 @@ int distill_command(const DistillArgs& args) {
                                                             (teacher_ck / "recipe.yaml").string(),
                                                             checkpoint_overrides({}), teacher_ck);
           distill::check_same_tokenizer(teacher_recipe.data.tokenizer,
-                                        data::make_tokenizer(teacher_recipe.data.tokenizer)->vocab_size(),
+                                        recipes::make_tokenizer(teacher_recipe.data.tokenizer)->vocab_size(),
                                         recipe.data.tokenizer, tokenizer->vocab_size());
         }
         const fs::path targets = build.dir() / distill::kKdTargets;

@@ -233,7 +233,7 @@ int train_command(const TrainArgs& args) {
 
 int generate_command(const GenerateArgs& args) {
   auto loaded = load_model(args.checkpoint, args.overrides);
-  auto tokenizer = data::make_tokenizer(loaded.recipe.data.tokenizer);
+  auto tokenizer = recipes::make_tokenizer(loaded.recipe.data.tokenizer);
   model::SamplingOptions sampling;
   sampling.max_new_tokens = args.max_new_tokens;
   sampling.temperature = args.temperature;
@@ -282,7 +282,7 @@ int demo_command(const DemoArgs& args) {
   // A few of the student's greedy solutions to held-out problems.
   const fs::path student = run_dir / "distill" / "train" / "run";
   auto loaded = load_model(student, {});
-  auto tokenizer = data::make_tokenizer(recipe.data.tokenizer);
+  auto tokenizer = recipes::make_tokenizer(recipe.data.tokenizer);
   model::SamplingOptions greedy;
   greedy.max_new_tokens = recipe.distill.generate.max_new_tokens;
   greedy.stop_ids = {tokenizer->eos_id()};

@@ -39,6 +39,7 @@
 #include "data/tokenizer.h"
 #include "distill/generate.h"
 #include "launch/commands.h"
+#include "recipes/build.h"
 #include "model/generate.h"
 #include "trainer/checkpoint.h"
 
@@ -166,7 +167,7 @@ class Server {
  public:
   Server(LoadedModel loaded, std::string name, std::string api_key)
       : recipe_(std::move(loaded.recipe)), model_(std::move(loaded.model)), name_(std::move(name)),
-        api_key_(std::move(api_key)), tokenizer_(data::make_tokenizer(recipe_.data.tokenizer)) {}
+        api_key_(std::move(api_key)), tokenizer_(recipes::make_tokenizer(recipe_.data.tokenizer)) {}
 
   void handle(int fd) {
     try {

@@ -4,6 +4,7 @@
 #include <map>
 #include <set>
 
+#include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
 #include "core/error.h"
@@ -273,6 +274,78 @@ void load_gguf_weights(TransformerImpl& model, const std::filesystem::path& path
     bar.tick(++copied, "");
   }
   bar.finish();
+}
+
+data::BpeTokenizer read_gguf_tokenizer(const std::filesystem::path& path) {
+  const GgufReader reader(path);
+  const std::string where = "GGUF file " + path.string();
+  auto text = [&](const char* key) { return reader.metadata(key).as_string(key); };
+  BRIGADE_CHECK(reader.has("tokenizer.ggml.model"), where, ": no tokenizer.ggml.model (the file carries no vocabulary)");
+  const std::string model = text("tokenizer.ggml.model");
+  BRIGADE_CHECK(model == "gpt2", where, ": tokenizer.ggml.model is '", model,
+                "'; brigade rebuilds byte-level BPE vocabularies (gpt2) only, so set data.tokenizer to the model's "
+                "tokenizer.json");
+  const std::string pre = reader.has("tokenizer.ggml.pre") ? text("tokenizer.ggml.pre") : "default";
+  // llama.cpp's names for the split regexes brigade implements.
+  const std::map<std::string, std::string> families = {
+      {"gpt-2", "gpt2"}, {"default", "gpt2"}, {"llama-bpe", "llama-bpe"}, {"llama3", "llama-bpe"}, {"qwen2", "qwen2"}};
+  const auto family = families.find(pre);
+  BRIGADE_CHECK(family != families.end(), where, ": tokenizer.ggml.pre is '", pre,
+                "', a pre-tokenizer brigade does not implement (gpt-2, default, llama-bpe, qwen2); set data.tokenizer "
+                "to the model's tokenizer.json");
+  const auto tokens = reader.metadata("tokenizer.ggml.tokens").as_strings("tokenizer.ggml.tokens");
+  std::vector<int64_t> types(tokens.size(), 1);
+  if (reader.has("tokenizer.ggml.token_type")) types = reader.metadata("tokenizer.ggml.token_type").as_ints("tokenizer.ggml.token_type");
+  BRIGADE_CHECK(types.size() == tokens.size(), where, ": tokenizer.ggml.token_type has ", types.size(),
+                " entries for ", tokens.size(), " tokens");
+  const std::vector<std::string> merges = reader.has("tokenizer.ggml.merges")
+                                              ? reader.metadata("tokenizer.ggml.merges").as_strings("tokenizer.ggml.merges")
+                                              : std::vector<std::string>{};
+  // The tokenizer.json Hugging Face would hold for this vocabulary.
+  nlohmann::json vocab = nlohmann::json::object(), added = nlohmann::json::array();
+  for (size_t id = 0; id < tokens.size(); ++id) {
+    if (types[id] == 3 || types[id] == 4) {  // control, user-defined
+      added.push_back({{"id", id}, {"content", tokens[id]}, {"special", types[id] == 3}, {"normalized", false},
+                       {"lstrip", false}, {"rstrip", false}, {"single_word", false}});
+    } else {
+      vocab[tokens[id]] = id;
+    }
+  }
+  nlohmann::json byte_level = {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}};
+  nlohmann::json pre_tokenizer;
+  if (family->second == "gpt2") {
+    pre_tokenizer = byte_level;
+    pre_tokenizer["use_regex"] = true;
+  } else {
+    byte_level["use_regex"] = false;
+    pre_tokenizer = {{"type", "Sequence"},
+                     {"pretokenizers",
+                      {{{"type", "Split"}, {"pattern", {{"Regex", data::pre_tokenizer_pattern(family->second)}}},
+                        {"behavior", "Isolated"}, {"invert", false}},
+                       byte_level}}};
+  }
+  nlohmann::json json = {{"version", "1.0"},
+                         {"added_tokens", added},
+                         {"normalizer", nullptr},
+                         {"pre_tokenizer", pre_tokenizer},
+                         {"post_processor", nullptr},
+                         {"decoder", {{"type", "ByteLevel"}}},
+                         {"model",
+                          {{"type", "BPE"}, {"dropout", nullptr}, {"unk_token", nullptr}, {"fuse_unk", false},
+                           {"byte_fallback", false}, {"ignore_merges", family->second == "llama-bpe"},
+                           {"vocab", vocab}, {"merges", merges}}}};
+  nlohmann::json config = nlohmann::json::object();
+  for (const auto& [key, role] : {std::pair{"tokenizer.ggml.bos_token_id", "bos_token"},
+                                  {"tokenizer.ggml.eos_token_id", "eos_token"},
+                                  {"tokenizer.ggml.padding_token_id", "pad_token"}}) {
+    if (!reader.has(key)) continue;
+    const int64_t id = reader.metadata(key).as_int(key);
+    BRIGADE_CHECK(id >= 0 && id < static_cast<int64_t>(tokens.size()), where, ": ", key, " = ", id,
+                  " is not a token id (", tokens.size(), " tokens)");
+    config[role] = tokens[static_cast<size_t>(id)];
+  }
+  return data::BpeTokenizer::parse(json.dump(), where + " (tokenizer.ggml.*)", config.dump(),
+                                   where + " (tokenizer.ggml.*_token_id)");
 }
 
 }  // namespace brigade::model

@@ -7,6 +7,8 @@
 // into a model. The inverse of model/gguf_export.h.
 #pragma once
 
+#include "data/bpe.h"
+
 #include <filesystem>
 #include <optional>
 #include <string>
@@ -34,5 +36,14 @@ GgufModelInfo read_gguf_model_info(const std::filesystem::path& path);
 // model is untouched then. Quantized tensors are dequantized: a q8_0 file gives the
 // q8_0-rounded weights.
 void load_gguf_weights(TransformerImpl& model, const std::filesystem::path& path);
+
+// The vocabulary a GGUF file carries, rebuilt as a tokenizer: tokenizer.ggml.model
+// "gpt2" (byte-level BPE: tokens, merges, token types) with tokenizer.ggml.pre
+// "gpt-2", "llama-bpe" (Llama 3), "qwen2" (Qwen2/Qwen3) or "default" (the GPT-2 split),
+// the regex llama.cpp applies for each; control tokens (type 3) become special added
+// tokens, user-defined ones (4) added tokens; bos/eos/padding ids give the roles. Any
+// other tokenizer model (SentencePiece "llama", ...) or pre-tokenizer is an Error
+// naming the file, the key and what is supported.
+data::BpeTokenizer read_gguf_tokenizer(const std::filesystem::path& path);
 
 }  // namespace brigade::model

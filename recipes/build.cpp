@@ -45,6 +45,13 @@ Corpora build_corpora(const Recipe& r, const data::Tokenizer& tokenizer) {
   return c;
 }
 
+std::unique_ptr<data::Tokenizer> make_tokenizer(const std::string& name) {
+  const std::filesystem::path path(name);
+  if (path.extension() == ".gguf" && std::filesystem::is_regular_file(path))
+    return std::make_unique<data::BpeTokenizer>(model::read_gguf_tokenizer(path));
+  return data::make_tokenizer(name);
+}
+
 model::Transformer build_model(const Recipe& r, bool with_init_from) {
   torch::manual_seed(r.trainer.seed);
   model::Transformer model(r.model);

@@ -22,6 +22,11 @@ struct Corpora {
 // Token ids beyond model.vocab_size are an Error naming the shard.
 Corpora build_corpora(const Recipe& recipe, const data::Tokenizer& tokenizer);
 
+// data.tokenizer as a tokenizer: data::make_tokenizer's names ("byte", a tokenizer.json
+// or its directory), or a .gguf file whose vocabulary is rebuilt
+// (model::read_gguf_tokenizer).
+std::unique_ptr<data::Tokenizer> make_tokenizer(const std::string& name);
+
 // A freshly initialised model from trainer.seed, then model.init_from's weights when
 // `with_init_from` (a run resuming from its own checkpoint skips reading them).
 model::Transformer build_model(const Recipe& recipe, bool with_init_from = true);

@@ -13,6 +13,7 @@
 #include "data/tokenizer.h"
 #include "model/gguf_import.h"
 #include "model/hf.h"
+#include "recipes/build.h"
 #include "recipes/schema.h"
 
 namespace brigade::recipes {
@@ -158,9 +159,13 @@ void apply_init_from(const Entries& entries, Recipe& recipe) {
   if (gguf) {
     const auto info = model::read_gguf_model_info(dir);
     from_config.model = info.options;
-    BRIGADE_CHECK(info.byte_vocabulary || entries.contains("data.tokenizer"), where, ": ", dir.string(),
-                  " carries a BPE vocabulary, which brigade does not rebuild from GGUF: set data.tokenizer to the "
-                  "model's tokenizer.json");
+    // A BPE vocabulary is rebuilt from the file (model::read_gguf_tokenizer): checked here,
+    // so an unsupported one fails at load with the file and key named.
+    if (!info.byte_vocabulary && !entries.contains("data.tokenizer")) {
+      model::read_gguf_tokenizer(dir);
+      from_config.data.tokenizer = dir.string();
+      recipe.data.tokenizer = dir.string();
+    }
   } else {
     from_config.model = model::read_hf_config(config).options;
   }
@@ -222,7 +227,7 @@ void validate(const Recipe& r) {
   r.trainer.validate();
   r.parallel.validate();
   r.distill.validate();
-  const auto tokenizer = data::make_tokenizer(r.data.tokenizer);
+  const auto tokenizer = make_tokenizer(r.data.tokenizer);
   BRIGADE_CHECK(r.model.vocab_size >= tokenizer->vocab_size(), "model.vocab_size (", r.model.vocab_size,
                 ") is smaller than the ", r.data.tokenizer, " tokenizer's vocabulary (", tokenizer->vocab_size(), ")");
   BRIGADE_CHECK(r.data.seq_len <= r.model.max_seq_len, "data.seq_len (", r.data.seq_len,

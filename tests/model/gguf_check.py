@@ -152,6 +152,17 @@ def cmd_llamaquant(job_path):
     print(json.dumps(out))
 
 
+def cmd_tokenize(job_path):
+    """llama.cpp's tokenizer on GGUF vocabularies: job = [{"path", "texts"}]; prints
+    the ids of each text (no BOS, special tokens not parsed)."""
+    llama_cpp = need("llama_cpp")
+    out = []
+    for item in json.load(open(job_path)):
+        llm = llama_cpp.Llama(model_path=item["path"], vocab_only=True, verbose=False)
+        out.append([llm.tokenize(t.encode("utf-8"), add_bos=False, special=False) for t in item["texts"]])
+    print(json.dumps(out))
+
+
 def cmd_llama(job_path):
     need("numpy")
     llama_cpp = need("llama_cpp")
@@ -191,7 +202,7 @@ def main():
         print(__doc__)
         sys.exit(2)
     command, arg = sys.argv[1], sys.argv[2]
-    {"quant": cmd_quant, "inspect": cmd_inspect, "write": cmd_write, "quants": cmd_quants, "llamaquant": cmd_llamaquant, "llama": cmd_llama}[command](arg)
+    {"quant": cmd_quant, "inspect": cmd_inspect, "write": cmd_write, "quants": cmd_quants, "llamaquant": cmd_llamaquant, "tokenize": cmd_tokenize, "llama": cmd_llama}[command](arg)
 
 
 if __name__ == "__main__":

@@ -249,6 +249,84 @@ TEST(GgufImport, BadDeepseek2FilesNameTheFileAndField) {
   EXPECT_BRIGADE_ERROR(read_gguf_model_info(legacy), "legacy.gguf: deepseek2 without deepseek2.attention.key_length_mla");
 }
 
+// A GGUF's byte-level BPE vocabulary is rebuilt from tokenizer.ggml.*: BPE
+// tokenizers trained with the Qwen2, Llama 3 and GPT-2 split regexes, exported with a
+// model, come back encoding multilingual text to the same ids as the original and as
+// llama.cpp's own tokenizer on the file; a recipe starting from the file needs no
+// tokenizer.json.
+TEST(GgufTokenizer, RebuiltFromTheFileEncodesAsTheOriginalAndAsLlamaCpp) {
+  TempDir dir;
+  const std::vector<std::string> corpus = {
+      "The quick brown fox jumps over the lazy dog. It's 2026, isn't it?",
+      "Über die Brücke gehen Müller und Schäfer; naïve café déjà vu.",
+      "深度求索发布了新的模型。机器学习很有趣！", "日本語のテキストも少し。カタカナとひらがな。",
+      "Привет, мир! Это тест токенизатора.", "def f(x):\n    return x ** 2  # comment\n\n\tdone",
+      "Numbers 12345 and 3.14159 and 1,000,000; emoji 🚀🔥 ok", "  leading spaces\nand\r\nline endings   "};
+  const std::vector<std::string> specials = {"<|bos|>", "<|eos|>", "<|pad|>", "<|im_start|>", "<|im_end|>"};
+  const std::vector<std::pair<std::string, std::string>> families = {
+      {"qwen2", ""}, {"llama-bpe", data::pre_tokenizer_pattern("llama-bpe")}, {"gpt-2", data::pre_tokenizer_pattern("gpt2")}};
+  nlohmann::json job = nlohmann::json::array();
+  std::vector<data::BpeTokenizer> originals;
+  for (const auto& [pre, pattern] : families) {
+    std::vector<std::string> big;
+    for (int i = 0; i < 20; ++i) big.insert(big.end(), corpus.begin(), corpus.end());
+    auto tokenizer = data::train_bpe(big, 600, specials, pattern);
+    TransformerOptions o = options_for(HfFamily::kQwen3, false);
+    o.vocab_size = (tokenizer.vocab_size() + 7) / 8 * 8;
+    Transformer model = gguf_testing::make_model(o, 3);
+    const fs::path file = dir / (pre + ".gguf");
+    export_gguf(model, HfFamily::kQwen3, tokenizer, GgufQuant::kF32, file, "m");
+    GgufReader reader(file);
+    EXPECT_EQ(reader.metadata("tokenizer.ggml.pre").as_string("p"), pre);
+    const auto rebuilt = read_gguf_tokenizer(file);
+    EXPECT_EQ(rebuilt.vocab_size(), o.vocab_size) << pre;  // the file pads the list to the embedding's rows
+    for (const auto& text : corpus) {
+      EXPECT_EQ(rebuilt.encode(text), tokenizer.encode(text)) << pre << ": " << text;
+      const auto ids = rebuilt.encode(text);
+      EXPECT_EQ(rebuilt.decode(ids), text) << pre;
+    }
+    const std::string chat = "<|im_start|>user\nhello<|im_end|>";
+    EXPECT_EQ(rebuilt.encode(chat, true), tokenizer.encode(chat, true)) << pre;
+    EXPECT_EQ(rebuilt.special_id("<|bos|>"), tokenizer.special_id("<|bos|>")) << pre;
+    EXPECT_EQ(rebuilt.special_id("<|eos|>"), tokenizer.special_id("<|eos|>")) << pre;
+    job.push_back({{"path", file.string()}, {"texts", corpus}});
+    originals.push_back(tokenizer);
+  }
+  if (gguf_testing::have_llama_cpp()) {
+    write_file_atomic(dir / "job.json", job.dump());
+    auto run = gguf_testing::run_check("tokenize", dir / "job.json");
+    ASSERT_EQ(run.exit_code, 0) << run.output;
+    const auto theirs = gguf_testing::last_json_line(run.output);
+    for (size_t f = 0; f < families.size(); ++f) {
+      const auto rebuilt = read_gguf_tokenizer(dir / (families[f].first + ".gguf"));
+      for (size_t i = 0; i < corpus.size(); ++i)
+        EXPECT_EQ(rebuilt.encode(corpus[i]), theirs[f][i].get<std::vector<int64_t>>())
+            << families[f].first << ": llama.cpp tokenizes '" << corpus[i] << "' otherwise";
+    }
+  }
+
+  // model.init_from a .gguf with a BPE vocabulary: the tokenizer comes from the file.
+  const fs::path recipe = dir / "r.yaml";
+  write_file_atomic(recipe, "model:\n  init_from: " + (dir / "qwen2.gguf").string() +
+                                "\ndata:\n  seq_len: 32\ntrainer:\n  max_steps: 2\n  warmup_steps: 1\n");
+  const auto r = recipes::load_recipe(recipe);
+  EXPECT_EQ(r.data.tokenizer, (dir / "qwen2.gguf").string());
+  EXPECT_EQ(recipes::make_tokenizer(r.data.tokenizer)->encode(corpus[2]), originals[0].encode(corpus[2]));
+
+  // What is not rebuilt is named: another pre-tokenizer, another tokenizer model.
+  auto rewrite = [&](const std::string& key, const std::string& value, const fs::path& out) {
+    GgufReader reader(dir / "qwen2.gguf");
+    GgufWriter writer;
+    for (const auto& [k, v] : reader.file().metadata) writer.set(k, k == key ? gguf::Value(gguf::Scalar(value)) : v);
+    for (const auto& t : reader.file().tensors) writer.add_tensor(t.name, reader.tensor(t.name), t.type);
+    writer.write(out);
+  };
+  rewrite("tokenizer.ggml.pre", "tekken", dir / "tekken.gguf");
+  EXPECT_BRIGADE_ERROR(read_gguf_tokenizer(dir / "tekken.gguf"), "tokenizer.ggml.pre is 'tekken'");
+  rewrite("tokenizer.ggml.model", "llama", dir / "spm.gguf");
+  EXPECT_BRIGADE_ERROR(read_gguf_tokenizer(dir / "spm.gguf"), "tokenizer.ggml.model is 'llama'");
+}
+
 TEST(GgufImportRecipe, InitFromAGgufFile) {
   TempDir dir;
   const TransformerOptions o = options_for(HfFamily::kLlama, true);
@@ -268,7 +346,8 @@ TEST(GgufImportRecipe, InitFromAGgufFile) {
         EXPECT_TRUE(torch::equal(t, t2)) << name;
       }
 
-  // A BPE vocabulary needs its tokenizer.json named.
+  // A BPE vocabulary (here: a merge no byte tokenizer has) is rebuilt from the file;
+  // a merge whose result is not a token is an error naming the file.
   GgufWriter writer;
   {
     GgufReader reader(dir / "m.gguf");
@@ -278,7 +357,7 @@ TEST(GgufImportRecipe, InitFromAGgufFile) {
   writer.set("tokenizer.ggml.merges", gguf::Value::strings({"Ġ t"}));
   writer.write(dir / "bpe.gguf");
   EXPECT_BRIGADE_ERROR(recipes::load_recipe(recipe, {"model.init_from=" + (dir / "bpe.gguf").string()}),
-                       "carries a BPE vocabulary");
+                       "bpe.gguf (tokenizer.ggml.*)");
 
   // Unknown architectures and missing tensors name the file.
   writer.set("general.architecture", gguf::Scalar(std::string("gpt2")));
