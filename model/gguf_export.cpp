@@ -339,6 +339,12 @@ void export_gguf(const Transformer& model, HfFamily family, const data::BpeToken
   for (const auto& [token, key] : roles) {
     if (std::optional<int64_t> id = tokenizer.special_id(token)) writer.set(key, Scalar(u32(*id, key)));
   }
+  // The end of a chat turn (ChatML's <|im_end|>, Llama 3's <|eot_id|>) and Llama 3.1's
+  // end of a tool message: llama.cpp stops generation on them.
+  if (std::optional<int64_t> id = tokenizer.special_id(data::kImEndToken))
+    writer.set("tokenizer.ggml.eot_token_id", Scalar(u32(*id, "tokenizer.ggml.eot_token_id")));
+  if (std::optional<int64_t> id = tokenizer.special_id("<|eom_id|>"))
+    writer.set("tokenizer.ggml.eom_token_id", Scalar(u32(*id, "tokenizer.ggml.eom_token_id")));
   // brigade trains every document as <bos> text <eos> (data prepare, the synthetic
   // tasks, distill build): llama.cpp starts each prompt with the BOS token the same way.
   writer.set("tokenizer.ggml.add_bos_token", Scalar(tokenizer.special_id(data::kBosToken).has_value()));

@@ -278,6 +278,8 @@ TEST(GgufTokenizer, RebuiltFromTheFileEncodesAsTheOriginalAndAsLlamaCpp) {
     export_gguf(model, HfFamily::kQwen3, tokenizer, GgufQuant::kF32, file, "m");
     GgufReader reader(file);
     EXPECT_EQ(reader.metadata("tokenizer.ggml.pre").as_string("p"), pre);
+    EXPECT_EQ(reader.metadata("tokenizer.ggml.eot_token_id").as_int("e"), *tokenizer.special_id("<|im_end|>"));
+    EXPECT_FALSE(reader.has("tokenizer.ggml.eom_token_id"));  // no <|eom_id|> in this vocabulary
     const auto rebuilt = read_gguf_tokenizer(file);
     EXPECT_EQ(rebuilt.vocab_size(), o.vocab_size) << pre;  // the file pads the list to the embedding's rows
     for (const auto& text : corpus) {
