@@ -286,13 +286,19 @@ data::BpeTokenizer read_gguf_tokenizer(const std::filesystem::path& path) {
                 "'; brigade rebuilds byte-level BPE vocabularies (gpt2) only, so set data.tokenizer to the model's "
                 "tokenizer.json");
   const std::string pre = reader.has("tokenizer.ggml.pre") ? text("tokenizer.ggml.pre") : "default";
-  // llama.cpp's names for the split regexes brigade implements.
-  const std::map<std::string, std::string> families = {
-      {"gpt-2", "gpt2"}, {"default", "gpt2"}, {"llama-bpe", "llama-bpe"}, {"llama3", "llama-bpe"}, {"qwen2", "qwen2"}};
+  // llama.cpp's pre-tokenizer names and the split regexes each applies in turn (its
+  // llama-vocab.cpp; the same as the models' tokenizer.json Sequence of Splits).
+  const std::string llama3 = data::pre_tokenizer_pattern("llama-bpe"), qwen2 = data::pre_tokenizer_pattern("qwen2");
+  const std::vector<std::string> deepseek_v3 = {
+      R"(\p{N}{1,3})", "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
+      R"([!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)"};
+  const std::map<std::string, std::vector<std::string>> families = {
+      {"gpt-2", {}}, {"default", {}}, {"llama-bpe", {llama3}}, {"llama3", {llama3}}, {"qwen2", {qwen2}},
+      {"deepseek-r1-qwen", {qwen2}}, {"deepseek-v3", deepseek_v3}};
   const auto family = families.find(pre);
   BRIGADE_CHECK(family != families.end(), where, ": tokenizer.ggml.pre is '", pre,
-                "', a pre-tokenizer brigade does not implement (gpt-2, default, llama-bpe, qwen2); set data.tokenizer "
-                "to the model's tokenizer.json");
+                "', a pre-tokenizer brigade does not implement (gpt-2, default, llama-bpe, llama3, qwen2, "
+                "deepseek-r1-qwen, deepseek-v3); set data.tokenizer to the model's tokenizer.json");
   const auto tokens = reader.metadata("tokenizer.ggml.tokens").as_strings("tokenizer.ggml.tokens");
   std::vector<int64_t> types(tokens.size(), 1);
   if (reader.has("tokenizer.ggml.token_type")) types = reader.metadata("tokenizer.ggml.token_type").as_ints("tokenizer.ggml.token_type");
@@ -313,16 +319,16 @@ data::BpeTokenizer read_gguf_tokenizer(const std::filesystem::path& path) {
   }
   nlohmann::json byte_level = {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}};
   nlohmann::json pre_tokenizer;
-  if (family->second == "gpt2") {
+  if (family->second.empty()) {  // GPT-2's split, inside ByteLevel
     pre_tokenizer = byte_level;
     pre_tokenizer["use_regex"] = true;
   } else {
     byte_level["use_regex"] = false;
-    pre_tokenizer = {{"type", "Sequence"},
-                     {"pretokenizers",
-                      {{{"type", "Split"}, {"pattern", {{"Regex", data::pre_tokenizer_pattern(family->second)}}},
-                        {"behavior", "Isolated"}, {"invert", false}},
-                       byte_level}}};
+    nlohmann::json steps = nlohmann::json::array();
+    for (const auto& regex : family->second)
+      steps.push_back({{"type", "Split"}, {"pattern", {{"Regex", regex}}}, {"behavior", "Isolated"}, {"invert", false}});
+    steps.push_back(byte_level);
+    pre_tokenizer = {{"type", "Sequence"}, {"pretokenizers", steps}};
   }
   nlohmann::json json = {{"version", "1.0"},
                          {"added_tokens", added},
@@ -332,7 +338,7 @@ data::BpeTokenizer read_gguf_tokenizer(const std::filesystem::path& path) {
                          {"decoder", {{"type", "ByteLevel"}}},
                          {"model",
                           {{"type", "BPE"}, {"dropout", nullptr}, {"unk_token", nullptr}, {"fuse_unk", false},
-                           {"byte_fallback", false}, {"ignore_merges", family->second == "llama-bpe"},
+                           {"byte_fallback", false}, {"ignore_merges", pre == "llama-bpe" || pre == "llama3"},
                            {"vocab", vocab}, {"merges", merges}}}};
   nlohmann::json config = nlohmann::json::object();
   for (const auto& [key, role] : {std::pair{"tokenizer.ggml.bos_token_id", "bos_token"},

@@ -294,16 +294,39 @@ TEST(GgufTokenizer, RebuiltFromTheFileEncodesAsTheOriginalAndAsLlamaCpp) {
     job.push_back({{"path", file.string()}, {"texts", corpus}});
     originals.push_back(tokenizer);
   }
+  // The same vocabulary under the DeepSeek pre-tokenizers (V3's three splits; the R1
+  // Qwen distills' Qwen2 split): brigade and llama.cpp must split it alike.
+  auto rewrite = [&](const std::string& key, const std::string& value, const fs::path& out) {
+    GgufReader reader(dir / "qwen2.gguf");
+    GgufWriter writer;
+    for (const auto& [k, v] : reader.file().metadata) writer.set(k, k == key ? gguf::Value(gguf::Scalar(value)) : v);
+    for (const auto& t : reader.file().tensors) writer.add_tensor(t.name, reader.tensor(t.name), t.type);
+    writer.write(out);
+  };
+  std::vector<std::string> names = {"qwen2", "llama-bpe", "gpt-2"};
+  for (const char* pre : {"deepseek-v3", "deepseek-r1-qwen"}) {
+    rewrite("tokenizer.ggml.pre", pre, dir / (std::string(pre) + ".gguf"));
+    job.push_back({{"path", (dir / (std::string(pre) + ".gguf")).string()}, {"texts", corpus}});
+    names.push_back(pre);
+  }
+  {  // the DeepSeek-V3 splits cut this vocabulary's words differently from Qwen2's somewhere
+    const auto v3 = read_gguf_tokenizer(dir / "deepseek-v3.gguf");
+    int differ = 0;
+    for (const auto& text : corpus) differ += v3.encode(text) != originals[0].encode(text) ? 1 : 0;
+    EXPECT_GT(differ, 0) << "the deepseek-v3 splits are not exercised by the corpus";
+    std::cout << "[ measured ] deepseek-v3 splits change " << differ << " of " << corpus.size() << " texts\n";
+  }
   if (gguf_testing::have_llama_cpp()) {
     write_file_atomic(dir / "job.json", job.dump());
     auto run = gguf_testing::run_check("tokenize", dir / "job.json");
     ASSERT_EQ(run.exit_code, 0) << run.output;
     const auto theirs = gguf_testing::last_json_line(run.output);
-    for (size_t f = 0; f < families.size(); ++f) {
-      const auto rebuilt = read_gguf_tokenizer(dir / (families[f].first + ".gguf"));
+    ASSERT_EQ(theirs.size(), names.size());
+    for (size_t f = 0; f < names.size(); ++f) {
+      const auto rebuilt = read_gguf_tokenizer(dir / (names[f] + ".gguf"));
       for (size_t i = 0; i < corpus.size(); ++i)
         EXPECT_EQ(rebuilt.encode(corpus[i]), theirs[f][i].get<std::vector<int64_t>>())
-            << families[f].first << ": llama.cpp tokenizes '" << corpus[i] << "' otherwise";
+            << names[f] << ": llama.cpp tokenizes '" << corpus[i] << "' otherwise";
     }
   }
 
@@ -316,13 +339,6 @@ TEST(GgufTokenizer, RebuiltFromTheFileEncodesAsTheOriginalAndAsLlamaCpp) {
   EXPECT_EQ(recipes::make_tokenizer(r.data.tokenizer)->encode(corpus[2]), originals[0].encode(corpus[2]));
 
   // What is not rebuilt is named: another pre-tokenizer, another tokenizer model.
-  auto rewrite = [&](const std::string& key, const std::string& value, const fs::path& out) {
-    GgufReader reader(dir / "qwen2.gguf");
-    GgufWriter writer;
-    for (const auto& [k, v] : reader.file().metadata) writer.set(k, k == key ? gguf::Value(gguf::Scalar(value)) : v);
-    for (const auto& t : reader.file().tensors) writer.add_tensor(t.name, reader.tensor(t.name), t.type);
-    writer.write(out);
-  };
   rewrite("tokenizer.ggml.pre", "tekken", dir / "tekken.gguf");
   EXPECT_BRIGADE_ERROR(read_gguf_tokenizer(dir / "tekken.gguf"), "tokenizer.ggml.pre is 'tekken'");
   rewrite("tokenizer.ggml.model", "llama", dir / "spm.gguf");
