@@ -17,6 +17,7 @@
 #include "core/log.h"
 #include "data/arith.h"
 #include "data/tokenizer.h"
+#include "distill/verify.h"
 #include "launch/commands.h"
 #include "launch/report.h"
 #include "launch/world.h"
@@ -295,8 +296,9 @@ int demo_command(const DemoArgs& args) {
     auto result = model::generate(loaded.model, prompt, greedy);
     if (result.stopped) result.tokens.pop_back();
     const std::string text = tokenizer->decode(result.tokens);
-    const auto answer = data::extract_boxed(text);
-    const bool ok = answer && *answer == problem.answer;
+    // The eval stage's grader (distill/verify.h), so the samples are judged as pass@1 is.
+    const auto answer = distill::extract_answer(text, recipe.distill.verify);
+    const bool ok = answer && distill::answers_match(*answer, problem.answer, recipe.distill.verify.numeric_tolerance);
     std::cout << "----------------------------------------\n" << problem.prompt << text << "\n"
               << (ok ? "  [correct]" : "  [wrong: expected " + problem.answer + "]") << "\n";
   }
