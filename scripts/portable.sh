@@ -21,6 +21,7 @@ FILTER='ModelTransformer.*:Model/ModelReference.*:ModelKVCache.*:HfCheckpoint.*:
 FILTER+=':GgufExport.*:GgufImportRecipe.*:GgufLlamaCpp.*:GenerateSample.*:GenerateLoop.*:Fp8*:Formats/*'
 FILTER+=':MoE*:ExpertParallel.*:TrainerTest.*:AdamWTest.*:DistillKd*:PairwiseSum.*:MicroBatchGradients.*'
 FILTER+=':BlockSquares.*:SquareNorm.*:CliExport.*'
+FILTER+=':*Mla*:*Mtp*:GgufDeepseek2.*:GgufRopeScaling.*:GgufTokenizer.*:GgufImport.*:Plan.*'
 
 MPIRUN=(mpirun --oversubscribe)
 [ "$(id -u)" -eq 0 ] && MPIRUN+=(--allow-run-as-root)
