@@ -19,26 +19,12 @@
 
 #include <torch/torch.h>
 
+#include "bench/timing.h"
 #include "model/generate.h"
 #include "model/transformer.h"
 
-namespace {
-
 using namespace brigade;
-
-double median_seconds(int reps, const std::function<void()>& run) {
-  run();  // warm-up
-  std::vector<double> times;
-  for (int i = 0; i < reps; ++i) {
-    const auto start = std::chrono::steady_clock::now();
-    run();
-    times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
-  }
-  std::sort(times.begin(), times.end());
-  return times[times.size() / 2];
-}
-
-}  // namespace
+using bench::median_seconds;
 
 int main(int argc, char** argv) {
   CLI::App app{"KV-cache and batched generation against their baselines"};

@@ -21,6 +21,7 @@
 #include <torch/torch.h>
 
 #include "bench/op_profile.h"
+#include "bench/timing.h"
 #include "data/arith.h"
 #include "data/tokenizer.h"
 #include "launch/commands.h"
@@ -28,23 +29,8 @@
 #include "model/generate.h"
 #include "model/speculative.h"
 
-namespace {
-
 using namespace brigade;
-
-double median_seconds(int reps, const std::function<void()>& run) {
-  run();  // warm-up
-  std::vector<double> times;
-  for (int i = 0; i < reps; ++i) {
-    const auto start = std::chrono::steady_clock::now();
-    run();
-    times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
-  }
-  std::sort(times.begin(), times.end());
-  return times[times.size() / 2];
-}
-
-}  // namespace
+using bench::median_seconds;
 
 int main(int argc, char** argv) {
   CLI::App app{"MTP speculative decoding against greedy decoding"};
@@ -133,6 +119,21 @@ int main(int argc, char** argv) {
                 static_cast<long long>(total.accepted), static_cast<long long>(total.drafted),
                 100.0 * static_cast<double>(total.accepted) / std::max<double>(1.0, static_cast<double>(total.drafted)),
                 static_cast<long long>(same), inputs.size(), greedy_s / spec_s);
+    // What verifying more than one token costs here: one GEMM of 1, 2 and 4 rows
+    // against the model's widest weight and a 4096 x 4096 one (where reading the
+    // weight should dominate).
+    torch::InferenceMode inference;
+    for (const auto& [out, in] : {std::pair<int64_t, int64_t>{mo.ff_size(), mo.d_model}, {4096, 4096}}) {
+      const auto w = torch::randn({out, in});
+      std::printf("GEMM [rows, %lld] x [%lld, %lld]^T:", static_cast<long long>(in), static_cast<long long>(out),
+                  static_cast<long long>(in));
+      for (int64_t rows : {1, 2, 4}) {
+        const auto x = torch::randn({rows, in});
+        const double t = median_seconds(out >= 4096 ? 21 : 201, [&] { torch::nn::functional::linear(x, w); });
+        std::printf("  %lld rows %.1f us", static_cast<long long>(rows), 1e6 * t);
+      }
+      std::printf("\n");
+    }
     return same == static_cast<int64_t>(inputs.size()) ? 0 : 1;
   } catch (const std::exception& e) {
     std::cerr << "bench_mtp_speculative: " << e.what() << "\n";

@@ -19,25 +19,11 @@
 
 #include <torch/torch.h>
 
+#include "bench/timing.h"
 #include "launch/commands.h"
 #include "precision/quantize.h"
 
-namespace {
-
-template <typename Fn>
-double median_seconds(int reps, Fn&& fn) {
-  std::vector<double> t;
-  fn();  // warm-up
-  for (int i = 0; i < reps; ++i) {
-    const auto start = std::chrono::steady_clock::now();
-    fn();
-    t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
-  }
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
-}
-
-}  // namespace
+using brigade::bench::median_seconds;
 
 int main(int argc, char** argv) {
   CLI::App app{"FP8 quantization throughput vs memcpy bandwidth"};

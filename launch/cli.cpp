@@ -11,6 +11,7 @@
 #include "data/tokenizer.h"
 #include "launch/commands.h"
 #include "launch/report.h"
+#include "recipes/build.h"
 #include "launch/launcher.h"
 #include "parallel/communicator.h"
 #include "recipes/recipe.h"
@@ -152,7 +153,7 @@ int run_cli(int argc, char** argv) {
   auto* prep_cmd = data_cmd->add_subcommand("prepare", "Tokenize text or JSONL files into token shards");
   prep_cmd->add_option("--input", prep.inputs, "Input .txt or .jsonl files")->required();
   prep_cmd->add_option("--out", prep.output_dir, "Output directory for shard_XXXXX.bin")->required();
-  prep_cmd->add_option("--tokenizer", prep_tokenizer, "byte, or a tokenizer.json (or its directory)")->capture_default_str();
+  prep_cmd->add_option("--tokenizer", prep_tokenizer, "byte, a tokenizer.json (or its directory), or a .gguf")->capture_default_str();
   prep_cmd->add_option("--text-field", prep.text_field, "JSONL field with the document text")->capture_default_str();
   prep_cmd->add_option("--prompt-field", prep.prompt_field, "JSONL prompt field (masked out of the loss)");
   prep_cmd->add_option("--completion-field", prep.completion_field, "JSONL completion field (trained on)");
@@ -199,7 +200,7 @@ int run_cli(int argc, char** argv) {
     if (*prep_cmd) {
       BRIGADE_CHECK(prep_overrides.empty(), "data prepare takes no recipe, so --set has nothing to override");
       BRIGADE_CHECK(prep.tokens_per_shard > 0, "--tokens-per-shard must be positive");
-      auto tokenizer = data::make_tokenizer(prep_tokenizer);
+      auto tokenizer = recipes::make_tokenizer(prep_tokenizer);
       auto report = data::prepare_shards(prep, *tokenizer);
       std::cout << "wrote " << report.shards.size() << " shard(s), " << report.documents << " documents, "
                 << report.tokens << " tokens to " << prep.output_dir.string() << "\n";

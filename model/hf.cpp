@@ -34,6 +34,19 @@ constexpr FamilyInfo kFamilies[] = {
 
 bool is_deepseek(HfFamily f) { return f == HfFamily::kDeepseekV2 || f == HfFamily::kDeepseekV3; }
 
+// config.json as a JSON object; anything else is an Error naming the file.
+json read_config_object(const std::filesystem::path& config_json) {
+  const std::string where = config_json.string();
+  json j;
+  try {
+    j = json::parse(read_file(config_json));
+  } catch (const json::exception& e) {
+    BRIGADE_FAIL(where, ": not valid JSON: ", e.what());
+  }
+  BRIGADE_CHECK(j.is_object(), where, ": expected a JSON object");
+  return j;
+}
+
 const FamilyInfo& info(HfFamily family) {
   for (const auto& f : kFamilies)
     if (f.family == family) return f;
@@ -309,13 +322,7 @@ HfFamily family_of(const TransformerOptions& o) {
 
 HfConfig read_hf_config(const std::filesystem::path& config_json) {
   const std::string where = config_json.string();
-  json j;
-  try {
-    j = json::parse(read_file(config_json));
-  } catch (const json::exception& e) {
-    BRIGADE_FAIL(where, ": not valid JSON: ", e.what());
-  }
-  BRIGADE_CHECK(j.is_object(), where, ": expected a JSON object");
+  const json j = read_config_object(config_json);
   ConfigReader r(j, where);
   HfConfig c;
   const std::string model_type = r.text("model_type", "");
@@ -614,13 +621,8 @@ void dequantize_block_fp8(std::map<std::string, torch::Tensor>& tensors, const s
 std::optional<std::array<int64_t, 2>> fp8_block_size(const std::filesystem::path& config_json) {
   if (!std::filesystem::exists(config_json)) return std::nullopt;
   const std::string where = config_json.string();
-  json j;
-  try {
-    j = json::parse(read_file(config_json));
-  } catch (const json::exception& e) {
-    BRIGADE_FAIL(where, ": not valid JSON: ", e.what());
-  }
-  if (!j.is_object() || !j.contains("quantization_config") || j["quantization_config"].is_null()) return std::nullopt;
+  const json j = read_config_object(config_json);
+  if (!j.contains("quantization_config") || j["quantization_config"].is_null()) return std::nullopt;
   const json& q = j["quantization_config"];
   BRIGADE_CHECK(q.is_object(), where, ": field 'quantization_config' must be an object");
   const ConfigReader r(q, where + ": field 'quantization_config'");

@@ -235,11 +235,7 @@ TEST(GgufMoe, LlamaCppMatchesBrigade) {
   const std::vector<int64_t> prompt = {72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100};  // "Hello, world"
   constexpr int64_t kNew = 32;
 
-  struct Case {
-    std::string label;
-    std::vector<int64_t> expected;
-  };
-  std::vector<Case> cases;
+  std::vector<std::pair<std::string, std::vector<int64_t>>> cases;
   nlohmann::json job = nlohmann::json::array();
   for (bool tied : {true, false}) {
     for (GgufQuant quant : {GgufQuant::kF32, GgufQuant::kF16}) {
@@ -249,70 +245,16 @@ TEST(GgufMoe, LlamaCppMatchesBrigade) {
       if (quant == GgufQuant::kF16) round_to_fp16(model);
       SamplingOptions greedy;
       greedy.max_new_tokens = kNew;
-      cases.push_back({"qwen3moe " + file, generate(model, prompt, greedy).tokens});
+      cases.emplace_back("qwen3moe " + file, generate(model, prompt, greedy).tokens);
       if (quant == GgufQuant::kF32) {
         EXPECT_NE(greedy_with_swapped_experts(moe_options(tied), tied ? 31 : 32, prompt, greedy),
-                  cases.back().expected)
+                  cases.back().second)
             << file << ": the continuation does not depend on the routing";
       }
       job.push_back({{"path", (dir / file).string()}, {"n_ctx", 256}, {"prompt", prompt}, {"new_tokens", kNew}});
     }
   }
-  write_file_atomic(dir / "job.json", job.dump());
-  auto run = run_check("llama", dir / "job.json");
-  if (run.exit_code == 3) GTEST_SKIP() << run.output;
-  ASSERT_EQ(run.exit_code, 0) << run.output;
-  const auto results = last_json_line(run.output);
-  ASSERT_EQ(results.size(), cases.size()) << run.output;
-  for (size_t i = 0; i < cases.size(); ++i) {
-    const Case& c = cases[i];
-    const std::vector<int64_t> theirs = results[i]["greedy"].get<std::vector<int64_t>>();
-    const std::set<int64_t> distinct(c.expected.begin(), c.expected.end());
-    std::cout << "[gguf parity] " << c.label << ": greedy " << (c.expected == theirs ? "equal" : "DIFFERENT") << " ("
-              << distinct.size() << " distinct tokens of " << kNew << ")\n";
-    EXPECT_EQ(c.expected, theirs) << c.label;
-    EXPECT_GE(distinct.size(), 8u) << c.label << ": the continuation is too repetitive to test much";
-  }
-}
-
-// DeepSeek-shaped models (multi-head latent attention, dense first layer, shared +
-// routed experts) as llama.cpp's deepseek2. v3: query compression, sigmoid scores
-// with a random selection bias, 4 groups of which 2 are used, renormalised top-k and
-// routed scaling 2.5. v2: no query compression, softmax scores without groups or
-// renormalisation, tied embeddings.
-TransformerOptions deepseek_options(bool v3) {
-  TransformerOptions o;
-  o.vocab_size = 264;
-  o.d_model = 64;
-  o.n_layers = 3;
-  o.n_heads = 4;
-  o.n_kv_heads = 0;
-  o.head_dim = 0;
-  o.d_ff = 96;
-  o.max_seq_len = 256;
-  o.tie_embeddings = !v3;
-  o.rope_theta = 10000.0;
-  o.norm_eps = 1e-6;  // llama.cpp uses it for the latent norms too (brigade and transformers: 1e-6)
-  o.init_std = 0.3;
-  o.attention = AttentionKind::kMla;
-  o.mla.q_lora_rank = v3 ? 32 : 0;
-  o.mla.kv_lora_rank = 32;
-  o.mla.qk_nope_head_dim = 16;
-  o.mla.qk_rope_head_dim = 16;
-  o.mla.v_head_dim = 16;
-  auto& m = o.moe;
-  m.num_experts = 8;
-  m.top_k = 2;
-  m.expert_d_ff = 32;
-  m.num_shared_experts = 1;
-  m.first_k_dense = 1;
-  m.score_function = v3 ? moe::ScoreFunction::kSigmoid : moe::ScoreFunction::kSoftmax;
-  m.num_groups = v3 ? 4 : 1;
-  m.topk_group = v3 ? 2 : 1;
-  m.normalize_topk = v3;
-  m.routed_scaling = v3 ? 2.5 : 1.0;
-  m.bias_update_rate = 0.0;
-  return o;
+  expect_llama_cpp_greedy(dir.path(), job, cases, /*min_distinct=*/8);
 }
 
 Transformer deepseek_model(bool v3, uint64_t seed) {
@@ -394,21 +336,7 @@ TEST(GgufDeepseek2, LlamaCppMatchesBrigade) {
       job.push_back({{"path", (dir / file).string()}, {"n_ctx", 256}, {"prompt", prompt}, {"new_tokens", kNew}});
     }
   }
-  write_file_atomic(dir / "job.json", job.dump());
-  auto run = run_check("llama", dir / "job.json");
-  if (run.exit_code == 3) GTEST_SKIP() << run.output;
-  ASSERT_EQ(run.exit_code, 0) << run.output;
-  const auto results = last_json_line(run.output);
-  ASSERT_EQ(results.size(), cases.size()) << run.output;
-  for (size_t i = 0; i < cases.size(); ++i) {
-    const auto& [label, expected] = cases[i];
-    const std::vector<int64_t> theirs = results[i]["greedy"].get<std::vector<int64_t>>();
-    const std::set<int64_t> distinct(expected.begin(), expected.end());
-    std::cout << "[gguf parity] " << label << ": greedy " << (expected == theirs ? "equal" : "DIFFERENT") << " ("
-              << distinct.size() << " distinct tokens of " << kNew << ")\n";
-    EXPECT_EQ(expected, theirs) << label;
-    EXPECT_GE(distinct.size(), 8u) << label << ": the continuation is too repetitive to test much";
-  }
+  expect_llama_cpp_greedy(dir.path(), job, cases, /*min_distinct=*/8);
 }
 
 // RoPE scaling through GGUF: linear and yarn on llama, DeepSeek's yarn (mscale =
@@ -470,18 +398,9 @@ TEST(GgufRopeScaling, LlamaCppMatchesBrigade) {
     EXPECT_NE(generate(unscaled, prompt, greedy).tokens, expected.back()) << cases[i].label << ": scaling not tested";
     job.push_back({{"path", file.string()}, {"n_ctx", 256}, {"prompt", prompt}, {"new_tokens", kNew}});
   }
-  write_file_atomic(dir / "job.json", job.dump());
-  auto run = run_check("llama", dir / "job.json");
-  if (run.exit_code == 3) GTEST_SKIP() << run.output;
-  ASSERT_EQ(run.exit_code, 0) << run.output;
-  const auto results = last_json_line(run.output);
-  ASSERT_EQ(results.size(), cases.size()) << run.output;
-  for (size_t i = 0; i < cases.size(); ++i) {
-    const std::vector<int64_t> theirs = results[i]["greedy"].get<std::vector<int64_t>>();
-    std::cout << "[gguf parity] " << cases[i].label << ": greedy " << (expected[i] == theirs ? "equal" : "DIFFERENT")
-              << "\n";
-    EXPECT_EQ(expected[i], theirs) << cases[i].label;
-  }
+  std::vector<std::pair<std::string, std::vector<int64_t>>> labelled;
+  for (size_t i = 0; i < cases.size(); ++i) labelled.emplace_back(cases[i].label, expected[i]);
+  expect_llama_cpp_greedy(dir.path(), job, labelled, /*min_distinct=*/0);
 }
 
 }  // namespace
