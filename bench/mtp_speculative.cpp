@@ -55,7 +55,7 @@ int main(int argc, char** argv) {
     std::vector<std::vector<int64_t>> inputs;
     for (int64_t i = 0; i < prompts; ++i) {
       auto problem = data::make_arithmetic_problem(r.data.synthetic, static_cast<uint64_t>(r.data.synthetic.num_problems + i));
-      std::vector<int64_t> ids{tokenizer->bos_id()};
+      std::vector<int64_t> ids = data::sequence_start(*tokenizer);
       for (int64_t id : tokenizer->encode(problem.prompt)) ids.push_back(id);
       inputs.push_back(ids);
     }

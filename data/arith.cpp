@@ -215,11 +215,11 @@ TokenCorpus make_arithmetic_corpus(const ArithmeticOptions& o, const Tokenizer& 
   validate(o);
   const int64_t begin = eval ? o.num_problems : 0;
   const int64_t end = eval ? o.num_problems + o.eval_problems : o.num_problems;
-  const int64_t bos = tokenizer.bos_id();
+  const std::vector<int64_t> start = sequence_start(tokenizer);
   const int64_t eos = tokenizer.eos_id();
   std::vector<int64_t> tokens;
   for (int64_t i = begin; i < end; ++i) {
-    tokens.push_back(bos);
+    tokens.insert(tokens.end(), start.begin(), start.end());
     std::vector<int64_t> ids =
         tokenizer.encode(make_arithmetic_problem(o, static_cast<uint64_t>(i)).text());
     tokens.insert(tokens.end(), ids.begin(), ids.end());

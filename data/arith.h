@@ -58,7 +58,8 @@ void validate(const ArithmeticOptions& options);
 ArithmeticProblem make_arithmetic_problem(const ArithmeticOptions& options, uint64_t index);
 
 // Train documents are indices [0, num_problems), eval documents follow them.
-// Each document is BOS + text + EOS; the mask is all ones.
+// Each document is [BOS] + text + EOS (BOS per the tokenizer's convention,
+// sequence_start); the mask is all ones.
 TokenCorpus make_arithmetic_corpus(const ArithmeticOptions& options, const Tokenizer& tokenizer,
                                    bool eval);
 

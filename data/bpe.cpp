@@ -861,15 +861,56 @@ void read_config_roles(const std::string& text, const std::string& source, BpeTo
     if (!known) f.fail(key, "'" + content + "' is not a token of the tokenizer.json");
     impl.roles.emplace(std::string(role), content);
   }
+  if (const json* v = JsonFile::find(root, "add_bos_token"); v && !v->is_null()) {
+    if (!v->is_boolean()) f.fail("add_bos_token", "must be true or false");
+    impl.add_bos_token = v->get<bool>();
+  }
+  if (const json* v = JsonFile::find(root, "chat_template"); v && !v->is_null()) {
+    if (v->is_string()) {
+      impl.chat_template = v->get<std::string>();
+    } else if (v->is_array()) {  // [{"name": ..., "template": ...}]: the default one
+      for (const json& entry : *v) {
+        if (entry.is_object() && entry.value("name", "") == "default" && entry.contains("template") &&
+            entry["template"].is_string())
+          impl.chat_template = entry["template"].get<std::string>();
+      }
+    } else {
+      f.fail("chat_template", "must be a string or a list of {name, template}");
+    }
+  }
 }
 
 }  // namespace
 
 BpeTokenizer BpeTokenizer::load(const fs::path& tokenizer_json) {
   const fs::path config = tokenizer_json.parent_path() / "tokenizer_config.json";
-  return parse(read_file(tokenizer_json), tokenizer_json.string(), fs::exists(config) ? read_file(config) : "",
-               config.string());
+  BpeTokenizer tokenizer = parse(read_file(tokenizer_json), tokenizer_json.string(),
+                                 fs::exists(config) ? read_file(config) : "", config.string());
+  // transformers 4.43+ saves the template as its own file.
+  const fs::path jinja = tokenizer_json.parent_path() / "chat_template.jinja";
+  if (tokenizer.impl_->chat_template.empty() && fs::exists(jinja))
+    std::const_pointer_cast<Impl>(tokenizer.impl_)->chat_template = read_file(jinja);
+  return tokenizer;
 }
+
+bool BpeTokenizer::add_bos() const {
+  if (impl_->add_bos_token) return *impl_->add_bos_token;
+  const json post = json::parse(impl_->post_processor_json, nullptr, false);
+  auto starts_with_special = [](const json& p) {
+    return p.is_object() && p.value("type", "") == "TemplateProcessing" && p.contains("single") &&
+           p["single"].is_array() && !p["single"].empty() && p["single"][0].is_object() &&
+           p["single"][0].contains("SpecialToken");
+  };
+  if (starts_with_special(post)) return true;
+  if (post.is_object() && post.value("type", "") == "Sequence" && post.contains("processors")) {
+    for (const json& p : post["processors"])
+      if (starts_with_special(p)) return true;
+  }
+  const auto bos = special_id(kBosToken);
+  return bos && impl_->tokens[static_cast<size_t>(*bos)] == kBosToken;
+}
+
+const std::string& BpeTokenizer::chat_template() const { return impl_->chat_template; }
 
 BpeTokenizer BpeTokenizer::parse(const std::string& text, const std::string& source,
                                  const std::string& config_text, const std::string& config_source) {
@@ -1070,7 +1111,9 @@ void BpeTokenizer::save(const fs::path& dir, const std::string& chat_template) c
                                      {"rstrip", t.rstrip}, {"single_word", t.single_word}, {"special", t.special}};
   config["added_tokens_decoder"] = std::move(decoder);
   config["clean_up_tokenization_spaces"] = false;
+  if (special_id(kBosToken)) config["add_bos_token"] = add_bos();
   if (!chat_template.empty()) config["chat_template"] = chat_template;
+  else if (!impl.chat_template.empty()) config["chat_template"] = impl.chat_template;
 
   try {
     write_file_atomic(dir / "tokenizer.json", root.dump(2) + "\n");

@@ -83,8 +83,9 @@ class BpeTokenizer final : public Tokenizer {
   // byte tokenizer exports with a tokenizer.json / GGUF vocabulary.
   static BpeTokenizer from_byte_tokenizer();
 
-  // Writes tokenizer.json (and tokenizer_config.json with the special-token roles
-  // and `chat_template` when non-empty) into `dir`.
+  // Writes tokenizer.json (and tokenizer_config.json with the special-token roles,
+  // add_bos_token, and `chat_template` when non-empty: the given one, else the
+  // tokenizer's own) into `dir`.
   void save(const std::filesystem::path& dir, const std::string& chat_template = {}) const;
 
   std::vector<int64_t> encode(std::string_view text, bool allow_special = false) const override;
@@ -92,6 +93,14 @@ class BpeTokenizer final : public Tokenizer {
   int64_t vocab_size() const override;
   std::optional<int64_t> special_id(std::string_view name) const override;
   std::string name() const override;
+  // tokenizer_config.json's add_bos_token when it has one; else whether the
+  // post-processor is a TemplateProcessing that starts with a special token; else
+  // whether the BOS role is brigade's own <|bos|> (tokenizers brigade trained, which
+  // have always started documents with it).
+  bool add_bos() const override;
+  // tokenizer_config.json's chat_template (a string, or the "default" of a list of
+  // named templates), else chat_template.jinja beside the tokenizer.json.
+  const std::string& chat_template() const override;
 
   // What a GGUF vocabulary needs (tokenizer.ggml.*):
   // id -> token string as stored in tokenizer.json (byte-level unicode form for

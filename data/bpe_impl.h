@@ -2,6 +2,8 @@
 // bpe_train.cpp (the trainer builds an Impl and reuses its pre-tokenizer).
 #pragma once
 
+#include <optional>
+
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
 
@@ -172,6 +174,8 @@ struct BpeTokenizer::Impl {
   int32_t unk_id = -1;
   std::string post_processor_json = "null";  // kept verbatim for save()
   std::map<std::string, std::string, std::less<>> roles;  // brigade role -> token content (config)
+  std::optional<bool> add_bos_token;    // tokenizer_config.json's, when it says
+  std::string chat_template;            // tokenizer_config.json's (or chat_template.jinja)
 
   // --- derived by build() ---------------------------------------------------------
   std::vector<std::pair<int32_t, int32_t>> merge_pairs;  // merge_tokens as ids

@@ -9,6 +9,7 @@
 #include "core/error.h"
 #include "core/log.h"
 #include "core/progress.h"
+#include "data/chat.h"
 #include "data/shard.h"
 
 namespace brigade::data {
@@ -33,6 +34,8 @@ struct RawDocument {
   bool chat = false;
   std::string prompt;
   std::string body;
+  // A conversation in the model's chat format: its own framing and mask (data/chat.h).
+  std::vector<ChatSegment> conversation;
 };
 
 // Rolls documents into shard_00000.bin, shard_00001.bin, ... of at most
@@ -45,7 +48,16 @@ class ShardSequence {
   void add(const RawDocument& doc) {
     tokens_.clear();
     mask_.clear();
-    tokens_.push_back(tokenizer_.bos_id());
+    if (!doc.conversation.empty()) {
+      ChatTokens chat = tokenize_chat(tokenizer_, doc.conversation);
+      tokens_ = std::move(chat.tokens);
+      mask_ = std::move(chat.mask);
+      write();
+      return;
+    }
+    // The model's convention: BOS first or not (Tokenizer::add_bos).
+    tokens_ = sequence_start(tokenizer_);
+    const size_t start = tokens_.size();
     // Specials are not parsed from raw data: text that merely looks like "<|eos|>"
     // must not end a document.
     std::vector<int64_t> prompt = tokenizer_.encode(doc.prompt);
@@ -54,9 +66,14 @@ class ShardSequence {
     tokens_.insert(tokens_.end(), body.begin(), body.end());
     tokens_.push_back(tokenizer_.eos_id());
     if (with_mask_) {
-      mask_.assign(doc.chat ? 1 + prompt.size() : 0, 0);
+      mask_.assign(doc.chat ? start + prompt.size() : 0, 0);
       mask_.resize(tokens_.size(), 1);
     }
+    write();
+  }
+
+  void write() {
+    if (!with_mask_) mask_.clear();
     const auto n = static_cast<int64_t>(tokens_.size());
     if (writer_ && shard_tokens_ > 0 && shard_tokens_ + n > options_.tokens_per_shard) close();
     if (!writer_) open();
@@ -161,7 +178,8 @@ std::optional<std::string> string_field(const nlohmann::json& object, const std:
   return it->get<std::string>();
 }
 
-void read_jsonl(const fs::path& path, const PrepareOptions& options, ShardSequence& out, InputProgress& progress) {
+void read_jsonl(const fs::path& path, const PrepareOptions& options, const Tokenizer& tokenizer,
+                const ChatTemplate* chat_template, ShardSequence& out, InputProgress& progress) {
   std::ifstream in(path, std::ios::binary);
   BRIGADE_CHECK(in.good(), "data prepare: cannot open ", path.string());
   const bool chat = !options.prompt_field.empty() && !options.completion_field.empty();
@@ -172,6 +190,29 @@ void read_jsonl(const fs::path& path, const PrepareOptions& options, ShardSequen
     progress.line(line.size());
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
     const std::string where = path.string() + ":" + std::to_string(number);
+    if (chat_template != nullptr) {
+      nlohmann::ordered_json ordered;
+      try {
+        ordered = nlohmann::ordered_json::parse(line);
+      } catch (const nlohmann::json::parse_error& e) {
+        BRIGADE_FAIL(where, ": invalid JSON: ", e.what());
+      }
+      if (ordered.is_object() && ordered.contains(options.messages_field)) {
+        if (options.messages_field != "messages") {
+          ordered["messages"] = ordered[options.messages_field];
+          ordered.erase(options.messages_field);
+        }
+        RawDocument doc;
+        const ChatRequest request = chat_request(ordered, tokenizer, where);
+        try {
+          doc.conversation = chat_segments(*chat_template, request);
+        } catch (const Error& e) {
+          BRIGADE_FAIL(where, ": ", e.message());
+        }
+        out.add(doc);
+        continue;
+      }
+    }
     nlohmann::json object;
     try {
       object = nlohmann::json::parse(line);
@@ -238,7 +279,15 @@ PrepareReport prepare_shards(const PrepareOptions& options, const Tokenizer& tok
     fs::create_directories(options.output_dir);
   }
 
-  const bool with_mask = !options.prompt_field.empty() && !options.completion_field.empty();
+  const bool with_mask = options.chat || (!options.prompt_field.empty() && !options.completion_field.empty());
+  std::optional<ChatTemplate> chat_template;
+  if (options.chat) {
+    const std::string& source = options.chat_template.empty() ? tokenizer.chat_template() : options.chat_template;
+    BRIGADE_CHECK(!source.empty(), "data prepare: the tokenizer ", tokenizer.name(),
+                  " ships no chat template; give one with --chat-template FILE");
+    chat_template.emplace(source, options.chat_template.empty() ? "the chat template of " + tokenizer.name()
+                                                                : std::string("--chat-template"));
+  }
   ShardSequence shards(options, tokenizer, with_mask);
   int64_t total_bytes = 0;
   for (const auto& input : options.inputs) total_bytes += static_cast<int64_t>(fs::file_size(input));
@@ -248,7 +297,7 @@ PrepareReport prepare_shards(const PrepareOptions& options, const Tokenizer& tok
       if (input_kind(input) == InputKind::kText)
         read_text(input, shards, progress);
       else
-        read_jsonl(input, options, shards, progress);
+        read_jsonl(input, options, tokenizer, chat_template ? &*chat_template : nullptr, shards, progress);
     }
     progress.finish(total_bytes);
     PrepareReport report = shards.finish();

@@ -18,6 +18,14 @@ struct PrepareOptions {
   // loss and the completion trained on (writes a loss-mask stream).
   std::string prompt_field;
   std::string completion_field;
+  // Conversations: a JSONL line with `messages_field` ({"messages": [{role, content},
+  // ...], "tools"?: [...], plus template keywords such as "enable_thinking"}) is
+  // rendered with the chat template (the tokenizer's own unless `chat_template`, a
+  // Jinja source, is given) and trained on its assistant turns only (data/chat.h);
+  // writes a loss-mask stream. Other lines are read as without it.
+  bool chat = false;
+  std::string messages_field = "messages";
+  std::string chat_template;
   int64_t tokens_per_shard = 64 * 1024 * 1024;
 };
 

@@ -21,7 +21,7 @@ BatchSampler::BatchSampler(TokenCorpus corpus, SamplerOptions options)
                 options_.rank, " is outside [0, ", options_.world_size, ")");
   BRIGADE_CHECK(corpus_.size() >= options_.seq_len + 1, "sampler: the corpus has ", corpus_.size(),
                 " tokens, but seq_len ", options_.seq_len, " needs at least ", options_.seq_len + 1);
-  BRIGADE_CHECK(options_.document_start < 0 || corpus_.size() % (options_.seq_len + 1) == 0,
+  BRIGADE_CHECK((options_.document_start < 0 && options_.document_end < 0) || corpus_.size() % (options_.seq_len + 1) == 0,
                 "sampler: packed rows need a corpus of whole rows of seq_len + 1 = ", options_.seq_len + 1,
                 " tokens, but it has ", corpus_.size(), " tokens (built for another data.seq_len?)");
 }
@@ -31,7 +31,7 @@ Batch BatchSampler::batch(int64_t step, int64_t micro) const {
   const int64_t rows = options_.micro_batch_size;
   const int64_t T = options_.seq_len;
   // Windows of T+1 tokens start at 0 .. size-T-1 (packed: at whole rows).
-  const bool packed = options_.document_start >= 0;
+  const bool packed = options_.document_start >= 0 || options_.document_end >= 0;
   const auto starts = static_cast<uint64_t>(packed ? corpus_.size() / (T + 1) : corpus_.size() - T);
 
   Batch batch;
@@ -77,7 +77,9 @@ Batch BatchSampler::batch(int64_t step, int64_t micro) const {
     if (packed) {
       int64_t document = -1;
       for (int64_t t = 0; t < T; ++t) {
-        if (window[t] == options_.document_start || t == 0) ++document;
+        if (t == 0 || window[t] == options_.document_start ||
+            (options_.document_end >= 0 && window[t - 1] == options_.document_end))
+          ++document;
         segments[row * T + t] = document;
       }
     }

@@ -26,6 +26,9 @@ struct SamplerOptions {
   // take whole rows, and each position's document index is in Batch::segments
   // so attention stays inside a document. -1: one continuous stream.
   int64_t document_start = -1;
+  // The same for tokenizers without a BOS convention (Qwen): a document ends with
+  // `document_end` (EOS) and the next one starts after it. -1: not used.
+  int64_t document_end = -1;
 };
 
 struct Batch {

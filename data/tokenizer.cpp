@@ -21,6 +21,16 @@ int64_t Tokenizer::bos_id() const { return required_special(*this, kBosToken); }
 int64_t Tokenizer::eos_id() const { return required_special(*this, kEosToken); }
 int64_t Tokenizer::pad_id() const { return required_special(*this, kPadToken); }
 
+const std::string& Tokenizer::chat_template() const {
+  static const std::string none;
+  return none;
+}
+
+std::vector<int64_t> sequence_start(const Tokenizer& tokenizer) {
+  if (!tokenizer.add_bos()) return {};
+  return {tokenizer.bos_id()};
+}
+
 ByteTokenizer::ByteTokenizer()
     : specials_{std::string(kBosToken), std::string(kEosToken), std::string(kPadToken),
                 std::string(kImStartToken), std::string(kImEndToken)} {}

@@ -37,7 +37,20 @@ class Tokenizer {
   int64_t bos_id() const;
   int64_t eos_id() const;
   int64_t pad_id() const;
+
+  // The model's convention: whether a sequence starts with the BOS token (Llama,
+  // Mistral, brigade's byte tokenizer: yes; Qwen2/3, SmolLM2: no). Hugging Face
+  // tokenizers say it in tokenizer_config.json's add_bos_token or their
+  // post-processor, GGUF files in tokenizer.ggml.add_bos_token.
+  virtual bool add_bos() const { return true; }
+  // The Jinja chat template the model ships (tokenizer_config.json `chat_template`,
+  // a chat_template.jinja beside it, GGUF `tokenizer.chat_template`); empty if none.
+  virtual const std::string& chat_template() const;
 };
+
+// The tokens every sequence starts with: the BOS token when the tokenizer's
+// convention adds one, else none.
+std::vector<int64_t> sequence_start(const Tokenizer& tokenizer);
 
 // Bytes 0..255 are ids 0..255; special tokens follow at 256.. in the order
 // bos, eos, pad, im_start, im_end.

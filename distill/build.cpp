@@ -10,6 +10,7 @@
 #include "core/error.h"
 #include "core/fs.h"
 #include "core/log.h"
+#include "data/chat.h"
 #include "data/shard.h"
 #include "distill/traces.h"
 #include "model/safetensors.h"
@@ -97,7 +98,8 @@ nlohmann::json build_sft_shard(const std::filesystem::path& accepted, const data
   std::vector<uint8_t> mask;
   std::unique_ptr<KdLayout> kd;  // created at the first line that carries "topk"
   std::filesystem::remove(out_dir / kKdTargets);  // a stale one from an earlier build
-  int64_t documents = 0, dropped = 0, rows = 0, trained = 0, padding = 0, line_no = 0;
+  int64_t documents = 0, dropped = 0, rows = 0, trained = 0, padding = 0, line_no = 0, chat_documents = 0;
+  std::optional<data::ChatTemplate> chat_template;  // the student's, at the first chat prompt
   auto close_row = [&]() {
     if (row.empty()) return;
     padding += row_len - static_cast<int64_t>(row.size());
@@ -112,21 +114,50 @@ nlohmann::json build_sft_shard(const std::filesystem::path& accepted, const data
     ++line_no;
     if (line.empty()) continue;
     nlohmann::json j;
-    std::string prompt, completion;
+    std::string prompt, completion, conversation;
     std::optional<TopkRange> topk;
     try {
       j = nlohmann::json::parse(line);
       prompt = j.at("prompt").get<std::string>();
       completion = j.at("completion").get<std::string>();
+      if (j.contains("conversation")) conversation = j["conversation"].get<std::string>();
       if (j.contains("topk")) topk = TopkRange{j["topk"].at("offset").get<int64_t>(), j["topk"].at("positions").get<int64_t>()};
     } catch (const nlohmann::json::exception& e) {
       BRIGADE_FAIL("build: ", accepted.string(), ":", line_no, ": ", e.what());
     }
-    std::vector<int64_t> doc{tokenizer.bos_id()};
-    for (int64_t id : tokenizer.encode(prompt)) doc.push_back(id);
-    const size_t context = doc.size();
-    for (int64_t id : tokenizer.encode(completion)) doc.push_back(id);
-    doc.push_back(tokenizer.eos_id());
+    std::vector<int64_t> doc;
+    std::vector<uint8_t> doc_mask;
+    size_t context = 0;
+    if (!conversation.empty()) {
+      // A chat prompt: the conversation with the teacher's answer as the assistant's
+      // turn, in the student's chat format; only that turn is trained. An EOS (not
+      // trained) closes it, so packed rows split documents there when the tokenizer
+      // adds no BOS.
+      if (!chat_template) {
+        BRIGADE_CHECK(!tokenizer.chat_template().empty(), "build: ", accepted.string(), ":", line_no,
+                      ": a chat prompt, but the student's tokenizer ", tokenizer.name(), " ships no chat template");
+        chat_template.emplace(tokenizer.chat_template(), "the chat template of " + tokenizer.name());
+      }
+      auto request = nlohmann::ordered_json::parse(conversation);
+      request["messages"].push_back({{"role", "assistant"}, {"content", completion}});
+      const data::ChatTokens chat = data::tokenize_chat(
+          tokenizer, data::chat_segments(*chat_template, data::chat_request(request, tokenizer, accepted.string() + ":" +
+                                                                                          std::to_string(line_no))));
+      doc = chat.tokens;
+      doc_mask = chat.mask;
+      doc.push_back(tokenizer.eos_id());
+      doc_mask.push_back(0);
+      ++chat_documents;
+      topk.reset();  // the teacher's records do not line up with a re-rendered turn: SFT only
+    } else {
+      doc = data::sequence_start(tokenizer);
+      for (int64_t id : tokenizer.encode(prompt)) doc.push_back(id);
+      context = doc.size();
+      for (int64_t id : tokenizer.encode(completion)) doc.push_back(id);
+      doc.push_back(tokenizer.eos_id());
+      doc_mask.assign(context, 0);
+      doc_mask.resize(doc.size(), 1);
+    }
     if (static_cast<int64_t>(doc.size()) > row_len) {
       ++dropped;
       continue;
@@ -138,9 +169,8 @@ nlohmann::json build_sft_shard(const std::filesystem::path& accepted, const data
                 static_cast<int64_t>(doc.size() - context) - 1, *topk);
     }
     row.insert(row.end(), doc.begin(), doc.end());
-    mask.insert(mask.end(), context, 0);
-    mask.insert(mask.end(), doc.size() - context, 1);
-    trained += static_cast<int64_t>(doc.size() - context);
+    mask.insert(mask.end(), doc_mask.begin(), doc_mask.end());
+    trained += std::count(doc_mask.begin(), doc_mask.end(), uint8_t{1});
     ++documents;
   }
   close_row();
@@ -153,7 +183,11 @@ nlohmann::json build_sft_shard(const std::filesystem::path& accepted, const data
   writer.finish();
   nlohmann::json stats = {{"documents", documents}, {"dropped_too_long", dropped}, {"rows", rows},
                           {"seq_len", seq_len},     {"tokens", tokens},           {"trained_tokens", trained},
-                          {"padding_tokens", padding}, {"template", "plain"}};
+                          {"padding_tokens", padding},
+                          {"template", chat_documents == 0           ? "plain"
+                                       : chat_documents == documents ? "chat"
+                                                                     : "mixed"},
+                          {"chat_documents", chat_documents}};
   if (kd) kd->write(out_dir / kKdTargets, tokens, stats);
   write_file_atomic(out_dir / "build.json", stats.dump(2) + "\n");
   if (dropped > 0) log_warn("build: ", dropped, " accepted samples longer than data.seq_len + 1 = ", row_len, " dropped");

@@ -3,7 +3,15 @@
 //
 // Each accepted sample becomes one document:
 //
-//   BOS  prompt tokens  completion tokens  EOS
+//   [BOS]  prompt tokens  completion tokens  EOS
+//
+// (BOS when the tokenizer's convention starts sequences with it, data::sequence_start)
+//
+// A chat prompt's sample ("conversation" in accepted.jsonl) becomes the conversation
+// with the completion as the assistant's last turn, rendered with the student's
+// chat template (data/chat.h): only that turn is trained, the teacher's <think>
+// block included, and an untrained EOS closes the document. Such documents get no
+// KD targets (the teacher's records do not line up with a re-rendered turn).
 //
 // (the "plain" template: the student sees exactly what the teacher saw, the
 // byte tokenizer's format). Only the completion and the EOS are trained (loss mask

@@ -8,13 +8,22 @@
 #include "core/hash.h"
 #include "core/log.h"
 #include "core/progress.h"
+#include "data/chat.h"
 #include "distill/traces.h"
 #include "model/generate.h"
 
 namespace brigade::distill {
 
 std::vector<int64_t> prompt_tokens(const data::Tokenizer& tokenizer, const Prompt& prompt) {
-  std::vector<int64_t> ids{tokenizer.bos_id()};
+  if (prompt.chat()) {
+    BRIGADE_CHECK(!tokenizer.chat_template().empty(), "prompt '", prompt.id, "' is a chat prompt, but the tokenizer ",
+                  tokenizer.name(), " ships no chat template to render it with");
+    const data::ChatTemplate chat_template(tokenizer.chat_template(), "the chat template of " + tokenizer.name());
+    return data::chat_prompt_tokens(
+        tokenizer, chat_template,
+        data::chat_request(nlohmann::ordered_json::parse(prompt.conversation), tokenizer, "prompt '" + prompt.id + "'"));
+  }
+  std::vector<int64_t> ids = data::sequence_start(tokenizer);
   for (int64_t id : tokenizer.encode(prompt.prompt)) ids.push_back(id);
   return ids;
 }

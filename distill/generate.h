@@ -25,7 +25,10 @@ struct GenerateStats {
   int64_t truncated = 0;   // hit max_new_tokens or the context before the EOS
 };
 
-// A prompt's tokens as the teacher sees them: BOS, then the prompt text.
+// A prompt's tokens as the teacher sees them: BOS when the tokenizer's convention
+// starts sequences with it (data::sequence_start), then the prompt text; a chat
+// prompt rendered with the tokenizer's chat template, the assistant's turn opened
+// (data::chat_prompt_tokens).
 std::vector<int64_t> prompt_tokens(const data::Tokenizer& tokenizer, const Prompt& prompt);
 
 // The per-sample seed (31 bits, so a remote server accepts it as "seed").

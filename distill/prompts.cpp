@@ -2,6 +2,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <string_view>
 #include <unordered_map>
 
@@ -54,15 +55,32 @@ std::optional<Prompt> parse_line(std::string_view line, std::string& reason) {
   if (!id) return std::nullopt;
   prompt.id = std::move(*id);
 
-  auto text = object.find("prompt");
-  if (text == object.end() || !text->is_string()) {
-    reason = "no \"prompt\" string";
-    return std::nullopt;
-  }
-  prompt.prompt = text->get<std::string>();
-  if (prompt.prompt.empty()) {
-    reason = "empty \"prompt\"";
-    return std::nullopt;
+  auto messages = object.find("messages");
+  if (messages != object.end() && object.find("prompt") == object.end()) {
+    if (!messages->is_array() || messages->empty() ||
+        !std::all_of(messages->begin(), messages->end(), [](const nlohmann::json& m) {
+          return m.is_object() && m.contains("role") && m["role"].is_string();
+        })) {
+      reason = "\"messages\" is not a non-empty list of {\"role\", ...} objects";
+      return std::nullopt;
+    }
+    // The conversation keeps the line's key order (it shows in templates' tojson).
+    nlohmann::ordered_json ordered = nlohmann::ordered_json::parse(line);
+    for (const char* key : {"id", "answer"}) ordered.erase(key);
+    prompt.conversation = ordered.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+    const auto& last = messages->back();
+    prompt.prompt = last.contains("content") && last["content"].is_string() ? last["content"].get<std::string>() : "";
+  } else {
+    auto text = object.find("prompt");
+    if (text == object.end() || !text->is_string()) {
+      reason = "no \"prompt\" string (or \"messages\" list)";
+      return std::nullopt;
+    }
+    prompt.prompt = text->get<std::string>();
+    if (prompt.prompt.empty()) {
+      reason = "empty \"prompt\"";
+      return std::nullopt;
+    }
   }
 
   auto answer = object.find("answer");
@@ -129,7 +147,13 @@ void write_prompts(const std::filesystem::path& file, const std::vector<Prompt>&
   std::string content;
   for (const Prompt& prompt : prompts) {
     BRIGADE_CHECK(!prompt.id.empty(), "write_prompts ", file.string(), ": a prompt has an empty id");
-    nlohmann::json object = {{"id", prompt.id}, {"prompt", prompt.prompt}};
+    nlohmann::ordered_json object = {{"id", prompt.id}};
+    if (prompt.chat()) {
+      const auto conversation = nlohmann::ordered_json::parse(prompt.conversation);
+      for (const auto& [key, value] : conversation.items()) object[key] = value;
+    } else {
+      object["prompt"] = prompt.prompt;
+    }
     if (prompt.answer) object["answer"] = *prompt.answer;
     content += object.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
     content += '\n';

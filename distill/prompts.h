@@ -4,10 +4,15 @@
 //
 //   {"id": "add-17", "prompt": "Problem: 47*23+5\n", "answer": "1086"}
 //   {"id": 18, "prompt": "Problem: 3-9\n"}
+//   {"id": 19, "messages": [{"role": "user", "content": "What is 3-9?"}], "answer": "-6"}
 //
 //   id      string or integer (an integer id becomes its decimal string), unique
 //           and non-empty
-//   prompt  string, non-empty: the text sent to the teacher as is
+//   prompt  string, non-empty: the text sent to the teacher as is; or
+//   messages  a non-empty list of chat messages ({"role", "content", ...}): a chat
+//           prompt, rendered with the model's own chat template (data/chat.h) with
+//           the assistant's turn opened, or sent as is to a chat API; "tools" and
+//           template keywords such as "enable_thinking" on the line go with them
 //   answer  optional string (or null): the reference answer the verifier compares
 //           with; without one a sample is verified by its format alone
 //
@@ -28,8 +33,12 @@ namespace brigade::distill {
 
 struct Prompt {
   std::string id;
-  std::string prompt;
+  std::string prompt;                 // the text; for a chat prompt, its last message's content (for display)
   std::optional<std::string> answer;  // reference answer, if the file gives one
+  // A chat prompt: {"messages": [...], "tools"?, keywords...} as JSON text in the
+  // file's key order; empty for a text prompt.
+  std::string conversation;
+  bool chat() const { return !conversation.empty(); }
 };
 
 struct PromptSet {

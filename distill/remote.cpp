@@ -108,12 +108,20 @@ nlohmann::json remote_request(const TeacherOptions& teacher, const GenerateOptio
   if (!teacher.model.empty()) body["model"] = teacher.model;
   if (!options.stop.empty()) body["stop"] = options.stop;
   if (teacher.api == "chat") {
-    body["messages"] = nlohmann::json::array({{{"role", "user"}, {"content", prompt.prompt}}});
+    if (prompt.chat()) {
+      // The conversation as the file gives it; the server applies its own template.
+      const auto conversation = nlohmann::json::parse(prompt.conversation);
+      for (const auto& [key, value] : conversation.items()) body[key] = value;
+    } else {
+      body["messages"] = nlohmann::json::array({{{"role", "user"}, {"content", prompt.prompt}}});
+    }
     if (options.logprobs > 0) {
       body["logprobs"] = true;
       body["top_logprobs"] = options.logprobs;
     }
   } else {
+    BRIGADE_CHECK(!prompt.chat(), "prompt '", prompt.id, "' is a chat prompt (\"messages\"): a remote teacher needs ",
+                  "distill.teacher.api: chat for it");
     body["prompt"] = prompt.prompt;
     if (options.logprobs > 0) body["logprobs"] = options.logprobs;
   }

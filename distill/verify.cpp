@@ -74,6 +74,27 @@ std::optional<std::string> last_boxed(const std::string& text) {
   return std::nullopt;
 }
 
+// The answer in a GSM8K reference or completion: what follows the last "####" on its
+// line, else the last number in the text.
+std::optional<std::string> gsm8k_answer(const std::string& text) {
+  const size_t mark = text.rfind("####");
+  if (mark != std::string::npos) {
+    const size_t begin = mark + 4;
+    const size_t end = text.find('\n', begin);
+    return text.substr(begin, end == std::string::npos ? std::string::npos : end - begin);
+  }
+  static const std::regex kNumber(R"([+-]?(\d{1,3}(,\d{3})+|\d+)(\.\d+)?|[+-]?\.\d+)");
+  std::optional<std::string> found;
+  for (auto it = std::sregex_iterator(text.begin(), text.end(), kNumber); it != std::sregex_iterator(); ++it) {
+    found = it->str();
+  }
+  return found;
+}
+
+bool is_builtin_pattern(const std::string& pattern) {
+  return pattern == "boxed" || pattern == "gsm8k" || pattern == "exact";
+}
+
 std::optional<std::string> last_capture(const std::string& text, const std::regex& pattern) {
   std::optional<std::string> found;
   for (auto it = std::sregex_iterator(text.begin(), text.end(), pattern); it != std::sregex_iterator(); ++it) {
@@ -99,6 +120,26 @@ std::regex compile_pattern(const std::string& pattern) {
   BRIGADE_CHECK(regex.mark_count() >= 1, "verify answer_pattern \"", pattern,
                 "\" needs a capture group around the answer, e.g. \"Answer: (\\S+)\"");
   return regex;
+}
+
+bool matches(const std::string& answer, const std::string& reference, const VerifyOptions& options);
+
+// The answer in `region` per `options` (`pattern`: the compiled regex when the
+// option is one).
+std::optional<std::string> find_answer(const std::string& region, const VerifyOptions& options,
+                                       const std::regex* pattern) {
+  if (options.answer_pattern == "boxed") return non_empty_trimmed(last_boxed(region));
+  if (options.answer_pattern == "gsm8k") return non_empty_trimmed(gsm8k_answer(region));
+  if (options.answer_pattern == "exact") return non_empty_trimmed(region);
+  BRIGADE_ASSERT(pattern != nullptr, "answer pattern '", options.answer_pattern, "' was not compiled");
+  return non_empty_trimmed(last_capture(region, *pattern));
+}
+
+// What follows the last "</think>" (the whole text when there is none): a \boxed
+// inside the reasoning does not count.
+std::string after_reasoning(const std::string& text) {
+  const size_t last_close = text.rfind(kThinkClose);
+  return last_close == std::string::npos ? text : text.substr(last_close + kThinkClose.size());
 }
 
 double to_double(const std::string& digits) {
@@ -206,7 +247,7 @@ class AtomicOutput {
 void validate(const VerifyOptions& options) {
   BRIGADE_CHECK(!options.answer_pattern.empty(),
                 "verify answer_pattern is empty: use \"boxed\" or a regex with a capture group");
-  if (options.answer_pattern != "boxed") compile_pattern(options.answer_pattern);
+  if (!is_builtin_pattern(options.answer_pattern)) compile_pattern(options.answer_pattern);
   BRIGADE_CHECK(options.max_chars >= 0, "verify max_chars must be >= 0 (0: no limit), got ", options.max_chars);
   BRIGADE_CHECK(options.max_tokens >= 0, "verify max_tokens must be >= 0 (0: no limit), got ", options.max_tokens);
   BRIGADE_CHECK(options.numeric_tolerance >= 0 && std::isfinite(options.numeric_tolerance),
@@ -214,14 +255,104 @@ void validate(const VerifyOptions& options) {
 }
 
 std::optional<std::string> extract_answer(const std::string& text, const VerifyOptions& options) {
-  if (options.answer_pattern == "boxed") return non_empty_trimmed(last_boxed(text));
-  return non_empty_trimmed(last_capture(text, compile_pattern(options.answer_pattern)));
+  if (is_builtin_pattern(options.answer_pattern)) return find_answer(text, options, nullptr);
+  const std::regex pattern = compile_pattern(options.answer_pattern);
+  return find_answer(text, options, &pattern);
+}
+
+namespace {
+bool matches(const std::string& answer, const std::string& reference, const VerifyOptions& options) {
+  if (options.answer_pattern == "exact") return normalise_space(answer) == normalise_space(reference);
+  return answers_match(answer, reference, options.numeric_tolerance);
+}
+}  // namespace
+
+Grade grade_completion(const std::string& completion, const std::string& reference, const VerifyOptions& options) {
+  Grade grade;
+  grade.answer = extract_answer(after_reasoning(completion), options);
+  if (!grade.answer) return grade;
+  grade.correct = matches(*grade.answer, reference, options);
+  return grade;
+}
+
+namespace {
+// Every occurrence of `from` in `text` replaced by `to`.
+std::string replace_all(std::string text, std::string_view from, std::string_view to) {
+  for (size_t at = text.find(from); at != std::string::npos; at = text.find(from, at + to.size())) {
+    text.replace(at, from.size(), to);
+  }
+  return text;
+}
+
+// "\frac12" -> "\frac{1}{2}", "\sqrt3" -> "\sqrt{3}": a command's one-character
+// arguments given without braces.
+std::string brace_short_arguments(const std::string& text, std::string_view command, int arguments) {
+  std::string out;
+  size_t i = 0;
+  while (i < text.size()) {
+    if (text.compare(i, command.size(), command) != 0) {
+      out += text[i++];
+      continue;
+    }
+    out += command;
+    i += command.size();
+    for (int a = 0; a < arguments && i < text.size() && text[i] != '['; ++a) {
+      if (text[i] == '{') {  // a braced argument: copy it whole
+        int depth = 0;
+        do {
+          if (text[i] == '{') ++depth;
+          if (text[i] == '}') --depth;
+          out += text[i++];
+        } while (i < text.size() && depth > 0);
+      } else if (text[i] != '\\') {
+        out += '{';
+        out += text[i++];
+        out += '}';
+      }
+    }
+  }
+  return out;
+}
+}  // namespace
+
+std::string normalise_math_answer(const std::string& answer) {
+  std::string s = normalise_space(answer);
+  // Spacing and sizing commands carry no value.
+  for (std::string_view cmd : {"\\left", "\\right", "\\!", "\\,", "\\;", "\\:", "\\ ", "\\displaystyle"}) {
+    s = replace_all(s, cmd, "");
+  }
+  s = replace_all(s, "\\dfrac", "\\frac");
+  s = replace_all(s, "\\tfrac", "\\frac");
+  for (std::string_view mark : {"^{\\circ}", "^\\circ", "\\circ", "\\degree", "\\%", "%", "\\$", "$"}) {
+    s = replace_all(s, mark, "");
+  }
+  // A unit after a value: "10\text{ cm}", "10 \mbox{cm}^2".
+  static const std::regex kTextUnit(R"(^(.*[0-9}])\s*\\(text|textbf|mbox|mathrm)\{[^{}]*\}(\^\{?[0-9]\}?)?$)");
+  std::smatch m;
+  if (std::regex_match(s, m, kTextUnit)) s = m[1].str();
+  // \text{yes} -> yes
+  static const std::regex kText(R"(\\(text|textbf|mbox|mathrm)\{([^{}]*)\})");
+  s = std::regex_replace(s, kText, "$2");
+  // A plain unit word after a number: "10 cm", "3.5 inches^2".
+  static const std::regex kWordUnit(R"(^([+-]?[0-9][0-9,]*(\.[0-9]+)?) [A-Za-z]{2,}(\^[0-9])?$)");
+  if (std::regex_match(s, m, kWordUnit)) s = m[1].str();
+  // "x = 5", "k=\frac{1}{2}": the value of a single-letter variable.
+  static const std::regex kAssignment(R"(^[A-Za-z] ?= ?(.+)$)");
+  if (std::regex_match(s, m, kAssignment)) s = m[1].str();
+  s = replace_all(s, " ", "");
+  s = brace_short_arguments(s, "\\frac", 2);
+  s = brace_short_arguments(s, "\\sqrt", 1);
+  if (s.size() > 1 && s.back() == '.') s.pop_back();
+  if (!s.empty() && s.front() == '.') s.insert(0, "0");
+  if (s.size() > 1 && s[0] == '-' && s[1] == '.') s.insert(1, "0");
+  return s;
 }
 
 bool answers_match(const std::string& got, const std::string& reference, double tolerance) {
   BRIGADE_CHECK(tolerance >= 0, "answer tolerance must be >= 0, got ", tolerance);
-  const std::string a = normalise_space(got);
-  const std::string b = normalise_space(reference);
+  if (normalise_space(got) == normalise_space(reference)) return true;
+  const std::string a = normalise_math_answer(got);
+  const std::string b = normalise_math_answer(reference);
   if (a == b) return true;
   const std::optional<double> x = parse_number(a);
   const std::optional<double> y = parse_number(b);
@@ -233,7 +364,7 @@ bool answers_match(const std::string& got, const std::string& reference, double 
 
 Verifier::Verifier(VerifyOptions options) : options_(std::move(options)) {
   validate(options_);
-  if (options_.answer_pattern != "boxed") pattern_ = compile_pattern(options_.answer_pattern);
+  if (!is_builtin_pattern(options_.answer_pattern)) pattern_ = compile_pattern(options_.answer_pattern);
   for (const char* reason : kReasons) reasons_[reason] = 0;
 }
 
@@ -250,19 +381,14 @@ Verdict Verifier::decide(const Trace& trace, const Prompt& prompt) {
   const size_t open = text.find(kThinkOpen);
   const size_t close = text.find(kThinkClose, open == std::string::npos ? 0 : open + kThinkOpen.size());
   if (options_.require_think) {
-    if (open == std::string::npos && !prompt_opens_think(prompt.prompt)) return reject("no_think");
+    // A chat prompt's template may open the block itself (DeepSeek-R1's generation
+    // prompt ends with "<think>"): there only the closing tag is required.
+    if (open == std::string::npos && !prompt_opens_think(prompt.prompt) && !prompt.chat()) return reject("no_think");
     if (close == std::string::npos) return reject("unclosed_think");
   }
-  // The answer is what follows the reasoning: a \boxed inside <think> does not count.
-  const size_t last_close = text.rfind(kThinkClose);
-  const std::string region =
-      last_close == std::string::npos ? text : text.substr(last_close + kThinkClose.size());
-  std::optional<std::string> answer =
-      pattern_ ? non_empty_trimmed(last_capture(region, *pattern_)) : non_empty_trimmed(last_boxed(region));
+  std::optional<std::string> answer = find_answer(after_reasoning(text), options_, pattern_ ? &*pattern_ : nullptr);
   if (!answer) return reject("no_answer");
-  if (prompt.answer && !answers_match(*answer, *prompt.answer, options_.numeric_tolerance)) {
-    return reject("wrong_answer", std::move(answer));
-  }
+  if (prompt.answer && !matches(*answer, *prompt.answer, options_)) return reject("wrong_answer", std::move(answer));
   if (!accepted_texts_.insert(prompt.id + '\0' + normalise_space(text)).second) {
     return reject("duplicate", std::move(answer));
   }
@@ -353,6 +479,7 @@ nlohmann::json run_verify(const fs::path& traces_dir, const std::vector<Prompt>&
     nlohmann::json line = {{"prompt_id", trace.prompt_id}, {"sample", trace.sample},
                            {"prompt", it->second->prompt}, {"completion", trace.text},
                            {"answer", *verdict.answer}};
+    if (it->second->chat()) line["conversation"] = it->second->conversation;
     if (trace.topk_ids.defined()) {
       const TopkRange& range = reader.topk_range(i);
       line["topk"] = {{"offset", range.offset}, {"positions", range.positions}};

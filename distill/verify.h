@@ -40,7 +40,12 @@
 namespace brigade::distill {
 
 struct VerifyOptions {
-  // "boxed": the last \boxed{...} with balanced braces (nested braces allowed).
+  // How the final answer is found (the one grader of the verify stage, the eval
+  // stage, the demo and `brigade eval`):
+  //   "boxed"   the last \boxed{...} with balanced braces (nested braces allowed)
+  //   "gsm8k"   the text after the last "####" up to the end of its line, else
+  //             the last number in the text (GSM8K's reference format)
+  //   "exact"   the whole text, compared as a string (whitespace collapsed)
   // Anything else is an ECMAScript regex with at least one capture group: the
   // first group of its last match.
   std::string answer_pattern = "boxed";
@@ -59,11 +64,29 @@ void validate(const VerifyOptions& options);
 std::optional<std::string> extract_answer(const std::string& text, const VerifyOptions& options);
 
 // True when `got` equals `reference` after trimming and collapsing whitespace, or
-// when both are numbers and |got - reference| <= tolerance * max(1, |reference|).
+// after MATH-style normalisation (normalise_math_answer) of both, or when both
+// are numbers and |got - reference| <= tolerance * max(1, |reference|).
 // Numbers: an optional sign, digits with optional thousands separators ("1,234"),
 // an optional decimal part (".5", "2.50"), an optional trailing period ("12."),
 // or a fraction of two such integers: "3/4", "-3/4", "\frac{3}{4}", "\dfrac{3}{4}".
 bool answers_match(const std::string& got, const std::string& reference, double tolerance);
+
+// A LaTeX answer in a canonical spelling, as MATH graders compare them: no
+// spacing commands (\, \! \; \: "\ "), \left/\right, $ signs, degree signs,
+// percent signs or \text{...} units after a value; \dfrac/\tfrac as \frac,
+// \frac12 as \frac{1}{2}, \sqrt2 as \sqrt{2}; a leading "x =" dropped; a trailing
+// period dropped; ".5" as "0.5"; a plain unit word after a number dropped
+// ("10 cm" -> "10"); no spaces.
+std::string normalise_math_answer(const std::string& answer);
+
+// The one grading rule: the answer found after the last "</think>" of
+// `completion` (the whole text when there is none) per options.answer_pattern,
+// matched against `reference` ("exact": as strings; otherwise answers_match).
+struct Grade {
+  std::optional<std::string> answer;  // nullopt: no answer found
+  bool correct = false;
+};
+Grade grade_completion(const std::string& completion, const std::string& reference, const VerifyOptions& options);
 
 struct Verdict {
   bool accepted = false;
@@ -113,7 +136,8 @@ class Verifier {
 // `prompts` and writes, into `out_dir`:
 //
 //   accepted.jsonl  one line per accepted sample, in store order:
-//                   {"prompt_id", "sample", "prompt", "completion", "answer"} plus
+//                   {"prompt_id", "sample", "prompt", "completion", "answer"}, plus
+//                   "conversation" (Prompt::conversation) for a chat prompt, plus
 //                   "topk": {"offset", "positions"} copied from the trace store
 //                   when the sample has top-k logprobs (records in
 //                   traces_dir/traces.topk.bin)

@@ -6,6 +6,7 @@
 #include <iostream>
 
 #include "core/error.h"
+#include "core/fs.h"
 #include "core/log.h"
 #include "data/prepare.h"
 #include "data/tokenizer.h"
@@ -91,6 +92,37 @@ int run_cli(int argc, char** argv) {
   distill_cmd->add_option("--run-dir", distill.run_dir, "Run directory (default runs/<recipe name>)");
   distill_cmd->add_option("--stage", distill.stage, "Run one stage: teacher, generate, verify, build, train or eval");
 
+  EvalArgs eval;
+  auto* eval_cmd = app.add_subcommand(
+      "eval", "pass@k of a checkpoint or an OpenAI-compatible server on a JSONL problem set (GSM8K, MATH, exact)");
+  eval_cmd->add_option("--checkpoint", eval.checkpoint, "A brigade model: step, checkpoints or run directory");
+  eval_cmd->add_option("--url", eval.url, "Or an OpenAI-compatible server's base URL ending in /v1");
+  eval_cmd->add_option("--api", eval.api, "Remote: completions or chat")
+      ->check(CLI::IsMember({"completions", "chat"}))->capture_default_str();
+  eval_cmd->add_option("--model", eval.model, "Remote: the model name sent in requests");
+  eval_cmd->add_option("--api-key-env", eval.api_key_env, "Remote: environment variable holding the API key");
+  eval_cmd->add_option("--concurrency", eval.concurrency, "Remote: requests in flight")->capture_default_str();
+  eval_cmd->add_option("--tokenizer", eval.tokenizer, "Remote: tokenizer counting completion tokens (byte, tokenizer.json, .gguf)")
+      ->capture_default_str();
+  eval_cmd->add_option("--problems", eval.problems, "JSONL problem set: gsm8k {question, answer}, math {problem, solution|answer} or {prompt, answer}")
+      ->required();
+  eval_cmd->add_option("--format", eval.format, "auto, gsm8k, math or prompt")
+      ->check(CLI::IsMember({"auto", "gsm8k", "math", "prompt"}))->capture_default_str();
+  eval_cmd->add_option("--template", eval.prompt_template, "The prompt sent, {problem} replaced by the question")
+      ->capture_default_str();
+  eval_cmd->add_option("--answer", eval.answer_pattern, "How answers are found: boxed, gsm8k, exact or a regex with a group (default: the format's)");
+  eval_cmd->add_option("--samples,-n", eval.samples, "Samples per problem (n)")->capture_default_str();
+  eval_cmd->add_option("--k", eval.ks, "pass@k to report, each <= n (default: 1 and n)")->delimiter(',');
+  eval_cmd->add_option("--temperature", eval.temperature, "Sampling temperature (default: 0 for one sample, 0.6 for more)");
+  eval_cmd->add_option("--top-p", eval.top_p, "Nucleus sampling mass")->capture_default_str();
+  eval_cmd->add_option("--max-new-tokens", eval.max_new_tokens, "Tokens per completion")->capture_default_str();
+  eval_cmd->add_option("--batch-size", eval.batch_size, "Local: sequences decoded together")->capture_default_str();
+  eval_cmd->add_option("--stop", eval.stop, "Stop string (repeatable)");
+  eval_cmd->add_option("--seed", eval.seed, "Sampling seed")->capture_default_str();
+  eval_cmd->add_option("--limit", eval.limit, "Score only the first N problems");
+  eval_cmd->add_option("--out", eval.out, "Output directory (default runs/eval-<problem file stem>)");
+  add_set_option(eval_cmd, eval.overrides);
+
   ServeArgs serve;
   auto* serve_cmd = app.add_subcommand("serve", "Serve a checkpoint over the OpenAI completions/chat API (a remote teacher)");
   serve_cmd->add_option("--checkpoint", serve.checkpoint, "Step directory, checkpoints directory or run directory")->required();
@@ -106,7 +138,7 @@ int run_cli(int argc, char** argv) {
   export_cmd->add_option("--checkpoint", exp.checkpoint, "Step directory, checkpoints directory or run directory")->required();
   export_cmd->add_option("--format", exp.format, "hf or gguf")->required();
   export_cmd->add_option("--out", exp.out, "The new directory (hf) or file (gguf)")->required();
-  export_cmd->add_option("--quant", exp.quant, "gguf: f32, f16 (default), q8_0 or q4_0");
+  export_cmd->add_option("--quant", exp.quant, "gguf: f32, f16 (default), q8_0, q6_k, q5_k_m, q4_k_m (llama.cpp's mixes) or q4_0");
   export_cmd->add_option("--dtype", exp.dtype, "hf: float32, bfloat16 or float16")->capture_default_str();
   export_cmd->add_option("--max-shard-mb", exp.max_shard_mb, "hf: shard the weights above this many MiB")->capture_default_str();
   export_cmd->add_option("--name", exp.name, "Model name in the metadata (default: the recipe's name)");
@@ -157,6 +189,11 @@ int run_cli(int argc, char** argv) {
   prep_cmd->add_option("--text-field", prep.text_field, "JSONL field with the document text")->capture_default_str();
   prep_cmd->add_option("--prompt-field", prep.prompt_field, "JSONL prompt field (masked out of the loss)");
   prep_cmd->add_option("--completion-field", prep.completion_field, "JSONL completion field (trained on)");
+  prep_cmd->add_flag("--chat", prep.chat,
+                     "JSONL lines with \"messages\" are conversations: rendered with the chat template, loss on the assistant turns");
+  prep_cmd->add_option("--messages-field", prep.messages_field, "--chat: JSONL field with the messages")->capture_default_str();
+  std::filesystem::path prep_chat_template;
+  prep_cmd->add_option("--chat-template", prep_chat_template, "--chat: a Jinja template file (default: the tokenizer's own)");
   prep_cmd->add_option("--tokens-per-shard", prep.tokens_per_shard, "Tokens per shard file")->capture_default_str();
   add_set_option(prep_cmd, prep_overrides);
   TokenizerTrainArgs tok;
@@ -183,6 +220,7 @@ int run_cli(int argc, char** argv) {
     if (*gen_cmd) return generate_command(gen);
     if (*distill_cmd) return distill_command(distill);
     if (*serve_cmd) return serve_command(serve);
+    if (*eval_cmd) return eval_command(eval);
     if (*export_cmd) return export_command(exp);
     if (*launch_cmd) return launch_command(launch);
     if (*plan_cmd) return plan_command(plan);
@@ -200,6 +238,7 @@ int run_cli(int argc, char** argv) {
     if (*prep_cmd) {
       BRIGADE_CHECK(prep_overrides.empty(), "data prepare takes no recipe, so --set has nothing to override");
       BRIGADE_CHECK(prep.tokens_per_shard > 0, "--tokens-per-shard must be positive");
+      if (!prep_chat_template.empty()) prep.chat_template = read_file(prep_chat_template);
       auto tokenizer = recipes::make_tokenizer(prep_tokenizer);
       auto report = data::prepare_shards(prep, *tokenizer);
       std::cout << "wrote " << report.shards.size() << " shard(s), " << report.documents << " documents, "

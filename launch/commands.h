@@ -56,6 +56,33 @@ struct DistillArgs {
 };
 int distill_command(const DistillArgs& args);
 
+struct EvalArgs {
+  std::filesystem::path checkpoint;    // a brigade model (step, checkpoints or run directory), or:
+  std::string url;                     // an OpenAI-compatible server's base URL ending in /v1
+  std::string api = "completions";     // remote: completions | chat
+  std::string model;                   // remote: the request's "model"
+  std::string api_key_env;             // remote: variable holding the API key
+  int64_t concurrency = 8;             // remote: requests in flight
+  std::string tokenizer = "byte";      // remote: counts completion tokens when the server does not
+  std::filesystem::path problems;      // JSONL problem set (distill/eval.h)
+  std::string format = "auto";         // auto | gsm8k | math | prompt
+  std::string prompt_template = "{problem}";
+  std::string answer_pattern;          // empty: the format's (gsm8k, boxed, exact); or a regex
+  int64_t samples = 1;                 // n per problem
+  std::vector<int64_t> ks;             // pass@k reported (empty: 1 and n)
+  double temperature = -1;             // < 0: 0 (greedy) for one sample, 0.6 for more
+  double top_p = 1.0;
+  int64_t max_new_tokens = 512;
+  int64_t batch_size = 32;
+  std::vector<std::string> stop;
+  uint64_t seed = 1;
+  int64_t limit = 0;                   // > 0: the first N problems
+  std::filesystem::path out;           // empty: runs/eval-<problem file stem>
+  std::vector<std::string> overrides;  // --set on the checkpoint's recipe
+};
+// Writes OUT/eval.json, OUT/eval.md, OUT/samples.jsonl; resumes from OUT/traces.
+int eval_command(const EvalArgs& args);
+
 struct ServeArgs {
   std::filesystem::path checkpoint;
   std::string host = "127.0.0.1";
@@ -73,7 +100,7 @@ struct ExportArgs {
   std::vector<std::string> overrides;
   std::string format;                // hf | gguf
   std::filesystem::path out;         // a new directory (hf) or file (gguf)
-  std::string quant;                 // gguf: f32 | f16 | q8_0 | q4_0 (empty: f16)
+  std::string quant;                 // gguf: f32 | f16 | q8_0 | q4_0 | q6_k | q5_k_m | q4_k_m (empty: f16)
   std::string dtype = "float32";     // hf: float32 | bfloat16 | float16
   int64_t max_shard_mb = 5000;       // hf: weights above this are sharded
   std::string name;                  // empty: the recipe's name

@@ -10,6 +10,7 @@
 #include "core/log.h"
 #include "data/bpe.h"
 #include "launch/commands.h"
+#include "recipes/build.h"
 #include "model/gguf_export.h"
 #include "model/hf.h"
 
@@ -31,12 +32,14 @@ void write_tokenizer_files(const fs::path& source, const data::BpeTokenizer& tok
   fs::copy_file(source, dir / "tokenizer.json", fs::copy_options::overwrite_existing);
 }
 
-// brigade trains every document as <bos> text <eos>: the exported tokenizer.json's
-// post-processor puts the BOS token first, so transformers users feed the model
-// what it was trained on (tokenizer(text) and apply_chat_template(tokenize=True)).
+// A tokenizer whose convention starts sequences with BOS (data::Tokenizer::add_bos:
+// brigade's byte tokenizer and its own BPEs, Llama) exports a post-processor that puts
+// the BOS token first, so transformers users feed the model what it was trained on
+// (tokenizer(text) and apply_chat_template(tokenize=True)); one without (Qwen) keeps
+// its own.
 void prepend_bos(const fs::path& tokenizer_json, const data::BpeTokenizer& tokenizer) {
   const auto bos = tokenizer.special_id(data::kBosToken);
-  if (!bos) return;
+  if (!bos || !tokenizer.add_bos()) return;
   const std::string token = tokenizer.tokens()[static_cast<size_t>(*bos)];
   auto root = nlohmann::ordered_json::parse(read_file(tokenizer_json));
   const nlohmann::ordered_json special = {{"SpecialToken", {{"id", token}, {"type_id", 0}}}};
@@ -70,18 +73,29 @@ int export_command(const ExportArgs& args) {
   const auto& options = loaded.model->options();
   const model::HfFamily family = model::family_of(options);
   const std::string& tok_name = loaded.recipe.data.tokenizer;
-  const fs::path tok_source = tok_name == "byte" ? fs::path() : data::find_tokenizer_json(tok_name);
-  BRIGADE_CHECK(tok_name == "byte" || !tok_source.empty(), "the checkpoint's tokenizer ", tok_name,
+  // A .gguf tokenizer (model.init_from a GGUF file) is rebuilt from its vocabulary;
+  // a tokenizer.json is copied as it is.
+  const bool from_gguf = fs::path(tok_name).extension() == ".gguf";
+  const fs::path tok_source = tok_name == "byte" || from_gguf ? fs::path() : data::find_tokenizer_json(tok_name);
+  BRIGADE_CHECK(tok_name == "byte" || from_gguf || !tok_source.empty(), "the checkpoint's tokenizer ", tok_name,
                 " no longer exists");
-  const data::BpeTokenizer tokenizer =
-      tok_source.empty() ? data::BpeTokenizer::from_byte_tokenizer() : data::BpeTokenizer::load(tok_source);
-  BRIGADE_CHECK(tokenizer.vocab_size() <= options.vocab_size, "the tokenizer has ", tokenizer.vocab_size(),
+  BRIGADE_CHECK(!from_gguf || fs::exists(tok_name), "the checkpoint's tokenizer ", tok_name, " no longer exists");
+  const std::unique_ptr<data::Tokenizer> vocabulary =
+      tok_name == "byte" ? std::make_unique<data::BpeTokenizer>(data::BpeTokenizer::from_byte_tokenizer())
+      : from_gguf        ? recipes::make_tokenizer(tok_name)
+                         : std::make_unique<data::BpeTokenizer>(data::BpeTokenizer::load(tok_source));
+  BRIGADE_CHECK(vocabulary->vocab_size() <= options.vocab_size, "the tokenizer has ", vocabulary->vocab_size(),
                 " tokens but the model only ", options.vocab_size, " embedding rows");
   const std::string name = args.name.empty() ? loaded.recipe.name : args.name;
   const fs::path tmp = staging_path(args.out);
   try {
     if (args.format == "hf") {
       BRIGADE_CHECK(args.quant.empty(), "--quant is for --format gguf; Hugging Face exports take --dtype");
+      const auto* bpe = dynamic_cast<const data::BpeTokenizer*>(vocabulary.get());
+      BRIGADE_CHECK(bpe != nullptr, "the checkpoint's tokenizer ", tok_name,
+                    " is a SentencePiece vocabulary, which brigade does not write as a Hugging Face tokenizer.json; "
+                    "export --format gguf keeps it");
+      const data::BpeTokenizer& tokenizer = *bpe;
       fs::create_directories(tmp);
       model::save_hf_checkpoint(*loaded.model, tmp, args.dtype, static_cast<uint64_t>(args.max_shard_mb) << 20,
                                 tokenizer.bos_id(), tokenizer.eos_id());
@@ -90,7 +104,7 @@ int export_command(const ExportArgs& args) {
       if (fs::exists(args.out)) fs::remove(args.out);  // the empty directory checked above
     } else {
       const auto quant = model::parse_gguf_quant(args.quant.empty() ? "f16" : args.quant);
-      model::export_gguf(loaded.model, family, tokenizer, quant, tmp, name);
+      model::export_gguf(loaded.model, family, *vocabulary, quant, tmp, name);
     }
     fs::rename(tmp, args.out);
     fsync_dir(args.out.has_parent_path() ? args.out.parent_path() : fs::path("."));

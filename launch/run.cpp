@@ -242,7 +242,7 @@ int generate_command(const GenerateArgs& args) {
   sampling.top_p = args.top_p;
   sampling.seed = args.seed;
   if (!args.raw) sampling.stop_ids = {tokenizer->eos_id()};
-  std::vector<int64_t> prompt{tokenizer->bos_id()};
+  std::vector<int64_t> prompt = data::sequence_start(*tokenizer);
   for (int64_t id : tokenizer->encode(args.prompt)) prompt.push_back(id);
   model::Generation result;
   if (args.speculative == "mtp") {
@@ -291,7 +291,7 @@ int demo_command(const DemoArgs& args) {
   std::cout << "\nThe student on held-out problems (greedy):\n";
   for (int64_t i = 0; i < args.samples; ++i) {
     auto problem = data::make_arithmetic_problem(synth, static_cast<uint64_t>(synth.num_problems + i));
-    std::vector<int64_t> prompt{tokenizer->bos_id()};
+    std::vector<int64_t> prompt = data::sequence_start(*tokenizer);
     for (int64_t id : tokenizer->encode(problem.prompt)) prompt.push_back(id);
     auto result = model::generate(loaded.model, prompt, greedy);
     if (result.stopped) result.tokens.pop_back();

@@ -7,9 +7,12 @@
 //   GET  /v1/models              the one model
 //   POST /v1/completions         prompt (a string), max_tokens, temperature, top_p,
 //                                seed, stop, logprobs (top-k, 0..20), n = 1
-//   POST /v1/chat/completions    messages (their contents joined by "\n": brigade's
-//                                byte tokenizer has no chat template yet), the same
-//                                sampling fields, logprobs + top_logprobs
+//   POST /v1/chat/completions    messages (and tools, plus template keywords such as
+//                                enable_thinking) rendered with the model's own chat
+//                                template (data/chat.h) with the assistant's turn
+//                                opened; a model without one (brigade's byte
+//                                tokenizer) gets the contents joined by "\n". The
+//                                same sampling fields, logprobs + top_logprobs
 //
 // The prompt is encoded as BOS + text, exactly as the local teacher sees it; a
 // request with a seed is answered exactly as the local teacher answers that seed.
@@ -36,6 +39,7 @@
 #include "core/error.h"
 #include "core/fs.h"
 #include "core/log.h"
+#include "data/chat.h"
 #include "data/tokenizer.h"
 #include "distill/generate.h"
 #include "launch/commands.h"
@@ -167,7 +171,10 @@ class Server {
  public:
   Server(LoadedModel loaded, std::string name, std::string api_key)
       : recipe_(std::move(loaded.recipe)), model_(std::move(loaded.model)), name_(std::move(name)),
-        api_key_(std::move(api_key)), tokenizer_(recipes::make_tokenizer(recipe_.data.tokenizer)) {}
+        api_key_(std::move(api_key)), tokenizer_(recipes::make_tokenizer(recipe_.data.tokenizer)) {
+    if (!tokenizer_->chat_template().empty())
+      chat_template_.emplace(tokenizer_->chat_template(), "the chat template of " + tokenizer_->name());
+  }
 
   void handle(int fd) {
     try {
@@ -216,7 +223,17 @@ class Server {
 
   nlohmann::json complete(const nlohmann::json& body, bool chat) {
     std::string prompt;
-    if (chat) {
+    std::vector<int64_t> tokens;
+    if (chat && chat_template_) {
+      // The messages in the model's own format, ending with the assistant's turn opened.
+      const auto ordered = nlohmann::ordered_json::parse(body.dump());
+      try {
+        tokens = data::chat_prompt_tokens(*tokenizer_, *chat_template_,
+                                          data::chat_request(ordered, *tokenizer_, "the request"));
+      } catch (const Error& e) {
+        throw HttpError{400, e.message()};
+      }
+    } else if (chat) {
       auto messages = body.find("messages");
       if (messages == body.end() || !messages->is_array() || messages->empty())
         throw HttpError{400, "\"messages\" must be a non-empty array"};
@@ -261,12 +278,17 @@ class Server {
     if (body.contains("seed") && !body["seed"].is_null()) seed = static_cast<uint64_t>(field<int64_t>(body, "seed", 0));
     else seed = std::random_device{}();
 
-    std::vector<int64_t> tokens{tokenizer_->bos_id()};
-    for (int64_t id : tokenizer_->encode(prompt)) tokens.push_back(id);
+    if (tokens.empty()) {
+      tokens = data::sequence_start(*tokenizer_);
+      for (int64_t id : tokenizer_->encode(prompt)) tokens.push_back(id);
+    }
     if (static_cast<int64_t>(tokens.size()) >= model_->options().max_seq_len)
       throw HttpError{400, "the prompt has " + std::to_string(tokens.size()) + " tokens; the context is " +
                                std::to_string(model_->options().max_seq_len)};
     sampling.stop_ids = {tokenizer_->eos_id()};
+    // A chat turn ends with the template's end-of-turn token (<|im_end|>, <|eot_id|>).
+    if (const auto end_of_turn = tokenizer_->special_id(data::kImEndToken); chat && chat_template_ && end_of_turn)
+      sampling.stop_ids.push_back(*end_of_turn);
     sampling.vocab_limit = tokenizer_->vocab_size();
 
     model::Generation g;
@@ -354,6 +376,7 @@ class Server {
   std::string name_;
   std::string api_key_;
   std::unique_ptr<data::Tokenizer> tokenizer_;
+  std::optional<data::ChatTemplate> chat_template_;  // the model's own, when it ships one
   std::mutex model_mutex_;
   std::atomic<int64_t> requests_{0};
 };

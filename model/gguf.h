@@ -66,8 +66,11 @@ class GgufReader {
 
 // How an exported model stores its 2-D weights (1-D norms and biases stay F32; a
 // weight whose rows are not a multiple of 32 long falls back to F16 for q8_0 / q4_0).
-enum class GgufQuant { kF32, kF16, kQ8_0, kQ4_0 };
-// "f32", "f16", "q8_0", "q4_0"; anything else is an Error listing the choices.
+// The K-quant mixes choose each tensor's type as llama.cpp's quantizer does for that
+// mix (model/gguf_mix.h): q6_k, q5_k_m, q4_k_m.
+enum class GgufQuant { kF32, kF16, kQ8_0, kQ4_0, kQ6_K, kQ5_K_M, kQ4_K_M };
+// "f32", "f16", "q8_0", "q4_0", "q6_k", "q5_k_m", "q4_k_m"; anything else is an Error
+// listing the choices.
 GgufQuant parse_gguf_quant(const std::string& name);
 std::string gguf_quant_name(GgufQuant quant);
 

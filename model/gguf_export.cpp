@@ -6,6 +6,8 @@
 #include "core/error.h"
 #include "core/log.h"
 #include "core/progress.h"
+#include "data/spm.h"
+#include "model/gguf_mix.h"
 #include "moe/options.h"
 
 namespace brigade::model {
@@ -23,16 +25,28 @@ uint32_t file_type(GgufQuant quant) {
     case GgufQuant::kF16: return 1;   // MOSTLY_F16
     case GgufQuant::kQ4_0: return 2;  // MOSTLY_Q4_0
     case GgufQuant::kQ8_0: return 7;  // MOSTLY_Q8_0
+    case GgufQuant::kQ6_K: return gguf::quant_mix_file_type(gguf::QuantMix::kQ6_K);
+    case GgufQuant::kQ5_K_M: return gguf::quant_mix_file_type(gguf::QuantMix::kQ5_K_M);
+    case GgufQuant::kQ4_K_M: return gguf::quant_mix_file_type(gguf::QuantMix::kQ4_K_M);
   }
   BRIGADE_ASSERT(false, "unknown GgufQuant");
 }
 
-// The storage type of one tensor: norms, biases and the MoE router (ffn_gate_inp)
+// The storage type of one tensor under q8_0 / q4_0 / f16 / f32: norms, biases and the MoE router (ffn_gate_inp)
 // stay F32, as llama.cpp's converter and quantizer keep them (routing flips on small
 // perturbations of the router logits); rows that do not fill whole 32-value blocks fall
 // back to F16. 3-D expert tensors are quantized along their innermost dimension, like
 // 2-D ones.
-GgmlType storage_type(const std::string& gguf_name, const torch::Tensor& tensor, GgufQuant quant) {
+GgmlType storage_type(const std::string& gguf_name, const torch::Tensor& tensor, GgufQuant quant,
+                      const gguf::MixModel& model) {
+  const std::optional<gguf::QuantMix> mix = quant == GgufQuant::kQ6_K     ? gguf::QuantMix::kQ6_K
+                                            : quant == GgufQuant::kQ5_K_M ? gguf::QuantMix::kQ5_K_M
+                                            : quant == GgufQuant::kQ4_K_M ? gguf::QuantMix::kQ4_K_M
+                                                                          : std::optional<gguf::QuantMix>();
+  if (mix) {  // llama.cpp's per-tensor choice for the mix (model/gguf_mix.h)
+    const std::vector<int64_t> ne(tensor.sizes().rbegin(), tensor.sizes().rend());
+    return gguf::mix_tensor_type(*mix, gguf_name, ne, model);
+  }
   if (tensor.dim() < 2 || quant == GgufQuant::kF32 || gguf_name.ends_with("ffn_gate_inp.weight"))
     return GgmlType::kF32;
   if (quant == GgufQuant::kF16) return GgmlType::kF16;
@@ -270,7 +284,95 @@ torch::Tensor permute_for_interleaved_rope(const torch::Tensor& weight, int64_t 
   return weight.reshape(shape).transpose(1, 2).reshape(weight.sizes()).contiguous();
 }
 
-void export_gguf(const Transformer& model, HfFamily family, const data::BpeTokenizer& tokenizer,
+namespace {
+
+// The vocabulary keys: a byte-level BPE as tokenizer.ggml.model "gpt2" (tokens,
+// types, merges, pre-tokenizer), a SentencePiece one as "llama" (tokens, scores,
+// types, add_space_prefix); both padded to the embedding's rows with unused
+// placeholders (llama.cpp requires one token per row).
+void write_vocabulary(GgufWriter& writer, const data::Tokenizer& tokenizer, int64_t vocab_size) {
+  const auto pad_name = [](int64_t id) { return "[PAD" + std::to_string(id) + "]"; };
+  if (const auto* spm = dynamic_cast<const data::SpmTokenizer*>(&tokenizer)) {
+    const data::SpmVocabulary& v = spm->vocabulary();
+    const auto n_tokens = static_cast<int64_t>(v.tokens.size());
+    BRIGADE_CHECK(n_tokens <= vocab_size, "GGUF export: the tokenizer has ", n_tokens, " tokens but the model only ",
+                  vocab_size, " embedding rows (model.vocab_size)");
+    std::vector<Scalar> tokens, scores, types;
+    for (int64_t id = 0; id < vocab_size; ++id) {
+      const bool real = id < n_tokens;
+      tokens.emplace_back(real ? v.tokens[static_cast<size_t>(id)] : pad_name(id));
+      scores.emplace_back(real ? v.scores[static_cast<size_t>(id)] : -1e9f);
+      types.emplace_back(real ? v.types[static_cast<size_t>(id)] : int32_t{5});
+    }
+    writer.set("tokenizer.ggml.model", Scalar(std::string("llama")));
+    writer.set("tokenizer.ggml.tokens", Value::array(ValueType::kString, std::move(tokens)));
+    writer.set("tokenizer.ggml.scores", Value::array(ValueType::kFloat32, std::move(scores)));
+    writer.set("tokenizer.ggml.token_type", Value::array(ValueType::kInt32, std::move(types)));
+    writer.set("tokenizer.ggml.add_space_prefix", Scalar(v.add_space_prefix));
+    for (const auto& [id, key] : {std::pair{v.bos, "tokenizer.ggml.bos_token_id"}, {v.eos, "tokenizer.ggml.eos_token_id"},
+                                  {v.unk, "tokenizer.ggml.unknown_token_id"}, {v.pad, "tokenizer.ggml.padding_token_id"}}) {
+      if (id) writer.set(key, Scalar(u32(*id, key)));
+    }
+    writer.set("tokenizer.ggml.add_bos_token", Scalar(spm->add_bos()));
+    writer.set("tokenizer.ggml.add_eos_token", Scalar(false));
+    if (!spm->chat_template().empty()) writer.set("tokenizer.chat_template", Scalar(spm->chat_template()));
+    return;
+  }
+  const auto* bpe_ptr = dynamic_cast<const data::BpeTokenizer*>(&tokenizer);
+  BRIGADE_CHECK(bpe_ptr != nullptr, "GGUF export: tokenizer '", tokenizer.name(),
+                "' is neither a byte-level BPE nor a SentencePiece vocabulary");
+  const data::BpeTokenizer& bpe = *bpe_ptr;
+  // Vocabulary: the tokenizer's tokens, padded to the embedding's rows with unused
+  // placeholders (llama.cpp requires one token per row).
+  const std::vector<std::string>& tokenizer_tokens = bpe.tokens();
+  const auto n_tokens = static_cast<int64_t>(tokenizer_tokens.size());
+  BRIGADE_CHECK(n_tokens <= vocab_size, "GGUF export: the tokenizer has ", n_tokens,
+                " tokens but the model only ", vocab_size, " embedding rows (model.vocab_size)");
+  std::vector<Scalar> tokens;
+  std::vector<Scalar> token_types;
+  tokens.reserve(vocab_size);
+  token_types.reserve(vocab_size);
+  for (int64_t id = 0; id < vocab_size; ++id) {
+    int32_t type = 5;  // unused
+    if (id < n_tokens) {
+      tokens.emplace_back(tokenizer_tokens[id]);
+      type = bpe.is_special(id) ? 3 : bpe.is_added(id) ? 4 : 1;  // control, user-defined, normal
+    } else {
+      tokens.emplace_back(pad_name(id));
+    }
+    token_types.emplace_back(type);
+  }
+  writer.set("tokenizer.ggml.model", Scalar(std::string("gpt2")));
+  writer.set("tokenizer.ggml.pre", Scalar(llama_cpp_pre(bpe.pre_tokenizer())));
+  writer.set("tokenizer.ggml.tokens", Value::array(ValueType::kString, std::move(tokens)));
+  writer.set("tokenizer.ggml.token_type", Value::array(ValueType::kInt32, std::move(token_types)));
+  writer.set("tokenizer.ggml.merges", Value::strings(bpe.merges()));
+  const std::pair<std::string_view, const char*> roles[] = {
+      {data::kBosToken, "tokenizer.ggml.bos_token_id"},
+      {data::kEosToken, "tokenizer.ggml.eos_token_id"},
+      {data::kPadToken, "tokenizer.ggml.padding_token_id"},
+  };
+  for (const auto& [token, key] : roles) {
+    if (std::optional<int64_t> id = tokenizer.special_id(token)) writer.set(key, Scalar(u32(*id, key)));
+  }
+  // The end of a chat turn (ChatML's <|im_end|>, Llama 3's <|eot_id|>) and Llama 3.1's
+  // end of a tool message: llama.cpp stops generation on them.
+  if (std::optional<int64_t> id = tokenizer.special_id(data::kImEndToken))
+    writer.set("tokenizer.ggml.eot_token_id", Scalar(u32(*id, "tokenizer.ggml.eot_token_id")));
+  if (std::optional<int64_t> id = tokenizer.special_id("<|eom_id|>"))
+    writer.set("tokenizer.ggml.eom_token_id", Scalar(u32(*id, "tokenizer.ggml.eom_token_id")));
+  // The model's BOS convention (data::Tokenizer::add_bos: brigade's byte tokenizer and
+  // Llama-style vocabularies start sequences with BOS, Qwen-style ones do not), so
+  // llama.cpp frames prompts as training did; and the model's chat template.
+  writer.set("tokenizer.ggml.add_bos_token", Scalar(bpe.special_id(data::kBosToken).has_value() && bpe.add_bos()));
+  if (!bpe.chat_template().empty()) writer.set("tokenizer.chat_template", Scalar(bpe.chat_template()));
+  writer.set("tokenizer.ggml.add_eos_token", Scalar(false));
+
+}
+
+}  // namespace
+
+void export_gguf(const Transformer& model, HfFamily family, const data::Tokenizer& tokenizer,
                  GgufQuant quant, const std::filesystem::path& out, const std::string& model_name) {
   const TransformerOptions& o = model->options();
   check_family(o, family);
@@ -306,49 +408,13 @@ void export_gguf(const Transformer& model, HfFamily family, const data::BpeToken
                Scalar(u32(o.moe.expert_size(o.ff_size()), "moe.expert_d_ff")));
   }
 
-  // Vocabulary: the tokenizer's tokens, padded to the embedding's rows with unused
-  // placeholders (llama.cpp requires one token per row).
-  const std::vector<std::string>& tokenizer_tokens = tokenizer.tokens();
-  const auto n_tokens = static_cast<int64_t>(tokenizer_tokens.size());
-  BRIGADE_CHECK(n_tokens <= o.vocab_size, "GGUF export: the tokenizer has ", n_tokens,
-                " tokens but the model only ", o.vocab_size, " embedding rows (model.vocab_size)");
-  std::vector<Scalar> tokens;
-  std::vector<Scalar> token_types;
-  tokens.reserve(o.vocab_size);
-  token_types.reserve(o.vocab_size);
-  for (int64_t id = 0; id < o.vocab_size; ++id) {
-    int32_t type = 5;  // unused
-    if (id < n_tokens) {
-      tokens.emplace_back(tokenizer_tokens[id]);
-      type = tokenizer.is_special(id) ? 3 : tokenizer.is_added(id) ? 4 : 1;  // control, user-defined, normal
-    } else {
-      tokens.emplace_back("[PAD" + std::to_string(id) + "]");
-    }
-    token_types.emplace_back(type);
-  }
-  writer.set("tokenizer.ggml.model", Scalar(std::string("gpt2")));
-  writer.set("tokenizer.ggml.pre", Scalar(llama_cpp_pre(tokenizer.pre_tokenizer())));
-  writer.set("tokenizer.ggml.tokens", Value::array(ValueType::kString, std::move(tokens)));
-  writer.set("tokenizer.ggml.token_type", Value::array(ValueType::kInt32, std::move(token_types)));
-  writer.set("tokenizer.ggml.merges", Value::strings(tokenizer.merges()));
-  const std::pair<std::string_view, const char*> roles[] = {
-      {data::kBosToken, "tokenizer.ggml.bos_token_id"},
-      {data::kEosToken, "tokenizer.ggml.eos_token_id"},
-      {data::kPadToken, "tokenizer.ggml.padding_token_id"},
-  };
-  for (const auto& [token, key] : roles) {
-    if (std::optional<int64_t> id = tokenizer.special_id(token)) writer.set(key, Scalar(u32(*id, key)));
-  }
-  // The end of a chat turn (ChatML's <|im_end|>, Llama 3's <|eot_id|>) and Llama 3.1's
-  // end of a tool message: llama.cpp stops generation on them.
-  if (std::optional<int64_t> id = tokenizer.special_id(data::kImEndToken))
-    writer.set("tokenizer.ggml.eot_token_id", Scalar(u32(*id, "tokenizer.ggml.eot_token_id")));
-  if (std::optional<int64_t> id = tokenizer.special_id("<|eom_id|>"))
-    writer.set("tokenizer.ggml.eom_token_id", Scalar(u32(*id, "tokenizer.ggml.eom_token_id")));
-  // brigade trains every document as <bos> text <eos> (data prepare, the synthetic
-  // tasks, distill build): llama.cpp starts each prompt with the BOS token the same way.
-  writer.set("tokenizer.ggml.add_bos_token", Scalar(tokenizer.special_id(data::kBosToken).has_value()));
-  writer.set("tokenizer.ggml.add_eos_token", Scalar(false));
+  write_vocabulary(writer, tokenizer, o.vocab_size);
+  const gguf::MixModel mix_model{.architecture = arch,
+                                 .n_layers = o.n_layers,
+                                 .n_heads = o.n_heads,
+                                 .n_kv_heads = o.is_mla() ? o.n_heads : o.kv_heads(),
+                                 .n_experts = o.moe.enabled() ? o.moe.num_experts : 0,
+                                 .has_output = !o.tie_embeddings};
 
   // Weights, in llama.cpp's order: embedding, then each block, then the output head.
   std::map<std::string, torch::Tensor> state;
@@ -368,7 +434,7 @@ void export_gguf(const Transformer& model, HfFamily family, const data::BpeToken
     return t;
   };
   auto put = [&](const std::string& gguf_name, const torch::Tensor& t) {
-    writer.add_tensor(gguf_name, t, storage_type(gguf_name, t, quant));
+    writer.add_tensor(gguf_name, t, storage_type(gguf_name, t, quant, mix_model));
   };
   auto add = [&](const std::string& name) {
     torch::Tensor t = take(name);

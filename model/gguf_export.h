@@ -27,7 +27,7 @@ namespace brigade::model {
 // computes, else an Error naming the setting: Qwen3 attention, softmax routing with
 // normalize_topk, no shared experts, groups, scaling or dense first layers, and an
 // all-zero selection bias.
-void export_gguf(const Transformer& model, HfFamily family, const data::BpeTokenizer& tokenizer,
+void export_gguf(const Transformer& model, HfFamily family, const data::Tokenizer& tokenizer,
                  GgufQuant quant, const std::filesystem::path& out, const std::string& model_name);
 
 // The GGUF tensor name of a brigade state_dict() name ("layers.3.self_attn.q_proj.weight"

@@ -613,8 +613,18 @@ std::vector<uint8_t> encode(GgmlType type, std::span<const float> values) {
         else quantize_block_q4_0(x, block);
       }
       break;
+    case GgmlType::kQ5_0:
+    case GgmlType::kQ5_1:
+    case GgmlType::kQ4_K:
+    case GgmlType::kQ5_K:
+    case GgmlType::kQ6_K: {
+      const int64_t block = ggml_block_size(type), block_bytes = ggml_block_bytes(type);
+      for (int64_t b = 0; b < count / block; ++b) quantize_block(type, values.data() + b * block, p + b * block_bytes);
+      break;
+    }
     default:
-      BRIGADE_FAIL("GGUF: brigade reads ", ggml_type_name(type), " but does not write it (F32, F16, BF16, Q8_0, Q4_0)");
+      BRIGADE_FAIL("GGUF: brigade reads ", ggml_type_name(type), " but does not write it (F32, F16, BF16, Q8_0, Q4_0, "
+                   "Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)");
   }
   return out;
 }

@@ -29,8 +29,13 @@
 //           (34 bytes);
 //   2 Q4_0: blocks of 32: fp16 d = m / -8 where m is the value of largest magnitude,
 //           then 16 bytes of 4-bit q = min(15, trunc(x / d + 8.5)), the low nibbles
-//           holding elements 0..15 and the high nibbles 16..31 (18 bytes); x = (q - 8) d.
-// A quantized tensor's innermost dimension ne[0] is a multiple of 32.
+//           holding elements 0..15 and the high nibbles 16..31 (18 bytes); x = (q - 8) d;
+//   12 Q4_K, 13 Q5_K, 14 Q6_K: super-blocks of 256 with searched per-sub-block scales
+//           (and mins), and 6 Q5_0, 7 Q5_1 (llama.cpp's fallbacks for rows that do not
+//           fill whole super-blocks): written as ggml's reference quantizers write them
+//           without an importance matrix (model/gguf_kquants.cpp documents the layouts).
+// A quantized tensor's innermost dimension ne[0] is a multiple of its block size (32,
+// or 256 for the K-quants).
 //
 // The parser validates every field against the remaining bytes before allocating,
 // so a corrupt or hostile file gives a brigade::Error naming the file and the
@@ -64,8 +69,9 @@ std::string value_type_name(ValueType type);
 // ggml tensor types brigade handles.
 // The legacy blocks of 32 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL) and the K-quant
 // super-blocks of 256 (Q2_K..Q6_K, IQ4_XS) are read, dequantized as gguf-py's
-// gguf.quants.dequantize does, bit for bit (model/gguf_quants.h); F32, F16, BF16,
-// Q8_0 and Q4_0 are also written.
+// gguf.quants.dequantize does, bit for bit (model/gguf_quants.cpp); F32, F16, BF16,
+// Q8_0, Q4_0, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K are also written (model/gguf_mix.h picks
+// among them per tensor as llama.cpp's quantizer does).
 enum class GgmlType : uint32_t {
   kF32 = 0, kF16 = 1, kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8,
   kQ2_K = 10, kQ3_K = 11, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14, kIQ4_NL = 20, kIQ4_XS = 23, kBF16 = 30
@@ -162,8 +168,13 @@ float bf16_to_fp32(uint16_t h);
 // them (float32 products and sums in its order).
 void dequantize_block(GgmlType type, const uint8_t* block, float* out);
 
+// One block of Q4_K, Q5_K, Q6_K (256 values), Q5_0 or Q5_1 (32 values):
+// ggml_block_size(type) floats in, ggml_block_bytes(type) bytes out, byte for byte as
+// ggml's reference quantizers without an importance matrix (model/gguf_kquants.cpp).
+void quantize_block(GgmlType type, const float* values, uint8_t* block);
+
 // Encodes `values` (a whole number of rows of ne[0] values; quantized types need a
-// multiple of 32) as `type`, bit for bit as ggml's reference quantizers.
+// multiple of their block size) as `type`, bit for bit as ggml's reference quantizers.
 std::vector<uint8_t> encode(GgmlType type, std::span<const float> values);
 // Decodes `bytes` (`count` values of `type`) into `out` (count floats).
 void decode(GgmlType type, std::span<const uint8_t> bytes, std::span<float> out);

@@ -1,5 +1,6 @@
 #include "model/gguf_import.h"
 
+#include <algorithm>
 #include <cmath>
 #include <map>
 #include <set>
@@ -11,6 +12,7 @@
 #include "core/log.h"
 #include "core/progress.h"
 #include "data/bpe.h"
+#include "data/spm.h"
 #include "model/gguf.h"
 #include "model/gguf_export.h"
 
@@ -276,6 +278,67 @@ void load_gguf_weights(TransformerImpl& model, const std::filesystem::path& path
   bar.finish();
 }
 
+namespace {
+
+// llama.cpp's pre-tokenizers by tokenizer.ggml.pre name: the split regexes it
+// applies in turn (src/llama-vocab.cpp, llm_tokenizer_bpe), and whether a whole
+// word found in the vocabulary skips the merges (its ignore_merges). Where
+// llama.cpp rewrote a tokenizer.json regex for its own engine (llama3's (?i:...),
+// tekken's letter classes), its rewriting is used, so both split alike.
+using PreTokenizerTable = std::vector<std::pair<std::vector<std::string>, PreTokenizerSplits>>;
+const PreTokenizerTable& pre_tokenizers() {
+  static const PreTokenizerTable table = [] {
+    const std::string gpt2 = data::pre_tokenizer_pattern("gpt2");
+    const std::string llama3 = data::pre_tokenizer_pattern("llama-bpe");
+    const std::string qwen2 = data::pre_tokenizer_pattern("qwen2");
+    const std::string finnish = R"( ?[^(\s|.,!?…。，、।۔،)]+)";
+    return PreTokenizerTable{
+        // "default": brigade's own exports name no pre-tokenizer for a byte-level BPE
+        // without a split regex, which applies GPT-2's split.
+        {{"gpt-2", "default", "mpt", "olmo", "jais", "trillion", "exaone4"}, {{}, false}},
+        {{"llama-bpe", "llama3", "dbrx", "smaug-bpe"}, {{llama3}, true}},
+        {{"chatglm-bpe", "glm4"}, {{llama3}, false}},
+        {{"qwen2", "stablelm2", "deepseek-r1-qwen", "hunyuan"}, {{qwen2}, false}},
+        {{"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"},
+         {{R"(\p{N})", gpt2}, false}},
+        {{"falcon"}, {{R"([\p{P}\$\+<=>\^~\|`]+)", gpt2, "[0-9][0-9][0-9]"}, false}},
+        {{"deepseek-llm"},
+         {{"[\r\n]",
+           R"(\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-ώᾀ-ᾴᾶ-ᾼιῂ-ῄῆ-ῌῐ-ΐῖ-Ίῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤΩℨK-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+)",
+           R"(\s?[!-/:-~！-／：-～‘-‟　-。]+)", R"(\s+$)", "[一-龥ࠀ-一가-퟿]+", R"(\p{N}+)"},
+          false}},
+        {{"deepseek-coder"}, {{"[\r\n]", R"(\s?\p{L}+)", R"(\s?\p{P}+)", "[一-龥ࠀ-一가-퟿]+", R"(\p{N})"}, false}},
+        {{"deepseek-v3"},
+         {{R"(\p{N}{1,3})", "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
+           R"([!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)"},
+          false}},
+        {{"tekken"},
+         {{R"([^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+|[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))+((?=[\p{L}])([^A-Z]))*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+)"},
+          true}},
+        {{"poro-chat", "bloom", "gpt3-finnish"}, {{finnish}, false}},
+        {{"viking"}, {{finnish, R"(\p{N})"}, false}},
+    };
+  }();
+  return table;
+}
+
+}  // namespace
+
+const PreTokenizerSplits* gguf_pre_tokenizer(const std::string& name) {
+  for (const auto& [names, splits] : pre_tokenizers()) {
+    if (std::find(names.begin(), names.end(), name) != names.end()) return &splits;
+  }
+  return nullptr;
+}
+
+std::string gguf_pre_tokenizer_names() {
+  std::string out;
+  for (const auto& [names, splits] : pre_tokenizers()) {
+    for (const auto& n : names) out += (out.empty() ? "" : ", ") + n;
+  }
+  return out;
+}
+
 data::BpeTokenizer read_gguf_tokenizer(const std::filesystem::path& path) {
   const GgufReader reader(path);
   const std::string where = "GGUF file " + path.string();
@@ -283,22 +346,13 @@ data::BpeTokenizer read_gguf_tokenizer(const std::filesystem::path& path) {
   BRIGADE_CHECK(reader.has("tokenizer.ggml.model"), where, ": no tokenizer.ggml.model (the file carries no vocabulary)");
   const std::string model = text("tokenizer.ggml.model");
   BRIGADE_CHECK(model == "gpt2", where, ": tokenizer.ggml.model is '", model,
-                "'; brigade rebuilds byte-level BPE vocabularies (gpt2) only, so set data.tokenizer to the model's "
-                "tokenizer.json");
+                "'; brigade rebuilds byte-level BPE (gpt2) and SentencePiece (llama, read_gguf_vocabulary) "
+                "vocabularies, so set data.tokenizer to the model's tokenizer.json");
   const std::string pre = reader.has("tokenizer.ggml.pre") ? text("tokenizer.ggml.pre") : "default";
-  // llama.cpp's pre-tokenizer names and the split regexes each applies in turn (its
-  // llama-vocab.cpp; the same as the models' tokenizer.json Sequence of Splits).
-  const std::string llama3 = data::pre_tokenizer_pattern("llama-bpe"), qwen2 = data::pre_tokenizer_pattern("qwen2");
-  const std::vector<std::string> deepseek_v3 = {
-      R"(\p{N}{1,3})", "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
-      R"([!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)"};
-  const std::map<std::string, std::vector<std::string>> families = {
-      {"gpt-2", {}}, {"default", {}}, {"llama-bpe", {llama3}}, {"llama3", {llama3}}, {"qwen2", {qwen2}},
-      {"deepseek-r1-qwen", {qwen2}}, {"deepseek-v3", deepseek_v3}};
-  const auto family = families.find(pre);
-  BRIGADE_CHECK(family != families.end(), where, ": tokenizer.ggml.pre is '", pre,
-                "', a pre-tokenizer brigade does not implement (gpt-2, default, llama-bpe, llama3, qwen2, "
-                "deepseek-r1-qwen, deepseek-v3); set data.tokenizer to the model's tokenizer.json");
+  const PreTokenizerSplits* family = gguf_pre_tokenizer(pre);
+  BRIGADE_CHECK(family != nullptr, where, ": tokenizer.ggml.pre is '", pre,
+                "', a pre-tokenizer brigade does not implement (", gguf_pre_tokenizer_names(),
+                "); set data.tokenizer to the model's tokenizer.json");
   const auto tokens = reader.metadata("tokenizer.ggml.tokens").as_strings("tokenizer.ggml.tokens");
   std::vector<int64_t> types(tokens.size(), 1);
   if (reader.has("tokenizer.ggml.token_type")) types = reader.metadata("tokenizer.ggml.token_type").as_ints("tokenizer.ggml.token_type");
@@ -319,13 +373,13 @@ data::BpeTokenizer read_gguf_tokenizer(const std::filesystem::path& path) {
   }
   nlohmann::json byte_level = {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}};
   nlohmann::json pre_tokenizer;
-  if (family->second.empty()) {  // GPT-2's split, inside ByteLevel
+  if (family->regexes.empty()) {  // GPT-2's split, inside ByteLevel
     pre_tokenizer = byte_level;
     pre_tokenizer["use_regex"] = true;
   } else {
     byte_level["use_regex"] = false;
     nlohmann::json steps = nlohmann::json::array();
-    for (const auto& regex : family->second)
+    for (const auto& regex : family->regexes)
       steps.push_back({{"type", "Split"}, {"pattern", {{"Regex", regex}}}, {"behavior", "Isolated"}, {"invert", false}});
     steps.push_back(byte_level);
     pre_tokenizer = {{"type", "Sequence"}, {"pretokenizers", steps}};
@@ -338,7 +392,7 @@ data::BpeTokenizer read_gguf_tokenizer(const std::filesystem::path& path) {
                          {"decoder", {{"type", "ByteLevel"}}},
                          {"model",
                           {{"type", "BPE"}, {"dropout", nullptr}, {"unk_token", nullptr}, {"fuse_unk", false},
-                           {"byte_fallback", false}, {"ignore_merges", pre == "llama-bpe" || pre == "llama3"},
+                           {"byte_fallback", false}, {"ignore_merges", family->ignore_merges},
                            {"vocab", vocab}, {"merges", merges}}}};
   nlohmann::json config = nlohmann::json::object();
   for (const auto& [key, role] : {std::pair{"tokenizer.ggml.bos_token_id", "bos_token"},
@@ -350,8 +404,68 @@ data::BpeTokenizer read_gguf_tokenizer(const std::filesystem::path& path) {
                   " is not a token id (", tokens.size(), " tokens)");
     config[role] = tokens[static_cast<size_t>(id)];
   }
+  if (reader.has("tokenizer.ggml.add_bos_token"))
+    config["add_bos_token"] = reader.metadata("tokenizer.ggml.add_bos_token").as_bool("tokenizer.ggml.add_bos_token");
+  if (reader.has("tokenizer.chat_template"))
+    config["chat_template"] = reader.metadata("tokenizer.chat_template").as_string("tokenizer.chat_template");
   return data::BpeTokenizer::parse(json.dump(), where + " (tokenizer.ggml.*)", config.dump(),
                                    where + " (tokenizer.ggml.*_token_id)");
+}
+
+data::SpmTokenizer read_gguf_spm_tokenizer(const std::filesystem::path& path) {
+  const GgufReader reader(path);
+  const std::string where = "GGUF file " + path.string();
+  BRIGADE_CHECK(reader.has("tokenizer.ggml.model"), where, ": no tokenizer.ggml.model (the file carries no vocabulary)");
+  const std::string model = reader.metadata("tokenizer.ggml.model").as_string("tokenizer.ggml.model");
+  BRIGADE_CHECK(model == "llama", where, ": tokenizer.ggml.model is '", model, "', not a SentencePiece vocabulary (llama)");
+  data::SpmVocabulary v;
+  v.tokens = reader.metadata("tokenizer.ggml.tokens").as_strings("tokenizer.ggml.tokens");
+  const size_t n = v.tokens.size();
+  if (reader.has("tokenizer.ggml.scores")) {
+    const gguf::Value& scores = reader.metadata("tokenizer.ggml.scores");
+    BRIGADE_CHECK(scores.type == gguf::ValueType::kArray && scores.element_type == gguf::ValueType::kFloat32, where,
+                  ": tokenizer.ggml.scores must be an array of float32");
+    for (const auto& e : scores.elements) v.scores.push_back(std::get<float>(e));
+  } else {
+    v.scores.assign(n, 0.0f);
+  }
+  if (reader.has("tokenizer.ggml.token_type")) {
+    for (int64_t t : reader.metadata("tokenizer.ggml.token_type").as_ints("tokenizer.ggml.token_type"))
+      v.types.push_back(static_cast<int32_t>(t));
+  } else {
+    v.types.assign(n, 1);
+  }
+  // llama.cpp makes end-of-turn / end-of-generation tokens control tokens whatever
+  // the file says ("control-looking token ... its type will be overridden"), so they
+  // are cut out of text only with special tokens allowed; brigade reads them alike.
+  static const std::set<std::string> kEndOfGeneration = {
+      "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>", "<EOT>", "_<EOT>",
+      "<|end_of_text|>", "<end_of_utterance>", "<｜end▁of▁sentence｜>"};
+  for (size_t id = 0; id < v.types.size() && id < n; ++id) {
+    if (kEndOfGeneration.contains(v.tokens[id])) v.types[id] = static_cast<int32_t>(data::SpmTokenType::kControl);
+  }
+  if (reader.has("tokenizer.ggml.add_bos_token"))
+    v.add_bos = reader.metadata("tokenizer.ggml.add_bos_token").as_bool("tokenizer.ggml.add_bos_token");
+  if (reader.has("tokenizer.chat_template"))
+    v.chat_template = reader.metadata("tokenizer.chat_template").as_string("tokenizer.chat_template");
+  if (reader.has("tokenizer.ggml.add_space_prefix"))
+    v.add_space_prefix = reader.metadata("tokenizer.ggml.add_space_prefix").as_bool("tokenizer.ggml.add_space_prefix");
+  const std::pair<const char*, std::optional<int64_t>*> roles[] = {{"tokenizer.ggml.bos_token_id", &v.bos},
+                                                                     {"tokenizer.ggml.eos_token_id", &v.eos},
+                                                                     {"tokenizer.ggml.unknown_token_id", &v.unk},
+                                                                     {"tokenizer.ggml.padding_token_id", &v.pad}};
+  for (const auto& [key, role] : roles) {
+    if (reader.has(key)) *role = reader.metadata(key).as_int(key);
+  }
+  return data::SpmTokenizer(std::move(v), where + " (tokenizer.ggml.*)");
+}
+
+std::unique_ptr<data::Tokenizer> read_gguf_vocabulary(const std::filesystem::path& path) {
+  const GgufReader reader(path);
+  const std::string key = "tokenizer.ggml.model";
+  if (reader.has(key) && reader.metadata(key).as_string(key) == "llama")
+    return std::make_unique<data::SpmTokenizer>(read_gguf_spm_tokenizer(path));
+  return std::make_unique<data::BpeTokenizer>(read_gguf_tokenizer(path));
 }
 
 }  // namespace brigade::model

@@ -48,7 +48,7 @@ Corpora build_corpora(const Recipe& r, const data::Tokenizer& tokenizer) {
 std::unique_ptr<data::Tokenizer> make_tokenizer(const std::string& name) {
   const std::filesystem::path path(name);
   if (path.extension() == ".gguf" && std::filesystem::is_regular_file(path))
-    return std::make_unique<data::BpeTokenizer>(model::read_gguf_tokenizer(path));
+    return model::read_gguf_vocabulary(path);
   return data::make_tokenizer(name);
 }
 
@@ -71,7 +71,11 @@ data::SamplerOptions sampler_options(const Recipe& r, bool eval, int rank, int r
   o.seq_len = r.data.seq_len;
   o.micro_batch_size = r.trainer.micro_batch_size;
   if (!eval) o.micro_batches = r.trainer.grad_accum_steps;
-  if (r.data.packed) o.document_start = data::make_tokenizer(r.data.tokenizer)->bos_id();
+  if (r.data.packed) {
+    const auto tokenizer = make_tokenizer(r.data.tokenizer);
+    if (tokenizer->add_bos()) o.document_start = tokenizer->bos_id();
+    else o.document_end = tokenizer->eos_id();
+  }
   // Eval batches come from a different stream so they never mirror training batches.
   o.seed = eval ? mix64(r.trainer.seed ^ 0x65766131ULL) : r.trainer.seed;
   return o;

@@ -24,7 +24,7 @@ build() {  # name sources...
   fi
 }
 build safetensors_fuzz tests/fuzz/safetensors_fuzz.cpp model/safetensors_format.cpp core/error.cpp
-build gguf_fuzz tests/fuzz/gguf_fuzz.cpp model/gguf_format.cpp model/gguf_quants.cpp core/error.cpp
+build gguf_fuzz tests/fuzz/gguf_fuzz.cpp model/gguf_format.cpp model/gguf_quants.cpp model/gguf_kquants.cpp core/error.cpp
 
 # Seeds: valid files the fuzzer mutates from.
 seeds="$out/seeds"

@@ -58,7 +58,7 @@ fi
 # Independent implementations the tests and benchmarks compare against (pinned:
 # the MoE parity test relies on transformers 5's DeepSeek-V3 weight layout;
 # tensorboard's event reader checks brigade's event files).
-PY_TOOLS=("transformers==5.23.0" "safetensors==0.8.0" "tokenizers==0.23.3" "gguf==0.19.0" "tensorboard==2.20.0")
+PY_TOOLS=("transformers==5.23.0" "safetensors==0.8.0" "tokenizers==0.23.3" "gguf==0.19.0" "tensorboard==2.20.0" "sentencepiece==0.2.3")
 if ! .venv/bin/python -c "
 import sys, importlib.metadata as m
 want = dict(s.split('==') for s in sys.argv[1:])

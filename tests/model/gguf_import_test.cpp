@@ -219,6 +219,26 @@ TEST(GgufImport, LlamaCppQuantizedMixesImport) {
     EXPECT_GE(agree, mixes[i].min_agreement) << mix;
     EXPECT_LT(error, previous * 1.5) << mix << " is not closer than the coarser mix";  // more bits, less error
     previous = error;
+
+    // brigade's own export at the mix: every tensor of llama.cpp's type, with the same values.
+    std::string lower = mix;
+    for (char& c : lower) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    const fs::path ours = dir / ("brigade-" + lower + ".gguf");
+    export_gguf(original, HfFamily::kLlama, tokenizer, parse_gguf_quant(lower), ours, "m");
+    const GgufReader mine(ours), theirs(file);
+    int64_t tensors = 0, same_type = 0, same_values = 0;
+    for (const auto& t : theirs.file().tensors) {
+      ++tensors;
+      const auto& info = mine.info(t.name);
+      same_type += info.type == t.type ? 1 : 0;
+      same_values += torch::equal(mine.tensor(t.name), theirs.tensor(t.name)) ? 1 : 0;
+      EXPECT_EQ(gguf::ggml_type_name(info.type), gguf::ggml_type_name(t.type)) << mix << " " << t.name;
+    }
+    EXPECT_EQ(mine.file().tensors.size(), theirs.file().tensors.size()) << mix;
+    EXPECT_EQ(same_values, tensors) << mix << ": brigade's quantized values differ from llama.cpp's";
+    EXPECT_EQ(mine.metadata("general.file_type").as_int("t"), theirs.metadata("general.file_type").as_int("t")) << mix;
+    std::cout << "[ measured ] brigade --quant " << lower << ": " << same_type << " of " << tensors
+              << " tensors of llama.cpp's type, " << same_values << " with identical values\n";
   }
 }
 
@@ -295,8 +315,9 @@ TEST(GgufTokenizer, RebuiltFromTheFileEncodesAsTheOriginalAndAsLlamaCpp) {
     job.push_back({{"path", file.string()}, {"texts", corpus}});
     originals.push_back(tokenizer);
   }
-  // The same vocabulary under the DeepSeek pre-tokenizers (V3's three splits; the R1
-  // Qwen distills' Qwen2 split): brigade and llama.cpp must split it alike.
+  // The same vocabulary under other pre-tokenizers (DeepSeek V3's three splits, the R1
+  // Qwen distills' Qwen2 split, DeepSeek LLM / Coder, SmolLM, Falcon, Mistral's tekken,
+  // ...): brigade and llama.cpp must split it alike.
   auto rewrite = [&](const std::string& key, const std::string& value, const fs::path& out) {
     GgufReader reader(dir / "qwen2.gguf");
     GgufWriter writer;
@@ -305,7 +326,8 @@ TEST(GgufTokenizer, RebuiltFromTheFileEncodesAsTheOriginalAndAsLlamaCpp) {
     writer.write(out);
   };
   std::vector<std::string> names = {"qwen2", "llama-bpe", "gpt-2"};
-  for (const char* pre : {"deepseek-v3", "deepseek-r1-qwen"}) {
+  for (const char* pre : {"deepseek-v3", "deepseek-r1-qwen", "deepseek-llm", "deepseek-coder", "smollm", "falcon",
+                          "tekken", "viking", "bloom", "chatglm-bpe", "dbrx"}) {
     rewrite("tokenizer.ggml.pre", pre, dir / (std::string(pre) + ".gguf"));
     job.push_back({{"path", (dir / (std::string(pre) + ".gguf")).string()}, {"texts", corpus}});
     names.push_back(pre);
@@ -340,8 +362,8 @@ TEST(GgufTokenizer, RebuiltFromTheFileEncodesAsTheOriginalAndAsLlamaCpp) {
   EXPECT_EQ(recipes::make_tokenizer(r.data.tokenizer)->encode(corpus[2]), originals[0].encode(corpus[2]));
 
   // What is not rebuilt is named: another pre-tokenizer, another tokenizer model.
-  rewrite("tokenizer.ggml.pre", "tekken", dir / "tekken.gguf");
-  EXPECT_BRIGADE_ERROR(read_gguf_tokenizer(dir / "tekken.gguf"), "tokenizer.ggml.pre is 'tekken'");
+  rewrite("tokenizer.ggml.pre", "kimi-k2", dir / "kimi.gguf");
+  EXPECT_BRIGADE_ERROR(read_gguf_tokenizer(dir / "kimi.gguf"), "tokenizer.ggml.pre is 'kimi-k2'");
   rewrite("tokenizer.ggml.model", "llama", dir / "spm.gguf");
   EXPECT_BRIGADE_ERROR(read_gguf_tokenizer(dir / "spm.gguf"), "tokenizer.ggml.model is 'llama'");
 }
