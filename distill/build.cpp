@@ -22,7 +22,7 @@ namespace {
 // The teacher's top-k laid out along the shard (see build.h), grown row by row.
 class KdLayout {
  public:
-  explicit KdLayout(const std::filesystem::path& sidecar) : sidecar_(sidecar) {}
+  KdLayout(const std::filesystem::path& sidecar, bool by_index) : sidecar_(sidecar), by_index_(by_index) {}
   int64_t k() const { return sidecar_.k(); }
 
   // A document of `context` tokens then `completion` tokens + EOS at shard position
@@ -30,8 +30,12 @@ class KdLayout {
   // records cover the completion and the EOS (a local teacher) or the completion
   // only (servers report no logprobs for the end of a sample; the EOS position then
   // has no KD target).
-  void place(int64_t start, int64_t context, int64_t completion, const TopkRange& range) {
-    if (range.positions != completion + 1 && range.positions != completion) {
+  void place(int64_t start, int64_t context, int64_t completion, TopkRange range) {
+    if (by_index_) {
+      // Another tokenizer's records (ULD): the t-th teacher token's distribution goes
+      // with the student's t-th position, as far as both go.
+      range.positions = std::min(range.positions, completion + 1);
+    } else if (range.positions != completion + 1 && range.positions != completion) {
       ++misaligned_;
       return;
     }
@@ -77,6 +81,7 @@ class KdLayout {
   }
 
   TopkSidecar sidecar_;
+  bool by_index_ = false;
   std::vector<int32_t> ids_;     // [tokens, k]
   std::vector<float> logprobs_;  // [tokens, k]
   std::vector<uint8_t> valid_;   // [tokens]
@@ -87,7 +92,7 @@ class KdLayout {
 
 nlohmann::json build_sft_shard(const std::filesystem::path& accepted, const data::Tokenizer& tokenizer,
                                int64_t seq_len, const std::filesystem::path& out_dir,
-                               const std::filesystem::path& topk_sidecar) {
+                               const std::filesystem::path& topk_sidecar, bool align_by_index) {
   BRIGADE_CHECK(seq_len >= 2, "build: seq_len must be >= 2, got ", seq_len);
   std::ifstream in(accepted);
   BRIGADE_CHECK(in, "build: cannot read ", accepted.string());
@@ -164,7 +169,7 @@ nlohmann::json build_sft_shard(const std::filesystem::path& accepted, const data
     }
     if (static_cast<int64_t>(row.size() + doc.size()) > row_len) close_row();
     if (topk && !topk_sidecar.empty()) {
-      if (!kd) kd = std::make_unique<KdLayout>(topk_sidecar);
+      if (!kd) kd = std::make_unique<KdLayout>(topk_sidecar, align_by_index);
       kd->place(rows * row_len + static_cast<int64_t>(row.size()), static_cast<int64_t>(context),
                 static_cast<int64_t>(doc.size() - context) - 1, *topk);
     }

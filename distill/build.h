@@ -59,8 +59,11 @@ inline constexpr const char* kKdTargets = "kd.safetensors";
 // `topk_sidecar`: the trace store's traces.topk.bin that the lines' "topk" records
 // refer to; when given and some line carries "topk", out_dir/kd.safetensors is
 // written too (see above). Empty: no KD targets.
+// `align_by_index`: the teacher spoke another tokenizer (KD loss uld): its record t
+// goes with the student's position t (context - 1 + t) for t up to the shorter of the
+// two, instead of requiring the same tokens.
 nlohmann::json build_sft_shard(const std::filesystem::path& accepted, const data::Tokenizer& tokenizer,
                                int64_t seq_len, const std::filesystem::path& out_dir,
-                               const std::filesystem::path& topk_sidecar = {});
+                               const std::filesystem::path& topk_sidecar = {}, bool align_by_index = false);
 
 }  // namespace brigade::distill

@@ -96,10 +96,29 @@ torch::Tensor divergence(const torch::Tensor& a, const torch::Tensor& b, const K
       return beta * teacher_term + (1.0 - beta) * student_term;
     }
     case KdLoss::kNone:
+    case KdLoss::kUld:  // not a divergence of buckets: kd_loss computes it apart
       break;
   }
   BRIGADE_ASSERT(false, "divergence() called without a KD loss");
   return {};
+}
+
+// ULD per position (see kd.h): [n, V] student logits and [n, k] teacher log-probs at
+// T = 1 in, [n] out.
+torch::Tensor uld(const torch::Tensor& logits, const torch::Tensor& teacher_logprobs, double temperature) {
+  const int64_t k = std::min(teacher_logprobs.size(1), logits.size(1));
+  BRIGADE_CHECK(!torch::isnan(teacher_logprobs).any().item<bool>() && !torch::isposinf(teacher_logprobs).any().item<bool>(),
+                "teacher log-prob is NaN or +inf");
+  // The teacher's k largest at T, sorted, and its tail (clamped: a top-k that rounds to
+  // all the mass leaves none).
+  const torch::Tensor teacher = teacher_buckets(teacher_logprobs, /*tail=*/true, temperature).exp();  // [n, k_t + 1]
+  const int64_t kt = teacher_logprobs.size(1);
+  const torch::Tensor p = std::get<0>(teacher.narrow(1, 0, kt).sort(1, /*descending=*/true)).narrow(1, 0, k);
+  const torch::Tensor p_tail = (1.0 - p.sum(1)).clamp_min(0);
+  const torch::Tensor q_all = torch::softmax(logits / temperature, 1);
+  const torch::Tensor q = std::get<0>(q_all.topk(k, 1));
+  const torch::Tensor q_tail = (1.0 - q.sum(1)).clamp_min(0);
+  return (p - q).abs().sum(1) + (p_tail - q_tail).abs();
 }
 
 }  // namespace
@@ -109,7 +128,8 @@ KdLoss parse_kd_loss(const std::string& name) {
   if (name == "forward_kl") return KdLoss::kForwardKl;
   if (name == "reverse_kl") return KdLoss::kReverseKl;
   if (name == "jsd") return KdLoss::kJsd;
-  BRIGADE_FAIL("unknown KD loss \"", name, "\"; choose one of: none, forward_kl, reverse_kl, jsd");
+  if (name == "uld") return KdLoss::kUld;
+  BRIGADE_FAIL("unknown KD loss \"", name, "\"; choose one of: none, forward_kl, reverse_kl, jsd, uld");
 }
 
 std::string to_string(KdLoss loss) {
@@ -122,6 +142,8 @@ std::string to_string(KdLoss loss) {
       return "reverse_kl";
     case KdLoss::kJsd:
       return "jsd";
+    case KdLoss::kUld:
+      return "uld";
   }
   BRIGADE_ASSERT(false, "unknown KdLoss value ", static_cast<int>(loss));
   return {};
@@ -149,7 +171,8 @@ torch::Tensor kd_loss(const torch::Tensor& student_logits, const torch::Tensor& 
   BRIGADE_CHECK(teacher_ids.scalar_type() == torch::kInt32 || teacher_ids.scalar_type() == torch::kInt64,
                 "teacher ids must be int32 or int64, got ", teacher_ids.scalar_type());
   const int64_t k = teacher_ids.size(1);
-  BRIGADE_CHECK(k >= 1 && k <= vocab, "teacher top-k must be in [1, V = ", vocab, "], got k = ", k);
+  BRIGADE_CHECK(k >= 1 && (k <= vocab || options.loss == KdLoss::kUld), "teacher top-k must be in [1, V = ", vocab,
+                "], got k = ", k);
   BRIGADE_CHECK(teacher_logprobs.sizes() == teacher_ids.sizes() && teacher_logprobs.is_floating_point(),
                 "teacher log-probs must be a floating tensor shaped like the ids ", teacher_ids.sizes(), ", got ",
                 teacher_logprobs.sizes(), " ", teacher_logprobs.scalar_type());
@@ -166,6 +189,9 @@ torch::Tensor kd_loss(const torch::Tensor& student_logits, const torch::Tensor& 
   const torch::Tensor logits = student_logits.index_select(0, rows).to(dtype);
   const torch::Tensor ids = teacher_ids.to(device).index_select(0, rows).to(torch::kLong);
   const torch::Tensor logprobs = teacher_logprobs.to(device).index_select(0, rows).to(dtype);
+  if (options.loss == KdLoss::kUld) {
+    return uld(logits, logprobs, options.temperature).sum() / static_cast<double>(std::max<int64_t>(rows.size(0), 1));
+  }
   check_teacher(ids, logprobs, vocab);
 
   const bool tail = k < vocab;

@@ -43,7 +43,17 @@
 //               JSD_beta ~ (1 - beta) * KL(Q || P) (beta -> 1); use forward_kl or
 //               reverse_kl for those.
 //
-// Each per-position divergence is multiplied by T^2 (Hinton et al., 2015): the
+//   uld         Universal Logit Distillation (Boizard et al. 2024), for a teacher
+//               whose vocabulary differs from the student's: the token ids are not
+//               compared, only the sorted distributions. With k' = min(k, V):
+//                 sum_i |P_(i) - Q_(i)| over the k' largest of each (teacher: its
+//                 top-k as given; student: its k' most likely tokens), plus
+//                 |P_tail - Q_tail| for the mass outside them,
+//               the L1 distance between the two sorted distributions (twice their
+//               total variation when both have k' + 1 buckets). Teacher ids may be
+//               anything (they index the teacher's vocabulary); they are not read.
+//
+// Each per-position divergence (uld excepted) is multiplied by T^2 (Hinton et al., 2015): the
 // gradients of a divergence of softmax(z / T) scale as 1/T^2, so the product keeps
 // the loss's gradient scale comparable across temperatures and with the
 // cross-entropy term it is mixed with.
@@ -61,9 +71,9 @@
 
 namespace brigade::distill {
 
-enum class KdLoss { kNone, kForwardKl, kReverseKl, kJsd };
+enum class KdLoss { kNone, kForwardKl, kReverseKl, kJsd, kUld };
 
-// "none" | "forward_kl" | "reverse_kl" | "jsd"; anything else is an Error listing them.
+// "none" | "forward_kl" | "reverse_kl" | "jsd" | "uld"; anything else is an Error listing them.
 KdLoss parse_kd_loss(const std::string& name);
 std::string to_string(KdLoss loss);
 

@@ -1,10 +1,26 @@
 #include "distill/options.h"
 
+#include <cmath>
+
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
 
 namespace brigade::distill {
+
+void OnPolicyOptions::validate() const {
+  BRIGADE_CHECK(rounds >= 0, "distill.onpolicy.rounds must be >= 0, got ", rounds);
+  if (!enabled()) return;
+  BRIGADE_CHECK(steps_per_round >= 1, "distill.onpolicy.steps_per_round must be >= 1, got ", steps_per_round);
+  BRIGADE_CHECK(prompts_per_round >= 1, "distill.onpolicy.prompts_per_round must be >= 1, got ", prompts_per_round);
+  BRIGADE_CHECK(samples >= 1, "distill.onpolicy.samples must be >= 1, got ", samples);
+  BRIGADE_CHECK(temperature > 0 && std::isfinite(temperature), "distill.onpolicy.temperature must be > 0, got ", temperature);
+  BRIGADE_CHECK(topk >= 1, "distill.onpolicy.topk must be >= 1, got ", topk);
+  BRIGADE_CHECK(loss != KdLoss::kNone && loss != KdLoss::kUld,
+                "distill.onpolicy.loss must be forward_kl, reverse_kl or jsd, not ", to_string(loss));
+  BRIGADE_CHECK(beta > 0 && beta < 1, "distill.onpolicy.beta must lie in (0, 1), got ", beta);
+  BRIGADE_CHECK(lr > 0 && std::isfinite(lr), "distill.onpolicy.lr must be > 0, got ", lr);
+}
 
 void DistillOptions::validate() const {
   BRIGADE_CHECK(!teacher.checkpoint.empty() || !teacher.recipe.empty(),
@@ -49,6 +65,11 @@ void DistillOptions::validate() const {
   BRIGADE_CHECK(eval.k >= 1, "distill.eval.k must be >= 1, got ", eval.k);
   BRIGADE_CHECK(eval.temperature > 0, "distill.eval.temperature must be > 0, got ", eval.temperature);
   kd.validate();
+  onpolicy.validate();
+  BRIGADE_CHECK(!onpolicy.enabled() || !teacher.remote(), "distill.onpolicy needs a local teacher (its logits score ",
+                "the student's samples); a teacher behind distill.teacher.url cannot be scored yet");
+  BRIGADE_CHECK(kd.loss != KdLoss::kUld || !teacher.remote(), "distill.kd.loss: uld needs a local teacher (a server's ",
+                "top-k candidates are mapped to the student's tokenizer, which another vocabulary defeats)");
   BRIGADE_CHECK(kd.loss == KdLoss::kNone || g.logprobs > 0, "distill.kd.loss is ", to_string(kd.loss),
                 " but distill.generate.logprobs is 0: logit distillation needs the teacher's top-k; set "
                 "distill.generate.logprobs (e.g. 8) or distill.kd.loss: none for SFT only");

@@ -55,6 +55,23 @@ struct EvalOptions {
   double temperature = 0.6;     // for the pass@k samples (pass@1 is greedy)
 };
 
+// The on-policy stage (distill/onpolicy.h).
+struct OnPolicyOptions {
+  int64_t rounds = 0;               // 0: no on-policy stage
+  int64_t steps_per_round = 100;    // student optimizer steps per round
+  int64_t prompts_per_round = 512;  // prompts the student answers per round
+  int64_t samples = 1;              // student samples per prompt
+  double temperature = 1.0;         // student sampling temperature
+  int64_t topk = 32;                // teacher records per token (capped at the vocabulary)
+  KdLoss loss = KdLoss::kReverseKl; // the divergence (distill/kd.h); not none
+  double beta = 0.5;                // jsd's teacher weight
+  double lr = 1e-3;                 // the student's (constant) learning rate in the rounds
+
+  // An Error naming the key when a value is out of range.
+  void validate() const;
+  bool enabled() const { return rounds > 0; }
+};
+
 struct DistillOptions {
   TeacherOptions teacher;
   // Prompts JSONL ({"id", "prompt", "answer"} per line); empty: the built-in
@@ -67,6 +84,7 @@ struct DistillOptions {
   // Logit distillation in the train stage: (1 - kd.weight) * cross-entropy +
   // kd.weight * KD on the teacher's top-k (needs generate.logprobs > 0).
   KdOptions kd;
+  OnPolicyOptions onpolicy;
 
   void validate() const;
 };

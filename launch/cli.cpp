@@ -90,7 +90,7 @@ int run_cli(int argc, char** argv) {
   distill_cmd->add_option("recipe", distill.recipe, "Distillation recipe YAML file")->required();
   add_set_option(distill_cmd, distill.overrides);
   distill_cmd->add_option("--run-dir", distill.run_dir, "Run directory (default runs/<recipe name>)");
-  distill_cmd->add_option("--stage", distill.stage, "Run one stage: teacher, generate, verify, build, train or eval");
+  distill_cmd->add_option("--stage", distill.stage, "Run one stage: teacher, generate, verify, build, train, onpolicy or eval");
 
   EvalArgs eval;
   auto* eval_cmd = app.add_subcommand(

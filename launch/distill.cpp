@@ -13,6 +13,9 @@
 //             kd.safetensors (the teacher's top-k per shard token) with logprobs
 //   train     RUN/distill/train/run/: the student's run (supervised fine-tuning, plus
 //             logit distillation on kd.safetensors with distill.kd.loss)
+//   onpolicy  RUN/distill/onpolicy/round_RRR/ (distill.onpolicy.rounds > 0): the
+//             student's samples scored by the teacher, then KD steps on them in the
+//             student's run (distill/onpolicy.h)
 //   eval      RUN/distill/eval.json: pass@1 / pass@k of teacher and student
 #include <cstdio>
 #include <fstream>
@@ -29,6 +32,7 @@
 #include "distill/eval.h"
 #include "distill/generate.h"
 #include "distill/kd.h"
+#include "distill/onpolicy.h"
 #include "distill/prompts.h"
 #include "distill/remote.h"
 #include "distill/verify.h"
@@ -40,7 +44,7 @@ namespace brigade::launch {
 namespace fs = std::filesystem;
 namespace {
 
-const std::vector<std::string> kStages = {"teacher", "generate", "verify", "build", "train", "eval"};
+const std::vector<std::string> kStages = {"teacher", "generate", "verify", "build", "train", "onpolicy", "eval"};
 
 std::string hex(uint64_t h) {
   char buf[17];
@@ -92,7 +96,7 @@ std::vector<distill::Prompt> builtin_prompts(const data::ArithmeticOptions& synt
   std::vector<distill::Prompt> out;
   for (int64_t i = first; i < first + count; ++i) {
     auto problem = data::make_arithmetic_problem(synth, static_cast<uint64_t>(i));
-    out.push_back({std::to_string(i), problem.prompt, problem.answer});
+    out.push_back({.id = std::to_string(i), .prompt = problem.prompt, .answer = problem.answer});
   }
   return out;
 }
@@ -113,7 +117,7 @@ uint64_t hash_json(uint64_t seed, const nlohmann::json& j) { return hash_combine
 
 int distill_command(const DistillArgs& args) {
   BRIGADE_CHECK(args.stage.empty() || std::find(kStages.begin(), kStages.end(), args.stage) != kStages.end(),
-                "distill: unknown --stage '", args.stage, "'; stages: teacher, generate, verify, build, train, eval");
+                "distill: unknown --stage '", args.stage, "'; stages: teacher, generate, verify, build, train, onpolicy, eval");
   const recipes::Recipe recipe = recipes::load_recipe(args.recipe, args.overrides);
   const auto& d = recipe.distill;
   const fs::path run_dir = default_run_dir(recipe, args.run_dir);
@@ -185,10 +189,14 @@ int distill_command(const DistillArgs& args) {
                          {"already_done", stats.already_done}, {"truncated", stats.truncated},
                          {"retried", stats.retried}, {"topk_dropped", stats.topk_dropped}});
       } else {
-        auto teacher = load_model(teacher_ck, {}).model;
+        // The teacher reads and writes its own tokenizer's ids (another one than the
+        // student's for a cross-tokenizer teacher; its top-k ids are its own too).
+        auto loaded_teacher = load_model(teacher_ck, {});
+        const auto teacher_tokenizer = recipes::make_tokenizer(loaded_teacher.recipe.data.tokenizer);
         log_info("distill: generate: ", prompts.size(), " prompts x ", d.generate.samples, " samples from ",
                  teacher_ck.string());
-        const auto stats = distill::generate_traces(teacher, *tokenizer, prompts, d.generate, generate.dir());
+        const auto stats =
+            distill::generate_traces(loaded_teacher.model, *teacher_tokenizer, prompts, d.generate, generate.dir());
         generate.finish({{"requested", stats.requested}, {"generated", stats.generated},
                          {"already_done", stats.already_done}, {"truncated", stats.truncated}});
       }
@@ -220,7 +228,8 @@ int distill_command(const DistillArgs& args) {
   const Stage build(work / "build", "build",
                     hex(hash_json(fnv1a(verify.inputs()), {{"seq_len", recipe.data.seq_len},
                                                             {"tokenizer", recipe.data.tokenizer},
-                                                            {"kd_targets", 1}})));
+                                                            {"kd_targets", 1},
+                                                            {"align_by_index", d.kd.loss == distill::KdLoss::kUld}})));
   if (want("build")) {
     if (build.complete()) {
       log_info("distill: build: done (", build.dir().string(), ")");
@@ -228,7 +237,8 @@ int distill_command(const DistillArgs& args) {
       build.begin();
       const fs::path sidecar = generate.dir() / distill::kTopkFile;
       build.finish(distill::build_sft_shard(verify.dir() / "accepted.jsonl", *tokenizer, recipe.data.seq_len,
-                                            build.dir(), fs::exists(sidecar) ? sidecar : fs::path()));
+                                            build.dir(), fs::exists(sidecar) ? sidecar : fs::path(),
+                                            /*align_by_index=*/d.kd.loss == distill::KdLoss::kUld));
     }
   }
   if (args.stage == "build") return 0;
@@ -239,8 +249,11 @@ int distill_command(const DistillArgs& args) {
   const bool kd = d.kd.loss != distill::KdLoss::kNone;
   const nlohmann::json kd_options = {{"loss", distill::to_string(d.kd.loss)}, {"weight", d.kd.weight},
                                      {"temperature", d.kd.temperature}, {"beta", d.kd.beta}};
+  // The on-policy keys do not change the supervised stage: adding rounds keeps it.
+  recipes::Recipe sft_recipe = recipe;
+  sft_recipe.distill.onpolicy = distill::OnPolicyOptions{};
   const Stage train(work / "train", "train",
-                    hex(hash_json(hash_combine(fnv1a(build.inputs()), fnv1a(recipes::recipe_hash(recipe))), kd_options)));
+                    hex(hash_json(hash_combine(fnv1a(build.inputs()), fnv1a(recipes::recipe_hash(sft_recipe))), kd_options)));
   const fs::path student_run = train.dir() / "run";
   if (want("train")) {
     if (train.complete()) {
@@ -254,7 +267,8 @@ int distill_command(const DistillArgs& args) {
       // KD compares distributions id by id: the teacher must speak the student's
       // tokenizer (a remote teacher's candidates were mapped to it in generate).
       if (kd) {
-        if (!d.teacher.remote()) {
+        // ULD compares sorted distributions, not ids: any teacher tokenizer will do.
+        if (!d.teacher.remote() && d.kd.loss != distill::KdLoss::kUld) {
           const auto teacher_recipe = recipes::parse_recipe(read_file(teacher_ck / "recipe.yaml"),
                                                             (teacher_ck / "recipe.yaml").string(),
                                                             checkpoint_overrides({}), teacher_ck);
@@ -277,6 +291,81 @@ int distill_command(const DistillArgs& args) {
   if (args.stage == "train") return 0;
   BRIGADE_CHECK(train.complete(), "distill: the train stage has not finished; run it first");
 
+  // onpolicy: rounds of the student's own samples, scored by the teacher, trained on
+  // with the KD loss alone (distill/onpolicy.h)
+  const auto& op = d.onpolicy;
+  if (op.enabled() && want("onpolicy")) {  // the teacher scores token ids of the student's vocabulary
+    const auto teacher_recipe = recipes::parse_recipe(read_file(teacher_ck / "recipe.yaml"),
+                                                      (teacher_ck / "recipe.yaml").string(), checkpoint_overrides({}),
+                                                      teacher_ck);
+    distill::check_same_tokenizer(teacher_recipe.data.tokenizer,
+                                  recipes::make_tokenizer(teacher_recipe.data.tokenizer)->vocab_size(),
+                                  recipe.data.tokenizer, tokenizer->vocab_size());
+  }
+  std::string previous = train.inputs();
+  for (int64_t r = 0; r < op.rounds; ++r) {
+    const nlohmann::json round_options = {
+        {"round", r}, {"steps", op.steps_per_round}, {"prompts", op.prompts_per_round}, {"samples", op.samples},
+        {"temperature", op.temperature}, {"topk", op.topk}, {"loss", distill::to_string(op.loss)}, {"beta", op.beta},
+        {"lr", op.lr}, {"max_new_tokens", d.generate.max_new_tokens}, {"seed", d.generate.seed}};
+    char name[32];
+    std::snprintf(name, sizeof name, "round_%03lld", static_cast<long long>(r));
+    const Stage round(work / "onpolicy" / name, std::string("onpolicy ") + name,
+                      hex(hash_json(hash_combine(fnv1a(previous), teacher_hash), round_options)));
+    previous = round.inputs();
+    if (!want("onpolicy")) continue;
+    if (round.complete()) {
+      log_info("distill: onpolicy: ", name, " done");
+      continue;
+    }
+    round.begin();
+    const auto round_prompts = distill::round_prompts(prompts, r, op.prompts_per_round);
+    {
+      // The student as it stands: sampling at the round's seed.
+      auto student = load_model(*trainer::CheckpointStore(student_run / "checkpoints", 1).latest(), {}).model;
+      distill::GenerateOptions g;
+      g.samples = op.samples;
+      g.temperature = op.temperature;
+      g.top_p = 1.0;
+      g.max_new_tokens = d.generate.max_new_tokens;
+      g.batch_size = d.generate.batch_size;
+      g.stop = d.generate.stop;
+      g.seed = hash_combine(d.generate.seed, static_cast<uint64_t>(r) + 0x6f6e706fULL);
+      distill::generate_traces(student, *tokenizer, round_prompts, g, round.dir() / "samples");
+    }
+    {
+      auto teacher = load_model(teacher_ck, {}).model;
+      const auto s = distill::score_with_teacher(teacher, *tokenizer, round_prompts, round.dir() / "samples", op.topk,
+                                                 d.generate.batch_size, round.dir() / "scored");
+      log_info("distill: onpolicy: ", name, ": the teacher scored ", s.scored + s.already_done, " student samples (",
+               s.skipped, " cut at the token limit left out)");
+    }
+    const int64_t lines = distill::write_scored_samples(round.dir() / "scored", round_prompts, round.dir() / "accepted.jsonl");
+    BRIGADE_CHECK(lines > 0, "distill: onpolicy: ", name, ": no student sample ended within ", d.generate.max_new_tokens,
+                  " tokens; raise distill.generate.max_new_tokens");
+    distill::build_sft_shard(round.dir() / "accepted.jsonl", *tokenizer, recipe.data.seq_len, round.dir() / "build",
+                             round.dir() / "scored" / distill::kTopkFile);
+    auto overrides = args.overrides;
+    for (const std::string& o :
+         {std::string("data.source=shards"),
+          "data.shards=[" + fs::absolute(round.dir() / "build" / distill::kSftShard).string() + "]",
+          std::string("data.packed=true"),
+          "data.kd_file=" + fs::absolute(round.dir() / "build" / distill::kKdTargets).string(),
+          "distill.kd.loss=" + distill::to_string(op.loss), std::string("distill.kd.weight=1"),
+          // the KD checks ask for the teacher's top-k: the round's scored store holds it
+          "distill.generate.logprobs=" + std::to_string(op.topk),
+          std::string("distill.kd.temperature=1"), "distill.kd.beta=" + std::to_string(op.beta),
+          "trainer.max_steps=" + std::to_string(recipe.trainer.max_steps + (r + 1) * op.steps_per_round),
+          "trainer.lr=" + std::to_string(op.lr), "trainer.min_lr=" + std::to_string(op.lr),
+          std::string("trainer.warmup_steps=0")})
+      overrides.push_back(o);
+    log_info("distill: onpolicy: ", name, ": ", lines, " student samples, ", op.steps_per_round, " steps of ",
+             distill::to_string(op.loss));
+    if (int rc = train_command({args.recipe, overrides, student_run, /*resume=*/true}); rc != 0) return rc;
+    round.finish({{"samples", lines}});
+  }
+  if (args.stage == "onpolicy") return 0;
+
   // eval: held-out built-in problems (the data.synthetic eval range)
   const auto held_out = builtin_prompts(recipe.data.synthetic, recipe.data.synthetic.num_problems, d.eval.problems);
   nlohmann::json table = nlohmann::json::array();
@@ -287,8 +376,10 @@ int distill_command(const DistillArgs& args) {
   if (!d.teacher.remote()) models.emplace_back("teacher", teacher_ck);
   models.emplace_back(student_label, *trainer::CheckpointStore(student_run / "checkpoints", 1).latest());
   for (const auto& [label, checkpoint] : models) {
-    auto model = load_model(checkpoint, {}).model;
-    const auto r = distill::evaluate_pass_at_k(model, *tokenizer, held_out, d.eval, d.verify,
+    auto loaded = load_model(checkpoint, {});
+    auto& model = loaded.model;
+    const auto model_tokenizer = recipes::make_tokenizer(loaded.recipe.data.tokenizer);  // each its own
+    const auto r = distill::evaluate_pass_at_k(model, *model_tokenizer, held_out, d.eval, d.verify,
                                                d.generate.max_new_tokens, d.generate.batch_size, label);
     const auto params = model->parameter_count().total;
     std::printf("| %s | %s | %.1f%% | %.1f%% |\n", label.c_str(), human_count(static_cast<double>(params)).c_str(),

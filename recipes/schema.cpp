@@ -342,7 +342,7 @@ std::vector<Field> build_schema() {
   s.push_back(integer<int64_t>("distill.generate.logprobs", REF(distill.generate.logprobs), "Top-k log-probabilities kept per generated token in the trace store's sidecar (0: none)."));
   s.push_back(text_list("distill.generate.stop", REF(distill.generate.stop), "Stop strings: a sample ends before the first one (finish reason stop). Sent to a remote teacher as \"stop\"."));
   s.push_back(integer<uint64_t>("distill.generate.seed", REF(distill.generate.seed), "Seed of the samples (each sample's seed is hashed from it, the prompt id and the sample index)."));
-  s.push_back(text("distill.verify.answer_pattern", REF(distill.verify.answer_pattern), "How to find the final answer: boxed (the last \\boxed{...}) or a regex whose first group is the answer."));
+  s.push_back(text("distill.verify.answer_pattern", REF(distill.verify.answer_pattern), "How to find the final answer: boxed (the last \\boxed{...}), gsm8k (after the last ####, else the last number), exact (the whole text) or a regex whose first group is the answer."));
   s.push_back(boolean("distill.verify.require_think", REF(distill.verify.require_think), "Reject samples without a closed <think>...</think> before the answer."));
   s.push_back(integer<int64_t>("distill.verify.max_chars", REF(distill.verify.max_chars), "Reject completions longer than this many bytes (0: no limit)."));
   s.push_back(integer<int64_t>("distill.verify.max_tokens", REF(distill.verify.max_tokens), "Reject completions longer than this many tokens (0: no limit)."));
@@ -350,10 +350,20 @@ std::vector<Field> build_schema() {
   s.push_back(integer<int64_t>("distill.eval.problems", REF(distill.eval.problems), "Held-out problems for pass@1 / pass@k (the built-in arithmetic eval range).", 1));
   s.push_back(integer<int64_t>("distill.eval.k", REF(distill.eval.k), "Samples per problem for pass@k.", 1));
   s.push_back(real("distill.eval.temperature", REF(distill.eval.temperature), "Temperature of the pass@k samples (pass@1 is greedy).", 1e-6, 10.0));
-  s.push_back(choice("distill.kd.loss", REF(distill.kd.loss), "Logit distillation in the train stage on the teacher's top-k (needs distill.generate.logprobs > 0): forward_kl, reverse_kl, jsd, or none (SFT only). See docs/distillation.md.",
-                     {"none", "forward_kl", "reverse_kl", "jsd"}, distill::parse_kd_loss, [](distill::KdLoss v) { return distill::to_string(v); }));
+  s.push_back(choice("distill.kd.loss", REF(distill.kd.loss), "Logit distillation in the train stage on the teacher's top-k (needs distill.generate.logprobs > 0): forward_kl, reverse_kl, jsd, uld (sorted distributions: a teacher with another tokenizer), or none (SFT only). See docs/distillation.md.",
+                     {"none", "forward_kl", "reverse_kl", "jsd", "uld"}, distill::parse_kd_loss, [](distill::KdLoss v) { return distill::to_string(v); }));
   s.push_back(real("distill.kd.weight", REF(distill.kd.weight), "The KD term's share of the student's loss: (1 - weight) * cross-entropy + weight * KD.", 0.0, 1.0));
   s.push_back(real("distill.kd.temperature", REF(distill.kd.temperature), "KD temperature T (both distributions at T, the divergence times T^2).", 1e-6, 100.0));
+  s.push_back(integer<int64_t>("distill.onpolicy.rounds", REF(distill.onpolicy.rounds), "On-policy distillation after the train stage: rounds of student sampling, teacher scoring and KD training on the student's own samples (0: none). See docs/distillation.md.", 0));
+  s.push_back(integer<int64_t>("distill.onpolicy.steps_per_round", REF(distill.onpolicy.steps_per_round), "Student optimizer steps per on-policy round.", 1));
+  s.push_back(integer<int64_t>("distill.onpolicy.prompts_per_round", REF(distill.onpolicy.prompts_per_round), "Prompts the student answers per round (rotating through the prompt set): how often its samples are refreshed.", 1));
+  s.push_back(integer<int64_t>("distill.onpolicy.samples", REF(distill.onpolicy.samples), "Student samples per prompt per round.", 1));
+  s.push_back(real("distill.onpolicy.temperature", REF(distill.onpolicy.temperature), "The student's sampling temperature.", 1e-6, 10.0));
+  s.push_back(integer<int64_t>("distill.onpolicy.topk", REF(distill.onpolicy.topk), "Teacher log-probs kept per student token (capped at the vocabulary: the whole distribution for small ones).", 1));
+  s.push_back(choice("distill.onpolicy.loss", REF(distill.onpolicy.loss), "The per-token divergence on the student's samples: reverse_kl (GKD's default, mode-seeking), forward_kl or jsd.",
+                     {"forward_kl", "reverse_kl", "jsd"}, distill::parse_kd_loss, [](distill::KdLoss v) { return distill::to_string(v); }));
+  s.push_back(real("distill.onpolicy.beta", REF(distill.onpolicy.beta), "jsd: the mixture's teacher weight, in (0, 1).", 1e-6, 1.0 - 1e-6));
+  s.push_back(real("distill.onpolicy.lr", REF(distill.onpolicy.lr), "The student's constant learning rate during the rounds.", 1e-12, 10.0));
   s.push_back(real("distill.kd.beta", REF(distill.kd.beta), "jsd: the mixture's teacher weight, in (0, 1) (0.5: symmetric JSD).", 1e-6, 1.0 - 1e-6));
   s.push_back(integer<int64_t>("trainer.max_steps", REF(trainer.max_steps), "Optimizer steps; also where the cosine schedule ends.", 1));
   s.push_back(integer<int64_t>("trainer.micro_batch_size", REF(trainer.micro_batch_size), "Sequences per micro-batch per rank.", 1));

@@ -22,6 +22,7 @@ FILTER+=':GgufExport.*:GgufImportRecipe.*:GgufLlamaCpp.*:GenerateSample.*:Genera
 FILTER+=':MoE*:ExpertParallel.*:TrainerTest.*:AdamWTest.*:DistillKd*:PairwiseSum.*:MicroBatchGradients.*'
 FILTER+=':BlockSquares.*:SquareNorm.*:CliExport.*'
 FILTER+=':*Mla*:*Mtp*:GgufDeepseek2.*:GgufRopeScaling.*:GgufTokenizer.*:GgufImport.*:Plan.*'
+FILTER+=':DistillOnPolicy.*:DistillUld.*:GgufKQuant*:GgufSentencePiece.*'
 
 MPIRUN=(mpirun --oversubscribe)
 [ "$(id -u)" -eq 0 ] && MPIRUN+=(--allow-run-as-root)

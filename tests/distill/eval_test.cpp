@@ -132,7 +132,9 @@ TEST(DistillEval, ProblemSetsOfEachFormat) {
 
 TEST(DistillEval, ScoresATraceStoreWithTheUnbiasedEstimator) {
   TempDir dir;
-  std::vector<Prompt> problems = {{"a", "A?", "4"}, {"b", "B?", "\\frac{1}{2}"}, {"c", "C?", "9"}};
+  std::vector<Prompt> problems = {{.id = "a", .prompt = "A?", .answer = "4"},
+                                  {.id = "b", .prompt = "B?", .answer = "\\frac{1}{2}"},
+                                  {.id = "c", .prompt = "C?", .answer = "9"}};
   {
     TraceWriter store(dir / "traces", 0);
     auto add = [&](const std::string& id, int64_t s, const std::string& text, const std::string& finish = "stop") {

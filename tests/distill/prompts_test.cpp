@@ -74,8 +74,8 @@ TEST(DistillPrompts, MalformedLinesAreSkippedWithLineNumbersAndReasons) {
   EXPECT_EQ(set.skipped[1].second, "not a JSON object");
   EXPECT_EQ(set.skipped[2].second, "no \"id\"");
   EXPECT_EQ(set.skipped[3].second, "\"id\" is not a string or integer");
-  EXPECT_EQ(set.skipped[4].second, "no \"prompt\" string");
-  EXPECT_EQ(set.skipped[5].second, "no \"prompt\" string");
+  EXPECT_EQ(set.skipped[4].second, "no \"prompt\" string (or \"messages\" list)");
+  EXPECT_EQ(set.skipped[5].second, "no \"prompt\" string (or \"messages\" list)");
   EXPECT_EQ(set.skipped[6].second, "\"answer\" is not a string");
   EXPECT_EQ(set.skipped[7].second, "duplicate id \"ok1\", first on line 1");
   EXPECT_EQ(set.skipped[8].second, "empty \"id\"");
@@ -112,8 +112,8 @@ TEST(DistillPrompts, MissingFileIsAnErrorNamingIt) {
 TEST(DistillPrompts, WriteThenReadRoundTrips) {
   TempDir dir;
   std::vector<Prompt> prompts = {
-      {"0", "Problem: 47*23+5\n", std::string("1086")},
-      {"q\"uote", "line one\nline two\t\\boxed{}", std::nullopt},
+      {.id = "0", .prompt = "Problem: 47*23+5\n", .answer = std::string("1086")},
+      {.id = "q\"uote", .prompt = "line one\nline two\t\\boxed{}"},
   };
   fs::path path = dir / "prompts.jsonl";
   write_prompts(path, prompts);

@@ -587,7 +587,9 @@ TEST(GgufExport, QuantChoices) {
   EXPECT_EQ(parse_gguf_quant("q8_0"), GgufQuant::kQ8_0);
   EXPECT_EQ(parse_gguf_quant("f16"), GgufQuant::kF16);
   EXPECT_EQ(gguf_quant_name(GgufQuant::kQ4_0), "q4_0");
-  EXPECT_BRIGADE_ERROR(parse_gguf_quant("q5_k"), "unknown GGUF quantization 'q5_k' (choices: f32, f16, q8_0, q4_0)");
+  EXPECT_BRIGADE_ERROR(parse_gguf_quant("q5_k"), "unknown GGUF quantization 'q5_k' (choices: f32, f16, q8_0, q4_0, q6_k, q5_k_m, q4_k_m)");
+  EXPECT_EQ(parse_gguf_quant("q4_k_m"), GgufQuant::kQ4_K_M);
+  EXPECT_EQ(gguf_quant_name(GgufQuant::kQ5_K_M), "q5_k_m");
 }
 
 TEST(GgufExport, RejectsMoEAndMismatchedFamilies) {

@@ -1,0 +1,125 @@
+#include "distill/onpolicy.h"
+
+#include <cmath>
+#include <unordered_map>
+
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include "core/error.h"
+#include "core/fs.h"
+#include "core/log.h"
+#include "core/progress.h"
+#include "distill/generate.h"
+#include "distill/traces.h"
+
+namespace brigade::distill {
+
+std::vector<Prompt> round_prompts(const std::vector<Prompt>& prompts, int64_t round, int64_t count) {
+  BRIGADE_CHECK(!prompts.empty(), "on-policy: no prompts");
+  std::vector<Prompt> out;
+  const auto n = static_cast<int64_t>(prompts.size());
+  const int64_t take = std::min(count, n);
+  for (int64_t i = 0; i < take; ++i) out.push_back(prompts[static_cast<size_t>((round * count + i) % n)]);
+  return out;
+}
+
+ScoreStats score_with_teacher(model::Transformer& teacher, const data::Tokenizer& tokenizer,
+                              const std::vector<Prompt>& prompts, const std::filesystem::path& samples_dir, int64_t k,
+                              int64_t batch_size, const std::filesystem::path& out_dir) {
+  BRIGADE_CHECK(k >= 1 && batch_size >= 1, "on-policy scoring needs k >= 1 and batch_size >= 1");
+  std::unordered_map<std::string, const Prompt*> by_id;
+  for (const Prompt& p : prompts) {
+    BRIGADE_CHECK(!p.chat(), "on-policy: prompt '", p.id, "' is a chat prompt; on-policy distillation takes text ",
+                  "prompts only (chat documents get no KD targets)");
+    by_id.emplace(p.id, &p);
+  }
+  const int64_t vocab = std::min<int64_t>(tokenizer.vocab_size(), teacher->options().vocab_size);
+  k = std::min(k, vocab);
+  const TraceReader samples(samples_dir);
+  TraceWriter out(out_dir, k);
+  ScoreStats stats;
+  struct Job {
+    const Trace* trace;
+    std::vector<int64_t> context;     // [BOS] + prompt
+    std::vector<int64_t> completion;  // re-encoded text
+  };
+  std::vector<Job> jobs;
+  for (const Trace& t : samples.traces()) {
+    if (out.done().contains({t.prompt_id, t.sample})) {
+      ++stats.already_done;
+      continue;
+    }
+    auto it = by_id.find(t.prompt_id);
+    if (t.failed() || t.finish_reason != "stop" || it == by_id.end()) {
+      ++stats.skipped;
+      continue;
+    }
+    Job job{&t, prompt_tokens(tokenizer, *it->second), tokenizer.encode(t.text)};
+    if (static_cast<int64_t>(job.context.size() + job.completion.size()) > teacher->options().max_seq_len) {
+      ++stats.skipped;
+      continue;
+    }
+    jobs.push_back(std::move(job));
+  }
+  teacher->eval();
+  torch::NoGradGuard no_grad;
+  const auto device = teacher->embed_tokens->weight.device();
+  Progress bar("on-policy: teacher scoring", static_cast<int64_t>(jobs.size()), stderr_is_terminal());
+  for (size_t first = 0; first < jobs.size(); first += static_cast<size_t>(batch_size)) {
+    const size_t last = std::min(jobs.size(), first + static_cast<size_t>(batch_size));
+    size_t longest = 0;
+    for (size_t j = first; j < last; ++j) longest = std::max(longest, jobs[j].context.size() + jobs[j].completion.size());
+    // Right padding: causal attention keeps it out of every real position.
+    torch::Tensor ids = torch::full({static_cast<int64_t>(last - first), static_cast<int64_t>(longest)},
+                                    tokenizer.eos_id(), torch::kLong);
+    for (size_t j = first; j < last; ++j) {
+      auto row = ids[static_cast<int64_t>(j - first)];
+      int64_t at = 0;
+      for (int64_t id : jobs[j].context) row[at++] = id;
+      for (int64_t id : jobs[j].completion) row[at++] = id;
+    }
+    const torch::Tensor logits = teacher->forward(ids.to(device)).to(torch::kCPU, torch::kFloat);  // [rows, T, V]
+    for (size_t j = first; j < last; ++j) {
+      const Job& job = jobs[j];
+      const auto p = static_cast<int64_t>(job.context.size());
+      const auto n = static_cast<int64_t>(job.completion.size());
+      // Position p - 1 + t predicts completion token t (t < n) and, at t = n, the EOS.
+      const torch::Tensor at = logits[static_cast<int64_t>(j - first)].narrow(0, p - 1, n + 1).narrow(1, 0, vocab);
+      const auto [values, indices] = torch::log_softmax(at, -1).topk(k, -1);
+      Trace t = *job.trace;
+      t.topk_ids = indices.to(torch::kInt32).contiguous();
+      t.topk_logprobs = values.contiguous();
+      out.append(t);
+      ++stats.scored;
+    }
+    out.flush();
+    bar.tick(static_cast<int64_t>(last), "");
+  }
+  bar.finish();
+  return stats;
+}
+
+int64_t write_scored_samples(const std::filesystem::path& scored_dir, const std::vector<Prompt>& prompts,
+                             const std::filesystem::path& out_file) {
+  std::unordered_map<std::string, const Prompt*> by_id;
+  for (const Prompt& p : prompts) by_id.emplace(p.id, &p);
+  const TraceReader reader(scored_dir);
+  std::string lines;
+  int64_t written = 0;
+  for (int64_t i = 0; i < reader.size(); ++i) {
+    const Trace& t = reader.traces()[static_cast<size_t>(i)];
+    auto it = by_id.find(t.prompt_id);
+    if (it == by_id.end() || !t.topk_ids.defined()) continue;
+    const TopkRange& range = reader.topk_range(i);
+    nlohmann::json line = {{"prompt_id", t.prompt_id}, {"sample", t.sample}, {"prompt", it->second->prompt},
+                           {"completion", t.text},     {"answer", it->second->answer.value_or("")},
+                           {"topk", {{"offset", range.offset}, {"positions", range.positions}}}};
+    lines += line.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
+    ++written;
+  }
+  write_file_atomic(out_file, lines);
+  return written;
+}
+
+}  // namespace brigade::distill
