@@ -65,7 +65,9 @@ struct OnPolicyOptions {
   int64_t topk = 32;                // teacher records per token (capped at the vocabulary)
   KdLoss loss = KdLoss::kReverseKl; // the divergence (distill/kd.h); not none
   double beta = 0.5;                // jsd's teacher weight
-  double lr = 1e-3;                 // the student's (constant) learning rate in the rounds
+  // The student's (constant) learning rate in the rounds. Measured on the demo:
+  // 1e-4 took the student from 75.4% to 84.0% pass@1; 5e-4 dropped it to 68.6%.
+  double lr = 1e-4;
 
   // An Error naming the key when a value is out of range.
   void validate() const;

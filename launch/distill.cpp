@@ -343,8 +343,12 @@ int distill_command(const DistillArgs& args) {
     const int64_t lines = distill::write_scored_samples(round.dir() / "scored", round_prompts, round.dir() / "accepted.jsonl");
     BRIGADE_CHECK(lines > 0, "distill: onpolicy: ", name, ": no student sample ended within ", d.generate.max_new_tokens,
                   " tokens; raise distill.generate.max_new_tokens");
-    distill::build_sft_shard(round.dir() / "accepted.jsonl", *tokenizer, recipe.data.seq_len, round.dir() / "build",
-                             round.dir() / "scored" / distill::kTopkFile);
+    const auto built = distill::build_sft_shard(round.dir() / "accepted.jsonl", *tokenizer, recipe.data.seq_len,
+                                                round.dir() / "build", round.dir() / "scored" / distill::kTopkFile);
+    BRIGADE_CHECK(built["rows"].get<int64_t>() >= 2, "distill: onpolicy: ", name, ": the ", lines,
+                  " student samples that ended fill ", built["rows"].get<int64_t>(),
+                  " packed row; training needs at least 2 (one is held out): raise distill.onpolicy.prompts_per_round ",
+                  "or distill.onpolicy.samples");
     auto overrides = args.overrides;
     for (const std::string& o :
          {std::string("data.source=shards"),
@@ -370,7 +374,9 @@ int distill_command(const DistillArgs& args) {
   const auto held_out = builtin_prompts(recipe.data.synthetic, recipe.data.synthetic.num_problems, d.eval.problems);
   nlohmann::json table = nlohmann::json::array();
   std::printf("\n| model | parameters | pass@1 | pass@%lld |\n|---|---|---|---|\n", static_cast<long long>(d.eval.k));
-  const std::string student_label = kd ? "student (SFT + KD " + distill::to_string(d.kd.loss) + ")" : "student (SFT)";
+  std::string student_label = kd ? "student (SFT + KD " + distill::to_string(d.kd.loss) : "student (SFT";
+  if (op.enabled()) student_label += " + on-policy " + distill::to_string(op.loss);
+  student_label += ")";
   // A remote teacher is not scored here (the eval runs brigade models locally).
   std::vector<std::pair<std::string, fs::path>> models;
   if (!d.teacher.remote()) models.emplace_back("teacher", teacher_ck);
