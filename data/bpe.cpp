@@ -895,17 +895,7 @@ BpeTokenizer BpeTokenizer::load(const fs::path& tokenizer_json) {
 
 bool BpeTokenizer::add_bos() const {
   if (impl_->add_bos_token) return *impl_->add_bos_token;
-  const json post = json::parse(impl_->post_processor_json, nullptr, false);
-  auto starts_with_special = [](const json& p) {
-    return p.is_object() && p.value("type", "") == "TemplateProcessing" && p.contains("single") &&
-           p["single"].is_array() && !p["single"].empty() && p["single"][0].is_object() &&
-           p["single"][0].contains("SpecialToken");
-  };
-  if (starts_with_special(post)) return true;
-  if (post.is_object() && post.value("type", "") == "Sequence" && post.contains("processors")) {
-    for (const json& p : post["processors"])
-      if (starts_with_special(p)) return true;
-  }
+  if (impl_->post_processor_adds_bos) return true;
   const auto bos = special_id(kBosToken);
   return bos && impl_->tokens[static_cast<size_t>(*bos)] == kBosToken;
 }
@@ -1026,7 +1016,19 @@ BpeTokenizer BpeTokenizer::parse(const std::string& text, const std::string& sou
     std::string type = f.type_of(*decoder, "decoder");
     if (type != "ByteLevel") f.fail("decoder.type", "unsupported decoder '" + type + "' (brigade supports ByteLevel)");
   }
-  if (const json* post = JsonFile::find(root, "post_processor")) impl->post_processor_json = post->dump();
+  if (const json* post = JsonFile::find(root, "post_processor")) {
+    impl->post_processor_json = post->dump();
+    // Whether it puts a special token first (Llama 3's BOS): the model's BOS convention.
+    auto starts_with_special = [](const json& p) {
+      return p.is_object() && p.value("type", "") == "TemplateProcessing" && p.contains("single") &&
+             p["single"].is_array() && !p["single"].empty() && p["single"][0].is_object() &&
+             p["single"][0].contains("SpecialToken");
+    };
+    impl->post_processor_adds_bos = starts_with_special(*post);
+    if (post->is_object() && post->value("type", "") == "Sequence" && post->contains("processors")) {
+      for (const json& p : (*post)["processors"]) impl->post_processor_adds_bos |= starts_with_special(p);
+    }
+  }
 
   // build() turns merge strings into ids; the roles need the added-token index first.
   BpeTokenizer tokenizer = make_bpe_tokenizer(impl);

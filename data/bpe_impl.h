@@ -175,6 +175,7 @@ struct BpeTokenizer::Impl {
   std::string post_processor_json = "null";  // kept verbatim for save()
   std::map<std::string, std::string, std::less<>> roles;  // brigade role -> token content (config)
   std::optional<bool> add_bos_token;    // tokenizer_config.json's, when it says
+  bool post_processor_adds_bos = false; // a TemplateProcessing that starts with a special token
   std::string chat_template;            // tokenizer_config.json's (or chat_template.jinja)
 
   // --- derived by build() ---------------------------------------------------------
