@@ -23,20 +23,15 @@ Weights are N(0, 0.02) from a fixed seed. Prints "ok"; exit code 3: a package is
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gguf_check import need  # noqa: E402  (exit 3 when a package is missing)
+
 MIXES = {"q4_k_m": "Q4_K_M", "q5_k_m": "Q5_K_M", "q6_k": "Q6_K", "q8_0": "Q8_0"}
 MODELS = {
     "dense": dict(layers=4, hidden=256, ffn=544, heads=4, kv_heads=2, vocab=512, experts=0, tied=False),
     "wide": dict(layers=80, hidden=64, ffn=64, heads=4, kv_heads=2, vocab=512, experts=0, tied=True),
     "moe": dict(layers=4, hidden=64, ffn=64, heads=4, kv_heads=2, vocab=512, experts=8, tied=False),
 }
-
-
-def need(module):
-    try:
-        return __import__(module)
-    except ImportError as e:
-        print(f"missing python package: {e}")
-        sys.exit(3)
 
 
 def add_vocab(w, gguf, vocab):
