@@ -226,9 +226,20 @@ torch::Tensor TransformerImpl::decode_hidden(const torch::Tensor& tokens, KVCach
   auto cos = rope_cos_.narrow(0, start, seq), sin = rope_sin_.narrow(0, start, seq);
   auto h = embed_tokens(tokens);
   int64_t index = 0;
-  for (const auto& layer : *layers) h = layer->as<BlockImpl>()->forward(h, cos, sin, &cache, index++);
+  for (const auto& layer : *layers) {
+    h = decode_block(*layer->as<BlockImpl>(), h, cos, sin, cache, index, index);
+    ++index;
+  }
   cache.length += seq;
   return h;
+}
+
+torch::Tensor TransformerImpl::decode_block(BlockImpl& block, const torch::Tensor& h, const torch::Tensor& cos,
+                                            const torch::Tensor& sin, KVCache& cache, int64_t cache_layer,
+                                            int64_t block_index) {
+  if (!block_hooks_) return block.forward(h, cos, sin, &cache, cache_layer);
+  block_hooks_->before(block_index);
+  return block_hooks_->after(block_index, block.forward(h, cos, sin, &cache, cache_layer));
 }
 
 torch::Tensor TransformerImpl::decode_logits(const torch::Tensor& hidden) { return head(norm(hidden)); }
@@ -246,7 +257,8 @@ torch::Tensor TransformerImpl::mtp_decode_hidden(int64_t k, const torch::Tensor&
   BRIGADE_CHECK(previous.dim() == 3 && previous.size(1) == seq, "MTP module ", k, ": hidden ", previous.sizes(),
                 " and tokens ", ahead.sizes(), " disagree");
   auto x = m.eh_proj(torch::cat({m.enorm(embed_tokens(ahead)), m.hnorm(previous)}, -1));
-  auto h = m.block->forward(x, rope_cos_.narrow(0, start, seq), rope_sin_.narrow(0, start, seq), &cache, 0);
+  auto h = decode_block(*m.block, x, rope_cos_.narrow(0, start, seq), rope_sin_.narrow(0, start, seq), cache, 0,
+                        options_.n_layers + k - 1);
   cache.length += seq;
   return h;
 }
@@ -284,14 +296,18 @@ torch::Tensor TransformerImpl::forward(const torch::Tensor& tokens, KVCache* cac
 
 torch::Tensor TransformerImpl::run_block(BlockImpl& block, const torch::Tensor& h, const torch::Tensor& cos,
                                          const torch::Tensor& sin, int64_t layer, const torch::Tensor& mask) {
+  if (block_hooks_) block_hooks_->before(layer);
+  torch::Tensor out;
   if (checkpointing_ == Checkpointing::kFull && is_training()) {
     // Only the block's input is kept; the block runs again in backward.
     auto* b = &block;
-    return checkpointed([b, cos, sin, mask, layer](const std::vector<torch::Tensor>& in) {
+    out = checkpointed([b, cos, sin, mask, layer](const std::vector<torch::Tensor>& in) {
       return b->forward(in[0], cos, sin, nullptr, layer, mask);
     }, {h});
+  } else {
+    out = block.forward(h, cos, sin, nullptr, layer, mask);
   }
-  return block.forward(h, cos, sin, nullptr, layer, mask);
+  return block_hooks_ ? block_hooks_->after(layer, std::move(out)) : out;
 }
 
 torch::Tensor TransformerImpl::head(const torch::Tensor& normed) {

@@ -148,6 +148,19 @@ struct ParameterCount {
 // alone, without building the model (a 671B recipe can be sized on a laptop).
 ParameterCount count_parameters(const TransformerOptions& options);
 
+// Called around every transformer block a forward runs (training, evaluation and
+// cached decoding). ZeRO-3 (parallel/zero3.h) gathers a block's parameters in
+// before() and frees them in after(), which also arranges for them to be gathered
+// again when backward reaches the block's output. `block` indexes the main model's
+// blocks, then the MTP modules' (layer n_layers + k - 1 for module k).
+class BlockHooks {
+ public:
+  virtual ~BlockHooks() = default;
+  virtual void before(int64_t block) = 0;
+  // The block's output, possibly with an autograd hook attached.
+  virtual torch::Tensor after(int64_t block, torch::Tensor output) = 0;
+};
+
 class TransformerImpl : public torch::nn::Module {
  public:
   // Parameters are initialised from the current torch RNG (seed it first).
@@ -224,6 +237,8 @@ class TransformerImpl : public torch::nn::Module {
   // forwards with grad mode on; evaluation and generation are unchanged.
   void set_checkpointing(Checkpointing mode);
   Checkpointing checkpointing() const { return checkpointing_; }
+  // Hooks around every block (null: none).
+  void set_block_hooks(std::shared_ptr<BlockHooks> hooks) { block_hooks_ = std::move(hooks); }
 
   torch::nn::Embedding embed_tokens{nullptr};
   torch::nn::ModuleList layers{nullptr};
@@ -239,6 +254,10 @@ class TransformerImpl : public torch::nn::Module {
   std::vector<std::pair<std::string, precision::Fp8GemmState*>> fp8_sites() const;
   TransformerOptions options_;
   Checkpointing checkpointing_ = Checkpointing::kNone;
+  std::shared_ptr<BlockHooks> block_hooks_;
+  // block.forward with a cache, between the block hooks.
+  torch::Tensor decode_block(BlockImpl& block, const torch::Tensor& h, const torch::Tensor& cos,
+                             const torch::Tensor& sin, KVCache& cache, int64_t cache_layer, int64_t block_index);
   torch::Tensor head(const torch::Tensor& normed);
   // The main model's blocks, then the MTP modules' (MoE layers, FP8, checkpointing).
   std::vector<BlockImpl*> blocks() const;

@@ -19,7 +19,7 @@ struct ParallelOptions {
   BackendRequest backend = BackendRequest::kAuto;  // how ranks talk (docs/distributed.md)
   int64_t timeout_s = 300;  // a collective not finished by then stops the job with an error
   double bucket_mb = 25.0;  // data-parallel gradient bucket size (MiB)
-  int64_t zero_stage = 0;   // 1: ZeRO-1 (optimizer state sharded over the data-parallel group)
+  int64_t zero_stage = 0;   // ZeRO: 1 optimizer state, 2 + gradients, 3 + block parameters sharded over the data-parallel group
   int64_t expert_parallel = 1;   // ranks per expert-parallel group
   bool ep_fp8_dispatch = false;  // dispatch tokens as E4M3 with 1x128 scales
 

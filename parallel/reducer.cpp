@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdint>
 #include <mutex>
 #include <optional>
 
@@ -13,6 +14,16 @@
 #include "parallel/ordered_sum.h"
 
 namespace brigade::parallel {
+
+namespace {
+
+// Shards start on norm-block boundaries, so a block is never split between ranks.
+void pad_to_shards(BucketLayout& layout) {
+  const int64_t unit = kNormBlock * layout.ranks;
+  for (auto& b : layout.buckets) b.shard = std::max<int64_t>(1, (b.numel + unit - 1) / unit) * kNormBlock;
+}
+
+}  // namespace
 
 BucketLayout make_bucket_layout(const std::vector<int64_t>& numels, int64_t bucket_bytes, int ranks) {
   BRIGADE_CHECK(bucket_bytes > 0, "gradient bucket size must be positive, got ", bucket_bytes, " bytes");
@@ -33,9 +44,28 @@ BucketLayout make_bucket_layout(const std::vector<int64_t>& numels, int64_t buck
     b.numel += numels[i];
     layout.bucket_of[i] = buckets.size() - 1;
   }
-  // Shards start on norm-block boundaries, so a block is never split between ranks.
-  const int64_t unit = kNormBlock * ranks;
-  for (auto& b : layout.buckets) b.shard = std::max<int64_t>(1, (b.numel + unit - 1) / unit) * kNormBlock;
+  pad_to_shards(layout);
+  return layout;
+}
+
+BucketLayout make_unit_layout(const std::vector<int64_t>& numels, const std::vector<std::vector<size_t>>& units,
+                              int ranks) {
+  BRIGADE_ASSERT(ranks >= 1, "bucket layout for ", ranks, " ranks");
+  BucketLayout layout;
+  layout.ranks = ranks;
+  layout.bucket_of.assign(numels.size(), SIZE_MAX);
+  for (const auto& unit : units) {
+    auto& b = layout.buckets.emplace_back();
+    for (size_t i : unit) {
+      BRIGADE_ASSERT(i < numels.size() && layout.bucket_of[i] == SIZE_MAX, "parameter ", i, " in two units or none");
+      b.params.push_back(i);
+      b.offsets.push_back(b.numel);
+      b.numel += numels[i];
+      layout.bucket_of[i] = layout.buckets.size() - 1;
+    }
+  }
+  for (size_t i = 0; i < numels.size(); ++i) BRIGADE_ASSERT(layout.bucket_of[i] != SIZE_MAX, "parameter ", i, " in no unit");
+  pad_to_shards(layout);
   return layout;
 }
 
@@ -83,6 +113,7 @@ struct GradientReducer::State {
     torch::Tensor flat;   // [ranks * shard] float32: this rank's gradients, then (unsharded) the sums
     torch::Tensor recv;   // [ranks * shard] float32: piece `rank` of every rank's flat, in rank order
     torch::Tensor shard;  // [shard] float32: this rank's piece of the sums
+    PairwiseSum step;     // released: this rank's piece of each micro-batch's sums
     int64_t waiting = 0;  // parameters not ready yet in this backward
     Phase phase = Phase::kIdle;
     Handle handle;
@@ -107,14 +138,18 @@ struct GradientReducer::State {
     if (index > 0 && !options.sharded) advance(index - 1);
     auto& b = buckets[index];
     const auto& spec = layout.buckets[index];
+    torch::NoGradGuard no_grad;
+    if (options.release) allocate(b, spec);
     for (size_t k = 0; k < spec.params.size(); ++k) {
       if (options.before_reduce) options.before_reduce(spec.params[k]);
-      const auto& p = params[spec.params[k]].second;
+      auto& p = params[spec.params[k]].second;
       auto slot = b.flat.narrow(0, spec.offsets[k], p.numel());
       if (p.grad().defined()) slot.copy_(p.grad().reshape({-1}));
       else slot.zero_();
+      if (options.release) p.mutable_grad() = torch::Tensor();
     }
     b.flat.narrow(0, spec.numel, b.flat.numel() - spec.numel).zero_();  // padding
+    if (options.after_copy) options.after_copy(index);
     const std::vector<int64_t> rows(group->size(), spec.shard);
     b.handle = group->all_to_all(b.flat, rows, b.recv, rows);
     b.phase = Phase::kExchange;
@@ -130,7 +165,12 @@ struct GradientReducer::State {
       PairwiseSum sum;
       const int64_t shard = layout.buckets[index].shard;
       for (int r = 0; r < group->size(); ++r) sum.add(b.recv.narrow(0, r * shard, shard));
-      b.shard.copy_(sum.take());
+      if (options.release) {
+        b.step.add(sum.take().clone());  // not a view: the buffers go now
+        b.flat = b.recv = torch::Tensor();
+      } else {
+        b.shard.copy_(sum.take());
+      }
       if (options.sharded) {
         b.phase = Phase::kDone;
         return;
@@ -142,6 +182,13 @@ struct GradientReducer::State {
       b.handle.wait();
       b.phase = Phase::kDone;
     }
+  }
+
+  // Released buckets get their send and receive buffers only while in flight.
+  void allocate(Bucket& b, const BucketLayout::Bucket& spec) const {
+    const auto on = b.shard.options();
+    if (!b.flat.defined()) b.flat = torch::empty({spec.shard * group->size()}, on);
+    if (!b.recv.defined()) b.recv = torch::empty({spec.shard * group->size()}, on);
   }
 
   // Starts every bucket from `next` on that is complete, in order.
@@ -195,14 +242,17 @@ GradientReducer::GradientReducer(std::vector<std::pair<std::string, torch::Tenso
                   name, " must be a float32 leaf that requires grad");
     numels.push_back(p.numel());
   }
-  s.layout = make_bucket_layout(numels, s.options.bucket_bytes, group.size());
+  BRIGADE_ASSERT(s.options.sharded || !s.options.release, "released gradients need a sharded reducer");
+  s.layout = s.options.units.empty() ? make_bucket_layout(numels, s.options.bucket_bytes, group.size())
+                                     : make_unit_layout(numels, s.options.units, group.size());
   s.ready.assign(s.params.size(), false);
   const auto on = s.params.empty() ? torch::TensorOptions() : s.params.front().second.options();
   for (const auto& spec : s.layout.buckets) {
     auto& b = s.buckets.emplace_back();
+    b.shard = torch::empty({spec.shard}, on.requires_grad(false));
+    if (s.options.release) continue;
     b.flat = torch::empty({spec.shard * group.size()}, on.requires_grad(false));  // filled per step
     b.recv = torch::empty_like(b.flat);
-    b.shard = torch::empty({spec.shard}, on.requires_grad(false));
   }
   for (size_t i = 0; i < s.params.size(); ++i) {
     auto accumulator = torch::autograd::impl::grad_accumulator(s.params[i].second);
@@ -245,19 +295,28 @@ const torch::Tensor& GradientReducer::shard_gradient(size_t bucket) const {
   return state_->buckets[bucket].shard;
 }
 
-void GradientReducer::gather_parameters() {
+void GradientReducer::gather_parameters(const std::function<bool(size_t)>& include) {
   auto& s = *state_;
   BRIGADE_ASSERT(s.options.sharded, "gather_parameters() of an unsharded reducer");
   torch::NoGradGuard no_grad;
-  const auto mine = shard_segments();
-  for (auto& b : s.buckets) b.shard.zero_();  // padding and pieces of no parameter
-  for (const auto& seg : mine) {
+  auto wanted = [&](size_t bi) { return !include || include(bi); };
+  for (size_t bi = 0; bi < s.buckets.size(); ++bi) {
+    if (wanted(bi)) s.buckets[bi].shard.zero_();  // padding and pieces of no parameter
+  }
+  for (const auto& seg : shard_segments()) {
+    if (!wanted(seg.bucket)) continue;
     s.buckets[seg.bucket].shard.narrow(0, seg.offset, seg.length)
         .copy_(s.params[seg.param].second.view({-1}).narrow(0, seg.begin, seg.length));
   }
   // Every bucket in flight at once, then copied out in order.
-  for (auto& b : s.buckets) b.handle = s.group->all_gather(b.shard, b.flat);
   for (size_t bi = 0; bi < s.buckets.size(); ++bi) {
+    if (!wanted(bi)) continue;
+    auto& b = s.buckets[bi];
+    if (s.options.release) b.flat = torch::empty({s.layout.buckets[bi].shard * s.group->size()}, b.shard.options());
+    b.handle = s.group->all_gather(b.shard, b.flat);
+  }
+  for (size_t bi = 0; bi < s.buckets.size(); ++bi) {
+    if (!wanted(bi)) continue;
     auto& b = s.buckets[bi];
     const auto& spec = s.layout.buckets[bi];
     b.handle.wait();
@@ -265,6 +324,7 @@ void GradientReducer::gather_parameters() {
       auto& p = s.params[spec.params[k]].second;
       p.view({-1}).copy_(b.flat.narrow(0, spec.offsets[k], p.numel()));
     }
+    if (s.options.release) b.flat = torch::Tensor();
   }
 }
 
@@ -314,7 +374,7 @@ void GradientReducer::begin_backward(bool reduce) {
   }
 }
 
-ReduceStats GradientReducer::finish() {
+ReduceStats GradientReducer::finish(bool last) {
   auto& s = *state_;
   std::lock_guard<std::mutex> lock(s.mutex);
   BRIGADE_ASSERT(s.reducing, "finish() without begin_backward(true)");
@@ -335,6 +395,13 @@ ReduceStats GradientReducer::finish() {
       auto sum = flat.narrow(0, spec.offsets[k], p.numel()).view(p.sizes());
       if (p.grad().defined()) p.mutable_grad().copy_(sum);
       else p.mutable_grad() = sum.clone();
+    }
+  }
+  if (s.options.release && last) {
+    for (auto& b : s.buckets) {
+      auto sum = b.step.take();
+      if (sum.defined()) b.shard.copy_(sum);
+      else b.shard.zero_();
     }
   }
   stats.wait_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();

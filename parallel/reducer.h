@@ -21,6 +21,14 @@
 // updates only the parameter elements it owns (shard_segments()), and
 // gather_parameters() all-gathers the updated shards so every rank holds every
 // parameter again.
+//
+// Released (ZeRO-2 and 3): every micro-batch's backward is reduced, not only the
+// step's last; finish(last) after each adds the micro-batch's shard sums to the
+// step's (a PairwiseSum over micro-batches). A parameter's .grad is dropped as soon
+// as it is copied into its bucket, and a bucket's send and receive buffers exist
+// only while it is in flight, so gradient memory is the shards plus the buckets in
+// flight. With one micro-batch per step the bits are ZeRO-1's; with several, the
+// order of the additions is micro-batch major (docs/distributed.md).
 #pragma once
 
 #include <cstdint>
@@ -68,6 +76,11 @@ struct BucketLayout {
   int ranks = 1;                  // a bucket's buffer is ranks * shard elements
 };
 BucketLayout make_bucket_layout(const std::vector<int64_t>& numels, int64_t bucket_bytes, int ranks);
+// One bucket per unit (parameter indices, in each unit the order of the list), the
+// units in the order given (the order backward finishes them): ZeRO-3's layers.
+// Every parameter must be in exactly one unit.
+BucketLayout make_unit_layout(const std::vector<int64_t>& numels, const std::vector<std::vector<size_t>>& units,
+                              int ranks);
 
 // The squared L2 norm of `grads` (undefined: zeros), laid out as `layout` says,
 // summed in the order of parallel/ordered_sum.h: the same bits as a data-parallel
@@ -82,6 +95,14 @@ struct ReducerOptions {
   // gradient is copied into a bucket, on the thread that runs backward: the
   // trainer folds the earlier micro-batches' gradients in there.
   std::function<void(size_t)> before_reduce;
+  // ZeRO-2 and 3 (sharded only): reduce every backward, accumulate the shard sums
+  // over micro-batches, release gradients and buffers once sent (see above).
+  bool release = false;
+  // Explicit buckets (make_unit_layout) instead of buckets of bucket_bytes.
+  std::vector<std::vector<size_t>> units;
+  // Called with a bucket's index once its gradients are copied out, on the thread
+  // that runs backward (ZeRO-3 frees the unit's gathered parameters there).
+  std::function<void(size_t)> after_copy;
 };
 
 class GradientReducer {
@@ -100,7 +121,9 @@ class GradientReducer {
   // After the last backward of a step: every parameter's gradient is the sum over
   // the group's ranks. Sharded: the parameters' own gradients stay this rank's,
   // and shard_gradient() holds the sums of the elements this rank owns.
-  ReduceStats finish();
+  // Released: after every backward; `last` says whether it was the step's last
+  // (shard_gradient() then holds the step's sums).
+  ReduceStats finish(bool last = true);
 
   int64_t bucket_count() const;
   bool sharded() const;
@@ -113,8 +136,9 @@ class GradientReducer {
   // This rank's shard of bucket `bucket` after finish(): [shard numel] float32.
   const torch::Tensor& shard_gradient(size_t bucket) const;
   // All-gathers every bucket's owned elements (as the parameters hold them now) so
-  // every rank's parameters equal the owners' values.
-  void gather_parameters();
+  // every rank's parameters equal the owners' values. `include`: only the buckets
+  // it accepts (ZeRO-3 gathers its units' parameters itself).
+  void gather_parameters(const std::function<bool(size_t)>& include = {});
   // After finish(): the squared L2 norm of the summed gradients (sharded: of every
   // rank's shards; collective then), the same bits on every rank and for any
   // number of ranks (square_norm() with this reducer's layout, for one process).

@@ -1,5 +1,7 @@
 #include "parallel/state.h"
 
+#include <utility>
+
 #include <torch/torch.h>
 
 #include "core/error.h"
@@ -17,9 +19,8 @@ ParallelState::ParallelState(ParallelStateOptions options) : options_(options) {
                 size(), ")");
   BRIGADE_CHECK(ep == 1 || options_.num_experts % ep == 0, "model.moe.num_experts (", options_.num_experts,
                 ") must be divisible by parallel.expert_parallel (", ep, ")");
-  BRIGADE_CHECK(ep == 1 || !options_.zero,
-                "parallel.zero_stage=1 together with parallel.expert_parallel > 1 is not supported yet; "
-                "use one of them");
+  BRIGADE_CHECK(ep == 1 || options_.zero_stage == 0, "parallel.zero_stage=", options_.zero_stage,
+                " together with parallel.expert_parallel > 1 is not supported yet; use one of them");
   if (ep > 1) {
     auto& world = *options_.data_parallel;
     ep_group_ = world.split(world.rank() / static_cast<int>(ep), world.rank(), "ep");
@@ -39,7 +40,8 @@ void ParallelState::broadcast_from_main(const std::vector<torch::Tensor>& tensor
   }
 }
 
-void ParallelState::attach(NamedParams params, const std::vector<std::string>& expert_slices) {
+void ParallelState::attach(NamedParams params, const std::vector<std::string>& expert_slices,
+                           const std::vector<std::vector<size_t>>& blocks) {
   BRIGADE_ASSERT(params_.empty(), "ParallelState::attach called twice");
   params_ = std::move(params);
   expert_slices_ = {expert_slices.begin(), expert_slices.end()};
@@ -58,17 +60,55 @@ void ParallelState::attach(NamedParams params, const std::vector<std::string>& e
   // parameter's gradient goes into its bucket.
   auto reducer_options = [&](const std::vector<size_t>& to_state, bool sharded) {
     auto* sums = micro_grads_.get();
-    return ReducerOptions{.bucket_bytes = options_.bucket_bytes,
-                          .sharded = sharded,
-                          .before_reduce = [sums, to_state](size_t i) { sums->finish(to_state[i]); }};
+    ReducerOptions options;
+    options.bucket_bytes = options_.bucket_bytes;
+    options.sharded = sharded;
+    options.before_reduce = [sums, to_state](size_t i) { sums->finish(to_state[i]); };
+    return options;
   };
+  // ZeRO-3's buckets are its units: the blocks in the order backward finishes them
+  // (last first), then one bucket of everything else. Alone, the same layout gives
+  // the same gradient norm.
+  std::vector<std::vector<size_t>> units;
+  const int64_t stage = options_.zero_stage;
+  if (stage == 3) {
+    BRIGADE_CHECK(!blocks.empty(), "parallel.zero_stage=3 needs a model with transformer blocks");
+    std::vector<bool> in_block(params_.size(), false);
+    for (auto it = blocks.rbegin(); it != blocks.rend(); ++it) {
+      BRIGADE_CHECK(!it->empty(), "parallel.zero_stage=3: a transformer block without trainable parameters");
+      for (size_t i : *it) in_block.at(i) = true;
+      units.push_back(*it);
+    }
+    auto& rest = units.emplace_back();
+    for (size_t i = 0; i < params_.size(); ++i) {
+      if (!in_block[i]) rest.push_back(i);
+    }
+    if (rest.empty()) units.pop_back();
+  }
+  std::vector<int64_t> numels;
+  for (const auto& [name, p] : params_) numels.push_back(p.numel());
   if (size() > 1) {
-    reducer_ = std::make_unique<GradientReducer>(dense, *options_.data_parallel,
-                                                 reducer_options(dense_index, options_.zero));
+    auto options = reducer_options(dense_index, stage >= 1);
+    if (stage >= 2) {
+      options.before_reduce = nullptr;  // every micro-batch is reduced: nothing stashed
+      options.release = true;
+      options.units = units;
+      options.after_copy = [this](size_t bucket) {
+        if (!zero3_) return;
+        if (const int64_t u = zero3_->unit_of_bucket(bucket); u >= 0) zero3_->release(u);
+      };
+    }
+    reducer_ = std::make_unique<GradientReducer>(dense, *options_.data_parallel, std::move(options));
   } else {
-    std::vector<int64_t> numels;
-    for (const auto& [name, p] : params_) numels.push_back(p.numel());
-    layout_ = make_bucket_layout(numels, options_.bucket_bytes, 1);  // for the same gradient norm
+    // For the same gradient norm as a data-parallel run.
+    layout_ = units.empty() ? make_bucket_layout(numels, options_.bucket_bytes, 1) : make_unit_layout(numels, units, 1);
+  }
+  if (stage == 3 && size() > 1) {
+    std::vector<size_t> unit_buckets;  // block j's bucket: blocks run backwards
+    for (size_t j = 0; j < blocks.size(); ++j) unit_buckets.push_back(blocks.size() - 1 - j);
+    auto& world = *options_.data_parallel;
+    zero3_ = std::make_unique<ShardedParameters>(reducer_->params(), reducer_->layout(), std::move(unit_buckets),
+                                                 world.split(0, world.rank(), "zero3"));
   }
   if (!experts.empty() && expert_replicas_ && expert_replicas_->size() > 1) {
     expert_reducer_ = std::make_unique<GradientReducer>(experts, *expert_replicas_, reducer_options(expert_index, false));
@@ -84,11 +124,19 @@ void ParallelState::sum_over_ranks(torch::Tensor& t) const {
 }
 
 void ParallelState::begin_micro_batch(bool last) {
-  if (reducer_) reducer_->begin_backward(/*reduce=*/last);
+  const bool every = options_.zero_stage >= 2;  // ZeRO-2/3 reduce every micro-batch
+  if (reducer_) reducer_->begin_backward(/*reduce=*/last || every);
   if (expert_reducer_) expert_reducer_->begin_backward(/*reduce=*/last);
 }
 
 void ParallelState::end_micro_batch(bool last) {
+  if (reducer_ && options_.zero_stage >= 2) {
+    const auto stats = reducer_->finish(last);
+    micro_stats_.buckets += stats.buckets;
+    micro_stats_.started_in_backward += stats.started_in_backward;
+    micro_stats_.wait_seconds += stats.wait_seconds;
+    return;
+  }
   // Micro-batch gradients are added in the canonical order (parallel/ordered_sum.h).
   if (!last) micro_grads_->stash();
 }
@@ -96,6 +144,10 @@ void ParallelState::end_micro_batch(bool last) {
 ReduceStats ParallelState::finish_gradients() {
   micro_grads_->finish_all();  // what no reducer folded in
   if (!reducer_) return {};
+  if (options_.zero_stage >= 2) {
+    if (zero3_) zero3_->release_all();  // units whose backward did not run
+    return std::exchange(micro_stats_, ReduceStats{});
+  }
   ReduceStats stats = reducer_->finish();
   if (expert_reducer_) {
     const auto experts = expert_reducer_->finish();
@@ -138,11 +190,14 @@ ParallelState::OptimizerPieces ParallelState::optimizer_pieces() const {
     }
     return out;
   }
-  // ZeRO-1: flat views of the elements this rank owns; their summed gradients are
+  // ZeRO: flat views of the elements this rank owns; their summed gradients are
   // views into the reducer's shards. The reducer holds every parameter (no EP).
+  // ZeRO-3's blocks: views into the units' kept shards instead.
   for (const auto& seg : reducer_->shard_segments()) {
     const auto& [name, p] = reducer_->params()[seg.param];
-    out.pieces.emplace_back(name, p.detach().view({-1}).narrow(0, seg.begin, seg.length));
+    const int64_t unit = zero3_ ? zero3_->unit_of_bucket(seg.bucket) : -1;
+    if (unit >= 0) out.pieces.emplace_back(name, zero3_->shard(unit).narrow(0, seg.offset, seg.length));
+    else out.pieces.emplace_back(name, p.detach().view({-1}).narrow(0, seg.begin, seg.length));
     out.begins.push_back(seg.begin);
     out.param.push_back(seg.param);
   }
@@ -157,7 +212,19 @@ std::vector<torch::Tensor> ParallelState::optimizer_gradients() const {
 }
 
 void ParallelState::after_update() {
-  if (sharded()) reducer_->gather_parameters();
+  if (!sharded()) return;
+  if (!zero3_) return reducer_->gather_parameters();
+  reducer_->gather_parameters([this](size_t bucket) { return zero3_->unit_of_bucket(bucket) < 0; });
+}
+
+void ParallelState::gather_weights() {
+  if (zero3_) zero3_->gather_all();
+}
+
+void ParallelState::release_weights(bool changed) {
+  if (!zero3_ || !zero3_->whole()) return;
+  if (changed) zero3_->refresh_shards();  // the parameters were overwritten while gathered
+  zero3_->release_all();
 }
 
 std::vector<int64_t> ParallelState::full_shape(const std::string& name, const torch::Tensor& tensor) const {
@@ -180,7 +247,7 @@ torch::Tensor ParallelState::expert_slice(const torch::Tensor& whole) const {
 }
 
 std::vector<ShardRanges> ParallelState::shard_ranges() const {
-  BRIGADE_ASSERT(sharded(), "shard_ranges() without ZeRO-1");
+  BRIGADE_ASSERT(sharded(), "shard_ranges() without ZeRO");
   std::vector<ShardRanges> out;
   for (int r = 0; r < size(); ++r) {
     ShardRanges ranges;

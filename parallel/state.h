@@ -1,14 +1,22 @@
 // The parallel state of a training run, in one object: the data-parallel group,
-// the expert-parallel groups made from it, the gradient reducers, the ZeRO-1
-// shards the optimizer owns, and what checkpoints need to gather expert slices
-// and lay out optimizer shards. The trainer holds one and asks it, at fixed
+// the expert-parallel groups made from it, the gradient reducers, the ZeRO shards
+// (optimizer state, gradients, parameters) and what checkpoints need to gather
+// expert slices and lay out optimizer shards. The trainer holds one and asks it, at fixed
 // points of a step, to do the parallel part:
 //
 //   begin_micro_batch(last)  ... forward + backward ...  end_micro_batch(last)
-//   finish_gradients()       gradients are sums over the ranks (ZeRO-1: owned shards)
+//   finish_gradients()       gradients are sums over the ranks (ZeRO: owned shards)
 //   grad_square_norm()       on the device, the same bits for any number of ranks
 //   optimizer_gradients()    what AdamW applies, piece by piece
-//   after_update()           ZeRO-1: every rank's parameters from their owners
+//   after_update()           ZeRO-1/2: every rank's parameters from their owners
+//
+// ZeRO stages (parallel.zero_stage): 1 shards the optimizer state; 2 also the
+// gradients (every micro-batch reduce-scattered during backward, nothing whole
+// kept: GradientReducer's "released" mode); 3 also the transformer blocks'
+// parameters (parallel/zero3.h): each block is gathered just before its forward
+// and again before its backward, the next one prefetched, and freed after use.
+// The embedding, final norm and output head (and the MTP modules' projections)
+// stay whole on every rank at stage 3, treated as at stage 2.
 //
 // Layout. Ranks 0..N-1 of the data-parallel group train on slices of the batch.
 // With expert parallelism P, runs of P consecutive ranks form an EP group whose
@@ -34,6 +42,7 @@
 #include "parallel/communicator.h"
 #include "parallel/ordered_sum.h"
 #include "parallel/reducer.h"
+#include "parallel/zero3.h"
 
 namespace brigade::parallel {
 
@@ -45,7 +54,7 @@ struct ParallelStateOptions {
   Communicator* data_parallel = nullptr;
   c10::Device device{c10::kCPU};  // where parameters, gradients and control tensors live
   int64_t bucket_bytes = 25 << 20;
-  bool zero = false;             // ZeRO-1: optimizer state sharded over the data-parallel group
+  int64_t zero_stage = 0;        // 0-3: what is sharded over the data-parallel group (above)
   int64_t expert_parallel = 1;   // ranks per EP group (1: off)
   int64_t num_experts = 0;       // routed experts per MoE layer (0: the model has none)
 };
@@ -67,13 +76,25 @@ class ParallelState {
   // Every rank's `tensors` become rank 0's (weights and buffers at start-up).
   void broadcast_from_main(const std::vector<torch::Tensor>& tensors) const;
   // The trainable parameters, after the model's experts were sliced for this rank;
-  // `expert_slices`: the names of those sliced on dim 0 over the EP group.
-  void attach(NamedParams params, const std::vector<std::string>& expert_slices);
+  // `expert_slices`: the names of those sliced on dim 0 over the EP group. `blocks`:
+  // the indices into `params` of each transformer block's parameters, in the
+  // model's block order (ZeRO-3's units; BlockHooks numbering).
+  void attach(NamedParams params, const std::vector<std::string>& expert_slices,
+              const std::vector<std::vector<size_t>>& blocks = {});
 
   int size() const { return options_.data_parallel ? options_.data_parallel->size() : 1; }
   int rank() const { return options_.data_parallel ? options_.data_parallel->rank() : 0; }
   bool is_main() const { return rank() == 0; }
   bool sharded() const { return reducer_ && reducer_->sharded(); }
+  int64_t zero_stage() const { return options_.zero_stage; }
+  // ZeRO-3 on several ranks: the blocks' sharded parameters (null otherwise).
+  ShardedParameters* sharded_parameters() const { return zero3_.get(); }
+  // ZeRO-3: every parameter whole (collective), for checkpoints, loading weights and
+  // callers of the model after training; release_weights() frees the blocks again,
+  // after taking the owned elements from the parameters when they were `changed`.
+  // No-ops at other stages.
+  void gather_weights();
+  void release_weights(bool changed);
   Communicator* data_parallel() const { return options_.data_parallel; }
 
   // `t` (on the device) summed over the data-parallel group, in place; alone: unchanged.
@@ -127,7 +148,9 @@ class ParallelState {
   std::unique_ptr<MicroBatchGradients> micro_grads_;
   std::unique_ptr<GradientReducer> reducer_;         // data parallel: all but the expert slices
   std::unique_ptr<GradientReducer> expert_reducer_;  // expert slices over the expert replicas
-  std::vector<torch::Tensor> shard_grads_;           // ZeRO-1: the owned pieces' summed gradients
+  std::vector<torch::Tensor> shard_grads_;           // ZeRO: the owned pieces' summed gradients
+  std::unique_ptr<ShardedParameters> zero3_;         // ZeRO-3 on several ranks
+  ReduceStats micro_stats_;                          // ZeRO-2/3: summed over the step's micro-batches
   BucketLayout layout_;                              // alone: the buckets a reducer would use
 };
 

@@ -130,7 +130,7 @@ std::unique_ptr<trainer::Trainer> build_trainer(const Recipe& r, const std::file
   context.device = data_parallel && data_parallel->size() > 1 ? data_parallel->device()
                                                                : plan_placement(r, this_machine()).device;
   context.bucket_bytes = r.parallel.bucket_bytes();
-  context.zero = r.parallel.zero_stage == 1;
+  context.zero_stage = r.parallel.zero_stage;
   context.expert_parallel = r.parallel.expert_parallel;
   context.ep_fp8_dispatch = r.parallel.ep_fp8_dispatch;
   if (kd) {

@@ -112,14 +112,37 @@ TrainingPlan plan_training(const PlanInputs& in, const PlanOptions& options) {
   const double routed = static_cast<double>(p.params.routed), dense = static_cast<double>(p.params.total) - routed;
   p.params_per_gpu = dense + routed / static_cast<double>(ep);
   const double state_bytes = in.precision.optimizer_state_dtype == precision::ComputeDtype::kBFloat16 ? 2.0 : 4.0;
-  const bool zero = in.parallel.zero_stage >= 1;
+  const int64_t stage = in.parallel.zero_stage;
+  const bool zero = stage >= 1;
   const double dense_shards = zero ? static_cast<double>(options.gpus) : 1.0;
   const double expert_shards = zero ? static_cast<double>(options.gpus / ep) : 1.0;
-  p.memory.push_back({"weights (FP32 master)", 4 * p.params_per_gpu});
-  p.memory.push_back({"gradients (FP32)", 4 * p.params_per_gpu});
+  const double per_rank_shard = dense / dense_shards + routed / static_cast<double>(ep) / expert_shards;
+  // ZeRO-3 shards the blocks; the embedding, final norm, head and MTP projections stay whole.
+  const double d_model = static_cast<double>(o.d_model);
+  const double root = static_cast<double>(p.params.embedding) +
+                      (o.tie_embeddings ? 0.0 : static_cast<double>(o.vocab_size) * d_model) + d_model +
+                      static_cast<double>(o.mtp.depth) * (2 * d_model * d_model + 3 * d_model);
+  double largest_block = (p.params_per_gpu - root) / blocks;
+  if (o.n_layers >= 2) {  // the last layer is the largest (MoE after the dense ones)
+    auto fewer = main;
+    fewer.n_layers -= 1;
+    largest_block = static_cast<double>(p.main_params.total - model::count_parameters(fewer).total);
+  }
+  const double bucket = stage == 3 ? largest_block * 4 : std::min(4 * p.params_per_gpu, static_cast<double>(in.parallel.bucket_bytes()));
+  if (stage == 3) {
+    p.memory.push_back({"weights (FP32; ZeRO-3: blocks sharded, 2 whole)",
+                        4 * (root + (p.params_per_gpu - root) / dense_shards + 2 * largest_block)});
+  } else {
+    p.memory.push_back({"weights (FP32 master)", 4 * p.params_per_gpu});
+  }
+  if (stage >= 2) {
+    p.memory.push_back({"gradients (FP32; ZeRO-2: shards + 2 buckets)", 4 * per_rank_shard + 2 * 2 * bucket});
+  } else {
+    p.memory.push_back({"gradients (FP32)", 4 * p.params_per_gpu});
+  }
   p.memory.push_back({std::string("AdamW moments (") + (state_bytes == 2 ? "bf16" : "fp32") +
-                          (zero ? ", ZeRO-1)" : ")"),
-                      2 * state_bytes * (dense / dense_shards + routed / static_cast<double>(ep) / expert_shards)});
+                          (zero ? ", ZeRO-" + std::to_string(stage) + ")" : ")"),
+                      2 * state_bytes * per_rank_shard});
 
   const double c = in.precision.compute_dtype == precision::ComputeDtype::kBFloat16 ? 2.0 : 4.0;
   const double tokens = s * static_cast<double>(in.trainer.micro_batch_size);
@@ -164,7 +187,7 @@ std::string format_plan(const TrainingPlan& p, const PlanInputs& in, const PlanO
   std::snprintf(flops, sizeof flops, "%.3g", p.flops_per_token);
   out << "training FLOPs    " << flops << " per token (forward + backward, " << in.seq_len << "-token sequences)\n";
   out << "layout            data parallel " << options.gpus << ", expert parallel " << in.parallel.expert_parallel
-      << ", ZeRO-" << (in.parallel.zero_stage >= 1 ? "1" : "0") << "; micro batch " << in.trainer.micro_batch_size
+      << ", ZeRO-" << in.parallel.zero_stage << "; micro batch " << in.trainer.micro_batch_size
       << " x " << in.seq_len << " tokens, activation checkpointing " << to_string(in.trainer.activation_checkpointing)
       << ", compute " << precision::to_string(in.precision.compute_dtype)
       << (in.precision.fp8.enabled() ? " with FP8 GEMMs" : "") << "\n";

@@ -6,10 +6,14 @@
 #include <optional>
 #include <sstream>
 
+#include <sys/resource.h>
+
 #include <ATen/CPUGeneratorImpl.h>
+#include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
 #include "core/error.h"
+#include "core/fs.h"
 #include "core/log.h"
 #include "core/progress.h"
 #include "parallel/ordered_sum.h"
@@ -18,6 +22,51 @@
 
 namespace brigade::trainer {
 namespace {
+
+// ZeRO-3 around the model's blocks: a block's parameters are gathered before its
+// forward (the next block's gather started first, so it overlaps this one), freed
+// after it, and gathered again when backward reaches the block's output (the block
+// before it prefetched); the reducer frees them once their gradients are sent.
+class ZeroThreeHooks final : public model::BlockHooks {
+ public:
+  ZeroThreeHooks(parallel::ShardedParameters& units, int64_t main_blocks) : units_(units), main_blocks_(main_blocks) {}
+  void before(int64_t block) override {
+    units_.prefetch(block);
+    if (block + 1 != main_blocks_) units_.prefetch(block + 1);  // the MTP modules run later, if at all
+    units_.gather(block);
+  }
+  torch::Tensor after(int64_t block, torch::Tensor output) override {
+    units_.release(block);
+    if (torch::GradMode::is_enabled() && output.requires_grad()) {
+      auto* units = &units_;
+      output.register_hook([units, block](const torch::Tensor& grad) {
+        units->prefetch(block);
+        units->prefetch(block - 1);
+        units->gather(block);
+        return grad;
+      });
+    }
+    return output;
+  }
+
+ private:
+  parallel::ShardedParameters& units_;
+  int64_t main_blocks_;
+};
+
+// The indices into `params` of each block's parameters, in BlockHooks order.
+std::vector<std::vector<size_t>> block_parameters(const model::NamedTensors& params, const model::TransformerOptions& o) {
+  std::vector<std::string> prefixes;
+  for (int64_t j = 0; j < o.n_layers; ++j) prefixes.push_back("layers." + std::to_string(j) + ".");
+  for (int64_t k = 0; k < o.mtp.depth; ++k) prefixes.push_back("mtp." + std::to_string(k) + ".block.");
+  std::vector<std::vector<size_t>> out(prefixes.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    for (size_t j = 0; j < prefixes.size(); ++j) {
+      if (params[i].first.starts_with(prefixes[j])) out[j].push_back(i);
+    }
+  }
+  return out;
+}
 
 model::NamedTensors trainable_parameters(torch::nn::Module& module) {
   model::NamedTensors out;
@@ -96,7 +145,7 @@ Trainer::Trainer(TrainerOptions options, precision::PrecisionOptions precision, 
       parallel::ParallelStateOptions{.data_parallel = context_.data_parallel,
                                      .device = context_.device,
                                      .bucket_bytes = context_.bucket_bytes,
-                                     .zero = context_.zero,
+                                     .zero_stage = context_.zero_stage,
                                      .expert_parallel = context_.expert_parallel,
                                      .num_experts = routing.enabled() ? routing.num_experts : 0});
   // Everything the trainer owns follows the model: parameters, buffers (RoPE tables,
@@ -113,7 +162,10 @@ Trainer::Trainer(TrainerOptions options, precision::PrecisionOptions precision, 
   }
   if (auto* ep = parallel_->expert_group()) model_->set_expert_parallel(ep, context_.ep_fp8_dispatch);
   params_ = trainable_parameters(*model_);
-  parallel_->attach(params_, model_->expert_parallel_parameters());
+  parallel_->attach(params_, model_->expert_parallel_parameters(), block_parameters(params_, model_->options()));
+  if (auto* units = parallel_->sharded_parameters()) {
+    model_->set_block_hooks(std::make_shared<ZeroThreeHooks>(*units, model_->options().n_layers));
+  }
 
   const auto decay = weight_decay_mask(params_, options_);
   const AdamWOptions adamw{options_.beta1, options_.beta2, options_.eps, options_.weight_decay,
@@ -138,7 +190,8 @@ void Trainer::resume(const LoadedCheckpoint& ck) {
                 " is from a different model shape: ",
                 first_difference(ck.state.model_fingerprint, context_.model_fingerprint));
   // Checkpoints hold whole expert tensors: an expert-parallel rank loads them into
-  // full-size scratch tensors and keeps its slice.
+  // full-size scratch tensors and keeps its slice. ZeRO-3: loaded whole, then sharded.
+  parallel_->gather_weights();
   auto weights = model_->state_dict();
   std::vector<std::pair<torch::Tensor, torch::Tensor>> slices;  // (this rank's slice, the whole tensor)
   for (auto& [name, t] : weights) {
@@ -152,6 +205,7 @@ void Trainer::resume(const LoadedCheckpoint& ck) {
     torch::NoGradGuard no_grad;
     for (auto& [slice, full] : slices) slice.copy_(parallel_->expert_slice(full));
   }
+  parallel_->release_weights(/*changed=*/true);
   model_->load_fp8_state(ck.precision.tensors, source);
   std::map<std::string, std::vector<int64_t>> shapes;
   for (const auto& [name, p] : params_) shapes[name] = parallel_->full_shape(name, p);
@@ -207,6 +261,35 @@ void Trainer::run() {
     }
   }
   for (auto& hook : hooks_) hook->on_end(*this);
+  record_peak_memory();
+  parallel_->gather_weights();  // ZeRO-3: callers find the model whole
+}
+
+void Trainer::record_peak_memory() {
+  struct rusage usage {};
+  getrusage(RUSAGE_SELF, &usage);
+  const auto doubles = torch::TensorOptions().dtype(torch::kDouble).device(context_.device);
+  double gpu = 0.0;
+  if (context_.device.is_cuda()) gpu = static_cast<double>(cuda_memory(context_.device.index()).peak_allocated_bytes);
+  auto mine = torch::tensor({static_cast<double>(usage.ru_maxrss) / 1024.0, gpu / (1 << 20)}, doubles);  // ru_maxrss: KiB
+  auto all = mine;
+  if (dp_size() > 1) {
+    all = torch::empty({2 * dp_size()}, doubles);
+    context_.data_parallel->all_gather(mine, all).wait();
+  }
+  if (!is_main_rank() || context_.run_dir.empty()) return;
+  std::filesystem::create_directories(context_.run_dir);
+  const auto host = all.cpu().view({-1, 2});
+  nlohmann::json out;
+  out["step"] = state_.step;
+  out["peak_rss_mib"] = nlohmann::json::array();
+  out["cuda_peak_allocated_mib"] = nlohmann::json::array();
+  for (int64_t r = 0; r < host.size(0); ++r) {
+    out["peak_rss_mib"].push_back(host[r][0].item<double>());
+    if (context_.device.is_cuda()) out["cuda_peak_allocated_mib"].push_back(host[r][1].item<double>());
+  }
+  if (!context_.device.is_cuda()) out.erase("cuda_peak_allocated_mib");
+  write_file_atomic(context_.run_dir / "memory.json", out.dump() + "\n");
 }
 
 std::vector<data::Batch> Trainer::step_batches() {
@@ -317,6 +400,7 @@ StepResult Trainer::run_step() {
   // Dropping the gradients (rather than zeroing them) lets the first backward write
   // them directly instead of accumulating into zeros.
   for (auto& [name, p] : params_) p.mutable_grad() = torch::Tensor();
+  parallel_->release_weights(/*changed=*/false);  // ZeRO-3: gathered block by block from here
   // The loss is the mean over the step's trained targets on all ranks: the same for
   // any split of its rows into ranks and micro-batches.
   const std::vector<data::Batch> batches = step_batches();
@@ -419,9 +503,10 @@ torch::Tensor Trainer::mtp_loss(const data::Batch& batch, const torch::Tensor& d
 
 Trainer::LossTensors Trainer::forward_backward(const data::Batch& batch, const torch::Tensor& denominator) {
   // Every target masked here: nothing to learn from this slice (the reducer still
-  // contributes zeros for this rank). With expert parallelism the forward and
-  // backward still run: the other ranks' tokens may need this rank's experts.
-  if (batch.trained_tokens == 0 && !parallel_->expert_group()) return {};
+  // contributes zeros for this rank). With expert parallelism (the other ranks'
+  // tokens may need this rank's experts) and ZeRO-3 (the blocks' gathers are
+  // collective) the forward and backward still run.
+  if (batch.trained_tokens == 0 && !lockstep_forward()) return {};
   const auto logits = forward(batch);
   auto loss = token_loss_sum(logits, batch) / denominator;
   torch::Tensor objective;
@@ -477,10 +562,10 @@ EvalResult Trainer::evaluate() {
   // The ranks share the batches (rank r takes batches r, r + ranks, ...) and add up,
   // on the device: one host read for the whole evaluation.
   const int ranks = dp_size(), rank = parallel_->rank();
-  const bool ep = parallel_->expert_group() != nullptr;
+  const bool ep = lockstep_forward();
   auto sums = torch::zeros({2}, torch::TensorOptions().dtype(torch::kDouble).device(context_.device));  // per-batch mean losses, batches counted
-  // With expert parallelism every rank runs the same number of forwards (the last
-  // round's extra ones are not counted).
+  // With expert parallelism or ZeRO-3 every rank runs the same number of forwards
+  // (the last round's extra ones are not counted).
   const int64_t rounds = (options_.eval_batches + ranks - 1) / ranks;
   for (int64_t round = 0; round < rounds; ++round) {
     const int64_t i = round * ranks + rank;
@@ -506,6 +591,12 @@ EvalResult Trainer::evaluate() {
 }
 
 std::filesystem::path Trainer::save_checkpoint() {
+  // ZeRO-3: whole weights while they are written (every rank calls this).
+  parallel_->gather_weights();
+  struct Release {
+    parallel::ParallelState& state;
+    ~Release() { state.release_weights(false); }
+  } release{*parallel_};
   CheckpointData data;
   data.model = model_->state_dict();
   const bool ep = parallel_->expert_group() != nullptr;

@@ -42,9 +42,10 @@ struct RunContext {
   // group: its device, a rank's GPU for NCCL).
   c10::Device device{c10::kCPU};
   int64_t bucket_bytes = 25 << 20;
-  // ZeRO-1: the AdamW state is sharded over the data-parallel group; each rank
-  // updates the parameter elements it owns and all-gathers the rest.
-  bool zero = false;
+  // parallel.zero_stage (parallel/state.h): 1 the AdamW state is sharded over the
+  // data-parallel group (each rank updates the parameter elements it owns and
+  // all-gathers the rest); 2 the gradients too; 3 the blocks' parameters too.
+  int64_t zero_stage = 0;
   // Expert parallelism: ranks per expert-parallel group (1: off). Groups are
   // consecutive ranks of `data_parallel`; each holds num_experts / expert_parallel
   // routed experts, and tokens travel to them by all-to-all (FP8 when ep_fp8_dispatch).
@@ -103,6 +104,7 @@ class Trainer {
   // Runs steps until trainer.max_steps (or trainer.stop_after), calling the hooks;
   // or until a stop is requested (set_stop_request): then the ranks agree at the next
   // step boundary, write a checkpoint and return with stopped_by_request() true.
+  // With ZeRO-3 the model's parameters are whole again when it returns (collective).
   void run();
   // `requested` is asked once per step on every rank (a signal handler's flag, say);
   // the step's one all-reduce carries the answers, so every rank stops after the same
@@ -131,6 +133,7 @@ class Trainer {
   model::Transformer& model() { return model_; }
   MetricsLog& metrics();
   CheckpointStore& checkpoints() { return checkpoints_; }
+  const parallel::ParallelState& parallel_state() const { return *parallel_; }
   bool finished() const;
 
  private:
@@ -161,9 +164,13 @@ class Trainer {
   int dp_size() const { return parallel_->size(); }
   bool is_main_rank() const { return parallel_->is_main(); }
   bool sharded() const { return parallel_->sharded(); }
+  // Every rank runs every forward (expert parallelism's all-to-alls, ZeRO-3's gathers).
+  bool lockstep_forward() const { return parallel_->expert_group() || parallel_->sharded_parameters(); }
   void clip_gradients(double grad_norm);
   trainer::OptimizerShards optimizer_layout() const;  // ZeRO-1 checkpoints
   void handle_nonfinite(const std::string& what, double value);
+  // Rank 0 writes every rank's peak resident memory (and CUDA peak) to run_dir/memory.json.
+  void record_peak_memory();
 
   TrainerOptions options_;
   precision::PrecisionOptions precision_;

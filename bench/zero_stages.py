@@ -1,0 +1,64 @@
+#!/usr/bin/env python3
+"""ZeRO stages: step time and peak memory per rank for plain data parallelism and
+ZeRO-1, 2 and 3, the same recipe, ranks and per-rank batch.
+
+    .venv/bin/python bench/zero_stages.py [--recipe recipes/small-dense.yaml] [--ranks 2]
+        [--steps 12] [--threads 1] [--stages 0,1,2,3]
+
+Runs `brigade launch -n N -- train` once per stage (parallel.zero_stage) and
+prints, from the same invocation, each stage's median step time (steps after the
+first 2), its ratio to plain data parallelism, every rank's peak resident memory
+(run_dir/memory.json: getrusage's max RSS, which includes LibTorch itself), and
+the memory each stage saves against stage 0 (the largest rank's).
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run(args, stage, run_dir):
+    cmd = [str(REPO / "build" / "brigade"), "launch", "-n", str(args.ranks), "--", "train", args.recipe,
+           "--run-dir", str(run_dir), "--set", f"trainer.max_steps={args.steps}", "--set", "trainer.log_every=1",
+           "--set", "trainer.eval_every=0", "--set", "trainer.checkpoint_every=0",
+           "--set", f"trainer.threads={args.threads}", "--set", f"parallel.zero_stage={stage}"]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lines = [json.loads(l) for l in open(run_dir / "metrics.jsonl")]
+    steps = [l["step_seconds"] for l in lines if "step_seconds" in l and l["step"] > 2]
+    memory = json.loads((run_dir / "memory.json").read_text())
+    return statistics.median(steps), memory["peak_rss_mib"]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipe", default=str(REPO / "recipes" / "small-dense.yaml"))
+    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--stages", default="0,1,2,3")
+    args = ap.parse_args()
+    stages = [int(s) for s in args.stages.split(",")]
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for stage in stages:
+            results[stage] = run(args, stage, Path(tmp) / f"zero{stage}")
+    base_time = results[stages[0]][0]
+    base_mem = max(results[stages[0]][1])
+    print(f"{Path(args.recipe).name}, {args.ranks} ranks x {args.threads} thread(s), {args.steps} steps "
+          f"(median over steps 3..); peak RSS per rank from run_dir/memory.json")
+    print("| ZeRO stage | median step ms | ratio to stage " + str(stages[0]) +
+          " | peak RSS per rank MiB | max saved vs stage " + str(stages[0]) + " MiB |")
+    print("|---|---|---|---|---|")
+    for stage in stages:
+        t, mem = results[stage]
+        print(f"| {stage} | {t * 1000:.0f} | {t / base_time:.2f} | {', '.join(f'{m:.0f}' for m in mem)} | "
+              f"{base_mem - max(mem):.0f} |")
+
+
+if __name__ == "__main__":
+    main()
