@@ -3,7 +3,7 @@
 ZeRO-1, 2 and 3, the same recipe, ranks and per-rank batch.
 
     .venv/bin/python bench/zero_stages.py [--recipe recipes/small-dense.yaml] [--ranks 2]
-        [--steps 12] [--threads 1] [--stages 0,1,2,3]
+        [--steps 12] [--threads 1] [--micro-batch 2] [--stages 0,1,2,3]
 
 Runs `brigade launch -n N -- train` once per stage (parallel.zero_stage) and
 prints, from the same invocation, each stage's median step time (steps after the
@@ -26,7 +26,8 @@ def run(args, stage, run_dir):
     cmd = [str(REPO / "build" / "brigade"), "launch", "-n", str(args.ranks), "--", "train", args.recipe,
            "--run-dir", str(run_dir), "--set", f"trainer.max_steps={args.steps}", "--set", "trainer.log_every=1",
            "--set", "trainer.eval_every=0", "--set", "trainer.checkpoint_every=0",
-           "--set", f"trainer.threads={args.threads}", "--set", f"parallel.zero_stage={stage}"]
+           "--set", f"trainer.threads={args.threads}", "--set", f"trainer.micro_batch_size={args.micro_batch}",
+           "--set", f"parallel.zero_stage={stage}"]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     lines = [json.loads(l) for l in open(run_dir / "metrics.jsonl")]
     steps = [l["step_seconds"] for l in lines if "step_seconds" in l and l["step"] > 2]
@@ -40,6 +41,7 @@ def main():
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--micro-batch", type=int, default=2)
     ap.add_argument("--stages", default="0,1,2,3")
     args = ap.parse_args()
     stages = [int(s) for s in args.stages.split(",")]
@@ -49,7 +51,8 @@ def main():
             results[stage] = run(args, stage, Path(tmp) / f"zero{stage}")
     base_time = results[stages[0]][0]
     base_mem = max(results[stages[0]][1])
-    print(f"{Path(args.recipe).name}, {args.ranks} ranks x {args.threads} thread(s), {args.steps} steps "
+    print(f"{Path(args.recipe).name}, {args.ranks} ranks x {args.threads} thread(s), micro batch {args.micro_batch}, "
+          f"{args.steps} steps "
           f"(median over steps 3..); peak RSS per rank from run_dir/memory.json")
     print("| ZeRO stage | median step ms | ratio to stage " + str(stages[0]) +
           " | peak RSS per rank MiB | max saved vs stage " + str(stages[0]) + " MiB |")
