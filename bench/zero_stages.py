@@ -8,12 +8,15 @@ ZeRO-1, 2 and 3, the same recipe, ranks and per-rank batch.
 Runs `brigade launch -n N -- train` once per stage (parallel.zero_stage) and
 prints, from the same invocation, each stage's median step time (steps after the
 first 2), its ratio to plain data parallelism, every rank's peak resident memory
-(run_dir/memory.json: getrusage's max RSS, which includes LibTorch itself), and
+(run_dir/memory.json: getrusage's max RSS over the training steps, before the
+final checkpoint, which includes LibTorch itself; glibc's mmap threshold is fixed at
+64 KiB so freed tensors leave RSS), and
 the memory each stage saves against stage 0 (the largest rank's).
 """
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import tempfile
@@ -24,11 +27,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 def run(args, stage, run_dir):
     cmd = [str(REPO / "build" / "brigade"), "launch", "-n", str(args.ranks), "--", "train", args.recipe,
-           "--run-dir", str(run_dir), "--set", f"trainer.max_steps={args.steps}", "--set", "trainer.log_every=1",
+           "--run-dir", str(run_dir), "--set", f"trainer.max_steps={args.steps}", "--set", "trainer.warmup_steps=2", "--set", "trainer.log_every=1",
            "--set", "trainer.eval_every=0", "--set", "trainer.checkpoint_every=0",
            "--set", f"trainer.threads={args.threads}", "--set", f"trainer.micro_batch_size={args.micro_batch}",
            "--set", f"parallel.zero_stage={stage}"]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Large blocks mmapped and returned to the system when freed, so that RSS follows
+    # what is alive rather than glibc's heap high-water mark.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     lines = [json.loads(l) for l in open(run_dir / "metrics.jsonl")]
     steps = [l["step_seconds"] for l in lines if "step_seconds" in l and l["step"] > 2]
     memory = json.loads((run_dir / "memory.json").read_text())

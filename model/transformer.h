@@ -174,6 +174,14 @@ class TransformerImpl : public torch::nn::Module {
   // it would alone. Not with a cache.
   torch::Tensor forward(const torch::Tensor& tokens, KVCache* cache = nullptr, const torch::Tensor& segments = {});
 
+  // A pipeline stage's part of forward() (parallel/pipeline.h): blocks [first, last).
+  // `input` is the tokens [batch, seq] when first == 0 (the embedding runs first),
+  // else the previous stage's hidden state [batch, seq, d_model] (float32). Returns
+  // the hidden state after the last block, or the logits when last == n_layers.
+  // The composition of stages is forward() exactly. Not with MTP.
+  torch::Tensor forward_stage(const torch::Tensor& input, int64_t first, int64_t last,
+                              const torch::Tensor& segments = {});
+
   // Multi-token prediction on the last training forward (model.mtp.depth > 0, grad
   // mode, no cache; otherwise empty): for k = 1..depth the logits
   // [batch, seq - k, vocab] of module k, whose position i predicts targets[:, i + k]

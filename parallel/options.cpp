@@ -38,6 +38,7 @@ void ParallelOptions::validate() const {
   BRIGADE_CHECK(timeout_s >= 1, "parallel.timeout_s must be >= 1, got ", timeout_s);
   BRIGADE_CHECK(bucket_mb > 0, "parallel.bucket_mb must be > 0, got ", bucket_mb);
   BRIGADE_CHECK(zero_stage >= 0 && zero_stage <= 3, "parallel.zero_stage must be 0, 1, 2 or 3, got ", zero_stage);
+  BRIGADE_CHECK(pipeline_parallel >= 1, "parallel.pipeline_parallel must be >= 1, got ", pipeline_parallel);
   BRIGADE_CHECK(expert_parallel >= 1, "parallel.expert_parallel must be >= 1, got ", expert_parallel);
 }
 

@@ -7,6 +7,7 @@
 #include <c10/core/Device.h>
 
 #include "parallel/communicator.h"
+#include "parallel/pipeline.h"
 
 namespace brigade::parallel {
 
@@ -22,6 +23,8 @@ struct ParallelOptions {
   int64_t zero_stage = 0;   // ZeRO: 1 optimizer state, 2 + gradients, 3 + block parameters sharded over the data-parallel group
   int64_t expert_parallel = 1;   // ranks per expert-parallel group
   bool ep_fp8_dispatch = false;  // dispatch tokens as E4M3 with 1x128 scales
+  int64_t pipeline_parallel = 1;  // pipeline stages (parallel/pipeline.h)
+  PipelineSchedule pp_schedule = PipelineSchedule::k1F1B;
 
   void validate() const;
   int64_t bucket_bytes() const { return static_cast<int64_t>(bucket_mb * 1024.0 * 1024.0); }

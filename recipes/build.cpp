@@ -133,6 +133,8 @@ std::unique_ptr<trainer::Trainer> build_trainer(const Recipe& r, const std::file
   context.zero_stage = r.parallel.zero_stage;
   context.expert_parallel = r.parallel.expert_parallel;
   context.ep_fp8_dispatch = r.parallel.ep_fp8_dispatch;
+  context.pipeline_parallel = r.parallel.pipeline_parallel;
+  context.pp_schedule = r.parallel.pp_schedule;
   if (kd) {
     auto targets = distill::load_kd_targets(r.data.kd_file);
     // The training split starts at the shards' first token, so the sampler's row
@@ -144,7 +146,12 @@ std::unique_ptr<trainer::Trainer> build_trainer(const Recipe& r, const std::file
              ", T ", r.distill.kd.temperature, ") on the teacher's top-", targets.k(), " from ", r.data.kd_file);
     context.objective = std::make_shared<distill::KdObjective>(std::move(targets), r.distill.kd);
   }
-  const int rank = data_parallel ? data_parallel->rank() : 0, ranks = data_parallel ? data_parallel->size() : 1;
+  // Pipeline stages of one pipeline train on the same rows: the sampler's ranks are pipelines.
+  const int stages = static_cast<int>(std::max<int64_t>(1, r.parallel.pipeline_parallel));
+  BRIGADE_CHECK(!data_parallel || data_parallel->size() % stages == 0, "parallel.pipeline_parallel (", stages,
+                ") must divide the number of ranks (", data_parallel ? data_parallel->size() : 1, ")");
+  const int rank = data_parallel ? data_parallel->rank() / stages : 0;
+  const int ranks = data_parallel ? std::max(1, data_parallel->size() / stages) : 1;
   // Evaluation uses the same held-out batches on every rank (rank 0 reports them).
   auto t = std::make_unique<trainer::Trainer>(
       r.trainer, r.precision, build_model(r, /*with_init_from=*/!resuming),

@@ -111,6 +111,42 @@ data::Batch on_device(data::Batch b, c10::Device device) {
 
 }  // namespace
 
+// A pipeline stage: its groups, its blocks, and which stage owns each tensor.
+struct Trainer::Pipeline {
+  std::unique_ptr<parallel::Communicator> stages;  // this pipeline's ranks; rank = stage
+  std::unique_ptr<parallel::Communicator> data;    // this stage's rank in every pipeline
+  parallel::PipelineSchedule schedule = parallel::PipelineSchedule::k1F1B;
+  int stage = 0, count = 1;
+  int index = 0;  // which pipeline (data-parallel rank)
+  int64_t layers = 0, first = 0, last = 0;  // this stage's blocks [first, last)
+  bool tied = false;  // tied embeddings: stage 0 trains them; the last stage's head uses a copy
+  std::map<std::string, std::vector<int64_t>> shapes;  // every state_dict tensor's whole shape
+  int64_t micro = 0;  // the micro-batch being backpropagated (for the tied head's gradient)
+
+  bool first_stage() const { return stage == 0; }
+  bool last_stage() const { return stage == count - 1; }
+  // The stage whose parameters and buffers hold `name`: a block's stage, the
+  // embedding's (0), or the head's (last).
+  int owner(const std::string& name) const {
+    if (name.starts_with("layers.")) {
+      const int64_t layer = std::stoll(name.substr(7, name.find('.', 7) - 7));
+      for (int s = 0; s < count; ++s) {
+        if (layer < parallel::stage_layers(layers, count, s).second) return s;
+      }
+    }
+    if (name.starts_with("norm.") || name.starts_with("lm_head.")) return count - 1;
+    return 0;
+  }
+  // What this rank keeps allocated: its own tensors, and the last stage's head copy.
+  bool keeps(const std::string& name) const {
+    return owner(name) == stage || (tied && last_stage() && name == "embed_tokens.weight");
+  }
+};
+
+// Point-to-point tags between stages: kind 0 activations, 1 their gradients, 2 the
+// tied head's gradient (all per micro-batch), 3 everything else.
+static int pipeline_tag(int64_t micro, int kind) { return static_cast<int>(micro * 4 + kind); }
+
 std::vector<bool> weight_decay_mask(const model::NamedTensors& params, const TrainerOptions& options) {
   std::vector<bool> decay;
   for (const auto& [name, p] : params) {
@@ -141,8 +177,39 @@ Trainer::Trainer(TrainerOptions options, precision::PrecisionOptions precision, 
   BRIGADE_CHECK(options_.activation_checkpointing != Checkpointing::kFull || context_.expert_parallel <= 1,
                 "trainer.activation_checkpointing=full is not supported with parallel.expert_parallel > 1 yet; "
                 "use selective");
+  parallel::Communicator* data_parallel = context_.data_parallel;
+  if (context_.pipeline_parallel > 1) {
+    const int64_t stages = context_.pipeline_parallel, layers = model_->options().n_layers;
+    const auto& m = model_->options();
+    BRIGADE_CHECK(world_size() % stages == 0, "parallel.pipeline_parallel (", stages,
+                  ") must divide the number of ranks (", world_size(), ")");
+    BRIGADE_CHECK(stages <= layers, "parallel.pipeline_parallel (", stages, ") is more than model.n_layers (", layers,
+                  "): every stage needs at least one block");
+    BRIGADE_CHECK(context_.zero_stage == 0 && context_.expert_parallel == 1,
+                  "parallel.pipeline_parallel > 1 with parallel.zero_stage=", context_.zero_stage,
+                  " or parallel.expert_parallel=", context_.expert_parallel, " is not supported yet; set them to 0 and 1");
+    BRIGADE_CHECK(m.mtp.depth == 0, "parallel.pipeline_parallel > 1 with model.mtp.depth=", m.mtp.depth,
+                  " is not supported yet");
+    BRIGADE_CHECK(!precision_.fp8.enabled(), "parallel.pipeline_parallel > 1 with FP8 GEMMs (precision.fp8_recipe) "
+                  "is not supported yet");
+    BRIGADE_CHECK(!context_.objective, "parallel.pipeline_parallel > 1 with logit distillation (distill.kd.loss) is "
+                  "not supported yet");
+    pipeline_ = std::make_unique<Pipeline>();
+    auto& pl = *pipeline_;
+    auto& world = *context_.data_parallel;
+    pl.count = static_cast<int>(stages);
+    pl.stage = world.rank() % pl.count;
+    pl.index = world.rank() / pl.count;
+    pl.stages = world.split(pl.index, pl.stage, "pp");
+    pl.data = world.split(pl.stage, pl.index, "dp");
+    pl.schedule = context_.pp_schedule;
+    pl.layers = layers;
+    std::tie(pl.first, pl.last) = parallel::stage_layers(layers, pl.count, pl.stage);
+    pl.tied = m.tie_embeddings;
+    data_parallel = pl.data.get();
+  }
   parallel_ = std::make_unique<parallel::ParallelState>(
-      parallel::ParallelStateOptions{.data_parallel = context_.data_parallel,
+      parallel::ParallelStateOptions{.data_parallel = data_parallel,
                                      .device = context_.device,
                                      .bucket_bytes = context_.bucket_bytes,
                                      .zero_stage = context_.zero_stage,
@@ -158,10 +225,40 @@ Trainer::Trainer(TrainerOptions options, precision::PrecisionOptions precision, 
     // Every rank starts from rank 0's weights (and expert biases), whatever its own init.
     std::vector<torch::Tensor> state;
     for (auto& [name, t] : model_->state_dict()) state.push_back(t);
-    parallel_->broadcast_from_main(state);
+    if (!pipeline_) {
+      parallel_->broadcast_from_main(state);
+    } else {
+      torch::NoGradGuard no_grad;
+      for (auto& t : state) context_.data_parallel->broadcast(t, 0).wait();
+    }
   }
   if (auto* ep = parallel_->expert_group()) model_->set_expert_parallel(ep, context_.ep_fp8_dispatch);
   params_ = trainable_parameters(*model_);
+  if (pipeline_) {
+    // A stage trains its own parameters and frees the others' (the last stage keeps
+    // its copy of tied embeddings for the head; stage 0 adds its gradient in).
+    auto& pl = *pipeline_;
+    torch::NoGradGuard no_grad;
+    for (auto& [name, t] : model_->state_dict()) {
+      pl.shapes[name] = t.sizes().vec();
+      if (!pl.keeps(name)) t.set_data(torch::empty({0}, t.options()));
+    }
+    model::NamedTensors own;
+    for (auto& [name, p] : params_) {
+      if (pl.owner(name) == pl.stage) own.emplace_back(name, p);
+    }
+    params_ = std::move(own);
+    if (pl.tied && pl.first_stage()) {
+      auto* stage = pipeline_.get();
+      model_->embed_tokens->weight.register_hook([stage](const torch::Tensor& grad) {
+        // The head's gradient of the same micro-batch, from the last stage: the sum
+        // one process's autograd makes (addition commutes exactly).
+        auto head = torch::empty_like(grad);
+        stage->stages->recv(head, stage->count - 1, pipeline_tag(stage->micro, 2)).wait();
+        return grad + head;
+      });
+    }
+  }
   parallel_->attach(params_, model_->expert_parallel_parameters(), block_parameters(params_, model_->options()));
   if (auto* units = parallel_->sharded_parameters()) {
     model_->set_block_hooks(std::make_shared<ZeroThreeHooks>(*units, model_->options().n_layers));
@@ -176,8 +273,25 @@ Trainer::Trainer(TrainerOptions options, precision::PrecisionOptions precision, 
   optimizer_ = std::make_unique<AdamW>(std::move(pieces.pieces), std::move(piece_decay), adamw, std::move(pieces.begins));
 }
 
+Trainer::~Trainer() = default;
+
 OptimizerShards Trainer::optimizer_layout() const {
   OptimizerShards layout;
+  if (pipeline_) {
+    // One file per stage, each with its parameters whole.
+    for (const auto& item : model_->named_parameters()) layout.shapes[item.key()] = pipeline_->shapes.at(item.key());
+    for (int s = 0; s < pipeline_->count; ++s) {
+      OptimizerShard shard{optimizer_shard_file(s, pipeline_->count), {}};
+      for (const auto& [name, shape] : layout.shapes) {
+        if (pipeline_->owner(name) != s) continue;
+        int64_t numel = 1;
+        for (int64_t d : shape) numel *= d;
+        shard.ranges[name] = {0, numel};
+      }
+      layout.shards.push_back(std::move(shard));
+    }
+    return layout;
+  }
   for (const auto& [name, p] : params_) layout.shapes[name] = p.sizes().vec();
   const auto ranges = parallel_->shard_ranges();
   for (int r = 0; r < dp_size(); ++r) layout.shards.push_back({optimizer_shard_file(r, dp_size()), ranges[r]});
@@ -195,6 +309,8 @@ void Trainer::resume(const LoadedCheckpoint& ck) {
   auto weights = model_->state_dict();
   std::vector<std::pair<torch::Tensor, torch::Tensor>> slices;  // (this rank's slice, the whole tensor)
   for (auto& [name, t] : weights) {
+    // Pipeline: the other stages' tensors are read into scratch and dropped.
+    if (pipeline_ && !pipeline_->keeps(name)) t = torch::empty(pipeline_->shapes.at(name), t.options());
     if (!parallel_->is_expert_slice(name)) continue;
     auto full = torch::empty(parallel_->full_shape(name, t), t.options());
     slices.emplace_back(t, full);
@@ -260,9 +376,10 @@ void Trainer::run() {
       break;
     }
   }
+  record_peak_memory();  // of training: before the final evaluation and checkpoint
   for (auto& hook : hooks_) hook->on_end(*this);
-  record_peak_memory();
   parallel_->gather_weights();  // ZeRO-3: callers find the model whole
+  if (pipeline_) gather_pipeline_weights();  // and every stage's weights on every rank
 }
 
 void Trainer::record_peak_memory() {
@@ -273,8 +390,8 @@ void Trainer::record_peak_memory() {
   if (context_.device.is_cuda()) gpu = static_cast<double>(cuda_memory(context_.device.index()).peak_allocated_bytes);
   auto mine = torch::tensor({static_cast<double>(usage.ru_maxrss) / 1024.0, gpu / (1 << 20)}, doubles);  // ru_maxrss: KiB
   auto all = mine;
-  if (dp_size() > 1) {
-    all = torch::empty({2 * dp_size()}, doubles);
+  if (world_size() > 1) {
+    all = torch::empty({2 * world_size()}, doubles);
     context_.data_parallel->all_gather(mine, all).wait();
   }
   if (!is_main_rank() || context_.run_dir.empty()) return;
@@ -412,7 +529,7 @@ StepResult Trainer::run_step() {
   std::optional<precision::DeferredFiniteCheck> fp8_finite;
   if (precision_.fp8.enabled()) fp8_finite.emplace();
 
-  for (int64_t micro = 0; micro < options_.grad_accum_steps; ++micro) {
+  for (int64_t micro = 0; micro < options_.grad_accum_steps && !pipeline_; ++micro) {
     const bool last = micro + 1 == options_.grad_accum_steps;
     parallel_->begin_micro_batch(last);
     const LossTensors part = forward_backward(batches[micro], denominator);
@@ -421,16 +538,26 @@ StepResult Trainer::run_step() {
     if (part.mtp.defined()) shares[3] += part.mtp;
     parallel_->end_micro_batch(last);
   }
+  if (pipeline_) pipeline_micro_batches(batches, denominator, shares, result);
   const torch::Tensor fp8_flag = fp8_finite ? fp8_finite->device_flag() : torch::Tensor();
   if (fp8_flag.defined()) shares[2] += fp8_flag.ne(0).to(torch::kDouble);
   result.reduce = parallel_->finish_gradients();  // gradients are now sums over the ranks
   if (stop_request_ && stop_request_()) shares[4] += 1.0;
   parallel_->sum_over_ranks(shares);
+  // Pipeline: the loss lives on the last stage, the gradients on every stage.
+  auto square_norm = parallel_->grad_square_norm();
+  auto moe_stats = model_->moe_step_stats(parallel_->data_parallel());
+  if (pipeline_) {
+    pipeline_->stages->all_reduce(shares, parallel::ReduceOp::kSum).wait();
+    pipeline_->stages->all_reduce(square_norm, parallel::ReduceOp::kSum).wait();
+    // A stage's MoE layers' rows; the others' are zeros.
+    if (moe_stats.defined()) pipeline_->stages->all_reduce(moe_stats, parallel::ReduceOp::kSum).wait();
+  }
 
   // The step's one host read.
   HostRead host(context_.device);
-  const size_t shared = host.add(shares), norm = host.add(parallel_->grad_square_norm());
-  const size_t flag = host.add(fp8_flag), moe = host.add(model_->moe_step_stats(parallel_->data_parallel()), 0);
+  const size_t shared = host.add(shares), norm = host.add(square_norm);
+  const size_t flag = host.add(fp8_flag), moe = host.add(moe_stats, 0);
   host.read();
   if (fp8_finite) {
     fp8_finite->check(static_cast<int>(host.value(flag)));  // this rank's first site, if any
@@ -447,6 +574,14 @@ StepResult Trainer::run_step() {
     clip_gradients(grad_norm);
     optimizer_->step(lr, parallel_->optimizer_gradients());
     parallel_->after_update();
+    if (pipeline_ && pipeline_->tied && pipeline_->count > 1) {
+      // The last stage's head copy of the embeddings follows stage 0's update.
+      torch::NoGradGuard no_grad;
+      auto weight = model_->embed_tokens->weight.detach();
+      auto& stages = *pipeline_->stages;
+      if (pipeline_->first_stage()) stages.send(weight, pipeline_->count - 1, pipeline_tag(0, 3)).wait();
+      if (pipeline_->last_stage()) stages.recv(weight, 0, pipeline_tag(0, 3)).wait();
+    }
   }
   // Aux-loss-free balancing: expert biases move after the update, from this step's load.
   result.moe = model::TransformerImpl::moe_stats_from(host.at(moe).numel() > 0 ? host.at(moe).view({-1, 5}) : torch::Tensor());
@@ -465,6 +600,133 @@ StepResult Trainer::run_step() {
   result.skipped = !finite;
   result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return result;
+}
+
+void Trainer::pipeline_micro_batches(const std::vector<data::Batch>& batches, const torch::Tensor& denominator,
+                                     torch::Tensor& shares, StepResult& result) {
+  auto& pl = *pipeline_;
+  auto& stages = *pl.stages;
+  const auto count = static_cast<int64_t>(batches.size());
+  const auto micro_batches = static_cast<double>(dp_size() * options_.grad_accum_steps);
+  // Per micro-batch: the stage's input (gradient wanted unless tokens) and what its
+  // backward starts from (the loss on the last stage, else the output hidden state
+  // and the MoE auxiliary losses of this stage's layers).
+  std::vector<torch::Tensor> inputs(count), outputs(count), aux(count);
+  std::vector<parallel::Handle> sends;
+  std::vector<torch::Tensor> sent;  // alive until their sends finish
+  auto send = [&](torch::Tensor t, int to, int tag) {
+    sent.push_back(t.contiguous());
+    sends.push_back(stages.send(sent.back(), to, tag));
+  };
+  int64_t held = 0;
+  for (const auto& action : parallel::pipeline_schedule(pl.schedule, pl.count, pl.stage, count)) {
+    const int64_t m = action.micro;
+    const auto& batch = batches[m];
+    if (action.kind == parallel::PipelineAction::Kind::kForward) {
+      torch::Tensor input = batch.inputs;
+      if (!pl.first_stage()) {
+        input = torch::empty({batch.inputs.size(0), batch.inputs.size(1), model_->options().d_model},
+                             torch::TensorOptions().dtype(torch::kFloat).device(context_.device));
+        stages.recv(input, pl.stage - 1, pipeline_tag(m, 0)).wait();
+        input.requires_grad_(true);
+      }
+      torch::Tensor out;
+      {
+        precision::AutocastGuard autocast(precision_.compute_dtype);
+        out = model_->forward_stage(input, pl.first, pl.last, batch.segments);
+      }
+      if (pl.last_stage()) {
+        torch::Tensor total;
+        const LossTensors part = micro_batch_loss(out, batch, denominator, total);
+        shares[0] += part.loss;
+        if (part.objective.defined()) shares[1] += part.objective;
+        outputs[m] = total;
+      } else {
+        BRIGADE_ASSERT(out.scalar_type() == torch::kFloat, "a pipeline stage's hidden state is ", out.scalar_type());
+        send(out.detach(), pl.stage + 1, pipeline_tag(m, 0));
+        outputs[m] = out;
+        if (auto a = model_->aux_loss(); a.defined()) aux[m] = a / micro_batches;
+      }
+      inputs[m] = input;
+      result.pipeline_in_flight = std::max(result.pipeline_in_flight, ++held);
+      continue;
+    }
+    // Backward, in micro-batch order on every schedule.
+    const bool last = m + 1 == count;
+    pl.micro = m;
+    parallel_->begin_micro_batch(last);
+    if (pl.last_stage()) {
+      outputs[m].backward();
+    } else {
+      auto grad = torch::empty_like(outputs[m]);
+      stages.recv(grad, pl.stage + 1, pipeline_tag(m, 1)).wait();
+      if (aux[m].defined()) torch::autograd::backward({outputs[m], aux[m]}, {grad, torch::Tensor()});
+      else outputs[m].backward(grad);
+    }
+    if (pl.tied && pl.last_stage() && pl.count > 1) {
+      // The head's part of the tied embeddings' gradient goes to stage 0.
+      auto& head = model_->embed_tokens->weight.mutable_grad();
+      send(head, 0, pipeline_tag(m, 2));
+      head = torch::Tensor();
+    }
+    if (!pl.first_stage()) send(inputs[m].grad(), pl.stage - 1, pipeline_tag(m, 1));
+    parallel_->end_micro_batch(last);
+    inputs[m] = outputs[m] = aux[m] = torch::Tensor();
+    --held;
+  }
+  for (auto& h : sends) h.wait();
+}
+
+torch::Tensor Trainer::pipeline_eval_loss(const data::Batch& batch, int64_t index) {
+  auto& pl = *pipeline_;
+  torch::Tensor input = batch.inputs;
+  if (!pl.first_stage()) {
+    input = torch::empty({batch.inputs.size(0), batch.inputs.size(1), model_->options().d_model},
+                         torch::TensorOptions().dtype(torch::kFloat).device(context_.device));
+    pl.stages->recv(input, pl.stage - 1, pipeline_tag(index, 3)).wait();
+  }
+  torch::Tensor out;
+  {
+    precision::AutocastGuard autocast(precision_.compute_dtype);
+    out = model_->forward_stage(input, pl.first, pl.last, batch.segments);
+  }
+  if (pl.last_stage()) return token_loss_sum(out, batch);
+  auto hidden = out.contiguous();
+  pl.stages->send(hidden, pl.stage + 1, pipeline_tag(index, 3)).wait();
+  return {};
+}
+
+model::NamedTensors Trainer::pipeline_weights_on_main() {
+  auto& pl = *pipeline_;
+  auto weights = model_->state_dict();
+  if (pl.index != 0) return {};
+  std::vector<parallel::Handle> sends;
+  std::vector<torch::Tensor> sent;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    auto& [name, t] = weights[i];
+    const int owner = pl.owner(name);
+    const int tag = pipeline_tag(static_cast<int64_t>(i), 3);
+    if (owner == 0) continue;
+    if (pl.stage == owner) {
+      sent.push_back(t.detach().contiguous());
+      sends.push_back(pl.stages->send(sent.back(), 0, tag));
+    } else if (pl.first_stage()) {
+      t = torch::empty(pl.shapes.at(name), t.options());
+      pl.stages->recv(t, owner, tag).wait();
+    }
+  }
+  for (auto& h : sends) h.wait();
+  return weights;
+}
+
+void Trainer::gather_pipeline_weights() {
+  auto& pl = *pipeline_;
+  torch::NoGradGuard no_grad;
+  for (auto& [name, t] : model_->state_dict()) {
+    if (t.numel() == 0 && !pl.shapes.at(name).empty()) t.set_data(torch::empty(pl.shapes.at(name), t.options()));
+    auto whole = t.detach();
+    pl.stages->broadcast(whole, pl.owner(name)).wait();
+  }
 }
 
 torch::Tensor Trainer::forward(const data::Batch& batch) {
@@ -508,6 +770,14 @@ Trainer::LossTensors Trainer::forward_backward(const data::Batch& batch, const t
   // collective) the forward and backward still run.
   if (batch.trained_tokens == 0 && !lockstep_forward()) return {};
   const auto logits = forward(batch);
+  torch::Tensor total;
+  auto shares = micro_batch_loss(logits, batch, denominator, total);
+  total.backward();
+  return shares;
+}
+
+Trainer::LossTensors Trainer::micro_batch_loss(const torch::Tensor& logits, const data::Batch& batch,
+                                               const torch::Tensor& denominator, torch::Tensor& total) {
   auto loss = token_loss_sum(logits, batch) / denominator;
   torch::Tensor objective;
   if (const auto& o = context_.objective) {
@@ -520,10 +790,9 @@ Trainer::LossTensors Trainer::forward_backward(const data::Batch& batch, const t
   // micro-batches on all ranks.
   auto aux = model_->aux_loss();
   const auto micro_batches = static_cast<double>(dp_size() * options_.grad_accum_steps);
-  auto total = aux.defined() ? loss + aux / micro_batches : loss;
+  total = aux.defined() ? loss + aux / micro_batches : loss;
   const auto mtp = mtp_loss(batch, denominator);
   if (mtp.defined()) total = total + model_->options().mtp.loss_weight * mtp;
-  total.backward();
   auto share = [](const torch::Tensor& t) { return t.defined() ? t.detach().to(torch::kDouble) : torch::Tensor(); };
   return {share(loss), share(objective), share(mtp)};
 }
@@ -574,12 +843,13 @@ EvalResult Trainer::evaluate() {
     // The same held-out batches every time, so evaluations are comparable.
     data::Batch batch = on_device(eval_data_.batch(counted ? i : 0, 0), context_.device);
     if (batch.trained_tokens == 0 && !ep) continue;
-    const auto loss = token_loss_sum(forward(batch), batch);
-    if (!counted || batch.trained_tokens == 0) continue;
+    const auto loss = pipeline_ ? pipeline_eval_loss(batch, i) : token_loss_sum(forward(batch), batch);
+    if (!counted || batch.trained_tokens == 0 || !loss.defined()) continue;
     sums[0] += loss.to(torch::kDouble) / static_cast<double>(batch.trained_tokens);
     sums[1] += 1.0;
   }
   parallel_->sum_over_ranks(sums);
+  if (pipeline_) pipeline_->stages->all_reduce(sums, parallel::ReduceOp::kSum).wait();  // from the last stage
   const auto host = sums.cpu();
   const double* sum = host.data_ptr<double>();
   if (was_training) model_->train();
@@ -598,7 +868,7 @@ std::filesystem::path Trainer::save_checkpoint() {
     ~Release() { state.release_weights(false); }
   } release{*parallel_};
   CheckpointData data;
-  data.model = model_->state_dict();
+  data.model = pipeline_ ? pipeline_weights_on_main() : model_->state_dict();
   const bool ep = parallel_->expert_group() != nullptr;
   if (ep) {
     // Whole expert tensors in the checkpoint (every EP group gathers; rank 0 writes):
@@ -617,24 +887,28 @@ std::filesystem::path Trainer::save_checkpoint() {
   data.precision = model_->fp8_state();
   data.state = state_;
   data.recipe_yaml = context_.recipe_yaml;
-  if (!sharded()) {
+  if (!sharded() && !pipeline_) {
     // Every rank holds the same state: rank 0 writes it.
     if (!is_main_rank()) return {};
     if (!ep) data.optimizer = optimizer_->state();
     return checkpoints_.save(data);
   }
-  // ZeRO-1: every rank writes its optimizer shard into the staging directory rank 0
-  // prepared; rank 0 then adds the rest and commits.
+  // ZeRO: every rank writes its optimizer shard into the staging directory rank 0
+  // prepared; rank 0 then adds the rest and commits. Pipeline: the first pipeline's
+  // stages write one file each.
   auto& group = *context_.data_parallel;
+  const bool writes = !pipeline_ || pipeline_->index == 0;
+  const std::string file = pipeline_ ? optimizer_shard_file(pipeline_->stage, pipeline_->count)
+                                     : optimizer_shard_file(group.rank(), group.size());
   const auto staged = checkpoints_.staging_dir(state_.step);
   if (is_main_rank()) checkpoints_.prepare_staging(staged);
   group.barrier().wait();
   std::string failure;
   if (!std::filesystem::is_directory(staged)) {
-    failure = "it does not exist on this rank: ZeRO-1 checkpoints need the run directory on a filesystem every rank shares";
+    failure = "it does not exist on this rank: ZeRO and pipeline checkpoints need the run directory on a filesystem every rank shares";
   } else {
     try {
-      model::save_safetensors(staged / optimizer_shard_file(group.rank(), group.size()), optimizer_->state());
+      if (writes) model::save_safetensors(staged / file, optimizer_->state());
     } catch (const std::exception& e) {
       failure = e.what();
     }

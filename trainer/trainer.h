@@ -16,6 +16,7 @@
 #include "data/sampler.h"
 #include "model/transformer.h"
 #include "parallel/communicator.h"
+#include "parallel/pipeline.h"
 #include "parallel/reducer.h"
 #include "parallel/state.h"
 #include "precision/precision.h"
@@ -46,6 +47,12 @@ struct RunContext {
   // data-parallel group (each rank updates the parameter elements it owns and
   // all-gathers the rest); 2 the gradients too; 3 the blocks' parameters too.
   int64_t zero_stage = 0;
+  // Pipeline parallelism (parallel/pipeline.h): stages of consecutive ranks of
+  // `data_parallel`, which is then the whole world; the data-parallel groups are the
+  // ranks at the same stage of every pipeline. trainer.grad_accum_steps micro-batches
+  // flow through each pipeline per step.
+  int64_t pipeline_parallel = 1;
+  parallel::PipelineSchedule pp_schedule = parallel::PipelineSchedule::k1F1B;
   // Expert parallelism: ranks per expert-parallel group (1: off). Groups are
   // consecutive ranks of `data_parallel`; each holds num_experts / expert_parallel
   // routed experts, and tokens travel to them by all-to-all (FP8 when ep_fp8_dispatch).
@@ -69,6 +76,7 @@ struct StepResult {
   bool stop_requested = false;  // some rank asked to stop (Trainer::set_stop_request) before this step's read
   std::vector<moe::LayerStepStats> moe;  // per MoE layer: load balance, drops, aux terms
   parallel::ReduceStats reduce;          // data parallel: buckets, overlap, wait time
+  int64_t pipeline_in_flight = 0;        // pipeline: most micro-batches whose activations this stage held at once
 };
 
 struct EvalResult {
@@ -97,6 +105,7 @@ class Trainer {
  public:
   Trainer(TrainerOptions options, precision::PrecisionOptions precision, model::Transformer model,
           data::BatchSampler train_data, data::BatchSampler eval_data, RunContext context);
+  ~Trainer();
 
   // Restores weights, optimizer, RNG and step from a checkpoint of the same model.
   void resume(const LoadedCheckpoint& checkpoint);
@@ -162,15 +171,35 @@ class Trainer {
   // adds the step's input tokens (all ranks) to `tokens`.
   torch::Tensor step_denominator(const std::vector<data::Batch>& batches, int64_t& tokens);
   int dp_size() const { return parallel_->size(); }
-  bool is_main_rank() const { return parallel_->is_main(); }
+  // World rank 0 speaks for the job (with pipelines, every stage has a data-parallel rank 0).
+  bool is_main_rank() const { return context_.data_parallel == nullptr || context_.data_parallel->rank() == 0; }
   bool sharded() const { return parallel_->sharded(); }
   // Every rank runs every forward (expert parallelism's all-to-alls, ZeRO-3's gathers).
-  bool lockstep_forward() const { return parallel_->expert_group() || parallel_->sharded_parameters(); }
+  bool lockstep_forward() const {
+    return parallel_->expert_group() || parallel_->sharded_parameters() || pipeline_ != nullptr;
+  }
   void clip_gradients(double grad_norm);
   trainer::OptimizerShards optimizer_layout() const;  // ZeRO-1 checkpoints
   void handle_nonfinite(const std::string& what, double value);
   // Rank 0 writes every rank's peak resident memory (and CUDA peak) to run_dir/memory.json.
   void record_peak_memory();
+  int world_size() const { return context_.data_parallel ? context_.data_parallel->size() : 1; }
+  // Pipeline parallelism (null when off): this rank's stage and its groups.
+  struct Pipeline;
+  std::unique_ptr<Pipeline> pipeline_;
+  // The step's micro-batches through this rank's stage, in its schedule's order.
+  void pipeline_micro_batches(const std::vector<data::Batch>& batches, const torch::Tensor& denominator,
+                              torch::Tensor& shares, StepResult& result);
+  // A micro-batch's loss terms from its logits (`total`: what backward starts from).
+  LossTensors micro_batch_loss(const torch::Tensor& logits, const data::Batch& batch, const torch::Tensor& denominator,
+                               torch::Tensor& total);
+  // Pipeline: the evaluation forward of one batch through the stages; the loss sum
+  // on the last stage (undefined elsewhere).
+  torch::Tensor pipeline_eval_loss(const data::Batch& batch, int64_t index);
+  // Pipeline: whole weights on rank 0 (in state_dict order) from their stages.
+  model::NamedTensors pipeline_weights_on_main();
+  // Pipeline: every rank of a pipeline gets every stage's weights (after training).
+  void gather_pipeline_weights();
 
   TrainerOptions options_;
   precision::PrecisionOptions precision_;

@@ -368,6 +368,109 @@ TEST(MpiZero, ReshardsOntoAnotherNumberOfRanksBitForBit) {
   }
 }
 
+// Pipeline parallelism: the blocks over P stages (every rank, or 2 stages x 2
+// pipelines at 4 ranks) with 4 micro-batches per step reach the weights of one
+// process with every micro-batch; each stage's gradients are its own autograd's,
+// so only the gradient norm's order of additions differs (stage sums added).
+void check_pipeline(const std::vector<std::string>& extra, int stages, double bound = kMicroBatchMajorBound) {
+  auto* w = mpi_world();
+  if (w == nullptr) GTEST_SKIP() << "multi-rank test: run under mpirun";
+  at::set_num_threads(1);
+  SharedDir shared(*w);
+  testing::TempDir own;
+  const int64_t accum = 4, pipelines = w->size() / stages;
+  auto settings = extra;
+  settings.insert(settings.end(), {"model.n_layers=4", "parallel.pipeline_parallel=" + std::to_string(stages)});
+  recipes::build_trainer(recipe(2, settings, accum), shared / "pp", w)->run();
+  EXPECT_EQ(manifest(shared / "pp")["world_size"].get<int>(), stages);  // one optimizer file per stage
+  auto reference_settings = extra;
+  reference_settings.push_back("model.n_layers=4");
+  auto single = recipes::build_trainer(recipe(2, reference_settings, accum * pipelines), own / "single");
+  single->run();
+  const auto expected = single->model()->state_dict();
+  std::string worst;
+  const double diff = relative_difference(saved_weights(shared / "pp", expected), expected, &worst);
+  EXPECT_LE(diff, bound) << "rank " << w->rank() << "; worst tensor " << worst;
+  if (w->rank() == 0) std::printf("pipeline %d stages: relative difference %.3g (worst tensor: %s)\n", stages, diff, worst.c_str());
+}
+
+TEST(MpiPipeline, OneFOneBAndGpipeMatchOneRank) {
+  auto* w = mpi_world();
+  if (w == nullptr) GTEST_SKIP() << "multi-rank test: run under mpirun";
+  check_pipeline({"parallel.pp_schedule=1f1b"}, w->size());
+  check_pipeline({"parallel.pp_schedule=gpipe", "model.tie_embeddings=false"}, w->size());
+  auto moe = kMoE;
+  moe.push_back("parallel.pp_schedule=1f1b");
+  check_pipeline(moe, w->size());
+}
+
+// The activations a stage holds at once: all 4 micro-batches with GPipe, at most
+// stages - stage with 1F1B.
+TEST(MpiPipeline, InFlightActivationsAreBoundedByTheSchedule) {
+  auto* w = mpi_world();
+  if (w == nullptr) GTEST_SKIP() << "multi-rank test: run under mpirun";
+  at::set_num_threads(1);
+  SharedDir dir(*w);
+  for (const std::string schedule : {"gpipe", "1f1b"}) {
+    auto t = recipes::build_trainer(
+        recipe(2, {"model.n_layers=4", "parallel.pipeline_parallel=" + std::to_string(w->size()),
+                   "parallel.pp_schedule=" + schedule}, 4),
+        dir / schedule, w);
+    const auto r = t->step();
+    const int64_t stage = w->rank();
+    EXPECT_EQ(r.pipeline_in_flight, schedule == "gpipe" ? 4 : std::min<int64_t>(4, w->size() - stage)) << schedule;
+  }
+}
+
+// 2 pipelines x 2 stages (4 ranks): data parallelism between the pipelines; the
+// checkpoint of step 3 resumes on 4 stages and on one process unpipelined.
+TEST(MpiPipeline, DataTimesPipelineAndResumeOnOtherLayouts) {
+  auto* w = mpi_world();
+  if (w == nullptr || w->size() != 4) GTEST_SKIP() << "4-rank test";
+  check_pipeline({}, 2);
+  at::set_num_threads(1);
+  SharedDir dir(*w);
+  const std::vector<std::string> two = {"model.n_layers=4", "parallel.pipeline_parallel=2"};
+  auto first = two;
+  first.push_back("trainer.stop_after=3");
+  recipes::build_trainer(recipe(2, first, 4), dir / "run", w)->run();
+  const auto step3 = dir / "run" / "checkpoints" / "step_00000003";
+  testing::TempDir own;
+  auto reference = recipes::build_trainer(recipe(2, {"model.n_layers=4"}, 8), own / "reference");
+  reference->run();
+  const auto expected = reference->model()->state_dict();
+  std::string worst;
+  auto four = recipes::build_trainer(recipe(2, {"model.n_layers=4", "parallel.pipeline_parallel=4"}, 8), dir / "four", w);
+  four->resume(trainer::load_checkpoint(step3));
+  four->run();
+  EXPECT_LE(relative_difference(saved_weights(dir / "four", expected), expected, &worst), kMicroBatchMajorBound) << worst;
+  auto alone = recipes::build_trainer(recipe(2, {"model.n_layers=4"}, 8), own / "alone");
+  alone->resume(trainer::load_checkpoint(step3));
+  alone->run();
+  EXPECT_LE(relative_difference(alone->model()->state_dict(), expected, &worst), kMicroBatchMajorBound) << worst;
+}
+
+TEST(MpiPipeline, BadLayoutsAreClearErrorsBeforeTraining) {
+  auto* w = mpi_world();
+  if (w == nullptr) GTEST_SKIP() << "multi-rank test: run under mpirun";
+  testing::TempDir dir;
+  auto message = [&](const std::vector<std::string>& settings) {
+    try {
+      recipes::build_trainer(recipe(2, settings), dir / "bad", w);
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_NE(message({"parallel.pipeline_parallel=3"}).find("parallel.pipeline_parallel (3) must divide the number of ranks"),
+            std::string::npos);
+  EXPECT_NE(message({"parallel.pipeline_parallel=" + std::to_string(w->size()), "model.n_layers=1"})
+                .find("is more than model.n_layers (1)"),
+            std::string::npos);
+  EXPECT_NE(message({"parallel.pipeline_parallel=2", "parallel.zero_stage=1"}).find("not supported yet"),
+            std::string::npos);
+}
+
 // Expert parallelism inside data parallelism: EP groups of 2, and of every rank.
 TEST(MpiExpertParallelTraining, MatchesOneRankWithTheWholeBatch) {
   check_equivalence(kMoE, {"parallel.expert_parallel=2"});
