@@ -96,6 +96,11 @@ TrainingPlan plan_training(const PlanInputs& in, const PlanOptions& options) {
   BRIGADE_CHECK(!o.moe.enabled() || o.moe.num_experts % ep == 0, "parallel.expert_parallel (", ep,
                 ") must divide model.moe.num_experts (", o.moe.num_experts, ")");
   BRIGADE_CHECK(in.seq_len > 0, "data.seq_len must be positive, got ", in.seq_len);
+  const int64_t pp = in.parallel.pipeline_parallel;
+  BRIGADE_CHECK(options.gpus % pp == 0, "parallel.pipeline_parallel (", pp, ") must divide --gpus (", options.gpus, ")");
+  BRIGADE_CHECK(pp <= o.n_layers, "parallel.pipeline_parallel (", pp, ") is more than model.n_layers (", o.n_layers, ")");
+  BRIGADE_CHECK(pp == 1 || (ep == 1 && in.parallel.zero_stage == 0 && o.mtp.depth == 0),
+                "parallel.pipeline_parallel > 1 is not supported yet with expert parallelism, ZeRO or MTP");
   TrainingPlan p;
   p.gpu = gpu_spec(options.gpu);
   p.params = model::count_parameters(o);
@@ -128,6 +133,20 @@ TrainingPlan plan_training(const PlanInputs& in, const PlanOptions& options) {
     fewer.n_layers -= 1;
     largest_block = static_cast<double>(p.main_params.total - model::count_parameters(fewer).total);
   }
+  if (pp > 1) {
+    // The fullest stage: its blocks (each at most the largest), with the embedding
+    // on the first and the norm and head on the last (a copy of tied embeddings).
+    const double head = static_cast<double>(o.vocab_size) * d_model + d_model;
+    double most = 0;
+    for (int s = 0; s < pp; ++s) {
+      const auto [first, last] = parallel::stage_layers(o.n_layers, static_cast<int>(pp), s);
+      double held = static_cast<double>(last - first) * largest_block;
+      if (s == 0) held += static_cast<double>(p.params.embedding);
+      if (s == pp - 1) held += head;
+      most = std::max(most, held);
+    }
+    p.params_per_gpu = std::min(p.params_per_gpu, most);
+  }
   const double bucket = stage == 3 ? largest_block * 4 : std::min(4 * p.params_per_gpu, static_cast<double>(in.parallel.bucket_bytes()));
   if (stage == 3) {
     p.memory.push_back({"weights (FP32; ZeRO-3: blocks sharded, 2 whole)",
@@ -156,7 +175,17 @@ TrainingPlan plan_training(const PlanInputs& in, const PlanOptions& options) {
   if (in.trainer.activation_checkpointing == Checkpointing::kFull) kept += largest;
   kept += static_cast<double>(o.mtp.depth) * 2 * d * c;          // MTP: the concatenated inputs of eh_proj
   kept += static_cast<double>(1 + o.mtp.depth) * vocab * 8;      // logits and their gradient, FP32, per head
-  p.memory.push_back({"activations (one micro batch)", kept * tokens});
+  if (pp > 1) {
+    // Stage 0 holds the most: its share of the blocks, for every micro batch in flight.
+    const auto [first, last] = parallel::stage_layers(o.n_layers, static_cast<int>(pp), 0);
+    const int64_t micro = in.trainer.grad_accum_steps;
+    const int64_t in_flight = in.parallel.pp_schedule == parallel::PipelineSchedule::kGpipe ? micro : std::min(pp, micro);
+    const double share = static_cast<double>(last - first) / static_cast<double>(o.n_layers);
+    p.memory.push_back({"activations (" + std::to_string(in_flight) + " micro batches in flight, stage 0)",
+                        kept * tokens * share * static_cast<double>(in_flight)});
+  } else {
+    p.memory.push_back({"activations (one micro batch)", kept * tokens});
+  }
   if (ep > 1 && o.moe.enabled()) {
     const double element = in.parallel.ep_fp8_dispatch ? 1.0 + 4.0 / 128.0 : c;
     p.memory.push_back({"MoE all-to-all buffers", 4 * tokens * static_cast<double>(o.moe.top_k) * d * element});
@@ -186,7 +215,8 @@ std::string format_plan(const TrainingPlan& p, const PlanInputs& in, const PlanO
   char flops[64];
   std::snprintf(flops, sizeof flops, "%.3g", p.flops_per_token);
   out << "training FLOPs    " << flops << " per token (forward + backward, " << in.seq_len << "-token sequences)\n";
-  out << "layout            data parallel " << options.gpus << ", expert parallel " << in.parallel.expert_parallel
+  out << "layout            data parallel " << options.gpus / in.parallel.pipeline_parallel << ", pipeline "
+      << in.parallel.pipeline_parallel << " (" << parallel::to_string(in.parallel.pp_schedule) << "), expert parallel " << in.parallel.expert_parallel
       << ", ZeRO-" << in.parallel.zero_stage << "; micro batch " << in.trainer.micro_batch_size
       << " x " << in.seq_len << " tokens, activation checkpointing " << to_string(in.trainer.activation_checkpointing)
       << ", compute " << precision::to_string(in.precision.compute_dtype)

@@ -566,15 +566,14 @@ TEST(MpiExpertParallelTraining, HuggingFaceExportKeepsEveryExpert) {
 // Preemption: the last rank alone is asked to stop (its signal) during step 3;
 // every rank ends after step 3, the checkpoint is of step 3, and resuming reaches
 // the uninterrupted run bit for bit.
-TEST(MpiPreemption, OneRankSignalledStopsEveryRankAtTheSameStep) {
+void check_stop(const std::vector<std::string>& settings, int64_t accum) {
   auto* w = mpi_world();
   if (w == nullptr) GTEST_SKIP() << "multi-rank test: run under mpirun";
   at::set_num_threads(1);
   SharedDir dir(*w);
-  testing::TempDir own;
-  auto reference = recipes::build_trainer(recipe(2, kMoE), own / "reference", w);
+  auto reference = recipes::build_trainer(recipe(2, settings, accum), dir / "reference", w);
   reference->run();
-  auto stopped = recipes::build_trainer(recipe(2, kMoE), dir / "run", w);
+  auto stopped = recipes::build_trainer(recipe(2, settings, accum), dir / "run", w);
   int asked = 0;
   const bool me = w->rank() == w->size() - 1;
   stopped->set_stop_request([&] { return me && ++asked == 3; });
@@ -582,13 +581,22 @@ TEST(MpiPreemption, OneRankSignalledStopsEveryRankAtTheSameStep) {
   EXPECT_TRUE(stopped->stopped_by_request());
   EXPECT_EQ(stopped->current_step(), 3);
   w->barrier().wait();
-  auto resumed = recipes::build_trainer(recipe(2, kMoE), dir / "run", w);
+  auto resumed = recipes::build_trainer(recipe(2, settings, accum), dir / "run", w);
   const auto ck = trainer::load_checkpoint(trainer::resolve_checkpoint(dir / "run"));
   EXPECT_EQ(ck.state.step, 3);
   resumed->resume(ck);
   resumed->run();
   EXPECT_FALSE(resumed->stopped_by_request());
   expect_identical(resumed->model()->state_dict(), reference->model()->state_dict(), "resumed after the stop");
+}
+
+// Data parallel with MoE, and a pipeline of 2 stages (the signalled rank the last
+// stage): every rank stops after step 3, and the resume continues bit for bit.
+TEST(MpiPreemption, OneRankSignalledStopsEveryRankAtTheSameStep) {
+  check_stop(kMoE, 1);
+  auto pipeline = kMoE;
+  pipeline.insert(pipeline.end(), {"model.n_layers=4", "parallel.pipeline_parallel=2"});
+  check_stop(pipeline, 2);
 }
 
 TEST(MpiExpertParallelTraining, BadSizesAreClearErrorsBeforeTraining) {
