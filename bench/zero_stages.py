@@ -11,7 +11,10 @@ first 2), its ratio to plain data parallelism, every rank's peak resident memory
 (run_dir/memory.json: getrusage's max RSS over the training steps, before the
 final checkpoint, which includes LibTorch itself; glibc's mmap threshold is fixed at
 64 KiB so freed tensors leave RSS), and
-the memory each stage saves against stage 0 (the largest rank's).
+the peak of the bytes malloc holds for live allocations (sampled after each
+forward, backward and update: what the tensors need, without LibTorch's code and
+glibc's kept free memory), and what each stage saves against stage 0 on both
+measures (the largest rank's).
 """
 
 import argparse
@@ -38,7 +41,7 @@ def run(args, stage, run_dir):
     lines = [json.loads(l) for l in open(run_dir / "metrics.jsonl")]
     steps = [l["step_seconds"] for l in lines if "step_seconds" in l and l["step"] > 2]
     memory = json.loads((run_dir / "memory.json").read_text())
-    return statistics.median(steps), memory["peak_rss_mib"]
+    return statistics.median(steps), memory["peak_rss_mib"], memory["peak_live_heap_mib"]
 
 
 def main():
@@ -57,16 +60,17 @@ def main():
             results[stage] = run(args, stage, Path(tmp) / f"zero{stage}")
     base_time = results[stages[0]][0]
     base_mem = max(results[stages[0]][1])
+    base_live = max(results[stages[0]][2])
     print(f"{Path(args.recipe).name}, {args.ranks} ranks x {args.threads} thread(s), micro batch {args.micro_batch}, "
           f"{args.steps} steps "
           f"(median over steps 3..); peak RSS per rank from run_dir/memory.json")
     print("| ZeRO stage | median step ms | ratio to stage " + str(stages[0]) +
-          " | peak RSS per rank MiB | max saved vs stage " + str(stages[0]) + " MiB |")
-    print("|---|---|---|---|---|")
+          " | peak RSS per rank MiB | saved MiB | peak live heap per rank MiB | saved MiB |")
+    print("|---|---|---|---|---|---|---|")
     for stage in stages:
-        t, mem = results[stage]
+        t, mem, live = results[stage]
         print(f"| {stage} | {t * 1000:.0f} | {t / base_time:.2f} | {', '.join(f'{m:.0f}' for m in mem)} | "
-              f"{base_mem - max(mem):.0f} |")
+              f"{base_mem - max(mem):.0f} | {', '.join(f'{m:.0f}' for m in live)} | {base_live - max(live):.0f} |")
 
 
 if __name__ == "__main__":

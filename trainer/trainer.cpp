@@ -6,6 +6,7 @@
 #include <optional>
 #include <sstream>
 
+#include <malloc.h>
 #include <sys/resource.h>
 
 #include <ATen/CPUGeneratorImpl.h>
@@ -382,27 +383,36 @@ void Trainer::run() {
   if (pipeline_) gather_pipeline_weights();  // and every stage's weights on every rank
 }
 
+void Trainer::note_memory() {
+  const struct mallinfo2 info = mallinfo2();
+  peak_live_bytes_ = std::max(peak_live_bytes_, static_cast<int64_t>(info.uordblks + info.hblkhd));
+}
+
 void Trainer::record_peak_memory() {
   struct rusage usage {};
   getrusage(RUSAGE_SELF, &usage);
   const auto doubles = torch::TensorOptions().dtype(torch::kDouble).device(context_.device);
   double gpu = 0.0;
   if (context_.device.is_cuda()) gpu = static_cast<double>(cuda_memory(context_.device.index()).peak_allocated_bytes);
-  auto mine = torch::tensor({static_cast<double>(usage.ru_maxrss) / 1024.0, gpu / (1 << 20)}, doubles);  // ru_maxrss: KiB
+  auto mine = torch::tensor({static_cast<double>(usage.ru_maxrss) / 1024.0, gpu / (1 << 20),
+                             static_cast<double>(peak_live_bytes_) / (1 << 20)},
+                            doubles);  // ru_maxrss: KiB
   auto all = mine;
   if (world_size() > 1) {
-    all = torch::empty({2 * world_size()}, doubles);
+    all = torch::empty({3 * world_size()}, doubles);
     context_.data_parallel->all_gather(mine, all).wait();
   }
   if (!is_main_rank() || context_.run_dir.empty()) return;
   std::filesystem::create_directories(context_.run_dir);
-  const auto host = all.cpu().view({-1, 2});
+  const auto host = all.cpu().view({-1, 3});
   nlohmann::json out;
   out["step"] = state_.step;
   out["peak_rss_mib"] = nlohmann::json::array();
+  out["peak_live_heap_mib"] = nlohmann::json::array();
   out["cuda_peak_allocated_mib"] = nlohmann::json::array();
   for (int64_t r = 0; r < host.size(0); ++r) {
     out["peak_rss_mib"].push_back(host[r][0].item<double>());
+    out["peak_live_heap_mib"].push_back(host[r][2].item<double>());
     if (context_.device.is_cuda()) out["cuda_peak_allocated_mib"].push_back(host[r][1].item<double>());
   }
   if (!context_.device.is_cuda()) out.erase("cuda_peak_allocated_mib");
@@ -573,6 +583,7 @@ StepResult Trainer::run_step() {
   if (finite) {
     clip_gradients(grad_norm);
     optimizer_->step(lr, parallel_->optimizer_gradients());
+    note_memory();
     parallel_->after_update();
     if (pipeline_ && pipeline_->tied && pipeline_->count > 1) {
       // The last stage's head copy of the embeddings follows stage 0's update.
@@ -619,6 +630,13 @@ void Trainer::pipeline_micro_batches(const std::vector<data::Batch>& batches, co
     sends.push_back(stages.send(sent.back(), to, tag));
   };
   int64_t held = 0;
+  // Time spent waiting for a neighbour's activations or gradients: the stage's share
+  // of the pipeline bubble.
+  auto receive = [&](torch::Tensor& t, int from, int tag) {
+    const auto start = std::chrono::steady_clock::now();
+    stages.recv(t, from, tag).wait();
+    result.pipeline_wait_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  };
   for (const auto& action : parallel::pipeline_schedule(pl.schedule, pl.count, pl.stage, count)) {
     const int64_t m = action.micro;
     const auto& batch = batches[m];
@@ -627,7 +645,7 @@ void Trainer::pipeline_micro_batches(const std::vector<data::Batch>& batches, co
       if (!pl.first_stage()) {
         input = torch::empty({batch.inputs.size(0), batch.inputs.size(1), model_->options().d_model},
                              torch::TensorOptions().dtype(torch::kFloat).device(context_.device));
-        stages.recv(input, pl.stage - 1, pipeline_tag(m, 0)).wait();
+        receive(input, pl.stage - 1, pipeline_tag(m, 0));
         input.requires_grad_(true);
       }
       torch::Tensor out;
@@ -649,6 +667,7 @@ void Trainer::pipeline_micro_batches(const std::vector<data::Batch>& batches, co
       }
       inputs[m] = input;
       result.pipeline_in_flight = std::max(result.pipeline_in_flight, ++held);
+      note_memory();
       continue;
     }
     // Backward, in micro-batch order on every schedule.
@@ -659,7 +678,7 @@ void Trainer::pipeline_micro_batches(const std::vector<data::Batch>& batches, co
       outputs[m].backward();
     } else {
       auto grad = torch::empty_like(outputs[m]);
-      stages.recv(grad, pl.stage + 1, pipeline_tag(m, 1)).wait();
+      receive(grad, pl.stage + 1, pipeline_tag(m, 1));
       if (aux[m].defined()) torch::autograd::backward({outputs[m], aux[m]}, {grad, torch::Tensor()});
       else outputs[m].backward(grad);
     }
@@ -671,6 +690,7 @@ void Trainer::pipeline_micro_batches(const std::vector<data::Batch>& batches, co
     }
     if (!pl.first_stage()) send(inputs[m].grad(), pl.stage - 1, pipeline_tag(m, 1));
     parallel_->end_micro_batch(last);
+    note_memory();
     inputs[m] = outputs[m] = aux[m] = torch::Tensor();
     --held;
   }
@@ -772,7 +792,9 @@ Trainer::LossTensors Trainer::forward_backward(const data::Batch& batch, const t
   const auto logits = forward(batch);
   torch::Tensor total;
   auto shares = micro_batch_loss(logits, batch, denominator, total);
+  note_memory();
   total.backward();
+  note_memory();
   return shares;
 }
 
@@ -985,6 +1007,11 @@ class LoggingHook : public TrainerHook {
       line["dp_buckets"] = r.reduce.buckets;
       line["dp_buckets_in_backward"] = r.reduce.started_in_backward;
       line["dp_wait_seconds"] = r.reduce.wait_seconds;
+    }
+    if (r.pipeline_in_flight > 0) {
+      // Rank 0's stage (the first): the micro-batches it held and the time it waited.
+      line["pp_in_flight"] = r.pipeline_in_flight;
+      line["pp_wait_seconds"] = r.pipeline_wait_seconds;
     }
     t.metrics().write(line);
     progress_->update(r.step, status(loss_sum_ / static_cast<double>(steps_), rate_));

@@ -77,6 +77,7 @@ struct StepResult {
   std::vector<moe::LayerStepStats> moe;  // per MoE layer: load balance, drops, aux terms
   parallel::ReduceStats reduce;          // data parallel: buckets, overlap, wait time
   int64_t pipeline_in_flight = 0;        // pipeline: most micro-batches whose activations this stage held at once
+  double pipeline_wait_seconds = 0.0;    // pipeline: time this stage waited for its neighbours (the bubble)
 };
 
 struct EvalResult {
@@ -183,6 +184,12 @@ class Trainer {
   void handle_nonfinite(const std::string& what, double value);
   // Rank 0 writes every rank's peak resident memory (and CUDA peak) to run_dir/memory.json.
   void record_peak_memory();
+  // Samples the bytes malloc holds for live allocations (CPU tensors included) at the
+  // points of a step where most is alive: after each forward (activations) and each
+  // backward (gradients), and after the update (optimizer state). Their maximum goes
+  // to memory.json beside the peak RSS, which also counts freed memory glibc kept.
+  void note_memory();
+  int64_t peak_live_bytes_ = 0;
   int world_size() const { return context_.data_parallel ? context_.data_parallel->size() : 1; }
   // Pipeline parallelism (null when off): this rank's stage and its groups.
   struct Pipeline;
