@@ -295,11 +295,9 @@ torch::Tensor TransformerImpl::forward(const torch::Tensor& tokens, KVCache* cac
 }
 
 torch::Tensor TransformerImpl::forward_stage(const torch::Tensor& input, int64_t first, int64_t last,
-                                            const torch::Tensor& segments) {
+                                            const torch::Tensor& segments, const torch::Tensor& tokens) {
   BRIGADE_CHECK(0 <= first && first < last && last <= options_.n_layers, "pipeline stage of blocks [", first, ", ",
                 last, ") of a model with ", options_.n_layers, " layers");
-  BRIGADE_CHECK(options_.mtp.depth == 0, "pipeline stages do not run MTP modules yet (model.mtp.depth is ",
-                options_.mtp.depth, ")");
   mtp_hidden_ = mtp_tokens_ = mtp_segments_ = torch::Tensor();
   const int64_t seq = input.size(1);
   BRIGADE_CHECK(seq <= options_.max_seq_len, "sequence of ", seq, " positions exceeds model.max_seq_len ",
@@ -309,7 +307,13 @@ torch::Tensor TransformerImpl::forward_stage(const torch::Tensor& input, int64_t
   auto cos = rope_cos_.narrow(0, 0, seq), sin = rope_sin_.narrow(0, 0, seq);
   auto h = first == 0 ? embed_tokens(input) : input;
   for (int64_t j = first; j < last; ++j) h = run_block(*layers[j]->as<BlockImpl>(), h, cos, sin, j, mask);
-  return last == options_.n_layers ? head(norm(h)) : h;
+  if (last < options_.n_layers) return h;
+  if (mtp && is_training() && torch::GradMode::is_enabled()) {
+    const auto& t = first == 0 ? input : tokens;
+    BRIGADE_CHECK(t.defined() && t.dim() == 2, "the last pipeline stage needs the batch's tokens for MTP");
+    mtp_hidden_ = h, mtp_tokens_ = t, mtp_segments_ = segments.defined() ? segments.to(t.device()) : segments;
+  }
+  return head(norm(h));
 }
 
 torch::Tensor TransformerImpl::run_block(BlockImpl& block, const torch::Tensor& h, const torch::Tensor& cos,

@@ -178,9 +178,10 @@ class TransformerImpl : public torch::nn::Module {
   // `input` is the tokens [batch, seq] when first == 0 (the embedding runs first),
   // else the previous stage's hidden state [batch, seq, d_model] (float32). Returns
   // the hidden state after the last block, or the logits when last == n_layers.
-  // The composition of stages is forward() exactly. Not with MTP.
+  // The composition of stages is forward() exactly; the last stage keeps what
+  // mtp_logits() needs (`tokens`: the batch's input tokens) as forward() does.
   torch::Tensor forward_stage(const torch::Tensor& input, int64_t first, int64_t last,
-                              const torch::Tensor& segments = {});
+                              const torch::Tensor& segments = {}, const torch::Tensor& tokens = {});
 
   // Multi-token prediction on the last training forward (model.mtp.depth > 0, grad
   // mode, no cache; otherwise empty): for k = 1..depth the logits

@@ -99,8 +99,8 @@ TrainingPlan plan_training(const PlanInputs& in, const PlanOptions& options) {
   const int64_t pp = in.parallel.pipeline_parallel;
   BRIGADE_CHECK(options.gpus % pp == 0, "parallel.pipeline_parallel (", pp, ") must divide --gpus (", options.gpus, ")");
   BRIGADE_CHECK(pp <= o.n_layers, "parallel.pipeline_parallel (", pp, ") is more than model.n_layers (", o.n_layers, ")");
-  BRIGADE_CHECK(pp == 1 || (ep == 1 && in.parallel.zero_stage == 0 && o.mtp.depth == 0),
-                "parallel.pipeline_parallel > 1 is not supported yet with expert parallelism, ZeRO or MTP");
+  BRIGADE_CHECK(pp == 1 || (ep == 1 && in.parallel.zero_stage == 0),
+                "parallel.pipeline_parallel > 1 is not supported yet with expert parallelism or ZeRO");
   TrainingPlan p;
   p.gpu = gpu_spec(options.gpu);
   p.params = model::count_parameters(o);
@@ -142,7 +142,7 @@ TrainingPlan plan_training(const PlanInputs& in, const PlanOptions& options) {
       const auto [first, last] = parallel::stage_layers(o.n_layers, static_cast<int>(pp), s);
       double held = static_cast<double>(last - first) * largest_block;
       if (s == 0) held += static_cast<double>(p.params.embedding);
-      if (s == pp - 1) held += head;
+      if (s == pp - 1) held += head + (p.params.total - p.main_params.total);  // and the MTP modules
       most = std::max(most, held);
     }
     p.params_per_gpu = std::min(p.params_per_gpu, most);

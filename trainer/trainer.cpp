@@ -120,7 +120,9 @@ struct Trainer::Pipeline {
   int stage = 0, count = 1;
   int index = 0;  // which pipeline (data-parallel rank)
   int64_t layers = 0, first = 0, last = 0;  // this stage's blocks [first, last)
-  bool tied = false;  // tied embeddings: stage 0 trains them; the last stage's head uses a copy
+  // Tied embeddings or MTP modules: stage 0 trains the embedding table; the last
+  // stage uses a copy (as its head, and for the MTP modules' token embeddings).
+  bool shared_embedding = false;
   std::map<std::string, std::vector<int64_t>> shapes;  // every state_dict tensor's whole shape
   int64_t micro = 0;  // the micro-batch being backpropagated (for the tied head's gradient)
 
@@ -135,12 +137,12 @@ struct Trainer::Pipeline {
         if (layer < parallel::stage_layers(layers, count, s).second) return s;
       }
     }
-    if (name.starts_with("norm.") || name.starts_with("lm_head.")) return count - 1;
+    if (name.starts_with("norm.") || name.starts_with("lm_head.") || name.starts_with("mtp.")) return count - 1;
     return 0;
   }
   // What this rank keeps allocated: its own tensors, and the last stage's head copy.
   bool keeps(const std::string& name) const {
-    return owner(name) == stage || (tied && last_stage() && name == "embed_tokens.weight");
+    return owner(name) == stage || (shared_embedding && last_stage() && name == "embed_tokens.weight");
   }
 };
 
@@ -189,8 +191,6 @@ Trainer::Trainer(TrainerOptions options, precision::PrecisionOptions precision, 
     BRIGADE_CHECK(context_.zero_stage == 0 && context_.expert_parallel == 1,
                   "parallel.pipeline_parallel > 1 with parallel.zero_stage=", context_.zero_stage,
                   " or parallel.expert_parallel=", context_.expert_parallel, " is not supported yet; set them to 0 and 1");
-    BRIGADE_CHECK(m.mtp.depth == 0, "parallel.pipeline_parallel > 1 with model.mtp.depth=", m.mtp.depth,
-                  " is not supported yet");
     BRIGADE_CHECK(!precision_.fp8.enabled(), "parallel.pipeline_parallel > 1 with FP8 GEMMs (precision.fp8_recipe) "
                   "is not supported yet");
     BRIGADE_CHECK(!context_.objective, "parallel.pipeline_parallel > 1 with logit distillation (distill.kd.loss) is "
@@ -206,7 +206,7 @@ Trainer::Trainer(TrainerOptions options, precision::PrecisionOptions precision, 
     pl.schedule = context_.pp_schedule;
     pl.layers = layers;
     std::tie(pl.first, pl.last) = parallel::stage_layers(layers, pl.count, pl.stage);
-    pl.tied = m.tie_embeddings;
+    pl.shared_embedding = m.tie_embeddings || m.mtp.depth > 0;
     data_parallel = pl.data.get();
   }
   parallel_ = std::make_unique<parallel::ParallelState>(
@@ -237,7 +237,8 @@ Trainer::Trainer(TrainerOptions options, precision::PrecisionOptions precision, 
   params_ = trainable_parameters(*model_);
   if (pipeline_) {
     // A stage trains its own parameters and frees the others' (the last stage keeps
-    // its copy of tied embeddings for the head; stage 0 adds its gradient in).
+    // its copy of the embedding table for a tied head and the MTP modules; stage 0
+    // adds the copy's gradient in).
     auto& pl = *pipeline_;
     torch::NoGradGuard no_grad;
     for (auto& [name, t] : model_->state_dict()) {
@@ -249,11 +250,11 @@ Trainer::Trainer(TrainerOptions options, precision::PrecisionOptions precision, 
       if (pl.owner(name) == pl.stage) own.emplace_back(name, p);
     }
     params_ = std::move(own);
-    if (pl.tied && pl.first_stage()) {
+    if (pl.shared_embedding && pl.first_stage()) {
       auto* stage = pipeline_.get();
       model_->embed_tokens->weight.register_hook([stage](const torch::Tensor& grad) {
-        // The head's gradient of the same micro-batch, from the last stage: the sum
-        // one process's autograd makes (addition commutes exactly).
+        // The last stage's gradient of its copy (tied head, MTP embeddings) for the same
+        // micro-batch: the sum one process's autograd makes (addition commutes exactly).
         auto head = torch::empty_like(grad);
         stage->stages->recv(head, stage->count - 1, pipeline_tag(stage->micro, 2)).wait();
         return grad + head;
@@ -585,8 +586,8 @@ StepResult Trainer::run_step() {
     optimizer_->step(lr, parallel_->optimizer_gradients());
     note_memory();
     parallel_->after_update();
-    if (pipeline_ && pipeline_->tied && pipeline_->count > 1) {
-      // The last stage's head copy of the embeddings follows stage 0's update.
+    if (pipeline_ && pipeline_->shared_embedding && pipeline_->count > 1) {
+      // The last stage's copy of the embeddings follows stage 0's update.
       torch::NoGradGuard no_grad;
       auto weight = model_->embed_tokens->weight.detach();
       auto& stages = *pipeline_->stages;
@@ -651,13 +652,14 @@ void Trainer::pipeline_micro_batches(const std::vector<data::Batch>& batches, co
       torch::Tensor out;
       {
         precision::AutocastGuard autocast(precision_.compute_dtype);
-        out = model_->forward_stage(input, pl.first, pl.last, batch.segments);
+        out = model_->forward_stage(input, pl.first, pl.last, batch.segments, batch.inputs);
       }
       if (pl.last_stage()) {
         torch::Tensor total;
         const LossTensors part = micro_batch_loss(out, batch, denominator, total);
         shares[0] += part.loss;
         if (part.objective.defined()) shares[1] += part.objective;
+        if (part.mtp.defined()) shares[3] += part.mtp;
         outputs[m] = total;
       } else {
         BRIGADE_ASSERT(out.scalar_type() == torch::kFloat, "a pipeline stage's hidden state is ", out.scalar_type());
@@ -682,8 +684,8 @@ void Trainer::pipeline_micro_batches(const std::vector<data::Batch>& batches, co
       if (aux[m].defined()) torch::autograd::backward({outputs[m], aux[m]}, {grad, torch::Tensor()});
       else outputs[m].backward(grad);
     }
-    if (pl.tied && pl.last_stage() && pl.count > 1) {
-      // The head's part of the tied embeddings' gradient goes to stage 0.
+    if (pl.shared_embedding && pl.last_stage() && pl.count > 1) {
+      // The copy's gradient (tied head, MTP embeddings) goes to stage 0.
       auto& head = model_->embed_tokens->weight.mutable_grad();
       send(head, 0, pipeline_tag(m, 2));
       head = torch::Tensor();

@@ -394,13 +394,14 @@ void check_pipeline(const std::vector<std::string>& extra, int stages, double bo
   if (w->rank() == 0) std::printf("pipeline %d stages: relative difference %.3g (worst tensor: %s)\n", stages, diff, worst.c_str());
 }
 
+// Dense (tied and untied embeddings), and MoE with an MTP module on the last stage.
 TEST(MpiPipeline, OneFOneBAndGpipeMatchOneRank) {
   auto* w = mpi_world();
   if (w == nullptr) GTEST_SKIP() << "multi-rank test: run under mpirun";
   check_pipeline({"parallel.pp_schedule=1f1b"}, w->size());
   check_pipeline({"parallel.pp_schedule=gpipe", "model.tie_embeddings=false"}, w->size());
   auto moe = kMoE;
-  moe.push_back("parallel.pp_schedule=1f1b");
+  moe.insert(moe.end(), {"parallel.pp_schedule=1f1b", "model.mtp.depth=1"});
   check_pipeline(moe, w->size());
 }
 
