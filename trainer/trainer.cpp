@@ -188,9 +188,8 @@ Trainer::Trainer(TrainerOptions options, precision::PrecisionOptions precision, 
                   ") must divide the number of ranks (", world_size(), ")");
     BRIGADE_CHECK(stages <= layers, "parallel.pipeline_parallel (", stages, ") is more than model.n_layers (", layers,
                   "): every stage needs at least one block");
-    BRIGADE_CHECK(context_.zero_stage == 0 && context_.expert_parallel == 1,
-                  "parallel.pipeline_parallel > 1 with parallel.zero_stage=", context_.zero_stage,
-                  " or parallel.expert_parallel=", context_.expert_parallel, " is not supported yet; set them to 0 and 1");
+    BRIGADE_CHECK(context_.zero_stage == 0, "parallel.pipeline_parallel > 1 with parallel.zero_stage=",
+                  context_.zero_stage, " is not supported yet; set it to 0");
     BRIGADE_CHECK(!precision_.fp8.enabled(), "parallel.pipeline_parallel > 1 with FP8 GEMMs (precision.fp8_recipe) "
                   "is not supported yet");
     BRIGADE_CHECK(!context_.objective, "parallel.pipeline_parallel > 1 with logit distillation (distill.kd.loss) is "
@@ -241,8 +240,11 @@ Trainer::Trainer(TrainerOptions options, precision::PrecisionOptions precision, 
     // adds the copy's gradient in).
     auto& pl = *pipeline_;
     torch::NoGradGuard no_grad;
+    const auto sliced = model_->expert_parallel_parameters();  // whole in checkpoints: dim 0 over the EP group
+    const int64_t ep = parallel_->expert_group() ? parallel_->expert_group()->size() : 1;
     for (auto& [name, t] : model_->state_dict()) {
       pl.shapes[name] = t.sizes().vec();
+      if (std::find(sliced.begin(), sliced.end(), name) != sliced.end()) pl.shapes[name][0] *= ep;
       if (!pl.keeps(name)) t.set_data(torch::empty({0}, t.options()));
     }
     model::NamedTensors own;
@@ -312,7 +314,10 @@ void Trainer::resume(const LoadedCheckpoint& ck) {
   std::vector<std::pair<torch::Tensor, torch::Tensor>> slices;  // (this rank's slice, the whole tensor)
   for (auto& [name, t] : weights) {
     // Pipeline: the other stages' tensors are read into scratch and dropped.
-    if (pipeline_ && !pipeline_->keeps(name)) t = torch::empty(pipeline_->shapes.at(name), t.options());
+    if (pipeline_ && !pipeline_->keeps(name)) {
+      t = torch::empty(pipeline_->shapes.at(name), t.options());
+      continue;
+    }
     if (!parallel_->is_expert_slice(name)) continue;
     auto full = torch::empty(parallel_->full_shape(name, t), t.options());
     slices.emplace_back(t, full);
@@ -721,6 +726,12 @@ torch::Tensor Trainer::pipeline_eval_loss(const data::Batch& batch, int64_t inde
 model::NamedTensors Trainer::pipeline_weights_on_main() {
   auto& pl = *pipeline_;
   auto weights = model_->state_dict();
+  // This stage's expert slices, whole (collective over its EP group: every pipeline).
+  for (auto& [name, t] : weights) {
+    if (parallel_->expert_group() && pl.owner(name) == pl.stage && parallel_->is_expert_slice(name)) {
+      t = parallel_->gather_experts(t);
+    }
+  }
   if (pl.index != 0) return {};
   std::vector<parallel::Handle> sends;
   std::vector<torch::Tensor> sent;
@@ -745,7 +756,9 @@ void Trainer::gather_pipeline_weights() {
   auto& pl = *pipeline_;
   torch::NoGradGuard no_grad;
   for (auto& [name, t] : model_->state_dict()) {
-    if (t.numel() == 0 && !pl.shapes.at(name).empty()) t.set_data(torch::empty(pl.shapes.at(name), t.options()));
+    auto shape = pl.shapes.at(name);
+    if (parallel_->is_expert_slice(name)) shape[0] /= parallel_->expert_group()->size();  // this rank's experts
+    if (t.numel() == 0 && !shape.empty()) t.set_data(torch::empty(shape, t.options()));
     auto whole = t.detach();
     pl.stages->broadcast(whole, pl.owner(name)).wait();
   }
@@ -894,17 +907,22 @@ std::filesystem::path Trainer::save_checkpoint() {
   CheckpointData data;
   data.model = pipeline_ ? pipeline_weights_on_main() : model_->state_dict();
   const bool ep = parallel_->expert_group() != nullptr;
-  if (ep) {
+  // Whole expert tensors' optimizer state (collective over the EP group).
+  auto optimizer_state = [&] {
+    auto state = optimizer_->state();
+    for (auto& [key, t] : state) {
+      const auto param = key.substr(key.find('.') + 1);  // exp_avg.NAME, exp_avg_sq.NAME, step.NAME
+      if (ep && !key.starts_with("step.") && parallel_->is_expert_slice(param)) t = parallel_->gather_experts(t);
+    }
+    return state;
+  };
+  if (ep && !pipeline_) {
     // Whole expert tensors in the checkpoint (every EP group gathers; rank 0 writes):
     // any expert-parallel size, or none, can resume from it.
     for (auto& [name, t] : data.model) {
       if (parallel_->is_expert_slice(name)) t = parallel_->gather_experts(t);
     }
-    data.optimizer = optimizer_->state();
-    for (auto& [key, t] : data.optimizer) {
-      const auto param = key.substr(key.find('.') + 1);  // exp_avg.NAME, exp_avg_sq.NAME, step.NAME
-      if (!key.starts_with("step.") && parallel_->is_expert_slice(param)) t = parallel_->gather_experts(t);
-    }
+    data.optimizer = optimizer_state();
   }
   data.rng = {{"cpu", at::detail::getDefaultCPUGenerator().get_state()}};
   if (context_.device.is_cuda()) data.rng.emplace_back("cuda", at::globalContext().defaultGenerator(context_.device).get_state());
@@ -932,7 +950,8 @@ std::filesystem::path Trainer::save_checkpoint() {
     failure = "it does not exist on this rank: ZeRO and pipeline checkpoints need the run directory on a filesystem every rank shares";
   } else {
     try {
-      if (writes) model::save_safetensors(staged / file, optimizer_->state());
+      auto state = pipeline_ ? optimizer_state() : optimizer_->state();  // collective with EP
+      if (writes) model::save_safetensors(staged / file, state);
     } catch (const std::exception& e) {
       failure = e.what();
     }
