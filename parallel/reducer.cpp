@@ -273,21 +273,26 @@ bool GradientReducer::sharded() const { return state_->options.sharded; }
 const std::vector<std::pair<std::string, torch::Tensor>>& GradientReducer::params() const { return state_->params; }
 const BucketLayout& GradientReducer::layout() const { return state_->layout; }
 
-std::vector<ShardSegment> GradientReducer::shard_segments(int rank) const {
-  const auto& s = *state_;
-  BRIGADE_ASSERT(s.options.sharded, "shard_segments() of an unsharded reducer");
-  if (rank < 0) rank = s.group->rank();
+std::vector<ShardSegment> shard_segments(const BucketLayout& layout, const std::vector<int64_t>& numels, int rank) {
   std::vector<ShardSegment> out;
-  for (size_t bi = 0; bi < s.layout.buckets.size(); ++bi) {
-    const auto& b = s.layout.buckets[bi];
+  for (size_t bi = 0; bi < layout.buckets.size(); ++bi) {
+    const auto& b = layout.buckets[bi];
     const int64_t lo = rank * b.shard, hi = lo + b.shard;  // owned range of the bucket
     for (size_t k = 0; k < b.params.size(); ++k) {
-      const int64_t start = b.offsets[k], end = start + s.params[b.params[k]].second.numel();
+      const int64_t start = b.offsets[k], end = start + numels[b.params[k]];
       const int64_t a = std::max(start, lo), z = std::min(end, hi);
       if (a < z) out.push_back({b.params[k], a - start, z - a, bi, a - lo});
     }
   }
   return out;
+}
+
+std::vector<ShardSegment> GradientReducer::shard_segments(int rank) const {
+  const auto& s = *state_;
+  BRIGADE_ASSERT(s.options.sharded, "shard_segments() of an unsharded reducer");
+  std::vector<int64_t> numels;
+  for (const auto& [name, p] : s.params) numels.push_back(p.numel());
+  return parallel::shard_segments(s.layout, numels, rank < 0 ? s.group->rank() : rank);
 }
 
 const torch::Tensor& GradientReducer::shard_gradient(size_t bucket) const {

@@ -82,6 +82,10 @@ BucketLayout make_bucket_layout(const std::vector<int64_t>& numels, int64_t buck
 BucketLayout make_unit_layout(const std::vector<int64_t>& numels, const std::vector<std::vector<size_t>>& units,
                               int ranks);
 
+// The pieces of the parameters (of `numels` elements) that `rank` owns under
+// sharding with `layout`, in bucket order (GradientReducer::shard_segments).
+std::vector<ShardSegment> shard_segments(const BucketLayout& layout, const std::vector<int64_t>& numels, int rank);
+
 // The squared L2 norm of `grads` (undefined: zeros), laid out as `layout` says,
 // summed in the order of parallel/ordered_sum.h: the same bits as a data-parallel
 // reducer's square_norm() with the same parameters and bucket size. Float64 [1] on

@@ -188,8 +188,8 @@ Trainer::Trainer(TrainerOptions options, precision::PrecisionOptions precision, 
                   ") must divide the number of ranks (", world_size(), ")");
     BRIGADE_CHECK(stages <= layers, "parallel.pipeline_parallel (", stages, ") is more than model.n_layers (", layers,
                   "): every stage needs at least one block");
-    BRIGADE_CHECK(context_.zero_stage == 0, "parallel.pipeline_parallel > 1 with parallel.zero_stage=",
-                  context_.zero_stage, " is not supported yet; set it to 0");
+    BRIGADE_CHECK(context_.zero_stage <= 2, "parallel.pipeline_parallel > 1 with parallel.zero_stage=3 is not "
+                  "supported yet; use zero_stage 0, 1 or 2");
     BRIGADE_CHECK(!precision_.fp8.enabled(), "parallel.pipeline_parallel > 1 with FP8 GEMMs (precision.fp8_recipe) "
                   "is not supported yet");
     BRIGADE_CHECK(!context_.objective, "parallel.pipeline_parallel > 1 with logit distillation (distill.kd.loss) is "
@@ -282,8 +282,31 @@ Trainer::~Trainer() = default;
 OptimizerShards Trainer::optimizer_layout() const {
   OptimizerShards layout;
   if (pipeline_) {
-    // One file per stage, each with its parameters whole.
+    // One file per stage, each with its parameters whole; with ZeRO one per rank,
+    // each with its shards of its stage's buckets.
     for (const auto& item : model_->named_parameters()) layout.shapes[item.key()] = pipeline_->shapes.at(item.key());
+    if (sharded()) {
+      const int pipelines = dp_size();
+      std::vector<std::vector<std::string>> names(pipeline_->count);
+      std::vector<std::vector<int64_t>> numels(pipeline_->count);
+      for (const auto& item : model_->named_parameters()) {
+        const int s = pipeline_->owner(item.key());
+        int64_t numel = 1;
+        for (int64_t d : pipeline_->shapes.at(item.key())) numel *= d;
+        names[s].push_back(item.key());
+        numels[s].push_back(numel);
+      }
+      for (int r = 0; r < world_size(); ++r) {
+        const int s = r % pipeline_->count, i = r / pipeline_->count;
+        const auto buckets = parallel::make_bucket_layout(numels[s], context_.bucket_bytes, pipelines);
+        OptimizerShard shard{optimizer_shard_file(r, world_size()), {}};
+        for (const auto& seg : parallel::shard_segments(buckets, numels[s], i)) {
+          shard.ranges[names[s][seg.param]] = {seg.begin, seg.begin + seg.length};
+        }
+        layout.shards.push_back(std::move(shard));
+      }
+      return layout;
+    }
     for (int s = 0; s < pipeline_->count; ++s) {
       OptimizerShard shard{optimizer_shard_file(s, pipeline_->count), {}};
       for (const auto& [name, shape] : layout.shapes) {
@@ -939,9 +962,10 @@ std::filesystem::path Trainer::save_checkpoint() {
   // prepared; rank 0 then adds the rest and commits. Pipeline: the first pipeline's
   // stages write one file each.
   auto& group = *context_.data_parallel;
-  const bool writes = !pipeline_ || pipeline_->index == 0;
-  const std::string file = pipeline_ ? optimizer_shard_file(pipeline_->stage, pipeline_->count)
-                                     : optimizer_shard_file(group.rank(), group.size());
+  const bool stage_files = pipeline_ && !sharded();
+  const bool writes = !stage_files || pipeline_->index == 0;
+  const std::string file = stage_files ? optimizer_shard_file(pipeline_->stage, pipeline_->count)
+                                       : optimizer_shard_file(group.rank(), group.size());
   const auto staged = checkpoints_.staging_dir(state_.step);
   if (is_main_rank()) checkpoints_.prepare_staging(staged);
   group.barrier().wait();
