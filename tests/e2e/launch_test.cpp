@@ -171,14 +171,14 @@ struct Outcome {
   double seconds_after_signal = 0;
 };
 
-Outcome disturb_one_rank(const fs::path& dir, const std::string& signal) {
+Outcome disturb_one_rank(const fs::path& dir, const std::string& signal, const std::string& extra = "") {
   const fs::path run = dir / "run";
   const std::string log = (dir / "log").string();
   // The ranks' command lines start with the executable; mpirun's starts with "mpirun".
   const std::string ranks = "pgrep -f '^[^ ]*brigade train .*" + run.string() + "'";
   const std::string script =
       std::string(BRIGADE_BINARY) + " launch -n 2 -- train " + kTiny +
-      " --set trainer.max_steps=1000000 --set parallel.timeout_s=5 --run-dir " + run.string() + " > " + log +
+      " --set trainer.max_steps=1000000 --set parallel.timeout_s=5 " + extra + " --run-dir " + run.string() + " > " + log +
       " 2>&1 & job=$!\n"
       "for i in $(seq 600); do [ -s " + (run / "metrics.jsonl").string() + " ] && break; sleep 0.1; done\n"
       "kill -" + signal + " $(" + ranks + " | tail -1)\n"
@@ -209,6 +209,17 @@ TEST(CliLaunch, AKilledRankStopsTheJob) {
   TempDir dir;
   auto out = disturb_one_rank(dir.path(), "9");
   EXPECT_EQ(out.result.output.find("exit=0 "), std::string::npos) << out.result.output;
+  EXPECT_LT(out.seconds_after_signal, 60.0) << out.result.output;
+}
+
+// A stage of a 2-stage pipeline that stops answering: its neighbour's point-to-point
+// wait (or the step's sum) times out and ends the job with an error.
+TEST(CliLaunch, AHungPipelineStageStopsTheJob) {
+  TempDir dir;
+  auto out = disturb_one_rank(dir.path(), "STOP", "--set parallel.pipeline_parallel=2 --set trainer.grad_accum_steps=2");
+  EXPECT_EQ(out.result.output.find("exit=0 "), std::string::npos) << out.result.output;
+  EXPECT_NE(out.result.output.find("did not finish within 5 s: another rank died or hangs"), std::string::npos)
+      << out.result.output;
   EXPECT_LT(out.seconds_after_signal, 60.0) << out.result.output;
 }
 
