@@ -8,6 +8,22 @@
 
 namespace brigade::parallel {
 
+std::vector<std::vector<size_t>> zero3_units(const std::vector<std::vector<size_t>>& blocks, size_t params) {
+  std::vector<std::vector<size_t>> units;
+  std::vector<bool> in_block(params, false);
+  for (auto it = blocks.rbegin(); it != blocks.rend(); ++it) {
+    if (it->empty()) continue;  // another pipeline stage's block, or a frozen one
+    for (size_t i : *it) in_block.at(i) = true;
+    units.push_back(*it);
+  }
+  auto& rest = units.emplace_back();
+  for (size_t i = 0; i < params; ++i) {
+    if (!in_block[i]) rest.push_back(i);
+  }
+  if (rest.empty()) units.pop_back();
+  return units;
+}
+
 ParallelState::ParallelState(ParallelStateOptions options) : options_(options) {
   const int64_t ep = options_.expert_parallel;
   BRIGADE_CHECK(size() == 1 || options_.data_parallel->device() == options_.device, "the trainer computes on ",
@@ -71,19 +87,14 @@ void ParallelState::attach(NamedParams params, const std::vector<std::string>& e
   // the same gradient norm.
   std::vector<std::vector<size_t>> units;
   const int64_t stage = options_.zero_stage;
+  block_unit_.assign(blocks.size(), -1);
+  int64_t present = 0;
+  for (size_t j = 0; j < blocks.size(); ++j) {
+    if (!blocks[j].empty()) block_unit_[j] = present++;
+  }
   if (stage == 3) {
-    BRIGADE_CHECK(!blocks.empty(), "parallel.zero_stage=3 needs a model with transformer blocks");
-    std::vector<bool> in_block(params_.size(), false);
-    for (auto it = blocks.rbegin(); it != blocks.rend(); ++it) {
-      BRIGADE_CHECK(!it->empty(), "parallel.zero_stage=3: a transformer block without trainable parameters");
-      for (size_t i : *it) in_block.at(i) = true;
-      units.push_back(*it);
-    }
-    auto& rest = units.emplace_back();
-    for (size_t i = 0; i < params_.size(); ++i) {
-      if (!in_block[i]) rest.push_back(i);
-    }
-    if (rest.empty()) units.pop_back();
+    BRIGADE_CHECK(present > 0, "parallel.zero_stage=3 needs transformer blocks with trainable parameters");
+    units = zero3_units(blocks, params_.size());
   }
   std::vector<int64_t> numels;
   for (const auto& [name, p] : params_) numels.push_back(p.numel());
@@ -104,8 +115,8 @@ void ParallelState::attach(NamedParams params, const std::vector<std::string>& e
     layout_ = units.empty() ? make_bucket_layout(numels, options_.bucket_bytes, 1) : make_unit_layout(numels, units, 1);
   }
   if (stage == 3 && size() > 1) {
-    std::vector<size_t> unit_buckets;  // block j's bucket: blocks run backwards
-    for (size_t j = 0; j < blocks.size(); ++j) unit_buckets.push_back(blocks.size() - 1 - j);
+    std::vector<size_t> unit_buckets;  // unit u's bucket: blocks run backwards
+    for (int64_t u = 0; u < present; ++u) unit_buckets.push_back(static_cast<size_t>(present - 1 - u));
     auto& world = *options_.data_parallel;
     zero3_ = std::make_unique<ShardedParameters>(reducer_->params(), reducer_->layout(), std::move(unit_buckets),
                                                  world.split(0, world.rank(), "zero3"));

@@ -48,6 +48,11 @@ namespace brigade::parallel {
 
 using NamedParams = std::vector<std::pair<std::string, torch::Tensor>>;
 
+// ZeRO-3's gradient buckets: each block with parameters (indices into the trainer's
+// parameter list, blocks in model order) as one bucket, last block first (the order
+// backward finishes them), then one bucket of every other parameter.
+std::vector<std::vector<size_t>> zero3_units(const std::vector<std::vector<size_t>>& blocks, size_t params);
+
 struct ParallelStateOptions {
   // The data-parallel group (not owned; must outlive the state). Null or size 1:
   // this process alone.
@@ -89,6 +94,11 @@ class ParallelState {
   int64_t zero_stage() const { return options_.zero_stage; }
   // ZeRO-3 on several ranks: the blocks' sharded parameters (null otherwise).
   ShardedParameters* sharded_parameters() const { return zero3_.get(); }
+  // Block j's ZeRO-3 unit: the blocks that have parameters here, numbered in order
+  // (-1: none here, e.g. another pipeline stage's block).
+  int64_t unit_of_block(int64_t block) const {
+    return block >= 0 && block < static_cast<int64_t>(block_unit_.size()) ? block_unit_[block] : -1;
+  }
   // ZeRO-3: every parameter whole (collective), for checkpoints, loading weights and
   // callers of the model after training; release_weights() frees the blocks again,
   // after taking the owned elements from the parameters when they were `changed`.
@@ -150,6 +160,7 @@ class ParallelState {
   std::unique_ptr<GradientReducer> expert_reducer_;  // expert slices over the expert replicas
   std::vector<torch::Tensor> shard_grads_;           // ZeRO: the owned pieces' summed gradients
   std::unique_ptr<ShardedParameters> zero3_;         // ZeRO-3 on several ranks
+  std::vector<int64_t> block_unit_;                  // block -> unit (-1: no parameters here)
   ReduceStats micro_stats_;                          // ZeRO-2/3: summed over the step's micro-batches
   BucketLayout layout_;                              // alone: the buckets a reducer would use
 };

@@ -99,8 +99,6 @@ TrainingPlan plan_training(const PlanInputs& in, const PlanOptions& options) {
   const int64_t pp = in.parallel.pipeline_parallel;
   BRIGADE_CHECK(options.gpus % pp == 0, "parallel.pipeline_parallel (", pp, ") must divide --gpus (", options.gpus, ")");
   BRIGADE_CHECK(pp <= o.n_layers, "parallel.pipeline_parallel (", pp, ") is more than model.n_layers (", o.n_layers, ")");
-  BRIGADE_CHECK(pp == 1 || in.parallel.zero_stage <= 2,
-                "parallel.pipeline_parallel > 1 is not supported yet with parallel.zero_stage=3");
   BRIGADE_CHECK(pp == 1 || ep == 1, "brigade plan does not model pipeline stages with expert parallelism yet "
                 "(the trainer runs them)");
   TrainingPlan p;

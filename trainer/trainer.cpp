@@ -30,20 +30,27 @@ namespace {
 // before it prefetched); the reducer frees them once their gradients are sent.
 class ZeroThreeHooks final : public model::BlockHooks {
  public:
-  ZeroThreeHooks(parallel::ShardedParameters& units, int64_t main_blocks) : units_(units), main_blocks_(main_blocks) {}
+  // `state` maps blocks to units (a pipeline stage has units for its own blocks only).
+  ZeroThreeHooks(parallel::ShardedParameters& units, const parallel::ParallelState& state, int64_t main_blocks)
+      : units_(units), state_(state), main_blocks_(main_blocks) {}
   void before(int64_t block) override {
-    units_.prefetch(block);
-    if (block + 1 != main_blocks_) units_.prefetch(block + 1);  // the MTP modules run later, if at all
-    units_.gather(block);
+    const int64_t unit = state_.unit_of_block(block);
+    if (unit < 0) return;
+    units_.prefetch(unit);
+    if (block + 1 != main_blocks_) units_.prefetch(state_.unit_of_block(block + 1));  // MTP modules run later, if at all
+    units_.gather(unit);
   }
   torch::Tensor after(int64_t block, torch::Tensor output) override {
-    units_.release(block);
+    const int64_t unit = state_.unit_of_block(block);
+    if (unit < 0) return output;
+    units_.release(unit);
     if (torch::GradMode::is_enabled() && output.requires_grad()) {
       auto* units = &units_;
-      output.register_hook([units, block](const torch::Tensor& grad) {
-        units->prefetch(block);
-        units->prefetch(block - 1);
-        units->gather(block);
+      const int64_t before = state_.unit_of_block(block - 1);
+      output.register_hook([units, unit, before](const torch::Tensor& grad) {
+        units->prefetch(unit);
+        units->prefetch(before);
+        units->gather(unit);
         return grad;
       });
     }
@@ -52,18 +59,20 @@ class ZeroThreeHooks final : public model::BlockHooks {
 
  private:
   parallel::ShardedParameters& units_;
+  const parallel::ParallelState& state_;
   int64_t main_blocks_;
 };
 
-// The indices into `params` of each block's parameters, in BlockHooks order.
-std::vector<std::vector<size_t>> block_parameters(const model::NamedTensors& params, const model::TransformerOptions& o) {
+// The indices into `names` of each block's parameters, in BlockHooks order.
+std::vector<std::vector<size_t>> block_parameters(const std::vector<std::string>& names,
+                                                  const model::TransformerOptions& o) {
   std::vector<std::string> prefixes;
   for (int64_t j = 0; j < o.n_layers; ++j) prefixes.push_back("layers." + std::to_string(j) + ".");
   for (int64_t k = 0; k < o.mtp.depth; ++k) prefixes.push_back("mtp." + std::to_string(k) + ".block.");
   std::vector<std::vector<size_t>> out(prefixes.size());
-  for (size_t i = 0; i < params.size(); ++i) {
+  for (size_t i = 0; i < names.size(); ++i) {
     for (size_t j = 0; j < prefixes.size(); ++j) {
-      if (params[i].first.starts_with(prefixes[j])) out[j].push_back(i);
+      if (names[i].starts_with(prefixes[j])) out[j].push_back(i);
     }
   }
   return out;
@@ -188,8 +197,6 @@ Trainer::Trainer(TrainerOptions options, precision::PrecisionOptions precision, 
                   ") must divide the number of ranks (", world_size(), ")");
     BRIGADE_CHECK(stages <= layers, "parallel.pipeline_parallel (", stages, ") is more than model.n_layers (", layers,
                   "): every stage needs at least one block");
-    BRIGADE_CHECK(context_.zero_stage <= 2, "parallel.pipeline_parallel > 1 with parallel.zero_stage=3 is not "
-                  "supported yet; use zero_stage 0, 1 or 2");
     BRIGADE_CHECK(!precision_.fp8.enabled(), "parallel.pipeline_parallel > 1 with FP8 GEMMs (precision.fp8_recipe) "
                   "is not supported yet");
     BRIGADE_CHECK(!context_.objective, "parallel.pipeline_parallel > 1 with logit distillation (distill.kd.loss) is "
@@ -263,9 +270,11 @@ Trainer::Trainer(TrainerOptions options, precision::PrecisionOptions precision, 
       });
     }
   }
-  parallel_->attach(params_, model_->expert_parallel_parameters(), block_parameters(params_, model_->options()));
+  std::vector<std::string> names;
+  for (const auto& [name, p] : params_) names.push_back(name);
+  parallel_->attach(params_, model_->expert_parallel_parameters(), block_parameters(names, model_->options()));
   if (auto* units = parallel_->sharded_parameters()) {
-    model_->set_block_hooks(std::make_shared<ZeroThreeHooks>(*units, model_->options().n_layers));
+    model_->set_block_hooks(std::make_shared<ZeroThreeHooks>(*units, *parallel_, model_->options().n_layers));
   }
 
   const auto decay = weight_decay_mask(params_, options_);
@@ -298,7 +307,13 @@ OptimizerShards Trainer::optimizer_layout() const {
       }
       for (int r = 0; r < world_size(); ++r) {
         const int s = r % pipeline_->count, i = r / pipeline_->count;
-        const auto buckets = parallel::make_bucket_layout(numels[s], context_.bucket_bytes, pipelines);
+        const auto buckets =
+            context_.zero_stage == 3
+                ? parallel::make_unit_layout(numels[s],
+                                             parallel::zero3_units(block_parameters(names[s], model_->options()),
+                                                                   names[s].size()),
+                                             pipelines)
+                : parallel::make_bucket_layout(numels[s], context_.bucket_bytes, pipelines);
         OptimizerShard shard{optimizer_shard_file(r, world_size()), {}};
         for (const auto& seg : parallel::shard_segments(buckets, numels[s], i)) {
           shard.ranges[names[s][seg.param]] = {seg.begin, seg.begin + seg.length};
