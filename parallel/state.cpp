@@ -35,8 +35,8 @@ ParallelState::ParallelState(ParallelStateOptions options) : options_(options) {
                 size(), ")");
   BRIGADE_CHECK(ep == 1 || options_.num_experts % ep == 0, "model.moe.num_experts (", options_.num_experts,
                 ") must be divisible by parallel.expert_parallel (", ep, ")");
-  BRIGADE_CHECK(ep == 1 || options_.zero_stage == 0, "parallel.zero_stage=", options_.zero_stage,
-                " together with parallel.expert_parallel > 1 is not supported yet; use one of them");
+  BRIGADE_CHECK(ep == 1 || options_.zero_stage <= 1, "parallel.zero_stage=", options_.zero_stage,
+                " together with parallel.expert_parallel > 1 is not supported yet; use zero_stage 0 or 1");
   if (ep > 1) {
     auto& world = *options_.data_parallel;
     ep_group_ = world.split(world.rank() / static_cast<int>(ep), world.rank(), "ep");
@@ -71,6 +71,8 @@ void ParallelState::attach(NamedParams params, const std::vector<std::string>& e
     (expert ? expert_index : dense_index).push_back(i);
     all.push_back(p);
   }
+  dense_index_ = dense_index;
+  expert_index_ = expert_index;
   micro_grads_ = std::make_unique<MicroBatchGradients>(all);
   // A reducer folds each parameter's earlier micro-batches in just before the
   // parameter's gradient goes into its bucket.
@@ -202,7 +204,7 @@ ParallelState::OptimizerPieces ParallelState::optimizer_pieces() const {
     return out;
   }
   // ZeRO: flat views of the elements this rank owns; their summed gradients are
-  // views into the reducer's shards. The reducer holds every parameter (no EP).
+  // views into the reducer's shards (the reducer holds the dense parameters).
   // ZeRO-3's blocks: views into the units' kept shards instead.
   for (const auto& seg : reducer_->shard_segments()) {
     const auto& [name, p] = reducer_->params()[seg.param];
@@ -210,13 +212,24 @@ ParallelState::OptimizerPieces ParallelState::optimizer_pieces() const {
     if (unit >= 0) out.pieces.emplace_back(name, zero3_->shard(unit).narrow(0, seg.offset, seg.length));
     else out.pieces.emplace_back(name, p.detach().view({-1}).narrow(0, seg.begin, seg.length));
     out.begins.push_back(seg.begin);
-    out.param.push_back(seg.param);
+    out.param.push_back(dense_index_[seg.param]);
+  }
+  // Expert-parallel slices stay whole on their rank (ZeRO-1 shards the dense state).
+  for (size_t i : expert_index_) {
+    const auto& [name, p] = params_[i];
+    out.pieces.emplace_back(name, p);
+    out.begins.push_back(ep_rank() * p.numel());
+    out.param.push_back(i);
   }
   return out;
 }
 
 std::vector<torch::Tensor> ParallelState::optimizer_gradients() const {
-  if (sharded()) return shard_grads_;
+  if (sharded()) {
+    auto grads = shard_grads_;
+    for (size_t i : expert_index_) grads.push_back(params_[i].second.grad());
+    return grads;
+  }
   std::vector<torch::Tensor> grads;
   for (const auto& [name, p] : params_) grads.push_back(p.grad());
   return grads;
@@ -264,6 +277,15 @@ std::vector<ShardRanges> ParallelState::shard_ranges() const {
     ShardRanges ranges;
     for (const auto& seg : reducer_->shard_segments(r)) {
       ranges[reducer_->params()[seg.param].first] = {seg.begin, seg.begin + seg.length};
+    }
+    // Expert slices: every EP group holds the same experts; the first one's files
+    // list them (rank r < EP holds slice r of each expert tensor).
+    const int ep = ep_group_ ? ep_group_->size() : 1;
+    if (r < ep) {
+      for (size_t i : expert_index_) {
+        const auto& [name, p] = params_[i];
+        ranges[name] = {r * p.numel(), (r + 1) * p.numel()};
+      }
     }
     out.push_back(std::move(ranges));
   }

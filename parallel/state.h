@@ -161,6 +161,7 @@ class ParallelState {
   std::vector<torch::Tensor> shard_grads_;           // ZeRO: the owned pieces' summed gradients
   std::unique_ptr<ShardedParameters> zero3_;         // ZeRO-3 on several ranks
   std::vector<int64_t> block_unit_;                  // block -> unit (-1: no parameters here)
+  std::vector<size_t> dense_index_, expert_index_;   // the attached parameters by kind
   ReduceStats micro_stats_;                          // ZeRO-2/3: summed over the step's micro-batches
   BucketLayout layout_;                              // alone: the buckets a reducer would use
 };

@@ -201,6 +201,9 @@ Trainer::Trainer(TrainerOptions options, precision::PrecisionOptions precision, 
                   "is not supported yet");
     BRIGADE_CHECK(!context_.objective, "parallel.pipeline_parallel > 1 with logit distillation (distill.kd.loss) is "
                   "not supported yet");
+    BRIGADE_CHECK(context_.zero_stage == 0 || context_.expert_parallel == 1,
+                  "parallel.pipeline_parallel > 1 with both parallel.zero_stage=", context_.zero_stage,
+                  " and parallel.expert_parallel=", context_.expert_parallel, " is not supported yet");
     pipeline_ = std::make_unique<Pipeline>();
     auto& pl = *pipeline_;
     auto& world = *context_.data_parallel;
@@ -334,7 +337,7 @@ OptimizerShards Trainer::optimizer_layout() const {
     }
     return layout;
   }
-  for (const auto& [name, p] : params_) layout.shapes[name] = p.sizes().vec();
+  for (const auto& [name, p] : params_) layout.shapes[name] = parallel_->full_shape(name, p);
   const auto ranges = parallel_->shard_ranges();
   for (int r = 0; r < dp_size(); ++r) layout.shards.push_back({optimizer_shard_file(r, dp_size()), ranges[r]});
   return layout;
@@ -955,12 +958,14 @@ std::filesystem::path Trainer::save_checkpoint() {
     return state;
   };
   if (ep && !pipeline_) {
+    // (With ZeRO-1 each rank writes its own state below; the manifest lists the
+    // first EP group's expert slices.)
     // Whole expert tensors in the checkpoint (every EP group gathers; rank 0 writes):
     // any expert-parallel size, or none, can resume from it.
     for (auto& [name, t] : data.model) {
       if (parallel_->is_expert_slice(name)) t = parallel_->gather_experts(t);
     }
-    data.optimizer = optimizer_state();
+    if (!sharded()) data.optimizer = optimizer_state();
   }
   data.rng = {{"cpu", at::detail::getDefaultCPUGenerator().get_state()}};
   if (context_.device.is_cuda()) data.rng.emplace_back("cuda", at::globalContext().defaultGenerator(context_.device).get_state());
