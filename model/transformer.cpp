@@ -274,24 +274,7 @@ torch::Tensor TransformerImpl::forward(const torch::Tensor& tokens, KVCache* cac
     BRIGADE_CHECK(!segments.defined(), "segments come without a KV cache");
     return decode_logits(decode_hidden(tokens, *cache));
   }
-  torch::Tensor mask;
-  if (segments.defined()) {
-    BRIGADE_CHECK(segments.sizes() == tokens.sizes(), "segments ", segments.sizes(), " must match tokens ",
-                  tokens.sizes());
-    mask = document_mask(segments.to(tokens.device()));
-  }
-  const int64_t seq = tokens.size(1);
-  BRIGADE_CHECK(seq <= options_.max_seq_len, "sequence of ", seq, " positions exceeds model.max_seq_len ",
-                options_.max_seq_len);
-  auto cos = rope_cos_.narrow(0, 0, seq);
-  auto sin = rope_sin_.narrow(0, 0, seq);
-  auto h = embed_tokens(tokens);
-  int64_t index = 0;
-  for (const auto& layer : *layers) h = run_block(*layer->as<BlockImpl>(), h, cos, sin, index++, mask);
-  if (mtp && is_training() && torch::GradMode::is_enabled()) {
-    mtp_hidden_ = h, mtp_tokens_ = tokens, mtp_segments_ = segments.defined() ? segments.to(tokens.device()) : segments;
-  }
-  return head(norm(h));
+  return forward_stage(tokens, 0, options_.n_layers, segments);  // every block: one stage
 }
 
 torch::Tensor TransformerImpl::forward_stage(const torch::Tensor& input, int64_t first, int64_t last,
@@ -303,7 +286,11 @@ torch::Tensor TransformerImpl::forward_stage(const torch::Tensor& input, int64_t
   BRIGADE_CHECK(seq <= options_.max_seq_len, "sequence of ", seq, " positions exceeds model.max_seq_len ",
                 options_.max_seq_len);
   torch::Tensor mask;
-  if (segments.defined()) mask = document_mask(segments.to(input.device()));
+  if (segments.defined()) {
+    BRIGADE_CHECK(segments.dim() == 2 && segments.size(0) == input.size(0) && segments.size(1) == seq,
+                  "segments ", segments.sizes(), " must match tokens ", input.sizes().slice(0, 2));
+    mask = document_mask(segments.to(input.device()));
+  }
   auto cos = rope_cos_.narrow(0, 0, seq), sin = rope_sin_.narrow(0, 0, seq);
   auto h = first == 0 ? embed_tokens(input) : input;
   for (int64_t j = first; j < last; ++j) h = run_block(*layers[j]->as<BlockImpl>(), h, cos, sin, j, mask);

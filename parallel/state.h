@@ -89,9 +89,7 @@ class ParallelState {
 
   int size() const { return options_.data_parallel ? options_.data_parallel->size() : 1; }
   int rank() const { return options_.data_parallel ? options_.data_parallel->rank() : 0; }
-  bool is_main() const { return rank() == 0; }
   bool sharded() const { return reducer_ && reducer_->sharded(); }
-  int64_t zero_stage() const { return options_.zero_stage; }
   // ZeRO-3 on several ranks: the blocks' sharded parameters (null otherwise).
   ShardedParameters* sharded_parameters() const { return zero3_.get(); }
   // Block j's ZeRO-3 unit: the blocks that have parameters here, numbered in order

@@ -45,8 +45,7 @@ class ShardedParameters {
   void gather_all();
   void release_all();
   bool whole() const { return whole_; }
-  // The bucket of unit u, and whether bucket b is a unit's (-1: not a unit).
-  size_t bucket(size_t u) const { return units_[u].bucket; }
+  // The unit whose bucket is b (-1: not a unit's).
   int64_t unit_of_bucket(size_t b) const;
   // This rank's shard of unit u: [shard] float32, the master copy the optimizer
   // updates in place (padding and other ranks' elements excluded by the segments).

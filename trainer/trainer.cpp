@@ -10,6 +10,7 @@
 #include <sys/resource.h>
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <c10/util/accumulate.h>
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
@@ -154,6 +155,12 @@ struct Trainer::Pipeline {
     return owner(name) == stage || (shared_embedding && last_stage() && name == "embed_tokens.weight");
   }
 };
+
+// A stage's input from the previous stage: [rows, seq, d_model] float32, like `batch`'s tokens.
+static torch::Tensor hidden_like(const data::Batch& batch, int64_t d_model, c10::Device device) {
+  return torch::empty({batch.inputs.size(0), batch.inputs.size(1), d_model},
+                      torch::TensorOptions().dtype(torch::kFloat).device(device));
+}
 
 // Point-to-point tags between stages: kind 0 activations, 1 their gradients, 2 the
 // tied head's gradient (all per micro-batch), 3 everything else.
@@ -303,10 +310,8 @@ OptimizerShards Trainer::optimizer_layout() const {
       std::vector<std::vector<int64_t>> numels(pipeline_->count);
       for (const auto& item : model_->named_parameters()) {
         const int s = pipeline_->owner(item.key());
-        int64_t numel = 1;
-        for (int64_t d : pipeline_->shapes.at(item.key())) numel *= d;
         names[s].push_back(item.key());
-        numels[s].push_back(numel);
+        numels[s].push_back(c10::multiply_integers(pipeline_->shapes.at(item.key())));
       }
       for (int r = 0; r < world_size(); ++r) {
         const int s = r % pipeline_->count, i = r / pipeline_->count;
@@ -328,10 +333,7 @@ OptimizerShards Trainer::optimizer_layout() const {
     for (int s = 0; s < pipeline_->count; ++s) {
       OptimizerShard shard{optimizer_shard_file(s, pipeline_->count), {}};
       for (const auto& [name, shape] : layout.shapes) {
-        if (pipeline_->owner(name) != s) continue;
-        int64_t numel = 1;
-        for (int64_t d : shape) numel *= d;
-        shard.ranges[name] = {0, numel};
+        if (pipeline_->owner(name) == s) shard.ranges[name] = {0, c10::multiply_integers(shape)};
       }
       layout.shards.push_back(std::move(shard));
     }
@@ -431,6 +433,7 @@ void Trainer::run() {
 }
 
 void Trainer::note_memory() {
+  if (context_.device.is_cuda()) return;  // the CUDA peak is the allocator's
   const struct mallinfo2 info = mallinfo2();
   peak_live_bytes_ = std::max(peak_live_bytes_, static_cast<int64_t>(info.uordblks + info.hblkhd));
 }
@@ -454,15 +457,11 @@ void Trainer::record_peak_memory() {
   const auto host = all.cpu().view({-1, 3});
   nlohmann::json out;
   out["step"] = state_.step;
-  out["peak_rss_mib"] = nlohmann::json::array();
-  out["peak_live_heap_mib"] = nlohmann::json::array();
-  out["cuda_peak_allocated_mib"] = nlohmann::json::array();
   for (int64_t r = 0; r < host.size(0); ++r) {
     out["peak_rss_mib"].push_back(host[r][0].item<double>());
-    out["peak_live_heap_mib"].push_back(host[r][2].item<double>());
     if (context_.device.is_cuda()) out["cuda_peak_allocated_mib"].push_back(host[r][1].item<double>());
+    else out["peak_live_heap_mib"].push_back(host[r][2].item<double>());
   }
-  if (!context_.device.is_cuda()) out.erase("cuda_peak_allocated_mib");
   write_file_atomic(context_.run_dir / "memory.json", out.dump() + "\n");
 }
 
@@ -690,8 +689,7 @@ void Trainer::pipeline_micro_batches(const std::vector<data::Batch>& batches, co
     if (action.kind == parallel::PipelineAction::Kind::kForward) {
       torch::Tensor input = batch.inputs;
       if (!pl.first_stage()) {
-        input = torch::empty({batch.inputs.size(0), batch.inputs.size(1), model_->options().d_model},
-                             torch::TensorOptions().dtype(torch::kFloat).device(context_.device));
+        input = hidden_like(batch, model_->options().d_model, context_.device);
         receive(input, pl.stage - 1, pipeline_tag(m, 0));
         input.requires_grad_(true);
       }
@@ -749,8 +747,7 @@ torch::Tensor Trainer::pipeline_eval_loss(const data::Batch& batch, int64_t inde
   auto& pl = *pipeline_;
   torch::Tensor input = batch.inputs;
   if (!pl.first_stage()) {
-    input = torch::empty({batch.inputs.size(0), batch.inputs.size(1), model_->options().d_model},
-                         torch::TensorOptions().dtype(torch::kFloat).device(context_.device));
+    input = hidden_like(batch, model_->options().d_model, context_.device);
     pl.stages->recv(input, pl.stage - 1, pipeline_tag(index, 3)).wait();
   }
   torch::Tensor out;
@@ -958,10 +955,9 @@ std::filesystem::path Trainer::save_checkpoint() {
     return state;
   };
   if (ep && !pipeline_) {
-    // (With ZeRO-1 each rank writes its own state below; the manifest lists the
-    // first EP group's expert slices.)
     // Whole expert tensors in the checkpoint (every EP group gathers; rank 0 writes):
-    // any expert-parallel size, or none, can resume from it.
+    // any expert-parallel size, or none, can resume from it. With ZeRO-1 each rank
+    // writes its own optimizer state below (the manifest lists the first EP group's).
     for (auto& [name, t] : data.model) {
       if (parallel_->is_expert_slice(name)) t = parallel_->gather_experts(t);
     }

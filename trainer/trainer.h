@@ -184,10 +184,10 @@ class Trainer {
   void handle_nonfinite(const std::string& what, double value);
   // Rank 0 writes every rank's peak resident memory (and CUDA peak) to run_dir/memory.json.
   void record_peak_memory();
-  // Samples the bytes malloc holds for live allocations (CPU tensors included) at the
-  // points of a step where most is alive: after each forward (activations) and each
-  // backward (gradients), and after the update (optimizer state). Their maximum goes
-  // to memory.json beside the peak RSS, which also counts freed memory glibc kept.
+  // On CPUs, samples the bytes malloc holds for live allocations at the points of a
+  // step where most is alive: after each forward (activations) and each backward
+  // (gradients), and after the update (optimizer state). Their maximum goes to
+  // memory.json beside the peak RSS, which also counts freed memory glibc kept.
   void note_memory();
   int64_t peak_live_bytes_ = 0;
   int world_size() const { return context_.data_parallel ? context_.data_parallel->size() : 1; }

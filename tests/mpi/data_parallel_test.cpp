@@ -429,6 +429,16 @@ TEST(MpiPipeline, InFlightActivationsAreBoundedByTheSchedule) {
   }
 }
 
+// The step of 4 ranks as 2 pipelines x 2 stages with 4 micro-batches each, in one
+// process (8 micro-batches of 2 rows), after 5 steps; resumed from `checkpoint`
+// when given.
+model::NamedTensors one_process_weights(const std::filesystem::path& run, const std::filesystem::path& checkpoint = {}) {
+  auto t = recipes::build_trainer(recipe(2, {"model.n_layers=4"}, 8), run);
+  if (!checkpoint.empty()) t->resume(trainer::load_checkpoint(checkpoint));
+  t->run();
+  return t->model()->state_dict();
+}
+
 // 2 pipelines x 2 stages (4 ranks): data parallelism between the pipelines; the
 // checkpoint of step 3 resumes on 4 stages and on one process unpipelined.
 TEST(MpiPipeline, DataTimesPipelineAndResumeOnOtherLayouts) {
@@ -443,18 +453,14 @@ TEST(MpiPipeline, DataTimesPipelineAndResumeOnOtherLayouts) {
   recipes::build_trainer(recipe(2, first, 4), dir / "run", w)->run();
   const auto step3 = dir / "run" / "checkpoints" / "step_00000003";
   testing::TempDir own;
-  auto reference = recipes::build_trainer(recipe(2, {"model.n_layers=4"}, 8), own / "reference");
-  reference->run();
-  const auto expected = reference->model()->state_dict();
+  const auto expected = one_process_weights(own / "reference");
   std::string worst;
   auto four = recipes::build_trainer(recipe(2, {"model.n_layers=4", "parallel.pipeline_parallel=4"}, 8), dir / "four", w);
   four->resume(trainer::load_checkpoint(step3));
   four->run();
   EXPECT_LE(relative_difference(saved_weights(dir / "four", expected), expected, &worst), kMicroBatchMajorBound) << worst;
-  auto alone = recipes::build_trainer(recipe(2, {"model.n_layers=4"}, 8), own / "alone");
-  alone->resume(trainer::load_checkpoint(step3));
-  alone->run();
-  EXPECT_LE(relative_difference(alone->model()->state_dict(), expected, &worst), kMicroBatchMajorBound) << worst;
+  EXPECT_LE(relative_difference(one_process_weights(own / "alone", step3), expected, &worst), kMicroBatchMajorBound)
+      << worst;
 }
 
 // Expert parallelism over the pipelines at each stage: EP 2 x PP 2 (x DP 1) at 4
@@ -480,14 +486,11 @@ TEST(MpiPipeline, ZeroInsideEachStage) {
                          dir / "run", w)
       ->run();
   testing::TempDir own;
-  auto reference = recipes::build_trainer(recipe(2, {"model.n_layers=4"}, 8), own / "reference");
-  reference->run();
-  auto alone = recipes::build_trainer(recipe(2, {"model.n_layers=4"}, 8), own / "alone");
-  alone->resume(trainer::load_checkpoint(dir / "run" / "checkpoints" / "step_00000003"));
-  alone->run();
   std::string worst;
-  EXPECT_LE(relative_difference(alone->model()->state_dict(), reference->model()->state_dict(), &worst),
-            kMicroBatchMajorBound) << worst;
+  EXPECT_LE(relative_difference(one_process_weights(own / "alone", dir / "run" / "checkpoints" / "step_00000003"),
+                                one_process_weights(own / "reference"), &worst),
+            kMicroBatchMajorBound)
+      << worst;
 }
 
 TEST(MpiPipeline, BadLayoutsAreClearErrorsBeforeTraining) {
