@@ -131,6 +131,10 @@ int run_cli(int argc, char** argv) {
   serve_cmd->add_option("--port-file", serve.port_file, "Write the port here once listening");
   serve_cmd->add_option("--api-key-env", serve.api_key_env, "Require the key in this environment variable (Bearer token)");
   serve_cmd->add_option("--model-name", serve.model_name, "The model name reported (default: the recipe's name)");
+  serve_cmd->add_option("--max-batch", serve.max_batch, "Requests decoded together (continuous batching)")->capture_default_str();
+  serve_cmd->add_option("--max-queue", serve.max_queue, "Requests waiting for a batch row; more get HTTP 503")->capture_default_str();
+  serve_cmd->add_option("--max-tokens", serve.max_tokens, "Largest max_tokens accepted (0: the model's context)")->capture_default_str();
+  serve_cmd->add_option("--max-body-bytes", serve.max_body_bytes, "Larger request bodies get HTTP 400")->capture_default_str();
   add_set_option(serve_cmd, serve.overrides);
 
   ExportArgs exp;

@@ -91,8 +91,12 @@ struct ServeArgs {
   std::string api_key_env;           // require this variable's value as a Bearer token
   std::string model_name;            // the "model" reported (default: the recipe's name)
   std::vector<std::string> overrides;  // --set on the checkpoint's recipe (trainer.device=cpu, say)
+  int64_t max_batch = 32;            // requests decoded together (continuous batching)
+  int64_t max_queue = 64;            // requests waiting for a batch row; more get HTTP 503
+  int64_t max_tokens = 0;            // largest max_tokens accepted (0: the model's context)
+  int64_t max_body_bytes = 8 << 20;  // larger request bodies get HTTP 400
 };
-// Runs until killed.
+// Runs until SIGINT or SIGTERM.
 int serve_command(const ServeArgs& args);
 
 struct ExportArgs {

@@ -25,7 +25,7 @@ done
 
 # 1. Debian packages ------------------------------------------------------------
 PACKAGES=(build-essential cmake ccache git pkg-config libopenmpi-dev openmpi-bin libyaml-cpp-dev
-          libgtest-dev libcli11-dev nlohmann-json3-dev libcurl4-openssl-dev libpcre2-dev libutf8proc-dev python3 python3-venv)
+          libgtest-dev libcli11-dev nlohmann-json3-dev libcurl4-openssl-dev libcpp-httplib-dev libpcre2-dev libutf8proc-dev python3 python3-venv)
 [ "$FOR_TESTS" = 1 ] && PACKAGES+=(clang libclang-rt-dev chromium)
 missing=()
 for p in "${PACKAGES[@]}"; do

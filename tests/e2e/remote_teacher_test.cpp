@@ -305,5 +305,74 @@ TEST(CliDistillRemote, StallingAndGarbageServersFailCleanly) {
   }
 }
 
+// `brigade serve` under load (tests/e2e/serve_client.py drives it): requests sent
+// together are decoded in one continuous batch and answered as each is alone,
+// greedy or seeded; a streamed answer (completions and chat, with a stop string)
+// is the non-streamed text chunk by chunk; oversized requests get a 400 that names
+// the limit; a full queue gets a 503 and nothing else is lost.
+TEST(CliServe, ContinuousBatchingStreamingAndBounds) {
+  TempDir dir;
+  auto model = run_brigade("train " + std::string(BRIGADE_SOURCE_DIR) + "/recipes/tiny-dense.yaml" + kSmall +
+                           " --set trainer.lr=0.01 --set trainer.max_steps=60 --run-dir " + (dir / "model").string());
+  ASSERT_EQ(model.exit_code, 0) << model.output;
+  const std::string client = "python3 " + std::string(BRIGADE_SOURCE_DIR) + "/tests/e2e/serve_client.py ";
+  {
+    Background server(std::string(BRIGADE_BINARY) + " serve --checkpoint " + (dir / "model").string() +
+                          " --port 0 --port-file " + (dir / "port").string() + " --max-batch 8 --max-body-bytes 4096",
+                      dir / "serve.log");
+    const std::string port = wait_for_port(dir / "port");
+    ASSERT_FALSE(port.empty()) << read_file(dir / "serve.log");
+    auto out = run_command(client + port + " check 2>&1");
+    ASSERT_EQ(out.exit_code, 0) << out.output << read_file(dir / "serve.log");
+    const auto r = nlohmann::json::parse(out.output);
+    EXPECT_EQ(r["greedy_together"], r["greedy_alone"]);
+    EXPECT_EQ(r["sampled_together"], r["sampled_alone"]);
+    EXPECT_EQ(r["streamed"]["text"], r["plain"]["text"]);
+    EXPECT_EQ(r["streamed"]["finish_reason"], r["plain"]["finish_reason"]);
+    EXPECT_TRUE(r["streamed"]["done"].get<bool>());
+    // Text, then the finish_reason (how many text chunks depends on how far the
+    // decoder is ahead of the connection).
+    EXPECT_GE(r["streamed"]["events"].get<int>(), 2);
+    EXPECT_EQ(r["chat_streamed"]["text"], r["chat_plain"]);
+    EXPECT_EQ(r["stop_streamed"]["text"], r["stop_plain"]);
+    EXPECT_EQ(r["stop_streamed"]["finish_reason"], "stop");
+    EXPECT_EQ(r["stop_plain"].get<std::string>().find(r["stop"].get<std::string>()), std::string::npos);
+    auto expect_400 = [&](const char* what, const std::string& needle) {
+      const auto& b = r["bad"][what];
+      EXPECT_EQ(b["status"], 400) << what;
+      EXPECT_NE(b["body"].get<std::string>().find(needle), std::string::npos) << what << ": " << b["body"];
+    };
+    expect_400("max_tokens", "this server allows 128 (--max-tokens)");
+    expect_400("context", "exceed the model's context of 128 tokens");
+    expect_400("body", "4096 at most (--max-body-bytes)");
+    expect_400("stream_logprobs", "not supported with \\\"stream\\\"");
+    expect_400("not_json", "the body is not JSON");
+  }
+  // One row and one waiting place: of 8 simultaneous requests some are refused
+  // with a 503 naming --max-queue; every other one is answered in full.
+  Background server(std::string(BRIGADE_BINARY) + " serve --checkpoint " + (dir / "model").string() +
+                        " --port 0 --port-file " + (dir / "port1").string() + " --max-batch 1 --max-queue 1",
+                    dir / "serve1.log");
+  const std::string port = wait_for_port(dir / "port1");
+  ASSERT_FALSE(port.empty()) << read_file(dir / "serve1.log");
+  auto out = run_command(client + port + " flood 2>&1");
+  ASSERT_EQ(out.exit_code, 0) << out.output;
+  int refused = 0, answered = 0;
+  for (const auto& r : nlohmann::json::parse(out.output)) {
+    if (r["status"] == 503) {
+      ++refused;
+      EXPECT_NE(r["body"].get<std::string>().find("(--max-queue)"), std::string::npos) << r["body"];
+    } else {
+      EXPECT_EQ(r["status"], 200) << r["body"];
+      const auto body = nlohmann::json::parse(r["body"].get<std::string>());
+      EXPECT_GT(body["usage"]["completion_tokens"].get<int>(), 0);
+      ++answered;
+    }
+  }
+  EXPECT_GE(refused, 1);
+  EXPECT_GE(answered, 2);  // the running one and the queued one
+  EXPECT_TRUE(server.running()) << read_file(dir / "serve1.log");
+}
+
 }  // namespace
 }  // namespace brigade

@@ -7,9 +7,11 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <map>
 #include <set>
 #include <vector>
 
+#include "model/continuous_batch.h"
 #include "model/generate.h"
 #include "tests/testing.h"
 
@@ -339,6 +341,137 @@ TEST_F(GenerateLoop, TopKLogprobsAreTheModelsDistribution) {
       seq.push_back(g[row].tokens[t]);
     }
   }
+}
+
+// ---------------------------------------------------------------------------------
+// ContinuousBatch: sequences join a running batch between steps.
+
+// Runs `batch` to the end; each sequence's tokens (and top-k rows) in order.
+struct Drained {
+  std::map<int64_t, Generation> out;
+  int64_t steps = 0;
+  int64_t widest = 0;  // most sequences running after a step
+};
+Drained drain(ContinuousBatch& batch, Drained d = {}) {
+  while (!batch.idle()) {
+    for (auto& t : batch.step()) {
+      auto& g = d.out[t.sequence];
+      g.tokens.push_back(t.token);
+      g.stopped = t.stopped;
+      if (t.topk_ids.defined()) {
+        g.topk_ids = g.topk_ids.defined() ? torch::cat({g.topk_ids, t.topk_ids.unsqueeze(0)}) : t.topk_ids.unsqueeze(0);
+        g.topk_logprobs = g.topk_logprobs.defined() ? torch::cat({g.topk_logprobs, t.topk_logprobs.unsqueeze(0)})
+                                                    : t.topk_logprobs.unsqueeze(0);
+      }
+    }
+    ++d.steps;
+    d.widest = std::max(d.widest, batch.running());
+  }
+  return d;
+}
+
+// Sequences that join while others run (shorter and longer prompts than the batch's
+// positions, so both the newcomer and the batch get left padding), each with its
+// own options: every one gives what generate() gives it alone, greedy or sampled,
+// with the same top-k log-probabilities.
+TEST_F(GenerateLoop, ContinuousBatchMatchesEachSequenceAlone) {
+  struct Ask {
+    std::vector<int64_t> prompt;
+    SamplingOptions o;
+    uint64_t seed;
+  };
+  std::vector<Ask> asks;
+  for (int i = 0; i < 6; ++i) {
+    Ask a;
+    a.prompt.clear();
+    for (int j = 0; j < 1 + (i * 5) % 9; ++j) a.prompt.push_back(1 + (i * 7 + j * 3) % 49);
+    a.o.max_new_tokens = 4 + i * 2;
+    a.o.temperature = i % 2 == 0 ? 0.0 : 0.9;
+    a.o.top_p = i == 3 ? 0.8 : 1.0;
+    a.o.logprobs = i % 3 == 0 ? 3 : 0;
+    a.seed = 40 + static_cast<uint64_t>(i);
+    asks.push_back(a);
+  }
+  asks[4].o.stop_ids = {generate(model_, asks[4].prompt, asks[4].o).tokens.at(2)};  // stops early
+  ContinuousBatch batch(model_, 4);
+  std::map<int64_t, size_t> ask_of;
+  Drained d;
+  // Two at once, then one more every second step while the batch runs.
+  ask_of[batch.add(asks[0].prompt, asks[0].o, asks[0].seed)] = 0;
+  ask_of[batch.add(asks[1].prompt, asks[1].o, asks[1].seed)] = 1;
+  for (size_t next = 2; next < asks.size(); ++next) {
+    for (int s = 0; s < 2; ++s) {
+      for (auto& t : batch.step()) {
+        auto& g = d.out[t.sequence];
+        g.tokens.push_back(t.token);
+        g.stopped = t.stopped;
+        if (t.topk_ids.defined()) {
+          g.topk_ids = g.topk_ids.defined() ? torch::cat({g.topk_ids, t.topk_ids.unsqueeze(0)}) : t.topk_ids.unsqueeze(0);
+          g.topk_logprobs = g.topk_logprobs.defined() ? torch::cat({g.topk_logprobs, t.topk_logprobs.unsqueeze(0)})
+                                                      : t.topk_logprobs.unsqueeze(0);
+        }
+      }
+      d.widest = std::max(d.widest, batch.running());
+    }
+    ask_of[batch.add(asks[next].prompt, asks[next].o, asks[next].seed)] = next;
+  }
+  d = drain(batch, std::move(d));
+  EXPECT_GE(d.widest, 3);  // they really ran together
+  ASSERT_EQ(d.out.size(), asks.size());
+  for (const auto& [id, g] : d.out) {
+    const auto& a = asks[ask_of.at(id)];
+    SamplingOptions alone_options = a.o;
+    alone_options.seed = a.seed;
+    const auto alone = generate(model_, a.prompt, alone_options);
+    EXPECT_EQ(g.tokens, alone.tokens) << "sequence " << id;
+    EXPECT_EQ(g.stopped, alone.stopped) << "sequence " << id;
+    if (a.o.logprobs > 0) {
+      ASSERT_TRUE(g.topk_ids.defined());
+      EXPECT_TRUE(torch::equal(g.topk_ids, alone.topk_ids)) << "sequence " << id;
+      EXPECT_TRUE(torch::allclose(g.topk_logprobs, alone.topk_logprobs, 1e-5, 1e-5)) << "sequence " << id;
+    }
+  }
+  EXPECT_TRUE(d.out.at(4).stopped);
+  EXPECT_EQ(batch.length(), 0);  // empty again: positions start over
+}
+
+// max_rows bounds the batch; a sequence that would overflow the context of a
+// running batch waits, and is answered once the batch has drained; a cancelled
+// sequence gives nothing more; bad prompts are errors that name the numbers.
+TEST_F(GenerateLoop, ContinuousBatchBoundsRowsAndContext) {
+  SamplingOptions o;
+  o.max_new_tokens = 20;  // context 32
+  const std::vector<int64_t> first = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10};
+  ContinuousBatch batch(model_, 2);
+  const auto a = batch.add(first, o, 0);
+  for (int i = 0; i < 5; ++i) batch.step();
+  EXPECT_EQ(batch.length(), 14);
+  // b needs 19 more positions after its prefill: 15 + 19 > 32 while a runs.
+  const auto b = batch.add({7}, o, 0);
+  const auto c = batch.add({8}, o, 0);
+  batch.step();
+  EXPECT_EQ(batch.running(), 1);  // b waits for the context, c behind it (first come, first served)
+  EXPECT_EQ(batch.queued(), 2);
+  batch.cancel(c);
+  EXPECT_EQ(batch.queued(), 1);
+  auto d = drain(batch);
+  EXPECT_EQ(d.out.count(c), 0u);
+  EXPECT_EQ(d.out.at(a).tokens.size(), 14u);  // 6 came before drain(): 20 in all
+  EXPECT_EQ(d.out.at(b).tokens.size(), 20u);
+  EXPECT_EQ(d.out.at(b).tokens, generate(model_, {7}, o).tokens);
+  // Rows: three short ones, two at a time.
+  SamplingOptions shorter;
+  shorter.max_new_tokens = 3;
+  for (int i = 0; i < 3; ++i) batch.add({static_cast<int64_t>(i + 1)}, shorter, 0);
+  EXPECT_EQ(drain(batch).widest, 2);
+  // A budget past the context ends where generate() ends.
+  SamplingOptions longer;
+  longer.max_new_tokens = 100;
+  const auto e = batch.add({1, 2, 3, 4}, longer, 0);
+  EXPECT_EQ(drain(batch).out.at(e).tokens, generate(model_, {1, 2, 3, 4}, longer).tokens);
+  EXPECT_BRIGADE_ERROR(batch.add({}, o, 0), "non-empty prompt");
+  EXPECT_BRIGADE_ERROR(batch.add({1, 50}, o, 0), "prompt token 50 is outside the vocabulary (50)");
+  EXPECT_BRIGADE_ERROR(batch.add(std::vector<int64_t>(32, 1), o, 0), "prompt of 32 tokens leaves no room");
 }
 
 }  // namespace
