@@ -3,7 +3,7 @@
 client concurrencies, on the same model, prompts and threads.
 
     .venv/bin/python bench/serve_throughput.py [--concurrency 1,8,32] [--requests 64]
-        [--max-tokens 64] [--threads 2] [--steps 300]
+        [--max-tokens 64] [--threads 1] [--steps 300]
 
 Trains recipes/tiny-dense.yaml for --steps steps, exports it as an F32 GGUF, and
 serves it twice: `brigade serve` (continuous batching) and llama-cpp-python's
@@ -92,7 +92,7 @@ def main():
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=300)
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]

@@ -23,6 +23,9 @@ struct TrainArgs {
 // Exit 0 at max_steps (or stop_after); kExitRequeue after SIGTERM or SIGUSR1 stopped
 // the run at a step boundary with a checkpoint (docs/distributed.md, "Preemption").
 int train_command(const TrainArgs& args);
+// The same for a recipe already loaded (validated here again): the distillation
+// pipeline trains its teacher and student through it.
+int train_recipe(const recipes::Recipe& recipe, const std::filesystem::path& run_dir, bool resume);
 // EX_TEMPFAIL: "try again later": a job script requeues on it.
 constexpr int kExitRequeue = 75;
 

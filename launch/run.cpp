@@ -161,17 +161,22 @@ void install_stop_signals() {
 }  // namespace
 
 int train_command(const TrainArgs& args) {
+  const DetectedWorld detected = detect_world();
+  if (detected.world.size > 1) {
+    set_log_rank(detected.world.rank);
+    set_error_rank(detected.world.rank);
+  }
+  return train_recipe(recipes::load_recipe(args.recipe, args.overrides), args.run_dir, args.resume);
+}
+
+int train_recipe(const recipes::Recipe& recipe, const fs::path& requested_run_dir, bool resume) {
   // Ranks first: a multi-rank job (mpirun, srun, brigade launch) talks over MPI on
   // CPUs and NCCL on GPUs.
   const DetectedWorld detected = detect_world();
   std::unique_ptr<parallel::Communicator> world;
   // Everything that can reject the input runs before the run directory is touched,
   // the device and back end included (cuda without a GPU, nccl on CPUs, ...).
-  const recipes::Recipe recipe = recipes::load_recipe(args.recipe, args.overrides);
-  if (detected.world.size > 1) {
-    set_log_rank(detected.world.rank);
-    set_error_rank(detected.world.rank);
-  }
+  recipes::validate(recipe);
   const recipes::Placement placement = recipes::plan_placement(recipe, recipes::this_machine(detected.world));
   log_info("device: ", placement.device.str(), " (trainer.device=", to_string(recipe.trainer.device), ")");
   if (detected.world.size > 1) {
@@ -189,9 +194,9 @@ int train_command(const TrainArgs& args) {
     log_info("world: ", world->size(), " ranks (", detected.source, "), ", layout);
     check_same_recipe(*world, recipes::recipe_hash(recipe));
   }
-  const fs::path run_dir = default_run_dir(recipe, args.run_dir);
+  const fs::path run_dir = default_run_dir(recipe, requested_run_dir);
   std::optional<trainer::LoadedCheckpoint> checkpoint;
-  if (args.resume) {
+  if (resume) {
     const trainer::CheckpointStore store(run_dir / "checkpoints", 1);
     if (auto latest = store.latest()) {
       checkpoint = trainer::load_checkpoint(*latest);

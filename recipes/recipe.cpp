@@ -256,15 +256,20 @@ std::string dump_recipe(const Recipe& recipe) {
   return std::string(out.c_str()) + "\n";
 }
 
-std::string model_fingerprint(const Recipe& recipe) {
+std::string section_fingerprint(const Recipe& recipe, const std::string& section,
+                                const std::set<std::string>& except) {
   std::string out;
   for (const auto& f : schema()) {
-    if (f.path.rfind("model.", 0) != 0 || training_only_keys().contains(f.path)) continue;
+    if (f.path.rfind(section + ".", 0) != 0 || except.contains(f.path)) continue;
     YAML::Emitter e;
     e << f.get(recipe);
     out += f.path + ": " + e.c_str() + "\n";
   }
   return out;
+}
+
+std::string model_fingerprint(const Recipe& recipe) {
+  return section_fingerprint(recipe, "model", training_only_keys());
 }
 
 std::string recipe_hash(const Recipe& recipe) {

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -47,6 +48,10 @@ void validate(const Recipe& recipe);
 std::string dump_recipe(const Recipe& recipe);
 // The model section alone: equal fingerprints mean interchangeable weights.
 std::string model_fingerprint(const Recipe& recipe);
+// Every key under `section` ("distill.generate") but those in `except`, one
+// "path: value" line each: a cache key that follows the schema.
+std::string section_fingerprint(const Recipe& recipe, const std::string& section,
+                                const std::set<std::string>& except = {});
 // A short hex hash of dump_recipe().
 std::string recipe_hash(const Recipe& recipe);
 
