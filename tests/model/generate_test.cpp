@@ -352,21 +352,24 @@ struct Drained {
   int64_t steps = 0;
   int64_t widest = 0;  // most sequences running after a step
 };
-Drained drain(ContinuousBatch& batch, Drained d = {}) {
-  while (!batch.idle()) {
-    for (auto& t : batch.step()) {
-      auto& g = d.out[t.sequence];
-      g.tokens.push_back(t.token);
-      g.stopped = t.stopped;
-      if (t.topk_ids.defined()) {
-        g.topk_ids = g.topk_ids.defined() ? torch::cat({g.topk_ids, t.topk_ids.unsqueeze(0)}) : t.topk_ids.unsqueeze(0);
-        g.topk_logprobs = g.topk_logprobs.defined() ? torch::cat({g.topk_logprobs, t.topk_logprobs.unsqueeze(0)})
-                                                    : t.topk_logprobs.unsqueeze(0);
-      }
+// One step of `batch`, its tokens appended to d.
+void step_into(ContinuousBatch& batch, Drained& d) {
+  for (auto& t : batch.step()) {
+    auto& g = d.out[t.sequence];
+    g.tokens.push_back(t.token);
+    g.stopped = t.stopped;
+    if (t.topk_ids.defined()) {
+      g.topk_ids = g.topk_ids.defined() ? torch::cat({g.topk_ids, t.topk_ids.unsqueeze(0)}) : t.topk_ids.unsqueeze(0);
+      g.topk_logprobs = g.topk_logprobs.defined() ? torch::cat({g.topk_logprobs, t.topk_logprobs.unsqueeze(0)})
+                                                  : t.topk_logprobs.unsqueeze(0);
     }
-    ++d.steps;
-    d.widest = std::max(d.widest, batch.running());
   }
+  ++d.steps;
+  d.widest = std::max(d.widest, batch.running());
+}
+
+Drained drain(ContinuousBatch& batch, Drained d = {}) {
+  while (!batch.idle()) step_into(batch, d);
   return d;
 }
 
@@ -400,19 +403,7 @@ TEST_F(GenerateLoop, ContinuousBatchMatchesEachSequenceAlone) {
   ask_of[batch.add(asks[0].prompt, asks[0].o, asks[0].seed)] = 0;
   ask_of[batch.add(asks[1].prompt, asks[1].o, asks[1].seed)] = 1;
   for (size_t next = 2; next < asks.size(); ++next) {
-    for (int s = 0; s < 2; ++s) {
-      for (auto& t : batch.step()) {
-        auto& g = d.out[t.sequence];
-        g.tokens.push_back(t.token);
-        g.stopped = t.stopped;
-        if (t.topk_ids.defined()) {
-          g.topk_ids = g.topk_ids.defined() ? torch::cat({g.topk_ids, t.topk_ids.unsqueeze(0)}) : t.topk_ids.unsqueeze(0);
-          g.topk_logprobs = g.topk_logprobs.defined() ? torch::cat({g.topk_logprobs, t.topk_logprobs.unsqueeze(0)})
-                                                      : t.topk_logprobs.unsqueeze(0);
-        }
-      }
-      d.widest = std::max(d.widest, batch.running());
-    }
+    for (int s = 0; s < 2; ++s) step_into(batch, d);
     ask_of[batch.add(asks[next].prompt, asks[next].o, asks[next].seed)] = next;
   }
   d = drain(batch, std::move(d));
