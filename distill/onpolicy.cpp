@@ -1,6 +1,7 @@
 #include "distill/onpolicy.h"
 
 #include <cmath>
+#include <sstream>
 #include <unordered_map>
 
 #include <nlohmann/json.hpp>
@@ -120,6 +121,39 @@ int64_t write_scored_samples(const std::filesystem::path& scored_dir, const std:
   }
   write_file_atomic(out_file, lines);
   return written;
+}
+
+int64_t add_teacher_samples(const std::filesystem::path& accepted, const std::vector<Prompt>& prompts,
+                            const data::Tokenizer& tokenizer, const std::filesystem::path& dir) {
+  std::unordered_map<std::string, const Prompt*> wanted;
+  for (const Prompt& p : prompts) wanted.emplace(p.id, &p);
+  TraceWriter store(dir, 0);
+  int64_t added = 0;
+  std::istringstream in(read_file(accepted));
+  int64_t line_number = 0;
+  for (std::string line; std::getline(in, line);) {
+    ++line_number;
+    if (line.empty()) continue;
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(line);
+    } catch (const nlohmann::json::exception& e) {
+      BRIGADE_FAIL(accepted.string(), ":", line_number, ": not JSON: ", e.what());
+    }
+    Trace t;
+    t.prompt_id = j.at("prompt_id").get<std::string>();
+    t.sample = j.at("sample").get<int64_t>();
+    auto it = wanted.find(t.prompt_id);
+    if (it == wanted.end() || store.done().count({t.prompt_id, t.sample}) > 0) continue;
+    t.text = j.at("completion").get<std::string>();
+    t.finish_reason = "stop";
+    t.prompt_tokens = static_cast<int64_t>(data::sequence_start(tokenizer).size() + tokenizer.encode(it->second->prompt).size());
+    t.completion_tokens = static_cast<int64_t>(tokenizer.encode(t.text).size());
+    store.append(t);
+    ++added;
+  }
+  store.flush();
+  return added;
 }
 
 }  // namespace brigade::distill

@@ -54,6 +54,12 @@ ScoreStats score_with_teacher(model::Transformer& teacher, const data::Tokenizer
 int64_t write_scored_samples(const std::filesystem::path& scored_dir, const std::vector<Prompt>& prompts,
                              const std::filesystem::path& out_file);
 
+// Adds to the trace store `dir` the teacher's verified samples (verify's
+// accepted.jsonl) of `prompts`: the off-policy share of a round (lambda < 1).
+// Resumable: samples already in the store are kept. Returns the samples added.
+int64_t add_teacher_samples(const std::filesystem::path& accepted, const std::vector<Prompt>& prompts,
+                            const data::Tokenizer& tokenizer, const std::filesystem::path& dir);
+
 // The prompts of round `round`: `count` consecutive prompts starting at
 // round * count, wrapping around the set.
 std::vector<Prompt> round_prompts(const std::vector<Prompt>& prompts, int64_t round, int64_t count);

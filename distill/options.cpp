@@ -20,6 +20,7 @@ void OnPolicyOptions::validate() const {
                 "distill.onpolicy.loss must be forward_kl, reverse_kl or jsd, not ", to_string(loss));
   BRIGADE_CHECK(beta > 0 && beta < 1, "distill.onpolicy.beta must lie in (0, 1), got ", beta);
   BRIGADE_CHECK(lr > 0 && std::isfinite(lr), "distill.onpolicy.lr must be > 0, got ", lr);
+  BRIGADE_CHECK(lambda >= 0 && lambda <= 1, "distill.onpolicy.lambda must lie in [0, 1], got ", lambda);
 }
 
 void DistillOptions::validate() const {

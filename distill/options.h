@@ -68,6 +68,10 @@ struct OnPolicyOptions {
   // The student's (constant) learning rate in the rounds. Measured on the demo:
   // 1e-4 took the student from 75.4% to 84.0% pass@1; 5e-4 dropped it to 68.6%.
   double lr = 1e-4;
+  // GKD's lambda: the share of each round's prompts the student answers; the rest
+  // bring the teacher's verified samples (from the verify stage), scored and trained
+  // on with the same divergence. 1: every sample on-policy.
+  double lambda = 1.0;
 
   // An Error naming the key when a value is out of range.
   void validate() const;

@@ -1,5 +1,6 @@
 #include "distill/pipeline.h"
 
+#include <cmath>
 #include <cstdio>
 
 #include "core/error.h"
@@ -253,10 +254,11 @@ int onpolicy_stage(const Pipeline& p, PipelineState& s, bool run) {
   if (op.enabled() && run) check_teacher_tokenizer(p, s);  // it scores ids of the student's vocabulary
   s.onpolicy = s.train;
   for (int64_t r = 0; r < op.rounds; ++r) {
-    const nlohmann::json round_options = {
+    nlohmann::json round_options = {
         {"round", r}, {"steps", op.steps_per_round}, {"prompts", op.prompts_per_round}, {"samples", op.samples},
         {"temperature", op.temperature}, {"topk", op.topk}, {"loss", to_string(op.loss)}, {"beta", op.beta},
         {"lr", op.lr}, {"max_new_tokens", d.generate.max_new_tokens}, {"seed", d.generate.seed}};
+    if (op.lambda < 1) round_options["lambda"] = op.lambda;  // rounds made before the key keep their hash
     char name[32];
     std::snprintf(name, sizeof name, "round_%03lld", static_cast<long long>(r));
     const StageDir round(p.work() / "onpolicy" / name, std::string("onpolicy ") + name,
@@ -270,7 +272,17 @@ int onpolicy_stage(const Pipeline& p, PipelineState& s, bool run) {
     round.begin();
     const auto tokenizer = p.host->tokenizer(p.tokenizer_spec);
     const auto prompts = round_prompts(p.prompts, r, op.prompts_per_round);
-    {
+    // The first lambda share of the prompts is the student's, the rest the teacher's.
+    const auto on_policy = static_cast<size_t>(std::llround(op.lambda * static_cast<double>(prompts.size())));
+    const std::vector<Prompt> student_prompts(prompts.begin(), prompts.begin() + static_cast<std::ptrdiff_t>(on_policy));
+    if (on_policy < prompts.size()) {
+      const std::vector<Prompt> teacher_prompts(prompts.begin() + static_cast<std::ptrdiff_t>(on_policy), prompts.end());
+      const auto added = add_teacher_samples(p.work() / "verify" / "accepted.jsonl", teacher_prompts, *tokenizer,
+                                             round.dir() / "samples");
+      log_info("distill: onpolicy: ", name, ": ", student_prompts.size(), " prompts for the student, ",
+               teacher_prompts.size(), " with the teacher's verified samples (", added, " added)");
+    }
+    if (!student_prompts.empty()) {
       // The student as it stands: sampling at the round's seed.
       auto student = p.host->load(latest_of(s.student_run));
       GenerateOptions g;
@@ -281,7 +293,7 @@ int onpolicy_stage(const Pipeline& p, PipelineState& s, bool run) {
       g.batch_size = d.generate.batch_size;
       g.stop = d.generate.stop;
       g.seed = hash_combine(d.generate.seed, static_cast<uint64_t>(r) + 0x6f6e706fULL);
-      generate_traces(student.model, *tokenizer, prompts, g, round.dir() / "samples");
+      generate_traces(student.model, *tokenizer, student_prompts, g, round.dir() / "samples");
     }
     {
       auto teacher = p.host->load(s.teacher);

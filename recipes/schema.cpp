@@ -367,6 +367,7 @@ std::vector<Field> build_schema() {
                      {"forward_kl", "reverse_kl", "jsd"}, distill::parse_kd_loss, [](distill::KdLoss v) { return distill::to_string(v); }));
   s.push_back(real("distill.onpolicy.beta", REF(distill.onpolicy.beta), "jsd: the mixture's teacher weight, in (0, 1).", 1e-6, 1.0 - 1e-6));
   s.push_back(real("distill.onpolicy.lr", REF(distill.onpolicy.lr), "The student's constant learning rate during the rounds.", 1e-12, 10.0));
+  s.push_back(real("distill.onpolicy.lambda", REF(distill.onpolicy.lambda), "GKD's lambda: the share of each round's prompts the student answers; the others bring the teacher's verified samples, trained on with the same divergence (1: all on-policy).", 0.0, 1.0));
   s.push_back(real("distill.kd.beta", REF(distill.kd.beta), "jsd: the mixture's teacher weight, in (0, 1) (0.5: symmetric JSD).", 1e-6, 1.0 - 1e-6));
   s.push_back(integer<int64_t>("trainer.max_steps", REF(trainer.max_steps), "Optimizer steps; also where the cosine schedule ends.", 1));
   s.push_back(integer<int64_t>("trainer.micro_batch_size", REF(trainer.micro_batch_size), "Sequences per micro-batch per rank.", 1));

@@ -138,6 +138,37 @@ TEST(CliDistill, StagesRunOnceAndAnInterruptedGenerateContinues) {
   EXPECT_TRUE(logged);
   EXPECT_EQ(nlohmann::json::parse(read_file(kd_work / "eval.json"))[1]["model"], "student (SFT + KD forward_kl)");
 
+  // GKD's lambda 0.5, on a copy of the finished SFT run: the round's first 4 prompts
+  // get the student's samples, the last 4 the teacher's verified ones, and both are
+  // scored and trained on.
+  fs::copy(dir / "run", dir / "run_lambda", fs::copy_options::recursive | fs::copy_options::copy_symlinks);
+  auto mixed = run_brigade(pipeline + " --run-dir " + (dir / "run_lambda").string() +
+                           " --set distill.onpolicy.rounds=1 --set distill.onpolicy.steps_per_round=3"
+                           " --set distill.onpolicy.prompts_per_round=8 --set distill.onpolicy.topk=8"
+                           " --set distill.onpolicy.lambda=0.5");
+  ASSERT_EQ(mixed.exit_code, 0) << mixed.output;
+  EXPECT_NE(mixed.output.find("train: done"), std::string::npos) << mixed.output;
+  {
+    const fs::path rd = dir / "run_lambda" / "distill" / "onpolicy" / "round_000";
+    std::map<std::pair<std::string, int64_t>, std::string> teacher_accepted, from_teacher;
+    std::set<std::string> student_ids;
+    for (const auto& a : lines(dir / "run_lambda" / "distill" / "verify" / "accepted.jsonl")) {
+      const auto id = a["prompt_id"].get<std::string>();
+      if (id >= "p4") teacher_accepted[{id, a["sample"].get<int64_t>()}] = a["completion"];
+    }
+    for (const auto& t : lines(rd / "samples" / "traces.jsonl")) {
+      const auto id = t["prompt_id"].get<std::string>();
+      if (id < "p4") student_ids.insert(id);
+      else from_teacher[{id, t["sample"].get<int64_t>()}] = t["text"];
+    }
+    EXPECT_EQ(student_ids, (std::set<std::string>{"p0", "p1", "p2", "p3"}));
+    ASSERT_FALSE(teacher_accepted.empty());
+    EXPECT_EQ(from_teacher, teacher_accepted);
+    const auto rb = nlohmann::json::parse(read_file(rd / "build" / "build.json"));
+    EXPECT_EQ(rb["kd_misaligned"].get<int64_t>(), 0);
+    EXPECT_EQ(lines(rd / "scored" / "traces.jsonl").size(), lines(rd / "accepted.jsonl").size());
+  }
+
   // On-policy rounds added to the finished SFT run: the supervised stage is kept, the
   // student samples, the teacher scores, and the student's run continues with reverse KL.
   const std::string onpolicy = distill + " --set distill.onpolicy.rounds=2 --set distill.onpolicy.steps_per_round=3"
@@ -187,9 +218,10 @@ void write_unanswered_prompts(const fs::path& file, int n) {
     out << "{\"id\": " << i << ", \"prompt\": \"Problem: " << i % 10 << "+" << i % 7 << "*3\\n\"}\n";
 }
 
-// kill -9 inside the teacher's training, inside generate and inside the student's
-// training; each time `brigade distill` is started again. The end result equals an
-// uninterrupted run's: the same samples (none lost, none twice) and the same scores.
+// kill -9 inside the teacher's training, inside generate, inside the student's
+// training and inside an on-policy round's training; each time `brigade distill` is
+// started again. The end result equals an uninterrupted run's: the same samples
+// (none lost, none twice) and the same scores.
 TEST(CliDistill, KillNineInAnyStageThenRunAgain) {
   TempDir dir;
   write_tiny_teacher(dir / "teacher.yaml", "tiny-dense.yaml", "", /*checkpoint_every=*/40);
@@ -198,7 +230,9 @@ TEST(CliDistill, KillNineInAnyStageThenRunAgain) {
                            " --set data.seq_len=128 --set trainer.threads=1 --set trainer.max_steps=300"
                            " --set trainer.checkpoint_every=30 --set distill.teacher.recipe=" + (dir / "teacher.yaml").string() +
                            " --set distill.prompts=" + (dir / "prompts.jsonl").string() + " --set distill.generate.batch_size=4"
-                           " --set distill.generate.max_new_tokens=60 --set distill.eval.problems=8 --set distill.eval.k=2";
+                           " --set distill.generate.max_new_tokens=60 --set distill.eval.problems=8 --set distill.eval.k=2"
+                           " --set distill.onpolicy.rounds=2 --set distill.onpolicy.steps_per_round=60"
+                           " --set distill.onpolicy.prompts_per_round=16 --set distill.onpolicy.topk=8";
   auto reference = run_brigade("distill" + args + " --run-dir " + (dir / "reference").string());
   ASSERT_EQ(reference.exit_code, 0) << reference.output;
 
@@ -220,7 +254,10 @@ TEST(CliDistill, KillNineInAnyStageThenRunAgain) {
       {"teacher", [&] { return has_step(run / "teacher" / "checkpoints"); }, run / "teacher" / "checkpoints" / "step_00000400"},
       {"generate", [&] { return fs::exists(work / "generate" / "traces.jsonl") &&
                                 fs::file_size(work / "generate" / "traces.jsonl") > 0; }, work / "generate" / "stage.json"},
-      {"train", [&] { return has_step(work / "train" / "run" / "checkpoints"); }, work / "train" / "stage.json"}};
+      {"train", [&] { return has_step(work / "train" / "run" / "checkpoints"); }, work / "train" / "stage.json"},
+      // the first round trains steps 301..360 and checkpoints at 330
+      {"onpolicy", [&] { return fs::exists(work / "train" / "run" / "checkpoints" / "step_00000330"); },
+       work / "onpolicy" / "round_000" / "stage.json"}};
   int mid_stage = 0;
   for (const auto& kill : kills) {
     testing::Background process(command, dir / "killed.log");
@@ -237,7 +274,7 @@ TEST(CliDistill, KillNineInAnyStageThenRunAgain) {
   }
   // The kills landed inside their stages (each stage takes seconds; only a very
   // slow poll could miss one).
-  EXPECT_EQ(mid_stage, 3) << read_file(dir / "killed.log");
+  EXPECT_EQ(mid_stage, 4) << read_file(dir / "killed.log");
   auto finished = run_brigade("distill" + args + " --run-dir " + run.string());
   ASSERT_EQ(finished.exit_code, 0) << finished.output;
 
