@@ -7,8 +7,9 @@
 #
 # --cpu: the same steps with trainer.device=cpu and CPU-sized benchmarks (CI runs
 #        this, so the script cannot rot); the *_CUDA tests then skip.
-# --bundle DIR: binaries and libraries from DIR (default .gpu-bundle when it
-#        exists, else build/).
+# --bundle DIR|FILE.tar.xz: binaries and libraries from DIR, or from the archive
+#        scripts/gpu-bundle.sh writes (unpacked into the output directory first);
+#        default .gpu-bundle when it exists, else .gpu-bundle.tar.xz, else build/.
 # --out DIR: where logs and summary.json go (default $OUT when set, else
 #        runs/gpu-check).
 #
@@ -32,12 +33,22 @@ done
 mkdir -p "$DEST"
 DEST=$(cd "$DEST" && pwd)
 [ -z "$BUNDLE" ] && [ -d .gpu-bundle/bin ] && BUNDLE=.gpu-bundle
+[ -z "$BUNDLE" ] && [ -f .gpu-bundle.tar.xz ] && BUNDLE=.gpu-bundle.tar.xz
+if [[ "$BUNDLE" == *.tar.xz ]]; then
+  # Python's tarfile reads xz without the xz tool, which a GPU image may lack. Not
+  # under $DEST: what lands there comes back from a device run.
+  unpacked=$(mktemp -d)
+  python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$BUNDLE" "$unpacked" || {
+    echo "gpu-check: cannot unpack $BUNDLE" >&2; exit 2; }
+  BUNDLE="$unpacked/$(basename "$BUNDLE" .tar.xz)"
+fi
 
 if [ -n "$BUNDLE" ]; then
-  BIN="$ROOT/$BUNDLE/bin"
+  [[ "$BUNDLE" == /* ]] || BUNDLE="$ROOT/$BUNDLE"
+  BIN="$BUNDLE/bin"
   TESTS="$BIN/brigade_tests"; BRIGADE="$BIN/brigade"; TRAIN_STEP="$BIN/bench_train_step"; FP8_GEMM="$BIN/bench_fp8_gemm"
   CROSS_ENTROPY="$BIN/bench_cross_entropy"
-  libs="$ROOT/$BUNDLE/lib"
+  libs="$BUNDLE/lib"
   # The PyTorch wheel's LibTorch and the NVIDIA wheels beside it (cuBLAS, NCCL, ...).
   site=$(python3 -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))' 2>/dev/null || true)
   if [ -n "$site" ]; then
@@ -53,6 +64,7 @@ else
   TRAIN_STEP="$ROOT/build/bench/bench_train_step"; FP8_GEMM="$ROOT/build/bench/bench_fp8_gemm"
   CROSS_ENTROPY="$ROOT/build/bench/bench_cross_entropy"
 fi
+echo "gpu-check: binaries from $(dirname "$BRIGADE")"
 for b in "$TESTS" "$BRIGADE" "$TRAIN_STEP" "$FP8_GEMM" "$CROSS_ENTROPY"; do
   [ -x "$b" ] || { echo "gpu-check: $b is missing (scripts/gpu-bundle.sh, or scripts/setup.sh brigade_tests bench_train_step bench_fp8_gemm bench_cross_entropy)" >&2; exit 2; }
 done
