@@ -87,11 +87,6 @@ void StageDir::finish(nlohmann::json result) const {
   write_file_atomic(dir_ / "stage.json", result.dump(2) + "\n");
 }
 
-const std::vector<std::string>& stage_names() {
-  static const std::vector<std::string> names = {"teacher", "generate", "verify", "build", "train", "onpolicy", "eval"};
-  return names;
-}
-
 std::vector<Prompt> builtin_prompts(const data::ArithmeticOptions& synthetic, int64_t first, int64_t count) {
   std::vector<Prompt> out;
   for (int64_t i = first; i < first + count; ++i) {
@@ -340,7 +335,7 @@ std::vector<EvalRow> eval_stage(const Pipeline& p, const PipelineState& s) {
     auto loaded = p.host->load(checkpoint);  // each with its own tokenizer
     const auto r = evaluate_pass_at_k(loaded.model, *loaded.tokenizer, p.held_out, d.eval, d.verify,
                                       d.generate.max_new_tokens, d.generate.batch_size, label);
-    EvalRow row{.label = label, .checkpoint = checkpoint, .parameters = loaded.parameters, .pass1 = r.pass1,
+    EvalRow row{.label = label, .parameters = loaded.parameters, .pass1 = r.pass1,
                 .passk = r.passk, .json = r.to_json()};
     row.json["model"] = label;
     row.json["checkpoint"] = checkpoint.string();

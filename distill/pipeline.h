@@ -61,7 +61,6 @@ class StageDir {
 struct PipelineModel {
   model::Transformer model{nullptr};
   std::unique_ptr<data::Tokenizer> tokenizer;
-  std::string tokenizer_spec;  // its data.tokenizer
   int64_t parameters = 0;
 };
 
@@ -133,7 +132,6 @@ int onpolicy_stage(const Pipeline& p, PipelineState& s, bool run);
 
 struct EvalRow {
   std::string label;
-  std::filesystem::path checkpoint;
   int64_t parameters = 0;
   double pass1 = 0, passk = 0;
   nlohmann::json json;  // PassAtK::to_json() with model, checkpoint, parameters
@@ -141,9 +139,6 @@ struct EvalRow {
 // Scores the local teacher (a remote one is not run here) and the student on the
 // held-out problems; writes WORK/eval.json.
 std::vector<EvalRow> eval_stage(const Pipeline& p, const PipelineState& s);
-
-// The stage names, in order.
-const std::vector<std::string>& stage_names();
 
 // The built-in arithmetic problems [first, first + count) of `synthetic` as prompts.
 std::vector<Prompt> builtin_prompts(const data::ArithmeticOptions& synthetic, int64_t first, int64_t count);

@@ -2,7 +2,6 @@
 // distill/pipeline.h in order (--stage NAME: one stage, whose inputs must exist).
 // This file provides what the stages cannot do below the recipe layer: train a
 // recipe, read a checkpoint, and the schema's cache keys.
-#include <algorithm>
 #include <cstdio>
 
 #include "core/error.h"
@@ -48,8 +47,7 @@ class Host final : public distill::PipelineHost {
     auto loaded = load_model(checkpoint, {});
     distill::PipelineModel out;
     out.model = loaded.model;
-    out.tokenizer_spec = loaded.recipe.data.tokenizer;
-    out.tokenizer = tokenizer(out.tokenizer_spec);
+    out.tokenizer = tokenizer(loaded.recipe.data.tokenizer);
     out.parameters = loaded.model->parameter_count().total;
     return out;
   }
@@ -84,9 +82,17 @@ std::vector<distill::Prompt> prompts_of(const recipes::Recipe& recipe) {
 }  // namespace
 
 int distill_command(const DistillArgs& args) {
-  const auto& names = distill::stage_names();
-  BRIGADE_CHECK(args.stage.empty() || std::find(names.begin(), names.end(), args.stage) != names.end(),
-                "distill: unknown --stage '", args.stage, "'; stages: teacher, generate, verify, build, train, onpolicy, eval");
+  using StageFn = int (*)(const distill::Pipeline&, distill::PipelineState&, bool);
+  const std::vector<std::pair<std::string, StageFn>> stages = {
+      {"teacher", distill::teacher_stage}, {"generate", distill::generate_stage}, {"verify", distill::verify_stage},
+      {"build", distill::build_stage},     {"train", distill::train_stage},       {"onpolicy", distill::onpolicy_stage}};
+  std::string names;
+  bool known = args.stage.empty() || args.stage == "eval";
+  for (const auto& [name, run] : stages) {
+    names += name + ", ";
+    known = known || args.stage == name;
+  }
+  BRIGADE_CHECK(known, "distill: unknown --stage '", args.stage, "'; stages: ", names, "eval");
   const recipes::Recipe recipe = recipes::load_recipe(args.recipe, args.overrides);
   Host host(recipe);
   distill::Pipeline p;
@@ -107,10 +113,6 @@ int distill_command(const DistillArgs& args) {
 
   distill::PipelineState s;
   auto want = [&](const std::string& stage) { return args.stage.empty() || args.stage == stage; };
-  using StageFn = int (*)(const distill::Pipeline&, distill::PipelineState&, bool);
-  const std::vector<std::pair<std::string, StageFn>> stages = {
-      {"teacher", distill::teacher_stage}, {"generate", distill::generate_stage}, {"verify", distill::verify_stage},
-      {"build", distill::build_stage},     {"train", distill::train_stage},       {"onpolicy", distill::onpolicy_stage}};
   for (const auto& [name, run] : stages) {
     if (name == "generate") {  // the teacher is settled: the prompts are read once
       p.prompts = prompts_of(recipe);

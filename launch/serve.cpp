@@ -258,9 +258,9 @@ struct Job {
 
 class Server {
  public:
-  Server(LoadedModel loaded, std::string name, std::string api_key, Limits limits, Engine& engine)
-      : recipe_(std::move(loaded.recipe)), name_(std::move(name)), api_key_(std::move(api_key)), limits_(limits),
-        context_(recipe_.model.max_seq_len), engine_(engine), tokenizer_(recipes::make_tokenizer(recipe_.data.tokenizer)) {
+  Server(const recipes::Recipe& recipe, std::string name, std::string api_key, Limits limits, Engine& engine)
+      : name_(std::move(name)), api_key_(std::move(api_key)), limits_(limits), context_(recipe.model.max_seq_len),
+        engine_(engine), tokenizer_(recipes::make_tokenizer(recipe.data.tokenizer)) {
     if (!tokenizer_->chat_template().empty())
       chat_template_.emplace(tokenizer_->chat_template(), "the chat template of " + tokenizer_->name());
   }
@@ -601,7 +601,6 @@ class Server {
             {"text_offset", offsets}};
   }
 
-  recipes::Recipe recipe_;
   std::string name_;
   std::string api_key_;
   Limits limits_;
@@ -633,7 +632,7 @@ int serve_command(const ServeArgs& args) {
   Limits limits{.max_tokens = args.max_tokens > 0 ? std::min(args.max_tokens, context) : context,
                 .max_body_bytes = args.max_body_bytes};
   Engine engine(loaded.model, args.max_batch, args.max_queue);
-  Server server(std::move(loaded), name, api_key, limits, engine);
+  Server server(loaded.recipe, name, api_key, limits, engine);
 
   httplib::Server http;
   // A request holds its connection's thread while it waits for and decodes its

@@ -349,7 +349,6 @@ TEST_F(GenerateLoop, TopKLogprobsAreTheModelsDistribution) {
 // Runs `batch` to the end; each sequence's tokens (and top-k rows) in order.
 struct Drained {
   std::map<int64_t, Generation> out;
-  int64_t steps = 0;
   int64_t widest = 0;  // most sequences running after a step
 };
 // One step of `batch`, its tokens appended to d.
@@ -364,7 +363,6 @@ void step_into(ContinuousBatch& batch, Drained& d) {
                                                   : t.topk_logprobs.unsqueeze(0);
     }
   }
-  ++d.steps;
   d.widest = std::max(d.widest, batch.running());
 }
 

@@ -514,6 +514,26 @@ TEST(MpiPipeline, BadLayoutsAreClearErrorsBeforeTraining) {
             std::string::npos);
 }
 
+// `first` with EP = 2 stopped at step 3 in a shared run directory, resumed there
+// with `second` (from step 3, checked), run to the end: the relative difference of
+// its saved weights from one process's straight run of kMoE.
+double expert_parallel_resume_difference(parallel::Communicator& w, std::vector<std::string> first,
+                                         const std::vector<std::string>& second, std::string* worst) {
+  at::set_num_threads(1);
+  SharedDir dir(w);
+  first.insert(first.end(), {"parallel.expert_parallel=2", "trainer.stop_after=3"});
+  recipes::build_trainer(recipe(2, first), dir / "run", &w)->run();
+  auto resumed = recipes::build_trainer(recipe(2, second), dir / "run", &w);
+  resumed->resume(trainer::load_checkpoint(trainer::resolve_checkpoint(dir / "run")));
+  EXPECT_EQ(resumed->current_step(), 3);
+  resumed->run();
+  testing::TempDir own;
+  auto reference = recipes::build_trainer(recipe(2, kMoE, w.size()), own / "reference");
+  reference->run();
+  const auto expected = reference->model()->state_dict();
+  return relative_difference(saved_weights(dir / "run", expected), expected, worst);
+}
+
 // Expert parallelism inside data parallelism: EP groups of 2, and of every rank.
 TEST(MpiExpertParallelTraining, MatchesOneRankWithTheWholeBatch) {
   check_equivalence(kMoE, {"parallel.expert_parallel=2"});
@@ -531,20 +551,8 @@ TEST(MpiExpertParallelTraining, ZeroOneWithExpertParallelism) {
   check_equivalence(settings, {"parallel.expert_parallel=2"});
   auto* w = mpi_world();
   if (w == nullptr) return;
-  at::set_num_threads(1);
-  SharedDir dir(*w);
-  auto first = settings;
-  first.insert(first.end(), {"parallel.expert_parallel=2", "trainer.stop_after=3"});
-  recipes::build_trainer(recipe(2, first), dir / "run", w)->run();
-  auto resumed = recipes::build_trainer(recipe(2, settings), dir / "run", w);
-  resumed->resume(trainer::load_checkpoint(trainer::resolve_checkpoint(dir / "run")));
-  resumed->run();
-  testing::TempDir own;
-  auto reference = recipes::build_trainer(recipe(2, kMoE, w->size()), own / "reference");
-  reference->run();
   std::string worst;
-  const auto expected = reference->model()->state_dict();
-  EXPECT_LE(relative_difference(saved_weights(dir / "run", expected), expected, &worst), kExpertParallelBound) << worst;
+  EXPECT_LE(expert_parallel_resume_difference(*w, settings, settings, &worst), kExpertParallelBound) << worst;
 }
 
 TEST(MpiExpertParallelTraining, MatchesWithGradientAccumulationAndSmallBuckets) {
@@ -558,23 +566,10 @@ TEST(MpiExpertParallelTraining, MatchesWithGradientAccumulationAndSmallBuckets) 
 TEST(MpiExpertParallelTraining, ResumesWithAnotherExpertParallelSize) {
   auto* w = mpi_world();
   if (w == nullptr) GTEST_SKIP() << "multi-rank test: run under mpirun";
-  at::set_num_threads(1);
-  SharedDir dir(*w);
-  auto first = kMoE;
-  first.insert(first.end(), {"parallel.expert_parallel=2", "trainer.stop_after=3"});
-  recipes::build_trainer(recipe(2, first), dir / "run", w)->run();
   auto second = kMoE;
   second.push_back("parallel.expert_parallel=" + std::to_string(w->size() > 2 ? w->size() : 1));
-  auto resumed = recipes::build_trainer(recipe(2, second), dir / "run", w);
-  resumed->resume(trainer::load_checkpoint(trainer::resolve_checkpoint(dir / "run")));
-  EXPECT_EQ(resumed->current_step(), 3);
-  resumed->run();
-  testing::TempDir own;
-  auto reference = recipes::build_trainer(recipe(2, kMoE, w->size()), own / "reference");
-  reference->run();
   std::string worst;
-  const auto expected = reference->model()->state_dict();
-  const double diff = relative_difference(saved_weights(dir / "run", expected), expected, &worst);
+  const double diff = expert_parallel_resume_difference(*w, kMoE, second, &worst);
   EXPECT_LE(diff, kExpertParallelBound) << worst;
   if (w->rank() == 0) std::printf("relative difference %.3g (worst tensor: %s)\n", diff, worst.c_str());
 }
