@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include <c10/core/Device.h>
 
@@ -25,6 +26,7 @@ struct ParallelOptions {
   bool ep_fp8_dispatch = false;  // dispatch tokens as E4M3 with 1x128 scales
   int64_t pipeline_parallel = 1;  // pipeline stages (parallel/pipeline.h)
   PipelineSchedule pp_schedule = PipelineSchedule::k1F1B;
+  std::vector<int64_t> pp_layers;  // blocks per stage; empty: balanced by parameters
 
   void validate() const;
   int64_t bucket_bytes() const { return static_cast<int64_t>(bucket_mb * 1024.0 * 1024.0); }

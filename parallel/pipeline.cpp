@@ -1,6 +1,7 @@
 #include "parallel/pipeline.h"
 
 #include <algorithm>
+#include <limits>
 
 #include "core/error.h"
 
@@ -46,12 +47,64 @@ int64_t max_in_flight(const std::vector<PipelineAction>& actions) {
   return most;
 }
 
-std::pair<int64_t, int64_t> stage_layers(int64_t layers, int stages, int stage) {
-  BRIGADE_ASSERT(stages >= 1 && layers >= stages && stage >= 0 && stage < stages, "stage ", stage, " of ", stages,
-                 " over ", layers, " layers");
-  const int64_t base = layers / stages, extra = layers % stages;
-  const int64_t first = stage * base + std::min<int64_t>(stage, extra);
-  return {first, first + base + (stage < extra ? 1 : 0)};
+std::vector<int64_t> stage_boundaries(const std::vector<int64_t>& block_params, int64_t first_extra,
+                                      int64_t last_extra, int stages, const std::vector<int64_t>& layers_per_stage) {
+  const auto layers = static_cast<int64_t>(block_params.size());
+  BRIGADE_CHECK(stages >= 1 && layers >= stages, "parallel.pipeline_parallel (", stages, ") is more than model.n_layers (",
+                layers, "): every stage needs at least one block");
+  std::vector<int64_t> bounds{0};
+  if (!layers_per_stage.empty()) {
+    BRIGADE_CHECK(static_cast<int64_t>(layers_per_stage.size()) == stages, "parallel.pp_layers lists ",
+                  layers_per_stage.size(), " stages, but parallel.pipeline_parallel is ", stages);
+    for (const int64_t n : layers_per_stage) {
+      BRIGADE_CHECK(n >= 1, "parallel.pp_layers: every stage needs at least one block, got ", n);
+      bounds.push_back(bounds.back() + n);
+    }
+    BRIGADE_CHECK(bounds.back() == layers, "parallel.pp_layers adds up to ", bounds.back(), " blocks, but model.n_layers is ",
+                  layers);
+    return bounds;
+  }
+  // prefix[i]: parameters of blocks [0, i).
+  std::vector<int64_t> prefix(static_cast<size_t>(layers) + 1, 0);
+  for (int64_t i = 0; i < layers; ++i) prefix[static_cast<size_t>(i) + 1] = prefix[static_cast<size_t>(i)] + block_params[static_cast<size_t>(i)];
+  auto cost = [&](int s, int64_t begin, int64_t end) {
+    return prefix[static_cast<size_t>(end)] - prefix[static_cast<size_t>(begin)] + (s == 0 ? first_extra : 0) +
+           (s == stages - 1 ? last_extra : 0);
+  };
+  // Two exact dynamic programmes over (stages so far, blocks so far): the smallest
+  // largest stage, then, with every stage at most that, the smallest sum of squared
+  // block counts (the split closest to even).
+  constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
+  const auto width = static_cast<size_t>(layers) + 1;
+  std::vector<int64_t> most(static_cast<size_t>(stages + 1) * width, kNone);
+  auto at = [&](std::vector<int64_t>& table, int s, int64_t e) -> int64_t& { return table[static_cast<size_t>(s) * width + static_cast<size_t>(e)]; };
+  at(most, 0, 0) = 0;
+  for (int s = 1; s <= stages; ++s) {
+    for (int64_t e = s; e <= layers - (stages - s); ++e) {
+      for (int64_t b = s - 1; b < e; ++b) {
+        if (at(most, s - 1, b) == kNone) continue;
+        at(most, s, e) = std::min(at(most, s, e), std::max(at(most, s - 1, b), cost(s - 1, b, e)));
+      }
+    }
+  }
+  const int64_t limit = at(most, stages, layers);
+  std::vector<int64_t> squares(most.size(), kNone), from(most.size(), -1);
+  at(squares, 0, 0) = 0;
+  for (int s = 1; s <= stages; ++s) {
+    for (int64_t e = s; e <= layers - (stages - s); ++e) {
+      for (int64_t b = s - 1; b < e; ++b) {
+        if (at(squares, s - 1, b) == kNone || cost(s - 1, b, e) > limit) continue;
+        const int64_t value = at(squares, s - 1, b) + (e - b) * (e - b);
+        if (value < at(squares, s, e)) {
+          at(squares, s, e) = value;
+          at(from, s, e) = b;
+        }
+      }
+    }
+  }
+  bounds.assign(static_cast<size_t>(stages) + 1, layers);
+  for (int s = stages; s > 0; --s) bounds[static_cast<size_t>(s) - 1] = at(from, s, bounds[static_cast<size_t>(s)]);
+  return bounds;
 }
 
 }  // namespace brigade::parallel

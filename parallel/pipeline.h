@@ -35,9 +35,15 @@ std::vector<PipelineAction> pipeline_schedule(PipelineSchedule schedule, int sta
 // The most micro-batches whose forward ran and whose backward has not, over the actions.
 int64_t max_in_flight(const std::vector<PipelineAction>& actions);
 
-// Blocks [first, last) of stage `stage`: `layers` split as evenly as possible, the
-// earlier stages taking one more when they do not divide (stage 0 also runs the
-// embedding, the last stage the head).
-std::pair<int64_t, int64_t> stage_layers(int64_t layers, int stages, int stage);
+// Where the stages' blocks begin: `stages + 1` boundaries, stage s running blocks
+// [b[s], b[s + 1]). With `layers_per_stage` (parallel.pp_layers) given: its counts,
+// in stage order. Otherwise balanced by parameters: the contiguous split that
+// minimises the largest stage's parameters, where stage 0 also holds `first_extra`
+// (the embedding) and the last stage `last_extra` (final norm, head, MTP modules);
+// among those, the one whose block counts are closest to even. Every stage gets a
+// block; a list that does not fit is an Error naming parallel.pp_layers.
+std::vector<int64_t> stage_boundaries(const std::vector<int64_t>& block_params, int64_t first_extra,
+                                      int64_t last_extra, int stages,
+                                      const std::vector<int64_t>& layers_per_stage = {});
 
 }  // namespace brigade::parallel

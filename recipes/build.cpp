@@ -135,6 +135,7 @@ std::unique_ptr<trainer::Trainer> build_trainer(const Recipe& r, const std::file
   context.ep_fp8_dispatch = r.parallel.ep_fp8_dispatch;
   context.pipeline_parallel = r.parallel.pipeline_parallel;
   context.pp_schedule = r.parallel.pp_schedule;
+  context.pp_layers = r.parallel.pp_layers;
   if (kd) {
     auto targets = distill::load_kd_targets(r.data.kd_file);
     // The training split starts at the shards' first token, so the sampler's row

@@ -211,6 +211,40 @@ Field text_list(std::string path, Ref ref, std::string doc) {
   return f;
 }
 
+// A list of integers, each at least `lo`; null or [] leaves it empty.
+template <typename Ref>
+Field integer_list(std::string path, Ref ref, std::string doc, int64_t lo) {
+  Field f;
+  f.path = path;
+  f.type = "list of ints";
+  f.doc = std::move(doc);
+  f.set = [path, ref, lo](Recipe& r, const YAML::Node& node, const std::string& where) {
+    std::vector<int64_t> values;
+    if (node.IsSequence()) {
+      for (const auto& item : node) {
+        int64_t value = 0;
+        try {
+          if (!item.IsScalar()) throw YAML::Exception(YAML::Mark::null_mark(), "not a scalar");
+          value = item.as<int64_t>();
+        } catch (const YAML::Exception&) {
+          type_error(where, path, "a list of integers", node);
+        }
+        BRIGADE_CHECK(value >= lo, where, ": ", path, " has ", value, "; every entry must be at least ", lo);
+        values.push_back(value);
+      }
+    } else if (!node.IsNull()) {
+      type_error(where, path, "a list of integers", node);
+    }
+    ref(r) = values;
+  };
+  f.get = [ref](const Recipe& r) {
+    YAML::Node list(YAML::NodeType::Sequence);
+    for (const auto v : ref(const_cast<Recipe&>(r))) list.push_back(std::to_string(v));
+    return list;
+  };
+  return f;
+}
+
 #define REF(member) [](Recipe& r) -> auto& { return r.member; }
 
 std::vector<Field> build_schema() {
@@ -320,7 +354,8 @@ std::vector<Field> build_schema() {
   s.push_back(real("parallel.bucket_mb", REF(parallel.bucket_mb), "Data-parallel gradient bucket size in MiB: each full bucket's all-reduce starts during backward.", 1e-6, 1e6));
   s.push_back(integer<int64_t>("parallel.zero_stage", REF(parallel.zero_stage), "0: every rank keeps the whole AdamW state; 1 (ZeRO-1): the state is sharded over the data-parallel ranks (gradients reduce-scattered, updated shards all-gathered; checkpoints hold one optimizer file per rank and reshard on resume); 2 (ZeRO-2): gradients too (every micro-batch reduce-scattered during backward, nothing whole kept); 3 (ZeRO-3): the transformer blocks' parameters too (each block gathered before its forward and its backward, freed after; embedding and head stay whole). With parallel.expert_parallel > 1: stages 0 and 1 only (ZeRO-1 then shards the dense parameters' state; experts keep theirs).", 0, 3));
   s.push_back(integer<int64_t>("parallel.expert_parallel", REF(parallel.expert_parallel), "Ranks that share one copy of the routed experts (EP group size): each holds num_experts / expert_parallel experts and tokens travel to them by all-to-all. Must divide the world size and model.moe.num_experts.", 1));
-  s.push_back(integer<int64_t>("parallel.pipeline_parallel", REF(parallel.pipeline_parallel), "Pipeline stages: the blocks are split over this many consecutive ranks (stage 0 also runs the embedding, the last stage the head), and trainer.grad_accum_steps micro-batches flow through them. Must divide the world size and be at most model.n_layers. MTP modules run on the last stage; expert parallelism runs over the pipelines at each stage. Not yet with FP8.", 1));
+  s.push_back(integer<int64_t>("parallel.pipeline_parallel", REF(parallel.pipeline_parallel), "Pipeline stages: the blocks are split over this many consecutive ranks (stage 0 also runs the embedding, the last stage the head), and trainer.grad_accum_steps micro-batches flow through them. Must divide the world size and be at most model.n_layers. MTP modules run on the last stage; expert parallelism runs over the pipelines at each stage.", 1));
+  s.push_back(integer_list("parallel.pp_layers", REF(parallel.pp_layers), "Blocks per pipeline stage, in order (e.g. [3, 5, 5, 3]): one entry per stage, adding up to model.n_layers. Empty: balanced by parameters (the contiguous split whose largest stage, counting the embedding on stage 0 and the final norm, head and MTP modules on the last, holds the fewest parameters).", 1));
   s.push_back(choice("parallel.pp_schedule", REF(parallel.pp_schedule), "Pipeline schedule: gpipe (every forward, then every backward: all micro-batches' activations kept) or 1f1b (one forward, one backward in turn after filling the pipe: at most pipeline_parallel - stage kept on a stage).",
                      {"gpipe", "1f1b"}, parallel::parse_pipeline_schedule, [](parallel::PipelineSchedule v) { return parallel::to_string(v); }));
   s.push_back(boolean("parallel.ep_fp8_dispatch", REF(parallel.ep_fp8_dispatch), "Send dispatched tokens as FP8 E4M3 with 1x128 scales (DeepSeek-V3); gradients and the combine stay in the compute dtype."));

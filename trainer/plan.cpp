@@ -64,7 +64,34 @@ std::string fixed(double v, int digits) {
   return buf;
 }
 
+// Each block's parameters (MTP modules not included): what one more layer adds.
+std::vector<int64_t> block_parameters(const model::TransformerOptions& o) {
+  auto fewer = o;
+  fewer.mtp.depth = 0;
+  fewer.n_layers = 0;
+  std::vector<int64_t> blocks;
+  int64_t below = model::count_parameters(fewer).total;
+  for (int64_t layer = 1; layer <= o.n_layers; ++layer) {
+    fewer.n_layers = layer;
+    const int64_t total = model::count_parameters(fewer).total;
+    blocks.push_back(total - below);
+    below = total;
+  }
+  return blocks;
+}
+
 }  // namespace
+
+std::vector<int64_t> pipeline_boundaries(const model::TransformerOptions& o, const parallel::ParallelOptions& p) {
+  auto main = o;
+  main.mtp.depth = 0;
+  const auto blocks = block_parameters(o);
+  const auto all = model::count_parameters(o);
+  const int64_t embedding = all.embedding;
+  const int64_t head = o.vocab_size * o.d_model + o.d_model;  // the final norm and the head (a copy when tied)
+  return parallel::stage_boundaries(blocks, embedding, head + (all.total - model::count_parameters(main).total),
+                                    static_cast<int>(p.pipeline_parallel), p.pp_layers);
+}
 
 GpuSpec gpu_spec(const std::string& name) {
   // Memory as the driver reports it (nvidia-smi's total), dense peaks from NVIDIA's
@@ -134,13 +161,17 @@ TrainingPlan plan_training(const PlanInputs& in, const PlanOptions& options) {
     largest_block = static_cast<double>(p.main_params.total - model::count_parameters(fewer).total);
   }
   if (pp > 1) {
-    // The fullest stage: its blocks (each at most the largest), with the embedding
+    // The fullest stage: its blocks, with the embedding
     // on the first and the norm and head on the last (a copy of tied embeddings).
     const double head = static_cast<double>(o.vocab_size) * d_model + d_model;
     double most = 0;
+    const auto bounds = pipeline_boundaries(o, in.parallel);
+    const auto block = block_parameters(o);
     for (int s = 0; s < pp; ++s) {
-      const auto [first, last] = parallel::stage_layers(o.n_layers, static_cast<int>(pp), s);
-      double held = static_cast<double>(last - first) * largest_block;
+      double held = 0;
+      for (int64_t i = bounds[static_cast<size_t>(s)]; i < bounds[static_cast<size_t>(s) + 1]; ++i) {
+        held += static_cast<double>(block[static_cast<size_t>(i)]);
+      }
       if (s == 0) held += static_cast<double>(p.params.embedding);
       if (s == pp - 1) held += head + (p.params.total - p.main_params.total);  // and the MTP modules
       most = std::max(most, held);
@@ -177,7 +208,8 @@ TrainingPlan plan_training(const PlanInputs& in, const PlanOptions& options) {
   kept += static_cast<double>(1 + o.mtp.depth) * vocab * 8;      // logits and their gradient, FP32, per head
   if (pp > 1) {
     // Stage 0 holds the most: its share of the blocks, for every micro batch in flight.
-    const auto [first, last] = parallel::stage_layers(o.n_layers, static_cast<int>(pp), 0);
+    const auto bounds = pipeline_boundaries(o, in.parallel);
+    const int64_t first = bounds[0], last = bounds[1];
     const int64_t micro = in.trainer.grad_accum_steps;
     const int64_t in_flight = in.parallel.pp_schedule == parallel::PipelineSchedule::kGpipe ? micro : std::min(pp, micro);
     const double share = static_cast<double>(last - first) / static_cast<double>(o.n_layers);

@@ -37,6 +37,13 @@
 
 namespace brigade::trainer {
 
+// The blocks of each pipeline stage (parallel.pipeline_parallel, parallel.pp_layers)
+// as parallel::stage_boundaries gives them, from the options alone: each block's
+// parameters, the embedding on stage 0, and the final norm, the head (or the tied
+// embedding's copy) and the MTP modules on the last. The trainer splits a model
+// with this, so `brigade plan` sizes the stages the trainer builds.
+std::vector<int64_t> pipeline_boundaries(const model::TransformerOptions& o, const parallel::ParallelOptions& p);
+
 struct GpuSpec {
   std::string name;
   double memory_bytes = 0;  // usable memory per GPU

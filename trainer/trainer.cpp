@@ -21,6 +21,7 @@
 #include "parallel/ordered_sum.h"
 #include "precision/quantize.h"
 #include "trainer/cross_entropy.h"
+#include "trainer/plan.h"
 
 namespace brigade::trainer {
 namespace {
@@ -129,7 +130,8 @@ struct Trainer::Pipeline {
   parallel::PipelineSchedule schedule = parallel::PipelineSchedule::k1F1B;
   int stage = 0, count = 1;
   int index = 0;  // which pipeline (data-parallel rank)
-  int64_t layers = 0, first = 0, last = 0;  // this stage's blocks [first, last)
+  int64_t first = 0, last = 0;   // this stage's blocks [first, last)
+  std::vector<int64_t> bounds;   // every stage's: stage s runs blocks [bounds[s], bounds[s + 1])
   // Tied embeddings or MTP modules: stage 0 trains the embedding table; the last
   // stage uses a copy (as its head, and for the MTP modules' token embeddings).
   bool shared_embedding = false;
@@ -144,7 +146,7 @@ struct Trainer::Pipeline {
     if (name.starts_with("layers.")) {
       const int64_t layer = std::stoll(name.substr(7, name.find('.', 7) - 7));
       for (int s = 0; s < count; ++s) {
-        if (layer < parallel::stage_layers(layers, count, s).second) return s;
+        if (layer < bounds[static_cast<size_t>(s) + 1]) return s;
       }
     }
     if (name.starts_with("norm.") || name.starts_with("lm_head.") || name.starts_with("mtp.")) return count - 1;
@@ -204,10 +206,11 @@ Trainer::Trainer(TrainerOptions options, precision::PrecisionOptions precision, 
                   ") must divide the number of ranks (", world_size(), ")");
     BRIGADE_CHECK(stages <= layers, "parallel.pipeline_parallel (", stages, ") is more than model.n_layers (", layers,
                   "): every stage needs at least one block");
-    BRIGADE_CHECK(!precision_.fp8.enabled(), "parallel.pipeline_parallel > 1 with FP8 GEMMs (precision.fp8_recipe) "
-                  "is not supported yet");
-    BRIGADE_CHECK(!context_.objective, "parallel.pipeline_parallel > 1 with logit distillation (distill.kd.loss) is "
-                  "not supported yet");
+    // Delayed scaling's amax histories live on the stage that runs their GEMMs, and
+    // checkpoints take the FP8 state from stage 0 alone.
+    BRIGADE_CHECK(precision_.fp8.recipe != precision::Fp8Recipe::kDelayed,
+                  "parallel.pipeline_parallel > 1 with precision.fp8_recipe=delayed is not supported yet "
+                  "(its amax histories are per stage); use blockwise or current");
     BRIGADE_CHECK(context_.zero_stage == 0 || context_.expert_parallel == 1,
                   "parallel.pipeline_parallel > 1 with both parallel.zero_stage=", context_.zero_stage,
                   " and parallel.expert_parallel=", context_.expert_parallel, " is not supported yet");
@@ -220,8 +223,18 @@ Trainer::Trainer(TrainerOptions options, precision::PrecisionOptions precision, 
     pl.stages = world.split(pl.index, pl.stage, "pp");
     pl.data = world.split(pl.stage, pl.index, "dp");
     pl.schedule = context_.pp_schedule;
-    pl.layers = layers;
-    std::tie(pl.first, pl.last) = parallel::stage_layers(layers, pl.count, pl.stage);
+    parallel::ParallelOptions split;
+    split.pipeline_parallel = stages;
+    split.pp_layers = context_.pp_layers;
+    pl.bounds = pipeline_boundaries(m, split);
+    pl.first = pl.bounds[static_cast<size_t>(pl.stage)];
+    pl.last = pl.bounds[static_cast<size_t>(pl.stage) + 1];
+    if (world.rank() == 0) {
+      std::ostringstream blocks;
+      for (int s = 0; s < pl.count; ++s) blocks << (s ? "," : "") << pl.bounds[static_cast<size_t>(s) + 1] - pl.bounds[static_cast<size_t>(s)];
+      log_info("pipeline: ", stages, " stages of ", blocks.str(), " blocks (",
+               context_.pp_layers.empty() ? "balanced by parameters" : "parallel.pp_layers", ")");
+    }
     pl.shared_embedding = m.tie_embeddings || m.mtp.depth > 0;
     data_parallel = pl.data.get();
   }

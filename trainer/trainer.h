@@ -53,6 +53,7 @@ struct RunContext {
   // flow through each pipeline per step.
   int64_t pipeline_parallel = 1;
   parallel::PipelineSchedule pp_schedule = parallel::PipelineSchedule::k1F1B;
+  std::vector<int64_t> pp_layers;  // parallel.pp_layers: blocks per stage (empty: balanced by parameters)
   // Expert parallelism: ranks per expert-parallel group (1: off). Groups are
   // consecutive ranks of `data_parallel`; each holds num_experts / expert_parallel
   // routed experts, and tokens travel to them by all-to-all (FP8 when ep_fp8_dispatch).

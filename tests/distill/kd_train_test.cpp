@@ -20,6 +20,7 @@
 #include "model/safetensors.h"
 #include "recipes/build.h"
 #include "recipes/recipe.h"
+#include "tests/distill/kd_fixture.h"
 #include "tests/testing.h"
 #include "trainer/trainer.h"
 
@@ -118,30 +119,15 @@ TEST(DistillKdBuild, TeacherRecordsLandAtThePositionsThatPredictTheirTokens) {
   EXPECT_FALSE(fs::exists(dir / "plain" / kKdTargets));
 }
 
-// 24 documents of about one row each, rows of 33 tokens.
-fs::path build_kd_shard(const fs::path& dir) {
-  const auto tok = data::make_tokenizer("byte");
-  std::vector<Sample> samples;
-  for (int i = 0; i < 24; ++i) {
-    const std::string completion = "<t>" + std::to_string(i * 7) + "</t>=" + std::to_string(i * 37 % 100);
-    samples.push_back({"Q" + std::to_string(i) + "*7?", completion, static_cast<int64_t>(completion.size()) + 1});
-  }
-  write_accepted(dir, *tok, samples);
-  build_sft_shard(dir / "accepted.jsonl", *tok, 32, dir / "build", dir / "traces" / kTopkFile);
-  return dir / "build";
-}
-
 recipes::Recipe kd_recipe(const fs::path& build, const std::vector<std::string>& kd) {
   const std::string yaml = R"(
 name: kd
 model: {vocab_size: 264, d_model: 32, n_layers: 2, n_heads: 4, n_kv_heads: 2, d_ff: 64, max_seq_len: 64}
 data: {seq_len: 32, source: shards, packed: true, eval_fraction: 0.1}
-distill: {generate: {logprobs: 4}}
 trainer: {max_steps: 12, micro_batch_size: 4, warmup_steps: 2, lr: 0.01, log_every: 1,
           eval_every: 0, eval_batches: 1, checkpoint_every: 0, threads: 1}
 )";
-  std::vector<std::string> overrides = {"data.shards=[" + (build / kSftShard).string() + "]",
-                                        "data.kd_file=" + (build / kKdTargets).string()};
+  std::vector<std::string> overrides = testing::kd_data_settings(build);
   overrides.insert(overrides.end(), kd.begin(), kd.end());
   return recipes::parse_recipe(yaml, "kd.yaml", overrides);
 }
@@ -169,7 +155,7 @@ TrainRun train(const recipes::Recipe& recipe, const fs::path& run_dir) {
 
 TEST(DistillKdTrain, WeightZeroIsPlainSftBitForBitAndKdTrains) {
   TempDir dir;
-  const auto build = build_kd_shard(dir.path());
+  const auto build = testing::build_kd_shard(dir.path());
   const TrainRun sft = train(kd_recipe(build, {}), dir / "sft");
   const TrainRun zero = train(kd_recipe(build, {"distill.kd.loss=forward_kl", "distill.kd.weight=0"}), dir / "zero");
   ASSERT_EQ(sft.losses.size(), 12u);
@@ -207,7 +193,7 @@ TEST(DistillKdTrain, KdWithoutItsInputsIsAClearError) {
   EXPECT_BRIGADE_ERROR(recipes::build_trainer(recipes::parse_recipe(yaml, "kd.yaml", {"distill.generate.logprobs=4"}),
                                               dir.path()),
                        "data.kd_file");
-  const auto build = build_kd_shard(dir.path());
+  const auto build = testing::build_kd_shard(dir.path());
   EXPECT_BRIGADE_ERROR(
       recipes::build_trainer(kd_recipe(build, {"distill.kd.loss=reverse_kl", "data.kd_file=" + (dir / "none").string()}),
                              dir / "run"),
@@ -216,3 +202,24 @@ TEST(DistillKdTrain, KdWithoutItsInputsIsAClearError) {
 
 }  // namespace
 }  // namespace brigade::distill
+
+namespace brigade::testing {
+
+std::filesystem::path build_kd_shard(const std::filesystem::path& dir) {
+  const auto tok = data::make_tokenizer("byte");
+  std::vector<distill::Sample> samples;
+  for (int i = 0; i < 24; ++i) {
+    const std::string completion = "<t>" + std::to_string(i * 7) + "</t>=" + std::to_string(i * 37 % 100);
+    samples.push_back({"Q" + std::to_string(i) + "*7?", completion, static_cast<int64_t>(completion.size()) + 1});
+  }
+  distill::write_accepted(dir, *tok, samples);
+  distill::build_sft_shard(dir / "accepted.jsonl", *tok, 32, dir / "build", dir / "traces" / distill::kTopkFile);
+  return dir / "build";
+}
+
+std::vector<std::string> kd_data_settings(const std::filesystem::path& build) {
+  return {"data.source=shards", "data.packed=true", "data.shards=[" + (build / distill::kSftShard).string() + "]",
+          "data.kd_file=" + (build / distill::kKdTargets).string(), "distill.generate.logprobs=" + std::to_string(distill::kK)};
+}
+
+}  // namespace brigade::testing

@@ -25,6 +25,7 @@
 #include "parallel/ordered_sum.h"
 #include "recipes/build.h"
 #include "recipes/recipe.h"
+#include "tests/distill/kd_fixture.h"
 #include "tests/mpi/mpi_world.h"
 #include "tests/testing.h"
 
@@ -510,8 +511,31 @@ TEST(MpiPipeline, BadLayoutsAreClearErrorsBeforeTraining) {
   EXPECT_NE(message({"parallel.pipeline_parallel=" + std::to_string(w->size()), "model.n_layers=1"})
                 .find("is more than model.n_layers (1)"),
             std::string::npos);
-  EXPECT_NE(message({"parallel.pipeline_parallel=2", "precision.fp8_recipe=blockwise"}).find("FP8"),
+  EXPECT_NE(message({"parallel.pipeline_parallel=2", "precision.fp8_recipe=delayed"}).find("fp8_recipe=delayed"),
             std::string::npos);
+  EXPECT_NE(message({"parallel.pipeline_parallel=2", "model.n_layers=4", "parallel.pp_layers=[1,2]"})
+                .find("parallel.pp_layers adds up to 3 blocks, but model.n_layers is 4"),
+            std::string::npos);
+  EXPECT_NE(message({"parallel.pipeline_parallel=2", "parallel.pp_layers=[2]"})
+                .find("parallel.pp_layers lists 1 stages, but parallel.pipeline_parallel is 2"),
+            std::string::npos);
+}
+
+// Logit distillation on a pipeline (the last stage, which has the logits, adds the
+// KD term on its micro-batches' teacher top-k), FP8 GEMMs in each stage (blockwise
+// and per-tensor current scaling), and an uneven split given as parallel.pp_layers.
+TEST(MpiPipeline, DistillationFp8AndExplicitSplitsMatchOneRank) {
+  auto* w = mpi_world();
+  if (w == nullptr) GTEST_SKIP() << "multi-rank test: run under mpirun";
+  SharedDir data(*w);
+  if (w->rank() == 0) testing::build_kd_shard(data / "kd");
+  w->barrier().wait();
+  auto kd = testing::kd_data_settings(data / "kd" / "build");
+  kd.insert(kd.end(), {"distill.kd.loss=forward_kl", "distill.kd.weight=0.5"});
+  check_pipeline(kd, 2);
+  check_pipeline({"precision.fp8_recipe=blockwise"}, 2);
+  check_pipeline({"precision.fp8_recipe=current", "model.tie_embeddings=false"}, w->size());
+  check_pipeline({}, 2, kMicroBatchMajorBound, {"parallel.pp_layers=[3,1]"});
 }
 
 // `first` with EP = 2 stopped at step 3 in a shared run directory, resumed there
