@@ -53,6 +53,13 @@ void MicroBatchGradients::stash() {
   }
 }
 
+void MicroBatchGradients::stash(const std::vector<size_t>& indices) {
+  for (size_t i : indices) {
+    sums_[i].add(params_[i].grad());
+    params_[i].mutable_grad() = torch::Tensor();
+  }
+}
+
 void MicroBatchGradients::finish(size_t i) {
   if (sums_[i].terms() == 0) return;
   torch::NoGradGuard no_grad;

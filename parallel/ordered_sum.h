@@ -59,6 +59,9 @@ class MicroBatchGradients {
   // into its sum (the .grad is undefined afterwards, so the next backward writes
   // a fresh one).
   void stash();
+  // The same for the parameters at `indices` alone (ZeRO-2's experts: the dense
+  // gradients are reduced every micro-batch).
+  void stash(const std::vector<size_t>& indices);
   // Parameter i's .grad becomes the sum of its stashed gradients and its current
   // .grad. Does nothing when nothing was stashed (one micro-batch per step, or
   // already finished this step).

@@ -35,8 +35,8 @@ ParallelState::ParallelState(ParallelStateOptions options) : options_(options) {
                 size(), ")");
   BRIGADE_CHECK(ep == 1 || options_.num_experts % ep == 0, "model.moe.num_experts (", options_.num_experts,
                 ") must be divisible by parallel.expert_parallel (", ep, ")");
-  BRIGADE_CHECK(ep == 1 || options_.zero_stage <= 1, "parallel.zero_stage=", options_.zero_stage,
-                " together with parallel.expert_parallel > 1 is not supported yet; use zero_stage 0 or 1");
+  BRIGADE_CHECK(ep == 1 || options_.zero_stage <= 2, "parallel.zero_stage=", options_.zero_stage,
+                " together with parallel.expert_parallel > 1 is not supported yet; use zero_stage 0, 1 or 2");
   if (ep > 1) {
     auto& world = *options_.data_parallel;
     ep_group_ = world.split(world.rank() / static_cast<int>(ep), world.rank(), "ep");
@@ -148,6 +148,9 @@ void ParallelState::end_micro_batch(bool last) {
     micro_stats_.buckets += stats.buckets;
     micro_stats_.started_in_backward += stats.started_in_backward;
     micro_stats_.wait_seconds += stats.wait_seconds;
+    // Expert slices are reduced once per step over their replicas, their
+    // micro-batches added in the canonical order first.
+    if (!last) micro_grads_->stash(expert_index_);
     return;
   }
   // Micro-batch gradients are added in the canonical order (parallel/ordered_sum.h).
@@ -157,11 +160,13 @@ void ParallelState::end_micro_batch(bool last) {
 ReduceStats ParallelState::finish_gradients() {
   micro_grads_->finish_all();  // what no reducer folded in
   if (!reducer_) return {};
+  ReduceStats stats;
   if (options_.zero_stage >= 2) {
     if (zero3_) zero3_->release_all();  // units whose backward did not run
-    return std::exchange(micro_stats_, ReduceStats{});
+    stats = std::exchange(micro_stats_, ReduceStats{});
+  } else {
+    stats = reducer_->finish();
   }
-  ReduceStats stats = reducer_->finish();
   if (expert_reducer_) {
     const auto experts = expert_reducer_->finish();
     stats.buckets += experts.buckets;
