@@ -15,6 +15,7 @@
 #include "model/hf.h"
 #include "distill/kd_objective.h"
 #include "parallel/nccl_communicator.h"
+#include "trainer/plan.h"
 
 namespace brigade::recipes {
 
@@ -136,6 +137,14 @@ std::unique_ptr<trainer::Trainer> build_trainer(const Recipe& r, const std::file
   context.pipeline_parallel = r.parallel.pipeline_parallel;
   context.pp_schedule = r.parallel.pp_schedule;
   context.pp_layers = r.parallel.pp_layers;
+  try {
+    trainer::PlanOptions layout;
+    layout.gpus = data_parallel ? data_parallel->size() : 1;
+    const trainer::PlanInputs in{r.model, r.precision, r.parallel, r.trainer, r.data.seq_len};
+    context.planned_memory_bytes = trainer::plan_training(in, layout).memory_total();
+  } catch (const Error&) {
+    // A layout brigade plan does not model (it says why when run): nothing to compare.
+  }
   if (kd) {
     auto targets = distill::load_kd_targets(r.data.kd_file);
     // The training split starts at the shards' first token, so the sampler's row

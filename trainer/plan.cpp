@@ -28,13 +28,14 @@ double block_activation_bytes(const model::TransformerOptions& o, int64_t layer,
     bytes += c * (3 * heads * hd + 3 * kv * hd);  // q and k before and after RoPE, v, the output
   }
   const double ff = static_cast<double>(o.ff_size());
-  if (!o.is_moe_layer(layer)) return bytes + c * 3 * ff;  // gate, up, their product
+  // SwiGLU: gate, silu(gate), up and their product (autograd keeps each for backward).
+  if (!o.is_moe_layer(layer)) return bytes + c * 4 * ff;
   const auto& m = o.moe;
   const double experts = static_cast<double>(m.num_experts), k = static_cast<double>(m.top_k);
   const double expert_ff = static_cast<double>(m.expert_size(o.ff_size()));
   bytes += 2 * experts * 4;                         // router logits and scores, FP32
   bytes += k * c * (2 * d + 3 * expert_ff);         // each routed copy: input, gate, up, product, output
-  if (m.num_shared_experts > 0) bytes += c * 3 * static_cast<double>(m.shared_size(o.ff_size()));
+  if (m.num_shared_experts > 0) bytes += c * 4 * static_cast<double>(m.shared_size(o.ff_size()));
   return bytes;
 }
 
@@ -147,7 +148,9 @@ TrainingPlan plan_training(const PlanInputs& in, const PlanOptions& options) {
   const int64_t stage = in.parallel.zero_stage;
   const bool zero = stage >= 1;
   const double dense_shards = zero ? static_cast<double>(options.gpus) : 1.0;
-  const double expert_shards = zero ? static_cast<double>(options.gpus / ep) : 1.0;
+  // ZeRO shards the dense parameters' state (and gradients) only: each
+  // expert-parallel rank keeps its own experts' whole, as the trainer does.
+  const double expert_shards = 1.0;
   const double per_rank_shard = dense / dense_shards + routed / static_cast<double>(ep) / expert_shards;
   // ZeRO-3 shards the blocks; the embedding, final norm, head and MTP projections stay whole.
   const double d_model = static_cast<double>(o.d_model);

@@ -10,8 +10,8 @@
 //   weights      4 P           FP32 master weights (autocast casts them per GEMM)
 //   gradients    4 P           FP32, on the master weights
 //   optimizer    2 s P / Z     AdamW's two moments of s bytes (optimizer_state_dtype);
-//                              ZeRO-1 splits them over Z ranks (all GPUs for dense
-//                              parameters, the GPUs / EP expert replicas for experts)
+//                              ZeRO splits the dense parameters' over Z = all GPUs;
+//                              each EP rank keeps its own experts' whole
 //   activations  what backward keeps for one micro batch (below)
 //   all-to-all   EP > 1: one MoE layer's dispatch and combine buffers, sent and
 //                received (tokens x top_k x d_model, E4M3 with ep_fp8_dispatch)

@@ -189,6 +189,13 @@ Trainer::Trainer(TrainerOptions options, precision::PrecisionOptions precision, 
       context_(std::move(context)),
       schedule_{options.lr, options.min_lr, options.warmup_steps, options.max_steps},
       checkpoints_(context_.run_dir / "checkpoints", options.keep_checkpoints) {
+  if (!context_.device.is_cuda()) {
+    const struct mallinfo2 info = mallinfo2();
+    int64_t model_bytes = 0;
+    for (const auto& t : model_->parameters()) model_bytes += t.nbytes();
+    for (const auto& t : model_->buffers()) model_bytes += t.nbytes();
+    baseline_live_bytes_ = static_cast<int64_t>(info.uordblks + info.hblkhd) - model_bytes;
+  }
   options_.validate();
   const auto& routing = model_->options().moe;
   BRIGADE_CHECK(options_.activation_checkpointing != Checkpointing::kFull ||
@@ -455,9 +462,12 @@ void Trainer::record_peak_memory() {
   struct rusage usage {};
   getrusage(RUSAGE_SELF, &usage);
   const auto doubles = torch::TensorOptions().dtype(torch::kDouble).device(context_.device);
-  double gpu = 0.0;
-  if (context_.device.is_cuda()) gpu = static_cast<double>(cuda_memory(context_.device.index()).peak_allocated_bytes);
-  auto mine = torch::tensor({static_cast<double>(usage.ru_maxrss) / 1024.0, gpu / (1 << 20),
+  // What training held at its peak: the CUDA allocator's peak, or on CPUs the live
+  // heap's above the baseline.
+  double training = 0.0;
+  if (context_.device.is_cuda()) training = static_cast<double>(cuda_memory(context_.device.index()).peak_allocated_bytes);
+  else training = static_cast<double>(peak_live_bytes_ - baseline_live_bytes_);
+  auto mine = torch::tensor({static_cast<double>(usage.ru_maxrss) / 1024.0, training / (1 << 20),
                              static_cast<double>(peak_live_bytes_) / (1 << 20)},
                             doubles);  // ru_maxrss: KiB
   auto all = mine;
@@ -470,10 +480,20 @@ void Trainer::record_peak_memory() {
   const auto host = all.cpu().view({-1, 3});
   nlohmann::json out;
   out["step"] = state_.step;
+  double most = 0.0;
   for (int64_t r = 0; r < host.size(0); ++r) {
     out["peak_rss_mib"].push_back(host[r][0].item<double>());
     if (context_.device.is_cuda()) out["cuda_peak_allocated_mib"].push_back(host[r][1].item<double>());
     else out["peak_live_heap_mib"].push_back(host[r][2].item<double>());
+    out["peak_training_mib"].push_back(host[r][1].item<double>());
+    most = std::max(most, host[r][1].item<double>());
+  }
+  if (context_.planned_memory_bytes > 0) {
+    const double planned = context_.planned_memory_bytes / (1 << 20);
+    out["planned_mib"] = planned;
+    log_info("memory: training peaked at ", std::lround(most), " MiB per rank (",
+             context_.device.is_cuda() ? "CUDA allocator" : "live heap above the start", "); brigade plan predicted ",
+             std::lround(planned), " MiB (measured / planned ", std::round(most / planned * 100) / 100, ")");
   }
   write_file_atomic(context_.run_dir / "memory.json", out.dump() + "\n");
 }

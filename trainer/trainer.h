@@ -59,6 +59,9 @@ struct RunContext {
   // routed experts, and tokens travel to them by all-to-all (FP8 when ep_fp8_dispatch).
   int64_t expert_parallel = 1;
   bool ep_fp8_dispatch = false;
+  // `brigade plan`'s memory per rank for this recipe and layout (trainer/plan.h), to
+  // set beside the measured peak in memory.json; 0: not planned.
+  double planned_memory_bytes = 0;
   // A second objective mixed with the cross-entropy (trainer/objective.h), e.g. logit
   // distillation; null: cross-entropy only.
   std::shared_ptr<const LogitObjective> objective;
@@ -191,6 +194,10 @@ class Trainer {
   // memory.json beside the peak RSS, which also counts freed memory glibc kept.
   void note_memory();
   int64_t peak_live_bytes_ = 0;
+  // CPU: the live heap before training, without the model's tensors (the corpora,
+  // KD targets, tokenizer and LibTorch's own): subtracted from the peak, what is
+  // left is what training holds, the quantity `brigade plan` predicts.
+  int64_t baseline_live_bytes_ = 0;
   int world_size() const { return context_.data_parallel ? context_.data_parallel->size() : 1; }
   // Pipeline parallelism (null when off): this rank's stage and its groups.
   struct Pipeline;
