@@ -20,6 +20,9 @@ struct TeacherOptions {
   // The teacher's training recipe (relative to the distillation recipe's folder),
   // used when `checkpoint` is empty.
   std::string recipe = "distill-arith-teacher.yaml";
+  // The teacher recipe's trainer.seed for this run (0: the recipe's own), so a
+  // distillation can be repeated over teacher seeds.
+  uint64_t seed = 0;
 
   // A remote teacher: any OpenAI-compatible server (vLLM, SGLang, llama.cpp's
   // server, `brigade serve`). Set `url` to use it instead of a checkpoint.

@@ -22,7 +22,9 @@ class Host final : public distill::PipelineHost {
   explicit Host(const recipes::Recipe& recipe) : recipe_(recipe) {}
 
   int train_teacher(const fs::path& recipe, const fs::path& run_dir) override {
-    return train_command({recipe, {}, run_dir, /*resume=*/true});
+    std::vector<std::string> overrides;
+    if (const uint64_t seed = recipe_.distill.teacher.seed; seed != 0) overrides.push_back("trainer.seed=" + std::to_string(seed));
+    return train_command({recipe, overrides, run_dir, /*resume=*/true});
   }
 
   // The student: a typed copy of the recipe with the run's data and objective.

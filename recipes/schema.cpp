@@ -361,6 +361,7 @@ std::vector<Field> build_schema() {
   s.push_back(boolean("parallel.ep_fp8_dispatch", REF(parallel.ep_fp8_dispatch), "Send dispatched tokens as FP8 E4M3 with 1x128 scales (DeepSeek-V3); gradients and the combine stay in the compute dtype."));
   s.push_back(text("distill.teacher.checkpoint", REF(distill.teacher.checkpoint), "A brigade checkpoint (step, checkpoints or run directory) to distil from; empty: train the teacher from distill.teacher.recipe first."));
   s.push_back(text("distill.teacher.recipe", REF(distill.teacher.recipe), "The teacher's training recipe, relative to this recipe's folder (used when distill.teacher.checkpoint is empty)."));
+  s.push_back(integer<uint64_t>("distill.teacher.seed", REF(distill.teacher.seed), "Train the teacher (from distill.teacher.recipe) with this trainer.seed; 0: the teacher recipe's own. Use a new run directory per teacher seed: a trained teacher is kept.", 0));
   s.push_back(text("distill.teacher.url", REF(distill.teacher.url), "A remote teacher: the base URL of an OpenAI-compatible server, ending in /v1 (vLLM, SGLang, llama.cpp's server, brigade serve); empty: a local brigade teacher."));
   s.push_back(text("distill.teacher.api", REF(distill.teacher.api), "Remote teacher endpoint: completions (/v1/completions, the prompt as text) or chat (/v1/chat/completions, the prompt as one user message)."));
   s.push_back(text("distill.teacher.model", REF(distill.teacher.model), "Remote teacher: the requests' \"model\" field."));
