@@ -14,7 +14,8 @@ final checkpoint, which includes LibTorch itself; glibc's mmap threshold is fixe
 the peak of the bytes malloc holds for live allocations (sampled after each
 forward, backward and update: what the tensors need, without LibTorch's code and
 glibc's kept free memory), and what each stage saves against stage 0 on both
-measures (the largest rank's).
+measures (the largest rank's); then the training peak (the live heap above what
+was live before training) beside `brigade plan`'s prediction for the layout.
 """
 
 import argparse
@@ -41,7 +42,9 @@ def run(args, stage, run_dir):
     lines = [json.loads(l) for l in open(run_dir / "metrics.jsonl")]
     steps = [l["step_seconds"] for l in lines if "step_seconds" in l and l["step"] > 2]
     memory = json.loads((run_dir / "memory.json").read_text())
-    return statistics.median(steps), memory["peak_rss_mib"], memory["peak_live_heap_mib"]
+    # What training held (live heap above the start) and what `brigade plan` predicted.
+    return (statistics.median(steps), memory["peak_rss_mib"], memory["peak_live_heap_mib"],
+            memory.get("peak_training_mib", []), memory.get("planned_mib"))
 
 
 def main():
@@ -65,13 +68,16 @@ def main():
           f"{args.steps} steps "
           f"(median over steps 3..); peak RSS per rank from run_dir/memory.json")
     print("| ZeRO stage | median step ms | ratio to stage " + str(stages[0]) +
-          " | peak RSS per rank MiB | saved MiB | peak live heap per rank MiB | saved MiB |")
-    print("|---|---|---|---|---|---|---|")
+          " | peak RSS per rank MiB | saved MiB | peak live heap per rank MiB | saved MiB"
+          " | training peak (largest rank) MiB | brigade plan MiB | measured / plan |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for stage in stages:
-        t, mem, live = results[stage]
+        t, mem, live, training, planned = results[stage]
+        most = max(training) if training else float("nan")
+        plan = f"{planned:.0f} | {most / planned:.2f}" if planned else "n/a | n/a"
         print(f"| {stage} | {t * 1000:.0f} | {t / base_time:.2f} | {', '.join(f'{m:.0f}' for m in mem)} | "
-              f"{base_mem - max(mem):.0f} | {', '.join(f'{m:.0f}' for m in live)} | {base_live - max(live):.0f} |")
-
+              f"{base_mem - max(mem):.0f} | {', '.join(f'{m:.0f}' for m in live)} | {base_live - max(live):.0f} | "
+              f"{most:.0f} | {plan} |")
 
 if __name__ == "__main__":
     main()

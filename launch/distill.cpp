@@ -133,6 +133,12 @@ int distill_command(const DistillArgs& args) {
   for (const auto& r : rows)
     std::printf("| %s | %s | %.1f%% | %.1f%% |\n", r.label.c_str(),
                 human_count(static_cast<double>(r.parameters)).c_str(), 100.0 * r.pass1, 100.0 * r.passk);
+  // The share users judge a distillation by: the student's pass@1 over the teacher's.
+  if (rows.size() == 2 && rows[0].pass1 > 0) {
+    std::printf("\nthe student reaches %.1f%% of the teacher's pass@1 with %.0f%% of its parameters\n",
+                100.0 * rows[1].pass1 / rows[0].pass1,
+                100.0 * static_cast<double>(rows[1].parameters) / static_cast<double>(std::max<int64_t>(1, rows[0].parameters)));
+  }
   std::fflush(stdout);
   return 0;
 }
