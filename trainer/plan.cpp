@@ -150,26 +150,21 @@ TrainingPlan plan_training(const PlanInputs& in, const PlanOptions& options) {
   const double dense_shards = zero ? static_cast<double>(options.gpus) : 1.0;
   // ZeRO shards the dense parameters' state (and gradients) only: each
   // expert-parallel rank keeps its own experts' whole, as the trainer does.
-  const double expert_shards = 1.0;
-  const double per_rank_shard = dense / dense_shards + routed / static_cast<double>(ep) / expert_shards;
+  const double per_rank_shard = dense / dense_shards + routed / static_cast<double>(ep);
   // ZeRO-3 shards the blocks; the embedding, final norm, head and MTP projections stay whole.
   const double d_model = static_cast<double>(o.d_model);
   const double root = static_cast<double>(p.params.embedding) +
                       (o.tie_embeddings ? 0.0 : static_cast<double>(o.vocab_size) * d_model) + d_model +
                       static_cast<double>(o.mtp.depth) * (2 * d_model * d_model + 3 * d_model);
+  const auto block = block_parameters(o);
   double largest_block = (p.params_per_gpu - root) / blocks;
-  if (o.n_layers >= 2) {  // the last layer is the largest (MoE after the dense ones)
-    auto fewer = main;
-    fewer.n_layers -= 1;
-    largest_block = static_cast<double>(p.main_params.total - model::count_parameters(fewer).total);
-  }
+  if (o.n_layers >= 2) largest_block = static_cast<double>(*std::max_element(block.begin(), block.end()));
   if (pp > 1) {
     // The fullest stage: its blocks, with the embedding
     // on the first and the norm and head on the last (a copy of tied embeddings).
     const double head = static_cast<double>(o.vocab_size) * d_model + d_model;
     double most = 0;
     const auto bounds = pipeline_boundaries(o, in.parallel);
-    const auto block = block_parameters(o);
     for (int s = 0; s < pp; ++s) {
       double held = 0;
       for (int64_t i = bounds[static_cast<size_t>(s)]; i < bounds[static_cast<size_t>(s) + 1]; ++i) {
