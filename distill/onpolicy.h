@@ -36,6 +36,10 @@ struct ScoreStats {
   int64_t scored = 0;        // samples written with the teacher's records
   int64_t already_done = 0;  // found in the output store (resume)
   int64_t skipped = 0;       // truncated or failed samples (no EOS to align)
+  // A remote teacher's (score_with_teacher_remote, distill/remote.h):
+  int64_t topk_dropped = 0;  // a position with fewer than k candidates in the student's vocabulary: left out
+  int64_t failed = 0;        // requests that failed after every retry: left out, asked again by a rerun
+  int64_t retried = 0;       // retries made
 };
 
 // For every sample in the trace store `samples_dir` that ended at the EOS: the

@@ -67,8 +67,10 @@ void DistillOptions::validate() const {
   BRIGADE_CHECK(eval.temperature > 0, "distill.eval.temperature must be > 0, got ", eval.temperature);
   kd.validate();
   onpolicy.validate();
-  BRIGADE_CHECK(!onpolicy.enabled() || !teacher.remote(), "distill.onpolicy needs a local teacher (its logits score ",
-                "the student's samples); a teacher behind distill.teacher.url cannot be scored yet");
+  BRIGADE_CHECK(!onpolicy.enabled() || !teacher.remote() || onpolicy.topk <= kMaxRemoteLogprobs,
+                "distill.onpolicy.topk is ", onpolicy.topk, " but a remote teacher returns at most ", kMaxRemoteLogprobs,
+                " logprobs per token (vLLM's and brigade serve's limit): set distill.onpolicy.topk <= ",
+                kMaxRemoteLogprobs);
   BRIGADE_CHECK(kd.loss != KdLoss::kUld || !teacher.remote(), "distill.kd.loss: uld needs a local teacher (a server's ",
                 "top-k candidates are mapped to the student's tokenizer, which another vocabulary defeats)");
   BRIGADE_CHECK(kd.loss == KdLoss::kNone || g.logprobs > 0, "distill.kd.loss is ", to_string(kd.loss),

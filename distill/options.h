@@ -13,6 +13,10 @@
 
 namespace brigade::distill {
 
+// The most logprobs per token a remote teacher is asked for (vLLM's default
+// max_logprobs and brigade serve's limit).
+inline constexpr int64_t kMaxRemoteLogprobs = 20;
+
 struct TeacherOptions {
   // A brigade checkpoint (step directory, checkpoints/ or run directory) to use as
   // the teacher; empty: train one from `recipe` first (the built-in default).

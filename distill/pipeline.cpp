@@ -246,7 +246,8 @@ int train_stage(const Pipeline& p, PipelineState& s, bool run) {
 int onpolicy_stage(const Pipeline& p, PipelineState& s, bool run) {
   const auto& d = p.options;
   const auto& op = d.onpolicy;
-  if (op.enabled() && run) check_teacher_tokenizer(p, s);  // it scores ids of the student's vocabulary
+  // The teacher scores ids of the student's vocabulary (a remote one's echo is checked token by token).
+  if (op.enabled() && run && !d.teacher.remote()) check_teacher_tokenizer(p, s);
   s.onpolicy = s.train;
   for (int64_t r = 0; r < op.rounds; ++r) {
     nlohmann::json round_options = {
@@ -290,7 +291,16 @@ int onpolicy_stage(const Pipeline& p, PipelineState& s, bool run) {
       g.seed = hash_combine(d.generate.seed, static_cast<uint64_t>(r) + 0x6f6e706fULL);
       generate_traces(student.model, *tokenizer, student_prompts, g, round.dir() / "samples");
     }
-    {
+    if (d.teacher.remote()) {
+      const auto scored = score_with_teacher_remote(d.teacher, *tokenizer, prompts, round.dir() / "samples", op.topk,
+                                                    round.dir() / "scored");
+      log_info("distill: onpolicy: ", name, ": the teacher scored ", scored.scored + scored.already_done,
+               " student samples (left out: ", scored.skipped, " cut at the token limit, ", scored.topk_dropped,
+               " with a position of fewer than ", op.topk, " candidates in the student's vocabulary, ", scored.failed,
+               " failed requests; ", scored.retried, " retries)");
+      BRIGADE_CHECK(scored.failed == 0, "distill: onpolicy: ", name, ": ", scored.failed, " scoring requests failed ",
+                    "after every retry (the log says why); run again to ask for them again");
+    } else {
       auto teacher = p.host->load(s.teacher);
       const auto scored = score_with_teacher(teacher.model, *tokenizer, prompts, round.dir() / "samples", op.topk,
                                              d.generate.batch_size, round.dir() / "scored");

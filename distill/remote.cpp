@@ -3,12 +3,15 @@
 #include <curl/curl.h>
 
 #include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <deque>
+#include <functional>
 #include <memory>
+#include <unordered_map>
 
 #include <nlohmann/json.hpp>
 
@@ -41,10 +44,28 @@ std::string redact(std::string text, const std::string& secret, size_t limit = 3
   return text;
 }
 
+}  // namespace
+
+std::string token_bytes_from_text(const std::string& text) {
+  static constexpr std::string_view kPrefix = "bytes:";
+  if (!text.starts_with(kPrefix) || text.size() == kPrefix.size() || (text.size() - kPrefix.size()) % 4 != 0)
+    return text;
+  std::string bytes;
+  for (size_t at = kPrefix.size(); at < text.size(); at += 4) {
+    if (text[at] != '\\' || text[at + 1] != 'x' || !std::isxdigit(static_cast<unsigned char>(text[at + 2])) ||
+        !std::isxdigit(static_cast<unsigned char>(text[at + 3])))
+      return text;
+    bytes.push_back(static_cast<char>(std::stoi(text.substr(at + 2, 2), nullptr, 16)));
+  }
+  return bytes;
+}
+
+namespace {
+
 // The id of a candidate token: its bytes must be one token of `tokenizer`.
 std::optional<int64_t> candidate_id(const data::Tokenizer& tokenizer, const nlohmann::json& candidate,
                                     const std::string& text) {
-  std::string bytes = text;
+  std::string bytes = token_bytes_from_text(text);
   if (auto b = candidate.find("bytes"); b != candidate.end() && b->is_array()) {
     bytes.clear();
     for (const auto& v : *b) {
@@ -224,8 +245,7 @@ size_t append_body(char* data, size_t size, size_t count, void* out) {
 }
 
 struct Job {
-  size_t prompt = 0;
-  int64_t sample = 0;
+  size_t index = 0;  // into the pool's jobs
   int attempt = 0;  // attempts made so far
   Clock::time_point not_before{};
 };
@@ -247,39 +267,38 @@ bool retryable_status(long status) { return status == 408 || status == 409 || st
 
 }  // namespace
 
-RemoteStats generate_traces_remote(const TeacherOptions& teacher, const data::Tokenizer& tokenizer,
-                                   const std::vector<Prompt>& prompts, const GenerateOptions& options,
-                                   const fs::path& dir, bool progress) {
+namespace {
+
+// What a request pool does with its jobs.
+struct PoolJobs {
+  size_t count = 0;
+  std::function<std::string(size_t)> body;                    // the request body of job i
+  std::function<std::string(size_t)> label;                   // "prompt p sample 1", for logs
+  std::function<void(size_t, const std::string&)> succeeded;  // a 200 reply; throws Error to retry, UnusableReply to stop
+  std::function<void(size_t, const std::string&)> failed;     // the problem after the last attempt
+  std::function<void()> before_stop;                          // before an Error ends the stage (flush stores)
+};
+
+// Sends every job's request to `url`, up to teacher.concurrency at once, with the
+// retries and back-off described in remote.h. Returns the retries made.
+int64_t run_requests(const TeacherOptions& teacher, const std::string& url, const std::string& what, PoolJobs& jobs) {
   static CurlGlobal global;
   const std::string api_key =
       teacher.api_key_env.empty() ? "" : read_api_key(teacher.api_key_env, "distill.teacher.api_key_env");
-  const std::string url = endpoint(teacher);
-
-  TraceWriter store(dir, options.logprobs);
-  RemoteStats stats;
   std::deque<Job> queue;
-  for (const auto& m : missing_samples(store, prompts, options.samples, stats)) queue.push_back({m.prompt, m.sample, 0, {}});
-  log_info("generate: ", queue.size(), " requests to ", url, " (", teacher.concurrency, " at a time, timeout ",
-           teacher.timeout, " s, ", teacher.retries, " retries)");
-
+  for (size_t i = 0; i < jobs.count; ++i) queue.push_back({i, 0, {}});
   std::unique_ptr<CURLM, decltype(&curl_multi_cleanup)> multi(curl_multi_init(), &curl_multi_cleanup);
-  BRIGADE_CHECK(multi != nullptr, "generate: cannot initialise libcurl");
+  BRIGADE_CHECK(multi != nullptr, what, ": cannot initialise libcurl");
   std::vector<std::unique_ptr<InFlight>> active;
-  const int64_t total = static_cast<int64_t>(queue.size());
-  int64_t finished = 0;
-  int64_t new_tokens = 0;
-  auto last_flush = Clock::now();
-  const auto start = Clock::now();
-  Progress bar("generate", total, stderr_is_terminal());
+  int64_t retried = 0;
 
   auto start_request = [&](const Job& job) {
     auto r = std::make_unique<InFlight>();
     r->job = job;
     r->job.attempt += 1;
-    const Prompt& prompt = prompts[job.prompt];
-    r->body = remote_request(teacher, options, prompt, sample_seed(options.seed, prompt.id, job.sample)).dump();
+    r->body = jobs.body(job.index);
     r->easy = curl_easy_init();
-    BRIGADE_CHECK(r->easy != nullptr, "generate: cannot create a libcurl handle");
+    BRIGADE_CHECK(r->easy != nullptr, what, ": cannot create a libcurl handle");
     r->headers = curl_slist_append(r->headers, "Content-Type: application/json");
     if (!api_key.empty()) r->headers = curl_slist_append(r->headers, ("Authorization: Bearer " + api_key).c_str());
     curl_easy_setopt(r->easy, CURLOPT_URL, url.c_str());
@@ -296,34 +315,7 @@ RemoteStats generate_traces_remote(const TeacherOptions& teacher, const data::To
     active.push_back(std::move(r));
   };
 
-  auto store_trace = [&](const Job& job, Trace t) {
-    t.prompt_id = prompts[job.prompt].id;
-    t.sample = job.sample;
-    store.append(t);
-    ++finished;
-    if (t.failed()) {
-      ++stats.failed;
-      log_warn("generate: prompt ", t.prompt_id, " sample ", t.sample, " failed: ", t.error);
-    } else {
-      ++stats.generated;
-      new_tokens += t.completion_tokens;
-      if (t.finish_reason == "length") ++stats.truncated;
-    }
-    if (progress) {
-      const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
-      char status[80];
-      std::snprintf(status, sizeof status, "%s tok/s, %lld failed",
-                    human_count(static_cast<double>(new_tokens) / std::max(seconds, 1e-3)).c_str(),
-                    static_cast<long long>(stats.failed));
-      bar.tick(finished, status);
-    }
-    if (Clock::now() - last_flush > std::chrono::seconds(1)) {
-      store.flush();
-      last_flush = Clock::now();
-    }
-  };
-
-  // Handles a finished transfer; false-free: fatal replies throw.
+  // Handles a finished transfer: hands a good reply on, queues a retry, or fails the job.
   auto complete = [&](InFlight& r, CURLcode code) {
     long status = 0;
     curl_easy_getinfo(r.easy, CURLINFO_RESPONSE_CODE, &status);
@@ -332,8 +324,8 @@ RemoteStats generate_traces_remote(const TeacherOptions& teacher, const data::To
     if (code != CURLE_OK) {
       problem = std::string(curl_easy_strerror(code)) + (r.error[0] != '\0' ? std::string(": ") + r.error : "");
     } else if (status == 401 || status == 403 || status == 404) {
-      store.flush();
-      BRIGADE_FAIL("generate: ", url, " answered HTTP ", status, " (", redact(r.reply, api_key), ")",
+      jobs.before_stop();
+      BRIGADE_FAIL(what, ": ", url, " answered HTTP ", status, " (", redact(r.reply, api_key), ")",
                    status == 404                  ? "; check distill.teacher.url and distill.teacher.api"
                    : teacher.api_key_env.empty() ? "; the server wants an API key: set distill.teacher.api_key_env"
                                                   : "; check the API key in $" + teacher.api_key_env);
@@ -342,11 +334,11 @@ RemoteStats generate_traces_remote(const TeacherOptions& teacher, const data::To
       retry = retryable_status(status);
     } else {
       try {
-        bool dropped = false;
-        Trace t = parse_remote_reply(teacher, options, tokenizer, r.reply, dropped);
-        stats.topk_dropped += dropped ? 1 : 0;
-        store_trace(r.job, std::move(t));
+        jobs.succeeded(r.job.index, r.reply);
         return;
+      } catch (const UnusableReply& e) {
+        jobs.before_stop();
+        BRIGADE_FAIL(what, ": ", url, ": ", e.what(), " (reply: ", redact(r.reply, api_key), ")");
       } catch (const Error& e) {
         problem = std::string(e.what()) + " (reply: " + redact(r.reply, api_key) + ")";
       }
@@ -358,17 +350,13 @@ RemoteStats generate_traces_remote(const TeacherOptions& teacher, const data::To
       if (curl_easy_getinfo(r.easy, CURLINFO_RETRY_AFTER, &retry_after) == CURLE_OK && retry_after > 0)
         wait = std::min<double>(static_cast<double>(retry_after), 600.0);
       again.not_before = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(wait));
-      log_debug("generate: prompt ", prompts[again.prompt].id, " sample ", again.sample, ": ", problem,
-                "; retry ", again.attempt, " in ", wait, " s");
-      ++stats.retried;
+      log_debug(what, ": ", jobs.label(again.index), ": ", problem, "; retry ", again.attempt, " in ", wait, " s");
+      ++retried;
       queue.push_back(again);
       return;
     }
-    Trace failed;
-    failed.finish_reason = "error";
-    failed.error = problem + " (after " + std::to_string(r.job.attempt) + " attempt" +
-                   (r.job.attempt == 1 ? "" : "s") + ")";
-    store_trace(r.job, std::move(failed));
+    jobs.failed(r.job.index, problem + " (after " + std::to_string(r.job.attempt) + " attempt" +
+                                  (r.job.attempt == 1 ? "" : "s") + ")");
   };
 
   while (!queue.empty() || !active.empty()) {
@@ -405,7 +393,222 @@ RemoteStats generate_traces_remote(const TeacherOptions& teacher, const data::To
     }
     if (!active.empty() || wait_ms > 0) curl_multi_poll(multi.get(), nullptr, 0, wait_ms, nullptr);
   }
+  return retried;
+}
+
+}  // namespace
+
+RemoteStats generate_traces_remote(const TeacherOptions& teacher, const data::Tokenizer& tokenizer,
+                                   const std::vector<Prompt>& prompts, const GenerateOptions& options,
+                                   const fs::path& dir, bool progress) {
+  const std::string url = endpoint(teacher);
+  TraceWriter store(dir, options.logprobs);
+  RemoteStats stats;
+  const auto missing = missing_samples(store, prompts, options.samples, stats);
+  log_info("generate: ", missing.size(), " requests to ", url, " (", teacher.concurrency, " at a time, timeout ",
+           teacher.timeout, " s, ", teacher.retries, " retries)");
+  int64_t finished = 0;
+  int64_t new_tokens = 0;
+  auto last_flush = Clock::now();
+  const auto start = Clock::now();
+  Progress bar("generate", static_cast<int64_t>(missing.size()), stderr_is_terminal());
+
+  auto store_trace = [&](size_t job, Trace t) {
+    t.prompt_id = prompts[missing[job].prompt].id;
+    t.sample = missing[job].sample;
+    store.append(t);
+    ++finished;
+    if (t.failed()) {
+      ++stats.failed;
+      log_warn("generate: prompt ", t.prompt_id, " sample ", t.sample, " failed: ", t.error);
+    } else {
+      ++stats.generated;
+      new_tokens += t.completion_tokens;
+      if (t.finish_reason == "length") ++stats.truncated;
+    }
+    if (progress) {
+      const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+      char status[80];
+      std::snprintf(status, sizeof status, "%s tok/s, %lld failed",
+                    human_count(static_cast<double>(new_tokens) / std::max(seconds, 1e-3)).c_str(),
+                    static_cast<long long>(stats.failed));
+      bar.tick(finished, status);
+    }
+    if (Clock::now() - last_flush > std::chrono::seconds(1)) {
+      store.flush();
+      last_flush = Clock::now();
+    }
+  };
+  PoolJobs jobs;
+  jobs.count = missing.size();
+  jobs.body = [&](size_t i) {
+    const Prompt& prompt = prompts[missing[i].prompt];
+    return remote_request(teacher, options, prompt, sample_seed(options.seed, prompt.id, missing[i].sample)).dump();
+  };
+  jobs.label = [&](size_t i) {
+    return "prompt " + prompts[missing[i].prompt].id + " sample " + std::to_string(missing[i].sample);
+  };
+  jobs.succeeded = [&](size_t i, const std::string& reply) {
+    bool dropped = false;
+    Trace t = parse_remote_reply(teacher, options, tokenizer, reply, dropped);
+    stats.topk_dropped += dropped ? 1 : 0;
+    store_trace(i, std::move(t));
+  };
+  jobs.failed = [&](size_t i, const std::string& problem) {
+    Trace failed;
+    failed.finish_reason = "error";
+    failed.error = problem;
+    store_trace(i, std::move(failed));
+  };
+  jobs.before_stop = [&] { store.flush(); };
+  stats.retried = run_requests(teacher, url, "generate", jobs);
   store.flush();
+  if (progress) bar.finish();
+  return stats;
+}
+
+nlohmann::json scoring_request(const TeacherOptions& teacher, const std::vector<int64_t>& ids, int64_t k) {
+  // extra_body first (checked in validate()): the fields scoring relies on win.
+  nlohmann::json body = teacher.extra_body.empty() ? nlohmann::json::object() : nlohmann::json::parse(teacher.extra_body);
+  if (!teacher.model.empty()) body["model"] = teacher.model;
+  body["prompt"] = ids;
+  body["echo"] = true;
+  body["logprobs"] = k;
+  body["max_tokens"] = 1;  // vLLM refuses 0; the one new token is not used
+  body["temperature"] = 0.0;
+  body["n"] = 1;
+  return body;
+}
+
+std::optional<std::pair<torch::Tensor, torch::Tensor>> parse_scoring_reply(const data::Tokenizer& tokenizer,
+                                                                           const std::string& body,
+                                                                           const std::vector<int64_t>& ids,
+                                                                           size_t first, int64_t k) {
+  BRIGADE_CHECK(first >= 1 && first < ids.size(), "scoring: first position ", first, " outside 1..", ids.size() - 1);
+  nlohmann::json reply;
+  try {
+    reply = nlohmann::json::parse(body);
+  } catch (const nlohmann::json::exception& e) {
+    BRIGADE_FAIL("the reply is not JSON (", e.what(), ")");
+  }
+  BRIGADE_CHECK(reply.is_object(), "the reply is not a JSON object");
+  if (auto error = reply.find("error"); error != reply.end() && !error->is_null())
+    BRIGADE_FAIL("the server answered with an error: ", error->dump());
+  auto choices = reply.find("choices");
+  BRIGADE_CHECK(choices != reply.end() && choices->is_array() && !choices->empty() && (*choices)[0].is_object(),
+                "the reply has no \"choices\"");
+  const auto& choice = (*choices)[0];
+  auto logprobs = choice.find("logprobs");
+  const auto* tokens = logprobs != choice.end() && logprobs->is_object() && logprobs->contains("tokens")
+                           ? &(*logprobs)["tokens"] : nullptr;
+  const auto* top = logprobs != choice.end() && logprobs->is_object() && logprobs->contains("top_logprobs")
+                        ? &(*logprobs)["top_logprobs"] : nullptr;
+  const size_t echoed = tokens != nullptr && tokens->is_array() ? tokens->size() : 0;
+  if (echoed < ids.size() || top == nullptr || !top->is_array() || top->size() < ids.size())
+    throw UnusableReply("the reply holds logprobs for " + std::to_string(echoed) + " tokens of a " +
+                        std::to_string(ids.size()) + "-token prompt: the server does not return the prompt's " +
+                        "logprobs with \"echo\" (vLLM and brigade serve do; llama.cpp's server does not)");
+  std::vector<std::vector<std::pair<nlohmann::json, std::string>>> positions;
+  for (size_t i = first; i < ids.size(); ++i) {
+    // The server must have read the student's ids as the student's tokens.
+    const std::string want = tokenizer.decode(std::vector<int64_t>{ids[i]});
+    const auto& got = (*tokens)[i];
+    if (!tokenizer.special_id(want) && got.is_string() && token_bytes_from_text(got.get<std::string>()) != want) {
+      throw UnusableReply("the teacher's tokenizer is not the student's: prompt token " + std::to_string(i) +
+                          " (student id " + std::to_string(ids[i]) + ", " + nlohmann::json(want).dump(
+                              -1, ' ', false, nlohmann::json::error_handler_t::replace) +
+                          ") came back as " + got.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) +
+                          "; on-policy scoring sends the student's token ids and needs a teacher with the same vocabulary");
+    }
+    const auto& entry = (*top)[i];
+    if (!entry.is_object()) return std::nullopt;
+    auto& list = positions.emplace_back();
+    for (const auto& [token, value] : entry.items()) list.emplace_back(nlohmann::json{{"logprob", value}}, token);
+  }
+  Trace t;
+  if (!fill_topk(t, tokenizer, k, positions)) return std::nullopt;
+  return std::make_pair(t.topk_ids, t.topk_logprobs);
+}
+
+ScoreStats score_with_teacher_remote(const TeacherOptions& teacher, const data::Tokenizer& tokenizer,
+                                     const std::vector<Prompt>& prompts, const fs::path& samples_dir, int64_t k,
+                                     const fs::path& out_dir, bool progress) {
+  BRIGADE_CHECK(k >= 1, "on-policy scoring needs k >= 1");
+  std::unordered_map<std::string, const Prompt*> by_id;
+  for (const Prompt& p : prompts) {
+    BRIGADE_CHECK(!p.chat(), "on-policy: prompt '", p.id, "' is a chat prompt; on-policy distillation takes text ",
+                  "prompts only (chat documents get no KD targets)");
+    by_id.emplace(p.id, &p);
+  }
+  // Echo is an API of /v1/completions only, whatever distill.teacher.api says.
+  TeacherOptions completions = teacher;
+  completions.api = "completions";
+  const std::string url = endpoint(completions);
+  const TraceReader samples(samples_dir);
+  TraceWriter out(out_dir, k);
+  ScoreStats stats;
+  struct Request {
+    const Trace* trace;
+    std::vector<int64_t> ids;  // [BOS] + prompt + completion + EOS
+    size_t first;              // the entry that predicts the completion's first token
+  };
+  std::vector<Request> requests;
+  for (const Trace& t : samples.traces()) {
+    if (out.done().contains({t.prompt_id, t.sample})) {
+      ++stats.already_done;
+      continue;
+    }
+    auto it = by_id.find(t.prompt_id);
+    if (t.failed() || t.finish_reason != "stop" || it == by_id.end()) {
+      ++stats.skipped;
+      continue;
+    }
+    Request r{&t, prompt_tokens(tokenizer, *it->second), 0};
+    r.first = r.ids.size();
+    for (int64_t id : tokenizer.encode(t.text)) r.ids.push_back(id);
+    r.ids.push_back(tokenizer.eos_id());
+    requests.push_back(std::move(r));
+  }
+  log_info("on-policy: ", requests.size(), " samples to score at ", url, " (", teacher.concurrency, " at a time)");
+  Progress bar("on-policy: teacher scoring", static_cast<int64_t>(requests.size()), stderr_is_terminal());
+  int64_t finished = 0;
+  auto last_flush = Clock::now();
+  auto tick = [&] {
+    ++finished;
+    if (progress) bar.tick(finished, "");
+    if (Clock::now() - last_flush > std::chrono::seconds(1)) {
+      out.flush();
+      last_flush = Clock::now();
+    }
+  };
+  PoolJobs jobs;
+  jobs.count = requests.size();
+  jobs.body = [&](size_t i) { return scoring_request(teacher, requests[i].ids, k).dump(); };
+  jobs.label = [&](size_t i) {
+    return "prompt " + requests[i].trace->prompt_id + " sample " + std::to_string(requests[i].trace->sample);
+  };
+  jobs.succeeded = [&](size_t i, const std::string& reply) {
+    const Request& r = requests[i];
+    auto records = parse_scoring_reply(tokenizer, reply, r.ids, r.first, k);
+    if (records) {
+      Trace t = *r.trace;
+      t.topk_ids = records->first;
+      t.topk_logprobs = records->second;
+      out.append(t);
+      ++stats.scored;
+    } else {
+      ++stats.topk_dropped;
+    }
+    tick();
+  };
+  jobs.failed = [&](size_t i, const std::string& problem) {
+    log_warn("on-policy: scoring ", jobs.label(i), " failed: ", problem, "; it is left out (a rerun asks again)");
+    ++stats.failed;
+    tick();
+  };
+  jobs.before_stop = [&] { out.flush(); };
+  stats.retried = run_requests(teacher, url, "on-policy scoring", jobs);
+  out.flush();
   if (progress) bar.finish();
   return stats;
 }

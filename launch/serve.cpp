@@ -7,8 +7,9 @@
 //
 //   GET  /health                 {"status": "ok", "running", "queued"}
 //   GET  /v1/models              the one model
-//   POST /v1/completions         prompt (a string), max_tokens, temperature, top_p,
-//                                seed, stop, logprobs (top-k, 0..20), n = 1, stream
+//   POST /v1/completions         prompt (a string, or token ids used as given),
+//                                max_tokens, temperature, top_p, seed, stop,
+//                                logprobs (top-k, 0..20), echo, n = 1, stream
 //   POST /v1/chat/completions    messages (and tools, plus template keywords such as
 //                                enable_thinking) rendered with the model's own chat
 //                                template (data/chat.h) with the assistant's turn
@@ -20,7 +21,12 @@
 // request with a seed is answered as the local teacher answers that seed (up to the
 // rounding of a batched matrix product). Logprobs cover the completion's tokens
 // (not the end-of-sequence token), with the model's distribution at temperature 1
-// like a local teacher's. `stream: true` sends server-sent events (`data: {chunk}`
+// like a local teacher's. A token that is not whole UTF-8 is spelled "bytes:\xNN..."
+// in the completions format (chat gives every token's bytes). `echo: true` returns
+// the prompt before the completion and, with logprobs, the prompt's logprobs first
+// (entry i: token i given those before it; the first entry null), the way
+// lm-evaluation-harness and brigade distill's on-policy stage score a text;
+// max_tokens may then be 0. `stream: true` sends server-sent events (`data: {chunk}`
 // ... `data: [DONE]`), text held back while it could still turn into a stop string
 // or ends inside a UTF-8 character.
 //
@@ -76,6 +82,19 @@ int64_t unix_time() {
   return std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
 }
 
+// Whether `text` is well-formed UTF-8 (no stray or cut multi-byte sequences).
+bool valid_utf8(const std::string& text) {
+  for (size_t i = 0; i < text.size();) {
+    const auto c = static_cast<unsigned char>(text[i]);
+    const size_t need = c < 0x80 ? 1 : (c & 0xE0) == 0xC0 ? 2 : (c & 0xF0) == 0xE0 ? 3 : (c & 0xF8) == 0xF0 ? 4 : 0;
+    if (need == 0 || (need > 1 && c < 0xC2) || i + need > text.size()) return false;
+    for (size_t j = 1; j < need; ++j)
+      if ((static_cast<unsigned char>(text[i + j]) & 0xC0) != 0x80) return false;
+    i += need;
+  }
+  return true;
+}
+
 // Bytes at the end of `text` that begin a UTF-8 character not yet complete.
 size_t incomplete_utf8_tail(const std::string& text) {
   for (size_t back = 1; back <= std::min<size_t>(3, text.size()); ++back) {
@@ -98,6 +117,29 @@ size_t stop_prefix_tail(const std::string& text, const std::vector<std::string>&
         break;
       }
   return hold;
+}
+
+// The model's log-probabilities over a prompt: row i is the distribution of prompt
+// token i + 1 given the tokens before it (temperature 1, no filters).
+struct PromptScores {
+  torch::Tensor topk_ids;       // [tokens - 1, k] int32
+  torch::Tensor topk_logprobs;  // [tokens - 1, k] float32, descending
+  torch::Tensor chosen;         // [tokens - 1] float32: the prompt token's own log-probability
+};
+
+// PromptScores of `prompt` under `model`, over the first `vocab_limit` ids (0: all).
+PromptScores score_prompt(model::Transformer& model, const std::vector<int64_t>& prompt, int64_t k,
+                          int64_t vocab_limit) {
+  torch::NoGradGuard no_grad;
+  const auto device = model->embed_tokens->weight.device();
+  const auto ids = torch::tensor(prompt, torch::kLong);
+  const auto n = ids.size(0) - 1;
+  torch::Tensor logits = model->forward(ids.unsqueeze(0).to(device))[0].narrow(0, 0, n).to(torch::kCPU, torch::kFloat);
+  if (vocab_limit > 0 && vocab_limit < logits.size(1)) logits = logits.narrow(1, 0, vocab_limit);
+  const auto logprobs = torch::log_softmax(logits, -1);
+  auto [values, indices] = logprobs.topk(std::min<int64_t>(k, logprobs.size(1)), -1);
+  return {indices.to(torch::kInt32).contiguous(), values.contiguous(),
+          logprobs.gather(1, ids.narrow(0, 1, n).unsqueeze(1)).squeeze(1).contiguous()};
 }
 
 // One request's tokens, written by the engine thread and read by the request's
@@ -129,10 +171,28 @@ class Channel {
     error = error_;
     return !finished_;  // every token is in `out` by now
   }
+  // The end of a request that decodes nothing (echo with max_tokens 0).
+  void finish() {
+    {
+      std::lock_guard lock(m_);
+      finished_ = true;
+    }
+    cv_.notify_all();
+  }
+  // The prompt's own log-probabilities (echo), set before any token arrives.
+  void set_prompt_scores(PromptScores scores) {
+    std::lock_guard lock(m_);
+    prompt_scores_ = std::move(scores);
+  }
+  PromptScores prompt_scores() {
+    std::lock_guard lock(m_);
+    return prompt_scores_;
+  }
   void cancel() { cancelled_ = true; }
   bool cancelled() const { return cancelled_; }
 
  private:
+  PromptScores prompt_scores_;
   std::mutex m_;
   std::condition_variable cv_;
   std::vector<model::DecodedToken> tokens_;
@@ -159,12 +219,14 @@ class Engine {
   }
 
   // nullptr when --max-queue requests already wait.
-  std::shared_ptr<Channel> submit(std::vector<int64_t> prompt, const model::SamplingOptions& options, uint64_t seed) {
+  // prompt_logprobs > 0: the prompt's top-k log-probabilities first (echo).
+  std::shared_ptr<Channel> submit(std::vector<int64_t> prompt, const model::SamplingOptions& options, uint64_t seed,
+                                  int64_t prompt_logprobs) {
     auto channel = std::make_shared<Channel>();
     {
       std::lock_guard lock(m_);
       if (static_cast<int64_t>(inbox_.size()) + queued_ >= max_queue_) return nullptr;
-      inbox_.push_back({std::move(prompt), options, seed, channel});
+      inbox_.push_back({std::move(prompt), options, seed, prompt_logprobs, channel});
     }
     cv_.notify_all();
     return channel;
@@ -178,6 +240,7 @@ class Engine {
     std::vector<int64_t> prompt;
     model::SamplingOptions options;
     uint64_t seed;
+    int64_t prompt_logprobs;
     std::shared_ptr<Channel> channel;
   };
 
@@ -192,6 +255,12 @@ class Engine {
       }
       for (auto& s : arrived) {
         try {
+          if (s.prompt_logprobs > 0)
+            s.channel->set_prompt_scores(score_prompt(model_, s.prompt, s.prompt_logprobs, s.options.vocab_limit));
+          if (s.options.max_new_tokens == 0) {
+            s.channel->finish();
+            continue;
+          }
           active_[batch_.add(std::move(s.prompt), s.options, s.seed)] = s.channel;
         } catch (const std::exception& e) {
           s.channel->fail(e.what());
@@ -249,6 +318,9 @@ struct Job {
   bool chat = false;
   bool stream = false;
   bool include_usage = false;  // stream_options.include_usage
+  bool echo = false;           // completions: the prompt, and its logprobs, come back before the completion
+  std::string prompt_text;     // what echo returns
+  size_t added_tokens = 0;     // BOS tokens the server put before a text prompt (not in prompt_text)
   std::vector<int64_t> prompt;
   model::SamplingOptions sampling;
   uint64_t seed = 0;
@@ -312,7 +384,7 @@ class Server {
     }
     if (!body.is_object()) throw HttpError{400, "the body is not a JSON object"};
     auto job = std::make_shared<Job>(parse(body, chat));
-    auto channel = engine_.submit(job->prompt, job->sampling, job->seed);
+    auto channel = engine_.submit(job->prompt, job->sampling, job->seed, job->echo ? job->logprobs : 0);
     if (!channel)
       throw HttpError{503, std::to_string(engine_.max_queue()) +
                                " requests are already waiting for a batch row (--max-queue); try again later"};
@@ -355,17 +427,35 @@ class Server {
         prompt += m["content"].get<std::string>();
       }
     } else {
-      auto p = body.find("prompt");
-      if (p != body.end() && p->is_array() && p->size() == 1 && (*p)[0].is_string()) prompt = (*p)[0];
-      else if (p != body.end() && p->is_string()) prompt = *p;
-      else throw HttpError{400, "\"prompt\" must be a string"};
+      // A string, token ids, or a batch of one of either.
+      const nlohmann::json* p = body.contains("prompt") ? &body["prompt"] : nullptr;
+      if (p != nullptr && p->is_array() && p->size() == 1 && ((*p)[0].is_string() || (*p)[0].is_array())) p = &(*p)[0];
+      if (p != nullptr && p->is_string()) {
+        prompt = p->get<std::string>();
+      } else if (p != nullptr && p->is_array() && !p->empty()) {
+        // Token ids, used as given (no BOS added), as OpenAI's API takes them.
+        for (const auto& id : *p) {
+          if (!id.is_number_integer() || id.get<int64_t>() < 0 || id.get<int64_t>() >= tokenizer_->vocab_size())
+            throw HttpError{400, "prompt token " + std::to_string(job.prompt.size()) + " is " + id.dump() +
+                                     "; token ids lie in 0.." + std::to_string(tokenizer_->vocab_size() - 1)};
+          job.prompt.push_back(id.get<int64_t>());
+        }
+        job.prompt_text = tokenizer_->decode(job.prompt);
+      } else {
+        throw HttpError{400, "\"prompt\" must be a string or an array of token ids"};
+      }
     }
     if (job.prompt.empty()) {
       job.prompt = data::sequence_start(*tokenizer_);
+      job.added_tokens = job.prompt.size();
       for (int64_t id : tokenizer_->encode(prompt)) job.prompt.push_back(id);
+      job.prompt_text = prompt;
     }
+    job.echo = !chat && field<bool>(body, "echo", false);
+    if (chat && body.contains("echo")) throw HttpError{400, "\"echo\" is an option of /v1/completions"};
     const auto prompt_tokens = static_cast<int64_t>(job.prompt.size());
-    if (prompt_tokens >= context_)
+    const bool score_only = job.echo && field<int64_t>(body, "max_tokens", 16) == 0;
+    if (prompt_tokens > context_ || (prompt_tokens == context_ && !score_only))
       throw HttpError{400, "the prompt has " + std::to_string(prompt_tokens) + " tokens; the model's context is " +
                                std::to_string(context_) + " tokens (model.max_seq_len)"};
     if (field<int64_t>(body, "n", 1) != 1) throw HttpError{400, "only n = 1 is supported"};
@@ -380,7 +470,8 @@ class Server {
     const bool asked = body.contains("max_tokens") || body.contains("max_completion_tokens");
     sampling.max_new_tokens = field<int64_t>(body, "max_tokens", chat ? limit : std::min<int64_t>(16, limit));
     sampling.max_new_tokens = field<int64_t>(body, "max_completion_tokens", sampling.max_new_tokens);
-    if (sampling.max_new_tokens < 1) throw HttpError{400, "\"max_tokens\" must be >= 1"};
+    if (sampling.max_new_tokens < (job.echo ? 0 : 1))
+      throw HttpError{400, job.echo ? "\"max_tokens\" must be >= 0" : "\"max_tokens\" must be >= 1 (0 with \"echo\")"};
     if (asked && sampling.max_new_tokens > limits_.max_tokens)
       throw HttpError{400, "\"max_tokens\" is " + std::to_string(sampling.max_new_tokens) +
                                "; this server allows " + std::to_string(limits_.max_tokens) + " (--max-tokens)"};
@@ -399,6 +490,7 @@ class Server {
     }
     if (job.logprobs < 0 || job.logprobs > 20) throw HttpError{400, "logprobs must be in 0..20"};
     if (job.stream && job.logprobs > 0) throw HttpError{400, "logprobs are not supported with \"stream\": true"};
+    if (job.stream && job.echo) throw HttpError{400, "\"echo\" is not supported with \"stream\": true"};
     sampling.logprobs = job.logprobs;
     if (auto s = body.find("stop"); s != body.end() && !s->is_null()) {
       if (s->is_string()) job.stop.push_back(*s);
@@ -466,8 +558,10 @@ class Server {
     while (more) advance(job, channel, p, more);
     nlohmann::json choice = {{"index", 0}, {"finish_reason", *p.finish}};
     if (job.chat) choice["message"] = {{"role", "assistant"}, {"content", p.text}};
-    else choice["text"] = p.text;
-    choice["logprobs"] = job.logprobs > 0 ? logprob_json(p, job.chat) : nlohmann::json(nullptr);
+    else choice["text"] = job.echo ? job.prompt_text + p.text : p.text;
+    if (job.logprobs == 0) choice["logprobs"] = nullptr;
+    else if (job.echo) choice["logprobs"] = logprob_json(job, p, channel.prompt_scores());
+    else choice["logprobs"] = logprob_json(job, p, std::nullopt);
     return {{"id", id_of(job)},
             {"object", job.chat ? "chat.completion" : "text_completion"},
             {"created", unix_time()},
@@ -556,9 +650,26 @@ class Server {
     return bytes;
   }
 
-  // OpenAI's logprobs objects for the first `kept` generated tokens. The chosen
-  // token's own logprob is known when it is among the top-k (null otherwise).
-  nlohmann::json logprob_json(const Progress& p, bool chat) const {
+  // A token as the completions format spells it: its text, or "bytes:\xNN..." for
+  // a token that is not whole UTF-8 (a JSON string cannot carry its bytes, and the
+  // replacement character would make distinct tokens one key).
+  std::string completion_token_text(int64_t id) const {
+    const std::string text = token_text(id);
+    if (valid_utf8(text)) return text;
+    std::string escaped = "bytes:";
+    for (unsigned char c : text) {
+      char hex[5];
+      std::snprintf(hex, sizeof hex, "\\x%02x", c);
+      escaped += hex;
+    }
+    return escaped;
+  }
+
+  // OpenAI's logprobs objects for the first `kept` generated tokens, after the
+  // prompt's own when it is echoed (completions). The chosen token's own logprob is
+  // known when it is among the top-k (null otherwise); the prompt's first token has
+  // none (nothing comes before it).
+  nlohmann::json logprob_json(const Job& job, const Progress& p, const std::optional<PromptScores>& prompt) const {
     auto top = [&](int64_t pos) {
       const auto& t = p.tokens[static_cast<size_t>(pos)];
       std::vector<std::pair<int64_t, float>> out;
@@ -572,7 +683,7 @@ class Server {
         if (id == p.ids[static_cast<size_t>(pos)]) return lp;
       return nullptr;
     };
-    if (chat) {
+    if (job.chat) {
       nlohmann::json content = nlohmann::json::array();
       for (int64_t pos = 0; pos < p.kept; ++pos) {
         nlohmann::json alternatives = nlohmann::json::array();
@@ -587,15 +698,37 @@ class Server {
     nlohmann::json tokens = nlohmann::json::array(), token_logprobs = nlohmann::json::array(),
                    top_logprobs = nlohmann::json::array(), offsets = nlohmann::json::array();
     size_t offset = 0;
-    for (int64_t pos = 0; pos < p.kept; ++pos) {
-      const std::string text = token_text(p.ids[static_cast<size_t>(pos)]);
-      tokens.push_back(text);
-      token_logprobs.push_back(chosen_logprob(pos));
-      offsets.push_back(offset);
-      offset += text.size();
-      nlohmann::json alternatives = nlohmann::json::object();
-      for (const auto& [id, lp] : top(pos)) alternatives[token_text(id)] = lp;
+    // Offsets index the returned text; a BOS the server added is not in it.
+    auto add = [&](int64_t id, const nlohmann::json& logprob, const nlohmann::json& alternatives, bool in_text) {
+      tokens.push_back(completion_token_text(id));
+      token_logprobs.push_back(logprob);
       top_logprobs.push_back(alternatives);
+      offsets.push_back(offset);
+      if (in_text) offset += token_text(id).size();
+    };
+    if (prompt) {
+      const auto n = static_cast<int64_t>(job.prompt.size());
+      const int64_t k = prompt->topk_ids.size(1);
+      const auto* ids = prompt->topk_ids.data_ptr<int32_t>();
+      const auto* lps = prompt->topk_logprobs.data_ptr<float>();
+      const auto* chosen = prompt->chosen.data_ptr<float>();
+      for (int64_t pos = 0; pos < n; ++pos) {
+        const bool in_text = static_cast<size_t>(pos) >= job.added_tokens;
+        if (pos == 0) {
+          add(job.prompt[0], nullptr, nullptr, in_text);
+          continue;
+        }
+        nlohmann::json alternatives = nlohmann::json::object();
+        for (int64_t j = 0; j < k; ++j) alternatives[completion_token_text(ids[(pos - 1) * k + j])] = lps[(pos - 1) * k + j];
+        add(job.prompt[static_cast<size_t>(pos)], chosen[pos - 1], alternatives, in_text);
+      }
+      // The echoed text is the prompt as sent; the offsets of the completion follow it.
+      offset = job.prompt_text.size();
+    }
+    for (int64_t pos = 0; pos < p.kept; ++pos) {
+      nlohmann::json alternatives = nlohmann::json::object();
+      for (const auto& [id, lp] : top(pos)) alternatives[completion_token_text(id)] = lp;
+      add(p.ids[static_cast<size_t>(pos)], chosen_logprob(pos), alternatives, true);
     }
     return {{"tokens", tokens}, {"token_logprobs", token_logprobs}, {"top_logprobs", top_logprobs},
             {"text_offset", offsets}};

@@ -101,6 +101,61 @@ TEST(RemoteTeacher, ChatRepliesUseTheCandidatesBytes) {
   EXPECT_EQ(t.completion_tokens, 1);  // no usage: the positions with logprobs
 }
 
+TEST(RemoteTeacher, ScoringEchoesTheStudentsIdsAndReadsThePromptLogprobs) {
+  Fixture f;
+  f.teacher.extra_body = R"({"echo": false, "repeat_penalty": 1.0})";
+  // [BOS] "Q" | completion "a", "\xc3" | EOS: entries 2..4 are the records.
+  const std::vector<int64_t> ids = {f.tokenizer.bos_id(), 'Q', 'a', 0xc3, f.tokenizer.eos_id()};
+  const auto request = scoring_request(f.teacher, ids, 2);
+  EXPECT_EQ(request["prompt"], nlohmann::json(ids));
+  EXPECT_EQ(request["echo"], true);  // extra_body cannot turn off what scoring needs
+  EXPECT_EQ(request["repeat_penalty"], 1.0);
+  EXPECT_EQ(request["logprobs"], 2);
+  EXPECT_EQ(request["max_tokens"], 1);
+  EXPECT_EQ(request["model"], "m");
+
+  nlohmann::json tokens = {"<|bos|>", "Q", "a", "bytes:\\xc3", "<|eos|>", "x"};
+  nlohmann::json top = {nullptr,
+                        {{"Q", -0.1}},
+                        {{"b", -1.0}, {"a", -0.5}, {"bytes:\\xc4", -2.0}},  // three: the top two are kept
+                        {{"bytes:\\xc3", -0.2}, {"<|eos|>", -3.0}},
+                        {{"<|eos|>", -0.01}, {"\n", -5.0}},
+                        {{"x", -0.1}, {"y", -0.2}}};  // the new token's: not used
+  auto reply = [&] {
+    return nlohmann::json{{"choices", {{{"text", "Qa"}, {"logprobs", {{"tokens", tokens}, {"top_logprobs", top}}}}}}}.dump();
+  };
+  auto records = parse_scoring_reply(f.tokenizer, reply(), ids, 2, 2);
+  ASSERT_TRUE(records.has_value());
+  const auto& [top_ids, logprobs] = *records;
+  ASSERT_EQ(top_ids.size(0), 3);
+  EXPECT_EQ(top_ids[0][0].item<int>(), 'a');
+  EXPECT_EQ(top_ids[0][1].item<int>(), 'b');
+  EXPECT_FLOAT_EQ(logprobs[0][1].item<float>(), -1.0f);
+  EXPECT_EQ(top_ids[1][0].item<int>(), 0xc3);  // the escaped byte token
+  EXPECT_EQ(top_ids[1][1].item<int64_t>(), f.tokenizer.eos_id());
+  EXPECT_EQ(top_ids[2][0].item<int64_t>(), f.tokenizer.eos_id());
+  EXPECT_EQ(top_ids[2][1].item<int>(), '\n');
+
+  // A position with fewer than k candidates: no records (counted by the caller).
+  top[3] = {{"bytes:\\xc3", -0.2}};
+  EXPECT_FALSE(parse_scoring_reply(f.tokenizer, reply(), ids, 2, 2).has_value());
+  // A server that does not echo the prompt's logprobs, or echoes other tokens, is unusable.
+  tokens = {"x"};
+  EXPECT_THROW(parse_scoring_reply(f.tokenizer, reply(), ids, 2, 2), UnusableReply);
+  tokens = {"<|bos|>", "Q", "A", "bytes:\\xc3", "<|eos|>", "x"};
+  try {
+    parse_scoring_reply(f.tokenizer, reply(), ids, 2, 2);
+    ADD_FAILURE() << "another vocabulary must stop the stage";
+  } catch (const UnusableReply& e) {
+    EXPECT_NE(std::string(e.what()).find("prompt token 2 (student id 97, \"a\") came back as \"A\""), std::string::npos)
+        << e.what();
+  }
+  // Not the API's JSON: an Error, retried.
+  EXPECT_THROW(parse_scoring_reply(f.tokenizer, "{\"choices\": 3}", ids, 2, 2), Error);
+  EXPECT_EQ(token_bytes_from_text("bytes:\\x41\\xff"), "A\xff");
+  EXPECT_EQ(token_bytes_from_text("bytes:x"), "bytes:x");  // not an escape: the text itself
+}
+
 TEST(RemoteTeacher, StopStringsCutTheText) {
   Fixture f;
   f.options.stop = {"\\boxed", "###"};

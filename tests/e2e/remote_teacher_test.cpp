@@ -13,7 +13,12 @@
 #include <nlohmann/json.hpp>
 
 #include "core/fs.h"
+#include "distill/onpolicy.h"
+#include "distill/prompts.h"
+#include "distill/remote.h"
 #include "distill/traces.h"
+#include "launch/commands.h"
+#include "recipes/build.h"
 #include "tests/testing.h"
 
 namespace brigade {
@@ -117,10 +122,15 @@ TEST(CliDistillRemote, BrigadeServeAnswersLikeTheLocalTeacher) {
     EXPECT_NE(unset.exit_code, 0);
     EXPECT_NE(unset.output.find("BRIGADE_TEST_CLIENT_KEY, which is not set"), std::string::npos) << unset.output;
 
+    // One on-policy round, scored by the server through /v1/completions whatever the api.
     auto r = run_command("env BRIGADE_TEST_CLIENT_KEY=" + key + " " + std::string(BRIGADE_BINARY) + " " + remote +
-                         " --set distill.kd.loss=forward_kl --set trainer.max_steps=5");
+                         " --set distill.kd.loss=forward_kl --set trainer.max_steps=5 --set distill.onpolicy.rounds=1"
+                         " --set distill.onpolicy.steps_per_round=2 --set distill.onpolicy.prompts_per_round=6"
+                         " --set distill.onpolicy.samples=1 --set distill.onpolicy.topk=8 --set distill.onpolicy.lambda=0.5");
     ASSERT_EQ(r.exit_code, 0) << r.output;
-    EXPECT_NE(r.output.find("| student (SFT + KD forward_kl) |"), std::string::npos) << r.output;
+    EXPECT_NE(r.output.find("| student (SFT + KD forward_kl + on-policy reverse_kl) |"), std::string::npos) << r.output;
+    EXPECT_NE(r.output.find("onpolicy: round_000: the teacher scored"), std::string::npos) << r.output;
+    EXPECT_NE(r.output.find(" 0 failed requests"), std::string::npos) << r.output;
     const fs::path work = run / "distill";
     const auto remote_traces = by_sample(lines(work / "generate" / "traces.jsonl"));
     ASSERT_EQ(remote_traces.size(), 12u);
@@ -144,6 +154,46 @@ TEST(CliDistillRemote, BrigadeServeAnswersLikeTheLocalTeacher) {
     EXPECT_EQ(build["kd_documents"].get<int64_t>(), build["documents"].get<int64_t>());
     EXPECT_FALSE(leaks(run, r.output + refused.output, key));
   }
+
+  // On-policy scoring of the same samples: the server's echoed prompt logprobs are
+  // the local teacher's records (byte tokens outside UTF-8 and special tokens among
+  // the candidates included).
+  const auto prompts = distill::read_prompts(dir / "prompts.jsonl").prompts;
+  auto loaded = launch::load_model(dir / "teacher", {});
+  const auto tokenizer = recipes::make_tokenizer(loaded.recipe.data.tokenizer);
+  const fs::path samples = dir / "local" / "distill" / "generate";
+  const int64_t k = 12;
+  const auto local_stats = distill::score_with_teacher(loaded.model, *tokenizer, prompts, samples, k, 4, dir / "scored_local");
+  distill::TeacherOptions options;
+  options.url = "http://127.0.0.1:" + port + "/v1";
+  options.api = "chat";
+  options.api_key_env = "BRIGADE_TEST_SCORE_KEY";
+  ::setenv("BRIGADE_TEST_SCORE_KEY", key.c_str(), 1);
+  const auto remote_stats =
+      distill::score_with_teacher_remote(options, *tokenizer, prompts, samples, k, dir / "scored_remote", false);
+  EXPECT_GT(local_stats.scored, 0);
+  EXPECT_EQ(remote_stats.scored, local_stats.scored);
+  EXPECT_EQ(remote_stats.topk_dropped + remote_stats.failed + remote_stats.retried, 0);
+  const distill::TraceReader want_store(dir / "scored_local"), got_store(dir / "scored_remote");
+  std::map<std::pair<std::string, int64_t>, const distill::Trace*> got_by_sample;
+  for (const auto& t : got_store.traces()) got_by_sample[{t.prompt_id, t.sample}] = &t;
+  int64_t positions = 0;
+  for (const auto& want : want_store.traces()) {
+    SCOPED_TRACE(want.prompt_id + " " + std::to_string(want.sample));
+    ASSERT_TRUE(got_by_sample.contains({want.prompt_id, want.sample}));
+    const auto& got = *got_by_sample[{want.prompt_id, want.sample}];
+    ASSERT_TRUE(got.topk_ids.sizes() == want.topk_ids.sizes());
+    EXPECT_TRUE(torch::allclose(got.topk_logprobs, want.topk_logprobs, 0, 1e-5));
+    // The same candidates, rank by rank, except where two of them tie within rounding.
+    const auto values = want.topk_logprobs;
+    const auto tied = torch::zeros_like(values, torch::kBool);
+    tied.narrow(1, 0, k - 1).logical_or_((values.narrow(1, 0, k - 1) - values.narrow(1, 1, k - 1)).abs() < 1e-5);
+    tied.narrow(1, 1, k - 1).logical_or_((values.narrow(1, 0, k - 1) - values.narrow(1, 1, k - 1)).abs() < 1e-5);
+    EXPECT_TRUE(torch::all((got.topk_ids == want.topk_ids).logical_or(tied)).item<bool>());
+    positions += want.topk_ids.size(0);
+  }
+  std::cout << "[ measured ] on-policy scoring through brigade serve: " << local_stats.scored << " samples, "
+            << positions << " positions of top-" << k << " equal to the local teacher's\n";
   EXPECT_TRUE(server.running()) << read_file(dir / "serve.log");
 }
 
@@ -347,6 +397,21 @@ TEST(CliServe, ContinuousBatchingStreamingAndBounds) {
     expect_400("body", "4096 at most (--max-body-bytes)");
     expect_400("stream_logprobs", "not supported with \\\"stream\\\"");
     expect_400("not_json", "the body is not JSON");
+    expect_400("echo_stream", "\\\"echo\\\" is not supported with \\\"stream\\\"");
+    expect_400("echo_chat", "\\\"echo\\\" is an option of /v1/completions");
+    expect_400("token_range", "prompt token 2 is 99999; token ids lie in 0..");
+    expect_400("max_tokens_zero", "must be >= 1 (0 with \\\"echo\\\")");
+    // echo with max_tokens 0 scores the prompt alone: BOS + its bytes, every entry but
+    // the first with 3 candidates, offsets indexing the echoed text.
+    const auto& echo = r["echo"];
+    const std::string prompt7 = "Problem: 7+10*2-3\n";
+    EXPECT_EQ(echo["scored_text"], prompt7);
+    EXPECT_EQ(echo["scored_finish"], "length");
+    EXPECT_EQ(echo["scored_tokens"].get<size_t>(), prompt7.size() + 1);
+    EXPECT_TRUE(echo["scored_first"].is_null());
+    EXPECT_EQ(echo["scored_sizes"], nlohmann::json::array({3}));
+    EXPECT_EQ(echo["scored_offsets_end"].get<size_t>(), prompt7.size());
+    EXPECT_EQ(echo["text"].get<std::string>(), prompt7 + r["plain"]["text"].get<std::string>());
   }
   // One row and one waiting place: of 8 simultaneous requests some are refused
   // with a 503 naming --max-queue; every other one is answered in full.

@@ -88,7 +88,21 @@ def check():
     report["stop"] = stop
     report["stop_plain"] = completion({**greedy[7], "stop": [stop]})["text"]
     report["stop_streamed"] = stream("/completions", {**greedy[7], "stop": [stop]})
+    # echo: the prompt comes back first, with its logprobs (the first token has none).
+    scored = completion({"prompt": prompts[7], "echo": True, "logprobs": 3, "max_tokens": 0})
+    echoed = completion({**greedy[7], "echo": True, "logprobs": 2})
+    report["echo"] = {
+        "scored_text": scored["text"], "scored_finish": scored["finish_reason"],
+        "scored_tokens": len(scored["logprobs"]["tokens"]), "scored_first": scored["logprobs"]["top_logprobs"][0],
+        "scored_sizes": sorted({len(t) for t in scored["logprobs"]["top_logprobs"][1:]}),
+        "scored_offsets_end": scored["logprobs"]["text_offset"][-1] + len(scored["logprobs"]["tokens"][-1]),
+        "text": echoed["text"], "tokens": len(echoed["logprobs"]["tokens"]),
+    }
     bad = {}
+    bad["echo_stream"] = post("/completions", {"prompt": prompts[0], "stream": True, "echo": True})
+    bad["echo_chat"] = post("/chat/completions", {**chat, "echo": True})
+    bad["token_range"] = post("/completions", {"prompt": [1, 2, 99999]})
+    bad["max_tokens_zero"] = post("/completions", {"prompt": prompts[0], "max_tokens": 0})
     bad["max_tokens"] = post("/completions", {"prompt": prompts[0], "max_tokens": 100000})
     bad["context"] = post("/completions", {"prompt": prompts[0], "max_tokens": 120})
     bad["body"] = post("/completions", None, raw=json.dumps({"prompt": "x" * 5000}).encode())
