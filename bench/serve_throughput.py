@@ -14,6 +14,11 @@ client threads send --requests greedy /v1/completions requests (arithmetic
 prompts, max_tokens --max-tokens) in all; requests/s and completion tokens/s are
 counted over the wall time, and every request must come back 200 with its text
 (nothing lost). The servers answer one at a time (one warm-up request first).
+
+Then brigade's own remote-teacher client, as `brigade distill` uses it: the generate
+stage (`--stage generate`, distill.teacher.concurrency C, one greedy sample per
+prompt) against each server, requests/s over the process's wall time (start-up
+included), every sample stored without error.
 """
 
 import argparse
@@ -87,6 +92,29 @@ def load(url, prompts, concurrency, max_tokens, extra):
     return wall, len(ok), sum(r[2] for r in ok), [r[1] for r in results]
 
 
+def brigade_client(url, extra, prompts, concurrency, max_tokens, run_dir):
+    """`brigade distill --stage generate` against `url`: (wall seconds, samples stored without error)."""
+    run_dir.mkdir(parents=True)
+    with open(run_dir / "prompts.jsonl", "w") as f:
+        for i, p in enumerate(prompts):
+            f.write(json.dumps({"id": f"p{i}", "prompt": p}) + "\n")
+    cmd = [str(BRIGADE), "distill", str(REPO / "recipes" / "distill-arith.yaml"), "--stage", "generate",
+           "--run-dir", str(run_dir / "run"), "--set", f"distill.prompts={run_dir / 'prompts.jsonl'}",
+           "--set", f"distill.teacher.url={url}", "--set", f"distill.teacher.concurrency={concurrency}",
+           "--set", "distill.generate.samples=1", "--set", "distill.generate.temperature=0",
+           "--set", f"distill.generate.max_new_tokens={max_tokens}"]
+    if extra:
+        cmd += ["--set", "distill.teacher.extra_body=" + json.dumps(extra)]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        sys.exit(f"brigade distill failed:\n{done.stdout[-3000:]}")
+    traces = run_dir / "run" / "distill" / "generate" / "traces.jsonl"
+    stored = [json.loads(line) for line in traces.read_text().splitlines() if line.strip()]
+    return wall, sum(t.get("finish_reason") != "error" for t in stored)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--concurrency", default="1,8,32")
@@ -122,6 +150,7 @@ def main():
                                        f"http://127.0.0.1:{p2}/v1", {"repeat_penalty": 1.0})
         rows = {}
         texts = {}
+        client = {}
         for name, (cmd, url, extra) in servers.items():
             log = tmp / (name.split()[0] + ".log")
             with open(log, "w") as f:
@@ -133,6 +162,9 @@ def main():
                     wall, ok, tokens, out = load(url, prompts, c, args.max_tokens, extra)
                     rows[(name, c)] = (wall, ok, tokens)
                     texts[(name, c)] = out
+                for c in levels:
+                    client[(name, c)] = brigade_client(url, extra, prompts, c, args.max_tokens,
+                                                       tmp / f"client_{name.split()[0]}_{c}")
             finally:
                 proc.terminate()
                 proc.wait()
@@ -150,7 +182,15 @@ def main():
             print(f"| {c} | {name} | {ok / wall:.2f} | {tokens / wall:.1f} | {ok}/{args.requests} | {ratio} |")
     same = sum(a == b for a, b in zip(texts[("brigade serve", levels[0])], texts[("llama.cpp server", levels[0])]))
     print(f"greedy texts identical between the servers at concurrency {levels[0]}: {same}/{args.requests}")
-    lost = sum(args.requests - rows[k][1] for k in rows)
+    print()
+    print("brigade's remote-teacher client (`brigade distill --stage generate`, start-up included)")
+    print("| concurrency | server | requests/s | stored without error |")
+    print("|---|---|---|---|")
+    for c in levels:
+        for name in servers:
+            wall, ok = client[(name, c)]
+            print(f"| {c} | {name} | {ok / wall:.2f} | {ok}/{args.requests} |")
+    lost = sum(args.requests - rows[k][1] for k in rows) + sum(args.requests - client[k][1] for k in client)
     if lost:
         sys.exit(f"{lost} requests lost")
 
