@@ -507,10 +507,15 @@ std::vector<moe::MoELayer> TransformerImpl::moe_layers() const {
   return out;
 }
 
-torch::Tensor TransformerImpl::aux_loss() const {
+torch::Tensor TransformerImpl::aux_loss() const { return aux_loss(0, options_.n_layers); }
+
+torch::Tensor TransformerImpl::aux_loss(int64_t first, int64_t last) const {
+  const auto all = blocks();  // the main blocks, then the MTP modules'
+  const auto end = last == options_.n_layers ? static_cast<int64_t>(all.size()) : last;
   torch::Tensor total;
-  for (const auto& layer : moe_layers()) {
-    auto loss = layer->aux_loss();
+  for (int64_t j = first; j < end; ++j) {
+    if (!all[static_cast<size_t>(j)]->moe) continue;
+    auto loss = all[static_cast<size_t>(j)]->moe->aux_loss();
     if (loss.defined()) total = total.defined() ? total + loss : loss;
   }
   return total;

@@ -217,6 +217,9 @@ class TransformerImpl : public torch::nn::Module {
   std::vector<moe::MoELayer> moe_layers() const;
   // Sum of the MoE auxiliary losses of the last training forward; undefined when none.
   torch::Tensor aux_loss() const;
+  // The same over blocks [first, last) (and the MTP modules' when last is n_layers):
+  // a pipeline chunk's, whose other blocks may hold an earlier forward's.
+  torch::Tensor aux_loss(int64_t first, int64_t last) const;
   // Closing an optimizer step in every MoE layer, in two halves so the statistics
   // join the step's one host read: moe_step_stats() combines the layers' counters
   // over `group` ([MoE layers, 5] float64 on the device, MoELayerImpl::step_stats();

@@ -40,6 +40,14 @@ void ParallelOptions::validate() const {
   BRIGADE_CHECK(zero_stage >= 0 && zero_stage <= 3, "parallel.zero_stage must be 0, 1, 2 or 3, got ", zero_stage);
   BRIGADE_CHECK(pipeline_parallel >= 1, "parallel.pipeline_parallel must be >= 1, got ", pipeline_parallel);
   BRIGADE_CHECK(expert_parallel >= 1, "parallel.expert_parallel must be >= 1, got ", expert_parallel);
+  BRIGADE_CHECK(pp_virtual_stages >= 0, "parallel.pp_virtual_stages must be >= 0, got ", pp_virtual_stages);
+  if (pp_schedule == PipelineSchedule::kInterleaved1F1B) {
+    BRIGADE_CHECK(pp_virtual_stages != 1, "parallel.pp_virtual_stages is 1: interleaved_1f1b needs at least 2 chunks ",
+                  "per rank (or use pp_schedule 1f1b)");
+  } else {
+    BRIGADE_CHECK(pp_virtual_stages <= 1, "parallel.pp_virtual_stages is ", pp_virtual_stages,
+                  " but parallel.pp_schedule is ", to_string(pp_schedule), ": model chunks per rank need interleaved_1f1b");
+  }
 }
 
 }  // namespace brigade::parallel

@@ -11,6 +11,7 @@ std::string to_string(PipelineSchedule schedule) {
   switch (schedule) {
     case PipelineSchedule::kGpipe: return "gpipe";
     case PipelineSchedule::k1F1B: return "1f1b";
+    case PipelineSchedule::kInterleaved1F1B: return "interleaved_1f1b";
   }
   return "?";
 }
@@ -18,14 +19,44 @@ std::string to_string(PipelineSchedule schedule) {
 PipelineSchedule parse_pipeline_schedule(const std::string& name) {
   if (name == "gpipe") return PipelineSchedule::kGpipe;
   if (name == "1f1b") return PipelineSchedule::k1F1B;
-  BRIGADE_FAIL("unknown pipeline schedule '", name, "' (expected gpipe or 1f1b)");
+  if (name == "interleaved_1f1b") return PipelineSchedule::kInterleaved1F1B;
+  BRIGADE_FAIL("unknown pipeline schedule '", name, "' (expected gpipe, 1f1b or interleaved_1f1b)");
 }
 
-std::vector<PipelineAction> pipeline_schedule(PipelineSchedule schedule, int stages, int stage, int64_t micro_batches) {
-  BRIGADE_ASSERT(stages >= 1 && stage >= 0 && stage < stages && micro_batches >= 1, "pipeline schedule for stage ",
-                 stage, " of ", stages, " with ", micro_batches, " micro-batches");
+std::vector<PipelineAction> pipeline_schedule(PipelineSchedule schedule, int stages, int stage, int64_t micro_batches,
+                                              int chunks) {
+  BRIGADE_ASSERT(stages >= 1 && stage >= 0 && stage < stages && micro_batches >= 1 && chunks >= 1,
+                 "pipeline schedule for stage ", stage, " of ", stages, " with ", micro_batches, " micro-batches");
   using Kind = PipelineAction::Kind;
   std::vector<PipelineAction> out;
+  if (schedule == PipelineSchedule::kInterleaved1F1B) {
+    BRIGADE_CHECK(chunks >= 2, "parallel.pp_schedule=interleaved_1f1b needs parallel.pp_virtual_stages >= 2, got ",
+                  chunks);
+    BRIGADE_CHECK(micro_batches % stages == 0, "parallel.pp_schedule=interleaved_1f1b needs the micro-batches per ",
+                  "step (trainer.grad_accum_steps = ", micro_batches, ") to be a multiple of ",
+                  "parallel.pipeline_parallel (", stages, ")");
+    const int64_t group = static_cast<int64_t>(stages) * chunks;  // micro-batch steps of one round of chunks
+    const int64_t total = micro_batches * chunks;
+    // Forward step k: P micro-batches through chunk 0, the same P through chunk 1, ...
+    auto at = [&](int64_t k, bool forward) {
+      const int64_t round = k / group, within = k % group;
+      const int chunk = static_cast<int>(within / stages);
+      return PipelineAction{forward ? Kind::kForward : Kind::kBackward, round * stages + within % stages,
+                            forward ? chunk : chunks - 1 - chunk};
+    };
+    const int64_t warmup = micro_batches == stages
+                               ? total
+                               : std::min<int64_t>(total, static_cast<int64_t>(stages - stage - 1) * 2 +
+                                                              static_cast<int64_t>(chunks - 1) * stages);
+    for (int64_t k = 0; k < warmup; ++k) out.push_back(at(k, true));
+    for (int64_t k = 0; k + warmup < total; ++k) {
+      out.push_back(at(k + warmup, true));
+      out.push_back(at(k, false));
+    }
+    for (int64_t k = total - warmup; k < total; ++k) out.push_back(at(k, false));
+    return out;
+  }
+  BRIGADE_CHECK(chunks == 1, "parallel.pp_virtual_stages (", chunks, ") needs parallel.pp_schedule=interleaved_1f1b");
   const int64_t warmup =
       schedule == PipelineSchedule::kGpipe ? micro_batches : std::min<int64_t>(stages - stage - 1, micro_batches);
   int64_t forward = 0, backward = 0;
@@ -36,6 +67,11 @@ std::vector<PipelineAction> pipeline_schedule(PipelineSchedule schedule, int sta
   }
   while (backward < micro_batches) out.push_back({Kind::kBackward, backward++});
   return out;
+}
+
+double theoretical_bubble(int stages, int64_t micro_batches, int chunks) {
+  const double idle = stages - 1;
+  return idle / (static_cast<double>(chunks) * static_cast<double>(micro_batches) + idle);
 }
 
 int64_t max_in_flight(const std::vector<PipelineAction>& actions) {

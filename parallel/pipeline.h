@@ -7,9 +7,20 @@
 //   gpipe  every forward, then every backward: M micro-batches' activations kept
 //   1f1b   P - s - 1 forwards to fill the pipe, then one forward and one backward
 //          in turn, then the remaining backwards: at most P - s kept on stage s
+//   interleaved_1f1b  (Megatron-LM's interleaved schedule, Narayanan et al. 2021)
+//          the blocks are split into P x V chunks and rank s holds chunks s, s + P,
+//          ..., s + (V - 1) P (V = parallel.pp_virtual_stages), so a micro-batch
+//          passes every rank V times. Forwards go through the ranks' chunks in
+//          groups of P micro-batches: (P - s - 1) x 2 + (V - 1) x P of them fill the
+//          pipe, then one forward and one backward in turn, then the remaining
+//          backwards (last chunk first). Each chunk is 1/V of a stage, so the
+//          bubble shrinks from (P - 1) / (M + P - 1) to (P - 1) / (V M + P - 1) of
+//          the step, for more activations in flight (counted in chunks: at most
+//          that fill + 1 on rank s) and V times the messages. M must be a multiple
+//          of P.
 //
-// Backwards run in micro-batch order on every schedule, so each parameter's
-// gradients are added in the canonical order of parallel/ordered_sum.h.
+// Backwards of a chunk run in micro-batch order on every schedule, so each
+// parameter's gradients are added in the canonical order of parallel/ordered_sum.h.
 #pragma once
 
 #include <cstdint>
@@ -19,18 +30,26 @@
 
 namespace brigade::parallel {
 
-enum class PipelineSchedule { kGpipe, k1F1B };
+enum class PipelineSchedule { kGpipe, k1F1B, kInterleaved1F1B };
 std::string to_string(PipelineSchedule schedule);
 PipelineSchedule parse_pipeline_schedule(const std::string& name);
 
 struct PipelineAction {
   enum class Kind { kForward, kBackward } kind = Kind::kForward;
   int64_t micro = 0;
+  int chunk = 0;  // which of the rank's chunks (0 .. V - 1): model chunk chunk x P + stage
   bool operator==(const PipelineAction&) const = default;
 };
 
 // Stage `stage` of `stages`: its actions for `micro_batches` micro-batches, in order.
-std::vector<PipelineAction> pipeline_schedule(PipelineSchedule schedule, int stages, int stage, int64_t micro_batches);
+// `chunks` (V) is 1 except for interleaved_1f1b, where it is at least 2 and
+// micro_batches must be a multiple of `stages` (an Error naming the keys).
+std::vector<PipelineAction> pipeline_schedule(PipelineSchedule schedule, int stages, int stage, int64_t micro_batches,
+                                              int chunks = 1);
+
+// The bubble a schedule leaves when every chunk's forward takes the same time and
+// its backward twice that, as a fraction of the step: (P - 1) / (V M + P - 1).
+double theoretical_bubble(int stages, int64_t micro_batches, int chunks = 1);
 
 // The most micro-batches whose forward ran and whose backward has not, over the actions.
 int64_t max_in_flight(const std::vector<PipelineAction>& actions);

@@ -157,6 +157,11 @@ void ParallelState::end_micro_batch(bool last) {
   if (!last) micro_grads_->stash();
 }
 
+void ParallelState::end_micro_batch(bool last, const std::vector<size_t>& only) {
+  BRIGADE_ASSERT(options_.zero_stage <= 1, "a partial micro-batch backward at ZeRO stage ", options_.zero_stage);
+  if (!last) micro_grads_->stash(only);
+}
+
 ReduceStats ParallelState::finish_gradients() {
   micro_grads_->finish_all();  // what no reducer folded in
   if (!reducer_) return {};

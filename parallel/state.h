@@ -113,6 +113,10 @@ class ParallelState {
   // order of parallel/ordered_sum.h).
   void begin_micro_batch(bool last);
   void end_micro_batch(bool last);
+  // The same for a backward that reached only the attached parameters `only` (an
+  // interleaved pipeline's chunk): just theirs are set aside, so each parameter's
+  // sum keeps one term per micro-batch. ZeRO stages 0 and 1 only.
+  void end_micro_batch(bool last, const std::vector<size_t>& only);
   // After the last backward: gradients summed over the ranks.
   ReduceStats finish_gradients();
   // The squared L2 norm of the summed gradients, float64 [1] on the device; a

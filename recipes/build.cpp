@@ -137,6 +137,7 @@ std::unique_ptr<trainer::Trainer> build_trainer(const Recipe& r, const std::file
   context.pipeline_parallel = r.parallel.pipeline_parallel;
   context.pp_schedule = r.parallel.pp_schedule;
   context.pp_layers = r.parallel.pp_layers;
+  context.pp_virtual_stages = r.parallel.pp_virtual_stages;
   try {
     trainer::PlanOptions layout;
     layout.gpus = data_parallel ? data_parallel->size() : 1;

@@ -90,8 +90,18 @@ std::vector<int64_t> pipeline_boundaries(const model::TransformerOptions& o, con
   const auto all = model::count_parameters(o);
   const int64_t embedding = all.embedding;
   const int64_t head = o.vocab_size * o.d_model + o.d_model;  // the final norm and the head (a copy when tied)
+  // interleaved_1f1b: P x V chunks, chunk c on rank c mod P.
+  const int64_t chunks = p.pipeline_parallel * p.pp_chunks();
+  if (chunks > p.pipeline_parallel) {
+    BRIGADE_CHECK(chunks <= o.n_layers, "parallel.pipeline_parallel (", p.pipeline_parallel, ") x pp_virtual_stages (",
+                  p.pp_chunks(), ") = ", chunks, " chunks is more than model.n_layers (", o.n_layers,
+                  "): every chunk needs at least one block");
+    BRIGADE_CHECK(p.pp_layers.empty() || static_cast<int64_t>(p.pp_layers.size()) == chunks, "parallel.pp_layers lists ",
+                  p.pp_layers.size(), " entries; with interleaved_1f1b it lists the blocks of each of the ", chunks,
+                  " chunks (pipeline_parallel x pp_virtual_stages), in model order");
+  }
   return parallel::stage_boundaries(blocks, embedding, head + (all.total - model::count_parameters(main).total),
-                                    static_cast<int>(p.pipeline_parallel), p.pp_layers);
+                                    static_cast<int>(chunks), p.pp_layers);
 }
 
 GpuSpec gpu_spec(const std::string& name) {
@@ -205,13 +215,18 @@ TrainingPlan plan_training(const PlanInputs& in, const PlanOptions& options) {
   kept += static_cast<double>(o.mtp.depth) * 2 * d * c;          // MTP: the concatenated inputs of eh_proj
   kept += static_cast<double>(1 + o.mtp.depth) * vocab * 8;      // logits and their gradient, FP32, per head
   if (pp > 1) {
-    // Stage 0 holds the most: its share of the blocks, for every micro batch in flight.
+    // Stage 0 holds the most: its share of the blocks, for every micro batch in
+    // flight (interleaved_1f1b: chunk activations, each an average chunk of stage 0's).
     const auto bounds = pipeline_boundaries(o, in.parallel);
-    const int64_t first = bounds[0], last = bounds[1];
     const int64_t micro = in.trainer.grad_accum_steps;
-    const int64_t in_flight = in.parallel.pp_schedule == parallel::PipelineSchedule::kGpipe ? micro : std::min(pp, micro);
-    const double share = static_cast<double>(last - first) / static_cast<double>(o.n_layers);
-    p.memory.push_back({"activations (" + std::to_string(in_flight) + " micro batches in flight, stage 0)",
+    const int64_t chunks = in.parallel.pp_chunks();
+    int64_t blocks = 0;
+    for (int64_t v = 0; v < chunks; ++v) blocks += bounds[static_cast<size_t>(v * pp) + 1] - bounds[static_cast<size_t>(v * pp)];
+    int64_t in_flight = in.parallel.pp_schedule == parallel::PipelineSchedule::kGpipe ? micro : std::min(pp, micro);
+    if (chunks > 1) in_flight = micro == pp ? micro * chunks : std::min(micro * chunks, (pp - 1) * 2 + (chunks - 1) * pp + 1);
+    const double share = static_cast<double>(blocks) / static_cast<double>(chunks * o.n_layers);
+    p.memory.push_back({"activations (" + std::to_string(in_flight) + (chunks > 1 ? " chunks" : " micro batches") +
+                            " in flight, stage 0)",
                         kept * tokens * share * static_cast<double>(in_flight)});
   } else {
     p.memory.push_back({"activations (one micro batch)", kept * tokens});

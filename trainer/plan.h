@@ -41,7 +41,8 @@ namespace brigade::trainer {
 // as parallel::stage_boundaries gives them, from the options alone: each block's
 // parameters, the embedding on stage 0, and the final norm, the head (or the tied
 // embedding's copy) and the MTP modules on the last. The trainer splits a model
-// with this, so `brigade plan` sizes the stages the trainer builds.
+// with this, so `brigade plan` sizes the stages the trainer builds. With
+// interleaved_1f1b the boundaries are the P x V chunks' (chunk c on rank c mod P).
 std::vector<int64_t> pipeline_boundaries(const model::TransformerOptions& o, const parallel::ParallelOptions& p);
 
 struct GpuSpec {

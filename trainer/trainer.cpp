@@ -129,9 +129,12 @@ struct Trainer::Pipeline {
   std::unique_ptr<parallel::Communicator> data;    // this stage's rank in every pipeline
   parallel::PipelineSchedule schedule = parallel::PipelineSchedule::k1F1B;
   int stage = 0, count = 1;
-  int index = 0;  // which pipeline (data-parallel rank)
-  int64_t first = 0, last = 0;   // this stage's blocks [first, last)
-  std::vector<int64_t> bounds;   // every stage's: stage s runs blocks [bounds[s], bounds[s + 1])
+  int index = 0;   // which pipeline (data-parallel rank)
+  int chunks = 1;  // model chunks per rank (interleaved_1f1b: V; else 1)
+  // Every chunk's blocks: chunk c runs [bounds[c], bounds[c + 1]) on rank c mod count.
+  std::vector<int64_t> bounds;
+  // The attached parameters (params_ indices) of each of this rank's chunks.
+  std::vector<std::vector<size_t>> chunk_params;
   // Tied embeddings or MTP modules: stage 0 trains the embedding table; the last
   // stage uses a copy (as its head, and for the MTP modules' token embeddings).
   bool shared_embedding = false;
@@ -140,18 +143,24 @@ struct Trainer::Pipeline {
 
   bool first_stage() const { return stage == 0; }
   bool last_stage() const { return stage == count - 1; }
-  // The stage whose parameters and buffers hold `name`: a block's stage, the
-  // embedding's (0), or the head's (last).
-  int owner(const std::string& name) const {
+  // The model chunk of this rank's chunk v, and its blocks.
+  int model_chunk(int v) const { return v * count + stage; }
+  int64_t first(int v) const { return bounds[static_cast<size_t>(model_chunk(v))]; }
+  int64_t last(int v) const { return bounds[static_cast<size_t>(model_chunk(v)) + 1]; }
+  int total_chunks() const { return count * chunks; }
+  // The model chunk holding `name`: a block's, the embedding's (0), or the head's (the last).
+  int chunk_of(const std::string& name) const {
     if (name.starts_with("layers.")) {
       const int64_t layer = std::stoll(name.substr(7, name.find('.', 7) - 7));
-      for (int s = 0; s < count; ++s) {
-        if (layer < bounds[static_cast<size_t>(s) + 1]) return s;
+      for (int c = 0; c < total_chunks(); ++c) {
+        if (layer < bounds[static_cast<size_t>(c) + 1]) return c;
       }
     }
-    if (name.starts_with("norm.") || name.starts_with("lm_head.") || name.starts_with("mtp.")) return count - 1;
+    if (name.starts_with("norm.") || name.starts_with("lm_head.") || name.starts_with("mtp.")) return total_chunks() - 1;
     return 0;
   }
+  // The stage whose parameters and buffers hold `name`.
+  int owner(const std::string& name) const { return chunk_of(name) % count; }
   // What this rank keeps allocated: its own tensors, and the last stage's head copy.
   bool keeps(const std::string& name) const {
     return owner(name) == stage || (shared_embedding && last_stage() && name == "embed_tokens.weight");
@@ -221,6 +230,11 @@ Trainer::Trainer(TrainerOptions options, precision::PrecisionOptions precision, 
     BRIGADE_CHECK(context_.zero_stage == 0 || context_.expert_parallel == 1,
                   "parallel.pipeline_parallel > 1 with both parallel.zero_stage=", context_.zero_stage,
                   " and parallel.expert_parallel=", context_.expert_parallel, " is not supported yet");
+    // ZeRO-2/3 reduce each micro-batch's gradients as one backward completes them;
+    // a chunk's backward completes only its own.
+    BRIGADE_CHECK(context_.pp_schedule != parallel::PipelineSchedule::kInterleaved1F1B || context_.zero_stage <= 1,
+                  "parallel.pp_schedule=interleaved_1f1b with parallel.zero_stage=", context_.zero_stage,
+                  " is not supported yet; use zero_stage 0 or 1, or pp_schedule 1f1b");
     pipeline_ = std::make_unique<Pipeline>();
     auto& pl = *pipeline_;
     auto& world = *context_.data_parallel;
@@ -233,14 +247,17 @@ Trainer::Trainer(TrainerOptions options, precision::PrecisionOptions precision, 
     parallel::ParallelOptions split;
     split.pipeline_parallel = stages;
     split.pp_layers = context_.pp_layers;
+    split.pp_schedule = context_.pp_schedule;
+    split.pp_virtual_stages = context_.pp_virtual_stages;
+    split.validate();
+    pl.chunks = split.pp_chunks();
     pl.bounds = pipeline_boundaries(m, split);
-    pl.first = pl.bounds[static_cast<size_t>(pl.stage)];
-    pl.last = pl.bounds[static_cast<size_t>(pl.stage) + 1];
     if (world.rank() == 0) {
       std::ostringstream blocks;
-      for (int s = 0; s < pl.count; ++s) blocks << (s ? "," : "") << pl.bounds[static_cast<size_t>(s) + 1] - pl.bounds[static_cast<size_t>(s)];
-      log_info("pipeline: ", stages, " stages of ", blocks.str(), " blocks (",
-               context_.pp_layers.empty() ? "balanced by parameters" : "parallel.pp_layers", ")");
+      for (int c = 0; c < pl.total_chunks(); ++c) blocks << (c ? "," : "") << pl.bounds[static_cast<size_t>(c) + 1] - pl.bounds[static_cast<size_t>(c)];
+      log_info("pipeline: ", stages, " stages", pl.chunks > 1 ? " x " + std::to_string(pl.chunks) + " chunks" : "", " of ",
+               blocks.str(), " blocks (", context_.pp_layers.empty() ? "balanced by parameters" : "parallel.pp_layers",
+               ", ", parallel::to_string(pl.schedule), ")");
     }
     pl.shared_embedding = m.tie_embeddings || m.mtp.depth > 0;
     data_parallel = pl.data.get();
@@ -285,8 +302,11 @@ Trainer::Trainer(TrainerOptions options, precision::PrecisionOptions precision, 
       if (!pl.keeps(name)) t.set_data(torch::empty({0}, t.options()));
     }
     model::NamedTensors own;
+    pl.chunk_params.assign(static_cast<size_t>(pl.chunks), {});
     for (auto& [name, p] : params_) {
-      if (pl.owner(name) == pl.stage) own.emplace_back(name, p);
+      if (pl.owner(name) != pl.stage) continue;
+      pl.chunk_params[static_cast<size_t>(pl.chunk_of(name) / pl.count)].push_back(own.size());
+      own.emplace_back(name, p);
     }
     params_ = std::move(own);
     if (pl.shared_embedding && pl.first_stage()) {
@@ -698,16 +718,23 @@ void Trainer::pipeline_micro_batches(const std::vector<data::Batch>& batches, co
   auto& stages = *pl.stages;
   const auto count = static_cast<int64_t>(batches.size());
   const auto micro_batches = static_cast<double>(dp_size() * options_.grad_accum_steps);
-  // Per micro-batch: the stage's input (gradient wanted unless tokens) and what its
-  // backward starts from (the loss on the last stage, else the output hidden state
-  // and the MoE auxiliary losses of this stage's layers).
-  std::vector<torch::Tensor> inputs(count), outputs(count), aux(count);
+  const int previous = (pl.stage + pl.count - 1) % pl.count, next = (pl.stage + 1) % pl.count;
+  const int final_chunk = pl.total_chunks() - 1;
+  // Per micro-batch and chunk of this rank (index m x chunks + v): the chunk's input
+  // (gradient wanted unless tokens) and what its backward starts from (the loss in
+  // the model's last chunk, else the output hidden state and the MoE auxiliary
+  // losses of the chunk's layers).
+  const auto slots = static_cast<size_t>(count * pl.chunks);
+  std::vector<torch::Tensor> inputs(slots), outputs(slots), aux(slots);
   std::vector<parallel::Handle> sends;
   std::vector<torch::Tensor> sent;  // alive until their sends finish
   auto send = [&](torch::Tensor t, int to, int tag) {
     sent.push_back(t.contiguous());
     sends.push_back(stages.send(sent.back(), to, tag));
   };
+  // Between model chunks c and c + 1 for micro-batch m: activations (kind 0) and
+  // their gradients (kind 1) under one index.
+  auto boundary = [&](int64_t m, int c) { return m * pl.total_chunks() + c; };
   int64_t held = 0;
   // Time spent waiting for a neighbour's activations or gradients: the stage's share
   // of the pipeline bubble.
@@ -716,61 +743,67 @@ void Trainer::pipeline_micro_batches(const std::vector<data::Batch>& batches, co
     stages.recv(t, from, tag).wait();
     result.pipeline_wait_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   };
-  for (const auto& action : parallel::pipeline_schedule(pl.schedule, pl.count, pl.stage, count)) {
+  const auto actions = parallel::pipeline_schedule(pl.schedule, pl.count, pl.stage, count, pl.chunks);
+  for (size_t a = 0; a < actions.size(); ++a) {
+    const auto& action = actions[a];
     const int64_t m = action.micro;
+    const int v = action.chunk, c = pl.model_chunk(v);
+    const auto slot = static_cast<size_t>(m * pl.chunks + v);
     const auto& batch = batches[m];
     if (action.kind == parallel::PipelineAction::Kind::kForward) {
       torch::Tensor input = batch.inputs;
-      if (!pl.first_stage()) {
+      if (c > 0) {
         input = hidden_like(batch, model_->options().d_model, context_.device);
-        receive(input, pl.stage - 1, pipeline_tag(m, 0));
+        receive(input, previous, pipeline_tag(boundary(m, c - 1), 0));
         input.requires_grad_(true);
       }
       torch::Tensor out;
       {
         precision::AutocastGuard autocast(precision_.compute_dtype);
-        out = model_->forward_stage(input, pl.first, pl.last, batch.segments, batch.inputs);
+        out = model_->forward_stage(input, pl.first(v), pl.last(v), batch.segments, batch.inputs);
       }
-      if (pl.last_stage()) {
+      if (c == final_chunk) {
         torch::Tensor total;
-        const LossTensors part = micro_batch_loss(out, batch, denominator, total);
+        const LossTensors part = micro_batch_loss(out, batch, denominator, total, pl.first(v));
         shares[0] += part.loss;
         if (part.objective.defined()) shares[1] += part.objective;
         if (part.mtp.defined()) shares[3] += part.mtp;
-        outputs[m] = total;
+        outputs[slot] = total;
       } else {
         BRIGADE_ASSERT(out.scalar_type() == torch::kFloat, "a pipeline stage's hidden state is ", out.scalar_type());
-        send(out.detach(), pl.stage + 1, pipeline_tag(m, 0));
-        outputs[m] = out;
-        if (auto a = model_->aux_loss(); a.defined()) aux[m] = a / micro_batches;
+        send(out.detach(), next, pipeline_tag(boundary(m, c), 0));
+        outputs[slot] = out;
+        if (auto x = model_->aux_loss(pl.first(v), pl.last(v)); x.defined()) aux[slot] = x / micro_batches;
       }
-      inputs[m] = input;
+      inputs[slot] = input;
       result.pipeline_in_flight = std::max(result.pipeline_in_flight, ++held);
       note_memory();
       continue;
     }
-    // Backward, in micro-batch order on every schedule.
-    const bool last = m + 1 == count;
+    // Backward: a chunk's micro-batches in order on every schedule. The rank's last
+    // backward closes the step's gradients (its reducer reduces while it runs).
+    const bool last = a + 1 == actions.size();
     pl.micro = m;
     parallel_->begin_micro_batch(last);
-    if (pl.last_stage()) {
-      outputs[m].backward();
+    if (c == final_chunk) {
+      outputs[slot].backward();
     } else {
-      auto grad = torch::empty_like(outputs[m]);
-      receive(grad, pl.stage + 1, pipeline_tag(m, 1));
-      if (aux[m].defined()) torch::autograd::backward({outputs[m], aux[m]}, {grad, torch::Tensor()});
-      else outputs[m].backward(grad);
+      auto grad = torch::empty_like(outputs[slot]);
+      receive(grad, next, pipeline_tag(boundary(m, c), 1));
+      if (aux[slot].defined()) torch::autograd::backward({outputs[slot], aux[slot]}, {grad, torch::Tensor()});
+      else outputs[slot].backward(grad);
     }
-    if (pl.shared_embedding && pl.last_stage() && pl.count > 1) {
+    if (pl.shared_embedding && c == final_chunk && pl.count > 1) {
       // The copy's gradient (tied head, MTP embeddings) goes to stage 0.
       auto& head = model_->embed_tokens->weight.mutable_grad();
       send(head, 0, pipeline_tag(m, 2));
       head = torch::Tensor();
     }
-    if (!pl.first_stage()) send(inputs[m].grad(), pl.stage - 1, pipeline_tag(m, 1));
-    parallel_->end_micro_batch(last);
+    if (c > 0) send(inputs[slot].grad(), previous, pipeline_tag(boundary(m, c - 1), 1));
+    if (pl.chunks == 1) parallel_->end_micro_batch(last);
+    else parallel_->end_micro_batch(last, pl.chunk_params[static_cast<size_t>(v)]);
     note_memory();
-    inputs[m] = outputs[m] = aux[m] = torch::Tensor();
+    inputs[slot] = outputs[slot] = aux[slot] = torch::Tensor();
     --held;
   }
   for (auto& h : sends) h.wait();
@@ -778,20 +811,29 @@ void Trainer::pipeline_micro_batches(const std::vector<data::Batch>& batches, co
 
 torch::Tensor Trainer::pipeline_eval_loss(const data::Batch& batch, int64_t index) {
   auto& pl = *pipeline_;
-  torch::Tensor input = batch.inputs;
-  if (!pl.first_stage()) {
-    input = hidden_like(batch, model_->options().d_model, context_.device);
-    pl.stages->recv(input, pl.stage - 1, pipeline_tag(index, 3)).wait();
+  const int previous = (pl.stage + pl.count - 1) % pl.count, next = (pl.stage + 1) % pl.count;
+  torch::Tensor loss;
+  // The batch passes this rank once per chunk, in model order.
+  for (int v = 0; v < pl.chunks; ++v) {
+    const int c = pl.model_chunk(v);
+    torch::Tensor input = batch.inputs;
+    if (c > 0) {
+      input = hidden_like(batch, model_->options().d_model, context_.device);
+      pl.stages->recv(input, previous, pipeline_tag(index * pl.total_chunks() + c - 1, 3)).wait();
+    }
+    torch::Tensor out;
+    {
+      precision::AutocastGuard autocast(precision_.compute_dtype);
+      out = model_->forward_stage(input, pl.first(v), pl.last(v), batch.segments);
+    }
+    if (c == pl.total_chunks() - 1) {
+      loss = token_loss_sum(out, batch);
+    } else {
+      auto hidden = out.contiguous();
+      pl.stages->send(hidden, next, pipeline_tag(index * pl.total_chunks() + c, 3)).wait();
+    }
   }
-  torch::Tensor out;
-  {
-    precision::AutocastGuard autocast(precision_.compute_dtype);
-    out = model_->forward_stage(input, pl.first, pl.last, batch.segments);
-  }
-  if (pl.last_stage()) return token_loss_sum(out, batch);
-  auto hidden = out.contiguous();
-  pl.stages->send(hidden, pl.stage + 1, pipeline_tag(index, 3)).wait();
-  return {};
+  return loss;
 }
 
 model::NamedTensors Trainer::pipeline_weights_on_main() {
@@ -885,7 +927,8 @@ Trainer::LossTensors Trainer::forward_backward(const data::Batch& batch, const t
 }
 
 Trainer::LossTensors Trainer::micro_batch_loss(const torch::Tensor& logits, const data::Batch& batch,
-                                               const torch::Tensor& denominator, torch::Tensor& total) {
+                                               const torch::Tensor& denominator, torch::Tensor& total,
+                                               int64_t aux_first) {
   auto loss = token_loss_sum(logits, batch) / denominator;
   torch::Tensor objective;
   if (const auto& o = context_.objective) {
@@ -896,7 +939,7 @@ Trainer::LossTensors Trainer::micro_batch_loss(const torch::Tensor& logits, cons
   }
   // MoE balance / z-loss terms of this forward, if any: averaged over the step's
   // micro-batches on all ranks.
-  auto aux = model_->aux_loss();
+  auto aux = model_->aux_loss(aux_first, model_->options().n_layers);
   const auto micro_batches = static_cast<double>(dp_size() * options_.grad_accum_steps);
   total = aux.defined() ? loss + aux / micro_batches : loss;
   const auto mtp = mtp_loss(batch, denominator);

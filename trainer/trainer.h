@@ -53,7 +53,8 @@ struct RunContext {
   // flow through each pipeline per step.
   int64_t pipeline_parallel = 1;
   parallel::PipelineSchedule pp_schedule = parallel::PipelineSchedule::k1F1B;
-  std::vector<int64_t> pp_layers;  // parallel.pp_layers: blocks per stage (empty: balanced by parameters)
+  std::vector<int64_t> pp_layers;  // parallel.pp_layers: blocks per stage or chunk (empty: balanced by parameters)
+  int64_t pp_virtual_stages = 0;   // parallel.pp_virtual_stages (interleaved_1f1b's chunks per rank; 0: 2)
   // Expert parallelism: ranks per expert-parallel group (1: off). Groups are
   // consecutive ranks of `data_parallel`; each holds num_experts / expert_parallel
   // routed experts, and tokens travel to them by all-to-all (FP8 when ep_fp8_dispatch).
@@ -206,8 +207,9 @@ class Trainer {
   void pipeline_micro_batches(const std::vector<data::Batch>& batches, const torch::Tensor& denominator,
                               torch::Tensor& shares, StepResult& result);
   // A micro-batch's loss terms from its logits (`total`: what backward starts from).
+  // `aux_first`: the first block whose MoE auxiliary losses count (a pipeline's last chunk).
   LossTensors micro_batch_loss(const torch::Tensor& logits, const data::Batch& batch, const torch::Tensor& denominator,
-                               torch::Tensor& total);
+                               torch::Tensor& total, int64_t aux_first = 0);
   // Pipeline: the evaluation forward of one batch through the stages; the loss sum
   // on the last stage (undefined elsewhere).
   torch::Tensor pipeline_eval_loss(const data::Batch& batch, int64_t index);

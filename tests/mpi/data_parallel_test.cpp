@@ -375,7 +375,7 @@ TEST(MpiZero, ReshardsOntoAnotherNumberOfRanksBitForBit) {
 // so only the gradient norm's order of additions differs (stage sums added).
 // `parallel_only`: settings of the pipelined run alone.
 void check_pipeline(const std::vector<std::string>& extra, int stages, double bound = kMicroBatchMajorBound,
-                    const std::vector<std::string>& parallel_only = {}) {
+                    const std::vector<std::string>& parallel_only = {}, int64_t layers = 4) {
   auto* w = mpi_world();
   if (w == nullptr) GTEST_SKIP() << "multi-rank test: run under mpirun";
   at::set_num_threads(1);
@@ -383,7 +383,8 @@ void check_pipeline(const std::vector<std::string>& extra, int stages, double bo
   testing::TempDir own;
   const int64_t accum = 4, pipelines = w->size() / stages;
   auto settings = extra;
-  settings.insert(settings.end(), {"model.n_layers=4", "parallel.pipeline_parallel=" + std::to_string(stages)});
+  const std::string n_layers = "model.n_layers=" + std::to_string(layers);
+  settings.insert(settings.end(), {n_layers, "parallel.pipeline_parallel=" + std::to_string(stages)});
   settings.insert(settings.end(), parallel_only.begin(), parallel_only.end());
   recipes::build_trainer(recipe(2, settings, accum), shared / "pp", w)->run();
   // One optimizer file per stage, or with ZeRO one per rank.
@@ -391,7 +392,7 @@ void check_pipeline(const std::vector<std::string>& extra, int stages, double bo
   for (const auto& s : extra) zero = zero || (s.starts_with("parallel.zero_stage=") && s != "parallel.zero_stage=0");
   EXPECT_EQ(manifest(shared / "pp")["world_size"].get<int>(), zero ? w->size() : stages);
   auto reference_settings = extra;
-  reference_settings.push_back("model.n_layers=4");
+  reference_settings.push_back(n_layers);
   auto single = recipes::build_trainer(recipe(2, reference_settings, accum * pipelines), own / "single");
   single->run();
   const auto expected = single->model()->state_dict();
@@ -410,6 +411,36 @@ TEST(MpiPipeline, OneFOneBAndGpipeMatchOneRank) {
   auto moe = kMoE;
   moe.insert(moe.end(), {"parallel.pp_schedule=1f1b", "model.mtp.depth=1"});
   check_pipeline(moe, w->size());
+}
+
+// Megatron's interleaved schedule: each rank holds 2 chunks (3 with MoE), so a
+// micro-batch passes every rank 2 (3) times; dense with a tied head, MoE with an
+// MTP module, and at 4 ranks also 2 pipelines x 2 stages. The gradients of each
+// chunk are added in micro-batch order, so the bound is the other schedules'.
+TEST(MpiPipeline, InterleavedOneFOneBMatchesOneRank) {
+  auto* w = mpi_world();
+  if (w == nullptr) GTEST_SKIP() << "multi-rank test: run under mpirun";
+  const int stages = w->size();
+  check_pipeline({"parallel.pp_schedule=interleaved_1f1b"}, stages, kMicroBatchMajorBound, {}, 2 * stages);
+  auto moe = kMoE;
+  moe.insert(moe.end(), {"parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=3", "model.mtp.depth=1"});
+  check_pipeline(moe, stages, kMicroBatchMajorBound, {}, 3 * stages);
+  if (stages == 4) check_pipeline({"parallel.pp_schedule=interleaved_1f1b", "parallel.zero_stage=1"}, 2);
+  // Chunk activations held at once: the schedule's warm-up forwards plus one.
+  at::set_num_threads(1);
+  SharedDir dir(*w);
+  auto t = recipes::build_trainer(recipe(2, {"model.n_layers=" + std::to_string(2 * stages),
+                                             "parallel.pipeline_parallel=" + std::to_string(stages),
+                                             "parallel.pp_schedule=interleaved_1f1b"}, 2 * stages),
+                                  dir / "in_flight", w);
+  const auto r = t->step();
+  EXPECT_EQ(r.pipeline_in_flight, (stages - w->rank() - 1) * 2 + stages + 1);
+  // Evaluation passes every rank's chunks in model order: one process's loss on the same weights.
+  const double loss = t->evaluate().loss;
+  testing::TempDir own;
+  auto single = recipes::build_trainer(recipe(2, {"model.n_layers=" + std::to_string(2 * stages)}, 2 * stages), own / "one");
+  single->step();
+  EXPECT_NEAR(loss, single->evaluate().loss, 1e-5 * loss);
 }
 
 // The activations a stage holds at once: all 4 micro-batches with GPipe, at most
@@ -518,6 +549,15 @@ TEST(MpiPipeline, BadLayoutsAreClearErrorsBeforeTraining) {
             std::string::npos);
   EXPECT_NE(message({"parallel.pipeline_parallel=2", "parallel.pp_layers=[2]"})
                 .find("parallel.pp_layers lists 1 stages, but parallel.pipeline_parallel is 2"),
+            std::string::npos);
+  EXPECT_NE(message({"parallel.pipeline_parallel=2", "model.n_layers=3", "parallel.pp_schedule=interleaved_1f1b"})
+                .find("parallel.pipeline_parallel (2) x pp_virtual_stages (2) = 4 chunks is more than model.n_layers (3)"),
+            std::string::npos);
+  EXPECT_NE(message({"parallel.pipeline_parallel=2", "parallel.pp_schedule=interleaved_1f1b", "parallel.zero_stage=2"})
+                .find("interleaved_1f1b with parallel.zero_stage=2 is not supported yet"),
+            std::string::npos);
+  EXPECT_NE(message({"parallel.pipeline_parallel=2", "parallel.pp_virtual_stages=2"})
+                .find("model chunks per rank need interleaved_1f1b"),
             std::string::npos);
 }
 
