@@ -5,12 +5,14 @@ against the schedule's theoretical bubble, and the step time against one rank.
     .venv/bin/python bench/pipeline_bubble.py [--recipe recipes/tiny-dense.yaml] [--stages 2]
         [--micro 4,8] [--steps 20] [--threads 1]
 
-For each micro-batch count M and schedule (gpipe, 1f1b) it runs
+For each micro-batch count M and schedule (gpipe, 1f1b, interleaved_1f1b with 2
+chunks per rank) it runs
 `brigade launch -n P -- train` with parallel.pipeline_parallel = P and
 trainer.grad_accum_steps = M, and reads metrics.jsonl (rank 0 = stage 0):
 pp_wait_seconds (time the stage waited for its neighbour's activations or
 gradients) over step_seconds is the measured bubble, printed beside the
-theoretical (P - 1) / (M + P - 1) of equal-cost stages. One process with the same
+theoretical (P - 1) / (V M + P - 1) of equal-cost stages (V = 2 chunks for
+interleaved_1f1b, else 1); held counts micro-batches, or chunks when interleaved. One process with the same
 recipe and M micro-batches gives the unpipelined step time. Medians over steps 4..
 """
 
@@ -49,19 +51,20 @@ def main():
     args = ap.parse_args()
     p = args.stages
     print(f"{Path(args.recipe).name}, {p} stages x {args.threads} thread(s), {args.steps} steps (medians over steps 4..)")
-    print("| M | schedule | step ms | 1 rank step ms | stage-0 wait ms | measured bubble | theoretical (P-1)/(M+P-1) | held micro-batches |")
+    print("| M | schedule | step ms | 1 rank step ms | stage-0 wait ms | measured bubble | theoretical (P-1)/(VM+P-1) | held |")
     print("|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for micro in [int(m) for m in args.micro.split(",")]:
             one = run(args, 1, micro, "", Path(tmp) / f"one{micro}")
             t1 = statistics.median(l["step_seconds"] for l in one)
-            for schedule in ["gpipe", "1f1b"]:
+            for schedule in ["gpipe", "1f1b", "interleaved_1f1b"]:
+                chunks = 2 if schedule == "interleaved_1f1b" else 1
                 lines = run(args, p, micro, schedule, Path(tmp) / f"{schedule}{micro}")
                 step = statistics.median(l["step_seconds"] for l in lines)
                 wait = statistics.median(l["pp_wait_seconds"] for l in lines)
                 held = max(l["pp_in_flight"] for l in lines)
                 print(f"| {micro} | {schedule} | {step * 1000:.0f} | {t1 * 1000:.0f} | {wait * 1000:.0f} | "
-                      f"{wait / step:.2f} | {(p - 1) / (micro + p - 1):.2f} | {held} |")
+                      f"{wait / step:.2f} | {(p - 1) / (chunks * micro + p - 1):.2f} | {held} |")
 
 
 if __name__ == "__main__":
