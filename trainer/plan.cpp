@@ -137,6 +137,10 @@ TrainingPlan plan_training(const PlanInputs& in, const PlanOptions& options) {
   const int64_t pp = in.parallel.pipeline_parallel;
   BRIGADE_CHECK(options.gpus % pp == 0, "parallel.pipeline_parallel (", pp, ") must divide --gpus (", options.gpus, ")");
   BRIGADE_CHECK(pp <= o.n_layers, "parallel.pipeline_parallel (", pp, ") is more than model.n_layers (", o.n_layers, ")");
+  BRIGADE_CHECK(pp == 1 || in.parallel.pp_schedule != parallel::PipelineSchedule::kInterleaved1F1B ||
+                    in.trainer.grad_accum_steps % pp == 0,
+                "parallel.pp_schedule=interleaved_1f1b needs the micro-batches per step (trainer.grad_accum_steps = ",
+                in.trainer.grad_accum_steps, ") to be a multiple of parallel.pipeline_parallel (", pp, ")");
   BRIGADE_CHECK(pp == 1 || ep == 1, "brigade plan does not model pipeline stages with expert parallelism yet "
                 "(the trainer runs them)");
   TrainingPlan p;

@@ -550,11 +550,15 @@ TEST(MpiPipeline, BadLayoutsAreClearErrorsBeforeTraining) {
   EXPECT_NE(message({"parallel.pipeline_parallel=2", "parallel.pp_layers=[2]"})
                 .find("parallel.pp_layers lists 1 stages, but parallel.pipeline_parallel is 2"),
             std::string::npos);
-  EXPECT_NE(message({"parallel.pipeline_parallel=2", "model.n_layers=3", "parallel.pp_schedule=interleaved_1f1b"})
+  EXPECT_NE(message({"parallel.pipeline_parallel=2", "model.n_layers=3", "parallel.pp_schedule=interleaved_1f1b",
+                     "trainer.grad_accum_steps=2"})
                 .find("parallel.pipeline_parallel (2) x pp_virtual_stages (2) = 4 chunks is more than model.n_layers (3)"),
             std::string::npos);
   EXPECT_NE(message({"parallel.pipeline_parallel=2", "parallel.pp_schedule=interleaved_1f1b", "parallel.zero_stage=2"})
                 .find("interleaved_1f1b with parallel.zero_stage=2 is not supported yet"),
+            std::string::npos);
+  EXPECT_NE(message({"parallel.pipeline_parallel=2", "parallel.pp_schedule=interleaved_1f1b", "trainer.grad_accum_steps=3"})
+                .find("(trainer.grad_accum_steps = 3) to be a multiple of parallel.pipeline_parallel (2)"),
             std::string::npos);
   EXPECT_NE(message({"parallel.pipeline_parallel=2", "parallel.pp_virtual_stages=2"})
                 .find("model chunks per rank need interleaved_1f1b"),
