@@ -6,13 +6,15 @@ against the schedule's theoretical bubble, and the step time against one rank.
         [--micro 4,8] [--steps 20] [--threads 1]
 
 For each micro-batch count M and schedule (gpipe, 1f1b, interleaved_1f1b with 2
-chunks per rank) it runs
+chunks per rank, dualpipev when M >= 2P) it runs
 `brigade launch -n P -- train` with parallel.pipeline_parallel = P and
 trainer.grad_accum_steps = M, and reads metrics.jsonl (rank 0 = stage 0):
 pp_wait_seconds (time the stage waited for its neighbour's activations or
 gradients) over step_seconds is the measured bubble, printed beside the
 theoretical (P - 1) / (V M + P - 1) of equal-cost stages (V = 2 chunks for
-interleaved_1f1b, else 1); held counts micro-batches, or chunks when interleaved. One process with the same
+interleaved_1f1b, else 1; for dualpipev the bubble its action lists leave when
+simulated with forwards of 1 and backwards of 2 time units); held counts
+micro-batches, or chunks for interleaved_1f1b and dualpipev. One process with the same
 recipe and M micro-batches gives the unpipelined step time. Medians over steps 4..
 """
 
@@ -41,6 +43,50 @@ def run(args, ranks, micro, schedule, run_dir):
     return [l for l in lines if "step_seconds" in l and l["step"] > 3]
 
 
+def dualpipev_actions(p, m, r):
+    """Rank r's (kind, chunk) list under dualpipev (parallel/pipeline.cpp)."""
+    out = []
+    out += [("F", 0)] * ((p - r - 1) * 2)
+    out += [("F", 0), ("F", 1)] * (r + 1)
+    out += [("B", 1), ("F", 1)] * (p - r - 1)
+    out += [("F", 0), ("B", 1), ("F", 1), ("B", 0)] * (m - 2 * p + r + 1)
+    out += [("B", 1), ("F", 1), ("B", 0)] * (p - r - 1)
+    out += [("B", 1), ("B", 0)] * (r + 1)
+    out += [("B", 0)] * (p - r - 1)
+    return out
+
+
+def simulated_dualpipev_bubble(p, m):
+    """Every rank's actions run together (forward 1, backward 2 time units per chunk;
+    a forward needs the previous chunk's, a backward the next chunk's): idle share."""
+    lists = [dualpipev_actions(p, m, r) for r in range(p)]
+    chunk = lambda r, v: r if v == 0 else 2 * p - 1 - r
+    done, pos, clock = {}, [0] * p, [0] * p
+    counters = [[{"F": 0, "B": 0}, {"F": 0, "B": 0}] for _ in range(p)]
+    while any(pos[r] < len(lists[r]) for r in range(p)):
+        for r in range(p):
+            if pos[r] == len(lists[r]):
+                continue
+            kind, v = lists[r][pos[r]]
+            c, micro = chunk(r, v), counters[r][v][kind]
+            need = (("F", micro, c - 1) if c > 0 else None) if kind == "F" else \
+                (("B", micro, c + 1) if c < 2 * p - 1 else ("F", micro, c))
+            if need is not None and need not in done:
+                continue
+            clock[r] = max(clock[r], done[need] if need else 0) + (1 if kind == "F" else 2)
+            done[(kind, micro, c)] = clock[r]
+            counters[r][v][kind] += 1
+            pos[r] += 1
+    span = max(clock)
+    return (span - 6 * m) / span
+
+
+def theory(schedule, p, micro, chunks):
+    if schedule == "dualpipev":
+        return simulated_dualpipev_bubble(p, micro)
+    return (p - 1) / (chunks * micro + p - 1)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", default=str(REPO / "recipes" / "tiny-dense.yaml"))
@@ -57,14 +103,16 @@ def main():
         for micro in [int(m) for m in args.micro.split(",")]:
             one = run(args, 1, micro, "", Path(tmp) / f"one{micro}")
             t1 = statistics.median(l["step_seconds"] for l in one)
-            for schedule in ["gpipe", "1f1b", "interleaved_1f1b"]:
+            for schedule in ["gpipe", "1f1b", "interleaved_1f1b", "dualpipev"]:
+                if schedule == "dualpipev" and micro < 2 * p:
+                    continue
                 chunks = 2 if schedule == "interleaved_1f1b" else 1
                 lines = run(args, p, micro, schedule, Path(tmp) / f"{schedule}{micro}")
                 step = statistics.median(l["step_seconds"] for l in lines)
                 wait = statistics.median(l["pp_wait_seconds"] for l in lines)
                 held = max(l["pp_in_flight"] for l in lines)
                 print(f"| {micro} | {schedule} | {step * 1000:.0f} | {t1 * 1000:.0f} | {wait * 1000:.0f} | "
-                      f"{wait / step:.2f} | {(p - 1) / (chunks * micro + p - 1):.2f} | {held} |")
+                      f"{wait / step:.2f} | {theory(schedule, p, micro, chunks):.2f} | {held} |")
 
 
 if __name__ == "__main__":

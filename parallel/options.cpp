@@ -44,6 +44,9 @@ void ParallelOptions::validate() const {
   if (pp_schedule == PipelineSchedule::kInterleaved1F1B) {
     BRIGADE_CHECK(pp_virtual_stages != 1, "parallel.pp_virtual_stages is 1: interleaved_1f1b needs at least 2 chunks ",
                   "per rank (or use pp_schedule 1f1b)");
+  } else if (pp_schedule == PipelineSchedule::kDualPipeV) {
+    BRIGADE_CHECK(pp_virtual_stages == 0 || pp_virtual_stages == 2, "parallel.pp_virtual_stages is ", pp_virtual_stages,
+                  ": dualpipev runs 2 chunks per rank");
   } else {
     BRIGADE_CHECK(pp_virtual_stages <= 1, "parallel.pp_virtual_stages is ", pp_virtual_stages,
                   " but parallel.pp_schedule is ", to_string(pp_schedule), ": model chunks per rank need interleaved_1f1b");

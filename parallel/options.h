@@ -27,11 +27,12 @@ struct ParallelOptions {
   int64_t pipeline_parallel = 1;  // pipeline stages (parallel/pipeline.h)
   PipelineSchedule pp_schedule = PipelineSchedule::k1F1B;
   std::vector<int64_t> pp_layers;  // blocks per stage (per chunk with interleaved_1f1b); empty: balanced by parameters
-  int64_t pp_virtual_stages = 0;   // interleaved_1f1b: model chunks per rank (0: 2); other schedules: 1
+  int64_t pp_virtual_stages = 0;   // interleaved_1f1b: model chunks per rank (0: 2); dualpipev: 2; others: 1
 
   void validate() const;
   // Model chunks per pipeline rank: pp_virtual_stages (2 when 0) for interleaved_1f1b, else 1.
   int pp_chunks() const {
+    if (pp_schedule == PipelineSchedule::kDualPipeV) return 2;
     if (pp_schedule != PipelineSchedule::kInterleaved1F1B) return 1;
     return pp_virtual_stages > 0 ? static_cast<int>(pp_virtual_stages) : 2;
   }

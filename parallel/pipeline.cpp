@@ -12,6 +12,7 @@ std::string to_string(PipelineSchedule schedule) {
     case PipelineSchedule::kGpipe: return "gpipe";
     case PipelineSchedule::k1F1B: return "1f1b";
     case PipelineSchedule::kInterleaved1F1B: return "interleaved_1f1b";
+    case PipelineSchedule::kDualPipeV: return "dualpipev";
   }
   return "?";
 }
@@ -20,7 +21,18 @@ PipelineSchedule parse_pipeline_schedule(const std::string& name) {
   if (name == "gpipe") return PipelineSchedule::kGpipe;
   if (name == "1f1b") return PipelineSchedule::k1F1B;
   if (name == "interleaved_1f1b") return PipelineSchedule::kInterleaved1F1B;
-  BRIGADE_FAIL("unknown pipeline schedule '", name, "' (expected gpipe, 1f1b or interleaved_1f1b)");
+  if (name == "dualpipev") return PipelineSchedule::kDualPipeV;
+  BRIGADE_FAIL("unknown pipeline schedule '", name, "' (expected gpipe, 1f1b, interleaved_1f1b or dualpipev)");
+}
+
+int pipeline_model_chunk(PipelineSchedule schedule, int stages, int stage, int v) {
+  if (schedule == PipelineSchedule::kDualPipeV) return v == 0 ? stage : 2 * stages - 1 - stage;
+  return v * stages + stage;
+}
+
+int pipeline_chunk_rank(PipelineSchedule schedule, int stages, int model_chunk) {
+  if (schedule == PipelineSchedule::kDualPipeV) return model_chunk < stages ? model_chunk : 2 * stages - 1 - model_chunk;
+  return model_chunk % stages;
 }
 
 std::vector<PipelineAction> pipeline_schedule(PipelineSchedule schedule, int stages, int stage, int64_t micro_batches,
@@ -54,6 +66,24 @@ std::vector<PipelineAction> pipeline_schedule(PipelineSchedule schedule, int sta
       out.push_back(at(k, false));
     }
     for (int64_t k = total - warmup; k < total; ++k) out.push_back(at(k, false));
+    return out;
+  }
+  if (schedule == PipelineSchedule::kDualPipeV) {
+    BRIGADE_ASSERT(chunks == 2, "dualpipev runs 2 chunks per rank, not ", chunks);
+    BRIGADE_CHECK(micro_batches >= 2 * stages, "parallel.pp_schedule=dualpipev needs at least 2 x ",
+                  "parallel.pipeline_parallel micro-batches per step (trainer.grad_accum_steps = ", micro_batches,
+                  ", pipeline_parallel ", stages, ")");
+    int64_t next[2] = {0, 0}, back[2] = {0, 0};
+    auto forward = [&](int v) { out.push_back({Kind::kForward, next[v]++, v}); };
+    auto backward = [&](int v) { out.push_back({Kind::kBackward, back[v]++, v}); };
+    const int64_t p = stages, s = stage;
+    for (int64_t i = 0; i < (p - s - 1) * 2; ++i) forward(0);
+    for (int64_t i = 0; i < s + 1; ++i) forward(0), forward(1);
+    for (int64_t i = 0; i < p - s - 1; ++i) backward(1), forward(1);
+    for (int64_t i = 0; i < micro_batches - 2 * p + s + 1; ++i) forward(0), backward(1), forward(1), backward(0);
+    for (int64_t i = 0; i < p - s - 1; ++i) backward(1), forward(1), backward(0);
+    for (int64_t i = 0; i < s + 1; ++i) backward(1), backward(0);
+    for (int64_t i = 0; i < p - s - 1; ++i) backward(0);
     return out;
   }
   BRIGADE_CHECK(chunks == 1, "parallel.pp_virtual_stages (", chunks, ") needs parallel.pp_schedule=interleaved_1f1b");

@@ -18,6 +18,18 @@
 //          the step, for more activations in flight (counted in chunks: at most
 //          that fill + 1 on rank s) and V times the messages. M must be a multiple
 //          of P.
+//   dualpipev  DeepSeek's DualPipe-V ("cut-in-half" DualPipe): 2P chunks placed
+//          in a V, rank s holding chunks s and 2P - 1 - s, so rank 0 runs both the
+//          embedding and the head and a micro-batch goes down the ranks and back
+//          up. Its eight phases (DeepSeek's open DualPipe): (P - s - 1) x 2
+//          forwards of chunk 0; s + 1 pairs of forwards (0, 1); P - s - 1 of
+//          (backward 1, forward 1); M - 2P + s + 1 of (forward 0, backward 1,
+//          forward 1, backward 0), where a forward of one chunk meets a backward of
+//          the other; P - s - 1 of (backward 1, forward 1, backward 0); s + 1 of
+//          (backward 1, backward 0); P - s - 1 backwards of chunk 0. DeepSeek
+//          splits some backwards into input and weight gradients (zero bubble);
+//          here each backward computes both, so the W steps are folded into the
+//          backwards. At most 2P + 1 chunks in flight on every rank; M >= 2P.
 //
 // Backwards of a chunk run in micro-batch order on every schedule, so each
 // parameter's gradients are added in the canonical order of parallel/ordered_sum.h.
@@ -30,7 +42,7 @@
 
 namespace brigade::parallel {
 
-enum class PipelineSchedule { kGpipe, k1F1B, kInterleaved1F1B };
+enum class PipelineSchedule { kGpipe, k1F1B, kInterleaved1F1B, kDualPipeV };
 std::string to_string(PipelineSchedule schedule);
 PipelineSchedule parse_pipeline_schedule(const std::string& name);
 
@@ -46,6 +58,11 @@ struct PipelineAction {
 // micro_batches must be a multiple of `stages` (an Error naming the keys).
 std::vector<PipelineAction> pipeline_schedule(PipelineSchedule schedule, int stages, int stage, int64_t micro_batches,
                                               int chunks = 1);
+
+// Where the chunks are: the model chunk (0 .. P x V - 1, in model order) of rank
+// `stage`'s chunk v, and the rank holding model chunk c.
+int pipeline_model_chunk(PipelineSchedule schedule, int stages, int stage, int v);
+int pipeline_chunk_rank(PipelineSchedule schedule, int stages, int model_chunk);
 
 // The bubble a schedule leaves when every chunk's forward takes the same time and
 // its backward twice that, as a fraction of the step: (P - 1) / (V M + P - 1).

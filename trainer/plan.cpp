@@ -97,8 +97,9 @@ std::vector<int64_t> pipeline_boundaries(const model::TransformerOptions& o, con
                   p.pp_chunks(), ") = ", chunks, " chunks is more than model.n_layers (", o.n_layers,
                   "): every chunk needs at least one block");
     BRIGADE_CHECK(p.pp_layers.empty() || static_cast<int64_t>(p.pp_layers.size()) == chunks, "parallel.pp_layers lists ",
-                  p.pp_layers.size(), " entries; with interleaved_1f1b it lists the blocks of each of the ", chunks,
-                  " chunks (pipeline_parallel x pp_virtual_stages), in model order");
+                  p.pp_layers.size(), " entries; with ", parallel::to_string(p.pp_schedule),
+                  " it lists the blocks of each of the ", chunks, " chunks (pipeline_parallel x ", p.pp_chunks(),
+                  "), in model order");
   }
   return parallel::stage_boundaries(blocks, embedding, head + (all.total - model::count_parameters(main).total),
                                     static_cast<int>(chunks), p.pp_layers);
@@ -137,6 +138,10 @@ TrainingPlan plan_training(const PlanInputs& in, const PlanOptions& options) {
   const int64_t pp = in.parallel.pipeline_parallel;
   BRIGADE_CHECK(options.gpus % pp == 0, "parallel.pipeline_parallel (", pp, ") must divide --gpus (", options.gpus, ")");
   BRIGADE_CHECK(pp <= o.n_layers, "parallel.pipeline_parallel (", pp, ") is more than model.n_layers (", o.n_layers, ")");
+  BRIGADE_CHECK(pp == 1 || in.parallel.pp_schedule != parallel::PipelineSchedule::kDualPipeV ||
+                    in.trainer.grad_accum_steps >= 2 * pp,
+                "parallel.pp_schedule=dualpipev needs at least 2 x parallel.pipeline_parallel micro-batches per step ",
+                "(trainer.grad_accum_steps = ", in.trainer.grad_accum_steps, ", pipeline_parallel ", pp, ")");
   BRIGADE_CHECK(pp == 1 || in.parallel.pp_schedule != parallel::PipelineSchedule::kInterleaved1F1B ||
                     in.trainer.grad_accum_steps % pp == 0,
                 "parallel.pp_schedule=interleaved_1f1b needs the micro-batches per step (trainer.grad_accum_steps = ",
@@ -225,9 +230,14 @@ TrainingPlan plan_training(const PlanInputs& in, const PlanOptions& options) {
     const int64_t micro = in.trainer.grad_accum_steps;
     const int64_t chunks = in.parallel.pp_chunks();
     int64_t blocks = 0;
-    for (int64_t v = 0; v < chunks; ++v) blocks += bounds[static_cast<size_t>(v * pp) + 1] - bounds[static_cast<size_t>(v * pp)];
+    for (int64_t v = 0; v < chunks; ++v) {
+      const auto c = static_cast<size_t>(parallel::pipeline_model_chunk(in.parallel.pp_schedule, static_cast<int>(pp), 0,
+                                                                        static_cast<int>(v)));
+      blocks += bounds[c + 1] - bounds[c];
+    }
     int64_t in_flight = in.parallel.pp_schedule == parallel::PipelineSchedule::kGpipe ? micro : std::min(pp, micro);
     if (chunks > 1) in_flight = micro == pp ? micro * chunks : std::min(micro * chunks, (pp - 1) * 2 + (chunks - 1) * pp + 1);
+    if (in.parallel.pp_schedule == parallel::PipelineSchedule::kDualPipeV) in_flight = 2 * pp + 1;
     const double share = static_cast<double>(blocks) / static_cast<double>(chunks * o.n_layers);
     p.memory.push_back({"activations (" + std::to_string(in_flight) + (chunks > 1 ? " chunks" : " micro batches") +
                             " in flight, stage 0)",

@@ -130,21 +130,29 @@ struct Trainer::Pipeline {
   parallel::PipelineSchedule schedule = parallel::PipelineSchedule::k1F1B;
   int stage = 0, count = 1;
   int index = 0;   // which pipeline (data-parallel rank)
-  int chunks = 1;  // model chunks per rank (interleaved_1f1b: V; else 1)
-  // Every chunk's blocks: chunk c runs [bounds[c], bounds[c + 1]) on rank c mod count.
+  int chunks = 1;  // model chunks per rank (interleaved_1f1b: V; dualpipev: 2; else 1)
+  // Every chunk's blocks: chunk c runs [bounds[c], bounds[c + 1]) on rank_of(c).
   std::vector<int64_t> bounds;
   // The attached parameters (params_ indices) of each of this rank's chunks.
   std::vector<std::vector<size_t>> chunk_params;
-  // Tied embeddings or MTP modules: stage 0 trains the embedding table; the last
-  // stage uses a copy (as its head, and for the MTP modules' token embeddings).
+  // Tied embeddings or MTP modules: stage 0 trains the embedding table; the stage
+  // with the head uses a copy (as its head, and for the MTP modules' token
+  // embeddings). With dualpipev the head is on stage 0 itself: no copy, and the
+  // head's part of each micro-batch's gradient waits in head_grads for the
+  // embedding's backward of that micro-batch.
   bool shared_embedding = false;
+  bool local_head = false;
+  std::map<int64_t, torch::Tensor> head_grads;
   std::map<std::string, std::vector<int64_t>> shapes;  // every state_dict tensor's whole shape
   int64_t micro = 0;  // the micro-batch being backpropagated (for the tied head's gradient)
 
   bool first_stage() const { return stage == 0; }
-  bool last_stage() const { return stage == count - 1; }
-  // The model chunk of this rank's chunk v, and its blocks.
-  int model_chunk(int v) const { return v * count + stage; }
+  // Whether this rank runs the final norm and the head (the model's last chunk).
+  bool last_stage() const { return last_stage_is(stage); }
+  bool last_stage_is(int s) const { return rank_of(total_chunks() - 1) == s; }
+  // The model chunk of this rank's chunk v, the rank holding model chunk c, and the blocks of chunk v.
+  int model_chunk(int v) const { return parallel::pipeline_model_chunk(schedule, count, stage, v); }
+  int rank_of(int c) const { return parallel::pipeline_chunk_rank(schedule, count, c); }
   int64_t first(int v) const { return bounds[static_cast<size_t>(model_chunk(v))]; }
   int64_t last(int v) const { return bounds[static_cast<size_t>(model_chunk(v)) + 1]; }
   int total_chunks() const { return count * chunks; }
@@ -159,8 +167,15 @@ struct Trainer::Pipeline {
     if (name.starts_with("norm.") || name.starts_with("lm_head.") || name.starts_with("mtp.")) return total_chunks() - 1;
     return 0;
   }
-  // The stage whose parameters and buffers hold `name`.
-  int owner(const std::string& name) const { return chunk_of(name) % count; }
+  // The stage whose parameters and buffers hold `name`, and which of its chunks.
+  int owner(const std::string& name) const { return rank_of(chunk_of(name)); }
+  int local_chunk(const std::string& name) const {
+    const int c = chunk_of(name);
+    for (int v = 0; v < chunks; ++v) {
+      if (model_chunk(v) == c) return v;
+    }
+    return -1;
+  }
   // What this rank keeps allocated: its own tensors, and the last stage's head copy.
   bool keeps(const std::string& name) const {
     return owner(name) == stage || (shared_embedding && last_stage() && name == "embed_tokens.weight");
@@ -232,9 +247,15 @@ Trainer::Trainer(TrainerOptions options, precision::PrecisionOptions precision, 
                   " and parallel.expert_parallel=", context_.expert_parallel, " is not supported yet");
     // ZeRO-2/3 reduce each micro-batch's gradients as one backward completes them;
     // a chunk's backward completes only its own.
-    BRIGADE_CHECK(context_.pp_schedule != parallel::PipelineSchedule::kInterleaved1F1B || context_.zero_stage <= 1,
-                  "parallel.pp_schedule=interleaved_1f1b with parallel.zero_stage=", context_.zero_stage,
+    const bool chunked = context_.pp_schedule == parallel::PipelineSchedule::kInterleaved1F1B ||
+                         context_.pp_schedule == parallel::PipelineSchedule::kDualPipeV;
+    BRIGADE_CHECK(!chunked || context_.zero_stage <= 1, "parallel.pp_schedule=", parallel::to_string(context_.pp_schedule),
+                  " with parallel.zero_stage=", context_.zero_stage,
                   " is not supported yet; use zero_stage 0 or 1, or pp_schedule 1f1b");
+    BRIGADE_CHECK(context_.pp_schedule != parallel::PipelineSchedule::kDualPipeV ||
+                      options_.grad_accum_steps >= 2 * stages,
+                  "parallel.pp_schedule=dualpipev needs at least 2 x parallel.pipeline_parallel micro-batches per step ",
+                  "(trainer.grad_accum_steps = ", options_.grad_accum_steps, ", pipeline_parallel ", stages, ")");
     BRIGADE_CHECK(context_.pp_schedule != parallel::PipelineSchedule::kInterleaved1F1B ||
                       options_.grad_accum_steps % stages == 0,
                   "parallel.pp_schedule=interleaved_1f1b needs the micro-batches per step (trainer.grad_accum_steps = ",
@@ -263,7 +284,8 @@ Trainer::Trainer(TrainerOptions options, precision::PrecisionOptions precision, 
                blocks.str(), " blocks (", context_.pp_layers.empty() ? "balanced by parameters" : "parallel.pp_layers",
                ", ", parallel::to_string(pl.schedule), ")");
     }
-    pl.shared_embedding = m.tie_embeddings || m.mtp.depth > 0;
+    pl.shared_embedding = (m.tie_embeddings || m.mtp.depth > 0) && !pl.last_stage_is(0);
+    pl.local_head = (m.tie_embeddings || m.mtp.depth > 0) && pl.last_stage_is(0);
     data_parallel = pl.data.get();
   }
   parallel_ = std::make_unique<parallel::ParallelState>(
@@ -309,7 +331,7 @@ Trainer::Trainer(TrainerOptions options, precision::PrecisionOptions precision, 
     pl.chunk_params.assign(static_cast<size_t>(pl.chunks), {});
     for (auto& [name, p] : params_) {
       if (pl.owner(name) != pl.stage) continue;
-      pl.chunk_params[static_cast<size_t>(pl.chunk_of(name) / pl.count)].push_back(own.size());
+      pl.chunk_params[static_cast<size_t>(pl.local_chunk(name))].push_back(own.size());
       own.emplace_back(name, p);
     }
     params_ = std::move(own);
@@ -321,6 +343,17 @@ Trainer::Trainer(TrainerOptions options, precision::PrecisionOptions precision, 
         auto head = torch::empty_like(grad);
         stage->stages->recv(head, stage->count - 1, pipeline_tag(stage->micro, 2)).wait();
         return grad + head;
+      });
+    }
+    if (pl.local_head && pl.first_stage()) {
+      auto* stage = pipeline_.get();
+      model_->embed_tokens->weight.register_hook([stage](const torch::Tensor& grad) {
+        // The head's part, set aside when the last chunk's backward of this micro-batch ran here.
+        auto it = stage->head_grads.find(stage->micro);
+        if (it == stage->head_grads.end()) return grad;
+        auto head = std::move(it->second);
+        stage->head_grads.erase(it);
+        return head.defined() ? grad + head : grad;
       });
     }
   }
@@ -722,7 +755,6 @@ void Trainer::pipeline_micro_batches(const std::vector<data::Batch>& batches, co
   auto& stages = *pl.stages;
   const auto count = static_cast<int64_t>(batches.size());
   const auto micro_batches = static_cast<double>(dp_size() * options_.grad_accum_steps);
-  const int previous = (pl.stage + pl.count - 1) % pl.count, next = (pl.stage + 1) % pl.count;
   const int final_chunk = pl.total_chunks() - 1;
   // Per micro-batch and chunk of this rank (index m x chunks + v): the chunk's input
   // (gradient wanted unless tokens) and what its backward starts from (the loss in
@@ -732,7 +764,14 @@ void Trainer::pipeline_micro_batches(const std::vector<data::Batch>& batches, co
   std::vector<torch::Tensor> inputs(slots), outputs(slots), aux(slots);
   std::vector<parallel::Handle> sends;
   std::vector<torch::Tensor> sent;  // alive until their sends finish
+  // Between two chunks of this rank (dualpipev's turn at the last rank) the tensor
+  // is handed over in place.
+  std::map<int, torch::Tensor> local;
   auto send = [&](torch::Tensor t, int to, int tag) {
+    if (to == pl.stage) {
+      local[tag] = t;
+      return;
+    }
     sent.push_back(t.contiguous());
     sends.push_back(stages.send(sent.back(), to, tag));
   };
@@ -743,6 +782,13 @@ void Trainer::pipeline_micro_batches(const std::vector<data::Batch>& batches, co
   // Time spent waiting for a neighbour's activations or gradients: the stage's share
   // of the pipeline bubble.
   auto receive = [&](torch::Tensor& t, int from, int tag) {
+    if (from == pl.stage) {
+      auto it = local.find(tag);
+      BRIGADE_ASSERT(it != local.end(), "pipeline: chunk hand-over ", tag, " on stage ", pl.stage, " before it was made");
+      t = std::move(it->second);
+      local.erase(it);
+      return;
+    }
     const auto start = std::chrono::steady_clock::now();
     stages.recv(t, from, tag).wait();
     result.pipeline_wait_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -758,8 +804,8 @@ void Trainer::pipeline_micro_batches(const std::vector<data::Batch>& batches, co
       torch::Tensor input = batch.inputs;
       if (c > 0) {
         input = hidden_like(batch, model_->options().d_model, context_.device);
-        receive(input, previous, pipeline_tag(boundary(m, c - 1), 0));
-        input.requires_grad_(true);
+        receive(input, pl.rank_of(c - 1), pipeline_tag(boundary(m, c - 1), 0));
+        input = input.detach().requires_grad_(true);
       }
       torch::Tensor out;
       {
@@ -775,7 +821,7 @@ void Trainer::pipeline_micro_batches(const std::vector<data::Batch>& batches, co
         outputs[slot] = total;
       } else {
         BRIGADE_ASSERT(out.scalar_type() == torch::kFloat, "a pipeline stage's hidden state is ", out.scalar_type());
-        send(out.detach(), next, pipeline_tag(boundary(m, c), 0));
+        send(out.detach(), pl.rank_of(c + 1), pipeline_tag(boundary(m, c), 0));
         outputs[slot] = out;
         if (auto x = model_->aux_loss(pl.first(v), pl.last(v)); x.defined()) aux[slot] = x / micro_batches;
       }
@@ -793,7 +839,7 @@ void Trainer::pipeline_micro_batches(const std::vector<data::Batch>& batches, co
       outputs[slot].backward();
     } else {
       auto grad = torch::empty_like(outputs[slot]);
-      receive(grad, next, pipeline_tag(boundary(m, c), 1));
+      receive(grad, pl.rank_of(c + 1), pipeline_tag(boundary(m, c), 1));
       if (aux[slot].defined()) torch::autograd::backward({outputs[slot], aux[slot]}, {grad, torch::Tensor()});
       else outputs[slot].backward(grad);
     }
@@ -803,7 +849,11 @@ void Trainer::pipeline_micro_batches(const std::vector<data::Batch>& batches, co
       send(head, 0, pipeline_tag(m, 2));
       head = torch::Tensor();
     }
-    if (c > 0) send(inputs[slot].grad(), previous, pipeline_tag(boundary(m, c - 1), 1));
+    if (pl.local_head && c == final_chunk) {
+      // The head's part waits for the embedding's backward of this micro-batch (the hook).
+      pl.head_grads[m] = std::exchange(model_->embed_tokens->weight.mutable_grad(), torch::Tensor());
+    }
+    if (c > 0) send(inputs[slot].grad(), pl.rank_of(c - 1), pipeline_tag(boundary(m, c - 1), 1));
     if (pl.chunks == 1) parallel_->end_micro_batch(last);
     else parallel_->end_micro_batch(last, pl.chunk_params[static_cast<size_t>(v)]);
     note_memory();
@@ -815,15 +865,16 @@ void Trainer::pipeline_micro_batches(const std::vector<data::Batch>& batches, co
 
 torch::Tensor Trainer::pipeline_eval_loss(const data::Batch& batch, int64_t index) {
   auto& pl = *pipeline_;
-  const int previous = (pl.stage + pl.count - 1) % pl.count, next = (pl.stage + 1) % pl.count;
-  torch::Tensor loss;
+  torch::Tensor loss, handed;  // handed: the output kept for this rank's next chunk (dualpipev's turn)
   // The batch passes this rank once per chunk, in model order.
   for (int v = 0; v < pl.chunks; ++v) {
     const int c = pl.model_chunk(v);
     torch::Tensor input = batch.inputs;
-    if (c > 0) {
+    if (c > 0 && pl.rank_of(c - 1) == pl.stage) {
+      input = std::exchange(handed, torch::Tensor());
+    } else if (c > 0) {
       input = hidden_like(batch, model_->options().d_model, context_.device);
-      pl.stages->recv(input, previous, pipeline_tag(index * pl.total_chunks() + c - 1, 3)).wait();
+      pl.stages->recv(input, pl.rank_of(c - 1), pipeline_tag(index * pl.total_chunks() + c - 1, 3)).wait();
     }
     torch::Tensor out;
     {
@@ -832,9 +883,11 @@ torch::Tensor Trainer::pipeline_eval_loss(const data::Batch& batch, int64_t inde
     }
     if (c == pl.total_chunks() - 1) {
       loss = token_loss_sum(out, batch);
+    } else if (pl.rank_of(c + 1) == pl.stage) {
+      handed = out;
     } else {
       auto hidden = out.contiguous();
-      pl.stages->send(hidden, next, pipeline_tag(index * pl.total_chunks() + c, 3)).wait();
+      pl.stages->send(hidden, pl.rank_of(c + 1), pipeline_tag(index * pl.total_chunks() + c, 3)).wait();
     }
   }
   return loss;

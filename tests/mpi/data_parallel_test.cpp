@@ -375,13 +375,13 @@ TEST(MpiZero, ReshardsOntoAnotherNumberOfRanksBitForBit) {
 // so only the gradient norm's order of additions differs (stage sums added).
 // `parallel_only`: settings of the pipelined run alone.
 void check_pipeline(const std::vector<std::string>& extra, int stages, double bound = kMicroBatchMajorBound,
-                    const std::vector<std::string>& parallel_only = {}, int64_t layers = 4) {
+                    const std::vector<std::string>& parallel_only = {}, int64_t layers = 4, int64_t accum = 4) {
   auto* w = mpi_world();
   if (w == nullptr) GTEST_SKIP() << "multi-rank test: run under mpirun";
   at::set_num_threads(1);
   SharedDir shared(*w);
   testing::TempDir own;
-  const int64_t accum = 4, pipelines = w->size() / stages;
+  const int64_t pipelines = w->size() / stages;
   auto settings = extra;
   const std::string n_layers = "model.n_layers=" + std::to_string(layers);
   settings.insert(settings.end(), {n_layers, "parallel.pipeline_parallel=" + std::to_string(stages)});
@@ -439,6 +439,34 @@ TEST(MpiPipeline, InterleavedOneFOneBMatchesOneRank) {
   const double loss = t->evaluate().loss;
   testing::TempDir own;
   auto single = recipes::build_trainer(recipe(2, {"model.n_layers=" + std::to_string(2 * stages)}, 2 * stages), own / "one");
+  single->step();
+  EXPECT_NEAR(loss, single->evaluate().loss, 1e-5 * loss);
+}
+
+// DeepSeek's DualPipe-V: 2 chunks per rank in a V (rank 0 holds the first and the
+// last chunk: embedding and head on one rank, a tied head without a copy); dense
+// tied, MoE with an MTP module (which also reads the embedding table), and at 4
+// ranks also 2 pipelines x 2 stages with ZeRO-1.
+TEST(MpiPipeline, DualPipeVMatchesOneRank) {
+  auto* w = mpi_world();
+  if (w == nullptr) GTEST_SKIP() << "multi-rank test: run under mpirun";
+  const int stages = w->size();
+  check_pipeline({"parallel.pp_schedule=dualpipev"}, stages, kMicroBatchMajorBound, {}, 2 * stages, 2 * stages);
+  auto moe = kMoE;
+  moe.insert(moe.end(), {"parallel.pp_schedule=dualpipev", "model.mtp.depth=1"});
+  check_pipeline(moe, stages, kMicroBatchMajorBound, {}, 2 * stages, 2 * stages + 1);
+  if (stages == 4) check_pipeline({"parallel.pp_schedule=dualpipev", "parallel.zero_stage=1"}, 2);
+  at::set_num_threads(1);
+  SharedDir dir(*w);
+  auto t = recipes::build_trainer(recipe(2, {"model.n_layers=" + std::to_string(2 * stages),
+                                             "parallel.pipeline_parallel=" + std::to_string(stages),
+                                             "parallel.pp_schedule=dualpipev"}, 3 * stages),
+                                  dir / "in_flight", w);
+  // 2P + 1 chunk activations at most, on every rank.
+  EXPECT_EQ(t->step().pipeline_in_flight, 2 * stages + 1);
+  const double loss = t->evaluate().loss;
+  testing::TempDir own;
+  auto single = recipes::build_trainer(recipe(2, {"model.n_layers=" + std::to_string(2 * stages)}, 3 * stages), own / "one");
   single->step();
   EXPECT_NEAR(loss, single->evaluate().loss, 1e-5 * loss);
 }
@@ -559,6 +587,10 @@ TEST(MpiPipeline, BadLayoutsAreClearErrorsBeforeTraining) {
             std::string::npos);
   EXPECT_NE(message({"parallel.pipeline_parallel=2", "parallel.pp_schedule=interleaved_1f1b", "trainer.grad_accum_steps=3"})
                 .find("(trainer.grad_accum_steps = 3) to be a multiple of parallel.pipeline_parallel (2)"),
+            std::string::npos);
+  EXPECT_NE(message({"parallel.pipeline_parallel=2", "parallel.pp_schedule=dualpipev", "trainer.grad_accum_steps=3"})
+                .find("dualpipev needs at least 2 x parallel.pipeline_parallel micro-batches per step "
+                      "(trainer.grad_accum_steps = 3, pipeline_parallel 2)"),
             std::string::npos);
   EXPECT_NE(message({"parallel.pipeline_parallel=2", "parallel.pp_virtual_stages=2"})
                 .find("model chunks per rank need interleaved_1f1b"),

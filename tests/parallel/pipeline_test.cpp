@@ -52,6 +52,7 @@ TEST(PipelineSchedule, EveryMicroBatchOnceBackwardsInOrderAndBounded) {
 // chunk: its own forward); sends never block. Returns the makespan with forwards
 // taking 1 and backwards 2 time units per chunk, or -1 when the ranks deadlock.
 int64_t simulate(PipelineSchedule schedule, int stages, int chunks, int64_t micro) {
+  chunks = schedule == PipelineSchedule::kDualPipeV ? 2 : chunks;
   std::vector<std::vector<PipelineAction>> actions;
   for (int s = 0; s < stages; ++s) actions.push_back(pipeline_schedule(schedule, stages, s, micro, chunks));
   const int total = stages * chunks;
@@ -64,7 +65,8 @@ int64_t simulate(PipelineSchedule schedule, int stages, int chunks, int64_t micr
       auto& i = next[static_cast<size_t>(s)];
       if (i == actions[static_cast<size_t>(s)].size()) continue;
       const auto& a = actions[static_cast<size_t>(s)][i];
-      const int c = a.chunk * stages + s;
+      const int c = pipeline_model_chunk(schedule, stages, s, a.chunk);
+      EXPECT_EQ(pipeline_chunk_rank(schedule, stages, c), s);
       const bool forward = a.kind == Kind::kForward;
       std::optional<std::tuple<bool, int64_t, int>> need;
       if (forward && c > 0) need = std::make_tuple(true, a.micro, c - 1);
@@ -137,6 +139,42 @@ TEST(PipelineSchedule, InterleavedRunsEveryChunkWithoutDeadlockAndShrinksTheBubb
     EXPECT_NE(e.message().find("trainer.grad_accum_steps = 6) to be a multiple of parallel.pipeline_parallel (4)"),
               std::string::npos) << e.message();
   }
+}
+
+TEST(PipelineSchedule, DualPipeVRunsTheVWithoutDeadlock) {
+  for (int stages : {2, 4, 8}) {
+    for (int64_t micro : {int64_t{2 * stages}, int64_t{2 * stages + 1}, int64_t{4 * stages}}) {
+      SCOPED_TRACE(std::to_string(stages) + " stages, " + std::to_string(micro) + " micro-batches");
+      for (int stage = 0; stage < stages; ++stage) {
+        // Rank s holds chunks s and 2P - 1 - s: rank 0 the first and the last.
+        EXPECT_EQ(pipeline_model_chunk(PipelineSchedule::kDualPipeV, stages, stage, 0), stage);
+        EXPECT_EQ(pipeline_model_chunk(PipelineSchedule::kDualPipeV, stages, stage, 1), 2 * stages - 1 - stage);
+        const auto actions = pipeline_schedule(PipelineSchedule::kDualPipeV, stages, stage, micro, 2);
+        ASSERT_EQ(actions.size(), static_cast<size_t>(4 * micro));
+        for (int v = 0; v < 2; ++v) {
+          int64_t forward = 0, backward = 0;
+          for (const auto& a : actions) {
+            if (a.chunk != v) continue;
+            if (a.kind == Kind::kForward) EXPECT_EQ(a.micro, forward++);
+            else EXPECT_EQ(a.micro, backward++);
+          }
+          EXPECT_EQ(forward, micro);
+          EXPECT_EQ(backward, micro);
+        }
+        EXPECT_EQ(max_in_flight(actions), 2 * stages + 1) << "stage " << stage;
+      }
+      const int64_t makespan = simulate(PipelineSchedule::kDualPipeV, stages, 2, micro);
+      ASSERT_GT(makespan, 0) << "the ranks deadlock";
+      // Less idle time than 1F1B on the same work (its stage is two of these chunks).
+      EXPECT_LT(makespan, simulate(PipelineSchedule::k1F1B, stages, 1, micro) * 2);
+    }
+  }
+  // The first rank of 2: 2 forwards of chunk 0, then (F0, F1), then the main phase.
+  const auto a = pipeline_schedule(PipelineSchedule::kDualPipeV, 2, 0, 4, 2);
+  const std::vector<PipelineAction> head = {{Kind::kForward, 0, 0}, {Kind::kForward, 1, 0}, {Kind::kForward, 2, 0},
+                                            {Kind::kForward, 0, 1}, {Kind::kBackward, 0, 1}, {Kind::kForward, 1, 1}};
+  EXPECT_EQ(std::vector<PipelineAction>(a.begin(), a.begin() + 6), head);
+  EXPECT_THROW(pipeline_schedule(PipelineSchedule::kDualPipeV, 4, 0, 7, 2), Error);  // fewer than 2P
 }
 
 TEST(PipelineSchedule, StagesBalanceParametersOrFollowTheList) {
