@@ -188,6 +188,9 @@ static torch::Tensor hidden_like(const data::Batch& batch, int64_t d_model, c10:
                       torch::TensorOptions().dtype(torch::kFloat).device(device));
 }
 
+// A pipeline stage's FP8 state in a checkpoint's staging directory, until rank 0 merges it.
+static std::string fp8_stage_file(int stage) { return "fp8_stage_" + std::to_string(stage) + ".safetensors"; }
+
 // Point-to-point tags between stages: kind 0 activations, 1 their gradients, 2 the
 // tied head's gradient (all per micro-batch), 3 everything else.
 static int pipeline_tag(int64_t micro, int kind) { return static_cast<int>(micro * 4 + kind); }
@@ -237,14 +240,6 @@ Trainer::Trainer(TrainerOptions options, precision::PrecisionOptions precision, 
                   ") must divide the number of ranks (", world_size(), ")");
     BRIGADE_CHECK(stages <= layers, "parallel.pipeline_parallel (", stages, ") is more than model.n_layers (", layers,
                   "): every stage needs at least one block");
-    // Delayed scaling's amax histories live on the stage that runs their GEMMs, and
-    // checkpoints take the FP8 state from stage 0 alone.
-    BRIGADE_CHECK(precision_.fp8.recipe != precision::Fp8Recipe::kDelayed,
-                  "parallel.pipeline_parallel > 1 with precision.fp8_recipe=delayed is not supported yet "
-                  "(its amax histories are per stage); use blockwise or current");
-    BRIGADE_CHECK(context_.zero_stage == 0 || context_.expert_parallel == 1,
-                  "parallel.pipeline_parallel > 1 with both parallel.zero_stage=", context_.zero_stage,
-                  " and parallel.expert_parallel=", context_.expert_parallel, " is not supported yet");
     // ZeRO-2/3 reduce each micro-batch's gradients as one backward completes them;
     // a chunk's backward completes only its own.
     const bool chunked = context_.pp_schedule == parallel::PipelineSchedule::kInterleaved1F1B ||
@@ -379,14 +374,21 @@ OptimizerShards Trainer::optimizer_layout() const {
   OptimizerShards layout;
   if (pipeline_) {
     // One file per stage, each with its parameters whole; with ZeRO one per rank,
-    // each with its shards of its stage's buckets.
+    // each with its shards of its stage's buckets (and, with expert parallelism, the
+    // first EP group's expert slices: pipeline i < EP holds slice i, as without
+    // pipelines).
     for (const auto& item : model_->named_parameters()) layout.shapes[item.key()] = pipeline_->shapes.at(item.key());
     if (sharded()) {
       const int pipelines = dp_size();
-      std::vector<std::vector<std::string>> names(pipeline_->count);
+      const int ep = parallel_->expert_group() ? parallel_->expert_group()->size() : 1;
+      std::vector<std::vector<std::string>> names(pipeline_->count), experts(pipeline_->count);
       std::vector<std::vector<int64_t>> numels(pipeline_->count);
       for (const auto& item : model_->named_parameters()) {
         const int s = pipeline_->owner(item.key());
+        if (parallel_->is_expert_slice(item.key())) {
+          experts[s].push_back(item.key());
+          continue;
+        }
         names[s].push_back(item.key());
         numels[s].push_back(c10::multiply_integers(pipeline_->shapes.at(item.key())));
       }
@@ -402,6 +404,10 @@ OptimizerShards Trainer::optimizer_layout() const {
         OptimizerShard shard{optimizer_shard_file(r, world_size()), {}};
         for (const auto& seg : parallel::shard_segments(buckets, numels[s], i)) {
           shard.ranges[names[s][seg.param]] = {seg.begin, seg.begin + seg.length};
+        }
+        for (const auto& name : experts[s]) {
+          const int64_t slice = c10::multiply_integers(pipeline_->shapes.at(name)) / ep;
+          if (i < ep) shard.ranges[name] = {i * slice, (i + 1) * slice};
         }
         layout.shards.push_back(std::move(shard));
       }
@@ -1123,7 +1129,18 @@ std::filesystem::path Trainer::save_checkpoint() {
     failure = "it does not exist on this rank: ZeRO and pipeline checkpoints need the run directory on a filesystem every rank shares";
   } else {
     try {
-      auto state = pipeline_ ? optimizer_state() : optimizer_->state();  // collective with EP
+      // Delayed scaling's amax histories live on the stage that runs their GEMMs: the
+      // first pipeline's other stages leave theirs for rank 0 to merge.
+      if (pipeline_ && pipeline_->index == 0 && !pipeline_->first_stage()) {
+        model::NamedTensors own;
+        for (const auto& [key, t] : data.precision) {
+          if (pipeline_->owner(key) == pipeline_->stage) own.emplace_back(key, t);
+        }
+        if (!own.empty()) model::save_safetensors(staged / fp8_stage_file(pipeline_->stage), own);
+      }
+      // A pipeline stage's file holds whole expert tensors (gathered over the EP group);
+      // a ZeRO rank's holds its own slices, as the layout lists them.
+      auto state = pipeline_ && !sharded() ? optimizer_state() : optimizer_->state();
       if (writes) model::save_safetensors(staged / file, state);
     } catch (const std::exception& e) {
       failure = e.what();
@@ -1137,6 +1154,20 @@ std::filesystem::path Trainer::save_checkpoint() {
   std::filesystem::path dir;
   if (is_main_rank()) {
     data.optimizer_shards = optimizer_layout();
+    if (pipeline_) {
+      // Stage 0's own FP8 state, and every other stage's from its file.
+      model::NamedTensors merged;
+      for (const auto& [key, t] : data.precision) {
+        if (pipeline_->owner(key) == 0) merged.emplace_back(key, t);
+      }
+      for (int s = 1; s < pipeline_->count; ++s) {
+        const auto file = staged / fp8_stage_file(s);
+        if (!std::filesystem::exists(file)) continue;
+        for (auto& [key, t] : model::load_safetensors(file).tensors) merged.emplace_back(key, t.clone());
+        std::filesystem::remove(file);
+      }
+      data.precision = std::move(merged);
+    }
     dir = checkpoints_.save(data, staged);
   }
   group.barrier().wait();  // the checkpoint is complete for every rank
