@@ -146,8 +146,6 @@ TrainingPlan plan_training(const PlanInputs& in, const PlanOptions& options) {
                     in.trainer.grad_accum_steps % pp == 0,
                 "parallel.pp_schedule=interleaved_1f1b needs the micro-batches per step (trainer.grad_accum_steps = ",
                 in.trainer.grad_accum_steps, ") to be a multiple of parallel.pipeline_parallel (", pp, ")");
-  BRIGADE_CHECK(pp == 1 || ep == 1, "brigade plan does not model pipeline stages with expert parallelism yet "
-                "(the trainer runs them)");
   TrainingPlan p;
   p.gpu = gpu_spec(options.gpu);
   p.params = model::count_parameters(o);
@@ -169,7 +167,7 @@ TrainingPlan plan_training(const PlanInputs& in, const PlanOptions& options) {
   const double dense_shards = zero ? static_cast<double>(options.gpus) : 1.0;
   // ZeRO shards the dense parameters' state (and gradients) only: each
   // expert-parallel rank keeps its own experts' whole, as the trainer does.
-  const double per_rank_shard = dense / dense_shards + routed / static_cast<double>(ep);
+  double per_rank_shard = dense / dense_shards + routed / static_cast<double>(ep);
   // ZeRO-3 shards the blocks; the embedding, final norm, head and MTP projections stay whole.
   const double d_model = static_cast<double>(o.d_model);
   const double root = static_cast<double>(p.params.embedding) +
@@ -179,21 +177,40 @@ TrainingPlan plan_training(const PlanInputs& in, const PlanOptions& options) {
   double largest_block = (p.params_per_gpu - root) / blocks;
   if (o.n_layers >= 2) largest_block = static_cast<double>(*std::max_element(block.begin(), block.end()));
   if (pp > 1) {
-    // The fullest stage: its blocks, with the embedding
-    // on the first and the norm and head on the last (a copy of tied embeddings).
-    const double head = static_cast<double>(o.vocab_size) * d_model + d_model;
-    double most = 0;
+    // The fullest stage: its chunks' blocks (with expert parallelism, 1/EP of each
+    // MoE block's routed experts), the embedding on the rank of the first chunk, and
+    // the norm, head (a copy of tied embeddings unless it is that same rank) and MTP
+    // modules on the rank of the last.
+    const auto schedule = in.parallel.pp_schedule;
+    const int chunks = static_cast<int>(pp) * in.parallel.pp_chunks();
+    int64_t moe_blocks = 0;
+    for (int64_t b = 0; b < o.n_layers + o.mtp.depth; ++b) moe_blocks += o.is_moe_layer(b) ? 1 : 0;
+    const double routed_kept = moe_blocks > 0 ? routed / static_cast<double>(moe_blocks) / static_cast<double>(ep) : 0;
+    const double routed_block = moe_blocks > 0 ? routed / static_cast<double>(moe_blocks) : 0;
     const auto bounds = pipeline_boundaries(o, in.parallel);
-    for (int s = 0; s < pp; ++s) {
-      double held = 0;
-      for (int64_t i = bounds[static_cast<size_t>(s)]; i < bounds[static_cast<size_t>(s) + 1]; ++i) {
-        held += static_cast<double>(block[static_cast<size_t>(i)]);
+    std::vector<double> held(static_cast<size_t>(pp), 0.0), experts(static_cast<size_t>(pp), 0.0);
+    for (int c = 0; c < chunks; ++c) {
+      const auto r = static_cast<size_t>(parallel::pipeline_chunk_rank(schedule, static_cast<int>(pp), c));
+      for (int64_t i = bounds[static_cast<size_t>(c)]; i < bounds[static_cast<size_t>(c) + 1]; ++i) {
+        held[r] += static_cast<double>(block[static_cast<size_t>(i)]) - (o.is_moe_layer(i) ? routed_block - routed_kept : 0.0);
+        experts[r] += o.is_moe_layer(i) ? routed_kept : 0.0;
       }
-      if (s == 0) held += static_cast<double>(p.params.embedding);
-      if (s == pp - 1) held += head + (p.params.total - p.main_params.total);  // and the MTP modules
-      most = std::max(most, held);
     }
-    p.params_per_gpu = std::min(p.params_per_gpu, most);
+    const auto first = static_cast<size_t>(parallel::pipeline_chunk_rank(schedule, static_cast<int>(pp), 0));
+    const auto last = static_cast<size_t>(parallel::pipeline_chunk_rank(schedule, static_cast<int>(pp), chunks - 1));
+    held[first] += static_cast<double>(p.params.embedding);
+    const bool copy = !o.tie_embeddings || first != last;
+    double mtp_blocks_routed = 0;
+    for (int64_t j = 0; j < o.mtp.depth; ++j) mtp_blocks_routed += o.is_moe_layer(o.n_layers + j) ? routed_block - routed_kept : 0.0;
+    held[last] += (copy ? static_cast<double>(o.vocab_size) * d_model : 0.0) + d_model +
+                  static_cast<double>(p.params.total - p.main_params.total) - mtp_blocks_routed;  // and the MTP modules
+    for (int64_t j = 0; j < o.mtp.depth; ++j) experts[last] += o.is_moe_layer(o.n_layers + j) ? routed_kept : 0.0;
+    const auto fullest = static_cast<size_t>(std::max_element(held.begin(), held.end()) - held.begin());
+    p.params_per_gpu = std::min(p.params_per_gpu, held[fullest]);
+    // That stage's optimizer state: its dense parameters sharded over its
+    // data-parallel group (ZeRO), its experts whole.
+    const double stage_dense = held[fullest] - experts[fullest];
+    per_rank_shard = stage_dense / (zero ? static_cast<double>(options.gpus / pp) : 1.0) + experts[fullest];
   }
   const double bucket = stage == 3 ? largest_block * 4 : std::min(4 * p.params_per_gpu, static_cast<double>(in.parallel.bucket_bytes()));
   if (stage == 3) {
@@ -283,7 +300,7 @@ std::string format_plan(const TrainingPlan& p, const PlanInputs& in, const PlanO
   out << "memory per GPU    (" << count_text(p.params_per_gpu) << " parameters held)\n";
   for (const auto& item : p.memory) {
     std::string what = item.what;
-    what.resize(std::max<size_t>(what.size(), 34), ' ');
+    what.resize(std::max<size_t>(what.size() + 1, 34), ' ');
     out << "  " << what << gib(item.bytes) << "\n";
   }
   std::string total = "total";

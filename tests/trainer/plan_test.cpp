@@ -57,6 +57,24 @@ TEST(Plan, DeepSeekV3AsPublished) {
             << 100 * implied_mfu << "% MFU\n";
   // Without pipeline parallelism 27B parameters per GPU cannot fit in 80 GB.
   EXPECT_FALSE(p.fits());
+
+  // The report's layout: 16 pipeline stages x 64-way expert parallelism, ZeRO-1 over
+  // each stage's 128 data-parallel ranks (2048 GPUs).
+  auto layout = shipped("deepseek-v3-671b.yaml", {"parallel.pipeline_parallel=16", "parallel.expert_parallel=64",
+                                                   "parallel.zero_stage=1", "trainer.grad_accum_steps=32",
+                                                   "parallel.pp_schedule=dualpipev"});
+  const auto pp = plan_of(layout, options);
+  // A stage holds about 1/16 of the dense parameters and 1/(16 x 64) of the routed
+  // experts, the embedding, head and MTP module on its rank 0 as well.
+  const double routed = static_cast<double>(p.params.routed), dense = static_cast<double>(p.params.total) - routed;
+  const double even = (dense + routed / 64) / 16;
+  EXPECT_GT(pp.params_per_gpu, even);
+  EXPECT_LT(pp.params_per_gpu, 4 * even);
+  // The optimizer state: the stage's dense part over its 128 data-parallel ranks,
+  // its experts whole; a small fraction of the unpipelined plan's.
+  EXPECT_LT(item(pp, "AdamW moments"), item(p, "AdamW moments") / 10);
+  std::cout << "[ measured ] DeepSeek-V3 at PP 16 x EP 64 x ZeRO-1: " << pp.params_per_gpu / 1e9
+            << "B parameters held per GPU (an even split: " << even / 1e9 << "B)\n";
 }
 
 // Weights, gradients and AdamW state against the parameters of the built model.
