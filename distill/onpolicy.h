@@ -39,6 +39,7 @@ struct ScoreStats {
   // A remote teacher's (score_with_teacher_remote, distill/remote.h):
   int64_t topk_dropped = 0;  // a position with fewer than k candidates in the student's vocabulary: left out
   int64_t failed = 0;        // requests that failed after every retry: left out, asked again by a rerun
+  int64_t refused = 0;       // requests the server refused (HTTP 4xx, e.g. past its context): left out
   int64_t retried = 0;       // retries made
 };
 

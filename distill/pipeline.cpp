@@ -296,8 +296,8 @@ int onpolicy_stage(const Pipeline& p, PipelineState& s, bool run) {
                                                     round.dir() / "scored");
       log_info("distill: onpolicy: ", name, ": the teacher scored ", scored.scored + scored.already_done,
                " student samples (left out: ", scored.skipped, " cut at the token limit, ", scored.topk_dropped,
-               " with a position of fewer than ", op.topk, " candidates in the student's vocabulary, ", scored.failed,
-               " failed requests; ", scored.retried, " retries)");
+               " with a position of fewer than ", op.topk, " candidates in the student's vocabulary, ", scored.refused,
+               " refused by the server, ", scored.failed, " failed requests; ", scored.retried, " retries)");
       BRIGADE_CHECK(scored.failed == 0, "distill: onpolicy: ", name, ": ", scored.failed, " scoring requests failed ",
                     "after every retry (the log says why); run again to ask for them again");
     } else {

@@ -602,8 +602,16 @@ ScoreStats score_with_teacher_remote(const TeacherOptions& teacher, const data::
     tick();
   };
   jobs.failed = [&](size_t i, const std::string& problem) {
-    log_warn("on-policy: scoring ", jobs.label(i), " failed: ", problem, "; it is left out (a rerun asks again)");
-    ++stats.failed;
+    // A request the server refuses as such (HTTP 4xx: too long for its context, say)
+    // would be refused again: the sample is left out for good. Anything else is asked
+    // again by the next run.
+    if (problem.starts_with("HTTP 4")) {
+      log_warn("on-policy: scoring ", jobs.label(i), " refused: ", problem, "; the sample is left out");
+      ++stats.refused;
+    } else {
+      log_warn("on-policy: scoring ", jobs.label(i), " failed: ", problem, "; it is left out (a rerun asks again)");
+      ++stats.failed;
+    }
     tick();
   };
   jobs.before_stop = [&] { out.flush(); };

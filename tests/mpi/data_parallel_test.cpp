@@ -529,6 +529,12 @@ TEST(MpiPipeline, ExpertParallelTimesPipeline) {
   auto* w = mpi_world();
   if (w == nullptr || w->size() != 4) GTEST_SKIP() << "4-rank test";
   check_pipeline(kMoE, 2, kExpertParallelBound, {"parallel.expert_parallel=2"});
+  // The chunked schedules keep the EP groups in lockstep too (every pipeline runs the same order).
+  for (const std::string schedule : {"interleaved_1f1b", "dualpipev"}) {
+    auto settings = kMoE;
+    settings.push_back("parallel.pp_schedule=" + schedule);
+    check_pipeline(settings, 2, kExpertParallelBound, {"parallel.expert_parallel=2"});
+  }
 }
 
 // DeepSeek-V3's layout in small: PP 2 x EP 2 with ZeRO-1 (and ZeRO-2) over each
