@@ -219,10 +219,15 @@ TrainingPlan plan_training(const PlanInputs& in, const PlanOptions& options) {
   } else {
     p.memory.push_back({"weights (FP32 master)", 4 * p.params_per_gpu});
   }
+  // Measured with bench/zero_stages.py (small-dense, 2 and 4 ranks): at stages 2 and
+  // 3 two buckets are in flight beside the shards; at stages 0 and 1 the reducer
+  // keeps a flat FP32 copy of every gradient for its all-reduce (reduce-scatter).
+  const bool reduced = options.gpus / pp > 1;
   if (stage >= 2) {
-    p.memory.push_back({"gradients (FP32; ZeRO-2: shards + 2 buckets)", 4 * per_rank_shard + 2 * 2 * bucket});
+    p.memory.push_back({"gradients (FP32; ZeRO-2: shards + 2 buckets)", 4 * per_rank_shard + 2 * bucket});
   } else {
     p.memory.push_back({"gradients (FP32)", 4 * p.params_per_gpu});
+    if (reduced) p.memory.push_back({"gradient buckets (FP32, the reducer's flat copy)", 4 * p.params_per_gpu});
   }
   p.memory.push_back({std::string("AdamW moments (") + (state_bytes == 2 ? "bf16" : "fp32") +
                           (zero ? ", ZeRO-" + std::to_string(stage) + ")" : ")"),
