@@ -35,8 +35,6 @@ ParallelState::ParallelState(ParallelStateOptions options) : options_(options) {
                 size(), ")");
   BRIGADE_CHECK(ep == 1 || options_.num_experts % ep == 0, "model.moe.num_experts (", options_.num_experts,
                 ") must be divisible by parallel.expert_parallel (", ep, ")");
-  BRIGADE_CHECK(ep == 1 || options_.zero_stage <= 2, "parallel.zero_stage=", options_.zero_stage,
-                " together with parallel.expert_parallel > 1 is not supported yet; use zero_stage 0, 1 or 2");
   if (ep > 1) {
     auto& world = *options_.data_parallel;
     ep_group_ = world.split(world.rank() / static_cast<int>(ep), world.rank(), "ep");
@@ -96,7 +94,18 @@ void ParallelState::attach(NamedParams params, const std::vector<std::string>& e
   }
   if (stage == 3) {
     BRIGADE_CHECK(present > 0, "parallel.zero_stage=3 needs transformer blocks with trainable parameters");
-    units = zero3_units(blocks, params_.size());
+    // In the dense parameters' index space (the reducer's): expert slices are not
+    // replicas over the data-parallel group, so they stay whole on their EP rank (as
+    // at stage 2) and only the blocks' dense parameters are sharded.
+    std::vector<int64_t> dense_pos(params_.size(), -1);
+    for (size_t k = 0; k < dense_index.size(); ++k) dense_pos[dense_index[k]] = static_cast<int64_t>(k);
+    std::vector<std::vector<size_t>> dense_blocks(blocks.size());
+    for (size_t j = 0; j < blocks.size(); ++j) {
+      for (size_t i : blocks[j]) {
+        if (dense_pos[i] >= 0) dense_blocks[j].push_back(static_cast<size_t>(dense_pos[i]));
+      }
+    }
+    units = zero3_units(dense_blocks, dense_index.size());
   }
   std::vector<int64_t> numels;
   for (const auto& [name, p] : params_) numels.push_back(p.numel());

@@ -168,6 +168,8 @@ TrainingPlan plan_training(const PlanInputs& in, const PlanOptions& options) {
   // ZeRO shards the dense parameters' state (and gradients) only: each
   // expert-parallel rank keeps its own experts' whole, as the trainer does.
   double per_rank_shard = dense / dense_shards + routed / static_cast<double>(ep);
+  double experts_held = routed / static_cast<double>(ep);  // whole on their EP rank at every ZeRO stage
+  double zero_shards = dense_shards;                        // the data-parallel group ZeRO shards over
   // ZeRO-3 shards the blocks; the embedding, final norm, head and MTP projections stay whole.
   const double d_model = static_cast<double>(o.d_model);
   const double root = static_cast<double>(p.params.embedding) +
@@ -211,11 +213,14 @@ TrainingPlan plan_training(const PlanInputs& in, const PlanOptions& options) {
     // data-parallel group (ZeRO), its experts whole.
     const double stage_dense = held[fullest] - experts[fullest];
     per_rank_shard = stage_dense / (zero ? static_cast<double>(options.gpus / pp) : 1.0) + experts[fullest];
+    experts_held = experts[fullest];
+    zero_shards = zero ? static_cast<double>(options.gpus / pp) : 1.0;
   }
   const double bucket = stage == 3 ? largest_block * 4 : std::min(4 * p.params_per_gpu, static_cast<double>(in.parallel.bucket_bytes()));
   if (stage == 3) {
     p.memory.push_back({"weights (FP32; ZeRO-3: blocks sharded, 2 whole)",
-                        4 * (root + (p.params_per_gpu - root) / dense_shards + 2 * largest_block)});
+                        4 * (root + experts_held + (p.params_per_gpu - root - experts_held) / zero_shards +
+                             2 * largest_block)});
   } else {
     p.memory.push_back({"weights (FP32 master)", 4 * p.params_per_gpu});
   }
