@@ -399,7 +399,7 @@ std::vector<Field> build_schema() {
   s.push_back(integer<int64_t>("distill.onpolicy.prompts_per_round", REF(distill.onpolicy.prompts_per_round), "Prompts the student answers per round (rotating through the prompt set): how often its samples are refreshed.", 1));
   s.push_back(integer<int64_t>("distill.onpolicy.samples", REF(distill.onpolicy.samples), "Student samples per prompt per round.", 1));
   s.push_back(real("distill.onpolicy.temperature", REF(distill.onpolicy.temperature), "The student's sampling temperature.", 1e-6, 10.0));
-  s.push_back(integer<int64_t>("distill.onpolicy.topk", REF(distill.onpolicy.topk), "Teacher log-probs kept per student token (capped at the vocabulary: the whole distribution for small ones).", 1));
+  s.push_back(integer<int64_t>("distill.onpolicy.topk", REF(distill.onpolicy.topk), "Teacher log-probs kept per student token (capped at the vocabulary: the whole distribution for small ones; at most 20 with a remote teacher, which scores through echo + logprobs).", 1));
   s.push_back(choice("distill.onpolicy.loss", REF(distill.onpolicy.loss), "The per-token divergence on the student's samples: reverse_kl (GKD's default, mode-seeking), forward_kl or jsd.",
                      {"forward_kl", "reverse_kl", "jsd"}, distill::parse_kd_loss, [](distill::KdLoss v) { return distill::to_string(v); }));
   s.push_back(real("distill.onpolicy.beta", REF(distill.onpolicy.beta), "jsd: the mixture's teacher weight, in (0, 1).", 1e-6, 1.0 - 1e-6));
