@@ -6,16 +6,19 @@ against the schedule's theoretical bubble, and the step time against one rank.
         [--micro 4,8] [--steps 20] [--threads 1]
 
 For each micro-batch count M and schedule (gpipe, 1f1b, interleaved_1f1b with 2
-chunks per rank, dualpipev when M >= 2P) it runs
-`brigade launch -n P -- train` with parallel.pipeline_parallel = P and
-trainer.grad_accum_steps = M, and reads metrics.jsonl (rank 0 = stage 0):
-pp_wait_seconds (time the stage waited for its neighbour's activations or
-gradients) over step_seconds is the measured bubble, printed beside the
-theoretical (P - 1) / (V M + P - 1) of equal-cost stages (V = 2 chunks for
-interleaved_1f1b, else 1; for dualpipev the bubble its action lists leave when
-simulated with forwards of 1 and backwards of 2 time units); held counts
-micro-batches, or chunks for interleaved_1f1b and dualpipev. One process with the same
-recipe and M micro-batches gives the unpipelined step time. Medians over steps 4..
+chunks per rank, dualpipev when M >= 2P) it runs `brigade launch -n P -- train`
+with parallel.pipeline_parallel = P and trainer.grad_accum_steps = M, and reads
+metrics.jsonl (rank 0 = stage 0): pp_wait_seconds (time the stage waited for its
+neighbour's activations or gradients) over step_seconds is the measured bubble,
+printed beside the theoretical (P - 1) / (V M + P - 1) of equal-cost stages (V = 2
+chunks for interleaved_1f1b, else 1; for dualpipev the bubble its action lists
+leave when simulated with forwards of 1 and backwards of 2 time units). Stage 0's
+wait misses the time other stages wait for stage 0 (DualPipe-V's rank 0 runs the
+embedding and the head), so the step t is also set against t1, one process's step
+with the same recipe and M micro-batches: 1 - t1 / (P t) is the share of the P
+ranks' time not spent on one process's work (bubble, imbalance and messages
+together). held counts micro-batches, or chunks for interleaved_1f1b and
+dualpipev. Medians over steps 4..
 """
 
 import argparse
@@ -97,8 +100,8 @@ def main():
     args = ap.parse_args()
     p = args.stages
     print(f"{Path(args.recipe).name}, {p} stages x {args.threads} thread(s), {args.steps} steps (medians over steps 4..)")
-    print("| M | schedule | step ms | 1 rank step ms | stage-0 wait ms | measured bubble | theoretical (P-1)/(VM+P-1) | held |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| M | schedule | step ms | 1 rank step ms | stage-0 wait ms | measured bubble | theoretical (P-1)/(VM+P-1) | 1 - t1/(P t) | held |")
+    print("|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for micro in [int(m) for m in args.micro.split(",")]:
             one = run(args, 1, micro, "", Path(tmp) / f"one{micro}")
@@ -112,7 +115,7 @@ def main():
                 wait = statistics.median(l["pp_wait_seconds"] for l in lines)
                 held = max(l["pp_in_flight"] for l in lines)
                 print(f"| {micro} | {schedule} | {step * 1000:.0f} | {t1 * 1000:.0f} | {wait * 1000:.0f} | "
-                      f"{wait / step:.2f} | {theory(schedule, p, micro, chunks):.2f} | {held} |")
+                      f"{wait / step:.2f} | {theory(schedule, p, micro, chunks):.2f} | {1 - t1 / (p * step):.2f} | {held} |")
 
 
 if __name__ == "__main__":
