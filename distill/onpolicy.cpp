@@ -25,27 +25,15 @@ std::vector<Prompt> round_prompts(const std::vector<Prompt>& prompts, int64_t ro
   return out;
 }
 
-ScoreStats score_with_teacher(model::Transformer& teacher, const data::Tokenizer& tokenizer,
-                              const std::vector<Prompt>& prompts, const std::filesystem::path& samples_dir, int64_t k,
-                              int64_t batch_size, const std::filesystem::path& out_dir) {
-  BRIGADE_CHECK(k >= 1 && batch_size >= 1, "on-policy scoring needs k >= 1 and batch_size >= 1");
+std::vector<SampleToScore> samples_to_score(const data::Tokenizer& tokenizer, const std::vector<Prompt>& prompts,
+                                            const TraceReader& samples, const TraceWriter& out, ScoreStats& stats) {
   std::unordered_map<std::string, const Prompt*> by_id;
   for (const Prompt& p : prompts) {
     BRIGADE_CHECK(!p.chat(), "on-policy: prompt '", p.id, "' is a chat prompt; on-policy distillation takes text ",
                   "prompts only (chat documents get no KD targets)");
     by_id.emplace(p.id, &p);
   }
-  const int64_t vocab = std::min<int64_t>(tokenizer.vocab_size(), teacher->options().vocab_size);
-  k = std::min(k, vocab);
-  const TraceReader samples(samples_dir);
-  TraceWriter out(out_dir, k);
-  ScoreStats stats;
-  struct Job {
-    const Trace* trace;
-    std::vector<int64_t> context;     // [BOS] + prompt
-    std::vector<int64_t> completion;  // re-encoded text
-  };
-  std::vector<Job> jobs;
+  std::vector<SampleToScore> todo;
   for (const Trace& t : samples.traces()) {
     if (out.done().contains({t.prompt_id, t.sample})) {
       ++stats.already_done;
@@ -56,7 +44,22 @@ ScoreStats score_with_teacher(model::Transformer& teacher, const data::Tokenizer
       ++stats.skipped;
       continue;
     }
-    Job job{&t, prompt_tokens(tokenizer, *it->second), tokenizer.encode(t.text)};
+    todo.push_back({&t, prompt_tokens(tokenizer, *it->second), tokenizer.encode(t.text)});
+  }
+  return todo;
+}
+
+ScoreStats score_with_teacher(model::Transformer& teacher, const data::Tokenizer& tokenizer,
+                              const std::vector<Prompt>& prompts, const std::filesystem::path& samples_dir, int64_t k,
+                              int64_t batch_size, const std::filesystem::path& out_dir) {
+  BRIGADE_CHECK(k >= 1 && batch_size >= 1, "on-policy scoring needs k >= 1 and batch_size >= 1");
+  const int64_t vocab = std::min<int64_t>(tokenizer.vocab_size(), teacher->options().vocab_size);
+  k = std::min(k, vocab);
+  const TraceReader samples(samples_dir);
+  TraceWriter out(out_dir, k);
+  ScoreStats stats;
+  std::vector<SampleToScore> jobs;
+  for (auto& job : samples_to_score(tokenizer, prompts, samples, out, stats)) {
     if (static_cast<int64_t>(job.context.size() + job.completion.size()) > teacher->options().max_seq_len) {
       ++stats.skipped;
       continue;
@@ -82,7 +85,7 @@ ScoreStats score_with_teacher(model::Transformer& teacher, const data::Tokenizer
     }
     const torch::Tensor logits = teacher->forward(ids.to(device)).to(torch::kCPU, torch::kFloat);  // [rows, T, V]
     for (size_t j = first; j < last; ++j) {
-      const Job& job = jobs[j];
+      const SampleToScore& job = jobs[j];
       const auto p = static_cast<int64_t>(job.context.size());
       const auto n = static_cast<int64_t>(job.completion.size());
       // Position p - 1 + t predicts completion token t (t < n) and, at t = n, the EOS.

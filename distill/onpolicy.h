@@ -28,6 +28,7 @@
 #include "data/tokenizer.h"
 #include "distill/options.h"
 #include "distill/prompts.h"
+#include "distill/traces.h"
 #include "model/transformer.h"
 
 namespace brigade::distill {
@@ -42,6 +43,19 @@ struct ScoreStats {
   int64_t refused = 0;       // requests the server refused (HTTP 4xx, e.g. past its context): left out
   int64_t retried = 0;       // retries made
 };
+
+// A sample to score: its trace, the context [BOS] + prompt, and its text re-encoded.
+struct SampleToScore {
+  const Trace* trace = nullptr;
+  std::vector<int64_t> context;
+  std::vector<int64_t> completion;
+};
+
+// The samples of `samples` that ended at the EOS and are not yet in `out` (the others
+// counted in stats.already_done and stats.skipped): what a local or a remote teacher
+// scores. Chat prompts are refused.
+std::vector<SampleToScore> samples_to_score(const data::Tokenizer& tokenizer, const std::vector<Prompt>& prompts,
+                                            const TraceReader& samples, const TraceWriter& out, ScoreStats& stats);
 
 // For every sample in the trace store `samples_dir` that ended at the EOS: the
 // teacher's log-probabilities (temperature 1, top-k most likely, k = min(k,

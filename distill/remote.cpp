@@ -11,7 +11,6 @@
 #include <deque>
 #include <functional>
 #include <memory>
-#include <unordered_map>
 
 #include <nlohmann/json.hpp>
 
@@ -150,9 +149,10 @@ nlohmann::json remote_request(const TeacherOptions& teacher, const GenerateOptio
   return body;
 }
 
-Trace parse_remote_reply(const TeacherOptions& teacher, const GenerateOptions& options,
-                         const data::Tokenizer& tokenizer, const std::string& body, bool& topk_dropped) {
-  topk_dropped = false;
+namespace {
+
+// A 200 reply's JSON, checked to hold a first choice (an Error saying what is wrong).
+nlohmann::json parse_reply(const std::string& body) {
   nlohmann::json reply;
   try {
     reply = nlohmann::json::parse(body);
@@ -166,7 +166,16 @@ Trace parse_remote_reply(const TeacherOptions& teacher, const GenerateOptions& o
   auto choices = reply.find("choices");
   BRIGADE_CHECK(choices != reply.end() && choices->is_array() && !choices->empty() && (*choices)[0].is_object(),
                 "the reply has no \"choices\"");
-  const auto& choice = (*choices)[0];
+  return reply;
+}
+
+}  // namespace
+
+Trace parse_remote_reply(const TeacherOptions& teacher, const GenerateOptions& options,
+                         const data::Tokenizer& tokenizer, const std::string& body, bool& topk_dropped) {
+  topk_dropped = false;
+  const nlohmann::json reply = parse_reply(body);
+  const auto& choice = reply["choices"][0];
   Trace t;
   const bool chat = teacher.api == "chat";
   if (chat) {
@@ -485,19 +494,8 @@ std::optional<std::pair<torch::Tensor, torch::Tensor>> parse_scoring_reply(const
                                                                            const std::vector<int64_t>& ids,
                                                                            size_t first, int64_t k) {
   BRIGADE_CHECK(first >= 1 && first < ids.size(), "scoring: first position ", first, " outside 1..", ids.size() - 1);
-  nlohmann::json reply;
-  try {
-    reply = nlohmann::json::parse(body);
-  } catch (const nlohmann::json::exception& e) {
-    BRIGADE_FAIL("the reply is not JSON (", e.what(), ")");
-  }
-  BRIGADE_CHECK(reply.is_object(), "the reply is not a JSON object");
-  if (auto error = reply.find("error"); error != reply.end() && !error->is_null())
-    BRIGADE_FAIL("the server answered with an error: ", error->dump());
-  auto choices = reply.find("choices");
-  BRIGADE_CHECK(choices != reply.end() && choices->is_array() && !choices->empty() && (*choices)[0].is_object(),
-                "the reply has no \"choices\"");
-  const auto& choice = (*choices)[0];
+  const nlohmann::json reply = parse_reply(body);
+  const auto& choice = reply["choices"][0];
   auto logprobs = choice.find("logprobs");
   const auto* tokens = logprobs != choice.end() && logprobs->is_object() && logprobs->contains("tokens")
                            ? &(*logprobs)["tokens"] : nullptr;
@@ -534,12 +532,6 @@ ScoreStats score_with_teacher_remote(const TeacherOptions& teacher, const data::
                                      const std::vector<Prompt>& prompts, const fs::path& samples_dir, int64_t k,
                                      const fs::path& out_dir, bool progress) {
   BRIGADE_CHECK(k >= 1, "on-policy scoring needs k >= 1");
-  std::unordered_map<std::string, const Prompt*> by_id;
-  for (const Prompt& p : prompts) {
-    BRIGADE_CHECK(!p.chat(), "on-policy: prompt '", p.id, "' is a chat prompt; on-policy distillation takes text ",
-                  "prompts only (chat documents get no KD targets)");
-    by_id.emplace(p.id, &p);
-  }
   // Echo is an API of /v1/completions only, whatever distill.teacher.api says.
   TeacherOptions completions = teacher;
   completions.api = "completions";
@@ -553,19 +545,10 @@ ScoreStats score_with_teacher_remote(const TeacherOptions& teacher, const data::
     size_t first;              // the entry that predicts the completion's first token
   };
   std::vector<Request> requests;
-  for (const Trace& t : samples.traces()) {
-    if (out.done().contains({t.prompt_id, t.sample})) {
-      ++stats.already_done;
-      continue;
-    }
-    auto it = by_id.find(t.prompt_id);
-    if (t.failed() || t.finish_reason != "stop" || it == by_id.end()) {
-      ++stats.skipped;
-      continue;
-    }
-    Request r{&t, prompt_tokens(tokenizer, *it->second), 0};
+  for (auto& s : samples_to_score(tokenizer, prompts, samples, out, stats)) {
+    Request r{s.trace, std::move(s.context), 0};
     r.first = r.ids.size();
-    for (int64_t id : tokenizer.encode(t.text)) r.ids.push_back(id);
+    r.ids.insert(r.ids.end(), s.completion.begin(), s.completion.end());
     r.ids.push_back(tokenizer.eos_id());
     requests.push_back(std::move(r));
   }

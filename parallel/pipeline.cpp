@@ -25,6 +25,15 @@ PipelineSchedule parse_pipeline_schedule(const std::string& name) {
   BRIGADE_FAIL("unknown pipeline schedule '", name, "' (expected gpipe, 1f1b, interleaved_1f1b or dualpipev)");
 }
 
+void check_pipeline_micro_batches(PipelineSchedule schedule, int64_t stages, int64_t micro_batches) {
+  BRIGADE_CHECK(schedule != PipelineSchedule::kInterleaved1F1B || micro_batches % stages == 0,
+                "parallel.pp_schedule=interleaved_1f1b needs the micro-batches per step (trainer.grad_accum_steps = ",
+                micro_batches, ") to be a multiple of parallel.pipeline_parallel (", stages, ")");
+  BRIGADE_CHECK(schedule != PipelineSchedule::kDualPipeV || micro_batches >= 2 * stages,
+                "parallel.pp_schedule=dualpipev needs at least 2 x parallel.pipeline_parallel micro-batches per step ",
+                "(trainer.grad_accum_steps = ", micro_batches, ", pipeline_parallel ", stages, ")");
+}
+
 int pipeline_model_chunk(PipelineSchedule schedule, int stages, int stage, int v) {
   if (schedule == PipelineSchedule::kDualPipeV) return v == 0 ? stage : 2 * stages - 1 - stage;
   return v * stages + stage;
@@ -41,12 +50,10 @@ std::vector<PipelineAction> pipeline_schedule(PipelineSchedule schedule, int sta
                  "pipeline schedule for stage ", stage, " of ", stages, " with ", micro_batches, " micro-batches");
   using Kind = PipelineAction::Kind;
   std::vector<PipelineAction> out;
+  check_pipeline_micro_batches(schedule, stages, micro_batches);
   if (schedule == PipelineSchedule::kInterleaved1F1B) {
     BRIGADE_CHECK(chunks >= 2, "parallel.pp_schedule=interleaved_1f1b needs parallel.pp_virtual_stages >= 2, got ",
                   chunks);
-    BRIGADE_CHECK(micro_batches % stages == 0, "parallel.pp_schedule=interleaved_1f1b needs the micro-batches per ",
-                  "step (trainer.grad_accum_steps = ", micro_batches, ") to be a multiple of ",
-                  "parallel.pipeline_parallel (", stages, ")");
     const int64_t group = static_cast<int64_t>(stages) * chunks;  // micro-batch steps of one round of chunks
     const int64_t total = micro_batches * chunks;
     // Forward step k: P micro-batches through chunk 0, the same P through chunk 1, ...
@@ -70,9 +77,6 @@ std::vector<PipelineAction> pipeline_schedule(PipelineSchedule schedule, int sta
   }
   if (schedule == PipelineSchedule::kDualPipeV) {
     BRIGADE_ASSERT(chunks == 2, "dualpipev runs 2 chunks per rank, not ", chunks);
-    BRIGADE_CHECK(micro_batches >= 2 * stages, "parallel.pp_schedule=dualpipev needs at least 2 x ",
-                  "parallel.pipeline_parallel micro-batches per step (trainer.grad_accum_steps = ", micro_batches,
-                  ", pipeline_parallel ", stages, ")");
     int64_t next[2] = {0, 0}, back[2] = {0, 0};
     auto forward = [&](int v) { out.push_back({Kind::kForward, next[v]++, v}); };
     auto backward = [&](int v) { out.push_back({Kind::kBackward, back[v]++, v}); };

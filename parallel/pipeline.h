@@ -59,6 +59,11 @@ struct PipelineAction {
 std::vector<PipelineAction> pipeline_schedule(PipelineSchedule schedule, int stages, int stage, int64_t micro_batches,
                                               int chunks = 1);
 
+// The micro-batches per step a schedule needs with `stages` ranks: a multiple of
+// the stages for interleaved_1f1b, at least twice them for dualpipev. An Error
+// naming trainer.grad_accum_steps and parallel.pipeline_parallel otherwise.
+void check_pipeline_micro_batches(PipelineSchedule schedule, int64_t stages, int64_t micro_batches);
+
 // Where the chunks are: the model chunk (0 .. P x V - 1, in model order) of rank
 // `stage`'s chunk v, and the rank holding model chunk c.
 int pipeline_model_chunk(PipelineSchedule schedule, int stages, int stage, int v);

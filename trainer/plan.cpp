@@ -138,14 +138,7 @@ TrainingPlan plan_training(const PlanInputs& in, const PlanOptions& options) {
   const int64_t pp = in.parallel.pipeline_parallel;
   BRIGADE_CHECK(options.gpus % pp == 0, "parallel.pipeline_parallel (", pp, ") must divide --gpus (", options.gpus, ")");
   BRIGADE_CHECK(pp <= o.n_layers, "parallel.pipeline_parallel (", pp, ") is more than model.n_layers (", o.n_layers, ")");
-  BRIGADE_CHECK(pp == 1 || in.parallel.pp_schedule != parallel::PipelineSchedule::kDualPipeV ||
-                    in.trainer.grad_accum_steps >= 2 * pp,
-                "parallel.pp_schedule=dualpipev needs at least 2 x parallel.pipeline_parallel micro-batches per step ",
-                "(trainer.grad_accum_steps = ", in.trainer.grad_accum_steps, ", pipeline_parallel ", pp, ")");
-  BRIGADE_CHECK(pp == 1 || in.parallel.pp_schedule != parallel::PipelineSchedule::kInterleaved1F1B ||
-                    in.trainer.grad_accum_steps % pp == 0,
-                "parallel.pp_schedule=interleaved_1f1b needs the micro-batches per step (trainer.grad_accum_steps = ",
-                in.trainer.grad_accum_steps, ") to be a multiple of parallel.pipeline_parallel (", pp, ")");
+  if (pp > 1) parallel::check_pipeline_micro_batches(in.parallel.pp_schedule, pp, in.trainer.grad_accum_steps);
   TrainingPlan p;
   p.gpu = gpu_spec(options.gpu);
   p.params = model::count_parameters(o);
@@ -262,9 +255,9 @@ TrainingPlan plan_training(const PlanInputs& in, const PlanOptions& options) {
                                                                         static_cast<int>(v)));
       blocks += bounds[c + 1] - bounds[c];
     }
-    int64_t in_flight = in.parallel.pp_schedule == parallel::PipelineSchedule::kGpipe ? micro : std::min(pp, micro);
-    if (chunks > 1) in_flight = micro == pp ? micro * chunks : std::min(micro * chunks, (pp - 1) * 2 + (chunks - 1) * pp + 1);
-    if (in.parallel.pp_schedule == parallel::PipelineSchedule::kDualPipeV) in_flight = 2 * pp + 1;
+    // What stage 0's own schedule holds at most (the schedule the trainer runs).
+    const int64_t in_flight = parallel::max_in_flight(
+        parallel::pipeline_schedule(in.parallel.pp_schedule, static_cast<int>(pp), 0, micro, static_cast<int>(chunks)));
     const double share = static_cast<double>(blocks) / static_cast<double>(chunks * o.n_layers);
     p.memory.push_back({"activations (" + std::to_string(in_flight) + (chunks > 1 ? " chunks" : " micro batches") +
                             " in flight, stage 0)",

@@ -247,14 +247,7 @@ Trainer::Trainer(TrainerOptions options, precision::PrecisionOptions precision, 
     BRIGADE_CHECK(!chunked || context_.zero_stage <= 1, "parallel.pp_schedule=", parallel::to_string(context_.pp_schedule),
                   " with parallel.zero_stage=", context_.zero_stage,
                   " is not supported yet; use zero_stage 0 or 1, or pp_schedule 1f1b");
-    BRIGADE_CHECK(context_.pp_schedule != parallel::PipelineSchedule::kDualPipeV ||
-                      options_.grad_accum_steps >= 2 * stages,
-                  "parallel.pp_schedule=dualpipev needs at least 2 x parallel.pipeline_parallel micro-batches per step ",
-                  "(trainer.grad_accum_steps = ", options_.grad_accum_steps, ", pipeline_parallel ", stages, ")");
-    BRIGADE_CHECK(context_.pp_schedule != parallel::PipelineSchedule::kInterleaved1F1B ||
-                      options_.grad_accum_steps % stages == 0,
-                  "parallel.pp_schedule=interleaved_1f1b needs the micro-batches per step (trainer.grad_accum_steps = ",
-                  options_.grad_accum_steps, ") to be a multiple of parallel.pipeline_parallel (", stages, ")");
+    parallel::check_pipeline_micro_batches(context_.pp_schedule, stages, options_.grad_accum_steps);
     pipeline_ = std::make_unique<Pipeline>();
     auto& pl = *pipeline_;
     auto& world = *context_.data_parallel;

@@ -413,6 +413,26 @@ TEST(MpiPipeline, OneFOneBAndGpipeMatchOneRank) {
   check_pipeline(moe, w->size());
 }
 
+// One step of a chunked schedule over every rank as stages (2 chunks each, 2 blocks
+// per stage): the chunk activations this rank held at once, and an evaluation that
+// passes every rank's chunks in model order, against one process's loss on the same
+// weights.
+void check_chunked_step(const std::string& schedule, int64_t accum, int64_t in_flight) {
+  auto* w = mpi_world();
+  at::set_num_threads(1);
+  const std::string layers = "model.n_layers=" + std::to_string(2 * w->size());
+  SharedDir dir(*w);
+  auto t = recipes::build_trainer(recipe(2, {layers, "parallel.pipeline_parallel=" + std::to_string(w->size()),
+                                             "parallel.pp_schedule=" + schedule}, accum),
+                                  dir / "in_flight", w);
+  EXPECT_EQ(t->step().pipeline_in_flight, in_flight) << schedule;
+  const double loss = t->evaluate().loss;
+  testing::TempDir own;
+  auto single = recipes::build_trainer(recipe(2, {layers}, accum), own / "one");
+  single->step();
+  EXPECT_NEAR(loss, single->evaluate().loss, 1e-5 * loss) << schedule;
+}
+
 // Megatron's interleaved schedule: each rank holds 2 chunks (3 with MoE), so a
 // micro-batch passes every rank 2 (3) times; dense with a tied head, MoE with an
 // MTP module, and at 4 ranks also 2 pipelines x 2 stages. The gradients of each
@@ -427,20 +447,7 @@ TEST(MpiPipeline, InterleavedOneFOneBMatchesOneRank) {
   check_pipeline(moe, stages, kMicroBatchMajorBound, {}, 3 * stages);
   if (stages == 4) check_pipeline({"parallel.pp_schedule=interleaved_1f1b", "parallel.zero_stage=1"}, 2);
   // Chunk activations held at once: the schedule's warm-up forwards plus one.
-  at::set_num_threads(1);
-  SharedDir dir(*w);
-  auto t = recipes::build_trainer(recipe(2, {"model.n_layers=" + std::to_string(2 * stages),
-                                             "parallel.pipeline_parallel=" + std::to_string(stages),
-                                             "parallel.pp_schedule=interleaved_1f1b"}, 2 * stages),
-                                  dir / "in_flight", w);
-  const auto r = t->step();
-  EXPECT_EQ(r.pipeline_in_flight, (stages - w->rank() - 1) * 2 + stages + 1);
-  // Evaluation passes every rank's chunks in model order: one process's loss on the same weights.
-  const double loss = t->evaluate().loss;
-  testing::TempDir own;
-  auto single = recipes::build_trainer(recipe(2, {"model.n_layers=" + std::to_string(2 * stages)}, 2 * stages), own / "one");
-  single->step();
-  EXPECT_NEAR(loss, single->evaluate().loss, 1e-5 * loss);
+  check_chunked_step("interleaved_1f1b", 2 * stages, (stages - w->rank() - 1) * 2 + stages + 1);
 }
 
 // DeepSeek's DualPipe-V: 2 chunks per rank in a V (rank 0 holds the first and the
@@ -456,19 +463,8 @@ TEST(MpiPipeline, DualPipeVMatchesOneRank) {
   moe.insert(moe.end(), {"parallel.pp_schedule=dualpipev", "model.mtp.depth=1"});
   check_pipeline(moe, stages, kMicroBatchMajorBound, {}, 2 * stages, 2 * stages + 1);
   if (stages == 4) check_pipeline({"parallel.pp_schedule=dualpipev", "parallel.zero_stage=1"}, 2);
-  at::set_num_threads(1);
-  SharedDir dir(*w);
-  auto t = recipes::build_trainer(recipe(2, {"model.n_layers=" + std::to_string(2 * stages),
-                                             "parallel.pipeline_parallel=" + std::to_string(stages),
-                                             "parallel.pp_schedule=dualpipev"}, 3 * stages),
-                                  dir / "in_flight", w);
   // 2P + 1 chunk activations at most, on every rank.
-  EXPECT_EQ(t->step().pipeline_in_flight, 2 * stages + 1);
-  const double loss = t->evaluate().loss;
-  testing::TempDir own;
-  auto single = recipes::build_trainer(recipe(2, {"model.n_layers=" + std::to_string(2 * stages)}, 3 * stages), own / "one");
-  single->step();
-  EXPECT_NEAR(loss, single->evaluate().loss, 1e-5 * loss);
+  check_chunked_step("dualpipev", 3 * stages, 2 * stages + 1);
 }
 
 // The activations a stage holds at once: all 4 micro-batches with GPipe, at most

@@ -90,6 +90,21 @@ int64_t simulate(PipelineSchedule schedule, int stages, int chunks, int64_t micr
   return *std::max_element(clock.begin(), clock.end());
 }
 
+// Each chunk of a rank's actions: every micro-batch forward once and backward
+// once, each in micro-batch order.
+void expect_each_chunk_in_order(const std::vector<PipelineAction>& actions, int chunks, int64_t micro) {
+  for (int v = 0; v < chunks; ++v) {
+    int64_t forward = 0, backward = 0;
+    for (const auto& a : actions) {
+      if (a.chunk != v) continue;
+      if (a.kind == Kind::kForward) EXPECT_EQ(a.micro, forward++);
+      else EXPECT_EQ(a.micro, backward++);
+    }
+    EXPECT_EQ(forward, micro) << "chunk " << v;
+    EXPECT_EQ(backward, micro) << "chunk " << v;
+  }
+}
+
 TEST(PipelineSchedule, InterleavedRunsEveryChunkWithoutDeadlockAndShrinksTheBubble) {
   for (int stages : {2, 4}) {
     for (int chunks : {2, 3}) {
@@ -99,17 +114,7 @@ TEST(PipelineSchedule, InterleavedRunsEveryChunkWithoutDeadlockAndShrinksTheBubb
         for (int stage = 0; stage < stages; ++stage) {
           const auto actions = pipeline_schedule(PipelineSchedule::kInterleaved1F1B, stages, stage, micro, chunks);
           ASSERT_EQ(actions.size(), static_cast<size_t>(2 * micro * chunks));
-          // Each chunk: every micro-batch forward once, backwards in micro-batch order after their forwards.
-          for (int v = 0; v < chunks; ++v) {
-            int64_t forward = 0, backward = 0;
-            for (const auto& a : actions) {
-              if (a.chunk != v) continue;
-              if (a.kind == Kind::kForward) EXPECT_EQ(a.micro, forward++);
-              else EXPECT_EQ(a.micro, backward++);
-            }
-            EXPECT_EQ(forward, micro);
-            EXPECT_EQ(backward, micro);
-          }
+          expect_each_chunk_in_order(actions, chunks, micro);
           // Chunk activations held: the warm-up forwards plus one (all of them when M = P).
           const int64_t bound = micro == stages ? micro * chunks : (stages - stage - 1) * 2 + (chunks - 1) * stages + 1;
           EXPECT_EQ(max_in_flight(actions), bound) << "stage " << stage;
@@ -151,16 +156,7 @@ TEST(PipelineSchedule, DualPipeVRunsTheVWithoutDeadlock) {
         EXPECT_EQ(pipeline_model_chunk(PipelineSchedule::kDualPipeV, stages, stage, 1), 2 * stages - 1 - stage);
         const auto actions = pipeline_schedule(PipelineSchedule::kDualPipeV, stages, stage, micro, 2);
         ASSERT_EQ(actions.size(), static_cast<size_t>(4 * micro));
-        for (int v = 0; v < 2; ++v) {
-          int64_t forward = 0, backward = 0;
-          for (const auto& a : actions) {
-            if (a.chunk != v) continue;
-            if (a.kind == Kind::kForward) EXPECT_EQ(a.micro, forward++);
-            else EXPECT_EQ(a.micro, backward++);
-          }
-          EXPECT_EQ(forward, micro);
-          EXPECT_EQ(backward, micro);
-        }
+        expect_each_chunk_in_order(actions, 2, micro);
         EXPECT_EQ(max_in_flight(actions), 2 * stages + 1) << "stage " << stage;
       }
       const int64_t makespan = simulate(PipelineSchedule::kDualPipeV, stages, 2, micro);
