@@ -1,5 +1,8 @@
 #include "parallel/state.h"
 
+#include <algorithm>
+#include <iterator>
+#include <numeric>
 #include <utility>
 
 #include <torch/torch.h>
@@ -22,6 +25,46 @@ std::vector<std::vector<size_t>> zero3_units(const std::vector<std::vector<size_
   }
   if (rest.empty()) units.pop_back();
   return units;
+}
+
+BucketLayout ReduceGroup::layout(const std::vector<int64_t>& group_numels, int64_t bucket_bytes, int ranks) const {
+  return units.empty() ? make_bucket_layout(group_numels, bucket_bytes, ranks) : make_unit_layout(group_numels, units, ranks);
+}
+
+std::vector<ReduceGroup> reduce_groups(size_t params, const std::vector<std::vector<size_t>>& chunks,
+                                       const std::vector<std::vector<size_t>>& blocks, int64_t zero_stage) {
+  // ZeRO-0/1 reduce once per step, when every chunk's backwards are done: one group.
+  std::vector<std::vector<size_t>> members;
+  if (zero_stage >= 2 && chunks.size() > 1) {
+    members = chunks;
+    for (auto& m : members) std::sort(m.begin(), m.end());
+  } else {
+    members.emplace_back(params);
+    std::iota(members.back().begin(), members.back().end(), size_t{0});
+  }
+  std::vector<int64_t> group_of(params, -1), position(params, -1);
+  for (size_t g = 0; g < members.size(); ++g) {
+    for (size_t k = 0; k < members[g].size(); ++k) {
+      BRIGADE_ASSERT(group_of.at(members[g][k]) < 0, "parameter ", members[g][k], " in two chunks");
+      group_of[members[g][k]] = static_cast<int64_t>(g);
+      position[members[g][k]] = static_cast<int64_t>(k);
+    }
+  }
+  std::vector<ReduceGroup> groups(members.size());
+  for (size_t g = 0; g < members.size(); ++g) {
+    BRIGADE_ASSERT(!members[g].empty(), "reduce group ", g, " has no parameters");
+    groups[g].params = members[g];
+    if (zero_stage != 3) continue;
+    // The group's blocks (a block lies in one chunk), in its own indices.
+    std::vector<std::vector<size_t>> own(blocks.size());
+    for (size_t j = 0; j < blocks.size(); ++j) {
+      for (size_t i : blocks[j]) {
+        if (group_of.at(i) == static_cast<int64_t>(g)) own[j].push_back(static_cast<size_t>(position[i]));
+      }
+    }
+    groups[g].units = zero3_units(own, members[g].size());
+  }
+  return groups;
 }
 
 ParallelState::ParallelState(ParallelStateOptions options) : options_(options) {
@@ -55,22 +98,27 @@ void ParallelState::broadcast_from_main(const std::vector<torch::Tensor>& tensor
 }
 
 void ParallelState::attach(NamedParams params, const std::vector<std::string>& expert_slices,
-                           const std::vector<std::vector<size_t>>& blocks) {
+                           const std::vector<std::vector<size_t>>& blocks,
+                           const std::vector<std::vector<size_t>>& chunks) {
   BRIGADE_ASSERT(params_.empty(), "ParallelState::attach called twice");
   params_ = std::move(params);
   expert_slices_ = {expert_slices.begin(), expert_slices.end()};
-  NamedParams dense, experts;
-  std::vector<size_t> dense_index, expert_index;
+  chunks_ = chunks;
+  NamedParams experts;
   std::vector<torch::Tensor> all;
+  std::vector<int64_t> dense_pos(params_.size(), -1);
   for (size_t i = 0; i < params_.size(); ++i) {
     const auto& [name, p] = params_[i];
     const bool expert = expert_slices_.contains(name);
-    (expert ? experts : dense).emplace_back(name, p);
-    (expert ? expert_index : dense_index).push_back(i);
+    if (expert) {
+      experts.emplace_back(name, p);
+      expert_index_.push_back(i);
+    } else {
+      dense_pos[i] = static_cast<int64_t>(dense_index_.size());
+      dense_index_.push_back(i);
+    }
     all.push_back(p);
   }
-  dense_index_ = dense_index;
-  expert_index_ = expert_index;
   micro_grads_ = std::make_unique<MicroBatchGradients>(all);
   // A reducer folds each parameter's earlier micro-batches in just before the
   // parameter's gradient goes into its bucket.
@@ -82,63 +130,95 @@ void ParallelState::attach(NamedParams params, const std::vector<std::string>& e
     options.before_reduce = [sums, to_state](size_t i) { sums->finish(to_state[i]); };
     return options;
   };
-  // ZeRO-3's buckets are its units: the blocks in the order backward finishes them
-  // (last first), then one bucket of everything else. Alone, the same layout gives
-  // the same gradient norm.
-  std::vector<std::vector<size_t>> units;
+  // The reduce groups, in the dense parameters' index space: expert slices are not
+  // replicas over the data-parallel group, so they stay whole on their EP rank (as
+  // at stage 2) and only the blocks' dense parameters are ZeRO-3's units. A unit is
+  // one block, last first (the order backward finishes them), then one bucket of
+  // everything else; alone, the same layout gives the same gradient norm.
   const int64_t stage = options_.zero_stage;
-  block_unit_.assign(blocks.size(), -1);
-  int64_t present = 0;
-  for (size_t j = 0; j < blocks.size(); ++j) {
-    if (!blocks[j].empty()) block_unit_[j] = present++;
-  }
-  if (stage == 3) {
-    BRIGADE_CHECK(present > 0, "parallel.zero_stage=3 needs transformer blocks with trainable parameters");
-    // In the dense parameters' index space (the reducer's): expert slices are not
-    // replicas over the data-parallel group, so they stay whole on their EP rank (as
-    // at stage 2) and only the blocks' dense parameters are sharded.
-    std::vector<int64_t> dense_pos(params_.size(), -1);
-    for (size_t k = 0; k < dense_index.size(); ++k) dense_pos[dense_index[k]] = static_cast<int64_t>(k);
-    std::vector<std::vector<size_t>> dense_blocks(blocks.size());
-    for (size_t j = 0; j < blocks.size(); ++j) {
-      for (size_t i : blocks[j]) {
-        if (dense_pos[i] >= 0) dense_blocks[j].push_back(static_cast<size_t>(dense_pos[i]));
+  auto to_dense = [&](const std::vector<std::vector<size_t>>& lists) {
+    std::vector<std::vector<size_t>> out(lists.size());
+    for (size_t j = 0; j < lists.size(); ++j) {
+      for (size_t i : lists[j]) {
+        if (dense_pos.at(i) >= 0) out[j].push_back(static_cast<size_t>(dense_pos[i]));
       }
     }
-    units = zero3_units(dense_blocks, dense_index.size());
+    return out;
+  };
+  const auto dense_blocks = to_dense(blocks);
+  const auto groups = reduce_groups(dense_index_.size(), to_dense(chunks), dense_blocks, stage);
+  BRIGADE_CHECK(stage != 3 || std::any_of(dense_blocks.begin(), dense_blocks.end(), [](const auto& b) { return !b.empty(); }),
+                "parallel.zero_stage=3 needs transformer blocks with trainable parameters");
+  // Block j -> (group, unit): a group's blocks with parameters, numbered in block order.
+  block_unit_.assign(blocks.size(), {-1, -1});
+  std::vector<int64_t> units_in(groups.size(), 0);
+  std::vector<int64_t> group_of(dense_index_.size(), -1);
+  for (size_t g = 0; g < groups.size(); ++g) {
+    for (size_t k : groups[g].params) group_of[k] = static_cast<int64_t>(g);
+  }
+  for (size_t j = 0; j < dense_blocks.size(); ++j) {
+    if (dense_blocks[j].empty()) continue;
+    const int64_t g = group_of[dense_blocks[j].front()];
+    block_unit_[j] = {g, units_in[static_cast<size_t>(g)]++};
   }
   std::vector<int64_t> numels;
   for (const auto& [name, p] : params_) numels.push_back(p.numel());
-  if (size() > 1) {
-    auto options = reducer_options(dense_index, stage >= 1);
+  if (size() == 1) {
+    // For the same gradient norm as a data-parallel run.
+    const auto& all_params = groups.front();
+    layout_ = all_params.layout(numels, options_.bucket_bytes, 1);
+  }
+  for (size_t g = 0; g < groups.size() && size() > 1; ++g) {
+    auto& index = group_index_.emplace_back();
+    NamedParams members;
+    for (size_t k : groups[g].params) {
+      index.push_back(dense_index_[k]);
+      members.push_back(params_[dense_index_[k]]);
+    }
+    auto options = reducer_options(index, stage >= 1);
     if (stage >= 2) {
       options.before_reduce = nullptr;  // every micro-batch is reduced: nothing stashed
       options.release = true;
-      options.units = units;
-      options.after_copy = [this](size_t bucket) {
-        if (!zero3_) return;
-        if (const int64_t u = zero3_->unit_of_bucket(bucket); u >= 0) zero3_->release(u);
+      options.units = groups[g].units;
+      options.after_copy = [this, g](size_t bucket) {
+        if (g >= zero3_.size() || !zero3_[g]) return;
+        if (const int64_t u = zero3_[g]->unit_of_bucket(bucket); u >= 0) zero3_[g]->release(u);
       };
     }
-    reducer_ = std::make_unique<GradientReducer>(dense, *options_.data_parallel, std::move(options));
-  } else {
-    // For the same gradient norm as a data-parallel run.
-    layout_ = units.empty() ? make_bucket_layout(numels, options_.bucket_bytes, 1) : make_unit_layout(numels, units, 1);
+    reducers_.push_back(std::make_unique<GradientReducer>(members, *options_.data_parallel, std::move(options)));
   }
   if (stage == 3 && size() > 1) {
-    std::vector<size_t> unit_buckets;  // unit u's bucket: blocks run backwards
-    for (int64_t u = 0; u < present; ++u) unit_buckets.push_back(static_cast<size_t>(present - 1 - u));
     auto& world = *options_.data_parallel;
-    zero3_ = std::make_unique<ShardedParameters>(reducer_->params(), reducer_->layout(), std::move(unit_buckets),
-                                                 world.split(0, world.rank(), "zero3"));
+    // One gather communicator for every group: a rank's chunks run one at a time.
+    std::shared_ptr<Communicator> gathers = world.split(0, world.rank(), "zero3");
+    for (size_t g = 0; g < groups.size(); ++g) {
+      const int64_t present = units_in[g];
+      if (present == 0) {
+        zero3_.emplace_back();
+        continue;
+      }
+      std::vector<size_t> unit_buckets;  // unit u's bucket: blocks run backwards
+      for (int64_t u = 0; u < present; ++u) unit_buckets.push_back(static_cast<size_t>(present - 1 - u));
+      zero3_.push_back(std::make_unique<ShardedParameters>(reducers_[g]->params(), reducers_[g]->layout(),
+                                                           std::move(unit_buckets), gathers));
+    }
   }
   if (!experts.empty() && expert_replicas_ && expert_replicas_->size() > 1) {
-    expert_reducer_ = std::make_unique<GradientReducer>(experts, *expert_replicas_, reducer_options(expert_index, false));
+    expert_reducer_ = std::make_unique<GradientReducer>(experts, *expert_replicas_, reducer_options(expert_index_, false));
   }
   if (!sharded()) return;
-  for (const auto& seg : reducer_->shard_segments()) {
-    shard_grads_.push_back(reducer_->shard_gradient(seg.bucket).narrow(0, seg.offset, seg.length));
+  for (const auto& reducer : reducers_) {
+    for (const auto& seg : reducer->shard_segments()) {
+      shard_grads_.push_back(reducer->shard_gradient(seg.bucket).narrow(0, seg.offset, seg.length));
+    }
   }
+}
+
+ParallelState::BlockUnit ParallelState::unit_of_block(int64_t block) const {
+  if (block < 0 || block >= static_cast<int64_t>(block_unit_.size())) return {};
+  const auto [group, unit] = block_unit_[static_cast<size_t>(block)];
+  if (group < 0 || static_cast<size_t>(group) >= zero3_.size() || !zero3_[static_cast<size_t>(group)]) return {};
+  return {zero3_[static_cast<size_t>(group)].get(), unit};
 }
 
 void ParallelState::sum_over_ranks(torch::Tensor& t) const {
@@ -147,16 +227,19 @@ void ParallelState::sum_over_ranks(torch::Tensor& t) const {
 
 void ParallelState::begin_micro_batch(bool last) {
   const bool every = options_.zero_stage >= 2;  // ZeRO-2/3 reduce every micro-batch
-  if (reducer_) reducer_->begin_backward(/*reduce=*/last || every);
+  for (auto& reducer : reducers_) reducer->begin_backward(/*reduce=*/last || every);
   if (expert_reducer_) expert_reducer_->begin_backward(/*reduce=*/last);
 }
 
+void ParallelState::add_micro_stats(const ReduceStats& stats) {
+  micro_stats_.buckets += stats.buckets;
+  micro_stats_.started_in_backward += stats.started_in_backward;
+  micro_stats_.wait_seconds += stats.wait_seconds;
+}
+
 void ParallelState::end_micro_batch(bool last) {
-  if (reducer_ && options_.zero_stage >= 2) {
-    const auto stats = reducer_->finish(last);
-    micro_stats_.buckets += stats.buckets;
-    micro_stats_.started_in_backward += stats.started_in_backward;
-    micro_stats_.wait_seconds += stats.wait_seconds;
+  if (!reducers_.empty() && options_.zero_stage >= 2) {
+    for (auto& reducer : reducers_) add_micro_stats(reducer->finish(last));
     // Expert slices are reduced once per step over their replicas, their
     // micro-batches added in the canonical order first.
     if (!last) micro_grads_->stash(expert_index_);
@@ -166,20 +249,49 @@ void ParallelState::end_micro_batch(bool last) {
   if (!last) micro_grads_->stash();
 }
 
-void ParallelState::end_micro_batch(bool last, const std::vector<size_t>& only) {
-  BRIGADE_ASSERT(options_.zero_stage <= 1, "a partial micro-batch backward at ZeRO stage ", options_.zero_stage);
-  if (!last) micro_grads_->stash(only);
+GradientReducer* ParallelState::chunk_reducer(size_t chunk) const {
+  if (reducers_.empty()) return nullptr;
+  return reducers_.size() == 1 ? reducers_.front().get() : reducers_.at(chunk).get();
+}
+
+void ParallelState::begin_chunk_backward(size_t chunk, bool last) {
+  BRIGADE_ASSERT(chunk < chunks_.size(), "no chunk ", chunk, " attached");
+  if (options_.zero_stage >= 2) {
+    if (auto* reducer = chunk_reducer(chunk)) reducer->begin_backward(/*reduce=*/true);
+  } else {
+    // One reducer of every chunk, reducing during the rank's last backward (the
+    // other chunks' buckets start when it finishes).
+    if (auto* reducer = chunk_reducer(chunk)) reducer->begin_backward(/*reduce=*/last);
+  }
+  if (expert_reducer_) expert_reducer_->begin_backward(/*reduce=*/last);
+}
+
+void ParallelState::end_chunk_backward(size_t chunk, bool last, bool chunk_last) {
+  BRIGADE_ASSERT(chunk < chunks_.size(), "no chunk ", chunk, " attached");
+  const auto& own = chunks_[chunk];
+  if (options_.zero_stage >= 2 && !reducers_.empty()) {
+    add_micro_stats(chunk_reducer(chunk)->finish(chunk_last));
+    if (last) return;
+    std::vector<size_t> experts;  // the chunk's, stashed as in end_micro_batch
+    std::set_intersection(own.begin(), own.end(), expert_index_.begin(), expert_index_.end(),
+                          std::back_inserter(experts));
+    micro_grads_->stash(experts);
+    return;
+  }
+  if (!last) micro_grads_->stash(own);
 }
 
 ReduceStats ParallelState::finish_gradients() {
   micro_grads_->finish_all();  // what no reducer folded in
-  if (!reducer_) return {};
+  if (reducers_.empty()) return {};
   ReduceStats stats;
   if (options_.zero_stage >= 2) {
-    if (zero3_) zero3_->release_all();  // units whose backward did not run
+    for (auto& units : zero3_) {
+      if (units) units->release_all();  // units whose backward did not run
+    }
     stats = std::exchange(micro_stats_, ReduceStats{});
   } else {
-    stats = reducer_->finish();
+    stats = reducers_.front()->finish();
   }
   if (expert_reducer_) {
     const auto experts = expert_reducer_->finish();
@@ -194,12 +306,13 @@ torch::Tensor ParallelState::grad_square_norm() const {
   torch::NoGradGuard no_grad;
   // The norm is summed in a fixed order over fixed blocks (parallel/ordered_sum.h):
   // the same bits for one process, any number of data-parallel ranks, and ZeRO-1.
-  if (!reducer_) {
+  if (reducers_.empty()) {
     std::vector<torch::Tensor> own;
     for (const auto& [name, p] : params_) own.push_back(p.grad());
     return square_norm(layout_, own).to(options_.device);
   }
-  auto total = reducer_->square_norm();
+  auto total = reducers_.front()->square_norm();
+  for (size_t g = 1; g < reducers_.size(); ++g) total = total + reducers_[g]->square_norm();  // chunks: in order
   if (!ep_group_) return total;
   // Every rank holds the same summed dense gradients and its own experts'.
   auto experts = torch::zeros({1}, total.options());
@@ -223,15 +336,18 @@ ParallelState::OptimizerPieces ParallelState::optimizer_pieces() const {
     return out;
   }
   // ZeRO: flat views of the elements this rank owns; their summed gradients are
-  // views into the reducer's shards (the reducer holds the dense parameters).
+  // views into the reducers' shards (the reducers hold the dense parameters).
   // ZeRO-3's blocks: views into the units' kept shards instead.
-  for (const auto& seg : reducer_->shard_segments()) {
-    const auto& [name, p] = reducer_->params()[seg.param];
-    const int64_t unit = zero3_ ? zero3_->unit_of_bucket(seg.bucket) : -1;
-    if (unit >= 0) out.pieces.emplace_back(name, zero3_->shard(unit).narrow(0, seg.offset, seg.length));
-    else out.pieces.emplace_back(name, p.detach().view({-1}).narrow(0, seg.begin, seg.length));
-    out.begins.push_back(seg.begin);
-    out.param.push_back(dense_index_[seg.param]);
+  for (size_t g = 0; g < reducers_.size(); ++g) {
+    const auto* units = g < zero3_.size() ? zero3_[g].get() : nullptr;
+    for (const auto& seg : reducers_[g]->shard_segments()) {
+      const auto& [name, p] = reducers_[g]->params()[seg.param];
+      const int64_t unit = units ? units->unit_of_bucket(seg.bucket) : -1;
+      if (unit >= 0) out.pieces.emplace_back(name, units->shard(unit).narrow(0, seg.offset, seg.length));
+      else out.pieces.emplace_back(name, p.detach().view({-1}).narrow(0, seg.begin, seg.length));
+      out.begins.push_back(seg.begin);
+      out.param.push_back(group_index_[g][seg.param]);
+    }
   }
   // Expert-parallel slices stay whole on their rank (ZeRO-1 shards the dense state).
   for (size_t i : expert_index_) {
@@ -256,18 +372,29 @@ std::vector<torch::Tensor> ParallelState::optimizer_gradients() const {
 
 void ParallelState::after_update() {
   if (!sharded()) return;
-  if (!zero3_) return reducer_->gather_parameters();
-  reducer_->gather_parameters([this](size_t bucket) { return zero3_->unit_of_bucket(bucket) < 0; });
+  for (size_t g = 0; g < reducers_.size(); ++g) {
+    const auto* units = g < zero3_.size() ? zero3_[g].get() : nullptr;
+    if (!units) {
+      reducers_[g]->gather_parameters();
+      continue;
+    }
+    // ZeRO-3's units are gathered when they run; only the whole bucket here.
+    reducers_[g]->gather_parameters([units](size_t bucket) { return units->unit_of_bucket(bucket) < 0; });
+  }
 }
 
 void ParallelState::gather_weights() {
-  if (zero3_) zero3_->gather_all();
+  for (auto& units : zero3_) {
+    if (units) units->gather_all();
+  }
 }
 
 void ParallelState::release_weights(bool changed) {
-  if (!zero3_ || !zero3_->whole()) return;
-  if (changed) zero3_->refresh_shards();  // the parameters were overwritten while gathered
-  zero3_->release_all();
+  for (auto& units : zero3_) {
+    if (!units || !units->whole()) continue;
+    if (changed) units->refresh_shards();  // the parameters were overwritten while gathered
+    units->release_all();
+  }
 }
 
 std::vector<int64_t> ParallelState::full_shape(const std::string& name, const torch::Tensor& tensor) const {
@@ -294,8 +421,10 @@ std::vector<ShardRanges> ParallelState::shard_ranges() const {
   std::vector<ShardRanges> out;
   for (int r = 0; r < size(); ++r) {
     ShardRanges ranges;
-    for (const auto& seg : reducer_->shard_segments(r)) {
-      ranges[reducer_->params()[seg.param].first] = {seg.begin, seg.begin + seg.length};
+    for (const auto& reducer : reducers_) {
+      for (const auto& seg : reducer->shard_segments(r)) {
+        ranges[reducer->params()[seg.param].first] = {seg.begin, seg.begin + seg.length};
+      }
     }
     // Expert slices: every EP group holds the same experts; the first one's files
     // list them (rank r < EP holds slice r of each expert tensor).

@@ -18,6 +18,12 @@
 // The embedding, final norm and output head (and the MTP modules' projections)
 // stay whole on every rank at stage 3, treated as at stage 2.
 //
+// Chunks. A chunked pipeline schedule (interleaved_1f1b, dualpipev) runs a rank's
+// model chunks' backwards apart, each reaching one chunk's parameters; at ZeRO 2 and
+// 3, which reduce every backward as it runs, each chunk then has a reducer of its
+// own (its own buckets, and at stage 3 its own units), and each backward finishes
+// its chunk's reducer only (begin_chunk_backward / end_chunk_backward).
+//
 // Layout. Ranks 0..N-1 of the data-parallel group train on slices of the batch.
 // With expert parallelism P, runs of P consecutive ranks form an EP group whose
 // ranks hold disjoint slices of the routed experts (dim 0 of each expert tensor);
@@ -53,6 +59,20 @@ using NamedParams = std::vector<std::pair<std::string, torch::Tensor>>;
 // backward finishes them), then one bucket of every other parameter.
 std::vector<std::vector<size_t>> zero3_units(const std::vector<std::vector<size_t>>& blocks, size_t params);
 
+// The groups a rank's dense gradients are reduced in, each by a reducer of its own:
+// every parameter in one group, or (ZeRO-2/3 with several chunks) one group per
+// chunk. `chunks` and `blocks` index the dense parameters (0..params-1; `chunks`
+// empty: one chunk). Each group lists its parameters in index order and, at
+// ZeRO-3, its units (zero3_units over its own blocks, in the group's indices).
+struct ReduceGroup {
+  std::vector<size_t> params;
+  std::vector<std::vector<size_t>> units;  // ZeRO-3 only: the buckets (make_unit_layout)
+  // Gradient buckets: units when given, else buckets of bucket_bytes.
+  BucketLayout layout(const std::vector<int64_t>& group_numels, int64_t bucket_bytes, int ranks) const;
+};
+std::vector<ReduceGroup> reduce_groups(size_t params, const std::vector<std::vector<size_t>>& chunks,
+                                       const std::vector<std::vector<size_t>>& blocks, int64_t zero_stage);
+
 struct ParallelStateOptions {
   // The data-parallel group (not owned; must outlive the state). Null or size 1:
   // this process alone.
@@ -83,20 +103,29 @@ class ParallelState {
   // The trainable parameters, after the model's experts were sliced for this rank;
   // `expert_slices`: the names of those sliced on dim 0 over the EP group. `blocks`:
   // the indices into `params` of each transformer block's parameters, in the
-  // model's block order (ZeRO-3's units; BlockHooks numbering).
+  // model's block order (ZeRO-3's units; BlockHooks numbering). `chunks`: with a
+  // chunked pipeline schedule, the indices of each of this rank's chunks' parameters.
   void attach(NamedParams params, const std::vector<std::string>& expert_slices,
-              const std::vector<std::vector<size_t>>& blocks = {});
+              const std::vector<std::vector<size_t>>& blocks = {},
+              const std::vector<std::vector<size_t>>& chunks = {});
 
   int size() const { return options_.data_parallel ? options_.data_parallel->size() : 1; }
   int rank() const { return options_.data_parallel ? options_.data_parallel->rank() : 0; }
-  bool sharded() const { return reducer_ && reducer_->sharded(); }
-  // ZeRO-3 on several ranks: the blocks' sharded parameters (null otherwise).
-  ShardedParameters* sharded_parameters() const { return zero3_.get(); }
-  // Block j's ZeRO-3 unit: the blocks that have parameters here, numbered in order
-  // (-1: none here, e.g. another pipeline stage's block).
-  int64_t unit_of_block(int64_t block) const {
-    return block >= 0 && block < static_cast<int64_t>(block_unit_.size()) ? block_unit_[block] : -1;
+  bool sharded() const { return !reducers_.empty() && reducers_.front()->sharded(); }
+  // ZeRO-3 on several ranks: the blocks' sharded parameters of reduce group `group`
+  // (one per chunk with a chunked pipeline schedule, else one); null otherwise.
+  ShardedParameters* sharded_parameters(size_t group = 0) const {
+    return group < zero3_.size() ? zero3_[group].get() : nullptr;
   }
+  size_t reduce_group_count() const { return reducers_.size(); }
+  // Block j's ZeRO-3 unit: its group's sharded parameters and the unit there (the
+  // blocks with parameters here numbered in order); {null, -1} when the block has
+  // none here (another pipeline stage's) or ZeRO-3 is off.
+  struct BlockUnit {
+    ShardedParameters* units = nullptr;
+    int64_t unit = -1;
+  };
+  BlockUnit unit_of_block(int64_t block) const;
   // ZeRO-3: every parameter whole (collective), for checkpoints, loading weights and
   // callers of the model after training; release_weights() frees the blocks again,
   // after taking the owned elements from the parameters when they were `changed`.
@@ -113,10 +142,12 @@ class ParallelState {
   // order of parallel/ordered_sum.h).
   void begin_micro_batch(bool last);
   void end_micro_batch(bool last);
-  // The same for a backward that reached only the attached parameters `only` (an
-  // interleaved pipeline's chunk): just theirs are set aside, so each parameter's
-  // sum keeps one term per micro-batch. ZeRO stages 0 and 1 only.
-  void end_micro_batch(bool last, const std::vector<size_t>& only);
+  // The same for a backward that reached only the parameters of attach's
+  // chunks[chunk]. `last`: the rank's last backward of the step; `chunk_last`: the
+  // chunk's last (a chunk's micro-batches run in order). Just the chunk's gradients
+  // are set aside or reduced, so each parameter's sum keeps one term per micro-batch.
+  void begin_chunk_backward(size_t chunk, bool last);
+  void end_chunk_backward(size_t chunk, bool last, bool chunk_last);
   // After the last backward: gradients summed over the ranks.
   ReduceStats finish_gradients();
   // The squared L2 norm of the summed gradients, float64 [1] on the device; a
@@ -158,12 +189,20 @@ class ParallelState {
   NamedParams params_;
   std::set<std::string> expert_slices_;
   std::unique_ptr<MicroBatchGradients> micro_grads_;
-  std::unique_ptr<GradientReducer> reducer_;         // data parallel: all but the expert slices
+  void add_micro_stats(const ReduceStats& stats);
+  // The reducer of chunk `chunk`'s dense parameters (ZeRO-2/3 with chunks), else the one.
+  GradientReducer* chunk_reducer(size_t chunk) const;
+
+  // Data parallel: the dense parameters (all but the expert slices), one reducer per
+  // reduce group; group g's parameter k is params_[group_index_[g][k]].
+  std::vector<std::unique_ptr<GradientReducer>> reducers_;
+  std::vector<std::vector<size_t>> group_index_;
   std::unique_ptr<GradientReducer> expert_reducer_;  // expert slices over the expert replicas
   std::vector<torch::Tensor> shard_grads_;           // ZeRO: the owned pieces' summed gradients
-  std::unique_ptr<ShardedParameters> zero3_;         // ZeRO-3 on several ranks
-  std::vector<int64_t> block_unit_;                  // block -> unit (-1: no parameters here)
+  std::vector<std::unique_ptr<ShardedParameters>> zero3_;  // ZeRO-3 on several ranks: per reduce group
+  std::vector<std::pair<int64_t, int64_t>> block_unit_;    // block -> (group, unit); (-1, -1): none here
   std::vector<size_t> dense_index_, expert_index_;   // the attached parameters by kind
+  std::vector<std::vector<size_t>> chunks_;          // attach's chunks (empty: one)
   ReduceStats micro_stats_;                          // ZeRO-2/3: summed over the step's micro-batches
   BucketLayout layout_;                              // alone: the buckets a reducer would use
 };

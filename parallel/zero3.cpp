@@ -31,7 +31,7 @@ int64_t buffer_bytes(const torch::Tensor& flat) { return flat.numel() * static_c
 
 ShardedParameters::ShardedParameters(const std::vector<std::pair<std::string, torch::Tensor>>& params,
                                      const BucketLayout& layout, std::vector<size_t> unit_buckets,
-                                     std::unique_ptr<Communicator> group)
+                                     std::shared_ptr<Communicator> group)
     : params_(params), layout_(layout), group_(std::move(group)) {
   torch::NoGradGuard no_grad;
   const int ranks = group_->size(), rank = group_->rank();

@@ -28,7 +28,7 @@ class ShardedParameters {
   // the model's block order). The parameters must hold the same values on every rank;
   // afterwards they are views into the units' buffers, released.
   ShardedParameters(const std::vector<std::pair<std::string, torch::Tensor>>& params, const BucketLayout& layout,
-                    std::vector<size_t> unit_buckets, std::unique_ptr<Communicator> group);
+                    std::vector<size_t> unit_buckets, std::shared_ptr<Communicator> group);
   ~ShardedParameters();
   ShardedParameters(const ShardedParameters&) = delete;
   ShardedParameters& operator=(const ShardedParameters&) = delete;
@@ -74,7 +74,7 @@ class ShardedParameters {
   BucketLayout layout_;
   std::vector<Unit> units_;
   std::vector<int64_t> unit_of_bucket_;  // -1: not a unit's bucket
-  std::unique_ptr<Communicator> group_;
+  std::shared_ptr<Communicator> group_;  // the gathers' own (shared by a rank's chunks)
   int64_t gathered_bytes_ = 0, peak_gathered_bytes_ = 0;
   bool whole_ = false;
 };

@@ -32,27 +32,26 @@ namespace {
 // before it prefetched); the reducer frees them once their gradients are sent.
 class ZeroThreeHooks final : public model::BlockHooks {
  public:
-  // `state` maps blocks to units (a pipeline stage has units for its own blocks only).
-  ZeroThreeHooks(parallel::ShardedParameters& units, const parallel::ParallelState& state, int64_t main_blocks)
-      : units_(units), state_(state), main_blocks_(main_blocks) {}
+  // `state` maps blocks to units (a pipeline stage has units for its own blocks
+  // only; with chunks, each chunk's units are its own reduce group's).
+  ZeroThreeHooks(const parallel::ParallelState& state, int64_t main_blocks) : state_(state), main_blocks_(main_blocks) {}
   void before(int64_t block) override {
-    const int64_t unit = state_.unit_of_block(block);
-    if (unit < 0) return;
-    units_.prefetch(unit);
-    if (block + 1 != main_blocks_) units_.prefetch(state_.unit_of_block(block + 1));  // MTP modules run later, if at all
-    units_.gather(unit);
+    const auto at = state_.unit_of_block(block);
+    if (!at.units) return;
+    at.units->prefetch(at.unit);
+    if (block + 1 != main_blocks_) prefetch(block + 1);  // MTP modules run later, if at all
+    at.units->gather(at.unit);
   }
   torch::Tensor after(int64_t block, torch::Tensor output) override {
-    const int64_t unit = state_.unit_of_block(block);
-    if (unit < 0) return output;
-    units_.release(unit);
+    const auto at = state_.unit_of_block(block);
+    if (!at.units) return output;
+    at.units->release(at.unit);
     if (torch::GradMode::is_enabled() && output.requires_grad()) {
-      auto* units = &units_;
-      const int64_t before = state_.unit_of_block(block - 1);
-      output.register_hook([units, unit, before](const torch::Tensor& grad) {
-        units->prefetch(unit);
-        units->prefetch(before);
-        units->gather(unit);
+      const auto before = state_.unit_of_block(block - 1);
+      output.register_hook([at, before](const torch::Tensor& grad) {
+        at.units->prefetch(at.unit);
+        if (before.units) before.units->prefetch(before.unit);
+        at.units->gather(at.unit);
         return grad;
       });
     }
@@ -60,7 +59,9 @@ class ZeroThreeHooks final : public model::BlockHooks {
   }
 
  private:
-  parallel::ShardedParameters& units_;
+  void prefetch(int64_t block) const {
+    if (const auto at = state_.unit_of_block(block); at.units) at.units->prefetch(at.unit);
+  }
   const parallel::ParallelState& state_;
   int64_t main_blocks_;
 };
@@ -169,10 +170,12 @@ struct Trainer::Pipeline {
   }
   // The stage whose parameters and buffers hold `name`, and which of its chunks.
   int owner(const std::string& name) const { return rank_of(chunk_of(name)); }
-  int local_chunk(const std::string& name) const {
+  int local_chunk(const std::string& name) const { return local_chunk_on(name, stage); }
+  // Which of rank s's chunks holds `name` (-1: none of them).
+  int local_chunk_on(const std::string& name, int s) const {
     const int c = chunk_of(name);
     for (int v = 0; v < chunks; ++v) {
-      if (model_chunk(v) == c) return v;
+      if (parallel::pipeline_model_chunk(schedule, count, s, v) == c) return v;
     }
     return -1;
   }
@@ -240,13 +243,6 @@ Trainer::Trainer(TrainerOptions options, precision::PrecisionOptions precision, 
                   ") must divide the number of ranks (", world_size(), ")");
     BRIGADE_CHECK(stages <= layers, "parallel.pipeline_parallel (", stages, ") is more than model.n_layers (", layers,
                   "): every stage needs at least one block");
-    // ZeRO-2/3 reduce each micro-batch's gradients as one backward completes them;
-    // a chunk's backward completes only its own.
-    const bool chunked = context_.pp_schedule == parallel::PipelineSchedule::kInterleaved1F1B ||
-                         context_.pp_schedule == parallel::PipelineSchedule::kDualPipeV;
-    BRIGADE_CHECK(!chunked || context_.zero_stage <= 1, "parallel.pp_schedule=", parallel::to_string(context_.pp_schedule),
-                  " with parallel.zero_stage=", context_.zero_stage,
-                  " is not supported yet; use zero_stage 0 or 1, or pp_schedule 1f1b");
     parallel::check_pipeline_micro_batches(context_.pp_schedule, stages, options_.grad_accum_steps);
     pipeline_ = std::make_unique<Pipeline>();
     auto& pl = *pipeline_;
@@ -347,9 +343,10 @@ Trainer::Trainer(TrainerOptions options, precision::PrecisionOptions precision, 
   }
   std::vector<std::string> names;
   for (const auto& [name, p] : params_) names.push_back(name);
-  parallel_->attach(params_, model_->expert_parallel_parameters(), block_parameters(names, model_->options()));
-  if (auto* units = parallel_->sharded_parameters()) {
-    model_->set_block_hooks(std::make_shared<ZeroThreeHooks>(*units, *parallel_, model_->options().n_layers));
+  parallel_->attach(params_, model_->expert_parallel_parameters(), block_parameters(names, model_->options()),
+                    pipeline_ && pipeline_->chunks > 1 ? pipeline_->chunk_params : std::vector<std::vector<size_t>>{});
+  if (parallel_->sharded_parameters()) {
+    model_->set_block_hooks(std::make_shared<ZeroThreeHooks>(*parallel_, model_->options().n_layers));
   }
 
   const auto decay = weight_decay_mask(params_, options_);
@@ -376,27 +373,31 @@ OptimizerShards Trainer::optimizer_layout() const {
       const int ep = parallel_->expert_group() ? parallel_->expert_group()->size() : 1;
       std::vector<std::vector<std::string>> names(pipeline_->count), experts(pipeline_->count);
       std::vector<std::vector<int64_t>> numels(pipeline_->count);
+      // Each stage's dense parameters by chunk, as its ParallelState groups them.
+      std::vector<std::vector<std::vector<size_t>>> chunks(pipeline_->count);
+      for (auto& stage_chunks : chunks) stage_chunks.resize(static_cast<size_t>(pipeline_->chunks));
       for (const auto& item : model_->named_parameters()) {
         const int s = pipeline_->owner(item.key());
         if (parallel_->is_expert_slice(item.key())) {
           experts[s].push_back(item.key());
           continue;
         }
+        chunks[s][static_cast<size_t>(pipeline_->local_chunk_on(item.key(), s))].push_back(names[s].size());
         names[s].push_back(item.key());
         numels[s].push_back(c10::multiply_integers(pipeline_->shapes.at(item.key())));
       }
       for (int r = 0; r < world_size(); ++r) {
         const int s = r % pipeline_->count, i = r / pipeline_->count;
-        const auto buckets =
-            context_.zero_stage == 3
-                ? parallel::make_unit_layout(numels[s],
-                                             parallel::zero3_units(block_parameters(names[s], model_->options()),
-                                                                   names[s].size()),
-                                             pipelines)
-                : parallel::make_bucket_layout(numels[s], context_.bucket_bytes, pipelines);
         OptimizerShard shard{optimizer_shard_file(r, world_size()), {}};
-        for (const auto& seg : parallel::shard_segments(buckets, numels[s], i)) {
-          shard.ranges[names[s][seg.param]] = {seg.begin, seg.begin + seg.length};
+        const auto groups = parallel::reduce_groups(names[s].size(), pipeline_->chunks > 1 ? chunks[s] : std::vector<std::vector<size_t>>{},
+                                                    block_parameters(names[s], model_->options()), context_.zero_stage);
+        for (const auto& group : groups) {
+          std::vector<int64_t> group_numels;
+          for (size_t k : group.params) group_numels.push_back(numels[s][k]);
+          const auto buckets = group.layout(group_numels, context_.bucket_bytes, pipelines);
+          for (const auto& seg : parallel::shard_segments(buckets, group_numels, i)) {
+            shard.ranges[names[s][group.params[seg.param]]] = {seg.begin, seg.begin + seg.length};
+          }
         }
         for (const auto& name : experts[s]) {
           const int64_t slice = c10::multiply_integers(pipeline_->shapes.at(name)) / ep;
@@ -833,7 +834,8 @@ void Trainer::pipeline_micro_batches(const std::vector<data::Batch>& batches, co
     // backward closes the step's gradients (its reducer reduces while it runs).
     const bool last = a + 1 == actions.size();
     pl.micro = m;
-    parallel_->begin_micro_batch(last);
+    if (pl.chunks == 1) parallel_->begin_micro_batch(last);
+    else parallel_->begin_chunk_backward(static_cast<size_t>(v), last);
     if (c == final_chunk) {
       outputs[slot].backward();
     } else {
@@ -854,7 +856,7 @@ void Trainer::pipeline_micro_batches(const std::vector<data::Batch>& batches, co
     }
     if (c > 0) send(inputs[slot].grad(), pl.rank_of(c - 1), pipeline_tag(boundary(m, c - 1), 1));
     if (pl.chunks == 1) parallel_->end_micro_batch(last);
-    else parallel_->end_micro_batch(last, pl.chunk_params[static_cast<size_t>(v)]);
+    else parallel_->end_chunk_backward(static_cast<size_t>(v), last, /*chunk_last=*/m + 1 == count);
     note_memory();
     inputs[slot] = outputs[slot] = aux[slot] = torch::Tensor();
     --held;
