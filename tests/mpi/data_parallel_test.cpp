@@ -601,6 +601,11 @@ TEST(MpiPipeline, ZeroTwoAndThreeWithChunkedSchedules) {
     check_pipeline({"parallel.pp_schedule=" + schedule, "parallel.zero_stage=2", "parallel.bucket_mb=0.003"}, 2);
     check_pipeline({"parallel.pp_schedule=" + schedule, "parallel.zero_stage=3"}, 2);
   }
+  // Rank 0 holds the embedding's chunk and the head's (the MTP module reads the table):
+  // the head's part of the table's gradient waits for chunk 0's reducer.
+  auto moe = kMoE;
+  moe.insert(moe.end(), {"parallel.pp_schedule=dualpipev", "model.mtp.depth=1", "parallel.zero_stage=3"});
+  check_pipeline(moe, 2);
   at::set_num_threads(1);
   SharedDir dir(*w);
   auto run = recipes::build_trainer(recipe(2, {"model.n_layers=4", "parallel.pipeline_parallel=2", "parallel.zero_stage=3",
