@@ -224,7 +224,7 @@ torch::Tensor TransformerImpl::decode_hidden(const torch::Tensor& tokens, KVCach
   BRIGADE_CHECK(start + seq <= options_.max_seq_len, "sequence of ", start + seq,
                 " positions exceeds model.max_seq_len ", options_.max_seq_len);
   auto cos = rope_cos_.narrow(0, start, seq), sin = rope_sin_.narrow(0, start, seq);
-  auto h = embed_tokens(tokens);
+  auto h = embed(tokens);
   int64_t index = 0;
   for (const auto& layer : *layers) {
     h = decode_block(*layer->as<BlockImpl>(), h, cos, sin, cache, index, index);
@@ -242,7 +242,7 @@ torch::Tensor TransformerImpl::decode_block(BlockImpl& block, const torch::Tenso
   return block_hooks_->after(block_index, block.forward(h, cos, sin, &cache, cache_layer));
 }
 
-torch::Tensor TransformerImpl::decode_logits(const torch::Tensor& hidden) { return head(norm(hidden)); }
+torch::Tensor TransformerImpl::decode_logits(const torch::Tensor& hidden) { return norm_and_head(norm, hidden); }
 
 MtpModuleImpl& TransformerImpl::mtp_module(int64_t k) {
   BRIGADE_CHECK(mtp && k >= 1 && k <= options_.mtp.depth, "MTP module ", k, " does not exist (model.mtp.depth is ",
@@ -256,7 +256,9 @@ torch::Tensor TransformerImpl::mtp_decode_hidden(int64_t k, const torch::Tensor&
   const int64_t seq = ahead.size(1), start = cache.length;
   BRIGADE_CHECK(previous.dim() == 3 && previous.size(1) == seq, "MTP module ", k, ": hidden ", previous.sizes(),
                 " and tokens ", ahead.sizes(), " disagree");
-  auto x = m.eh_proj(torch::cat({m.enorm(embed_tokens(ahead)), m.hnorm(previous)}, -1));
+  before_unit(OuterUnit::kRest);
+  auto x = m.eh_proj(torch::cat({m.enorm(embed(ahead)), m.hnorm(previous)}, -1));
+  if (block_hooks_) block_hooks_->done(hook_unit(options_, OuterUnit::kRest));
   auto h = decode_block(*m.block, x, rope_cos_.narrow(0, start, seq), rope_sin_.narrow(0, start, seq), cache, 0,
                         options_.n_layers + k - 1);
   cache.length += seq;
@@ -264,7 +266,7 @@ torch::Tensor TransformerImpl::mtp_decode_hidden(int64_t k, const torch::Tensor&
 }
 
 torch::Tensor TransformerImpl::mtp_decode_logits(int64_t k, const torch::Tensor& hidden) {
-  return head(mtp_module(k).norm(hidden));
+  return norm_and_head(mtp_module(k).norm, hidden);
 }
 
 torch::Tensor TransformerImpl::forward(const torch::Tensor& tokens, KVCache* cache, const torch::Tensor& segments) {
@@ -292,7 +294,7 @@ torch::Tensor TransformerImpl::forward_stage(const torch::Tensor& input, int64_t
     mask = document_mask(segments.to(input.device()));
   }
   auto cos = rope_cos_.narrow(0, 0, seq), sin = rope_sin_.narrow(0, 0, seq);
-  auto h = first == 0 ? embed_tokens(input) : input;
+  auto h = first == 0 ? embed(input) : input;
   for (int64_t j = first; j < last; ++j) h = run_block(*layers[j]->as<BlockImpl>(), h, cos, sin, j, mask);
   if (last < options_.n_layers) return h;
   if (mtp && is_training() && torch::GradMode::is_enabled()) {
@@ -300,7 +302,7 @@ torch::Tensor TransformerImpl::forward_stage(const torch::Tensor& input, int64_t
     BRIGADE_CHECK(t.defined() && t.dim() == 2, "the last pipeline stage needs the batch's tokens for MTP");
     mtp_hidden_ = h, mtp_tokens_ = t, mtp_segments_ = segments.defined() ? segments.to(t.device()) : segments;
   }
-  return head(norm(h));
+  return norm_and_head(norm, h);
 }
 
 torch::Tensor TransformerImpl::run_block(BlockImpl& block, const torch::Tensor& h, const torch::Tensor& cos,
@@ -317,6 +319,48 @@ torch::Tensor TransformerImpl::run_block(BlockImpl& block, const torch::Tensor& 
     out = block.forward(h, cos, sin, nullptr, layer, mask);
   }
   return block_hooks_ ? block_hooks_->after(layer, std::move(out)) : out;
+}
+
+int64_t hook_unit_of(const TransformerOptions& o, const std::string& name) {
+  auto number_after = [&](size_t from) { return std::stoll(name.substr(from, name.find('.', from) - from)); };
+  if (name.starts_with("layers.")) return number_after(7);
+  if (name.starts_with("mtp.")) {
+    const int64_t k = number_after(4);
+    const auto prefix = "mtp." + std::to_string(k) + ".block.";
+    return name.starts_with(prefix) ? o.n_layers + k : hook_unit(o, OuterUnit::kRest);
+  }
+  if (name.starts_with("embed_tokens.")) return hook_unit(o, OuterUnit::kEmbedding);
+  if (name.starts_with("lm_head.")) return hook_unit(o, OuterUnit::kHead);
+  if (name.starts_with("norm.")) return hook_unit(o, OuterUnit::kRest);
+  return -1;
+}
+
+void TransformerImpl::before_unit(OuterUnit unit) {
+  if (block_hooks_) block_hooks_->before(hook_unit(options_, unit));
+}
+
+torch::Tensor TransformerImpl::embed(const torch::Tensor& tokens) {
+  if (!block_hooks_) return embed_tokens(tokens);
+  const int64_t unit = hook_unit(options_, OuterUnit::kEmbedding);
+  block_hooks_->before(unit);
+  auto h = embed_tokens(tokens);
+  block_hooks_->done(unit);  // a lookup's backward needs only the indices
+  return h;
+}
+
+// The rest (the norm) is gathered by the caller or here; it and the head's weights
+// are gathered again when backward reaches the logits. The head's weights (the table
+// when tied) are freed once the head's backward has made its input's gradient:
+// nothing before it in backward reads them.
+torch::Tensor TransformerImpl::norm_and_head(RMSNorm& final_norm, const torch::Tensor& h) {
+  if (!block_hooks_) return head(final_norm(h));
+  const int64_t rest = hook_unit(options_, OuterUnit::kRest);
+  const int64_t weights = hook_unit(options_, lm_head ? OuterUnit::kHead : OuterUnit::kEmbedding);
+  block_hooks_->before(rest);
+  block_hooks_->before(weights);
+  auto normed = block_hooks_->release_in_backward(weights, final_norm(h));
+  auto logits = block_hooks_->after(weights, head(normed));
+  return block_hooks_->after(rest, std::move(logits));
 }
 
 torch::Tensor TransformerImpl::head(const torch::Tensor& normed) {
@@ -337,11 +381,12 @@ std::vector<torch::Tensor> TransformerImpl::mtp_logits() {
   for (int64_t k = 1; k <= options_.mtp.depth && k < seq; ++k) {
     auto& m = *mtp[k - 1]->as<MtpModuleImpl>();
     const int64_t n = seq - k;
-    auto embedded = m.enorm(embed_tokens(tokens.narrow(1, k, n)));
+    before_unit(OuterUnit::kRest);  // the module's norms and projection (norm_and_head frees it)
+    auto embedded = m.enorm(embed(tokens.narrow(1, k, n)));
     auto x = m.eh_proj(torch::cat({embedded, m.hnorm(h.narrow(1, 0, n))}, -1));
     const auto mask = segments.defined() ? document_mask(segments.narrow(1, 0, n)) : torch::Tensor();
     h = run_block(*m.block, x, rope_cos_.narrow(0, 0, n), rope_sin_.narrow(0, 0, n), options_.n_layers + k - 1, mask);
-    out.push_back(head(m.norm(h)));
+    out.push_back(norm_and_head(m.norm, h));
   }
   return out;
 }

@@ -148,18 +148,35 @@ struct ParameterCount {
 // alone, without building the model (a 671B recipe can be sized on a laptop).
 ParameterCount count_parameters(const TransformerOptions& options);
 
-// Called around every transformer block a forward runs (training, evaluation and
-// cached decoding). ZeRO-3 (parallel/zero3.h) gathers a block's parameters in
-// before() and frees them in after(), which also arranges for them to be gathered
-// again when backward reaches the block's output. `block` indexes the main model's
-// blocks, then the MTP modules' (layer n_layers + k - 1 for module k).
+// Called around every use of a unit of parameters in a forward (training,
+// evaluation and cached decoding). ZeRO-3 (parallel/zero3.h) gathers a unit's
+// parameters in before() and frees them after the use, arranging for them to be
+// gathered again where backward needs them. Units are numbered as BlockHooks
+// numbers: the main model's blocks 0..n_layers-1, the MTP modules' blocks
+// (n_layers + k - 1 for module k), then the outer units (hook_unit()).
 class BlockHooks {
  public:
   virtual ~BlockHooks() = default;
-  virtual void before(int64_t block) = 0;
-  // The block's output, possibly with an autograd hook attached.
-  virtual torch::Tensor after(int64_t block, torch::Tensor output) = 0;
+  virtual void before(int64_t unit) = 0;
+  // After a use whose backward needs the unit again: `output` (returned, possibly
+  // with an autograd hook) is where backward reaches it.
+  virtual torch::Tensor after(int64_t unit, torch::Tensor output) = 0;
+  // After a use whose backward reads none of the unit's values (the embedding lookup).
+  virtual void done(int64_t unit) = 0;
+  // `input` of a use whose backward is the unit's last this step: once its gradient
+  // is made, the unit's values are not needed again until the next forward.
+  virtual torch::Tensor release_in_backward(int64_t unit, torch::Tensor input) = 0;
 };
+
+// The units outside the blocks: the embedding table (the head too when tied), the
+// untied output head, and the rest (final norm, the MTP modules' norms and
+// projections), each used at both ends of the model.
+enum class OuterUnit : int64_t { kEmbedding = 0, kHead = 1, kRest = 2 };
+inline int64_t hook_unit(const TransformerOptions& o, OuterUnit unit) {
+  return o.n_layers + o.mtp.depth + static_cast<int64_t>(unit);
+}
+// The BlockHooks number of the unit holding parameter `name` (-1: not a model parameter name).
+int64_t hook_unit_of(const TransformerOptions& o, const std::string& name);
 
 class TransformerImpl : public torch::nn::Module {
  public:
@@ -271,6 +288,10 @@ class TransformerImpl : public torch::nn::Module {
   torch::Tensor decode_block(BlockImpl& block, const torch::Tensor& h, const torch::Tensor& cos,
                              const torch::Tensor& sin, KVCache& cache, int64_t cache_layer, int64_t block_index);
   torch::Tensor head(const torch::Tensor& normed);
+  // The embedding lookup and norm + head with the outer units' hooks around them.
+  torch::Tensor embed(const torch::Tensor& tokens);
+  torch::Tensor norm_and_head(RMSNorm& final_norm, const torch::Tensor& h);
+  void before_unit(OuterUnit unit);
   // The main model's blocks, then the MTP modules' (MoE layers, FP8, checkpointing).
   std::vector<BlockImpl*> blocks() const;
   // A block of a forward without cache (checkpointed when activation checkpointing says so).

@@ -11,20 +11,28 @@
 
 namespace brigade::parallel {
 
-std::vector<std::vector<size_t>> zero3_units(const std::vector<std::vector<size_t>>& blocks, size_t params) {
-  std::vector<std::vector<size_t>> units;
-  std::vector<bool> in_block(params, false);
-  for (auto it = blocks.rbegin(); it != blocks.rend(); ++it) {
-    if (it->empty()) continue;  // another pipeline stage's block, or a frozen one
-    for (size_t i : *it) in_block.at(i) = true;
-    units.push_back(*it);
+std::vector<size_t> UnitLayout::order() const {
+  if (!backward_order.empty()) return backward_order;
+  std::vector<size_t> out(members.size());
+  std::iota(out.rbegin(), out.rend(), size_t{0});
+  return out;
+}
+
+std::vector<std::vector<size_t>> zero3_units(const UnitLayout& units, size_t params) {
+  std::vector<std::vector<size_t>> out;
+  std::vector<bool> in_unit(params, false);
+  for (size_t j : units.order()) {
+    const auto& members = units.members.at(j);
+    if (members.empty()) continue;  // another pipeline stage's unit, or a frozen one
+    for (size_t i : members) in_unit.at(i) = true;
+    out.push_back(members);
   }
-  auto& rest = units.emplace_back();
+  auto& rest = out.emplace_back();
   for (size_t i = 0; i < params; ++i) {
-    if (!in_block[i]) rest.push_back(i);
+    if (!in_unit[i]) rest.push_back(i);
   }
-  if (rest.empty()) units.pop_back();
-  return units;
+  if (rest.empty()) out.pop_back();
+  return out;
 }
 
 BucketLayout ReduceGroup::layout(const std::vector<int64_t>& group_numels, int64_t bucket_bytes, int ranks) const {
@@ -32,7 +40,7 @@ BucketLayout ReduceGroup::layout(const std::vector<int64_t>& group_numels, int64
 }
 
 std::vector<ReduceGroup> reduce_groups(size_t params, const std::vector<std::vector<size_t>>& chunks,
-                                       const std::vector<std::vector<size_t>>& blocks, int64_t zero_stage) {
+                                       const UnitLayout& units, int64_t zero_stage) {
   // ZeRO-0/1 reduce once per step, when every chunk's backwards are done: one group.
   std::vector<std::vector<size_t>> members;
   if (zero_stage >= 2 && chunks.size() > 1) {
@@ -55,11 +63,11 @@ std::vector<ReduceGroup> reduce_groups(size_t params, const std::vector<std::vec
     BRIGADE_ASSERT(!members[g].empty(), "reduce group ", g, " has no parameters");
     groups[g].params = members[g];
     if (zero_stage != 3) continue;
-    // The group's blocks (a block lies in one chunk), in its own indices.
-    std::vector<std::vector<size_t>> own(blocks.size());
-    for (size_t j = 0; j < blocks.size(); ++j) {
-      for (size_t i : blocks[j]) {
-        if (group_of.at(i) == static_cast<int64_t>(g)) own[j].push_back(static_cast<size_t>(position[i]));
+    // The group's units (a unit lies in one chunk), in its own indices.
+    UnitLayout own{std::vector<std::vector<size_t>>(units.members.size()), units.backward_order};
+    for (size_t j = 0; j < units.members.size(); ++j) {
+      for (size_t i : units.members[j]) {
+        if (group_of.at(i) == static_cast<int64_t>(g)) own.members[j].push_back(static_cast<size_t>(position[i]));
       }
     }
     groups[g].units = zero3_units(own, members[g].size());
@@ -97,8 +105,7 @@ void ParallelState::broadcast_from_main(const std::vector<torch::Tensor>& tensor
   }
 }
 
-void ParallelState::attach(NamedParams params, const std::vector<std::string>& expert_slices,
-                           const std::vector<std::vector<size_t>>& blocks,
+void ParallelState::attach(NamedParams params, const std::vector<std::string>& expert_slices, const UnitLayout& units,
                            const std::vector<std::vector<size_t>>& chunks) {
   BRIGADE_ASSERT(params_.empty(), "ParallelState::attach called twice");
   params_ = std::move(params);
@@ -132,9 +139,8 @@ void ParallelState::attach(NamedParams params, const std::vector<std::string>& e
   };
   // The reduce groups, in the dense parameters' index space: expert slices are not
   // replicas over the data-parallel group, so they stay whole on their EP rank (as
-  // at stage 2) and only the blocks' dense parameters are ZeRO-3's units. A unit is
-  // one block, last first (the order backward finishes them), then one bucket of
-  // everything else; alone, the same layout gives the same gradient norm.
+  // at stage 2) and only dense parameters are ZeRO-3's units. Alone, the same
+  // layout gives the same gradient norm.
   const int64_t stage = options_.zero_stage;
   auto to_dense = [&](const std::vector<std::vector<size_t>>& lists) {
     std::vector<std::vector<size_t>> out(lists.size());
@@ -145,21 +151,31 @@ void ParallelState::attach(NamedParams params, const std::vector<std::string>& e
     }
     return out;
   };
-  const auto dense_blocks = to_dense(blocks);
-  const auto groups = reduce_groups(dense_index_.size(), to_dense(chunks), dense_blocks, stage);
-  BRIGADE_CHECK(stage != 3 || std::any_of(dense_blocks.begin(), dense_blocks.end(), [](const auto& b) { return !b.empty(); }),
-                "parallel.zero_stage=3 needs transformer blocks with trainable parameters");
-  // Block j -> (group, unit): a group's blocks with parameters, numbered in block order.
-  block_unit_.assign(blocks.size(), {-1, -1});
-  std::vector<int64_t> units_in(groups.size(), 0);
+  const UnitLayout dense_units{to_dense(units.members), units.backward_order};
+  const auto groups = reduce_groups(dense_index_.size(), to_dense(chunks), dense_units, stage);
+  const auto& members = dense_units.members;
+  BRIGADE_CHECK(stage != 3 || std::any_of(members.begin(), members.end(), [](const auto& m) { return !m.empty(); }),
+                "parallel.zero_stage=3 needs units (transformer blocks) with trainable parameters");
+  // Number j -> (group, unit): a group's units numbered in BlockHooks order; bucket
+  // b of the group is its b-th unit in backward order.
+  block_unit_.assign(members.size(), {-1, -1});
   std::vector<int64_t> group_of(dense_index_.size(), -1);
   for (size_t g = 0; g < groups.size(); ++g) {
     for (size_t k : groups[g].params) group_of[k] = static_cast<int64_t>(g);
   }
-  for (size_t j = 0; j < dense_blocks.size(); ++j) {
-    if (dense_blocks[j].empty()) continue;
-    const int64_t g = group_of[dense_blocks[j].front()];
-    block_unit_[j] = {g, units_in[static_cast<size_t>(g)]++};
+  std::vector<std::vector<size_t>> unit_buckets(groups.size());  // by group: unit -> bucket
+  std::vector<std::vector<size_t>> position(groups.size(), std::vector<size_t>(members.size()));
+  std::vector<size_t> in_order(groups.size(), 0);
+  for (size_t j : dense_units.order()) {  // backward order: bucket positions
+    if (members[j].empty()) continue;
+    const auto g = static_cast<size_t>(group_of[members[j].front()]);
+    position[g][j] = in_order[g]++;
+  }
+  for (size_t j = 0; j < members.size(); ++j) {  // BlockHooks order: unit numbers
+    if (members[j].empty()) continue;
+    const auto g = static_cast<size_t>(group_of[members[j].front()]);
+    block_unit_[j] = {static_cast<int64_t>(g), static_cast<int64_t>(unit_buckets[g].size())};
+    unit_buckets[g].push_back(position[g][j]);
   }
   std::vector<int64_t> numels;
   for (const auto& [name, p] : params_) numels.push_back(p.numel());
@@ -192,15 +208,12 @@ void ParallelState::attach(NamedParams params, const std::vector<std::string>& e
     // One gather communicator for every group: a rank's chunks run one at a time.
     std::shared_ptr<Communicator> gathers = world.split(0, world.rank(), "zero3");
     for (size_t g = 0; g < groups.size(); ++g) {
-      const int64_t present = units_in[g];
-      if (present == 0) {
+      if (unit_buckets[g].empty()) {
         zero3_.emplace_back();
         continue;
       }
-      std::vector<size_t> unit_buckets;  // unit u's bucket: blocks run backwards
-      for (int64_t u = 0; u < present; ++u) unit_buckets.push_back(static_cast<size_t>(present - 1 - u));
       zero3_.push_back(std::make_unique<ShardedParameters>(reducers_[g]->params(), reducers_[g]->layout(),
-                                                           std::move(unit_buckets), gathers));
+                                                           std::move(unit_buckets[g]), gathers));
     }
   }
   if (!experts.empty() && expert_replicas_ && expert_replicas_->size() > 1) {

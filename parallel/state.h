@@ -13,10 +13,10 @@
 // ZeRO stages (parallel.zero_stage): 1 shards the optimizer state; 2 also the
 // gradients (every micro-batch reduce-scattered during backward, nothing whole
 // kept: GradientReducer's "released" mode); 3 also the transformer blocks'
-// parameters (parallel/zero3.h): each block is gathered just before its forward
-// and again before its backward, the next one prefetched, and freed after use.
-// The embedding, final norm and output head (and the MTP modules' projections)
-// stay whole on every rank at stage 3, treated as at stage 2.
+// parameters (parallel/zero3.h): each unit (a block; the embedding table; the
+// untied head; the final norm with the MTP modules' projections) is gathered just
+// before its forward use and again where its backward needs it, the next block
+// prefetched, and freed after use.
 //
 // Chunks. A chunked pipeline schedule (interleaved_1f1b, dualpipev) runs a rank's
 // model chunks' backwards apart, each reaching one chunk's parameters; at ZeRO 2 and
@@ -54,10 +54,21 @@ namespace brigade::parallel {
 
 using NamedParams = std::vector<std::pair<std::string, torch::Tensor>>;
 
-// ZeRO-3's gradient buckets: each block with parameters (indices into the trainer's
-// parameter list, blocks in model order) as one bucket, last block first (the order
-// backward finishes them), then one bucket of every other parameter.
-std::vector<std::vector<size_t>> zero3_units(const std::vector<std::vector<size_t>>& blocks, size_t params);
+// ZeRO-3's units by BlockHooks number (model/transformer.h: the blocks, then the
+// embedding, head and the rest): each unit's parameters (indices into the attached
+// parameters; empty: none here), and the numbers in the order backward completes
+// the units' gradients, which is their buckets' order (a reducer starts its buckets
+// in order and frees a unit when its bucket's gradients are copied out).
+struct UnitLayout {
+  std::vector<std::vector<size_t>> members;
+  std::vector<size_t> backward_order;  // empty: the last number first
+  // backward_order, or every number last first.
+  std::vector<size_t> order() const;
+};
+
+// ZeRO-3's gradient buckets: each unit with parameters as one bucket, in backward
+// order, then one bucket of every parameter in no unit (if any).
+std::vector<std::vector<size_t>> zero3_units(const UnitLayout& units, size_t params);
 
 // The groups a rank's dense gradients are reduced in, each by a reducer of its own:
 // every parameter in one group, or (ZeRO-2/3 with several chunks) one group per
@@ -71,7 +82,7 @@ struct ReduceGroup {
   BucketLayout layout(const std::vector<int64_t>& group_numels, int64_t bucket_bytes, int ranks) const;
 };
 std::vector<ReduceGroup> reduce_groups(size_t params, const std::vector<std::vector<size_t>>& chunks,
-                                       const std::vector<std::vector<size_t>>& blocks, int64_t zero_stage);
+                                       const UnitLayout& units, int64_t zero_stage);
 
 struct ParallelStateOptions {
   // The data-parallel group (not owned; must outlive the state). Null or size 1:
@@ -101,12 +112,10 @@ class ParallelState {
   // Every rank's `tensors` become rank 0's (weights and buffers at start-up).
   void broadcast_from_main(const std::vector<torch::Tensor>& tensors) const;
   // The trainable parameters, after the model's experts were sliced for this rank;
-  // `expert_slices`: the names of those sliced on dim 0 over the EP group. `blocks`:
-  // the indices into `params` of each transformer block's parameters, in the
-  // model's block order (ZeRO-3's units; BlockHooks numbering). `chunks`: with a
-  // chunked pipeline schedule, the indices of each of this rank's chunks' parameters.
-  void attach(NamedParams params, const std::vector<std::string>& expert_slices,
-              const std::vector<std::vector<size_t>>& blocks = {},
+  // `expert_slices`: the names of those sliced on dim 0 over the EP group. `units`:
+  // ZeRO-3's units (indices into `params`). `chunks`: with a chunked pipeline
+  // schedule, the indices of each of this rank's chunks' parameters.
+  void attach(NamedParams params, const std::vector<std::string>& expert_slices, const UnitLayout& units = {},
               const std::vector<std::vector<size_t>>& chunks = {});
 
   int size() const { return options_.data_parallel ? options_.data_parallel->size() : 1; }
@@ -118,9 +127,9 @@ class ParallelState {
     return group < zero3_.size() ? zero3_[group].get() : nullptr;
   }
   size_t reduce_group_count() const { return reducers_.size(); }
-  // Block j's ZeRO-3 unit: its group's sharded parameters and the unit there (the
-  // blocks with parameters here numbered in order); {null, -1} when the block has
-  // none here (another pipeline stage's) or ZeRO-3 is off.
+  // The ZeRO-3 unit of BlockHooks number j: its group's sharded parameters and the
+  // unit there (the numbers with parameters here, counted in order); {null, -1} when
+  // it has none here (another pipeline stage's) or ZeRO-3 is off.
   struct BlockUnit {
     ShardedParameters* units = nullptr;
     int64_t unit = -1;

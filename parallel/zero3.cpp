@@ -123,6 +123,8 @@ void ShardedParameters::refresh_shards() {
   }
 }
 
+int64_t ShardedParameters::unit_bytes(size_t u) const { return buffer_bytes(units_.at(u).flat); }
+
 int64_t ShardedParameters::largest_unit_bytes() const {
   int64_t most = 0;
   for (const auto& unit : units_) most = std::max(most, buffer_bytes(unit.flat));

@@ -1,5 +1,5 @@
-// ZeRO-3 (parallel.zero_stage: 3): between uses, the parameters of each unit (one
-// transformer block) exist on a rank only as its shard, the elements of the unit's
+// ZeRO-3 (parallel.zero_stage: 3): between uses, the parameters of each unit (a
+// transformer block, the embedding table, ...: model::BlockHooks) exist on a rank only as its shard, the elements of the unit's
 // gradient bucket it owns (GradientReducer::shard_segments), which is also what its
 // optimizer updates. A unit's parameters are views into one flat buffer laid out as
 // its bucket; gather() all-gathers the owners' shards into it just before the block
@@ -58,7 +58,8 @@ class ShardedParameters {
   int64_t gathered_bytes() const { return gathered_bytes_; }
   int64_t peak_gathered_bytes() const { return peak_gathered_bytes_; }
   void reset_peak() { peak_gathered_bytes_ = gathered_bytes_; }
-  // Bytes of one unit's whole buffer (the largest unit's).
+  // Bytes of unit u's whole buffer, and of the largest unit's.
+  int64_t unit_bytes(size_t u) const;
   int64_t largest_unit_bytes() const;
 
  private:

@@ -163,7 +163,8 @@ TrainingPlan plan_training(const PlanInputs& in, const PlanOptions& options) {
   double per_rank_shard = dense / dense_shards + routed / static_cast<double>(ep);
   double experts_held = routed / static_cast<double>(ep);  // whole on their EP rank at every ZeRO stage
   double zero_shards = dense_shards;                        // the data-parallel group ZeRO shards over
-  // ZeRO-3 shards the blocks; the embedding, final norm, head and MTP projections stay whole.
+  // ZeRO-3 shards every dense parameter: the blocks, the embedding table, the head
+  // and the rest (final norm, MTP projections), each a unit gathered where it runs.
   const double d_model = static_cast<double>(o.d_model);
   const double root = static_cast<double>(p.params.embedding) +
                       (o.tie_embeddings ? 0.0 : static_cast<double>(o.vocab_size) * d_model) + d_model +
@@ -209,11 +210,16 @@ TrainingPlan plan_training(const PlanInputs& in, const PlanOptions& options) {
     experts_held = experts[fullest];
     zero_shards = zero ? static_cast<double>(options.gpus / pp) : 1.0;
   }
-  const double bucket = stage == 3 ? largest_block * 4 : std::min(4 * p.params_per_gpu, static_cast<double>(in.parallel.bucket_bytes()));
+  // ZeRO-3 units whole at once: two blocks (one running, one prefetched), or the
+  // table (the head's weights) with the rest while the head runs.
+  const double table = static_cast<double>(o.vocab_size) * d_model;
+  const double largest_unit = std::max(largest_block, table);
+  const double bucket = stage == 3 ? largest_unit * 4 : std::min(4 * p.params_per_gpu, static_cast<double>(in.parallel.bucket_bytes()));
   if (stage == 3) {
-    p.memory.push_back({"weights (FP32; ZeRO-3: blocks sharded, 2 whole)",
-                        4 * (root + experts_held + (p.params_per_gpu - root - experts_held) / zero_shards +
-                             2 * largest_block)});
+    const double rest = d_model + static_cast<double>(o.mtp.depth) * (2 * d_model * d_model + 3 * d_model);
+    const double whole = std::max(2 * largest_block, table + rest);
+    p.memory.push_back({"weights (FP32; ZeRO-3: sharded, 2 blocks whole)",
+                        4 * (experts_held + (p.params_per_gpu - experts_held) / zero_shards + whole)});
   } else {
     p.memory.push_back({"weights (FP32 master)", 4 * p.params_per_gpu});
   }

@@ -26,28 +26,33 @@
 namespace brigade::trainer {
 namespace {
 
-// ZeRO-3 around the model's blocks: a block's parameters are gathered before its
-// forward (the next block's gather started first, so it overlaps this one), freed
-// after it, and gathered again when backward reaches the block's output (the block
-// before it prefetched); the reducer frees them once their gradients are sent.
+// ZeRO-3 around the model's units (model::BlockHooks): a block's parameters are
+// gathered before its forward (the next block's gather started first, so it
+// overlaps this one), freed after it, and gathered again when backward reaches the
+// block's output (the block before it prefetched); the reducer frees them once their
+// gradients are sent. The outer units (embedding, head, the rest) are gathered the
+// same way where the model uses them, without prefetching.
 class ZeroThreeHooks final : public model::BlockHooks {
  public:
-  // `state` maps blocks to units (a pipeline stage has units for its own blocks
-  // only; with chunks, each chunk's units are its own reduce group's).
-  ZeroThreeHooks(const parallel::ParallelState& state, int64_t main_blocks) : state_(state), main_blocks_(main_blocks) {}
-  void before(int64_t block) override {
-    const auto at = state_.unit_of_block(block);
+  // `state` maps BlockHooks numbers to units (a pipeline stage has units for its own
+  // parameters only; with chunks, each chunk's units are its own reduce group's).
+  // `main_blocks`, `blocks`: the main model's blocks, and with the MTP modules'.
+  ZeroThreeHooks(const parallel::ParallelState& state, int64_t main_blocks, int64_t blocks)
+      : state_(state), main_blocks_(main_blocks), blocks_(blocks) {}
+  void before(int64_t unit) override {
+    const auto at = state_.unit_of_block(unit);
     if (!at.units) return;
     at.units->prefetch(at.unit);
-    if (block + 1 != main_blocks_) prefetch(block + 1);  // MTP modules run later, if at all
+    // MTP modules run after the head, if at all.
+    if (unit + 1 < blocks_ && unit + 1 != main_blocks_) prefetch(unit + 1);
     at.units->gather(at.unit);
   }
-  torch::Tensor after(int64_t block, torch::Tensor output) override {
-    const auto at = state_.unit_of_block(block);
+  torch::Tensor after(int64_t unit, torch::Tensor output) override {
+    const auto at = state_.unit_of_block(unit);
     if (!at.units) return output;
     at.units->release(at.unit);
     if (torch::GradMode::is_enabled() && output.requires_grad()) {
-      const auto before = state_.unit_of_block(block - 1);
+      const auto before = unit < blocks_ ? state_.unit_of_block(unit - 1) : parallel::ParallelState::BlockUnit{};
       output.register_hook([at, before](const torch::Tensor& grad) {
         at.units->prefetch(at.unit);
         if (before.units) before.units->prefetch(before.unit);
@@ -57,28 +62,46 @@ class ZeroThreeHooks final : public model::BlockHooks {
     }
     return output;
   }
+  void done(int64_t unit) override {
+    if (const auto at = state_.unit_of_block(unit); at.units) at.units->release(at.unit);
+  }
+  torch::Tensor release_in_backward(int64_t unit, torch::Tensor input) override {
+    const auto at = state_.unit_of_block(unit);
+    if (!at.units || !torch::GradMode::is_enabled() || !input.requires_grad()) return input;
+    input.register_hook([at](const torch::Tensor& grad) {
+      at.units->release(at.unit);
+      return grad;
+    });
+    return input;
+  }
 
  private:
-  void prefetch(int64_t block) const {
-    if (const auto at = state_.unit_of_block(block); at.units) at.units->prefetch(at.unit);
+  void prefetch(int64_t unit) const {
+    if (const auto at = state_.unit_of_block(unit); at.units) at.units->prefetch(at.unit);
   }
   const parallel::ParallelState& state_;
-  int64_t main_blocks_;
+  int64_t main_blocks_, blocks_;
 };
 
-// The indices into `names` of each block's parameters, in BlockHooks order.
-std::vector<std::vector<size_t>> block_parameters(const std::vector<std::string>& names,
-                                                  const model::TransformerOptions& o) {
-  std::vector<std::string> prefixes;
-  for (int64_t j = 0; j < o.n_layers; ++j) prefixes.push_back("layers." + std::to_string(j) + ".");
-  for (int64_t k = 0; k < o.mtp.depth; ++k) prefixes.push_back("mtp." + std::to_string(k) + ".block.");
-  std::vector<std::vector<size_t>> out(prefixes.size());
+// ZeRO-3's units of `names` by BlockHooks number, and the order backward completes
+// them: the MTP modules' blocks (last first), the head, the rest (the norms and MTP
+// projections, done once MTP module 1's projection is), the main blocks (last
+// first), the embedding (its lookup is the first forward, the last backward).
+parallel::UnitLayout unit_layout(const std::vector<std::string>& names, const model::TransformerOptions& o) {
+  using model::OuterUnit;
+  parallel::UnitLayout layout;
+  layout.members.resize(static_cast<size_t>(model::hook_unit(o, OuterUnit::kRest) + 1));
   for (size_t i = 0; i < names.size(); ++i) {
-    for (size_t j = 0; j < prefixes.size(); ++j) {
-      if (names[i].starts_with(prefixes[j])) out[j].push_back(i);
-    }
+    const int64_t unit = model::hook_unit_of(o, names[i]);
+    if (unit >= 0) layout.members[static_cast<size_t>(unit)].push_back(i);
   }
-  return out;
+  auto& order = layout.backward_order;
+  for (int64_t k = o.mtp.depth - 1; k >= 0; --k) order.push_back(static_cast<size_t>(o.n_layers + k));
+  order.push_back(static_cast<size_t>(model::hook_unit(o, OuterUnit::kHead)));
+  order.push_back(static_cast<size_t>(model::hook_unit(o, OuterUnit::kRest)));
+  for (int64_t j = o.n_layers - 1; j >= 0; --j) order.push_back(static_cast<size_t>(j));
+  order.push_back(static_cast<size_t>(model::hook_unit(o, OuterUnit::kEmbedding)));
+  return layout;
 }
 
 model::NamedTensors trainable_parameters(torch::nn::Module& module) {
@@ -343,10 +366,11 @@ Trainer::Trainer(TrainerOptions options, precision::PrecisionOptions precision, 
   }
   std::vector<std::string> names;
   for (const auto& [name, p] : params_) names.push_back(name);
-  parallel_->attach(params_, model_->expert_parallel_parameters(), block_parameters(names, model_->options()),
+  parallel_->attach(params_, model_->expert_parallel_parameters(), unit_layout(names, model_->options()),
                     pipeline_ && pipeline_->chunks > 1 ? pipeline_->chunk_params : std::vector<std::vector<size_t>>{});
   if (parallel_->sharded_parameters()) {
-    model_->set_block_hooks(std::make_shared<ZeroThreeHooks>(*parallel_, model_->options().n_layers));
+    const auto& o = model_->options();
+    model_->set_block_hooks(std::make_shared<ZeroThreeHooks>(*parallel_, o.n_layers, o.n_layers + o.mtp.depth));
   }
 
   const auto decay = weight_decay_mask(params_, options_);
@@ -390,7 +414,7 @@ OptimizerShards Trainer::optimizer_layout() const {
         const int s = r % pipeline_->count, i = r / pipeline_->count;
         OptimizerShard shard{optimizer_shard_file(r, world_size()), {}};
         const auto groups = parallel::reduce_groups(names[s].size(), pipeline_->chunks > 1 ? chunks[s] : std::vector<std::vector<size_t>>{},
-                                                    block_parameters(names[s], model_->options()), context_.zero_stage);
+                                                    unit_layout(names[s], model_->options()), context_.zero_stage);
         for (const auto& group : groups) {
           std::vector<int64_t> group_numels;
           for (size_t k : group.params) group_numels.push_back(numels[s][k]);
@@ -724,10 +748,14 @@ StepResult Trainer::run_step() {
     if (pipeline_ && pipeline_->shared_embedding && pipeline_->count > 1) {
       // The last stage's copy of the embeddings follows stage 0's update.
       torch::NoGradGuard no_grad;
-      auto weight = model_->embed_tokens->weight.detach();
       auto& stages = *pipeline_->stages;
+      // ZeRO-3: stage 0's table is a unit, whole only while gathered.
+      const auto table = parallel_->unit_of_block(model::hook_unit(model_->options(), model::OuterUnit::kEmbedding));
+      if (table.units) table.units->gather(table.unit);
+      auto weight = model_->embed_tokens->weight.detach();
       if (pipeline_->first_stage()) stages.send(weight, pipeline_->count - 1, pipeline_tag(0, 3)).wait();
       if (pipeline_->last_stage()) stages.recv(weight, 0, pipeline_tag(0, 3)).wait();
+      if (table.units) table.units->release(table.unit);
     }
   }
   // Aux-loss-free balancing: expert biases move after the update, from this step's load.

@@ -235,22 +235,30 @@ TEST(MpiDataParallel, ZeroThreeWithMoEMtpAndFullRecomputation) {
 }
 
 // During a step at most two blocks' parameters are whole on a rank (the one
-// running and the one prefetched), none between steps, and each rank keeps 1/N of
-// the blocks' elements (plus padding to whole norm blocks).
+// running and the one prefetched) besides the embedding table and the final norm
+// (the tied head's units, whole while the head runs), none between steps, and each
+// rank keeps 1/N of every parameter (plus padding to whole norm blocks).
 TEST(MpiZero, ZeroThreeHoldsAtMostTwoBlocksWhole) {
   auto* w = mpi_world();
   if (w == nullptr) GTEST_SKIP() << "multi-rank test: run under mpirun";
   at::set_num_threads(1);
   SharedDir dir(*w);
-  auto trainer = recipes::build_trainer(recipe(2, {"parallel.zero_stage=3", "model.n_layers=4"}, 2), dir / "run", w);
+  // Units much larger than the padding (kNormBlock per rank), the table among the largest.
+  auto trainer = recipes::build_trainer(recipe(2, {"parallel.zero_stage=3", "model.n_layers=4", "model.d_model=128",
+                                                   "model.d_ff=256", "model.vocab_size=1024"},
+                                               2),
+                                        dir / "run", w);
   auto* units = trainer->parallel_state().sharded_parameters();
   ASSERT_NE(units, nullptr);
-  ASSERT_EQ(units->units(), 4u);
-  int64_t block_elements = 0, kept = 0;
-  for (const auto& item : trainer->model()->named_parameters()) {
-    if (item.key().starts_with("layers.")) block_elements += item.value().numel();
-  }
+  ASSERT_EQ(units->units(), 6u);  // 4 blocks, the (tied) embedding table, the final norm
+  int64_t elements = 0, kept = 0, largest_block = 0;
+  for (const auto& item : trainer->model()->named_parameters()) elements += item.value().numel();
   for (size_t u = 0; u < units->units(); ++u) kept += units->shard(u).numel();
+  for (size_t u = 0; u < 4; ++u) largest_block = std::max(largest_block, units->unit_bytes(u));
+  const int64_t outer = units->unit_bytes(4) + units->unit_bytes(5);
+  EXPECT_EQ(units->unit_bytes(4), static_cast<int64_t>(((trainer->model()->embed_tokens->weight.numel() + w->size() *
+                                                          parallel::kNormBlock - 1) / (w->size() * parallel::kNormBlock)) *
+                                                        w->size() * parallel::kNormBlock * sizeof(float)));
   EXPECT_EQ(units->gathered_bytes(), 0);
   int64_t peak = 0;
   for (int step = 0; step < 3; ++step) {
@@ -260,13 +268,13 @@ TEST(MpiZero, ZeroThreeHoldsAtMostTwoBlocksWhole) {
     EXPECT_EQ(units->gathered_bytes(), 0) << "after step " << step;
   }
   EXPECT_GT(peak, 0);
-  EXPECT_LE(peak, 2 * units->largest_unit_bytes());
-  EXPECT_LE(kept, block_elements / w->size() + 4 * parallel::kNormBlock);
+  EXPECT_LE(peak, 2 * largest_block + outer);
+  EXPECT_LE(kept, elements / w->size() + 6 * parallel::kNormBlock);
   if (w->rank() == 0) {
-    std::printf("ZeRO-3 at %d ranks: block parameters %lld floats; kept per rank %lld; whole at once at most %lld "
-                "bytes (one block: %lld)\n",
-                w->size(), static_cast<long long>(block_elements), static_cast<long long>(kept),
-                static_cast<long long>(peak), static_cast<long long>(units->largest_unit_bytes()));
+    std::printf("ZeRO-3 at %d ranks: parameters %lld floats; kept per rank %lld; whole at once at most %lld "
+                "bytes (one block: %lld, embedding and norm: %lld)\n",
+                w->size(), static_cast<long long>(elements), static_cast<long long>(kept), static_cast<long long>(peak),
+                static_cast<long long>(largest_block), static_cast<long long>(outer));
   }
 }
 
@@ -611,12 +619,13 @@ TEST(MpiPipeline, ZeroTwoAndThreeWithChunkedSchedules) {
   auto run = recipes::build_trainer(recipe(2, {"model.n_layers=4", "parallel.pipeline_parallel=2", "parallel.zero_stage=3",
                                                "parallel.pp_schedule=dualpipev", "trainer.stop_after=3"}, 4),
                                     dir / "run", w);
-  // Each rank's two chunks of one block each: two reducers, each with its block as a unit.
+  // Each rank's two chunks of one block each: two reducers, each with its block as a
+  // unit; on stage 0 also the embedding table (chunk 0) and the final norm (chunk 3).
   const auto& state = run->parallel_state();
   ASSERT_EQ(state.reduce_group_count(), 2u);
   for (size_t g = 0; g < 2; ++g) {
     ASSERT_NE(state.sharded_parameters(g), nullptr);
-    EXPECT_EQ(state.sharded_parameters(g)->units(), 1u);
+    EXPECT_EQ(state.sharded_parameters(g)->units(), w->rank() % 2 == 0 ? 2u : 1u);
   }
   run->run();
   testing::TempDir own;
