@@ -3,7 +3,7 @@
 ZeRO-1, 2 and 3, the same recipe, ranks and per-rank batch.
 
     .venv/bin/python bench/zero_stages.py [--recipe recipes/small-dense.yaml] [--ranks 2]
-        [--steps 12] [--threads 1] [--micro-batch 2] [--stages 0,1,2,3]
+        [--steps 12] [--threads 1] [--micro-batch 2] [--stages 0,1,2,3] [--set KEY=VALUE ...]
 
 Runs `brigade launch -n N -- train` once per stage (parallel.zero_stage) and
 prints, from the same invocation, each stage's median step time (steps after the
@@ -35,6 +35,8 @@ def run(args, stage, run_dir):
            "--set", "trainer.eval_every=0", "--set", "trainer.checkpoint_every=0",
            "--set", f"trainer.threads={args.threads}", "--set", f"trainer.micro_batch_size={args.micro_batch}",
            "--set", f"parallel.zero_stage={stage}"]
+    for setting in args.set:
+        cmd += ["--set", setting]
     # Large blocks mmapped and returned to the system when freed, so that RSS follows
     # what is alive rather than glibc's heap high-water mark.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
@@ -55,6 +57,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--micro-batch", type=int, default=2)
     ap.add_argument("--stages", default="0,1,2,3")
+    ap.add_argument("--set", action="append", default=[], help="a recipe override for every run (e.g. model.vocab_size=32768)")
     args = ap.parse_args()
     stages = [int(s) for s in args.stages.split(",")]
     results = {}
@@ -64,7 +67,8 @@ def main():
     base_time = results[stages[0]][0]
     base_mem = max(results[stages[0]][1])
     base_live = max(results[stages[0]][2])
-    print(f"{Path(args.recipe).name}, {args.ranks} ranks x {args.threads} thread(s), micro batch {args.micro_batch}, "
+    overrides = "".join(f" --set {s}" for s in args.set)
+    print(f"{Path(args.recipe).name}{overrides}, {args.ranks} ranks x {args.threads} thread(s), micro batch {args.micro_batch}, "
           f"{args.steps} steps "
           f"(median over steps 3..); peak RSS per rank from run_dir/memory.json")
     print("| ZeRO stage | median step ms | ratio to stage " + str(stages[0]) +

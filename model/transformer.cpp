@@ -335,6 +335,12 @@ int64_t hook_unit_of(const TransformerOptions& o, const std::string& name) {
   return -1;
 }
 
+void TransformerImpl::set_weight_grad_queue(const std::shared_ptr<precision::WeightGradQueue>& queue) {
+  for (const auto& module : modules(/*include_self=*/false)) {
+    if (auto* linear = dynamic_cast<precision::LinearImpl*>(module.get())) linear->set_weight_grad_queue(queue);
+  }
+}
+
 void TransformerImpl::before_unit(OuterUnit unit) {
   if (block_hooks_) block_hooks_->before(hook_unit(options_, unit));
 }

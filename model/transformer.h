@@ -268,6 +268,9 @@ class TransformerImpl : public torch::nn::Module {
   Checkpointing checkpointing() const { return checkpointing_; }
   // Hooks around every block (null: none).
   void set_block_hooks(std::shared_ptr<BlockHooks> hooks) { block_hooks_ = std::move(hooks); }
+  // Split backwards (DualPipe-V's W steps): every Linear of the model defers its
+  // weight gradients to `queue` while it is deferring (null: never).
+  void set_weight_grad_queue(const std::shared_ptr<precision::WeightGradQueue>& queue);
 
   torch::nn::Embedding embed_tokens{nullptr};
   torch::nn::ModuleList layers{nullptr};

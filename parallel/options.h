@@ -28,6 +28,7 @@ struct ParallelOptions {
   PipelineSchedule pp_schedule = PipelineSchedule::k1F1B;
   std::vector<int64_t> pp_layers;  // blocks per stage (per chunk with interleaved_1f1b); empty: balanced by parameters
   int64_t pp_virtual_stages = 0;   // interleaved_1f1b: model chunks per rank (0: 2); dualpipev: 2; others: 1
+  bool pp_zero_bubble = true;      // dualpipev: split backwards and W steps (at ZeRO 0 and 1)
 
   void validate() const;
   // Model chunks per pipeline rank: pp_virtual_stages (2 when 0) for interleaved_1f1b, else 1.

@@ -1,6 +1,7 @@
 #include "parallel/pipeline.h"
 
 #include <algorithm>
+#include <deque>
 #include <limits>
 
 #include "core/error.h"
@@ -45,12 +46,14 @@ int pipeline_chunk_rank(PipelineSchedule schedule, int stages, int model_chunk) 
 }
 
 std::vector<PipelineAction> pipeline_schedule(PipelineSchedule schedule, int stages, int stage, int64_t micro_batches,
-                                              int chunks) {
+                                              int chunks, bool zero_bubble) {
   BRIGADE_ASSERT(stages >= 1 && stage >= 0 && stage < stages && micro_batches >= 1 && chunks >= 1,
                  "pipeline schedule for stage ", stage, " of ", stages, " with ", micro_batches, " micro-batches");
   using Kind = PipelineAction::Kind;
   std::vector<PipelineAction> out;
   check_pipeline_micro_batches(schedule, stages, micro_batches);
+  BRIGADE_ASSERT(!zero_bubble || schedule == PipelineSchedule::kDualPipeV, "zero-bubble steps are dualpipev's, not ",
+                 to_string(schedule), "'s");
   if (schedule == PipelineSchedule::kInterleaved1F1B) {
     BRIGADE_CHECK(chunks >= 2, "parallel.pp_schedule=interleaved_1f1b needs parallel.pp_virtual_stages >= 2, got ",
                   chunks);
@@ -78,16 +81,36 @@ std::vector<PipelineAction> pipeline_schedule(PipelineSchedule schedule, int sta
   if (schedule == PipelineSchedule::kDualPipeV) {
     BRIGADE_ASSERT(chunks == 2, "dualpipev runs 2 chunks per rank, not ", chunks);
     int64_t next[2] = {0, 0}, back[2] = {0, 0};
+    std::deque<PipelineAction> deferred;  // split backwards whose W has not run, oldest first
     auto forward = [&](int v) { out.push_back({Kind::kForward, next[v]++, v}); };
-    auto backward = [&](int v) { out.push_back({Kind::kBackward, back[v]++, v}); };
+    auto backward = [&](int v, bool split = false) {
+      split = split && zero_bubble;
+      out.push_back({Kind::kBackward, back[v]++, v, split});
+      if (split) deferred.push_back({Kind::kWeight, out.back().micro, v});
+    };
+    auto weight = [&] {
+      if (!zero_bubble) return;
+      out.push_back(deferred.front());
+      deferred.pop_front();
+    };
     const int64_t p = stages, s = stage;
     for (int64_t i = 0; i < (p - s - 1) * 2; ++i) forward(0);
     for (int64_t i = 0; i < s + 1; ++i) forward(0), forward(1);
-    for (int64_t i = 0; i < p - s - 1; ++i) backward(1), forward(1);
+    for (int64_t i = 0; i < p - s - 1; ++i) backward(1, true), weight(), forward(1);
     for (int64_t i = 0; i < micro_batches - 2 * p + s + 1; ++i) forward(0), backward(1), forward(1), backward(0);
     for (int64_t i = 0; i < p - s - 1; ++i) backward(1), forward(1), backward(0);
-    for (int64_t i = 0; i < s + 1; ++i) backward(1), backward(0);
-    for (int64_t i = 0; i < p - s - 1; ++i) backward(0);
+    // Phase 6: the second half split (on odd ranks from a backward of chunk 1, on
+    // even ranks from one of chunk 0, so the W steps fill what each rank waits).
+    bool split = false;
+    for (int64_t i = 0; i < s + 1; ++i) {
+      if (i == (s + 1) / 2 && s % 2 == 1) split = true;
+      backward(1, split);
+      if (i == (s + 1) / 2 && s % 2 == 0) split = true;
+      backward(0, split);
+    }
+    for (int64_t i = 0; i < p - s - 1; ++i) weight(), backward(0, true);
+    for (int64_t i = 0; i < s + 1; ++i) weight();
+    BRIGADE_ASSERT(deferred.empty(), "dualpipev left ", deferred.size(), " weight-gradient steps unscheduled");
     return out;
   }
   BRIGADE_CHECK(chunks == 1, "parallel.pp_virtual_stages (", chunks, ") needs parallel.pp_schedule=interleaved_1f1b");
@@ -111,6 +134,7 @@ double theoretical_bubble(int stages, int64_t micro_batches, int chunks) {
 int64_t max_in_flight(const std::vector<PipelineAction>& actions) {
   int64_t now = 0, most = 0;
   for (const auto& a : actions) {
+    if (a.kind == PipelineAction::Kind::kWeight) continue;
     now += a.kind == PipelineAction::Kind::kForward ? 1 : -1;
     most = std::max(most, now);
   }

@@ -26,10 +26,15 @@
 //          (backward 1, forward 1); M - 2P + s + 1 of (forward 0, backward 1,
 //          forward 1, backward 0), where a forward of one chunk meets a backward of
 //          the other; P - s - 1 of (backward 1, forward 1, backward 0); s + 1 of
-//          (backward 1, backward 0); P - s - 1 backwards of chunk 0. DeepSeek
-//          splits some backwards into input and weight gradients (zero bubble);
-//          here each backward computes both, so the W steps are folded into the
-//          backwards. At most 2P + 1 chunks in flight on every rank; M >= 2P.
+//          (backward 1, backward 0); P - s - 1 backwards of chunk 0. With
+//          `zero_bubble` some backwards are split (Qi et al.'s zero-bubble B / W):
+//          they make only the input gradients, which the previous rank waits for,
+//          and leave the weight gradients to W steps that fill the idle time:
+//          each backward of phase 3 is followed by its W, the second half of
+//          phase 6's backwards are split, phase 7 is P - s - 1 of (W, split
+//          backward 0) and phase 8 is s + 1 W steps. W steps run the deferred
+//          weight gradients oldest first. At most 2P + 1 chunks in flight on
+//          every rank; M >= 2P.
 //
 // Backwards of a chunk run in micro-batch order on every schedule, so each
 // parameter's gradients are added in the canonical order of parallel/ordered_sum.h.
@@ -47,17 +52,20 @@ std::string to_string(PipelineSchedule schedule);
 PipelineSchedule parse_pipeline_schedule(const std::string& name);
 
 struct PipelineAction {
-  enum class Kind { kForward, kBackward } kind = Kind::kForward;
+  // kWeight: the weight gradients a split backward left (of `micro` and `chunk`).
+  enum class Kind { kForward, kBackward, kWeight } kind = Kind::kForward;
   int64_t micro = 0;
   int chunk = 0;  // which of the rank's chunks (0 .. V - 1): model chunk chunk x P + stage
+  bool split = false;  // a backward whose weight gradients wait for a kWeight action
   bool operator==(const PipelineAction&) const = default;
 };
 
 // Stage `stage` of `stages`: its actions for `micro_batches` micro-batches, in order.
 // `chunks` (V) is 1 except for interleaved_1f1b, where it is at least 2 and
-// micro_batches must be a multiple of `stages` (an Error naming the keys).
+// micro_batches must be a multiple of `stages` (an Error naming the keys), and
+// dualpipev (2). `zero_bubble`: dualpipev's split backwards and W steps.
 std::vector<PipelineAction> pipeline_schedule(PipelineSchedule schedule, int stages, int stage, int64_t micro_batches,
-                                              int chunks = 1);
+                                              int chunks = 1, bool zero_bubble = false);
 
 // The micro-batches per step a schedule needs with `stages` ranks: a multiple of
 // the stages for interleaved_1f1b, at least twice them for dualpipev. An Error
@@ -73,7 +81,8 @@ int pipeline_chunk_rank(PipelineSchedule schedule, int stages, int model_chunk);
 // its backward twice that, as a fraction of the step: (P - 1) / (V M + P - 1).
 double theoretical_bubble(int stages, int64_t micro_batches, int chunks = 1);
 
-// The most micro-batches whose forward ran and whose backward has not, over the actions.
+// The most micro-batches whose forward ran and whose backward has not, over the
+// actions (a split backward's deferred weight gradients not counted).
 int64_t max_in_flight(const std::vector<PipelineAction>& actions);
 
 // Where the stages' blocks begin: `stages + 1` boundaries, stage s running blocks

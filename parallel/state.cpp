@@ -239,6 +239,7 @@ void ParallelState::sum_over_ranks(torch::Tensor& t) const {
 }
 
 void ParallelState::begin_micro_batch(bool last) {
+  last_begun_ = last_begun_ || last;
   const bool every = options_.zero_stage >= 2;  // ZeRO-2/3 reduce every micro-batch
   for (auto& reducer : reducers_) reducer->begin_backward(/*reduce=*/last || every);
   if (expert_reducer_) expert_reducer_->begin_backward(/*reduce=*/last);
@@ -269,6 +270,7 @@ GradientReducer* ParallelState::chunk_reducer(size_t chunk) const {
 
 void ParallelState::begin_chunk_backward(size_t chunk, bool last) {
   BRIGADE_ASSERT(chunk < chunks_.size(), "no chunk ", chunk, " attached");
+  last_begun_ = last_begun_ || last;
   if (options_.zero_stage >= 2) {
     if (auto* reducer = chunk_reducer(chunk)) reducer->begin_backward(/*reduce=*/true);
   } else {
@@ -279,9 +281,17 @@ void ParallelState::begin_chunk_backward(size_t chunk, bool last) {
   if (expert_reducer_) expert_reducer_->begin_backward(/*reduce=*/last);
 }
 
-void ParallelState::end_chunk_backward(size_t chunk, bool last, bool chunk_last) {
+void ParallelState::end_chunk_backward(size_t chunk, bool last, bool chunk_last, const std::vector<size_t>& deferred) {
   BRIGADE_ASSERT(chunk < chunks_.size(), "no chunk ", chunk, " attached");
-  const auto& own = chunks_[chunk];
+  auto own = chunks_[chunk];
+  if (!deferred.empty()) {
+    BRIGADE_ASSERT(options_.zero_stage <= 1 && !last, "a split backward at ZeRO stage ", options_.zero_stage,
+                   last ? " as the step's last" : "");
+    std::vector<size_t> sorted = deferred, rest;
+    std::sort(sorted.begin(), sorted.end());
+    std::set_difference(own.begin(), own.end(), sorted.begin(), sorted.end(), std::back_inserter(rest));
+    own = std::move(rest);
+  }
   if (options_.zero_stage >= 2 && !reducers_.empty()) {
     add_micro_stats(chunk_reducer(chunk)->finish(chunk_last));
     if (last) return;
@@ -294,8 +304,19 @@ void ParallelState::end_chunk_backward(size_t chunk, bool last, bool chunk_last)
   if (!last) micro_grads_->stash(own);
 }
 
+void ParallelState::end_deferred(const std::vector<size_t>& params) {
+  BRIGADE_ASSERT(options_.zero_stage <= 1, "a W step at ZeRO stage ", options_.zero_stage);
+  micro_grads_->stash(params);
+}
+
 ReduceStats ParallelState::finish_gradients() {
   micro_grads_->finish_all();  // what no reducer folded in
+  const bool begun = std::exchange(last_begun_, false);
+  if (!begun && options_.zero_stage <= 1) {
+    // The step ended with W steps: every bucket is reduced now.
+    for (auto& reducer : reducers_) reducer->begin_backward(/*reduce=*/true);
+    if (expert_reducer_) expert_reducer_->begin_backward(/*reduce=*/true);
+  }
   if (reducers_.empty()) return {};
   ReduceStats stats;
   if (options_.zero_stage >= 2) {

@@ -155,8 +155,11 @@ class ParallelState {
   // chunks[chunk]. `last`: the rank's last backward of the step; `chunk_last`: the
   // chunk's last (a chunk's micro-batches run in order). Just the chunk's gradients
   // are set aside or reduced, so each parameter's sum keeps one term per micro-batch.
+  // `deferred`: parameters whose gradients a split backward left for a W step (ZeRO
+  // 0 and 1 only); end_deferred() sets theirs aside once the W step made them.
   void begin_chunk_backward(size_t chunk, bool last);
-  void end_chunk_backward(size_t chunk, bool last, bool chunk_last);
+  void end_chunk_backward(size_t chunk, bool last, bool chunk_last, const std::vector<size_t>& deferred = {});
+  void end_deferred(const std::vector<size_t>& params);
   // After the last backward: gradients summed over the ranks.
   ReduceStats finish_gradients();
   // The squared L2 norm of the summed gradients, float64 [1] on the device; a
@@ -199,6 +202,9 @@ class ParallelState {
   std::set<std::string> expert_slices_;
   std::unique_ptr<MicroBatchGradients> micro_grads_;
   void add_micro_stats(const ReduceStats& stats);
+  // Whether this step's last backward began (its reducers reducing during it): not
+  // when W steps end the step, and finish_gradients() then reduces everything.
+  bool last_begun_ = false;
   // The reducer of chunk `chunk`'s dense parameters (ZeRO-2/3 with chunks), else the one.
   GradientReducer* chunk_reducer(size_t chunk) const;
 

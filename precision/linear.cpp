@@ -1,5 +1,8 @@
 #include "precision/linear.h"
 
+#include <algorithm>
+#include <optional>
+
 #include <ATen/autocast_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
@@ -211,9 +214,105 @@ LinearImpl::LinearImpl(int64_t in_features, int64_t out_features, bool with_bias
   }
 }
 
+namespace {
+
+// A split Linear computes torch's linear of detached copies of its operands (leaves
+// of a graph of its own, under the caller's autocast); its backward makes the
+// gradients from that graph, the weights' now or in the queue.
+void accumulate_grad(torch::Tensor& param, const torch::Tensor& grad) {
+  if (param.grad().defined()) param.mutable_grad() += grad;
+  else param.mutable_grad() = grad;
+}
+
+class SplitLinearFunction : public torch::autograd::Function<SplitLinearFunction> {
+ public:
+  // inner: {x, weight, y = their linear[, bias]}.
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& /*x*/,
+                               const torch::Tensor& weight, const std::optional<torch::Tensor>& bias,
+                               const std::vector<torch::Tensor>& inner, WeightGradQueue* queue) {
+    ctx->saved_data["x"] = inner[0];
+    ctx->saved_data["w"] = inner[1];
+    ctx->saved_data["y"] = inner[2];
+    ctx->saved_data["weight"] = weight;  // the parameters the weight gradients go to
+    if (bias) {
+      ctx->saved_data["b"] = inner[3];
+      ctx->saved_data["bias"] = *bias;
+    }
+    ctx->saved_data["queue"] = reinterpret_cast<int64_t>(queue);  // the model's, outlives the graph
+    return inner[2].detach();
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto& saved = ctx->saved_data;
+    const auto x = saved["x"].toTensor(), y = saved["y"].toTensor();
+    const bool has_bias = saved.find("b") != saved.end();
+    const auto bias = has_bias ? saved["b"].toTensor() : torch::Tensor();
+    auto* queue = reinterpret_cast<WeightGradQueue*>(saved["queue"].toInt());
+    const torch::Tensor dy = grads[0];
+    std::vector<torch::Tensor> weights = {saved["w"].toTensor()}, params = {saved["weight"].toTensor()};
+    if (has_bias) weights.push_back(bias), params.push_back(saved["bias"].toTensor());
+    if (queue->deferring()) {
+      // B: the input gradient alone (torch's backward of the graph skips the weight GEMM).
+      torch::Tensor dx;
+      if (x.requires_grad()) dx = torch::autograd::grad({y}, {x}, {dy}, /*retain_graph=*/true)[0];
+      queue->defer(
+          [y, dy, weights, params]() mutable {
+            const auto made = torch::autograd::grad({y}, weights, {dy});
+            torch::NoGradGuard no_grad;
+            for (size_t i = 0; i < params.size(); ++i) accumulate_grad(params[i], made[i]);
+          },
+          params);
+      return {dx, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
+    }
+    std::vector<torch::Tensor> leaves;
+    if (x.requires_grad()) leaves.push_back(x);
+    leaves.insert(leaves.end(), weights.begin(), weights.end());
+    const auto made = torch::autograd::grad({y}, leaves, {dy});
+    const size_t w = x.requires_grad() ? 1 : 0;
+    return {x.requires_grad() ? made[0] : torch::Tensor(), made[w], has_bias ? made[w + 1] : torch::Tensor(),
+            torch::Tensor(), torch::Tensor()};
+  }
+};
+
+}  // namespace
+
+void WeightGradQueue::defer(std::function<void()> compute, std::vector<torch::Tensor> weights) {
+  open_.work.push_back(std::move(compute));
+  // A Linear used twice in one backward (the untied head, for the main model and the
+  // MTP modules) is listed once: its gradient is one micro-batch term.
+  for (auto& w : weights) {
+    const bool listed = std::any_of(open_.weights.begin(), open_.weights.end(),
+                                    [&](const torch::Tensor& t) { return t.is_same(w); });
+    if (!listed) open_.weights.push_back(std::move(w));
+  }
+}
+
+std::vector<torch::Tensor> WeightGradQueue::close_entry() {
+  auto weights = open_.weights;
+  entries_.push_back(std::exchange(open_, Entry{}));
+  return weights;
+}
+
+std::vector<torch::Tensor> WeightGradQueue::run_oldest() {
+  BRIGADE_ASSERT(!entries_.empty(), "a W step with no split backward waiting");
+  Entry entry = std::move(entries_.front());
+  entries_.pop_front();
+  for (auto& work : entry.work) work();
+  return entry.weights;
+}
+
 torch::Tensor LinearImpl::forward(const torch::Tensor& x) {
   if (fp8_) return fp8_linear(x, weight, bias, *fp8_);
-  return torch::nn::functional::linear(x, weight, bias);
+  if (!queue_ || !torch::GradMode::is_enabled() || !weight.requires_grad()) {
+    return torch::nn::functional::linear(x, weight, bias);
+  }
+  std::vector<torch::Tensor> inner = {x.detach().requires_grad_(x.requires_grad()), weight.detach().requires_grad_(true)};
+  torch::Tensor inner_bias = bias.defined() ? bias.detach().requires_grad_(true) : torch::Tensor();
+  inner.push_back(torch::nn::functional::linear(inner[0], inner[1], inner_bias));
+  if (!bias.defined()) return SplitLinearFunction::apply(x, weight, std::nullopt, inner, queue_.get());
+  inner.push_back(inner_bias);
+  return SplitLinearFunction::apply(x, weight, std::optional<torch::Tensor>(bias), inner, queue_.get());
 }
 
 void LinearImpl::enable_fp8(const Fp8Options& options, const std::string& name) {

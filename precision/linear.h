@@ -12,6 +12,8 @@
 #pragma once
 
 #include <cstdint>
+#include <deque>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -75,10 +77,45 @@ class Fp8BackwardScope {
 torch::Tensor fp8_linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias,
                          Fp8GemmState& state);
 
+// Zero-bubble pipeline schedules (DualPipe-V's W steps) split a backward in two:
+// the input gradients now, which the previous stage waits for, and the Linear
+// layers' weight gradients later, in time the stage would otherwise idle. Linears
+// given a queue (LinearImpl::set_weight_grad_queue) compute their GEMM in a small
+// autograd graph of their own, so either part is torch's own backward of it (the
+// same bits as an unsplit backward); during a backward run while deferring(), the
+// weight part waits in the queue. FP8 Linears keep their three passes together.
+class WeightGradQueue {
+ public:
+  // Whether Linears' backwards leave their weight gradients here (set around a
+  // split backward).
+  void set_deferring(bool on) { deferring_ = on; }
+  bool deferring() const { return deferring_; }
+  // From a Linear's backward: `compute` writes (accumulates) the .grad of `weights`
+  // (each weight listed once per entry however often it was used).
+  void defer(std::function<void()> compute, std::vector<torch::Tensor> weights);
+  // After a split backward: what it left becomes one entry, the newest. Returns the
+  // weights that entry will write.
+  std::vector<torch::Tensor> close_entry();
+  // Runs the oldest entry (a W step); returns the weights it wrote.
+  std::vector<torch::Tensor> run_oldest();
+  size_t entries() const { return entries_.size(); }
+
+ private:
+  struct Entry {
+    std::vector<std::function<void()>> work;
+    std::vector<torch::Tensor> weights;
+  };
+  bool deferring_ = false;
+  Entry open_;
+  std::deque<Entry> entries_;
+};
+
 class LinearImpl : public torch::nn::Module {
  public:
   LinearImpl(int64_t in_features, int64_t out_features, bool bias);
   torch::Tensor forward(const torch::Tensor& x);  // [..., in] -> [..., out]
+  // Split backwards (WeightGradQueue); null: torch's linear.
+  void set_weight_grad_queue(std::shared_ptr<WeightGradQueue> queue) { queue_ = std::move(queue); }
   // Runs this layer's GEMMs in FP8 under `options` (no-op when FP8 is off);
   // `name` names it in errors and checkpoints.
   void enable_fp8(const Fp8Options& options, const std::string& name);
@@ -89,6 +126,7 @@ class LinearImpl : public torch::nn::Module {
 
  private:
   std::unique_ptr<Fp8GemmState> fp8_;
+  std::shared_ptr<WeightGradQueue> queue_;
 };
 TORCH_MODULE(Linear);
 

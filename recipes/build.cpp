@@ -138,6 +138,7 @@ std::unique_ptr<trainer::Trainer> build_trainer(const Recipe& r, const std::file
   context.pp_schedule = r.parallel.pp_schedule;
   context.pp_layers = r.parallel.pp_layers;
   context.pp_virtual_stages = r.parallel.pp_virtual_stages;
+  context.pp_zero_bubble = r.parallel.pp_zero_bubble;
   try {
     trainer::PlanOptions layout;
     layout.gpus = data_parallel ? data_parallel->size() : 1;

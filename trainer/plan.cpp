@@ -213,8 +213,10 @@ TrainingPlan plan_training(const PlanInputs& in, const PlanOptions& options) {
   // ZeRO-3 units whole at once: two blocks (one running, one prefetched), or the
   // table (the head's weights) with the rest while the head runs.
   const double table = static_cast<double>(o.vocab_size) * d_model;
-  const double largest_unit = std::max(largest_block, table);
-  const double bucket = stage == 3 ? largest_unit * 4 : std::min(4 * p.params_per_gpu, static_cast<double>(in.parallel.bucket_bytes()));
+  // Two buckets in flight at stages 2 and 3; at 3 the buckets are the units, and
+  // the table's (the embedding's, backward's last) meets one block's at most.
+  const double bucket = stage == 3 ? 4 * std::max(largest_block, (table + largest_block) / 2)
+                                   : std::min(4 * p.params_per_gpu, static_cast<double>(in.parallel.bucket_bytes()));
   if (stage == 3) {
     const double rest = d_model + static_cast<double>(o.mtp.depth) * (2 * d_model * d_model + 3 * d_model);
     const double whole = std::max(2 * largest_block, table + rest);

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <deque>
 #include <map>
 #include <optional>
 #include <sstream>
@@ -19,6 +20,7 @@
 #include "core/log.h"
 #include "core/progress.h"
 #include "parallel/ordered_sum.h"
+#include "precision/linear.h"
 #include "precision/quantize.h"
 #include "trainer/cross_entropy.h"
 #include "trainer/plan.h"
@@ -169,6 +171,11 @@ struct Trainer::Pipeline {
   std::map<int64_t, torch::Tensor> head_grads;
   std::map<std::string, std::vector<int64_t>> shapes;  // every state_dict tensor's whole shape
   int64_t micro = 0;  // the micro-batch being backpropagated (for the tied head's gradient)
+  // DualPipe-V's split backwards: the model's Linears leave their weight gradients in
+  // `weight_grads` during a split backward; the W steps make them, oldest first.
+  std::shared_ptr<precision::WeightGradQueue> weight_grads;
+  std::deque<std::pair<int64_t, int>> waiting;        // (micro, chunk) of each entry, oldest first
+  std::map<const c10::TensorImpl*, size_t> param_index;  // a trained tensor -> its params_ index
 
   bool first_stage() const { return stage == 0; }
   // Whether this rank runs the final norm and the head (the model's last chunk).
@@ -291,6 +298,11 @@ Trainer::Trainer(TrainerOptions options, precision::PrecisionOptions precision, 
                blocks.str(), " blocks (", context_.pp_layers.empty() ? "balanced by parameters" : "parallel.pp_layers",
                ", ", parallel::to_string(pl.schedule), ")");
     }
+    // DualPipe-V's W steps at ZeRO 0 and 1 (at 2 and 3 each backward reduces its
+    // gradients as it completes them).
+    if (pl.schedule == parallel::PipelineSchedule::kDualPipeV && context_.pp_zero_bubble && context_.zero_stage <= 1) {
+      pl.weight_grads = std::make_shared<precision::WeightGradQueue>();
+    }
     pl.shared_embedding = (m.tie_embeddings || m.mtp.depth > 0) && !pl.last_stage_is(0);
     pl.local_head = (m.tie_embeddings || m.mtp.depth > 0) && pl.last_stage_is(0);
     data_parallel = pl.data.get();
@@ -342,6 +354,10 @@ Trainer::Trainer(TrainerOptions options, precision::PrecisionOptions precision, 
       own.emplace_back(name, p);
     }
     params_ = std::move(own);
+    if (pl.weight_grads) {
+      model_->set_weight_grad_queue(pl.weight_grads);
+      for (size_t i = 0; i < params_.size(); ++i) pl.param_index[params_[i].second.unsafeGetTensorImpl()] = i;
+    }
     if (pl.shared_embedding && pl.first_stage()) {
       auto* stage = pipeline_.get();
       model_->embed_tokens->weight.register_hook([stage](const torch::Tensor& grad) {
@@ -821,7 +837,14 @@ void Trainer::pipeline_micro_batches(const std::vector<data::Batch>& batches, co
     stages.recv(t, from, tag).wait();
     result.pipeline_wait_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   };
-  const auto actions = parallel::pipeline_schedule(pl.schedule, pl.count, pl.stage, count, pl.chunks);
+  const auto actions =
+      parallel::pipeline_schedule(pl.schedule, pl.count, pl.stage, count, pl.chunks, pl.weight_grads != nullptr);
+  // The params_ indices of tensors a split backward deferred or a W step wrote.
+  auto indices = [&](const std::vector<torch::Tensor>& tensors) {
+    std::vector<size_t> out;
+    for (const auto& t : tensors) out.push_back(pl.param_index.at(t.unsafeGetTensorImpl()));
+    return out;
+  };
   for (size_t a = 0; a < actions.size(); ++a) {
     const auto& action = actions[a];
     const int64_t m = action.micro;
@@ -858,12 +881,24 @@ void Trainer::pipeline_micro_batches(const std::vector<data::Batch>& batches, co
       note_memory();
       continue;
     }
+    if (action.kind == parallel::PipelineAction::Kind::kWeight) {
+      // A split backward's weight gradients (the oldest waiting), set aside as its
+      // micro-batch's term.
+      BRIGADE_ASSERT(!pl.waiting.empty() && pl.waiting.front() == std::make_pair(m, v), "pipeline: W step of micro-batch ",
+                     m, " chunk ", v, " is not the oldest split backward's");
+      pl.waiting.pop_front();
+      parallel_->end_deferred(indices(pl.weight_grads->run_oldest()));
+      result.pipeline_weight_steps += 1;
+      note_memory();
+      continue;
+    }
     // Backward: a chunk's micro-batches in order on every schedule. The rank's last
     // backward closes the step's gradients (its reducer reduces while it runs).
     const bool last = a + 1 == actions.size();
     pl.micro = m;
     if (pl.chunks == 1) parallel_->begin_micro_batch(last);
     else parallel_->begin_chunk_backward(static_cast<size_t>(v), last);
+    if (action.split) pl.weight_grads->set_deferring(true);
     if (c == final_chunk) {
       outputs[slot].backward();
     } else {
@@ -871,6 +906,12 @@ void Trainer::pipeline_micro_batches(const std::vector<data::Batch>& batches, co
       receive(grad, pl.rank_of(c + 1), pipeline_tag(boundary(m, c), 1));
       if (aux[slot].defined()) torch::autograd::backward({outputs[slot], aux[slot]}, {grad, torch::Tensor()});
       else outputs[slot].backward(grad);
+    }
+    std::vector<size_t> deferred;
+    if (action.split) {
+      pl.weight_grads->set_deferring(false);
+      deferred = indices(pl.weight_grads->close_entry());
+      pl.waiting.emplace_back(m, v);
     }
     if (pl.shared_embedding && c == final_chunk && pl.count > 1) {
       // The copy's gradient (tied head, MTP embeddings) goes to stage 0.
@@ -884,11 +925,12 @@ void Trainer::pipeline_micro_batches(const std::vector<data::Batch>& batches, co
     }
     if (c > 0) send(inputs[slot].grad(), pl.rank_of(c - 1), pipeline_tag(boundary(m, c - 1), 1));
     if (pl.chunks == 1) parallel_->end_micro_batch(last);
-    else parallel_->end_chunk_backward(static_cast<size_t>(v), last, /*chunk_last=*/m + 1 == count);
+    else parallel_->end_chunk_backward(static_cast<size_t>(v), last, /*chunk_last=*/m + 1 == count, deferred);
     note_memory();
     inputs[slot] = outputs[slot] = aux[slot] = torch::Tensor();
     --held;
   }
+  BRIGADE_ASSERT(pl.waiting.empty(), "pipeline: ", pl.waiting.size(), " split backwards without their W step");
   for (auto& h : sends) h.wait();
 }
 
@@ -1260,6 +1302,7 @@ class LoggingHook : public TrainerHook {
       // Rank 0's stage (the first): the micro-batches it held and the time it waited.
       line["pp_in_flight"] = r.pipeline_in_flight;
       line["pp_wait_seconds"] = r.pipeline_wait_seconds;
+      if (r.pipeline_weight_steps > 0) line["pp_weight_steps"] = r.pipeline_weight_steps;
     }
     t.metrics().write(line);
     progress_->update(r.step, status(loss_sum_ / static_cast<double>(steps_), rate_));

@@ -55,6 +55,7 @@ struct RunContext {
   parallel::PipelineSchedule pp_schedule = parallel::PipelineSchedule::k1F1B;
   std::vector<int64_t> pp_layers;  // parallel.pp_layers: blocks per stage or chunk (empty: balanced by parameters)
   int64_t pp_virtual_stages = 0;   // parallel.pp_virtual_stages (interleaved_1f1b's chunks per rank; 0: 2)
+  bool pp_zero_bubble = true;      // parallel.pp_zero_bubble (dualpipev's W steps, at ZeRO 0 and 1)
   // Expert parallelism: ranks per expert-parallel group (1: off). Groups are
   // consecutive ranks of `data_parallel`; each holds num_experts / expert_parallel
   // routed experts, and tokens travel to them by all-to-all (FP8 when ep_fp8_dispatch).
@@ -83,6 +84,7 @@ struct StepResult {
   parallel::ReduceStats reduce;          // data parallel: buckets, overlap, wait time
   int64_t pipeline_in_flight = 0;        // pipeline: most micro-batches whose activations this stage held at once
   double pipeline_wait_seconds = 0.0;    // pipeline: time this stage waited for its neighbours (the bubble)
+  int64_t pipeline_weight_steps = 0;     // dualpipev: the W steps (deferred weight gradients) this stage ran
 };
 
 struct EvalResult {

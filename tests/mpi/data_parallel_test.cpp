@@ -475,6 +475,31 @@ TEST(MpiPipeline, DualPipeVMatchesOneRank) {
   check_chunked_step("dualpipev", 3 * stages, 2 * stages + 1);
 }
 
+// DualPipe-V's W steps (parallel.pp_zero_bubble, on by default at ZeRO 0 and 1):
+// the split backwards' weight gradients, made later, are the unsplit run's bit for
+// bit; each rank runs 2 (P - s - 1) + s + 1 W steps per step, none when off.
+TEST(MpiPipeline, DualPipeVWeightStepsGiveTheSameGradients) {
+  auto* w = mpi_world();
+  if (w == nullptr) GTEST_SKIP() << "multi-rank test: run under mpirun";
+  at::set_num_threads(1);
+  const int stages = w->size(), stage = w->rank();
+  SharedDir dir(*w);
+  auto moe = kMoE;
+  moe.insert(moe.end(), {"model.n_layers=" + std::to_string(2 * stages), "parallel.pipeline_parallel=" + std::to_string(stages),
+                         "parallel.pp_schedule=dualpipev", "model.tie_embeddings=false", "model.mtp.depth=1"});
+  std::vector<model::NamedTensors> weights;
+  for (const std::string zero_bubble : {"true", "false"}) {
+    auto settings = moe;
+    settings.push_back("parallel.pp_zero_bubble=" + zero_bubble);
+    auto t = recipes::build_trainer(recipe(2, settings, 2 * stages), dir / ("zb_" + zero_bubble), w);
+    for (int step = 0; step < 3; ++step) {
+      EXPECT_EQ(t->step().pipeline_weight_steps, zero_bubble == "true" ? 2 * (stages - stage - 1) + stage + 1 : 0);
+    }
+    weights.push_back(t->model()->state_dict());
+  }
+  expect_identical(weights[0], weights[1], "with and without W steps");
+}
+
 // The activations a stage holds at once: all 4 micro-batches with GPipe, at most
 // stages - stage with 1F1B.
 TEST(MpiPipeline, InFlightActivationsAreBoundedByTheSchedule) {

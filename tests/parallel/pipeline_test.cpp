@@ -3,6 +3,7 @@
 // promises; stages split the blocks by parameters, or as parallel.pp_layers lists.
 #include <gtest/gtest.h>
 
+#include <cstdio>
 #include <map>
 #include <optional>
 #include <tuple>
@@ -50,11 +51,12 @@ TEST(PipelineSchedule, EveryMicroBatchOnceBackwardsInOrderAndBounded) {
 // Runs every rank's actions together: a forward of model chunk c needs chunk c - 1's
 // forward of the same micro-batch, a backward chunk c + 1's backward (the last
 // chunk: its own forward); sends never block. Returns the makespan with forwards
-// taking 1 and backwards 2 time units per chunk, or -1 when the ranks deadlock.
-int64_t simulate(PipelineSchedule schedule, int stages, int chunks, int64_t micro) {
+// taking 1 and backwards 2 time units per chunk (a split backward 1 and its W step
+// 1), or -1 when the ranks deadlock.
+int64_t simulate(PipelineSchedule schedule, int stages, int chunks, int64_t micro, bool zero_bubble = false) {
   chunks = schedule == PipelineSchedule::kDualPipeV ? 2 : chunks;
   std::vector<std::vector<PipelineAction>> actions;
-  for (int s = 0; s < stages; ++s) actions.push_back(pipeline_schedule(schedule, stages, s, micro, chunks));
+  for (int s = 0; s < stages; ++s) actions.push_back(pipeline_schedule(schedule, stages, s, micro, chunks, zero_bubble));
   const int total = stages * chunks;
   std::map<std::tuple<bool, int64_t, int>, int64_t> done;  // (forward?, micro, model chunk) -> finish time
   std::vector<size_t> next(static_cast<size_t>(stages), 0);
@@ -67,6 +69,13 @@ int64_t simulate(PipelineSchedule schedule, int stages, int chunks, int64_t micr
       const auto& a = actions[static_cast<size_t>(s)][i];
       const int c = pipeline_model_chunk(schedule, stages, s, a.chunk);
       EXPECT_EQ(pipeline_chunk_rank(schedule, stages, c), s);
+      auto& t = clock[static_cast<size_t>(s)];
+      if (a.kind == Kind::kWeight) {  // needs nothing from another rank
+        t += 1;
+        ++i;
+        progress = true;
+        continue;
+      }
       const bool forward = a.kind == Kind::kForward;
       std::optional<std::tuple<bool, int64_t, int>> need;
       if (forward && c > 0) need = std::make_tuple(true, a.micro, c - 1);
@@ -77,8 +86,7 @@ int64_t simulate(PipelineSchedule schedule, int stages, int chunks, int64_t micr
         if (it == done.end()) continue;
         ready = it->second;
       }
-      auto& t = clock[static_cast<size_t>(s)];
-      t = std::max(t, ready) + (forward ? 1 : 2);
+      t = std::max(t, ready) + (forward || a.split ? 1 : 2);
       done[{forward, a.micro, c}] = t;
       ++i;
       progress = true;
@@ -96,7 +104,7 @@ void expect_each_chunk_in_order(const std::vector<PipelineAction>& actions, int 
   for (int v = 0; v < chunks; ++v) {
     int64_t forward = 0, backward = 0;
     for (const auto& a : actions) {
-      if (a.chunk != v) continue;
+      if (a.chunk != v || a.kind == Kind::kWeight) continue;
       if (a.kind == Kind::kForward) EXPECT_EQ(a.micro, forward++);
       else EXPECT_EQ(a.micro, backward++);
     }
@@ -171,6 +179,52 @@ TEST(PipelineSchedule, DualPipeVRunsTheVWithoutDeadlock) {
                                             {Kind::kForward, 0, 1}, {Kind::kBackward, 0, 1}, {Kind::kForward, 1, 1}};
   EXPECT_EQ(std::vector<PipelineAction>(a.begin(), a.begin() + 6), head);
   EXPECT_THROW(pipeline_schedule(PipelineSchedule::kDualPipeV, 4, 0, 7, 2), Error);  // fewer than 2P
+}
+
+// DualPipe-V's zero-bubble steps: each split backward's W step comes later on the
+// same rank, oldest first, every W step has one; the schedule otherwise keeps the
+// same order and bound, and the W steps fill idle time: the simulated step is
+// shorter than without them (backward = B + W, each 1 unit).
+TEST(PipelineSchedule, DualPipeVZeroBubbleFillsTheBubbleWithWeightSteps) {
+  for (int stages : {2, 4, 8}) {
+    for (int64_t micro : {int64_t{2 * stages}, int64_t{2 * stages + 1}, int64_t{4 * stages}}) {
+      SCOPED_TRACE(std::to_string(stages) + " stages, " + std::to_string(micro) + " micro-batches");
+      for (int stage = 0; stage < stages; ++stage) {
+        const auto plain = pipeline_schedule(PipelineSchedule::kDualPipeV, stages, stage, micro, 2);
+        const auto split = pipeline_schedule(PipelineSchedule::kDualPipeV, stages, stage, micro, 2, true);
+        std::vector<PipelineAction> without_w, waiting;
+        int64_t splits = 0;
+        for (const auto& a : split) {
+          if (a.kind == Kind::kWeight) {
+            ASSERT_FALSE(waiting.empty()) << "a W step before any split backward";
+            EXPECT_EQ(a.micro, waiting.front().micro);
+            EXPECT_EQ(a.chunk, waiting.front().chunk);
+            waiting.erase(waiting.begin());
+            continue;
+          }
+          if (a.split) waiting.push_back(a), ++splits;
+          auto plain_action = a;
+          plain_action.split = false;
+          without_w.push_back(plain_action);
+        }
+        EXPECT_TRUE(waiting.empty());
+        // Phase 3's and 7's backwards (P - s - 1 each) and half of phase 6's (s + 1).
+        EXPECT_EQ(splits, 2 * (stages - stage - 1) + stage + 1) << "stage " << stage;
+        EXPECT_EQ(without_w, plain) << "stage " << stage;
+        EXPECT_EQ(max_in_flight(split), 2 * stages + 1);
+      }
+      const int64_t with_w = simulate(PipelineSchedule::kDualPipeV, stages, 2, micro, true);
+      const int64_t without = simulate(PipelineSchedule::kDualPipeV, stages, 2, micro);
+      ASSERT_GT(with_w, 0) << "the ranks deadlock";
+      EXPECT_LT(with_w, without) << "no shorter";
+      // Idle share of the step: each rank works 2 chunks x M x (1 + 2) units.
+      const double work = 6.0 * static_cast<double>(micro);
+      std::printf("dualpipev P=%d M=%lld: simulated bubble %.3f with W steps, %.3f without\n", stages,
+                  static_cast<long long>(micro), 1.0 - work / static_cast<double>(with_w),
+                  1.0 - work / static_cast<double>(without));
+    }
+  }
+  EXPECT_THROW(pipeline_schedule(PipelineSchedule::k1F1B, 2, 0, 4, 1, true), Error);
 }
 
 TEST(PipelineSchedule, StagesBalanceParametersOrFollowTheList) {
