@@ -498,6 +498,9 @@ TEST(MpiPipeline, DualPipeVWeightStepsGiveTheSameGradients) {
     weights.push_back(t->model()->state_dict());
   }
   expect_identical(weights[0], weights[1], "with and without W steps");
+  // Whole blocks recomputed in backward: the split Linears run again inside it.
+  check_pipeline({"parallel.pp_schedule=dualpipev", "trainer.activation_checkpointing=full"}, stages,
+                 kMicroBatchMajorBound, {}, 2 * stages, 2 * stages);
 }
 
 // The activations a stage holds at once: all 4 micro-batches with GPipe, at most
