@@ -180,16 +180,16 @@ void ParallelState::attach(NamedParams params, const std::vector<std::string>& e
   std::vector<int64_t> numels;
   for (const auto& [name, p] : params_) numels.push_back(p.numel());
   if (size() == 1) {
-    // For the same gradient norm as a data-parallel run.
-    const auto& all_params = groups.front();
-    layout_ = all_params.layout(numels, options_.bucket_bytes, 1);
+    // For the same gradient norm as a data-parallel run (alone, chunks reduce nothing:
+    // one group of every parameter).
+    layout_ = reduce_groups(dense_index_.size(), {}, dense_units, stage).front().layout(numels, options_.bucket_bytes, 1);
   }
   for (size_t g = 0; g < groups.size() && size() > 1; ++g) {
     auto& index = group_index_.emplace_back();
-    NamedParams members;
+    NamedParams group_params;
     for (size_t k : groups[g].params) {
       index.push_back(dense_index_[k]);
-      members.push_back(params_[dense_index_[k]]);
+      group_params.push_back(params_[dense_index_[k]]);
     }
     auto options = reducer_options(index, stage >= 1);
     if (stage >= 2) {
@@ -201,7 +201,7 @@ void ParallelState::attach(NamedParams params, const std::vector<std::string>& e
         if (const int64_t u = zero3_[g]->unit_of_bucket(bucket); u >= 0) zero3_[g]->release(u);
       };
     }
-    reducers_.push_back(std::make_unique<GradientReducer>(members, *options_.data_parallel, std::move(options)));
+    reducers_.push_back(std::make_unique<GradientReducer>(group_params, *options_.data_parallel, std::move(options)));
   }
   if (stage == 3 && size() > 1) {
     auto& world = *options_.data_parallel;

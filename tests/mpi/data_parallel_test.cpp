@@ -471,6 +471,10 @@ TEST(MpiPipeline, DualPipeVMatchesOneRank) {
   moe.insert(moe.end(), {"parallel.pp_schedule=dualpipev", "model.mtp.depth=1"});
   check_pipeline(moe, stages, kMicroBatchMajorBound, {}, 2 * stages, 2 * stages + 1);
   if (stages == 4) check_pipeline({"parallel.pp_schedule=dualpipev", "parallel.zero_stage=1"}, 2);
+  // ZeRO-3 on stages alone in their data-parallel group (nothing sharded; its units'
+  // layout gives the gradient norm).
+  check_pipeline({"parallel.pp_schedule=dualpipev", "parallel.zero_stage=3"}, stages, kMicroBatchMajorBound, {},
+                 2 * stages, 2 * stages);
   // 2P + 1 chunk activations at most, on every rank.
   check_chunked_step("dualpipev", 3 * stages, 2 * stages + 1);
 }
