@@ -18,23 +18,6 @@ std::vector<size_t> UnitLayout::order() const {
   return out;
 }
 
-std::vector<std::vector<size_t>> zero3_units(const UnitLayout& units, size_t params) {
-  std::vector<std::vector<size_t>> out;
-  std::vector<bool> in_unit(params, false);
-  for (size_t j : units.order()) {
-    const auto& members = units.members.at(j);
-    if (members.empty()) continue;  // another pipeline stage's unit, or a frozen one
-    for (size_t i : members) in_unit.at(i) = true;
-    out.push_back(members);
-  }
-  auto& rest = out.emplace_back();
-  for (size_t i = 0; i < params; ++i) {
-    if (!in_unit[i]) rest.push_back(i);
-  }
-  if (rest.empty()) out.pop_back();
-  return out;
-}
-
 BucketLayout ReduceGroup::layout(const std::vector<int64_t>& group_numels, int64_t bucket_bytes, int ranks) const {
   return units.empty() ? make_bucket_layout(group_numels, bucket_bytes, ranks) : make_unit_layout(group_numels, units, ranks);
 }
@@ -62,15 +45,25 @@ std::vector<ReduceGroup> reduce_groups(size_t params, const std::vector<std::vec
   for (size_t g = 0; g < members.size(); ++g) {
     BRIGADE_ASSERT(!members[g].empty(), "reduce group ", g, " has no parameters");
     groups[g].params = members[g];
-    if (zero_stage != 3) continue;
-    // The group's units (a unit lies in one chunk), in its own indices.
-    UnitLayout own{std::vector<std::vector<size_t>>(units.members.size()), units.backward_order};
-    for (size_t j = 0; j < units.members.size(); ++j) {
-      for (size_t i : units.members[j]) {
-        if (group_of.at(i) == static_cast<int64_t>(g)) own.members[j].push_back(static_cast<size_t>(position[i]));
-      }
+  }
+  if (zero_stage != 3) return groups;
+  std::vector<bool> in_unit(params, false);
+  for (size_t j : units.order()) {
+    if (units.members.at(j).empty()) continue;  // another pipeline stage's unit, or a frozen one
+    auto& group = groups[static_cast<size_t>(group_of.at(units.members[j].front()))];
+    auto& bucket = group.units.emplace_back();
+    for (size_t i : units.members[j]) {
+      in_unit.at(i) = true;
+      bucket.push_back(static_cast<size_t>(position[i]));
     }
-    groups[g].units = zero3_units(own, members[g].size());
+    group.unit_numbers.push_back(j);
+  }
+  for (auto& group : groups) {
+    std::vector<size_t> rest;
+    for (size_t k = 0; k < group.params.size(); ++k) {
+      if (!in_unit[group.params[k]]) rest.push_back(k);
+    }
+    if (!rest.empty()) group.units.push_back(std::move(rest));
   }
   return groups;
 }
@@ -159,23 +152,16 @@ void ParallelState::attach(NamedParams params, const std::vector<std::string>& e
   // Number j -> (group, unit): a group's units numbered in BlockHooks order; bucket
   // b of the group is its b-th unit in backward order.
   block_unit_.assign(members.size(), {-1, -1});
-  std::vector<int64_t> group_of(dense_index_.size(), -1);
-  for (size_t g = 0; g < groups.size(); ++g) {
-    for (size_t k : groups[g].params) group_of[k] = static_cast<int64_t>(g);
-  }
   std::vector<std::vector<size_t>> unit_buckets(groups.size());  // by group: unit -> bucket
-  std::vector<std::vector<size_t>> position(groups.size(), std::vector<size_t>(members.size()));
-  std::vector<size_t> in_order(groups.size(), 0);
-  for (size_t j : dense_units.order()) {  // backward order: bucket positions
-    if (members[j].empty()) continue;
-    const auto g = static_cast<size_t>(group_of[members[j].front()]);
-    position[g][j] = in_order[g]++;
-  }
-  for (size_t j = 0; j < members.size(); ++j) {  // BlockHooks order: unit numbers
-    if (members[j].empty()) continue;
-    const auto g = static_cast<size_t>(group_of[members[j].front()]);
-    block_unit_[j] = {static_cast<int64_t>(g), static_cast<int64_t>(unit_buckets[g].size())};
-    unit_buckets[g].push_back(position[g][j]);
+  for (size_t g = 0; g < groups.size(); ++g) {
+    const auto& numbers = groups[g].unit_numbers;
+    std::vector<size_t> buckets(numbers.size());
+    std::iota(buckets.begin(), buckets.end(), size_t{0});
+    std::sort(buckets.begin(), buckets.end(), [&](size_t a, size_t b) { return numbers[a] < numbers[b]; });
+    for (size_t b : buckets) {
+      block_unit_[numbers[b]] = {static_cast<int64_t>(g), static_cast<int64_t>(unit_buckets[g].size())};
+      unit_buckets[g].push_back(b);
+    }
   }
   std::vector<int64_t> numels;
   for (const auto& [name, p] : params_) numels.push_back(p.numel());

@@ -66,18 +66,16 @@ struct UnitLayout {
   std::vector<size_t> order() const;
 };
 
-// ZeRO-3's gradient buckets: each unit with parameters as one bucket, in backward
-// order, then one bucket of every parameter in no unit (if any).
-std::vector<std::vector<size_t>> zero3_units(const UnitLayout& units, size_t params);
-
 // The groups a rank's dense gradients are reduced in, each by a reducer of its own:
 // every parameter in one group, or (ZeRO-2/3 with several chunks) one group per
-// chunk. `chunks` and `blocks` index the dense parameters (0..params-1; `chunks`
+// chunk. `chunks` and `units` index the dense parameters (0..params-1; `chunks`
 // empty: one chunk). Each group lists its parameters in index order and, at
-// ZeRO-3, its units (zero3_units over its own blocks, in the group's indices).
+// ZeRO-3, its buckets: each of its units (a unit lies in one chunk) in backward
+// order, then one bucket of its parameters in no unit (if any).
 struct ReduceGroup {
   std::vector<size_t> params;
-  std::vector<std::vector<size_t>> units;  // ZeRO-3 only: the buckets (make_unit_layout)
+  std::vector<std::vector<size_t>> units;  // ZeRO-3 only: the buckets (make_unit_layout), in the group's indices
+  std::vector<size_t> unit_numbers;        // ZeRO-3 only: units[b]'s BlockHooks number (the rest has none)
   // Gradient buckets: units when given, else buckets of bucket_bytes.
   BucketLayout layout(const std::vector<int64_t>& group_numels, int64_t bucket_bytes, int ranks) const;
 };

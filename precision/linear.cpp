@@ -216,14 +216,14 @@ LinearImpl::LinearImpl(int64_t in_features, int64_t out_features, bool with_bias
 
 namespace {
 
-// A split Linear computes torch's linear of detached copies of its operands (leaves
-// of a graph of its own, under the caller's autocast); its backward makes the
-// gradients from that graph, the weights' now or in the queue.
 void accumulate_grad(torch::Tensor& param, const torch::Tensor& grad) {
   if (param.grad().defined()) param.mutable_grad() += grad;
   else param.mutable_grad() = grad;
 }
 
+// A split Linear computes torch's linear of detached copies of its operands (leaves
+// of a graph of its own, under the caller's autocast); its backward makes the
+// gradients from that graph, the weights' now or in the queue.
 class SplitLinearFunction : public torch::autograd::Function<SplitLinearFunction> {
  public:
   // inner: {x, weight, y = their linear[, bias]}.
@@ -310,9 +310,9 @@ torch::Tensor LinearImpl::forward(const torch::Tensor& x) {
   std::vector<torch::Tensor> inner = {x.detach().requires_grad_(x.requires_grad()), weight.detach().requires_grad_(true)};
   torch::Tensor inner_bias = bias.defined() ? bias.detach().requires_grad_(true) : torch::Tensor();
   inner.push_back(torch::nn::functional::linear(inner[0], inner[1], inner_bias));
-  if (!bias.defined()) return SplitLinearFunction::apply(x, weight, std::nullopt, inner, queue_.get());
-  inner.push_back(inner_bias);
-  return SplitLinearFunction::apply(x, weight, std::optional<torch::Tensor>(bias), inner, queue_.get());
+  std::optional<torch::Tensor> with_bias;
+  if (bias.defined()) with_bias = bias, inner.push_back(inner_bias);
+  return SplitLinearFunction::apply(x, weight, with_bias, inner, queue_.get());
 }
 
 void LinearImpl::enable_fp8(const Fp8Options& options, const std::string& name) {

@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <deque>
 #include <map>
 #include <optional>
 #include <sstream>
@@ -174,7 +173,6 @@ struct Trainer::Pipeline {
   // DualPipe-V's split backwards: the model's Linears leave their weight gradients in
   // `weight_grads` during a split backward; the W steps make them, oldest first.
   std::shared_ptr<precision::WeightGradQueue> weight_grads;
-  std::deque<std::pair<int64_t, int>> waiting;        // (micro, chunk) of each entry, oldest first
   std::map<const c10::TensorImpl*, size_t> param_index;  // a trained tensor -> its params_ index
 
   bool first_stage() const { return stage == 0; }
@@ -426,12 +424,16 @@ OptimizerShards Trainer::optimizer_layout() const {
         names[s].push_back(item.key());
         numels[s].push_back(c10::multiply_integers(pipeline_->shapes.at(item.key())));
       }
+      std::vector<std::vector<parallel::ReduceGroup>> groups;
+      for (int s = 0; s < pipeline_->count; ++s) {
+        const auto& stage_chunks = pipeline_->chunks > 1 ? chunks[s] : std::vector<std::vector<size_t>>{};
+        groups.push_back(parallel::reduce_groups(names[s].size(), stage_chunks, unit_layout(names[s], model_->options()),
+                                                 context_.zero_stage));
+      }
       for (int r = 0; r < world_size(); ++r) {
         const int s = r % pipeline_->count, i = r / pipeline_->count;
         OptimizerShard shard{optimizer_shard_file(r, world_size()), {}};
-        const auto groups = parallel::reduce_groups(names[s].size(), pipeline_->chunks > 1 ? chunks[s] : std::vector<std::vector<size_t>>{},
-                                                    unit_layout(names[s], model_->options()), context_.zero_stage);
-        for (const auto& group : groups) {
+        for (const auto& group : groups[s]) {
           std::vector<int64_t> group_numels;
           for (size_t k : group.params) group_numels.push_back(numels[s][k]);
           const auto buckets = group.layout(group_numels, context_.bucket_bytes, pipelines);
@@ -882,11 +884,8 @@ void Trainer::pipeline_micro_batches(const std::vector<data::Batch>& batches, co
       continue;
     }
     if (action.kind == parallel::PipelineAction::Kind::kWeight) {
-      // A split backward's weight gradients (the oldest waiting), set aside as its
-      // micro-batch's term.
-      BRIGADE_ASSERT(!pl.waiting.empty() && pl.waiting.front() == std::make_pair(m, v), "pipeline: W step of micro-batch ",
-                     m, " chunk ", v, " is not the oldest split backward's");
-      pl.waiting.pop_front();
+      // A split backward's weight gradients (the oldest waiting, micro-batch m of chunk
+      // v: the schedule keeps them in order), set aside as its micro-batch's term.
       parallel_->end_deferred(indices(pl.weight_grads->run_oldest()));
       result.pipeline_weight_steps += 1;
       note_memory();
@@ -911,7 +910,6 @@ void Trainer::pipeline_micro_batches(const std::vector<data::Batch>& batches, co
     if (action.split) {
       pl.weight_grads->set_deferring(false);
       deferred = indices(pl.weight_grads->close_entry());
-      pl.waiting.emplace_back(m, v);
     }
     if (pl.shared_embedding && c == final_chunk && pl.count > 1) {
       // The copy's gradient (tied head, MTP embeddings) goes to stage 0.
@@ -930,7 +928,8 @@ void Trainer::pipeline_micro_batches(const std::vector<data::Batch>& batches, co
     inputs[slot] = outputs[slot] = aux[slot] = torch::Tensor();
     --held;
   }
-  BRIGADE_ASSERT(pl.waiting.empty(), "pipeline: ", pl.waiting.size(), " split backwards without their W step");
+  BRIGADE_ASSERT(!pl.weight_grads || pl.weight_grads->entries() == 0, "pipeline: ", pl.weight_grads->entries(),
+                 " split backwards without their W step");
   for (auto& h : sends) h.wait();
 }
 
